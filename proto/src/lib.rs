@@ -1,0 +1,18 @@
+//! The wire side of the parameter server, shared by servers and clients: the
+//! generated gRPC types, the chunk codecs, the block placement function and the
+//! transport settings. Both sides must agree on all of these, so they live in
+//! exactly one place.
+
+pub mod codec;
+pub mod layout;
+pub mod transport;
+
+/// Generated protobuf messages and gRPC stubs of `paramserver.v1`.
+#[allow(missing_docs)]
+pub mod pb {
+    tonic::include_proto!("paramserver.v1");
+}
+
+pub use pb::parameter_server_client::ParameterServerClient;
+pub use pb::parameter_server_server::{ParameterServer, ParameterServerServer};
+pub use tonic;

@@ -1,0 +1,144 @@
+//! Reassembly of streamed chunks into whole blocks. The reactor side only
+//! checks headers and keeps the payload slices; decoding runs later on the
+//! blocking pool, so a large push never stalls a reactor thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ps_proto::codec;
+use ps_proto::pb::{Encoding, TensorChunk};
+use ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES;
+use rayon::prelude::*;
+
+use crate::error::ServerError;
+use crate::model::{Block, DecodedBlock, Model};
+
+struct Part {
+    offset: usize,
+    length: usize,
+    encoding: Encoding,
+    payload: Bytes,
+}
+
+/// A block whose chunks have all arrived, still encoded.
+pub struct StagedBlock {
+    /// The block the chunks belong to.
+    pub block: Arc<Block>,
+    tensor: String,
+    parts: Vec<Part>,
+}
+
+struct Progress {
+    staged: StagedBlock,
+    received: u64,
+}
+
+/// Collects the chunks of one stream, checking each against the model's layout.
+pub struct Assembler<'a> {
+    model: &'a Model,
+    blocks: HashMap<(usize, u32), Progress>,
+    order: Vec<(usize, u32)>,
+    payload_bytes: u64,
+}
+
+impl<'a> Assembler<'a> {
+    /// An empty assembler for `model`.
+    pub fn new(model: &'a Model) -> Self {
+        Self { model, blocks: HashMap::new(), order: Vec::new(), payload_bytes: 0 }
+    }
+
+    /// Payload bytes accepted so far.
+    pub fn payload_bytes(&self) -> u64 {
+        self.payload_bytes
+    }
+
+    /// Checks one chunk and keeps its payload. Chunks of a block must arrive
+    /// once each, in order, without gaps.
+    pub fn add(&mut self, chunk: TensorChunk) -> Result<(), ServerError> {
+        if chunk.payload.len() > MAX_CHUNK_PAYLOAD_BYTES {
+            return Err(ServerError::ChunkTooLarge { bytes: chunk.payload.len(), limit: MAX_CHUNK_PAYLOAD_BYTES });
+        }
+        let bad = |source| ServerError::BadPayload { tensor: chunk.tensor.clone(), block: chunk.block, source };
+        let encoding = codec::encoding_from_i32(chunk.encoding).map_err(bad)?;
+        codec::check_payload(encoding, chunk.length, &chunk.payload).map_err(bad)?;
+        let block = self.model.block(&chunk.tensor, chunk.block)?;
+        let key = (block.tensor, block.index);
+        let progress = self.blocks.entry(key).or_insert_with(|| {
+            self.order.push(key);
+            Progress {
+                staged: StagedBlock { block: block.clone(), tensor: chunk.tensor.clone(), parts: Vec::new() },
+                received: 0,
+            }
+        });
+        let len = block.len as u64;
+        let where_ = format!("tensor '{}' block {}", chunk.tensor, chunk.block);
+        if chunk.length == 0 {
+            return Err(ServerError::InvalidArgument(format!("empty chunk for {where_}")));
+        }
+        if progress.received == len {
+            return Err(ServerError::InvalidArgument(format!(
+                "duplicate chunk for {where_}: all {len} elements were already received in this stream"
+            )));
+        }
+        if chunk.offset != progress.received {
+            return Err(ServerError::InvalidArgument(format!(
+                "out-of-order chunk for {where_}: it starts at element {} but {} elements were received so far; send each block's chunks once, in order",
+                chunk.offset, progress.received
+            )));
+        }
+        if chunk.offset.saturating_add(chunk.length) > len {
+            return Err(ServerError::InvalidArgument(format!(
+                "chunk for {where_} covers elements {}..{} but the block has {len} elements (wrong shape?)",
+                chunk.offset,
+                chunk.offset.saturating_add(chunk.length)
+            )));
+        }
+        progress.received += chunk.length;
+        progress.staged.parts.push(Part {
+            offset: chunk.offset as usize,
+            length: chunk.length as usize,
+            encoding,
+            payload: chunk.payload,
+        });
+        self.payload_bytes += progress.staged.parts.last().map_or(0, |p| p.payload.len() as u64);
+        Ok(())
+    }
+
+    /// Checks that every block that was started is complete; returns the
+    /// blocks in the order they were first seen.
+    pub fn finish(mut self) -> Result<Vec<StagedBlock>, ServerError> {
+        let mut staged = Vec::with_capacity(self.order.len());
+        for key in &self.order {
+            let Some(progress) = self.blocks.remove(key) else { continue };
+            let len = progress.staged.block.len as u64;
+            if progress.received != len {
+                return Err(ServerError::InvalidArgument(format!(
+                    "incomplete block: tensor '{}' block {} got {} of {len} elements before the stream ended",
+                    progress.staged.tensor, progress.staged.block.index, progress.received
+                )));
+            }
+            staged.push(progress.staged);
+        }
+        Ok(staged)
+    }
+}
+
+/// Decodes staged blocks into f32 values, in parallel. Run on the blocking pool.
+pub fn decode(staged: Vec<StagedBlock>) -> Result<Vec<DecodedBlock>, ServerError> {
+    staged
+        .into_par_iter()
+        .map(|s| {
+            let mut values = vec![0.0f32; s.block.len];
+            for part in &s.parts {
+                let out = &mut values[part.offset..part.offset + part.length];
+                codec::decode_into(part.encoding, &part.payload, out).map_err(|source| ServerError::BadPayload {
+                    tensor: s.tensor.clone(),
+                    block: s.block.index,
+                    source,
+                })?;
+            }
+            Ok((s.block, values))
+        })
+        .collect()
+}

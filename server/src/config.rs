@@ -1,0 +1,112 @@
+//! Command-line and environment configuration of a shard.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Default lease of a worker without heartbeats.
+pub const DEFAULT_LEASE: &str = "10s";
+/// Default shard list: one local shard.
+pub const DEFAULT_SHARDS: &str = "127.0.0.1:50051";
+/// Default metrics address.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9100";
+
+/// Options of one server shard; every flag has an environment variable.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "server",
+    version,
+    about = "Parameter-server shard: stores and updates a share of every model's blocks"
+)]
+pub struct ServerArgs {
+    /// Index of this shard in --shards.
+    #[arg(long, env = "PS_SHARD_INDEX", default_value_t = 0)]
+    pub shard_index: u32,
+    /// Addresses of all shards, comma-separated, in index order. Workers use the same list.
+    #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = DEFAULT_SHARDS)]
+    pub shards: Vec<String>,
+    /// Address to listen on for gRPC (default: 0.0.0.0 and the port of this shard's entry in --shards).
+    #[arg(long, env = "PS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address of the Prometheus /metrics endpoint; "off" disables it.
+    #[arg(long, env = "PS_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: String,
+    /// A worker without a heartbeat for this long is dropped from the barrier (e.g. 10s, 500ms).
+    #[arg(long, env = "PS_LEASE", default_value = DEFAULT_LEASE, value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// Require `authorization: Bearer <token>` on every RPC.
+    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+/// What [`crate::serve`] needs, independent of how it was configured.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// This shard's index.
+    pub shard_index: u32,
+    /// All shard addresses.
+    pub shards: Vec<String>,
+    /// Worker lease.
+    pub lease: Duration,
+    /// Required bearer token, if any.
+    pub auth_token: Option<String>,
+}
+
+impl ServerArgs {
+    /// Checks the arguments and returns the serve options, the gRPC address and the metrics address.
+    pub fn resolve(self) -> anyhow::Result<(ServerOptions, SocketAddr, Option<SocketAddr>)> {
+        anyhow::ensure!(!self.shards.is_empty(), "--shards must name at least one shard");
+        let own = self.shards.get(self.shard_index as usize).ok_or_else(|| {
+            anyhow::anyhow!("--shard-index {} is out of range for {} shards", self.shard_index, self.shards.len())
+        })?;
+        let listen = match self.listen {
+            Some(addr) => addr,
+            None => {
+                let port = own
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .ok_or_else(|| anyhow::anyhow!("shard address '{own}' has no port; give --listen"))?;
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+        };
+        let metrics = match self.metrics_addr.as_str() {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|e| anyhow::anyhow!("--metrics-addr '{addr}': {e}"))?),
+        };
+        anyhow::ensure!(self.lease >= Duration::from_millis(50), "--lease must be at least 50ms");
+        let options = ServerOptions {
+            shard_index: self.shard_index,
+            shards: self.shards,
+            lease: self.lease,
+            auth_token: self.auth_token.filter(|t| !t.is_empty()),
+        };
+        Ok((options, listen, metrics))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_port_comes_from_the_shard_list() {
+        let args = ServerArgs::try_parse_from([
+            "server",
+            "--shard-index",
+            "1",
+            "--shards",
+            "a:5000,b:5001",
+            "--metrics-addr",
+            "off",
+        ])
+        .unwrap();
+        let (options, listen, metrics) = args.resolve().unwrap();
+        assert_eq!(listen.port(), 5001);
+        assert!(metrics.is_none());
+        assert_eq!(options.shards.len(), 2);
+        let bad = ServerArgs::try_parse_from(["server", "--shard-index", "2", "--shards", "a:1,b:2"]).unwrap();
+        assert!(bad.resolve().is_err());
+    }
+}

@@ -1,0 +1,34 @@
+//! The `server` binary: one parameter-server shard.
+
+use anyhow::Context;
+use clap::Parser;
+use ps_server::config::ServerArgs;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let (options, listen, metrics_addr) = ServerArgs::parse().resolve()?;
+    if let Some(addr) = metrics_addr {
+        ps_server::metrics::install_exporter(addr).with_context(|| format!("serving /metrics on {addr}"))?;
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(shard = options.shard_index, shards = ?options.shards, %listen, metrics = ?metrics_addr, lease = ?options.lease, "shard listening");
+    ps_server::serve(options, listener, shutdown_signal()).await?;
+    tracing::info!("shard stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,65 @@
+//! Metric names, their descriptions, and the Prometheus exporter. Every
+//! metric the server records is named here, so the README's table and the
+//! code cannot drift apart silently.
+
+use std::net::SocketAddr;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Push RPCs that committed (counter; labels: model).
+pub const PUSHES: &str = "ps_pushes_total";
+/// Blocks received in pushes (counter; labels: model, result = accepted | duplicate).
+pub const PUSH_BLOCKS: &str = "ps_push_blocks_total";
+/// Payload bytes received in pushes (counter; labels: model, encoding).
+pub const BYTES_RECEIVED: &str = "ps_bytes_received_total";
+/// Payload bytes sent in pulls (counter; labels: model, encoding).
+pub const BYTES_SENT: &str = "ps_bytes_sent_total";
+/// Seconds one block's optimizer step took (histogram; labels: model, group).
+pub const UPDATE_SECONDS: &str = "ps_update_seconds";
+/// Seconds from a block's first push of a step to its update (histogram; labels: model).
+pub const BARRIER_WAIT_SECONDS: &str = "ps_barrier_wait_seconds";
+/// Versions between a gradient's base and the block at apply time, async mode (histogram; labels: model).
+pub const STALENESS: &str = "ps_staleness_versions";
+/// Workers with a live lease (gauge; labels: model).
+pub const LIVE_WORKERS: &str = "ps_live_workers";
+/// Workers dropped because their lease expired (counter; labels: model).
+pub const WORKERS_EXPIRED: &str = "ps_workers_expired_total";
+/// Lowest block version on this shard (gauge; labels: model).
+pub const MODEL_VERSION: &str = "ps_model_version";
+/// Optimizer state bytes on this shard (gauge; labels: model, group, optimizer).
+pub const OPTIMIZER_STATE_BYTES: &str = "optimizer_state_bytes";
+/// Parameters stored on this shard (gauge; labels: model).
+pub const PARAMETERS: &str = "ps_parameters";
+/// RPCs that failed (counter; labels: method, code).
+pub const RPC_ERRORS: &str = "ps_rpc_errors_total";
+
+const SECONDS_BUCKETS: &[f64] = &[1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+const STALENESS_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
+/// Serves `/metrics` on `addr` and registers every metric's description.
+pub fn install_exporter(addr: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(STALENESS.into()), STALENESS_BUCKETS)?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(PUSHES, "Push RPCs that committed");
+    describe_counter!(PUSH_BLOCKS, "Blocks received in pushes, by result");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Payload bytes received in pushes");
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Payload bytes sent in pulls");
+    describe_histogram!(UPDATE_SECONDS, Unit::Seconds, "Time of one block's optimizer step");
+    describe_histogram!(BARRIER_WAIT_SECONDS, Unit::Seconds, "Time from a block's first push of a step to its update");
+    describe_histogram!(STALENESS, "Versions between a gradient's base and the block at apply time (async)");
+    describe_gauge!(LIVE_WORKERS, "Workers with a live lease");
+    describe_counter!(WORKERS_EXPIRED, "Workers dropped because their lease expired");
+    describe_gauge!(MODEL_VERSION, "Lowest block version on this shard");
+    describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Optimizer state bytes on this shard");
+    describe_gauge!(PARAMETERS, "Parameters stored on this shard");
+    describe_counter!(RPC_ERRORS, "RPCs that failed, by gRPC code");
+}

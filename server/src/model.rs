@@ -1,0 +1,422 @@
+//! The block store of one model on one shard, and the aggregation rules of the
+//! consistency modes. Everything here is synchronous and may be heavy: the
+//! gRPC layer calls it from the blocking pool, never from a reactor thread.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use ps_proto::codec;
+use ps_proto::layout::{self, BlockPlan};
+use rayon::prelude::*;
+use tokio::sync::watch;
+
+use crate::error::ServerError;
+use crate::membership::Membership;
+use crate::metrics as m;
+use crate::optim::{Optimizer, StepContext};
+use crate::spec::{InitRule, Mode, ModelSpec, fill_initial};
+
+/// One block of a tensor stored on this shard.
+pub struct Block {
+    /// Index of the tensor in the spec.
+    pub tensor: usize,
+    /// Block index within the tensor.
+    pub index: u32,
+    /// Elements in the block.
+    pub len: usize,
+    /// Parameter group of the tensor.
+    pub group: usize,
+    state: Mutex<BlockState>,
+    version: watch::Sender<u64>,
+}
+
+struct BlockState {
+    params: Vec<f32>,
+    version: u64,
+    optimizer: Box<dyn Optimizer>,
+    pending: Option<PendingStep>,
+    /// Workers counted in the last applied sync step, to recognise retries of it.
+    last_contributors: Vec<String>,
+    /// Async mode: the last step each worker pushed.
+    last_async_step: HashMap<String, u64>,
+}
+
+/// Gradients of the current sync step that have arrived so far.
+struct PendingStep {
+    sum: Vec<f32>,
+    contributors: Vec<String>,
+    started: Instant,
+}
+
+enum Disposition {
+    Accept,
+    Duplicate,
+}
+
+/// A block and its decoded gradient (or initial values).
+pub type DecodedBlock = (Arc<Block>, Vec<f32>);
+
+/// What one push did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Blocks counted.
+    pub accepted: u32,
+    /// Blocks already counted before (retries).
+    pub duplicate: u32,
+    /// Blocks whose update ran.
+    pub updated: u32,
+}
+
+/// Per-group numbers for the status RPC.
+#[derive(Debug, Clone, Default)]
+pub struct GroupStats {
+    /// Tensors in the group (all shards).
+    pub tensors: u32,
+    /// Parameters of the group on this shard.
+    pub parameters: u64,
+    /// Optimizer state bytes of the group on this shard.
+    pub state_bytes: u64,
+}
+
+/// A registered model: the validated spec, the layout, this shard's blocks and the membership.
+pub struct Model {
+    /// The validated spec.
+    pub spec: ModelSpec,
+    /// Every block of the model, in tensor then block order.
+    pub plan: Vec<BlockPlan>,
+    /// Workers of this model.
+    pub membership: Membership,
+    shard: u32,
+    tensor_index: HashMap<String, usize>,
+    tensor_blocks: Vec<Range<usize>>,
+    local: HashMap<(usize, u32), Arc<Block>>,
+    local_order: Vec<Arc<Block>>,
+    pushes: AtomicU64,
+    workers_expired: AtomicU64,
+}
+
+impl Model {
+    /// Lays out the model and allocates and initializes this shard's blocks.
+    pub fn new(spec: ModelSpec, shard: u32, num_shards: u32, lease: Duration) -> Self {
+        let shapes: Vec<&[u64]> = spec.tensors.iter().map(|t| t.shape.as_slice()).collect();
+        let plan = layout::plan(&shapes, spec.max_block_elements, num_shards);
+        let mut tensor_blocks = vec![0..0; spec.tensors.len()];
+        for (i, block) in plan.iter().enumerate() {
+            let range: &mut Range<usize> = &mut tensor_blocks[block.tensor];
+            if range.end == 0 {
+                range.start = i;
+            }
+            range.end = i + 1;
+        }
+        let local_plans: Vec<&BlockPlan> = plan.iter().filter(|b| b.shard == shard).collect();
+        let local_order: Vec<Arc<Block>> = local_plans
+            .par_iter()
+            .map(|b| {
+                let tensor = &spec.tensors[b.tensor];
+                let group = &spec.groups[tensor.group];
+                let len = b.length as usize;
+                let mut params = vec![0.0; len];
+                fill_initial(&tensor.init, &tensor.name, b.offset, &mut params);
+                Arc::new(Block {
+                    tensor: b.tensor,
+                    index: b.block,
+                    len,
+                    group: tensor.group,
+                    state: Mutex::new(BlockState {
+                        params,
+                        version: 0,
+                        optimizer: group.optimizer.build(len),
+                        pending: None,
+                        last_contributors: Vec::new(),
+                        last_async_step: HashMap::new(),
+                    }),
+                    version: watch::Sender::new(0),
+                })
+            })
+            .collect();
+        let local = local_order.iter().map(|b| ((b.tensor, b.index), b.clone())).collect();
+        let tensor_index = spec.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let model = Self {
+            spec,
+            plan,
+            membership: Membership::new(lease),
+            shard,
+            tensor_index,
+            tensor_blocks,
+            local,
+            local_order,
+            pushes: AtomicU64::new(0),
+            workers_expired: AtomicU64::new(0),
+        };
+        model.publish_gauges();
+        model
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// This shard's blocks in tensor then block order.
+    pub fn local_blocks(&self) -> &[Arc<Block>] {
+        &self.local_order
+    }
+
+    /// Index of a tensor by name.
+    pub fn tensor_index(&self, tensor: &str) -> Result<usize, ServerError> {
+        self.tensor_index
+            .get(tensor)
+            .copied()
+            .ok_or_else(|| ServerError::UnknownTensor { model: self.spec.name.clone(), tensor: tensor.to_string() })
+    }
+
+    /// This shard's block of a tensor, or why it is not here.
+    pub fn block(&self, tensor: &str, block: u32) -> Result<&Arc<Block>, ServerError> {
+        let t = self.tensor_index(tensor)?;
+        if let Some(found) = self.local.get(&(t, block)) {
+            return Ok(found);
+        }
+        let range = self.tensor_blocks[t].clone();
+        let blocks = range.len() as u32;
+        match self.plan.get(range.start + block as usize).filter(|_| block < blocks) {
+            Some(plan) => {
+                Err(ServerError::WrongShard { tensor: tensor.to_string(), block, owner: plan.shard, shard: self.shard })
+            }
+            None => Err(ServerError::UnknownBlock { tensor: tensor.to_string(), block, blocks }),
+        }
+    }
+
+    /// Whether a tensor's values are provided at registration.
+    pub fn is_provided(&self, tensor: usize) -> bool {
+        self.spec.tensors[tensor].init == InitRule::Provided
+    }
+
+    /// Installs registration-time values into a block (before the model is shared).
+    pub fn set_initial(&self, block: &Block, values: Vec<f32>) {
+        debug_assert_eq!(values.len(), block.len);
+        block.state.lock().params = values;
+    }
+
+    /// Commits one worker's push for `step`: all blocks are checked first, so
+    /// an invalid push changes nothing; then every accepted block is added to
+    /// its step, and blocks whose barrier is complete are updated, in parallel.
+    pub fn commit_push(&self, worker: &str, step: u64, blocks: Vec<DecodedBlock>) -> Result<PushOutcome, ServerError> {
+        if !self.membership.is_live(worker) {
+            return Err(ServerError::UnknownWorker { model: self.spec.name.clone(), worker: worker.to_string() });
+        }
+        for (block, _) in &blocks {
+            self.classify(block, &block.state.lock(), worker, step)?;
+        }
+        let live = self.live_ids();
+        let outcome = blocks
+            .into_par_iter()
+            .map(|(block, grad)| self.apply_one(&block, worker, step, grad, &live))
+            .reduce(PushOutcome::default, |a, b| PushOutcome {
+                accepted: a.accepted + b.accepted,
+                duplicate: a.duplicate + b.duplicate,
+                updated: a.updated + b.updated,
+            });
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        let model = self.spec.name.clone();
+        metrics::counter!(m::PUSHES, "model" => model.clone()).increment(1);
+        metrics::counter!(m::PUSH_BLOCKS, "model" => model.clone(), "result" => "accepted")
+            .increment(u64::from(outcome.accepted));
+        metrics::counter!(m::PUSH_BLOCKS, "model" => model, "result" => "duplicate")
+            .increment(u64::from(outcome.duplicate));
+        if outcome.updated > 0 {
+            self.publish_version();
+        }
+        Ok(outcome)
+    }
+
+    fn live_ids(&self) -> Vec<String> {
+        self.membership.live().into_iter().map(|(id, _)| id).collect()
+    }
+
+    fn classify(&self, block: &Block, state: &BlockState, worker: &str, step: u64) -> Result<Disposition, ServerError> {
+        let tensor = || self.spec.tensors[block.tensor].name.clone();
+        let version = state.version;
+        if step > version {
+            return Err(ServerError::FutureStep { tensor: tensor(), block: block.index, step, version });
+        }
+        let counted = match self.spec.mode {
+            Mode::Sync if step == version => {
+                state.pending.as_ref().is_some_and(|p| p.contributors.iter().any(|w| w == worker))
+            }
+            Mode::Sync if step + 1 == version && state.last_contributors.iter().any(|w| w == worker) => true,
+            Mode::Sync => return Err(ServerError::StaleStep { tensor: tensor(), block: block.index, step, version }),
+            Mode::Async => match state.last_async_step.get(worker) {
+                Some(&last) if last == step => true,
+                Some(&last) if last > step => {
+                    return Err(ServerError::InvalidArgument(format!(
+                        "worker '{worker}' pushed step {step} for tensor '{}' block {} after step {last}; steps of one worker must not go back",
+                        tensor(),
+                        block.index
+                    )));
+                }
+                _ => false,
+            },
+        };
+        Ok(if counted { Disposition::Duplicate } else { Disposition::Accept })
+    }
+
+    fn apply_one(&self, block: &Block, worker: &str, step: u64, grad: Vec<f32>, live: &[String]) -> PushOutcome {
+        let mut state = block.state.lock();
+        // Re-check under the lock: between the check and now, an expired lease
+        // may have completed this step without us; then the gradient is not counted.
+        match self.classify(block, &state, worker, step) {
+            Ok(Disposition::Accept) => {}
+            Ok(Disposition::Duplicate) | Err(_) => return PushOutcome { duplicate: 1, ..Default::default() },
+        }
+        let mut outcome = PushOutcome { accepted: 1, ..Default::default() };
+        match self.spec.mode {
+            Mode::Async => {
+                let staleness = state.version - step;
+                metrics::histogram!(m::STALENESS, "model" => self.spec.name.clone()).record(staleness as f64);
+                state.last_async_step.insert(worker.to_string(), step);
+                self.update(block, &mut state, &grad);
+                outcome.updated = 1;
+            }
+            Mode::Sync => {
+                match state.pending.as_mut() {
+                    Some(pending) => {
+                        for (s, g) in pending.sum.iter_mut().zip(&grad) {
+                            *s += g;
+                        }
+                        pending.contributors.push(worker.to_string());
+                    }
+                    None => {
+                        state.pending = Some(PendingStep {
+                            sum: grad,
+                            contributors: vec![worker.to_string()],
+                            started: Instant::now(),
+                        })
+                    }
+                }
+                if self.try_complete(block, &mut state, live) {
+                    outcome.updated = 1;
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Runs the sync update if every live worker has pushed; true if it ran.
+    fn try_complete(&self, block: &Block, state: &mut BlockState, live: &[String]) -> bool {
+        let Some(pending) = state.pending.as_ref() else { return false };
+        if !live.iter().all(|w| pending.contributors.contains(w)) {
+            return false;
+        }
+        let Some(PendingStep { mut sum, contributors, started }) = state.pending.take() else { return false };
+        metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let scale = 1.0 / contributors.len() as f32;
+        for g in sum.iter_mut() {
+            *g *= scale;
+        }
+        self.update(block, state, &sum);
+        state.last_contributors = contributors;
+        true
+    }
+
+    fn update(&self, block: &Block, state: &mut BlockState, grad: &[f32]) {
+        let started = Instant::now();
+        let ctx = StepContext { t: state.version + 1, lr_scale: 1.0 };
+        let BlockState { params, optimizer, .. } = state;
+        optimizer.step(params, grad, &ctx);
+        state.version += 1;
+        block.version.send_replace(state.version);
+        metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => self.spec.groups[block.group].name.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Removes expired workers and completes every step that was only waiting
+    /// for them. Returns the ids dropped.
+    pub fn expire_workers(&self) -> Vec<String> {
+        let expired = self.membership.expire();
+        if !expired.is_empty() {
+            self.workers_expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
+            metrics::counter!(m::WORKERS_EXPIRED, "model" => self.spec.name.clone()).increment(expired.len() as u64);
+            self.complete_ready_steps();
+        }
+        expired
+    }
+
+    /// Re-checks every pending sync step against the current live workers.
+    pub fn complete_ready_steps(&self) -> u32 {
+        let live = self.live_ids();
+        let updated = self
+            .local_order
+            .par_iter()
+            .filter(|block| self.try_complete(block, &mut block.state.lock(), &live))
+            .count() as u32;
+        if updated > 0 {
+            self.publish_version();
+        }
+        self.publish_gauges();
+        updated
+    }
+
+    /// Waits until a block reaches `min_version`, then returns its version and
+    /// its weights as little-endian f32, or the version it got stuck at.
+    pub async fn wait_for_version(block: &Block, min_version: u64, timeout: Duration) -> Result<(), u64> {
+        let mut rx = block.version.subscribe();
+        let reached = matches!(tokio::time::timeout(timeout, rx.wait_for(|v| *v >= min_version)).await, Ok(Ok(_)));
+        if reached { Ok(()) } else { Err(*rx.borrow()) }
+    }
+
+    /// The block's current version and weights, encoded as f32.
+    pub fn snapshot(block: &Block) -> (u64, Bytes) {
+        let state = block.state.lock();
+        (state.version, codec::encode_f32(&state.params))
+    }
+
+    /// Lowest and highest block version on this shard.
+    pub fn version_range(&self) -> (u64, u64) {
+        let versions = self.local_order.iter().map(|b| *b.version.borrow());
+        let (min, max) = versions.fold((u64::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        if self.local_order.is_empty() { (0, 0) } else { (min, max) }
+    }
+
+    /// Per-group tensor counts, parameters and optimizer state bytes on this shard.
+    pub fn group_stats(&self) -> Vec<GroupStats> {
+        let mut stats = vec![GroupStats::default(); self.spec.groups.len()];
+        for tensor in &self.spec.tensors {
+            stats[tensor.group].tensors += 1;
+        }
+        for block in &self.local_order {
+            let state = block.state.lock();
+            let entry = &mut stats[block.group];
+            entry.parameters += block.len as u64;
+            entry.state_bytes += state.optimizer.state_bytes() as u64;
+        }
+        stats
+    }
+
+    /// Push RPCs committed and workers expired so far.
+    pub fn counters(&self) -> (u64, u64) {
+        (self.pushes.load(Ordering::Relaxed), self.workers_expired.load(Ordering::Relaxed))
+    }
+
+    fn publish_version(&self) {
+        metrics::gauge!(m::MODEL_VERSION, "model" => self.spec.name.clone()).set(self.version_range().0 as f64);
+    }
+
+    /// Refreshes the gauges that describe the model's size and membership.
+    pub fn publish_gauges(&self) {
+        let model = self.spec.name.clone();
+        metrics::gauge!(m::LIVE_WORKERS, "model" => model.clone()).set(self.membership.live().len() as f64);
+        let parameters: usize = self.local_order.iter().map(|b| b.len).sum();
+        metrics::gauge!(m::PARAMETERS, "model" => model.clone()).set(parameters as f64);
+        for (group, stats) in self.spec.groups.iter().zip(self.group_stats()) {
+            metrics::gauge!(m::OPTIMIZER_STATE_BYTES, "model" => model.clone(), "group" => group.name.clone(), "optimizer" => group.optimizer.mode())
+                .set(stats.state_bytes as f64);
+        }
+        self.publish_version();
+    }
+}

@@ -1,0 +1,360 @@
+//! Validated model specs: the boundary where a `pb::ModelSpec` from the wire
+//! becomes typed configuration, and every malformed field is rejected with a
+//! message before anything is allocated.
+
+use std::collections::HashSet;
+
+use ps_proto::pb;
+use ps_proto::transport::{
+    DEFAULT_MAX_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS_LIMIT, MAX_MODEL_ELEMENTS, MAX_NAME_BYTES, MAX_TENSORS,
+};
+
+use crate::error::ServerError;
+use crate::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
+
+/// How pushes of several workers become updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One update per step, from the mean gradient of every live worker.
+    Sync,
+    /// Every push is applied as it arrives.
+    Async,
+}
+
+impl Mode {
+    /// The wire value.
+    pub fn to_proto(self) -> pb::ConsistencyMode {
+        match self {
+            Mode::Sync => pb::ConsistencyMode::Sync,
+            Mode::Async => pb::ConsistencyMode::Async,
+        }
+    }
+
+    /// Lower-case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        }
+    }
+}
+
+/// How a tensor's first values are made.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InitRule {
+    /// All zeros.
+    Zeros,
+    /// Every element the same value.
+    Constant(f32),
+    /// Normal(mean, std), deterministic in (seed, tensor name, element index).
+    Normal {
+        /// Mean.
+        mean: f32,
+        /// Standard deviation.
+        std: f32,
+        /// Seed.
+        seed: u64,
+    },
+    /// Uniform on [center - half_width, center + half_width).
+    Uniform {
+        /// Center.
+        center: f32,
+        /// Half of the width.
+        half_width: f32,
+        /// Seed.
+        seed: u64,
+    },
+    /// Values come with the registration.
+    Provided,
+}
+
+/// One tensor of a model.
+#[derive(Clone, Debug)]
+pub struct TensorDef {
+    /// Unique name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<u64>,
+    /// Initialization.
+    pub init: InitRule,
+    /// Index of its parameter group.
+    pub group: usize,
+}
+
+/// A parameter group: matching tensors share an optimizer configuration.
+#[derive(Clone, Debug)]
+pub struct GroupDef {
+    /// Group name.
+    pub name: String,
+    /// Glob patterns ('*' matches any run of characters).
+    pub patterns: Vec<String>,
+    /// Optimizer for the group.
+    pub optimizer: OptimizerConfig,
+}
+
+/// A validated model spec.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    /// Model name.
+    pub name: String,
+    /// Tensors in spec order.
+    pub tensors: Vec<TensorDef>,
+    /// Parameter groups in spec order.
+    pub groups: Vec<GroupDef>,
+    /// Consistency mode.
+    pub mode: Mode,
+    /// Upper bound of elements per block.
+    pub max_block_elements: u64,
+    /// The wire form with defaults filled in, to tell identical re-registrations apart from conflicts.
+    pub canonical: pb::ModelSpec,
+}
+
+fn invalid(message: impl Into<String>) -> ServerError {
+    ServerError::InvalidSpec(message.into())
+}
+
+/// Checks a user-chosen name (model, tensor, group, worker).
+pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{kind} name must not be empty"));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!("{kind} name is {} bytes; the limit is {MAX_NAME_BYTES}", name.len()));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err(format!("{kind} name {name:?} contains control characters"));
+    }
+    Ok(())
+}
+
+/// Whether `name` matches a glob `pattern` in which '*' matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn or_default(value: f64, default: f64) -> f64 {
+    if value == 0.0 { default } else { value }
+}
+
+fn optimizer_from_proto(group: &str, config: Option<pb::OptimizerConfig>) -> Result<OptimizerConfig, ServerError> {
+    let kind = config.and_then(|c| c.kind).ok_or_else(|| invalid(format!("group '{group}' has no optimizer")))?;
+    let optimizer = match kind {
+        pb::optimizer_config::Kind::Sgd(c) => OptimizerConfig::Sgd(SgdConfig {
+            lr: c.lr as f32,
+            momentum: c.momentum as f32,
+            dampening: c.dampening as f32,
+            nesterov: c.nesterov,
+            weight_decay: c.weight_decay as f32,
+        }),
+        pb::optimizer_config::Kind::Adamw(c) => OptimizerConfig::AdamW(AdamWConfig {
+            lr: c.lr as f32,
+            beta1: or_default(c.beta1, 0.9) as f32,
+            beta2: or_default(c.beta2, 0.999) as f32,
+            eps: or_default(c.eps, 1e-8) as f32,
+            weight_decay: c.weight_decay as f32,
+        }),
+    };
+    optimizer.validate().map_err(|e| invalid(format!("group '{group}': {e}")))?;
+    Ok(optimizer)
+}
+
+fn init_from_proto(tensor: &str, rule: Option<pb::InitRule>) -> Result<InitRule, ServerError> {
+    let rule = rule.unwrap_or_default();
+    let (value, scale) = (rule.value as f32, rule.scale as f32);
+    if !value.is_finite() || !scale.is_finite() || scale < 0.0 {
+        return Err(invalid(format!("tensor '{tensor}': init value and scale must be finite, scale >= 0")));
+    }
+    let kind = pb::InitKind::try_from(rule.kind)
+        .map_err(|_| invalid(format!("tensor '{tensor}': unknown init kind {}", rule.kind)))?;
+    Ok(match kind {
+        pb::InitKind::Zeros => InitRule::Zeros,
+        pb::InitKind::Constant => InitRule::Constant(value),
+        pb::InitKind::Normal => InitRule::Normal { mean: value, std: scale, seed: rule.seed },
+        pb::InitKind::Uniform => InitRule::Uniform { center: value, half_width: scale, seed: rule.seed },
+        pb::InitKind::Provided => InitRule::Provided,
+    })
+}
+
+impl ModelSpec {
+    /// Validates a wire spec: names, shapes, sizes, groups and hyperparameters.
+    pub fn from_proto(spec: pb::ModelSpec) -> Result<Self, ServerError> {
+        check_name("model", &spec.name).map_err(invalid)?;
+        let mode = match pb::ConsistencyMode::try_from(spec.mode) {
+            Ok(pb::ConsistencyMode::Unspecified | pb::ConsistencyMode::Sync) => Mode::Sync,
+            Ok(pb::ConsistencyMode::Async) => Mode::Async,
+            Err(_) => return Err(invalid(format!("unknown consistency mode {}", spec.mode))),
+        };
+        let max_block_elements = match spec.max_block_elements {
+            0 => DEFAULT_MAX_BLOCK_ELEMENTS,
+            n if n > MAX_BLOCK_ELEMENTS_LIMIT => {
+                return Err(invalid(format!("max_block_elements {n} exceeds the limit {MAX_BLOCK_ELEMENTS_LIMIT}")));
+            }
+            n => n,
+        };
+        if spec.tensors.is_empty() {
+            return Err(invalid("a model needs at least one tensor"));
+        }
+        if spec.tensors.len() > MAX_TENSORS {
+            return Err(invalid(format!("{} tensors exceed the limit of {MAX_TENSORS}", spec.tensors.len())));
+        }
+        if spec.groups.is_empty() {
+            return Err(invalid("a model needs at least one parameter group (for example pattern '*')"));
+        }
+        let mut group_names = HashSet::new();
+        let mut groups = Vec::with_capacity(spec.groups.len());
+        for group in &spec.groups {
+            check_name("group", &group.name).map_err(invalid)?;
+            if !group_names.insert(group.name.as_str()) {
+                return Err(invalid(format!("group name '{}' appears twice", group.name)));
+            }
+            if group.patterns.is_empty() {
+                return Err(invalid(format!("group '{}' has no name patterns", group.name)));
+            }
+            groups.push(GroupDef {
+                name: group.name.clone(),
+                patterns: group.patterns.clone(),
+                optimizer: optimizer_from_proto(&group.name, group.optimizer)?,
+            });
+        }
+        let mut tensor_names = HashSet::new();
+        let mut tensors = Vec::with_capacity(spec.tensors.len());
+        let mut total: u64 = 0;
+        for tensor in &spec.tensors {
+            check_name("tensor", &tensor.name).map_err(invalid)?;
+            if !tensor_names.insert(tensor.name.as_str()) {
+                return Err(invalid(format!("tensor name '{}' appears twice", tensor.name)));
+            }
+            if tensor.shape.contains(&0) {
+                return Err(invalid(format!("tensor '{}' has a zero dimension in {:?}", tensor.name, tensor.shape)));
+            }
+            let elements = tensor
+                .shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .filter(|&n| n <= MAX_MODEL_ELEMENTS)
+                .ok_or_else(|| invalid(format!("tensor '{}' of shape {:?} is too large", tensor.name, tensor.shape)))?;
+            total += elements;
+            if total > MAX_MODEL_ELEMENTS {
+                return Err(invalid(format!("the model exceeds {MAX_MODEL_ELEMENTS} elements")));
+            }
+            let group = groups.iter().position(|g| g.patterns.iter().any(|p| glob_match(p, &tensor.name))).ok_or_else(
+                || {
+                    invalid(format!(
+                        "tensor '{}' matches no parameter group; add a group with pattern '*'",
+                        tensor.name
+                    ))
+                },
+            )?;
+            tensors.push(TensorDef {
+                name: tensor.name.clone(),
+                shape: tensor.shape.clone(),
+                init: init_from_proto(&tensor.name, tensor.init)?,
+                group,
+            });
+        }
+        let mut canonical = spec;
+        canonical.mode = mode.to_proto() as i32;
+        canonical.max_block_elements = max_block_elements;
+        Ok(Self { name: canonical.name.clone(), tensors, groups, mode, max_block_elements, canonical })
+    }
+}
+
+/// Fills `out` with the initial values of elements `offset..offset + out.len()`
+/// of a tensor. Random rules hash (seed, tensor name, element index), so every
+/// shard computes the same values whatever the layout.
+pub fn fill_initial(rule: &InitRule, tensor: &str, offset: u64, out: &mut [f32]) {
+    match *rule {
+        InitRule::Zeros | InitRule::Provided => out.fill(0.0),
+        InitRule::Constant(value) => out.fill(value),
+        InitRule::Normal { mean, std, seed } => {
+            let key = stream_key(seed, tensor);
+            for (i, value) in out.iter_mut().enumerate() {
+                let index = offset + i as u64;
+                let u1 = unit_interval(splitmix64(key ^ index.wrapping_mul(2)));
+                let u2 = unit_interval(splitmix64(key ^ index.wrapping_mul(2).wrapping_add(1)));
+                // Box-Muller; u1 is in (0, 1], so the log is finite.
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                *value = mean + std * z as f32;
+            }
+        }
+        InitRule::Uniform { center, half_width, seed } => {
+            let key = stream_key(seed, tensor);
+            for (i, value) in out.iter_mut().enumerate() {
+                let u = unit_interval(splitmix64(key ^ (offset + i as u64)));
+                *value = center + half_width * (2.0 * u as f32 - 1.0);
+            }
+        }
+    }
+}
+
+fn stream_key(seed: u64, tensor: &str) -> u64 {
+    // FNV-1a of the name, mixed with the seed.
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for byte in tensor.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    splitmix64(hash ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Maps 64 random bits to (0, 1].
+fn unit_interval(bits: u64) -> f64 {
+    ((bits >> 11) + 1) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("*.bias", "fc1.bias"));
+        assert!(!glob_match("*.bias", "fc1.weight"));
+        assert!(glob_match("layer*.weight", "layer12.weight"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("a*b*c", "a-x-c"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn random_init_does_not_depend_on_the_split() {
+        let rule = InitRule::Normal { mean: 0.0, std: 1.0, seed: 7 };
+        let mut whole = vec![0.0; 1000];
+        fill_initial(&rule, "w", 0, &mut whole);
+        let mut tail = vec![0.0; 400];
+        fill_initial(&rule, "w", 600, &mut tail);
+        assert_eq!(&whole[600..], &tail[..]);
+        let mean: f32 = whole.iter().sum::<f32>() / 1000.0;
+        let var: f32 = whole.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.1 && (var - 1.0).abs() < 0.15, "mean {mean} var {var}");
+        let mut other = vec![0.0; 1000];
+        fill_initial(&rule, "v", 0, &mut other);
+        assert_ne!(whole, other);
+        let uniform = InitRule::Uniform { center: 1.0, half_width: 0.5, seed: 1 };
+        fill_initial(&uniform, "u", 0, &mut whole);
+        assert!(whole.iter().all(|x| (0.5..1.5).contains(x)));
+    }
+}

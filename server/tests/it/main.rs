@@ -1,0 +1,7 @@
+//! Cross-process tests of the server: real shards on loopback gRPC, driven by
+//! the client library and by raw gRPC messages.
+
+mod cluster;
+mod membership;
+mod sync_equivalence;
+mod validation;

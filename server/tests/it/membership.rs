@@ -1,0 +1,77 @@
+//! Retries are counted once; dead workers stop blocking the barrier.
+
+use std::time::{Duration, Instant};
+
+use crate::cluster::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_push_is_not_counted_twice() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let (model, init) = register_small(&cluster, "retry").await;
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    let (ga, gb) = (grads_like(&init, 1), grads_like(&init, 2));
+    let first = model.push("a", 0, &ga).await.unwrap();
+    assert_eq!((first.duplicate, first.updated), (0, 0));
+    let retry = model.push("a", 0, &ga).await.unwrap();
+    assert_eq!(retry.accepted, 0, "a retry must not be counted");
+    assert_eq!(retry.duplicate, first.accepted);
+    let last = model.push("b", 0, &gb).await.unwrap();
+    assert_eq!(last.updated, last.accepted, "b's push completes every block");
+    // Retrying after the step was applied is still recognised as a duplicate.
+    let late_retry = model.push("a", 0, &ga).await.unwrap();
+    assert_eq!(late_retry.accepted, 0);
+    let pulled = model.pull(1).await.unwrap();
+    for (name, w0) in &init {
+        for (i, w) in pulled.tensors[name].iter().enumerate() {
+            // lr 0.5 times the mean of a and b: a counted once, not twice.
+            let want = w0[i] - 0.5 * (ga[name][i] + gb[name][i]) / 2.0;
+            assert!((w - want).abs() < 1e-6, "{name}[{i}]: {w} vs {want}");
+        }
+    }
+    let status = cluster.client().status("retry").await.unwrap();
+    assert!(status.iter().all(|s| s.models[0].min_version == 1 && s.models[0].max_version == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_heartbeats_is_dropped_and_the_barrier_completes() {
+    let lease = Duration::from_millis(400);
+    let cluster = Cluster::start(2, lease).await;
+    let (model, init) = register_small(&cluster, "lease").await;
+    model.join("alive").await.unwrap();
+    model.join("dead").await.unwrap();
+    let heartbeat = model.spawn_heartbeat("alive");
+    let started = Instant::now();
+    model.push("alive", 0, &grads_like(&init, 1)).await.unwrap();
+    // Without the lease this pull would wait for "dead" forever.
+    let pulled = model.pull_with_timeout(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(pulled.version, 1);
+    assert!(started.elapsed() >= lease / 2, "the barrier must wait for the lease, not skip the worker");
+    let status = cluster.client().status("lease").await.unwrap();
+    for shard in &status {
+        let m = &shard.models[0];
+        assert_eq!(m.workers_expired, 1);
+        let live: Vec<&str> = m.live_workers.iter().map(|w| w.worker_id.as_str()).collect();
+        assert_eq!(live, vec!["alive"]);
+    }
+    // The dropped worker's late push is refused with a clear status.
+    let error = model.push("dead", 1, &grads_like(&init, 2)).await.unwrap_err();
+    assert_eq!(error.status().unwrap().code(), tonic::Code::NotFound);
+    assert!(error.to_string().contains("JoinWorker"), "{error}");
+    // Training continues with the live worker alone.
+    model.push("alive", 1, &grads_like(&init, 3)).await.unwrap();
+    assert_eq!(model.pull(2).await.unwrap().version, 2);
+    heartbeat.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_completes_the_step_at_once() {
+    let cluster = Cluster::start(1, Duration::from_secs(60)).await;
+    let (model, init) = register_small(&cluster, "leave").await;
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    model.push("a", 0, &grads_like(&init, 1)).await.unwrap();
+    model.leave("b").await.unwrap();
+    let pulled = model.pull_with_timeout(1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(pulled.version, 1);
+}

@@ -1,0 +1,129 @@
+//! With several shards and workers, every sync step must equal one local
+//! optimizer step on the mean gradient.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use ps_client::Tensors;
+use ps_client::proto::{self, ConsistencyMode, ModelSpec};
+use ps_server::optim::{AdamWConfig, OptimizerConfig, SgdConfig, StepContext};
+
+use crate::cluster::*;
+
+fn assert_close(name: &str, step: u64, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tolerance = 1e-6 + 2e-5 * w.abs();
+        assert!((g - w).abs() <= tolerance, "{name}[{i}] after step {step}: server {g}, local {w}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let adamw = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+    let nesterov = SgdConfig { lr: 0.05, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01 };
+    let spec = ModelSpec {
+        name: "equivalence".into(),
+        tensors: vec![tensor("layer.weight", &[37, 19]), tensor("layer.bias", &[19]), tensor("head.weight", &[5, 37])],
+        groups: vec![
+            group(
+                "matrices",
+                &["*.weight"],
+                proto::optimizer_config::Kind::Adamw(proto::AdamWConfig {
+                    lr: 0.01,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                }),
+            ),
+            group(
+                "biases",
+                &["*"],
+                proto::optimizer_config::Kind::Sgd(proto::SgdConfig {
+                    lr: 0.05,
+                    momentum: 0.9,
+                    nesterov: true,
+                    weight_decay: 0.01,
+                    ..Default::default()
+                }),
+            ),
+        ],
+        mode: ConsistencyMode::Sync as i32,
+        max_block_elements: 100,
+    };
+    let init = initial_values(&spec, 7);
+    let model = cluster.client().register(spec.clone(), &init).await.unwrap();
+    let shards_used: std::collections::BTreeSet<u32> = model.layout().blocks.iter().map(|b| b.shard).collect();
+    assert_eq!(shards_used.len(), 2, "the test model must span both shards");
+
+    let workers = ["w0", "w1", "w2"];
+    for w in workers {
+        model.join(w).await.unwrap();
+    }
+    let mut local = init.clone();
+    let mut optimizers: Vec<(String, Box<dyn ps_server::optim::Optimizer>)> = spec
+        .tensors
+        .iter()
+        .map(|t| {
+            let len = t.shape.iter().product::<u64>() as usize;
+            let config = if t.name.ends_with(".weight") {
+                OptimizerConfig::AdamW(adamw.clone())
+            } else {
+                OptimizerConfig::Sgd(nesterov.clone())
+            };
+            (t.name.clone(), config.build(len))
+        })
+        .collect();
+
+    for step in 0..4u64 {
+        let grads: Vec<Tensors> = (0..3).map(|k| grads_like(&init, step * 10 + k + 1)).collect();
+        let pushes = workers.iter().zip(&grads).map(|(w, g)| model.push(w, step, g));
+        for summary in join_all(pushes).await {
+            let summary = summary.unwrap();
+            assert_eq!(summary.duplicate, 0);
+        }
+        for (name, optimizer) in optimizers.iter_mut() {
+            let mean: Vec<f32> =
+                (0..local[name].len()).map(|i| grads.iter().map(|g| g[name][i]).sum::<f32>() / 3.0).collect();
+            optimizer.step(local.get_mut(name).unwrap(), &mean, &StepContext { t: step + 1, lr_scale: 1.0 });
+        }
+        let pulled = model.pull(step + 1).await.unwrap();
+        assert_eq!(pulled.version, step + 1);
+        for (name, want) in &local {
+            assert_close(name, step + 1, &pulled.tensors[name], want);
+        }
+    }
+    let status = cluster.client().status("equivalence").await.unwrap();
+    let state: u64 = status.iter().flat_map(|s| &s.models).flat_map(|m| &m.groups).map(|g| g.state_bytes).sum();
+    // AdamW keeps 8 bytes per weight, Nesterov SGD 4 bytes per bias.
+    assert_eq!(state, 8 * (37 * 19 + 5 * 37) + 4 * 19);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_applies_each_push_and_reports_the_version() {
+    let cluster = Cluster::start(1, Duration::from_secs(30)).await;
+    let mut spec = small_spec("async");
+    spec.mode = ConsistencyMode::Async as i32;
+    let init = initial_values(&spec, 3);
+    let model = cluster.client().register(spec, &init).await.unwrap();
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    let ga = grads_like(&init, 1);
+    let gb = grads_like(&init, 2);
+    model.push("a", 0, &ga).await.unwrap();
+    // b computed on version 0 too: applied with staleness 1.
+    let summary = model.push("b", 0, &gb).await.unwrap();
+    assert!(summary.updated > 0 && summary.duplicate == 0);
+    let pulled = model.pull(2).await.unwrap();
+    assert_eq!(pulled.version, 2);
+    for (name, w0) in &init {
+        let want: Vec<f32> = w0.iter().zip(&ga[name]).zip(&gb[name]).map(|((w, a), b)| w - 0.5 * a - 0.5 * b).collect();
+        assert_close(name, 2, &pulled.tensors[name], &want);
+    }
+    // A retry of b's push is recognised and not applied again.
+    let again = model.push("b", 0, &gb).await.unwrap();
+    assert_eq!((again.accepted, again.updated), (0, 0));
+    assert_eq!(model.pull(0).await.unwrap().version, 2);
+}

@@ -1,0 +1,272 @@
+//! Every bad input gets a precise status and leaves weights and state
+//! byte-for-byte unchanged.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ps_client::proto::{self, GradientChunk, TensorChunk};
+use ps_client::{ModelHandle, Tensors};
+use ps_proto::codec::encode_f32;
+use tonic::Code;
+
+use crate::cluster::*;
+
+fn chunk(tensor: &str, block: u32, offset: u64, values: &[f32]) -> TensorChunk {
+    TensorChunk {
+        tensor: tensor.into(),
+        block,
+        offset,
+        length: values.len() as u64,
+        encoding: proto::Encoding::F32 as i32,
+        payload: encode_f32(values),
+    }
+}
+
+fn message(model: &str, worker: &str, step: u64, chunk: TensorChunk) -> GradientChunk {
+    GradientChunk { model: model.into(), worker_id: worker.into(), step, chunk: Some(chunk) }
+}
+
+/// Everything observable about the model: weights (as bits) and per-shard status counters.
+async fn observe(
+    cluster: &Cluster,
+    model: &ModelHandle,
+) -> (std::collections::BTreeMap<String, Vec<u32>>, Vec<(u64, u64, u64)>) {
+    let weights = model.pull(0).await.unwrap();
+    let status = cluster.client().status(model.name()).await.unwrap();
+    let counters =
+        status.iter().map(|s| (s.models[0].min_version, s.models[0].max_version, s.models[0].pushes)).collect();
+    (bits(&weights.tensors), counters)
+}
+
+struct Case {
+    what: &'static str,
+    messages: Vec<GradientChunk>,
+    code: Code,
+    says: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_pushes_are_rejected_and_change_nothing() {
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let (model, init) = register_small(&cluster, "strict").await;
+    model.join("w").await.unwrap();
+    model.join("other").await.unwrap();
+    // Blocks of "w" (8x10, 32-element blocks = 3 rows): 0..30, 30..60, 60..80.
+    let here = |b: u32| model.layout().blocks.iter().find(|p| p.tensor == "w" && p.block == b).unwrap().shard as usize;
+    let shard = here(0);
+    let away = (0..3).find(|&b| here(b) != shard).expect("w spans both shards");
+    let local = (1..3).find(|&b| here(b) == shard);
+    let ok = |offset: u64, n: usize| chunk("w", 0, offset, &vec![0.25; n]);
+    let mut wrong_length = ok(0, 30);
+    wrong_length.payload = Bytes::from(vec![0u8; 118]);
+    let mut bad_encoding = ok(0, 30);
+    bad_encoding.encoding = 7;
+    let mut cases = vec![
+        Case {
+            what: "unknown model",
+            messages: vec![message("nope", "w", 0, ok(0, 30))],
+            code: Code::NotFound,
+            says: "not registered",
+        },
+        Case {
+            what: "unknown tensor",
+            messages: vec![message("strict", "w", 0, chunk("nope", 0, 0, &[1.0]))],
+            code: Code::NotFound,
+            says: "no tensor 'nope'",
+        },
+        Case {
+            what: "unknown block",
+            messages: vec![message("strict", "w", 0, chunk("w", 9, 0, &[1.0]))],
+            code: Code::NotFound,
+            says: "block 9 does not exist",
+        },
+        Case {
+            what: "block of another shard",
+            messages: vec![message("strict", "w", 0, chunk("w", away, 0, &[1.0; 30]))],
+            code: Code::FailedPrecondition,
+            says: "lives on shard",
+        },
+        Case {
+            what: "payload length",
+            messages: vec![message("strict", "w", 0, wrong_length)],
+            code: Code::InvalidArgument,
+            says: "need 120",
+        },
+        Case {
+            what: "wrong shape",
+            messages: vec![message("strict", "w", 0, ok(0, 31))],
+            code: Code::InvalidArgument,
+            says: "wrong shape",
+        },
+        Case {
+            what: "encoding",
+            messages: vec![message("strict", "w", 0, bad_encoding)],
+            code: Code::InvalidArgument,
+            says: "unknown encoding 7",
+        },
+        Case {
+            what: "future step",
+            messages: vec![message("strict", "w", 5, ok(0, 30))],
+            code: Code::FailedPrecondition,
+            says: "ahead of the block",
+        },
+        Case {
+            what: "unknown worker",
+            messages: vec![message("strict", "ghost", 0, ok(0, 30))],
+            code: Code::NotFound,
+            says: "call JoinWorker",
+        },
+        Case {
+            what: "duplicate chunk",
+            messages: vec![message("strict", "w", 0, ok(0, 15)), message("strict", "w", 0, ok(0, 15))],
+            code: Code::InvalidArgument,
+            says: "out-of-order chunk",
+        },
+        Case {
+            what: "gap",
+            messages: vec![message("strict", "w", 0, ok(0, 10)), message("strict", "w", 0, ok(20, 10))],
+            code: Code::InvalidArgument,
+            says: "out-of-order",
+        },
+        Case {
+            what: "repeated block",
+            messages: vec![message("strict", "w", 0, ok(0, 30)), message("strict", "w", 0, ok(0, 30))],
+            code: Code::InvalidArgument,
+            says: "duplicate chunk",
+        },
+        Case {
+            what: "incomplete block",
+            messages: vec![message("strict", "w", 0, ok(0, 29))],
+            code: Code::InvalidArgument,
+            says: "incomplete block",
+        },
+        Case {
+            what: "mixed steps",
+            messages: vec![message("strict", "w", 0, ok(0, 10)), message("strict", "w", 1, ok(10, 20))],
+            code: Code::InvalidArgument,
+            says: "same model, worker and step",
+        },
+        Case {
+            what: "empty chunk",
+            messages: vec![message("strict", "w", 0, ok(0, 0))],
+            code: Code::InvalidArgument,
+            says: "empty chunk",
+        },
+        Case {
+            what: "oversized chunk",
+            messages: vec![message("strict", "w", 0, chunk("w", 0, 0, &vec![0.0; (4 << 20) / 4 + 1]))],
+            code: Code::ResourceExhausted,
+            says: "exceeds the limit",
+        },
+    ];
+    if let Some(second) = local {
+        // A valid first block followed by a bad one: the valid block must not be applied either.
+        let rows = model.layout().blocks.iter().find(|p| p.tensor == "w" && p.block == second).unwrap().length as usize;
+        cases.push(Case {
+            what: "good block then bad block",
+            messages: vec![
+                message("strict", "w", 0, ok(0, 30)),
+                message("strict", "w", 0, chunk("w", second, 0, &vec![1.0; rows + 1])),
+            ],
+            code: Code::InvalidArgument,
+            says: "wrong shape",
+        });
+    }
+    let before = observe(&cluster, &model).await;
+    let mut raw = cluster.raw(shard).await;
+    for case in cases {
+        let status = raw.push_gradients(tokio_stream::iter(case.messages)).await.unwrap_err();
+        assert_eq!(status.code(), case.code, "{}: {}", case.what, status.message());
+        assert!(
+            status.message().contains(case.says),
+            "{}: message {:?} lacks {:?}",
+            case.what,
+            status.message(),
+            case.says
+        );
+        assert_eq!(observe(&cluster, &model).await, before, "{} changed state", case.what);
+    }
+    // After all that, a real step still counts "w" exactly once per worker.
+    let grads = grads_like(&init, 4);
+    let first = model.push("w", 0, &grads).await.unwrap();
+    assert_eq!(first.duplicate, 0, "no bad push was half-applied");
+    model.push("other", 0, &grads).await.unwrap();
+    assert_eq!(model.pull(1).await.unwrap().version, 1);
+    // Stale: a newcomer pushing the step that is already done.
+    model.join("late").await.unwrap();
+    let before = observe(&cluster, &model).await;
+    let stale = model.push("late", 0, &grads).await.unwrap_err();
+    assert_eq!(stale.status().unwrap().code(), Code::FailedPrecondition);
+    assert!(stale.to_string().contains("already applied"), "{stale}");
+    assert_eq!(observe(&cluster, &model).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_checks_and_other_rpcs_fail_cleanly() {
+    let cluster = Cluster::start(1, Duration::from_secs(60)).await;
+    let (model, init) = register_small(&cluster, "rpcs").await;
+    model.join("w").await.unwrap();
+    let client = cluster.client();
+    // Tensors of the wrong size are caught before anything is sent.
+    let mut short: Tensors = grads_like(&init, 1);
+    short.get_mut("w").unwrap().pop();
+    assert!(model.push("w", 0, &short).await.unwrap_err().to_string().contains("79 elements"));
+    // Registering the same name with another spec conflicts; the same spec is fine.
+    let mut other = small_spec("rpcs");
+    other.tensors[0].shape = vec![4, 20];
+    let conflict = client.register(other, &initial_values(&small_spec("rpcs"), 1)).await.unwrap_err();
+    assert_eq!(conflict.status().unwrap().code(), Code::AlreadyExists);
+    let again = client.register(small_spec("rpcs"), &init).await.unwrap();
+    assert_eq!(again.layout(), model.layout());
+    // Malformed specs.
+    for (mutate, says) in [
+        (
+            Box::new(|s: &mut proto::ModelSpec| s.tensors[0].shape = vec![8, 0]) as Box<dyn Fn(&mut proto::ModelSpec)>,
+            "zero dimension",
+        ),
+        (Box::new(|s: &mut proto::ModelSpec| s.groups[0].patterns = vec!["x*".into()]), "matches no parameter group"),
+        (Box::new(|s: &mut proto::ModelSpec| s.tensors[1].name = "w".into()), "appears twice"),
+        (Box::new(|s: &mut proto::ModelSpec| s.groups[0] = group("all", &["*"], sgd(-1.0))), "lr must be"),
+    ] {
+        let mut spec = small_spec("bad-spec");
+        for tensor in &mut spec.tensors {
+            tensor.init = Some(proto::InitRule { kind: proto::InitKind::Zeros as i32, ..Default::default() });
+        }
+        mutate(&mut spec);
+        let error = client.register(spec, &init).await.unwrap_err();
+        assert_eq!(error.status().map(|s| s.code()), Some(Code::InvalidArgument), "{error}");
+        assert!(error.to_string().contains(says), "{error} lacks {says}");
+    }
+    assert!(client.model("bad-spec").await.is_err(), "a rejected spec registers nothing");
+    // Missing provided values.
+    let error = client.register(small_spec("no-values"), &Tensors::new()).await.unwrap_err();
+    assert!(error.to_string().contains("missing"), "{error}");
+    // Heartbeat of an unknown worker, pull of an unknown tensor, pull timeout.
+    let mut raw = cluster.raw(0).await;
+    let hb =
+        raw.heartbeat(proto::HeartbeatRequest { model: "rpcs".into(), worker_id: "ghost".into() }).await.unwrap_err();
+    assert_eq!(hb.code(), Code::NotFound);
+    let request =
+        proto::PullWeightsRequest { model: "rpcs".into(), tensors: vec!["nope".into()], ..Default::default() };
+    assert_eq!(raw.pull_weights(request).await.unwrap_err().code(), Code::NotFound);
+    let timeout = model.pull_with_timeout(3, Duration::from_millis(200)).await.unwrap_err();
+    assert_eq!(timeout.status().unwrap().code(), Code::DeadlineExceeded);
+    assert!(timeout.to_string().contains("version 3"), "{timeout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_wrong_token_is_unauthenticated() {
+    let cluster = Cluster::start_with_token(1, Duration::from_secs(60), Some("s3cret")).await;
+    let error = cluster.client().status("").await.unwrap_err();
+    assert_eq!(error.status().unwrap().code(), Code::Unauthenticated);
+    assert!(error.to_string().contains("missing"), "{error}");
+    let mut config = ps_client::ClientConfig::new(cluster.addrs.clone());
+    config.auth_token = Some("wrong".into());
+    let error = ps_client::PsClient::connect(config.clone()).unwrap().status("").await.unwrap_err();
+    assert_eq!(error.status().unwrap().code(), Code::Unauthenticated);
+    config.auth_token = Some("s3cret".into());
+    let client = ps_client::PsClient::connect(config).unwrap();
+    client.wait_ready(Duration::from_secs(5)).await.unwrap();
+    let model = client.register(small_spec("auth"), &initial_values(&small_spec("auth"), 1)).await.unwrap();
+    model.join("w").await.unwrap();
+}

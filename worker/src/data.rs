@@ -1,0 +1,190 @@
+//! Data sets: the handwritten digits shipped with the repository and a
+//! synthetic linear-regression problem, split into train and test sets and
+//! sharded across workers by rank.
+
+use std::io::Read;
+
+use anyhow::{Context, bail};
+
+const DIGITS_CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+
+/// A labelled data set held in memory, row-major features.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Features per example.
+    pub features: usize,
+    /// `len * features` values.
+    pub x: Vec<f32>,
+    /// Class index (classification) or target value (regression), one per example.
+    pub y: Vec<f32>,
+}
+
+impl Dataset {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// The examples at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> Dataset {
+        let mut x = Vec::with_capacity(indices.len() * self.features);
+        for &i in indices {
+            x.extend_from_slice(&self.x[i * self.features..(i + 1) * self.features]);
+        }
+        Dataset { features: self.features, x, y: indices.iter().map(|&i| self.y[i]).collect() }
+    }
+}
+
+/// A small deterministic generator (SplitMix64), so every worker draws the same split.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+
+    /// Shuffles in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// The 1,797 digits, pixels scaled to [0, 1].
+pub fn digits() -> anyhow::Result<Dataset> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(DIGITS_CSV_GZ).read_to_string(&mut text).context("decompressing digits.csv.gz")?;
+    let mut x = Vec::with_capacity(1797 * 64);
+    let mut y = Vec::with_capacity(1797);
+    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let values: Vec<f32> = line
+            .split(',')
+            .map(|v| v.trim().parse::<f32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("digits.csv line {}", line_no + 1))?;
+        if values.len() != 65 {
+            bail!("digits.csv line {} has {} columns, expected 65", line_no + 1, values.len());
+        }
+        x.extend(values[..64].iter().map(|v| v / 16.0));
+        y.push(values[64]);
+    }
+    Ok(Dataset { features: 64, x, y })
+}
+
+/// Features of the synthetic regression problem.
+pub const SYNTHETIC_FEATURES: usize = 8;
+
+/// `y = x·w* + b* + 0.01·noise` with x ~ N(0, 1), from a fixed seed.
+pub fn synthetic_regression(examples: usize, seed: u64) -> Dataset {
+    let mut rng = Rng::new(seed);
+    let truth: Vec<f32> = (0..SYNTHETIC_FEATURES).map(|i| (i as f32 - 3.5) / 2.0).collect();
+    let mut x = Vec::with_capacity(examples * SYNTHETIC_FEATURES);
+    let mut y = Vec::with_capacity(examples);
+    for _ in 0..examples {
+        let row: Vec<f32> = (0..SYNTHETIC_FEATURES).map(|_| rng.normal()).collect();
+        y.push(row.iter().zip(&truth).map(|(a, b)| a * b).sum::<f32>() + 0.5 + 0.01 * rng.normal());
+        x.extend(row);
+    }
+    Dataset { features: SYNTHETIC_FEATURES, x, y }
+}
+
+/// Splits into (train, test) after a seeded shuffle; `test_fraction` of the examples go to test.
+pub fn train_test_split(data: &Dataset, test_fraction: f32, seed: u64) -> (Dataset, Dataset) {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    Rng::new(seed).shuffle(&mut order);
+    let test_len = (data.len() as f32 * test_fraction).round() as usize;
+    (data.select(&order[test_len..]), data.select(&order[..test_len]))
+}
+
+/// The examples worker `rank` of `world` trains on: every world-th one.
+pub fn shard(data: &Dataset, rank: usize, world: usize) -> Dataset {
+    let indices: Vec<usize> = (rank..data.len()).step_by(world.max(1)).collect();
+    data.select(&indices)
+}
+
+/// Endless minibatches over a data set, reshuffled every epoch.
+pub struct Batches {
+    order: Vec<usize>,
+    position: usize,
+    batch: usize,
+    rng: Rng,
+}
+
+impl Batches {
+    /// Minibatches of `batch` examples out of `len`.
+    pub fn new(len: usize, batch: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let mut order: Vec<usize> = (0..len).collect();
+        rng.shuffle(&mut order);
+        Self { order, position: 0, batch: batch.clamp(1, len.max(1)), rng }
+    }
+
+    /// The next minibatch's indices.
+    pub fn next_batch(&mut self) -> Vec<usize> {
+        if self.position + self.batch > self.order.len() {
+            self.rng.shuffle(&mut self.order);
+            self.position = 0;
+        }
+        let batch = self.order[self.position..self.position + self.batch].to_vec();
+        self.position += self.batch;
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_load_with_all_classes() {
+        let data = digits().unwrap();
+        assert_eq!(data.len(), 1797);
+        assert_eq!(data.x.len(), 1797 * 64);
+        assert!(data.x.iter().all(|v| (0.0..=1.0).contains(v)));
+        for class in 0..10 {
+            assert!(data.y.iter().filter(|&&y| y == class as f32).count() > 150);
+        }
+    }
+
+    #[test]
+    fn shards_partition_the_training_set() {
+        let data = synthetic_regression(103, 1);
+        let (train, test) = train_test_split(&data, 0.2, 9);
+        assert_eq!(train.len() + test.len(), 103);
+        let sizes: Vec<usize> = (0..4).map(|r| shard(&train, r, 4).len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), train.len());
+        let mut batches = Batches::new(10, 4, 3);
+        let seen: Vec<usize> = (0..5).flat_map(|_| batches.next_batch()).collect();
+        assert!(seen.iter().all(|&i| i < 10) && seen.len() == 20);
+    }
+}

@@ -1,0 +1,245 @@
+//! `worker demo`: the main job on one machine. Starts S server shards and N
+//! workers as separate processes on loopback, shows the training progress
+//! from the servers' status, and prints a summary.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ps_client::{ClientConfig, PsClient};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::task::TaskKind;
+use crate::train::{ModeArg, OptimizerArg, WorkerSummary};
+
+/// Options of the local demo.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Server shards to start.
+    #[arg(long, default_value_t = 2)]
+    pub shards: usize,
+    /// Workers to start.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Task to train.
+    #[arg(long, value_enum, default_value = "digits")]
+    pub task: TaskKind,
+    /// Consistency mode.
+    #[arg(long, value_enum, default_value = "sync")]
+    pub mode: ModeArg,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    /// Steps.
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    /// Examples per worker per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Worker lease on the servers.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+    /// Fail (exit code 1) if the final test accuracy is below this.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_accuracy: f32,
+    /// Folder for the processes' logs (default: a new temporary folder).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// Directory holding the `server` binary (default: next to this executable).
+    #[arg(long, env = "PS_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::File::create(dir.join(name)).with_context(|| format!("creating log {name}"))
+}
+
+/// Kills the children when dropped, so an error or Ctrl-C leaves no process behind.
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Runs the demo and returns the workers' summaries.
+pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
+    anyhow::ensure!(args.shards >= 1 && args.workers >= 1, "need at least one shard and one worker");
+    let me = std::env::current_exe()?;
+    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| me.parent().map(Path::to_path_buf).unwrap_or_default());
+    let server_bin = bin_dir.join(format!("server{}", std::env::consts::EXE_SUFFIX));
+    if !server_bin.exists() {
+        bail!("no server binary at {}; build both binaries first: cargo build --release", server_bin.display());
+    }
+    let log_dir = match &args.log_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("ps-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&log_dir)?;
+    let shard_addrs: Vec<String> =
+        (0..args.shards).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let metrics_addrs: Vec<String> =
+        (0..args.shards).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let mut processes = Processes(Vec::new());
+    for (index, metrics) in metrics_addrs.iter().enumerate() {
+        let log = log_file(&log_dir, &format!("server-{index}.log"))?;
+        let child = Command::new(&server_bin)
+            .args(["--shard-index", &index.to_string(), "--shards", &shard_addrs.join(",")])
+            .args(["--metrics-addr", metrics, "--lease", &humantime::format_duration(args.lease).to_string()])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", server_bin.display()))?;
+        processes.0.push(child);
+    }
+    println!("Started {} server shards: {}", args.shards, shard_addrs.join(", "));
+    for (i, m) in metrics_addrs.iter().enumerate() {
+        println!("  shard {i} metrics: http://{m}/metrics");
+    }
+    let client = PsClient::connect(ClientConfig::new(shard_addrs.clone()))?;
+    client.wait_ready(Duration::from_secs(30)).await.context("the shards did not come up; see their logs")?;
+
+    let mut workers = Vec::new();
+    for rank in 0..args.workers {
+        let log = log_file(&log_dir, &format!("worker-{rank}.log"))?;
+        let mut child = Command::new(&me)
+            .arg("train")
+            .args(["--shards", &shard_addrs.join(","), "--rank", &rank.to_string()])
+            .args(["--world-size", &args.workers.to_string(), "--task", &value_name(&args.task)])
+            .args(["--mode", &value_name(&args.mode), "--optimizer", &value_name(&args.optimizer)])
+            .args(["--lr", &args.lr.to_string(), "--steps", &args.steps.to_string()])
+            .args(["--batch-size", &args.batch_size.to_string(), "--summary-line"])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a worker")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        workers.push(tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut summary = None;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(json) = line.strip_prefix("SUMMARY ") {
+                    summary = serde_json::from_str::<WorkerSummary>(json).ok();
+                }
+            }
+            let status = child.wait().await;
+            (rank, status, summary)
+        }));
+    }
+    println!(
+        "Started {} workers training '{}' in {:?} mode; logs in {}",
+        args.workers,
+        args.task.model_name(),
+        args.mode,
+        log_dir.display()
+    );
+
+    let started = Instant::now();
+    let progress = ProgressBar::new(args.steps);
+    progress.set_style(
+        ProgressStyle::with_template("[{bar:40}] {pos}/{len} steps, {msg} ({elapsed}, eta {eta})")?
+            .progress_chars("=> "),
+    );
+    let model = args.task.model_name();
+    while !workers.iter().all(|w| w.is_finished()) {
+        if let Ok(status) = client.status(model).await {
+            let models: Vec<_> = status.iter().flat_map(|s| s.models.iter()).collect();
+            if let Some(version) = models.iter().map(|m| m.min_version).min() {
+                progress.set_position(version.min(args.steps));
+            }
+            let live = models.iter().map(|m| m.live_workers.len()).min().unwrap_or(0);
+            progress.set_message(format!("{live} live workers"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    let status = client.status(model).await?;
+
+    let mut summaries = Vec::new();
+    for worker in workers {
+        let (rank, exit, summary) = worker.await?;
+        match (exit, summary) {
+            (Ok(code), Some(summary)) if code.success() => summaries.push(summary),
+            (exit, _) => {
+                bail!("worker {rank} failed ({exit:?}); see {}", log_dir.join(format!("worker-{rank}.log")).display())
+            }
+        }
+    }
+    print_summary(&args, &summaries, &status, seconds);
+    drop(processes);
+    let accuracy = summaries.iter().filter_map(|s| s.test_accuracy).fold(0.0, f32::max);
+    if args.min_accuracy > 0.0 && accuracy < args.min_accuracy {
+        bail!("final test accuracy {:.2}% is below the required {:.2}%", accuracy * 100.0, args.min_accuracy * 100.0);
+    }
+    Ok(summaries)
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+fn print_summary(
+    args: &DemoArgs,
+    summaries: &[WorkerSummary],
+    status: &[ps_client::proto::GetStatusResponse],
+    seconds: f64,
+) {
+    let version = status.iter().flat_map(|s| s.models.iter()).map(|m| m.min_version).min().unwrap_or(0);
+    let pushed: u64 = summaries.iter().map(|s| s.bytes_pushed).sum();
+    let pulled: u64 = summaries.iter().map(|s| s.bytes_pulled).sum();
+    let state: u64 =
+        status.iter().flat_map(|s| s.models.iter()).flat_map(|m| m.groups.iter()).map(|g| g.state_bytes).sum();
+    let parameters: u64 = status.iter().flat_map(|s| s.models.iter()).map(|m| m.parameters).sum();
+    println!();
+    println!("Summary");
+    println!(
+        "  model             {} ({} parameters on {} shards, {:?} mode, {:?})",
+        args.task.model_name(),
+        parameters,
+        args.shards,
+        args.mode,
+        args.optimizer
+    );
+    println!("  steps             {version} in {seconds:.1} s = {:.1} steps/s", version as f64 / seconds.max(1e-9));
+    println!("  optimizer state   {state} bytes on the servers");
+    println!("  bytes pushed      {} (all workers)", megabytes(pushed));
+    println!("  bytes pulled      {} (all workers)", megabytes(pulled));
+    for s in summaries {
+        let accuracy = s.test_accuracy.map(|a| format!(", test accuracy {:.2}%", a * 100.0)).unwrap_or_default();
+        println!(
+            "  {:<17} {} steps, train loss {:.4}, test loss {:.4}{accuracy}",
+            s.worker_id, s.steps, s.train_loss, s.test_loss
+        );
+    }
+    if let Some(best) = summaries
+        .iter()
+        .filter(|s| s.test_accuracy.is_some())
+        .max_by(|a, b| a.test_accuracy.partial_cmp(&b.test_accuracy).unwrap_or(std::cmp::Ordering::Equal))
+    {
+        let accuracy = best.test_accuracy.unwrap_or_default();
+        println!("  final accuracy    {:.2}% on the {} held-out test examples", accuracy * 100.0, best.test_examples);
+    }
+}
+
+/// The command-line spelling of a value-enum variant.
+fn value_name<T: clap::ValueEnum>(value: &T) -> String {
+    value.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+}

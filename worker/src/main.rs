@@ -1,0 +1,54 @@
+//! The `worker` binary: `worker train` runs one training worker against the
+//! server shards; `worker demo` starts shards and workers locally as processes.
+
+use clap::{Parser, Subcommand};
+use ps_worker::{demo, train};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "Parameter-server training worker and local demo launcher")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train the built-in model as one worker against running server shards.
+    Train(train::TrainArgs),
+    /// Start server shards and workers as local processes and train the digits MLP.
+    Demo(demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,ps_worker=info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train(args) => {
+            let summary_line = args.summary_line;
+            let summary = train::run(args).await?;
+            let accuracy =
+                summary.test_accuracy.map(|a| format!(", test accuracy {:.2}%", a * 100.0)).unwrap_or_default();
+            eprintln!(
+                "{}: {} steps in {:.1} s, train loss {:.4}, test loss {:.4}{accuracy}, pushed {:.1} MB, pulled {:.1} MB",
+                summary.worker_id,
+                summary.steps,
+                summary.seconds,
+                summary.train_loss,
+                summary.test_loss,
+                summary.bytes_pushed as f64 / 1e6,
+                summary.bytes_pulled as f64 / 1e6
+            );
+            if summary_line {
+                println!("SUMMARY {}", serde_json::to_string(&summary)?);
+            }
+        }
+        Command::Demo(args) => {
+            demo::run(args).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The worker's training loop: register (idempotently), join, then per step
+//! pull the weights of that version, compute gradients on a local minibatch
+//! and push them; finally evaluate and leave.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use ps_client::proto::{self, ConsistencyMode, ModelSpec, OptimizerConfig, ParamGroup, optimizer_config::Kind};
+use ps_client::{ClientConfig, PsClient};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Batches;
+use crate::task::{Task, TaskKind};
+
+/// Consistency mode, as a command-line value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// One update per step from every live worker's gradient.
+    Sync,
+    /// Every push is applied on arrival.
+    Async,
+}
+
+/// Optimizer, as a command-line value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// AdamW.
+    Adamw,
+    /// SGD with momentum.
+    Sgd,
+}
+
+/// Options of one training worker; every flag has an environment variable.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Shard addresses, comma-separated, in index order (the servers' --shards).
+    #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    pub shards: Vec<String>,
+    /// This worker's rank: which shard of the training data it uses.
+    #[arg(long, env = "PS_WORKER_RANK", default_value_t = 0)]
+    pub rank: usize,
+    /// Number of workers the data is split across.
+    #[arg(long, env = "PS_WORLD_SIZE", default_value_t = 1)]
+    pub world_size: usize,
+    /// Worker id on the servers (default: worker-<rank>).
+    #[arg(long, env = "PS_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Built-in task to train.
+    #[arg(long, env = "PS_TASK", value_enum, default_value = "digits")]
+    pub task: TaskKind,
+    /// Model name on the servers (default: the task's).
+    #[arg(long, env = "PS_MODEL")]
+    pub model: Option<String>,
+    /// Consistency mode the model is registered with.
+    #[arg(long, env = "PS_MODE", value_enum, default_value = "sync")]
+    pub mode: ModeArg,
+    /// Optimizer the model is registered with.
+    #[arg(long, env = "PS_OPTIMIZER", value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// Learning rate.
+    #[arg(long, env = "PS_LR", default_value_t = 0.01)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, env = "PS_MOMENTUM", default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay.
+    #[arg(long, env = "PS_WEIGHT_DECAY", default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Steps to train (the model version to reach).
+    #[arg(long, env = "PS_STEPS", default_value_t = 300)]
+    pub steps: u64,
+    /// Examples per worker per step.
+    #[arg(long, env = "PS_BATCH_SIZE", default_value_t = 32)]
+    pub batch_size: usize,
+    /// Seed of the weight initialization and minibatch order.
+    #[arg(long, env = "PS_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Wait until this many workers have joined before the first step (default: --world-size).
+    #[arg(long, env = "PS_MIN_WORKERS")]
+    pub min_workers: Option<usize>,
+    /// How long to wait for the servers and the other workers.
+    #[arg(long, env = "PS_START_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub start_timeout: Duration,
+    /// Bearer token for the servers.
+    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Print a machine-readable `SUMMARY {json}` line at the end.
+    #[arg(long)]
+    pub summary_line: bool,
+}
+
+/// What a worker reports when it finishes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSummary {
+    /// Worker id.
+    pub worker_id: String,
+    /// Steps this worker pushed.
+    pub steps: u64,
+    /// Final model version.
+    pub version: u64,
+    /// Wall time of the training loop.
+    pub seconds: f64,
+    /// Mean training loss over the last 10 steps.
+    pub train_loss: f32,
+    /// Test-set loss of the final weights.
+    pub test_loss: f32,
+    /// Test-set accuracy of the final weights (classification).
+    pub test_accuracy: Option<f32>,
+    /// Examples in the test set.
+    pub test_examples: usize,
+    /// Gradient payload bytes pushed.
+    pub bytes_pushed: u64,
+    /// Weight payload bytes pulled.
+    pub bytes_pulled: u64,
+}
+
+fn model_spec(args: &TrainArgs, task: &Task) -> ModelSpec {
+    let kind = match args.optimizer {
+        OptimizerArg::Adamw => {
+            Kind::Adamw(proto::AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() })
+        }
+        OptimizerArg::Sgd => Kind::Sgd(proto::SgdConfig {
+            lr: args.lr,
+            momentum: args.momentum,
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        }),
+    };
+    ModelSpec {
+        name: args.model.clone().unwrap_or_else(|| task.kind().model_name().to_string()),
+        tensors: task.tensor_specs(args.seed),
+        groups: vec![ParamGroup {
+            name: "all".into(),
+            patterns: vec!["*".into()],
+            optimizer: Some(OptimizerConfig { kind: Some(kind) }),
+        }],
+        mode: match args.mode {
+            ModeArg::Sync => ConsistencyMode::Sync,
+            ModeArg::Async => ConsistencyMode::Async,
+        } as i32,
+        max_block_elements: 0,
+    }
+}
+
+fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    return Ok(Device::new_cuda(0)?);
+    #[cfg(not(feature = "cuda"))]
+    Ok(Device::Cpu)
+}
+
+/// Trains until the model reaches `--steps` versions and returns the summary.
+pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
+    let worker = args.worker_id.clone().unwrap_or_else(|| format!("worker-{}", args.rank));
+    anyhow::ensure!(args.rank < args.world_size, "--rank {} must be below --world-size {}", args.rank, args.world_size);
+    let task = Arc::new(Task::new(args.task, args.rank, args.world_size, device()?)?);
+    let mut config = ClientConfig::new(args.shards.clone());
+    config.auth_token = args.auth_token.clone();
+    let client = PsClient::connect(config)?;
+    client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
+    let model =
+        client.register(model_spec(&args, &task), &Default::default()).await.context("registering the model")?;
+    let start = model.join(&worker).await?;
+    let heartbeat = model.spawn_heartbeat(&worker);
+    wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
+    tracing::info!(worker, model = model.name(), start, steps = args.steps, "training");
+
+    let progress = ProgressBar::new(args.steps).with_position(start.min(args.steps));
+    progress.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})")?
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(worker.clone());
+    let mut batches = Batches::new(task.train.len(), args.batch_size, args.seed ^ ((args.rank as u64 + 1) * 7919));
+    let (mut bytes_pushed, mut bytes_pulled, mut losses) = (0u64, 0u64, Vec::new());
+    let sync = args.mode == ModeArg::Sync;
+    let started = Instant::now();
+    let mut step = start;
+    let mut pushed = 0;
+    while step < args.steps {
+        let weights = model.pull(if sync { step } else { 0 }).await?;
+        bytes_pulled += weights.bytes;
+        if !sync && weights.version >= args.steps {
+            break;
+        }
+        let base = if sync { step } else { weights.version };
+        let batch = batches.next_batch();
+        let computing = task.clone();
+        let (loss, grads) =
+            tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
+        let summary = model.push(&worker, base, &grads).await?;
+        bytes_pushed += summary.bytes;
+        losses.push(loss);
+        pushed += 1;
+        step = if sync { step + 1 } else { base + 1 };
+        progress.set_position(step.min(args.steps));
+        progress.set_message(format!("loss {loss:.4}"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let final_weights = model.pull(if sync { args.steps } else { 0 }).await?;
+    bytes_pulled += final_weights.bytes;
+    let evaluation = task.evaluate(&final_weights.tensors)?;
+    heartbeat.abort();
+    model.leave(&worker).await?;
+    progress.finish_and_clear();
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    Ok(WorkerSummary {
+        worker_id: worker,
+        steps: pushed,
+        version: final_weights.version,
+        seconds,
+        train_loss: if tail.is_empty() { f32::NAN } else { tail.iter().sum::<f32>() / tail.len() as f32 },
+        test_loss: evaluation.loss,
+        test_accuracy: evaluation.accuracy,
+        test_examples: task.test.len(),
+        bytes_pushed,
+        bytes_pulled,
+    })
+}
+
+async fn wait_for_workers(client: &PsClient, model: &str, wanted: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client.status(model).await?;
+        let live = status.iter().flat_map(|s| s.models.iter()).map(|m| m.live_workers.len()).min().unwrap_or(0);
+        if live >= wanted {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {live} of {wanted} workers joined within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
