@@ -26,7 +26,9 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use ps_proto::codec;
 use ps_proto::pb::{self, Encoding};
-use ps_proto::transport::{CHUNK_BYTES, CONNECTION_WINDOW_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
+use ps_proto::transport::{
+    CHUNK_BYTES, CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
+};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -106,6 +108,7 @@ impl PsClient {
                     .map_err(|e| ClientError::Config(format!("bad shard address '{addr}': {e}")))?
                     .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
                     .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+                    .max_frame_size(Some(MAX_FRAME_BYTES))
                     .tcp_nodelay(true)
                     .connect_timeout(Duration::from_secs(5))
                     .connect_lazy();

@@ -53,10 +53,11 @@ pub fn check_payload(encoding: Encoding, elements: u64, payload: &[u8]) -> Resul
 
 /// Encodes values as little-endian f32.
 pub fn encode_f32(values: &[f32]) -> Bytes {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for value in values {
-        out.extend_from_slice(&value.to_le_bytes());
-    }
+    // On little-endian machines the wire format is the memory layout: one memcpy.
+    #[cfg(target_endian = "little")]
+    let out = bytemuck::cast_slice::<f32, u8>(values).to_vec();
+    #[cfg(not(target_endian = "little"))]
+    let out: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     Bytes::from(out)
 }
 

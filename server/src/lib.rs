@@ -23,6 +23,7 @@ use std::time::Duration;
 use ps_proto::ParameterServerServer;
 use ps_proto::transport;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -72,12 +73,24 @@ pub async fn serve(
         .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
         .max_frame_size(Some(transport::MAX_FRAME_BYTES))
-        .tcp_nodelay(true)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
         .await;
     reaper.abort();
     Ok(result?)
+}
+
+/// Accepted connections with Nagle's algorithm off. The builder's own
+/// `tcp_nodelay` only applies when tonic binds the socket itself; without it,
+/// small replies wait for delayed ACKs (about 40 ms per round trip).
+fn incoming_without_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }
 
 /// Drops workers whose lease expired, every quarter lease, and lets the

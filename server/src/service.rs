@@ -159,8 +159,7 @@ impl ParameterService {
             committed.commit_push(&worker, step, values)
         })
         .await??;
-        metrics::counter!(m::BYTES_RECEIVED, "model" => model_name.clone(), "encoding" => Encoding::F32.as_str_name())
-            .increment(bytes);
+        metrics::counter!(m::BYTES_RECEIVED, "model" => model_name.clone(), "encoding" => "f32").increment(bytes);
         tracing::debug!(model = model_name, step, ?outcome, "push committed");
         Ok(pb::PushGradientsResponse {
             blocks_accepted: outcome.accepted,
@@ -225,7 +224,7 @@ impl ParameterService {
                     }
                 }
             }
-            metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => Encoding::F32.as_str_name()).increment(sent);
+            metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => "f32").increment(sent);
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }

@@ -36,10 +36,10 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
     /// Learning rate.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.005)]
     pub lr: f64,
     /// Steps.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 500)]
     pub steps: u64,
     /// Examples per worker per step.
     #[arg(long, default_value_t = 32)]

@@ -62,7 +62,7 @@ pub struct TrainArgs {
     #[arg(long, env = "PS_OPTIMIZER", value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,
     /// Learning rate.
-    #[arg(long, env = "PS_LR", default_value_t = 0.01)]
+    #[arg(long, env = "PS_LR", default_value_t = 0.005)]
     pub lr: f64,
     /// SGD momentum.
     #[arg(long, env = "PS_MOMENTUM", default_value_t = 0.9)]
@@ -71,7 +71,7 @@ pub struct TrainArgs {
     #[arg(long, env = "PS_WEIGHT_DECAY", default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Steps to train (the model version to reach).
-    #[arg(long, env = "PS_STEPS", default_value_t = 300)]
+    #[arg(long, env = "PS_STEPS", default_value_t = 500)]
     pub steps: u64,
     /// Examples per worker per step.
     #[arg(long, env = "PS_BATCH_SIZE", default_value_t = 32)]
