@@ -22,7 +22,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::try_join_all;
 use ps_proto::codec;
 use ps_proto::pb::{self, Encoding};
@@ -181,21 +180,21 @@ impl PsClient {
             n => n,
         };
         let plan = ps_proto::layout::plan(&shapes, max_block, self.shards.len() as u32);
-        let mut encoded: HashMap<usize, Bytes> = HashMap::new();
+        let mut provided: HashMap<usize, &[f32]> = HashMap::new();
         for (index, tensor) in spec.tensors.iter().enumerate() {
             if tensor.init.as_ref().is_some_and(|i| i.kind == pb::InitKind::Provided as i32) {
                 let data = values.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
                 check_len(&tensor.name, ps_proto::layout::num_elements(&tensor.shape), data)?;
-                encoded.insert(index, codec::encode_f32(data));
+                provided.insert(index, data);
             }
         }
         let calls = (0..self.shards.len()).map(|shard| {
             let mut messages =
                 vec![pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Spec(spec.clone())) }];
             for block in plan.iter().filter(|b| b.shard as usize == shard) {
-                if let Some(bytes) = encoded.get(&block.tensor) {
+                if let Some(data) = provided.get(&block.tensor) {
                     let name = &spec.tensors[block.tensor].name;
-                    for chunk in block_chunks(name, block.block, bytes, block.offset, block.length) {
+                    for chunk in block_chunks(name, block.block, data, block.offset, block.length) {
                         messages.push(pb::RegisterModelRequest {
                             item: Some(pb::register_model_request::Item::Values(chunk)),
                         });
@@ -243,22 +242,21 @@ fn check_len(tensor: &str, expected: u64, data: &[f32]) -> Result<(), ClientErro
     Ok(())
 }
 
-/// Cuts one block of an encoded tensor into chunks of at most [`CHUNK_BYTES`].
-fn block_chunks(tensor: &str, block: u32, tensor_bytes: &Bytes, offset: u64, length: u64) -> Vec<pb::TensorChunk> {
-    let start = offset as usize * 4;
-    let block_bytes = tensor_bytes.slice(start..start + length as usize * 4);
-    (0..block_bytes.len())
-        .step_by(CHUNK_BYTES)
-        .map(|at| {
-            let payload = block_bytes.slice(at..(at + CHUNK_BYTES).min(block_bytes.len()));
-            pb::TensorChunk {
-                tensor: tensor.to_string(),
-                block,
-                offset: (at / 4) as u64,
-                length: (payload.len() / 4) as u64,
-                encoding: Encoding::F32 as i32,
-                payload,
-            }
+/// Encodes one block of a tensor as chunks of at most [`CHUNK_BYTES`]. Each
+/// chunk is encoded on its own, so no buffer the size of the tensor is made.
+fn block_chunks(tensor: &str, block: u32, data: &[f32], offset: u64, length: u64) -> Vec<pb::TensorChunk> {
+    let values = &data[offset as usize..(offset + length) as usize];
+    let per_chunk = CHUNK_BYTES / 4;
+    values
+        .chunks(per_chunk)
+        .enumerate()
+        .map(|(i, part)| pb::TensorChunk {
+            tensor: tensor.to_string(),
+            block,
+            offset: (i * per_chunk) as u64,
+            length: part.len() as u64,
+            encoding: Encoding::F32 as i32,
+            payload: codec::encode_f32(part),
         })
         .collect()
 }
@@ -456,10 +454,9 @@ impl ModelHandle {
         for tensor in self.tensors.iter() {
             let data = grads.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
             check_len(&tensor.name, tensor.len as u64, data)?;
-            let bytes = codec::encode_f32(data);
-            bytes_total += bytes.len() as u64;
+            bytes_total += codec::payload_len(Encoding::F32, data.len() as u64);
             for block in &tensor.blocks {
-                for chunk in block_chunks(&tensor.name, block.block, &bytes, block.offset, block.length) {
+                for chunk in block_chunks(&tensor.name, block.block, data, block.offset, block.length) {
                     per_shard[block.shard as usize].push(pb::GradientChunk {
                         model: self.name().to_string(),
                         worker_id: worker.to_string(),
@@ -493,6 +490,20 @@ impl ModelHandle {
 
     /// As [`ModelHandle::pull`] with an explicit server-side wait limit (zero: the server's default).
     pub async fn pull_with_timeout(&self, min_version: u64, timeout: Duration) -> Result<Weights, ClientError> {
+        let mut tensors = Tensors::new();
+        let (version, bytes) = self.pull_into(&mut tensors, min_version, timeout).await?;
+        Ok(Weights { version, tensors, bytes })
+    }
+
+    /// Pulls into `tensors`, reusing its buffers (a training loop avoids
+    /// allocating the model's size every step). Tensors missing from the map
+    /// are added; returns the lowest block version and the payload bytes.
+    pub async fn pull_into(
+        &self,
+        tensors: &mut Tensors,
+        min_version: u64,
+        timeout: Duration,
+    ) -> Result<(u64, u64), ClientError> {
         let request = pb::PullWeightsRequest {
             model: self.name().to_string(),
             min_version,
@@ -517,7 +528,9 @@ impl ModelHandle {
             })
         }))
         .await?;
-        let mut tensors: Tensors = self.tensors.iter().map(|t| (t.name.clone(), vec![0.0f32; t.len])).collect();
+        for info in self.tensors.iter() {
+            tensors.entry(info.name.clone()).or_default().resize(info.len, 0.0);
+        }
         let mut received: HashMap<(usize, u32), u64> = HashMap::new();
         let mut version = u64::MAX;
         let mut bytes = 0u64;
@@ -554,6 +567,6 @@ impl ModelHandle {
                 }
             }
         }
-        Ok(Weights { version: if version == u64::MAX { 0 } else { version }, tensors, bytes })
+        Ok((if version == u64::MAX { 0 } else { version }, bytes))
     }
 }

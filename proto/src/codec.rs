@@ -25,6 +25,9 @@ pub enum CodecError {
     },
 }
 
+/// A decoder that writes or accumulates a payload into an f32 slice.
+pub type DecodeFn = fn(Encoding, &[u8], &mut [f32]) -> Result<(), CodecError>;
+
 /// Resolves a wire encoding number.
 pub fn encoding_from_i32(value: i32) -> Result<Encoding, CodecError> {
     Encoding::try_from(value).map_err(|_| CodecError::UnknownEncoding(value))
@@ -74,6 +77,19 @@ pub fn decode_into(encoding: Encoding, payload: &[u8], out: &mut [f32]) -> Resul
     Ok(())
 }
 
+/// Decodes a payload and adds it element-wise to `out`, whose length is the element count.
+pub fn add_decoded(encoding: Encoding, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+    check_payload(encoding, out.len() as u64, payload)?;
+    match encoding {
+        Encoding::F32 => {
+            for (value, bytes) in out.iter_mut().zip(payload.chunks_exact(4)) {
+                *value += f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +105,9 @@ mod tests {
             assert_eq!(a.to_bits(), b.to_bits());
         }
         assert_eq!(&bytes[8..12], &1.5f32.to_le_bytes());
+        let mut sum = [1.0f32; 7];
+        add_decoded(Encoding::F32, &encode_f32(&[2.0; 7]), &mut sum).unwrap();
+        assert_eq!(sum, [3.0; 7]);
     }
 
     #[test]

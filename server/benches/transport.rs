@@ -12,6 +12,11 @@ use ps_server::ServerOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+// The same allocator as the binaries: it keeps freed blocks for reuse instead
+// of returning them to the kernel, which then has to fault and zero fresh pages.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -105,8 +110,10 @@ async fn main() {
     model.join("bench").await.unwrap();
     let grads: Tensors = [("w".to_string(), vec![0.5f32; rows * cols])].into_iter().collect();
     // Warm up connections and allocations.
+    // The pull reuses one buffer, as a training loop does (`pull_into`).
+    let mut weights = Tensors::new();
     model.push("bench", 0, &grads).await.unwrap();
-    model.pull(1).await.unwrap();
+    model.pull_into(&mut weights, 1, Duration::ZERO).await.unwrap();
 
     let (mut grpc_push, mut grpc_pull, mut tcp_push, mut tcp_pull) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds as u64 {
@@ -115,9 +122,9 @@ async fn main() {
         model.push("bench", step, &grads).await.unwrap();
         grpc_push.push(start.elapsed());
         let start = Instant::now();
-        let pulled = model.pull(step + 1).await.unwrap();
+        let (_, pulled) = model.pull_into(&mut weights, step + 1, Duration::ZERO).await.unwrap();
         grpc_pull.push(start.elapsed());
-        assert_eq!(pulled.bytes as usize, bytes);
+        assert_eq!(pulled as usize, bytes);
         let (push, pull) = raw_tcp_round(bytes).await;
         tcp_push.push(push);
         tcp_pull.push(pull);

@@ -12,7 +12,7 @@ use ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES;
 use rayon::prelude::*;
 
 use crate::error::ServerError;
-use crate::model::{Block, DecodedBlock, Model};
+use crate::model::{Block, BlockGradient, Model};
 
 struct Part {
     offset: usize,
@@ -124,21 +124,39 @@ impl<'a> Assembler<'a> {
     }
 }
 
+impl StagedBlock {
+    fn for_each_part(&self, out: &mut [f32], apply: codec::DecodeFn) {
+        for part in &self.parts {
+            let target = &mut out[part.offset..part.offset + part.length];
+            // Lengths and encodings were checked in `Assembler::add`, so this cannot fail.
+            let decoded = apply(part.encoding, &part.payload, target);
+            debug_assert!(decoded.is_ok(), "staged chunk failed to decode: {decoded:?}");
+        }
+    }
+}
+
+impl BlockGradient for StagedBlock {
+    fn block(&self) -> &Arc<Block> {
+        &self.block
+    }
+
+    fn write_into(&self, out: &mut [f32]) {
+        self.for_each_part(out, codec::decode_into);
+    }
+
+    fn add_into(&self, out: &mut [f32]) {
+        self.for_each_part(out, codec::add_decoded);
+    }
+}
+
 /// Decodes staged blocks into f32 values, in parallel. Run on the blocking pool.
-pub fn decode(staged: Vec<StagedBlock>) -> Result<Vec<DecodedBlock>, ServerError> {
+pub fn decode(staged: Vec<StagedBlock>) -> Vec<(Arc<Block>, Vec<f32>)> {
     staged
         .into_par_iter()
         .map(|s| {
             let mut values = vec![0.0f32; s.block.len];
-            for part in &s.parts {
-                let out = &mut values[part.offset..part.offset + part.length];
-                codec::decode_into(part.encoding, &part.payload, out).map_err(|source| ServerError::BadPayload {
-                    tensor: s.tensor.clone(),
-                    block: s.block.index,
-                    source,
-                })?;
-            }
-            Ok((s.block, values))
+            s.write_into(&mut values);
+            (s.block, values)
         })
         .collect()
 }

@@ -58,8 +58,16 @@ enum Disposition {
     Duplicate,
 }
 
-/// A block and its decoded gradient (or initial values).
-pub type DecodedBlock = (Arc<Block>, Vec<f32>);
+/// One block's gradient from one push, validated but still encoded, so it can
+/// be decoded straight into the aggregation buffer without another copy.
+pub trait BlockGradient: Send {
+    /// The block it belongs to.
+    fn block(&self) -> &Arc<Block>;
+    /// Overwrites `out` (the block's length) with the gradient.
+    fn write_into(&self, out: &mut [f32]);
+    /// Adds the gradient to `out` (the block's length).
+    fn add_into(&self, out: &mut [f32]);
+}
 
 /// What one push did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -205,22 +213,28 @@ impl Model {
     /// Commits one worker's push for `step`: all blocks are checked first, so
     /// an invalid push changes nothing; then every accepted block is added to
     /// its step, and blocks whose barrier is complete are updated, in parallel.
-    pub fn commit_push(&self, worker: &str, step: u64, blocks: Vec<DecodedBlock>) -> Result<PushOutcome, ServerError> {
+    pub fn commit_push<G: BlockGradient>(
+        &self,
+        worker: &str,
+        step: u64,
+        blocks: Vec<G>,
+    ) -> Result<PushOutcome, ServerError> {
         if !self.membership.is_live(worker) {
             return Err(ServerError::UnknownWorker { model: self.spec.name.clone(), worker: worker.to_string() });
         }
-        for (block, _) in &blocks {
+        for gradient in &blocks {
+            let block = gradient.block();
             self.classify(block, &block.state.lock(), worker, step)?;
         }
         let live = self.live_ids();
-        let outcome = blocks
-            .into_par_iter()
-            .map(|(block, grad)| self.apply_one(&block, worker, step, grad, &live))
-            .reduce(PushOutcome::default, |a, b| PushOutcome {
+        let outcome = blocks.into_par_iter().map(|gradient| self.apply_one(&gradient, worker, step, &live)).reduce(
+            PushOutcome::default,
+            |a, b| PushOutcome {
                 accepted: a.accepted + b.accepted,
                 duplicate: a.duplicate + b.duplicate,
                 updated: a.updated + b.updated,
-            });
+            },
+        );
         self.pushes.fetch_add(1, Ordering::Relaxed);
         let model = self.spec.name.clone();
         metrics::counter!(m::PUSHES, "model" => model.clone()).increment(1);
@@ -265,7 +279,8 @@ impl Model {
         Ok(if counted { Disposition::Duplicate } else { Disposition::Accept })
     }
 
-    fn apply_one(&self, block: &Block, worker: &str, step: u64, grad: Vec<f32>, live: &[String]) -> PushOutcome {
+    fn apply_one(&self, gradient: &impl BlockGradient, worker: &str, step: u64, live: &[String]) -> PushOutcome {
+        let block = gradient.block();
         let mut state = block.state.lock();
         // Re-check under the lock: between the check and now, an expired lease
         // may have completed this step without us; then the gradient is not counted.
@@ -279,23 +294,22 @@ impl Model {
                 let staleness = state.version - step;
                 metrics::histogram!(m::STALENESS, "model" => self.spec.name.clone()).record(staleness as f64);
                 state.last_async_step.insert(worker.to_string(), step);
+                let mut grad = vec![0.0; block.len];
+                gradient.write_into(&mut grad);
                 self.update(block, &mut state, &grad);
                 outcome.updated = 1;
             }
             Mode::Sync => {
                 match state.pending.as_mut() {
                     Some(pending) => {
-                        for (s, g) in pending.sum.iter_mut().zip(&grad) {
-                            *s += g;
-                        }
+                        gradient.add_into(&mut pending.sum);
                         pending.contributors.push(worker.to_string());
                     }
                     None => {
-                        state.pending = Some(PendingStep {
-                            sum: grad,
-                            contributors: vec![worker.to_string()],
-                            started: Instant::now(),
-                        })
+                        let mut sum = vec![0.0; block.len];
+                        gradient.write_into(&mut sum);
+                        state.pending =
+                            Some(PendingStep { sum, contributors: vec![worker.to_string()], started: Instant::now() })
                     }
                 }
                 if self.try_complete(block, &mut state, live) {

@@ -96,7 +96,7 @@ impl ParameterService {
             }
         }
         let staged = assembler.finish()?;
-        let values = blocking(move || assemble::decode(staged)).await??;
+        let values = blocking(move || assemble::decode(staged)).await?;
         let mut provided: HashSet<(usize, u32)> = HashSet::new();
         for (block, data) in values {
             provided.insert((block.tensor, block.index));
@@ -154,11 +154,7 @@ impl ParameterService {
         let bytes = assembler.payload_bytes();
         let staged = assembler.finish()?;
         let committed = model.clone();
-        let outcome = blocking(move || {
-            let values = assemble::decode(staged)?;
-            committed.commit_push(&worker, step, values)
-        })
-        .await??;
+        let outcome = blocking(move || committed.commit_push(&worker, step, staged)).await??;
         metrics::counter!(m::BYTES_RECEIVED, "model" => model_name.clone(), "encoding" => "f32").increment(bytes);
         tracing::debug!(model = model_name, step, ?outcome, "push committed");
         Ok(pb::PushGradientsResponse {

@@ -5,6 +5,12 @@ use clap::{Parser, Subcommand};
 use ps_worker::{demo, train};
 use tracing_subscriber::EnvFilter;
 
+// mimalloc keeps freed multi-MiB buffers (chunks, blocks) for reuse; glibc
+// returns them to the kernel, and re-faulting zeroed pages cost about half of
+// the transport throughput in the benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "worker", version, about = "Parameter-server training worker and local demo launcher")]
 struct Cli {
