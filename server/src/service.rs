@@ -165,6 +165,7 @@ impl ParameterService {
     }
 
     fn pull(&self, request: pb::PullWeightsRequest) -> Result<WeightStream, Status> {
+        tracing::debug!(model = request.model, min_version = request.min_version, "pull");
         let model = self.registry.get(&request.model)?;
         let wanted: Option<HashSet<usize>> = if request.tensors.is_empty() {
             None

@@ -159,8 +159,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
     );
     let model = args.task.model_name();
     while !workers.iter().all(|w| w.is_finished()) {
-        if let Ok(status) = client.status(model).await {
-            let models: Vec<_> = status.iter().flat_map(|s| s.models.iter()).collect();
+        // Ask for every model: the workers may not have registered this one yet.
+        if let Ok(status) = client.status("").await {
+            let models: Vec<_> = status.iter().flat_map(|s| s.models.iter()).filter(|m| m.name == model).collect();
             if let Some(version) = models.iter().map(|m| m.min_version).min() {
                 progress.set_position(version.min(args.steps));
             }
