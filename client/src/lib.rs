@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod compress;
 mod error;
 
 use std::collections::{BTreeMap, HashMap};
@@ -194,7 +195,8 @@ impl PsClient {
             for block in plan.iter().filter(|b| b.shard as usize == shard) {
                 if let Some(data) = provided.get(&block.tensor) {
                     let name = &spec.tensors[block.tensor].name;
-                    for chunk in block_chunks(name, block.block, data, block.offset, block.length) {
+                    for chunk in block_chunks(name, block.block, data, (block.offset, block.length), Encoding::F32, 0.0)
+                    {
                         messages.push(pb::RegisterModelRequest {
                             item: Some(pb::register_model_request::Item::Values(chunk)),
                         });
@@ -244,9 +246,17 @@ fn check_len(tensor: &str, expected: u64, data: &[f32]) -> Result<(), ClientErro
 
 /// Encodes one block of a tensor as chunks of at most [`CHUNK_BYTES`]. Each
 /// chunk is encoded on its own, so no buffer the size of the tensor is made.
-fn block_chunks(tensor: &str, block: u32, data: &[f32], offset: u64, length: u64) -> Vec<pb::TensorChunk> {
+fn block_chunks(
+    tensor: &str,
+    block: u32,
+    data: &[f32],
+    (offset, length): (u64, u64),
+    encoding: Encoding,
+    scale: f32,
+) -> Vec<pb::TensorChunk> {
     let values = &data[offset as usize..(offset + length) as usize];
-    let per_chunk = CHUNK_BYTES / 4;
+    // Whole elements per chunk; for sign1 a multiple of 32, as the format requires.
+    let per_chunk = (CHUNK_BYTES as u64 * 8 / (codec::payload_len(encoding, 32) * 8 / 32)) as usize;
     values
         .chunks(per_chunk)
         .enumerate()
@@ -255,8 +265,9 @@ fn block_chunks(tensor: &str, block: u32, data: &[f32], offset: u64, length: u64
             block,
             offset: (i * per_chunk) as u64,
             length: part.len() as u64,
-            encoding: Encoding::F32 as i32,
-            payload: codec::encode_f32(part),
+            encoding: encoding as i32,
+            payload: codec::encode(encoding, part),
+            scale,
         })
         .collect()
 }
@@ -272,6 +283,10 @@ pub struct TensorInfo {
     pub len: usize,
     /// Its blocks, in order.
     pub blocks: Vec<pb::BlockPlacement>,
+    /// The encoding its pushes use (its group's preferred one).
+    pub encoding: Encoding,
+    /// How the servers combine the workers' pushes of this tensor.
+    pub aggregation: pb::Aggregation,
 }
 
 /// Weights read from the servers.
@@ -305,6 +320,7 @@ pub struct ModelHandle {
     layout: Arc<pb::Layout>,
     tensors: Arc<Vec<TensorInfo>>,
     index: Arc<HashMap<String, usize>>,
+    pull_encoding: Encoding,
 }
 
 impl std::fmt::Debug for ModelHandle {
@@ -326,19 +342,41 @@ impl ModelHandle {
         let mut tensors: Vec<TensorInfo> = layout
             .tensors
             .iter()
-            .map(|t| TensorInfo {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                len: ps_proto::layout::num_elements(&t.shape) as usize,
-                blocks: Vec::new(),
+            .map(|t| {
+                let group = layout.groups.iter().find(|g| g.name == t.group);
+                let encoding = group
+                    .and_then(|g| g.push_encodings.first())
+                    .map_or(Ok(Encoding::F32), |e| codec::encoding_from_i32(*e))
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                Ok(TensorInfo {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    len: ps_proto::layout::num_elements(&t.shape) as usize,
+                    blocks: Vec::new(),
+                    encoding,
+                    aggregation: group.map_or(pb::Aggregation::Mean, |g| g.aggregation()),
+                })
             })
-            .collect();
+            .collect::<Result<_, ClientError>>()?;
         let index: HashMap<String, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         for block in &layout.blocks {
             let at = *index.get(&block.tensor).ok_or(ClientError::NoLayout)?;
             tensors[at].blocks.push(block.clone());
         }
-        Ok(Self { client, layout: Arc::new(layout), tensors: Arc::new(tensors), index: Arc::new(index) })
+        Ok(Self {
+            client,
+            layout: Arc::new(layout),
+            tensors: Arc::new(tensors),
+            index: Arc::new(index),
+            pull_encoding: Encoding::F32,
+        })
+    }
+
+    /// The same model, pulling weights in `encoding` (f32, bf16 or f16): half
+    /// the bytes for workers that compute in half precision.
+    pub fn with_pull_encoding(mut self, encoding: Encoding) -> Self {
+        self.pull_encoding = encoding;
+        self
     }
 
     /// The model's name.
@@ -441,8 +479,10 @@ impl ModelHandle {
     }
 
     /// Pushes one step's gradients (every tensor, full length) to all shards
-    /// at once. Transient failures are retried; the server ignores blocks it
-    /// already counted, so a retry is safe.
+    /// at once, each tensor in its group's preferred encoding; sign1 sends the
+    /// signs with the tensor's mean absolute value as the scale. Transient
+    /// failures are retried; the server ignores blocks it already counted, so
+    /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
         let mut per_shard: Vec<Vec<pb::GradientChunk>> = vec![Vec::new(); self.client.num_shards()];
         let mut bytes_total = 0u64;
@@ -454,9 +494,11 @@ impl ModelHandle {
         for tensor in self.tensors.iter() {
             let data = grads.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
             check_len(&tensor.name, tensor.len as u64, data)?;
-            bytes_total += codec::payload_len(Encoding::F32, data.len() as u64);
+            let scale = if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 };
             for block in &tensor.blocks {
-                for chunk in block_chunks(&tensor.name, block.block, data, block.offset, block.length) {
+                let range = (block.offset, block.length);
+                for chunk in block_chunks(&tensor.name, block.block, data, range, tensor.encoding, scale) {
+                    bytes_total += chunk.payload.len() as u64;
                     per_shard[block.shard as usize].push(pb::GradientChunk {
                         model: self.name().to_string(),
                         worker_id: worker.to_string(),
@@ -509,6 +551,7 @@ impl ModelHandle {
             min_version,
             tensors: Vec::new(),
             timeout_ms: timeout.as_millis() as u64,
+            encoding: self.pull_encoding as i32,
         };
         let shards_with_blocks: Vec<usize> = (0..self.client.num_shards())
             .filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s))
@@ -554,7 +597,8 @@ impl ModelHandle {
             let encoding = codec::encoding_from_i32(data.encoding).map_err(|e| ClientError::Protocol(e.to_string()))?;
             let out = &mut tensors.get_mut(&data.tensor).expect("tensor allocated above")
                 [start..start + data.length as usize];
-            codec::decode_into(encoding, &data.payload, out).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            codec::decode_into(encoding, &data.payload, data.scale, out)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
             *received.entry((at, data.block)).or_default() += data.length;
         }
         for (at, info) in self.tensors.iter().enumerate() {

@@ -102,6 +102,7 @@ async fn main() {
             optimizer: Some(OptimizerConfig {
                 kind: Some(proto::optimizer_config::Kind::Sgd(proto::SgdConfig { lr: 1e-6, ..Default::default() })),
             }),
+            ..Default::default()
         }],
         mode: proto::ConsistencyMode::Sync as i32,
         max_block_elements: 0,

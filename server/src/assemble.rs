@@ -18,6 +18,7 @@ struct Part {
     offset: usize,
     length: usize,
     encoding: Encoding,
+    scale: f32,
     payload: Bytes,
 }
 
@@ -39,18 +40,38 @@ pub struct Assembler<'a> {
     model: &'a Model,
     blocks: HashMap<(usize, u32), Progress>,
     order: Vec<(usize, u32)>,
-    payload_bytes: u64,
+    traffic: HashMap<Encoding, Traffic>,
+    purpose: Purpose,
+}
+
+/// What the chunks are: gradients follow their group's encodings; weights
+/// (initial values) are plain numbers in f32, bf16 or f16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A gradient push.
+    Gradients,
+    /// Initial weights at registration.
+    Weights,
+}
+
+/// Bytes received in one encoding, and what they would have taken as f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Payload bytes on the wire.
+    pub wire_bytes: u64,
+    /// The same elements as f32.
+    pub f32_bytes: u64,
 }
 
 impl<'a> Assembler<'a> {
-    /// An empty assembler for `model`.
-    pub fn new(model: &'a Model) -> Self {
-        Self { model, blocks: HashMap::new(), order: Vec::new(), payload_bytes: 0 }
+    /// An empty assembler for chunks of `purpose` for `model`.
+    pub fn new(model: &'a Model, purpose: Purpose) -> Self {
+        Self { model, blocks: HashMap::new(), order: Vec::new(), traffic: HashMap::new(), purpose }
     }
 
-    /// Payload bytes accepted so far.
-    pub fn payload_bytes(&self) -> u64 {
-        self.payload_bytes
+    /// Bytes accepted so far, per encoding.
+    pub fn traffic(&self) -> &HashMap<Encoding, Traffic> {
+        &self.traffic
     }
 
     /// Checks one chunk and keeps its payload. Chunks of a block must arrive
@@ -62,6 +83,7 @@ impl<'a> Assembler<'a> {
         let bad = |source| ServerError::BadPayload { tensor: chunk.tensor.clone(), block: chunk.block, source };
         let encoding = codec::encoding_from_i32(chunk.encoding).map_err(bad)?;
         codec::check_payload(encoding, chunk.length, &chunk.payload).map_err(bad)?;
+        codec::check_scale(encoding, chunk.scale).map_err(bad)?;
         let block = self.model.block(&chunk.tensor, chunk.block)?;
         let key = (block.tensor, block.index);
         let progress = self.blocks.entry(key).or_insert_with(|| {
@@ -73,6 +95,34 @@ impl<'a> Assembler<'a> {
         });
         let len = block.len as u64;
         let where_ = format!("tensor '{}' block {}", chunk.tensor, chunk.block);
+        let group = &self.model.spec.groups[block.group];
+        if self.purpose == Purpose::Weights && encoding == Encoding::Sign1 {
+            return Err(ServerError::InvalidArgument(format!(
+                "initial values for {where_} must be f32, bf16 or f16, not sign1"
+            )));
+        }
+        if self.purpose == Purpose::Gradients && !group.push_encodings.contains(&encoding) {
+            return Err(ServerError::InvalidArgument(format!(
+                "encoding {} is not allowed for {where_} (group '{}' accepts: {})",
+                codec::encoding_label(encoding),
+                group.name,
+                group.allowed_encodings()
+            )));
+        }
+        if encoding == Encoding::Sign1 && !chunk.offset.is_multiple_of(codec::SIGN_WORD_ELEMENTS) {
+            return Err(ServerError::InvalidArgument(format!(
+                "sign1 chunk for {where_} starts at element {}; sign1 chunks must start at a multiple of {}",
+                chunk.offset,
+                codec::SIGN_WORD_ELEMENTS
+            )));
+        }
+        if let Some(first) = progress.staged.parts.first()
+            && (first.encoding != encoding || first.scale.to_bits() != chunk.scale.to_bits())
+        {
+            return Err(ServerError::InvalidArgument(format!(
+                "every chunk of {where_} must use the same encoding and scale as its first chunk"
+            )));
+        }
         if chunk.length == 0 {
             return Err(ServerError::InvalidArgument(format!("empty chunk for {where_}")));
         }
@@ -95,13 +145,16 @@ impl<'a> Assembler<'a> {
             )));
         }
         progress.received += chunk.length;
+        let traffic = self.traffic.entry(encoding).or_default();
+        traffic.wire_bytes += chunk.payload.len() as u64;
+        traffic.f32_bytes += chunk.length * 4;
         progress.staged.parts.push(Part {
             offset: chunk.offset as usize,
             length: chunk.length as usize,
             encoding,
+            scale: chunk.scale,
             payload: chunk.payload,
         });
-        self.payload_bytes += progress.staged.parts.last().map_or(0, |p| p.payload.len() as u64);
         Ok(())
     }
 
@@ -128,8 +181,8 @@ impl StagedBlock {
     fn for_each_part(&self, out: &mut [f32], apply: codec::DecodeFn) {
         for part in &self.parts {
             let target = &mut out[part.offset..part.offset + part.length];
-            // Lengths and encodings were checked in `Assembler::add`, so this cannot fail.
-            let decoded = apply(part.encoding, &part.payload, target);
+            // Lengths, encodings and scales were checked in `Assembler::add`, so this cannot fail.
+            let decoded = apply(part.encoding, &part.payload, part.scale, target);
             debug_assert!(decoded.is_ok(), "staged chunk failed to decode: {decoded:?}");
         }
     }
@@ -146,6 +199,15 @@ impl BlockGradient for StagedBlock {
 
     fn add_into(&self, out: &mut [f32]) {
         self.for_each_part(out, codec::add_decoded);
+    }
+
+    fn add_votes(&self, votes: &mut [i16]) {
+        for part in &self.parts {
+            let target = &mut votes[part.offset..part.offset + part.length];
+            // Majority-vote groups accept only sign1, checked in `Assembler::add`.
+            let counted = codec::add_sign_votes(part.encoding, &part.payload, target);
+            debug_assert!(counted.is_ok(), "staged chunk failed to count: {counted:?}");
+        }
     }
 }
 

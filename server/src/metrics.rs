@@ -13,6 +13,10 @@ pub const PUSHES: &str = "ps_pushes_total";
 pub const PUSH_BLOCKS: &str = "ps_push_blocks_total";
 /// Payload bytes received in pushes (counter; labels: model, encoding).
 pub const BYTES_RECEIVED: &str = "ps_bytes_received_total";
+/// What the received payloads would have taken as f32 (counter; labels: model, encoding).
+pub const BYTES_RECEIVED_F32: &str = "ps_bytes_received_f32_equivalent_total";
+/// f32 bytes / wire bytes of the last push, per encoding (gauge; labels: model, encoding).
+pub const COMPRESSION_RATIO: &str = "ps_push_compression_ratio";
 /// Payload bytes sent in pulls (counter; labels: model, encoding).
 pub const BYTES_SENT: &str = "ps_bytes_sent_total";
 /// Seconds one block's optimizer step took (histogram; labels: model, group).
@@ -52,6 +56,8 @@ fn describe() {
     describe_counter!(PUSHES, "Push RPCs that committed");
     describe_counter!(PUSH_BLOCKS, "Blocks received in pushes, by result");
     describe_counter!(BYTES_RECEIVED, Unit::Bytes, "Payload bytes received in pushes");
+    describe_counter!(BYTES_RECEIVED_F32, Unit::Bytes, "What the received payloads would have taken as f32");
+    describe_gauge!(COMPRESSION_RATIO, "f32 bytes over wire bytes of the last push, per encoding");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Payload bytes sent in pulls");
     describe_histogram!(UPDATE_SECONDS, Unit::Seconds, "Time of one block's optimizer step");
     describe_histogram!(BARRIER_WAIT_SECONDS, Unit::Seconds, "Time from a block's first push of a step to its update");

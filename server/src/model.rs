@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use ps_proto::codec;
 use ps_proto::layout::{self, BlockPlan};
@@ -19,7 +18,7 @@ use crate::error::ServerError;
 use crate::membership::Membership;
 use crate::metrics as m;
 use crate::optim::{Optimizer, StepContext};
-use crate::spec::{InitRule, Mode, ModelSpec, fill_initial};
+use crate::spec::{Aggregation, InitRule, Mode, ModelSpec, fill_initial};
 
 /// One block of a tensor stored on this shard.
 pub struct Block {
@@ -48,9 +47,15 @@ struct BlockState {
 
 /// Gradients of the current sync step that have arrived so far.
 struct PendingStep {
-    sum: Vec<f32>,
+    accumulated: Accumulated,
     contributors: Vec<String>,
     started: Instant,
+}
+
+/// What a sync step accumulates: decoded values, or sign votes in small integers.
+enum Accumulated {
+    Sum(Vec<f32>),
+    Votes(Vec<i16>),
 }
 
 enum Disposition {
@@ -67,6 +72,8 @@ pub trait BlockGradient: Send {
     fn write_into(&self, out: &mut [f32]);
     /// Adds the gradient to `out` (the block's length).
     fn add_into(&self, out: &mut [f32]);
+    /// Adds +1/-1 per element to sign vote counters (sign payloads only).
+    fn add_votes(&self, votes: &mut [i16]);
 }
 
 /// What one push did.
@@ -302,14 +309,30 @@ impl Model {
             Mode::Sync => {
                 match state.pending.as_mut() {
                     Some(pending) => {
-                        gradient.add_into(&mut pending.sum);
+                        match &mut pending.accumulated {
+                            Accumulated::Sum(sum) => gradient.add_into(sum),
+                            Accumulated::Votes(votes) => gradient.add_votes(votes),
+                        }
                         pending.contributors.push(worker.to_string());
                     }
                     None => {
-                        let mut sum = vec![0.0; block.len];
-                        gradient.write_into(&mut sum);
-                        state.pending =
-                            Some(PendingStep { sum, contributors: vec![worker.to_string()], started: Instant::now() })
+                        let accumulated = match self.spec.groups[block.group].aggregation {
+                            Aggregation::Mean => {
+                                let mut sum = vec![0.0; block.len];
+                                gradient.write_into(&mut sum);
+                                Accumulated::Sum(sum)
+                            }
+                            Aggregation::MajorityVote => {
+                                let mut votes = vec![0i16; block.len];
+                                gradient.add_votes(&mut votes);
+                                Accumulated::Votes(votes)
+                            }
+                        };
+                        state.pending = Some(PendingStep {
+                            accumulated,
+                            contributors: vec![worker.to_string()],
+                            started: Instant::now(),
+                        })
                     }
                 }
                 if self.try_complete(block, &mut state, live) {
@@ -326,14 +349,24 @@ impl Model {
         if !live.iter().all(|w| pending.contributors.contains(w)) {
             return false;
         }
-        let Some(PendingStep { mut sum, contributors, started }) = state.pending.take() else { return false };
+        let Some(PendingStep { accumulated, contributors, started }) = state.pending.take() else { return false };
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
-        let scale = 1.0 / contributors.len() as f32;
-        for g in sum.iter_mut() {
-            *g *= scale;
-        }
-        self.update(block, state, &sum);
+        let gradient = match accumulated {
+            Accumulated::Sum(mut sum) => {
+                let scale = 1.0 / contributors.len() as f32;
+                for g in sum.iter_mut() {
+                    *g *= scale;
+                }
+                sum
+            }
+            Accumulated::Votes(votes) => {
+                let mut signs = vec![0.0; votes.len()];
+                codec::votes_to_signs(&votes, &mut signs);
+                signs
+            }
+        };
+        self.update(block, state, &gradient);
         state.last_contributors = contributors;
         true
     }
@@ -384,10 +417,10 @@ impl Model {
         if reached { Ok(()) } else { Err(*rx.borrow()) }
     }
 
-    /// The block's current version and weights, encoded as f32.
-    pub fn snapshot(block: &Block) -> (u64, Bytes) {
+    /// The block's current version and a copy of its weights.
+    pub fn snapshot(block: &Block) -> (u64, Vec<f32>) {
         let state = block.state.lock();
-        (state.version, codec::encode_f32(&state.params))
+        (state.version, state.params.clone())
     }
 
     /// Lowest and highest block version on this shard.

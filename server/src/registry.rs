@@ -9,6 +9,7 @@ use ps_proto::pb;
 
 use crate::error::ServerError;
 use crate::model::Model;
+use crate::spec::Aggregation;
 
 /// Where this shard sits in the cluster.
 #[derive(Clone, Debug)]
@@ -103,6 +104,19 @@ impl Registry {
                 })
                 .collect(),
             mode: model.spec.mode.to_proto() as i32,
+            groups: model
+                .spec
+                .groups
+                .iter()
+                .map(|g| pb::GroupLayout {
+                    name: g.name.clone(),
+                    push_encodings: g.push_encodings.iter().map(|e| *e as i32).collect(),
+                    aggregation: match g.aggregation {
+                        Aggregation::Mean => pb::Aggregation::Mean,
+                        Aggregation::MajorityVote => pb::Aggregation::MajorityVote,
+                    } as i32,
+                })
+                .collect(),
         }
     }
 }

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use ps_proto::codec;
 use ps_proto::pb::{self, Encoding};
 use ps_proto::transport::CHUNK_BYTES;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::assemble::{self, Assembler};
+use crate::assemble::{self, Assembler, Purpose};
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::model::Model;
@@ -73,7 +74,7 @@ impl ParameterService {
         }
         let (shard, shards, lease) = (self.registry.identity.index, self.registry.num_shards(), self.registry.lease);
         let model = blocking(move || Model::new(spec, shard, shards, lease)).await?;
-        let mut assembler = Assembler::new(&model);
+        let mut assembler = Assembler::new(&model, Purpose::Weights);
         while let Some(message) = stream.message().await? {
             match message.item {
                 Some(pb::register_model_request::Item::Values(chunk)) => {
@@ -136,7 +137,7 @@ impl ParameterService {
         if !model.membership.is_live(&worker) {
             return Err(ServerError::UnknownWorker { model: model_name, worker }.into());
         }
-        let mut assembler = Assembler::new(&model);
+        let mut assembler = Assembler::new(&model, Purpose::Gradients);
         let mut next = Some(first);
         while let Some(message) = next {
             if message.model != model_name || message.worker_id != worker || message.step != step {
@@ -151,11 +152,21 @@ impl ParameterService {
             assembler.add(chunk)?;
             next = stream.message().await?;
         }
-        let bytes = assembler.payload_bytes();
+        let traffic = assembler.traffic().clone();
         let staged = assembler.finish()?;
         let committed = model.clone();
         let outcome = blocking(move || committed.commit_push(&worker, step, staged)).await??;
-        metrics::counter!(m::BYTES_RECEIVED, "model" => model_name.clone(), "encoding" => "f32").increment(bytes);
+        for (encoding, t) in traffic {
+            let label = codec::encoding_label(encoding);
+            metrics::counter!(m::BYTES_RECEIVED, "model" => model_name.clone(), "encoding" => label)
+                .increment(t.wire_bytes);
+            metrics::counter!(m::BYTES_RECEIVED_F32, "model" => model_name.clone(), "encoding" => label)
+                .increment(t.f32_bytes);
+            if t.wire_bytes > 0 {
+                metrics::gauge!(m::COMPRESSION_RATIO, "model" => model_name.clone(), "encoding" => label)
+                    .set(t.f32_bytes as f64 / t.wire_bytes as f64);
+            }
+        }
         tracing::debug!(model = model_name, step, ?outcome, "push committed");
         Ok(pb::PushGradientsResponse {
             blocks_accepted: outcome.accepted,
@@ -183,6 +194,17 @@ impl ParameterService {
             ms => Duration::from_millis(ms),
         };
         let min_version = request.min_version;
+        let encoding = match codec::encoding_from_i32(request.encoding) {
+            Ok(e @ (Encoding::F32 | Encoding::Bf16 | Encoding::F16)) => e,
+            _ => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "pull encoding {} is not available; use ENCODING_F32, ENCODING_BF16 or ENCODING_F16",
+                    request.encoding
+                ))
+                .into());
+            }
+        };
+        let per_chunk = CHUNK_BYTES / codec::payload_len(encoding, 1) as usize;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let started = Instant::now();
@@ -203,25 +225,26 @@ impl ParameterService {
                     return;
                 }
                 let snapshot_of = block.clone();
-                let Ok((version, bytes)) = blocking(move || Model::snapshot(&snapshot_of)).await else { return };
+                let Ok((version, values)) = blocking(move || Model::snapshot(&snapshot_of)).await else { return };
                 let tensor = model.spec.tensors[block.tensor].name.clone();
-                for start in (0..bytes.len()).step_by(CHUNK_BYTES) {
-                    let payload = bytes.slice(start..(start + CHUNK_BYTES).min(bytes.len()));
+                for (i, part) in values.chunks(per_chunk).enumerate() {
+                    let payload = codec::encode(encoding, part);
                     sent += payload.len() as u64;
                     let chunk = pb::TensorChunk {
                         tensor: tensor.clone(),
                         block: block.index,
-                        offset: (start / 4) as u64,
-                        length: (payload.len() / 4) as u64,
-                        encoding: Encoding::F32 as i32,
+                        offset: (i * per_chunk) as u64,
+                        length: part.len() as u64,
+                        encoding: encoding as i32,
                         payload,
+                        scale: 0.0,
                     };
                     if tx.send(Ok(pb::WeightChunk { version, chunk: Some(chunk) })).await.is_err() {
                         return; // the client went away
                     }
                 }
             }
-            metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => "f32").increment(sent);
+            metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => codec::encoding_label(encoding)).increment(sent);
         });
         Ok(Box::pin(ReceiverStream::new(rx)))
     }

@@ -4,7 +4,8 @@
 
 use std::collections::HashSet;
 
-use ps_proto::pb;
+use ps_proto::codec;
+use ps_proto::pb::{self, Encoding};
 use ps_proto::transport::{
     DEFAULT_MAX_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS_LIMIT, MAX_MODEL_ELEMENTS, MAX_NAME_BYTES, MAX_TENSORS,
 };
@@ -90,6 +91,26 @@ pub struct GroupDef {
     pub patterns: Vec<String>,
     /// Optimizer for the group.
     pub optimizer: OptimizerConfig,
+    /// Encodings accepted for pushes, preferred first.
+    pub push_encodings: Vec<Encoding>,
+    /// How a sync step combines the pushes.
+    pub aggregation: Aggregation,
+}
+
+/// How a sync step combines the workers' pushes of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Mean of the decoded gradients.
+    Mean,
+    /// Sign of the summed sign bits, ties to +1.
+    MajorityVote,
+}
+
+impl GroupDef {
+    /// The encodings this group accepts, as a readable list.
+    pub fn allowed_encodings(&self) -> String {
+        self.push_encodings.iter().map(|e| codec::encoding_label(*e)).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// A validated model spec.
@@ -173,6 +194,42 @@ fn optimizer_from_proto(group: &str, config: Option<pb::OptimizerConfig>) -> Res
     Ok(optimizer)
 }
 
+/// The group's accepted push encodings and aggregation, checked against each other and the mode.
+fn wire_options(group: &pb::ParamGroup, mode: Mode) -> Result<(Vec<Encoding>, Aggregation), ServerError> {
+    let mut encodings = Vec::new();
+    for &value in &group.push_encodings {
+        let encoding = codec::encoding_from_i32(value).map_err(|e| invalid(format!("group '{}': {e}", group.name)))?;
+        if encodings.contains(&encoding) {
+            return Err(invalid(format!(
+                "group '{}' lists encoding {} twice",
+                group.name,
+                codec::encoding_label(encoding)
+            )));
+        }
+        encodings.push(encoding);
+    }
+    if encodings.is_empty() {
+        encodings.push(Encoding::F32);
+    }
+    let aggregation = match pb::Aggregation::try_from(group.aggregation) {
+        Ok(pb::Aggregation::Mean) => Aggregation::Mean,
+        Ok(pb::Aggregation::MajorityVote) => Aggregation::MajorityVote,
+        Err(_) => return Err(invalid(format!("group '{}': unknown aggregation {}", group.name, group.aggregation))),
+    };
+    if aggregation == Aggregation::MajorityVote {
+        if encodings != [Encoding::Sign1] {
+            return Err(invalid(format!(
+                "group '{}': majority vote counts sign bits, so push_encodings must be exactly [ENCODING_SIGN1]",
+                group.name
+            )));
+        }
+        if mode != Mode::Sync {
+            return Err(invalid(format!("group '{}': majority vote needs sync mode", group.name)));
+        }
+    }
+    Ok((encodings, aggregation))
+}
+
 fn init_from_proto(tensor: &str, rule: Option<pb::InitRule>) -> Result<InitRule, ServerError> {
     let rule = rule.unwrap_or_default();
     let (value, scale) = (rule.value as f32, rule.scale as f32);
@@ -225,10 +282,13 @@ impl ModelSpec {
             if group.patterns.is_empty() {
                 return Err(invalid(format!("group '{}' has no name patterns", group.name)));
             }
+            let (push_encodings, aggregation) = wire_options(group, mode)?;
             groups.push(GroupDef {
                 name: group.name.clone(),
                 patterns: group.patterns.clone(),
                 optimizer: optimizer_from_proto(&group.name, group.optimizer)?,
+                push_encodings,
+                aggregation,
             });
         }
         let mut tensor_names = HashSet::new();

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::task::TaskKind;
-use crate::train::{ModeArg, OptimizerArg, WorkerSummary};
+use crate::train::{Compression, ModeArg, OptimizerArg, PullEncoding, WorkerSummary};
 
 /// Options of the local demo.
 #[derive(Args, Debug, Clone)]
@@ -38,6 +38,15 @@ pub struct DemoArgs {
     /// Learning rate.
     #[arg(long, default_value_t = 0.005)]
     pub lr: f64,
+    /// Momentum (SGD; the workers' Signum momentum with sign-mv).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Gradient compression on the wire.
+    #[arg(long, value_enum, default_value = "none")]
+    pub compression: Compression,
+    /// Encoding of pulled weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub pull_encoding: PullEncoding,
     /// Steps.
     #[arg(long, default_value_t = 500)]
     pub steps: u64,
@@ -124,6 +133,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
             .args(["--world-size", &args.workers.to_string(), "--task", &value_name(&args.task)])
             .args(["--mode", &value_name(&args.mode), "--optimizer", &value_name(&args.optimizer)])
             .args(["--lr", &args.lr.to_string(), "--steps", &args.steps.to_string()])
+            .args(["--momentum", &args.momentum.to_string(), "--compression", &value_name(&args.compression)])
+            .args(["--pull-encoding", &value_name(&args.pull_encoding)])
             .args(["--batch-size", &args.batch_size.to_string(), "--summary-line"])
             .stdout(Stdio::piped())
             .stderr(log)
@@ -220,6 +231,7 @@ fn print_summary(
         args.optimizer
     );
     println!("  steps             {version} in {seconds:.1} s = {:.1} steps/s", version as f64 / seconds.max(1e-9));
+    println!("  compression       {:?} push, {:?} pull", args.compression, args.pull_encoding);
     println!("  optimizer state   {state} bytes on the servers");
     println!("  bytes pushed      {} (all workers)", megabytes(pushed));
     println!("  bytes pulled      {} (all workers)", megabytes(pulled));

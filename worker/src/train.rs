@@ -9,7 +9,11 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use ps_client::proto::{self, ConsistencyMode, ModelSpec, OptimizerConfig, ParamGroup, optimizer_config::Kind};
+use ps_client::Tensors;
+use ps_client::compress::{ErrorFeedback, SignMomentum};
+use ps_client::proto::{
+    self, Aggregation, ConsistencyMode, Encoding, ModelSpec, OptimizerConfig, ParamGroup, optimizer_config::Kind,
+};
 use ps_client::{ClientConfig, PsClient};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +36,34 @@ pub enum OptimizerArg {
     Adamw,
     /// SGD with momentum.
     Sgd,
+}
+
+/// How gradients travel to the servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    /// f32, 4 bytes per element.
+    None,
+    /// bfloat16, 2 bytes per element.
+    Bf16,
+    /// IEEE half, 2 bytes per element.
+    F16,
+    /// 1 bit per element; the servers take the majority vote of the signs and
+    /// step `w -= lr (vote + wd w)`; each worker keeps Signum momentum (--momentum; 0 gives signSGD).
+    SignMv,
+    /// 1 bit per element plus a scale: error-feedback signSGD; each worker
+    /// folds --lr in and keeps its residual, the servers subtract the mean.
+    SignEf,
+}
+
+/// Encoding of pulled weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PullEncoding {
+    /// f32.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
 }
 
 /// Options of one training worker; every flag has an environment variable.
@@ -88,6 +120,16 @@ pub struct TrainArgs {
     /// Bearer token for the servers.
     #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// Gradient compression on the wire.
+    #[arg(long, env = "PS_COMPRESSION", value_enum, default_value = "none")]
+    pub compression: Compression,
+    /// Encoding of the weights this worker pulls.
+    #[arg(long, env = "PS_PULL_ENCODING", value_enum, default_value = "f32")]
+    pub pull_encoding: PullEncoding,
+    /// Keep the worker's compression state (Signum momentum or error-feedback
+    /// residual) in this directory, so a restarted worker continues with it.
+    #[arg(long, env = "PS_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// Print a machine-readable `SUMMARY {json}` line at the end.
     #[arg(long)]
     pub summary_line: bool,
@@ -119,16 +161,23 @@ pub struct WorkerSummary {
 }
 
 fn model_spec(args: &TrainArgs, task: &Task) -> ModelSpec {
-    let kind = match args.optimizer {
+    let sgd = |lr: f64, momentum: f64| {
+        Kind::Sgd(proto::SgdConfig { lr, momentum, weight_decay: args.weight_decay, ..Default::default() })
+    };
+    let requested = match args.optimizer {
         OptimizerArg::Adamw => {
             Kind::Adamw(proto::AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() })
         }
-        OptimizerArg::Sgd => Kind::Sgd(proto::SgdConfig {
-            lr: args.lr,
-            momentum: args.momentum,
-            weight_decay: args.weight_decay,
-            ..Default::default()
-        }),
+        OptimizerArg::Sgd => sgd(args.lr, args.momentum),
+    };
+    // The sign schemes fix the server's step: the vote is applied as w -= lr (v + wd w),
+    // and error feedback already folded the learning rate into what it sends.
+    let (kind, encodings, aggregation) = match args.compression {
+        Compression::None => (requested, vec![Encoding::F32], Aggregation::Mean),
+        Compression::Bf16 => (requested, vec![Encoding::Bf16, Encoding::F32], Aggregation::Mean),
+        Compression::F16 => (requested, vec![Encoding::F16, Encoding::F32], Aggregation::Mean),
+        Compression::SignMv => (sgd(args.lr, 0.0), vec![Encoding::Sign1], Aggregation::MajorityVote),
+        Compression::SignEf => (sgd(1.0, 0.0), vec![Encoding::Sign1], Aggregation::Mean),
     };
     ModelSpec {
         name: args.model.clone().unwrap_or_else(|| task.kind().model_name().to_string()),
@@ -137,12 +186,62 @@ fn model_spec(args: &TrainArgs, task: &Task) -> ModelSpec {
             name: "all".into(),
             patterns: vec!["*".into()],
             optimizer: Some(OptimizerConfig { kind: Some(kind) }),
+            push_encodings: encodings.into_iter().map(|e| e as i32).collect(),
+            aggregation: aggregation as i32,
         }],
         mode: match args.mode {
             ModeArg::Sync => ConsistencyMode::Sync,
             ModeArg::Async => ConsistencyMode::Async,
         } as i32,
         max_block_elements: 0,
+    }
+}
+
+/// The worker-side half of a compressed optimizer.
+enum Compressor {
+    Plain,
+    Vote(SignMomentum),
+    ErrorFeedback(ErrorFeedback),
+}
+
+impl Compressor {
+    fn new(args: &TrainArgs, worker: &str) -> anyhow::Result<Self> {
+        let mut compressor = match args.compression {
+            Compression::SignMv => Compressor::Vote(SignMomentum::new(args.momentum as f32)),
+            Compression::SignEf => Compressor::ErrorFeedback(ErrorFeedback::new(args.lr as f32)),
+            _ => Compressor::Plain,
+        };
+        if let Some(dir) = &args.state_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let name = format!("{worker}.compression");
+            let restored = match &mut compressor {
+                Compressor::Plain => false,
+                Compressor::Vote(m) => m.load(dir, &name)?,
+                Compressor::ErrorFeedback(ef) => ef.load(dir, &name)?,
+            };
+            if restored {
+                tracing::info!(worker, dir = %dir.display(), "restored the compression state");
+            }
+        }
+        Ok(compressor)
+    }
+
+    /// What to push for these gradients.
+    fn prepare(&mut self, grads: Tensors) -> Tensors {
+        match self {
+            Compressor::Plain => grads,
+            Compressor::Vote(momentum) => momentum.update(&grads).clone(),
+            Compressor::ErrorFeedback(ef) => ef.compress(&grads),
+        }
+    }
+
+    fn save(&self, dir: &std::path::Path, worker: &str) -> std::io::Result<()> {
+        let name = format!("{worker}.compression");
+        match self {
+            Compressor::Plain => Ok(()),
+            Compressor::Vote(m) => m.save(dir, &name),
+            Compressor::ErrorFeedback(ef) => ef.save(dir, &name),
+        }
     }
 }
 
@@ -164,6 +263,12 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
     let model =
         client.register(model_spec(&args, &task), &Default::default()).await.context("registering the model")?;
+    let model = model.with_pull_encoding(match args.pull_encoding {
+        PullEncoding::F32 => Encoding::F32,
+        PullEncoding::Bf16 => Encoding::Bf16,
+        PullEncoding::F16 => Encoding::F16,
+    });
+    let mut compressor = Compressor::new(&args, &worker)?;
     let start = model.join(&worker).await?;
     let heartbeat = model.spawn_heartbeat(&worker);
     wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
@@ -192,7 +297,13 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         let computing = task.clone();
         let (loss, grads) =
             tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
-        let summary = model.push(&worker, base, &grads).await?;
+        let payload = compressor.prepare(grads);
+        let summary = model.push(&worker, base, &payload).await?;
+        if let Some(dir) = &args.state_dir {
+            compressor
+                .save(dir, &worker)
+                .with_context(|| format!("saving the compression state in {}", dir.display()))?;
+        }
         bytes_pushed += summary.bytes;
         losses.push(loss);
         pushed += 1;

@@ -95,6 +95,7 @@ pub fn group(name: &str, patterns: &[&str], kind: proto::optimizer_config::Kind)
         name: name.into(),
         patterns: patterns.iter().map(|p| p.to_string()).collect(),
         optimizer: Some(OptimizerConfig { kind: Some(kind) }),
+        ..Default::default()
     }
 }
 

@@ -2,6 +2,7 @@
 //! the client library and by raw gRPC messages.
 
 mod cluster;
+mod compression;
 mod membership;
 mod sync_equivalence;
 mod validation;

@@ -19,6 +19,7 @@ fn chunk(tensor: &str, block: u32, offset: u64, values: &[f32]) -> TensorChunk {
         length: values.len() as u64,
         encoding: proto::Encoding::F32 as i32,
         payload: encode_f32(values),
+        scale: 0.0,
     }
 }
 
@@ -227,6 +228,20 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].patterns = vec!["x*".into()]), "matches no parameter group"),
         (Box::new(|s: &mut proto::ModelSpec| s.tensors[1].name = "w".into()), "appears twice"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0] = group("all", &["*"], sgd(-1.0))), "lr must be"),
+        (
+            Box::new(|s: &mut proto::ModelSpec| s.groups[0].aggregation = proto::Aggregation::MajorityVote as i32),
+            "exactly [ENCODING_SIGN1]",
+        ),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                s.groups[0].aggregation = proto::Aggregation::MajorityVote as i32;
+                s.groups[0].push_encodings = vec![proto::Encoding::Sign1 as i32];
+                s.mode = proto::ConsistencyMode::Async as i32;
+            }),
+            "needs sync mode",
+        ),
+        (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![1, 1]), "twice"),
+        (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![42]), "unknown encoding 42"),
     ] {
         let mut spec = small_spec("bad-spec");
         for tensor in &mut spec.tensors {
@@ -269,4 +284,81 @@ async fn a_missing_or_wrong_token_is_unauthenticated() {
     client.wait_ready(Duration::from_secs(5)).await.unwrap();
     let model = client.register(small_spec("auth"), &initial_values(&small_spec("auth"), 1)).await.unwrap();
     model.join("w").await.unwrap();
+}
+
+fn encoded(
+    tensor: &str,
+    block: u32,
+    offset: u64,
+    encoding: proto::Encoding,
+    values: &[f32],
+    scale: f32,
+) -> TensorChunk {
+    TensorChunk {
+        tensor: tensor.into(),
+        block,
+        offset,
+        length: values.len() as u64,
+        encoding: encoding as i32,
+        payload: ps_proto::codec::encode(encoding, values),
+        scale,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
+    use proto::Encoding::{Bf16, F16, F32, Sign1};
+    let cluster = Cluster::start(1, Duration::from_secs(60)).await;
+    let mut spec = small_spec("wire");
+    spec.max_block_elements = 64; // w: blocks of 60 and 20 elements
+    spec.groups = vec![
+        proto::ParamGroup { push_encodings: vec![Sign1 as i32], ..group("signs", &["w"], sgd(0.1)) },
+        proto::ParamGroup { push_encodings: vec![F32 as i32, Bf16 as i32], ..group("rest", &["*"], sgd(0.1)) },
+    ];
+    let init = initial_values(&spec, 2);
+    let model = cluster.client().register(spec, &init).await.unwrap();
+    model.join("w").await.unwrap();
+    model.join("other").await.unwrap();
+    let signs = |offset, n: usize, scale| encoded("w", 0, offset, Sign1, &vec![-1.0; n], scale);
+    let mut long = signs(0, 60, 1.0);
+    long.payload = bytes::Bytes::from(vec![0u8; 12]);
+    let cases: Vec<(&str, Vec<TensorChunk>, &str)> = vec![
+        ("sign1 byte length", vec![long], "need 8"),
+        ("NaN scale", vec![signs(0, 60, f32::NAN)], "scale must be finite"),
+        ("infinite scale", vec![signs(0, 60, f32::INFINITY)], "scale must be finite"),
+        ("negative scale", vec![signs(0, 60, -1.0)], "scale must be finite"),
+        ("f32 where only sign1 is allowed", vec![encoded("w", 0, 0, F32, &[0.5; 60], 0.0)], "accepts: sign1"),
+        ("f16 where f32 and bf16 are allowed", vec![encoded("b", 0, 0, F16, &[0.5; 10], 0.0)], "accepts: f32, bf16"),
+        ("misaligned sign1 chunk", vec![signs(0, 16, 1.0), signs(16, 44, 1.0)], "multiple of 32"),
+        ("scale changes within a block", vec![signs(0, 32, 1.0), signs(32, 28, 2.0)], "same encoding and scale"),
+    ];
+    let before = observe(&cluster, &model).await;
+    let mut raw = cluster.raw(0).await;
+    for (what, chunks, says) in cases {
+        let messages: Vec<GradientChunk> = chunks.into_iter().map(|c| message("wire", "w", 0, c)).collect();
+        let status = raw.push_gradients(tokio_stream::iter(messages)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {}", status.message());
+        assert!(status.message().contains(says), "{what}: {:?} lacks {says:?}", status.message());
+        assert_eq!(observe(&cluster, &model).await, before, "{what} changed state");
+    }
+    // Well-formed pushes in the preferred encodings still work: sign1 for "w", f32 for "b".
+    let grads = grads_like(&init, 3);
+    for worker in ["w", "other"] {
+        let summary = model.push(worker, 0, &grads).await.unwrap();
+        assert_eq!(summary.bytes, 8 + 4 + 40, "w as 1 bit per element in 2 blocks, b as f32");
+    }
+    let pulled = model.pull(1).await.unwrap();
+    let scale = ps_proto::codec::mean_abs(&grads["w"]);
+    for (i, (w, g)) in pulled.tensors["w"].iter().zip(&grads["w"]).enumerate() {
+        let want = init["w"][i] - 0.1 * if *g < 0.0 { -scale } else { scale };
+        assert!((w - want).abs() < 1e-6, "w[{i}]: {w} vs {want}");
+    }
+    // Half-precision pulls carry half the bytes and round to nearest even.
+    let half = model.clone().with_pull_encoding(Bf16).pull(1).await.unwrap();
+    assert_eq!(half.bytes * 2, pulled.bytes);
+    for (a, b) in half.tensors["b"].iter().zip(&pulled.tensors["b"]) {
+        assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
+    }
+    let request = proto::PullWeightsRequest { model: "wire".into(), encoding: Sign1 as i32, ..Default::default() };
+    assert_eq!(raw.pull_weights(request).await.unwrap_err().code(), Code::InvalidArgument);
 }
