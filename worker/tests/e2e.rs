@@ -58,3 +58,51 @@ fn a_worker_trains_the_synthetic_task_alone() {
         .expect("a test loss in the summary");
     assert!(test_loss < 0.05, "synthetic regression did not fit: test loss {test_loss}\n{stdout}");
 }
+
+/// Kills the child process when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_error_feedback_residual_survives_a_worker_restart() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let shards = format!("127.0.0.1:{port}");
+    let _server = KillOnDrop(
+        Command::new(server_dir().join("server"))
+            .args(["--shards", &shards, "--metrics-addr", "off"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the server"),
+    );
+    let state = std::env::temp_dir().join(format!("ps-state-e2e-{}", std::process::id()));
+    let train = |steps: &str| {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["train", "--shards", &shards, "--task", "synthetic", "--compression", "sign-ef", "--lr", "0.05"])
+            .args(["--steps", steps, "--worker-id", "w0", "--state-dir"])
+            .arg(&state)
+            .output()
+            .expect("running worker train")
+    };
+    let first = train("20");
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(!log.contains("restored"), "a fresh state directory has nothing to restore: {log}");
+    let file = state.join("w0.compression.state");
+    let saved = std::fs::read(&file).expect("the residual is saved");
+    assert!(saved.len() > 8 * 4, "residual for 9 parameters");
+    // The restarted worker continues at version 20 with the saved residual.
+    let second = train("40");
+    let log = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{log}");
+    assert!(log.contains("restored the compression state"), "{log}");
+    assert!(log.contains("20 steps"), "the second run pushes steps 20..40: {log}");
+    assert_ne!(std::fs::read(&file).unwrap(), saved, "the residual kept evolving");
+    std::fs::remove_dir_all(&state).ok();
+}
