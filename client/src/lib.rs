@@ -300,6 +300,15 @@ pub struct Weights {
     pub bytes: u64,
 }
 
+/// What joining a model returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The lowest block version: the step to start from.
+    pub version: u64,
+    /// The rank shard 0 assigned (smallest free among current members).
+    pub rank: u32,
+}
+
 /// What a push did, summed over shards.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PushSummary {
@@ -407,8 +416,9 @@ impl ModelHandle {
         try_join_all((0..self.client.num_shards()).map(|shard| self.client.retry(shard, call.clone()))).await
     }
 
-    /// Joins the worker on every shard; returns the version to start from.
-    pub async fn join(&self, worker: &str) -> Result<u64, ClientError> {
+    /// Joins the worker on every shard; returns the version to start from and
+    /// the rank shard 0 assigned.
+    pub async fn join(&self, worker: &str) -> Result<Joined, ClientError> {
         let request = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
         let replies = self
             .on_every_shard(|mut stub| {
@@ -416,7 +426,10 @@ impl ModelHandle {
                 async move { stub.join_worker(request).await.map(|r| r.into_inner()) }
             })
             .await?;
-        Ok(replies.iter().map(|r| r.version).min().unwrap_or(0))
+        Ok(Joined {
+            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
+            rank: replies.first().map_or(0, |r| r.rank),
+        })
     }
 
     /// Renews the worker's lease on every shard; the worker rejoins where the lease had expired.

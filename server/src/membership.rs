@@ -11,12 +11,13 @@ use parking_lot::Mutex;
 pub struct Membership {
     lease: Duration,
     last_seen: Mutex<HashMap<String, Instant>>,
+    ranks: Mutex<HashMap<String, u32>>,
 }
 
 impl Membership {
     /// An empty membership with the given lease.
     pub fn new(lease: Duration) -> Self {
-        Self { lease, last_seen: Mutex::new(HashMap::new()) }
+        Self { lease, last_seen: Mutex::new(HashMap::new()), ranks: Mutex::new(HashMap::new()) }
     }
 
     /// The lease length.
@@ -24,9 +25,19 @@ impl Membership {
         self.lease
     }
 
-    /// Adds a worker, or renews it if it is already a member.
-    pub fn join(&self, worker: &str) {
+    /// Adds a worker, or renews it if it is already a member, and returns its
+    /// rank: the smallest one no current member holds, kept while it stays a
+    /// member. Workers that are started as identical replicas use it to pick
+    /// their share of the data.
+    pub fn join(&self, worker: &str) -> u32 {
         self.last_seen.lock().insert(worker.to_string(), Instant::now());
+        let mut ranks = self.ranks.lock();
+        if let Some(rank) = ranks.get(worker) {
+            return *rank;
+        }
+        let rank = (0..).find(|r| !ranks.values().any(|taken| taken == r)).unwrap_or(0);
+        ranks.insert(worker.to_string(), rank);
+        rank
     }
 
     /// Renews a live worker's lease; false if it is not a live member.
@@ -43,6 +54,7 @@ impl Membership {
 
     /// Removes a worker; false if it was not a member.
     pub fn leave(&self, worker: &str) -> bool {
+        self.ranks.lock().remove(worker);
         self.last_seen.lock().remove(worker).is_some()
     }
 
@@ -76,6 +88,10 @@ impl Membership {
             }
             keep
         });
+        let mut ranks = self.ranks.lock();
+        for id in &expired {
+            ranks.remove(id);
+        }
         expired
     }
 }
@@ -86,20 +102,23 @@ mod tests {
 
     #[test]
     fn leases_expire_and_heartbeats_renew() {
-        let members = Membership::new(Duration::from_millis(40));
-        members.join("a");
-        members.join("b");
+        let members = Membership::new(Duration::from_millis(200));
+        assert_eq!(members.join("a"), 0);
+        assert_eq!(members.join("b"), 1);
+        assert_eq!(members.join("a"), 0, "a member keeps its rank");
         assert!(members.heartbeat("a"));
         assert!(!members.heartbeat("nobody"));
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(120));
         assert!(members.heartbeat("a"));
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(120));
         assert!(members.is_live("a"));
         assert!(!members.is_live("b"));
         assert!(!members.heartbeat("b"), "an expired lease is not renewed");
         assert_eq!(members.expire(), vec!["b".to_string()]);
         assert_eq!(members.live().len(), 1);
+        assert_eq!(members.join("c"), 1, "the expired worker's rank is free again");
         assert!(members.leave("a"));
+        assert!(members.leave("c"));
         assert!(members.live().is_empty());
     }
 }

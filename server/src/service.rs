@@ -323,12 +323,13 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         let result = (|| {
             check_worker_name(&request.worker_id)?;
             let model = self.registry.get(&request.model)?;
-            model.membership.join(&request.worker_id);
+            let rank = model.membership.join(&request.worker_id);
             model.publish_gauges();
-            tracing::info!(model = request.model, worker = request.worker_id, "worker joined");
+            tracing::info!(model = request.model, worker = request.worker_id, rank, "worker joined");
             Ok::<_, ServerError>(pb::JoinWorkerResponse {
                 lease_ms: model.membership.lease().as_millis() as u64,
                 version: model.version_range().0,
+                rank,
             })
         })();
         observe("JoinWorker", result.map_err(Status::from)).map(Response::new)

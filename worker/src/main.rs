@@ -24,11 +24,14 @@ enum Command {
     Train(train::TrainArgs),
     /// Start server shards and workers as local processes and train the digits MLP.
     Demo(demo::DemoArgs),
+    /// Pull a model's current weights and report its test accuracy.
+    Evaluate(train::EvaluateArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,ps_worker=info")))
         .with_writer(std::io::stderr)
         .init();
@@ -54,6 +57,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             demo::run(args).await?;
+        }
+        Command::Evaluate(args) => {
+            train::evaluate(args).await?;
         }
     }
     Ok(())

@@ -21,6 +21,36 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
+    /// (fan_in, fan_out) of each linear layer.
+    fn layers(self) -> Vec<(usize, usize)> {
+        match self {
+            TaskKind::Digits => vec![(64, 64), (64, 10)],
+            TaskKind::Synthetic => vec![(data::SYNTHETIC_FEATURES, 1)],
+        }
+    }
+
+    /// The model's tensors with PyTorch-style initialization: weights and
+    /// biases uniform in ±1/sqrt(fan_in), seeded.
+    pub fn tensor_specs(self, seed: u64) -> Vec<TensorSpec> {
+        let mut specs = Vec::new();
+        for (i, (fan_in, fan_out)) in self.layers().into_iter().enumerate() {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let init =
+                |salt: u64| InitRule { kind: InitKind::Uniform as i32, value: 0.0, scale: bound, seed: seed ^ salt };
+            specs.push(TensorSpec {
+                name: format!("fc{}.weight", i + 1),
+                shape: vec![fan_out as u64, fan_in as u64],
+                init: Some(init(1)),
+            });
+            specs.push(TensorSpec {
+                name: format!("fc{}.bias", i + 1),
+                shape: vec![fan_out as u64],
+                init: Some(init(2)),
+            });
+        }
+        specs
+    }
+
     /// Default model name on the server.
     pub fn model_name(self) -> &'static str {
         match self {
@@ -79,28 +109,6 @@ impl Task {
     /// Which task this is.
     pub fn kind(&self) -> TaskKind {
         self.kind
-    }
-
-    /// The model's tensors with PyTorch-style initialization: weights and
-    /// biases uniform in ±1/sqrt(fan_in), seeded.
-    pub fn tensor_specs(&self, seed: u64) -> Vec<TensorSpec> {
-        let mut specs = Vec::new();
-        for (i, &(fan_in, fan_out)) in self.layers.iter().enumerate() {
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            let init =
-                |salt: u64| InitRule { kind: InitKind::Uniform as i32, value: 0.0, scale: bound, seed: seed ^ salt };
-            specs.push(TensorSpec {
-                name: format!("fc{}.weight", i + 1),
-                shape: vec![fan_out as u64, fan_in as u64],
-                init: Some(init(1)),
-            });
-            specs.push(TensorSpec {
-                name: format!("fc{}.bias", i + 1),
-                shape: vec![fan_out as u64],
-                init: Some(init(2)),
-            });
-        }
-        specs
     }
 
     fn vars(&self, weights: &Tensors) -> anyhow::Result<Vec<Var>> {
@@ -190,7 +198,8 @@ mod tests {
 
     fn init_weights(task: &Task) -> Tensors {
         let mut rng = data::Rng::new(5);
-        task.tensor_specs(1)
+        task.kind()
+            .tensor_specs(1)
             .iter()
             .map(|spec| {
                 let len = spec.shape.iter().product::<u64>() as usize;

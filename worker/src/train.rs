@@ -9,6 +9,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use metrics_exporter_prometheus::Matcher;
 use ps_client::Tensors;
 use ps_client::compress::{ErrorFeedback, SignMomentum};
 use ps_client::proto::{
@@ -72,13 +73,14 @@ pub struct TrainArgs {
     /// Shard addresses, comma-separated, in index order (the servers' --shards).
     #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = "127.0.0.1:50051")]
     pub shards: Vec<String>,
-    /// This worker's rank: which shard of the training data it uses.
-    #[arg(long, env = "PS_WORKER_RANK", default_value_t = 0)]
-    pub rank: usize,
+    /// This worker's rank: which shard of the training data it uses. Without
+    /// it, the servers assign the smallest free rank (for identical replicas).
+    #[arg(long, env = "PS_WORKER_RANK")]
+    pub rank: Option<usize>,
     /// Number of workers the data is split across.
     #[arg(long, env = "PS_WORLD_SIZE", default_value_t = 1)]
     pub world_size: usize,
-    /// Worker id on the servers (default: worker-<rank>).
+    /// Worker id on the servers (default: worker-<rank>, or the host name without --rank).
     #[arg(long, env = "PS_WORKER_ID")]
     pub worker_id: Option<String>,
     /// Built-in task to train.
@@ -130,6 +132,9 @@ pub struct TrainArgs {
     /// residual) in this directory, so a restarted worker continues with it.
     #[arg(long, env = "PS_STATE_DIR")]
     pub state_dir: Option<std::path::PathBuf>,
+    /// Serve this worker's Prometheus metrics here (e.g. 0.0.0.0:9101); off by default.
+    #[arg(long, env = "PS_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Print a machine-readable `SUMMARY {json}` line at the end.
     #[arg(long)]
     pub summary_line: bool,
@@ -160,7 +165,7 @@ pub struct WorkerSummary {
     pub bytes_pulled: u64,
 }
 
-fn model_spec(args: &TrainArgs, task: &Task) -> ModelSpec {
+fn model_spec(args: &TrainArgs) -> ModelSpec {
     let sgd = |lr: f64, momentum: f64| {
         Kind::Sgd(proto::SgdConfig { lr, momentum, weight_decay: args.weight_decay, ..Default::default() })
     };
@@ -180,8 +185,8 @@ fn model_spec(args: &TrainArgs, task: &Task) -> ModelSpec {
         Compression::SignEf => (sgd(1.0, 0.0), vec![Encoding::Sign1], Aggregation::Mean),
     };
     ModelSpec {
-        name: args.model.clone().unwrap_or_else(|| task.kind().model_name().to_string()),
-        tensors: task.tensor_specs(args.seed),
+        name: args.model.clone().unwrap_or_else(|| args.task.model_name().to_string()),
+        tensors: args.task.tensor_specs(args.seed),
         groups: vec![ParamGroup {
             name: "all".into(),
             patterns: vec!["*".into()],
@@ -252,27 +257,60 @@ fn device() -> anyhow::Result<Device> {
     Ok(Device::Cpu)
 }
 
+/// Steps this worker pushed (counter).
+pub const STEPS: &str = "ps_worker_steps_total";
+/// Training loss of the last minibatch (gauge).
+pub const LOSS: &str = "ps_worker_loss";
+/// Gradient payload bytes pushed (counter).
+pub const BYTES_PUSHED: &str = "ps_worker_bytes_pushed_total";
+/// Weight payload bytes pulled (counter).
+pub const BYTES_PULLED: &str = "ps_worker_bytes_pulled_total";
+/// Seconds of one pull-compute-push step (histogram).
+pub const STEP_SECONDS: &str = "ps_worker_step_seconds";
+
 /// Trains until the model reaches `--steps` versions and returns the summary.
 pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
-    let worker = args.worker_id.clone().unwrap_or_else(|| format!("worker-{}", args.rank));
-    anyhow::ensure!(args.rank < args.world_size, "--rank {} must be below --world-size {}", args.rank, args.world_size);
-    let task = Arc::new(Task::new(args.task, args.rank, args.world_size, device()?)?);
+    let worker = args
+        .worker_id
+        .clone()
+        .or_else(|| args.rank.map(|r| format!("worker-{r}")))
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    if let Some(addr) = args.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets_for_metric(
+                Matcher::Full(STEP_SECONDS.into()),
+                &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
+            )?
+            .install()
+            .with_context(|| format!("serving worker metrics on {addr}"))?;
+    }
     let mut config = ClientConfig::new(args.shards.clone());
     config.auth_token = args.auth_token.clone();
     let client = PsClient::connect(config)?;
     client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
-    let model =
-        client.register(model_spec(&args, &task), &Default::default()).await.context("registering the model")?;
+    let model = client.register(model_spec(&args), &Default::default()).await.context("registering the model")?;
     let model = model.with_pull_encoding(match args.pull_encoding {
         PullEncoding::F32 => Encoding::F32,
         PullEncoding::Bf16 => Encoding::Bf16,
         PullEncoding::F16 => Encoding::F16,
     });
     let mut compressor = Compressor::new(&args, &worker)?;
-    let start = model.join(&worker).await?;
+    let joined = model.join(&worker).await?;
     let heartbeat = model.spawn_heartbeat(&worker);
+    let rank = args.rank.unwrap_or(joined.rank as usize);
+    if rank >= args.world_size {
+        model.leave(&worker).await.ok();
+        anyhow::bail!(
+            "rank {rank} is not below --world-size {}: more workers than the data is split for",
+            args.world_size
+        );
+    }
+    let task = Arc::new(Task::new(args.task, rank, args.world_size, device()?)?);
+    let start = joined.version;
     wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
-    tracing::info!(worker, model = model.name(), start, steps = args.steps, "training");
+    tracing::info!(worker, rank, model = model.name(), start, steps = args.steps, "training");
 
     let progress = ProgressBar::new(args.steps).with_position(start.min(args.steps));
     progress.set_style(
@@ -280,14 +318,16 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             .progress_chars("=> "),
     );
     progress.set_prefix(worker.clone());
-    let mut batches = Batches::new(task.train.len(), args.batch_size, args.seed ^ ((args.rank as u64 + 1) * 7919));
+    let mut batches = Batches::new(task.train.len(), args.batch_size, args.seed ^ ((rank as u64 + 1) * 7919));
     let (mut bytes_pushed, mut bytes_pulled, mut losses) = (0u64, 0u64, Vec::new());
     let sync = args.mode == ModeArg::Sync;
     let started = Instant::now();
     let mut step = start;
     let mut pushed = 0;
     while step < args.steps {
+        let step_started = Instant::now();
         let weights = model.pull(if sync { step } else { 0 }).await?;
+        let weights_bytes = weights.bytes;
         bytes_pulled += weights.bytes;
         if !sync && weights.version >= args.steps {
             break;
@@ -299,6 +339,11 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
         let payload = compressor.prepare(grads);
         let summary = model.push(&worker, base, &payload).await?;
+        metrics::counter!(STEPS).increment(1);
+        metrics::gauge!(LOSS).set(f64::from(loss));
+        metrics::counter!(BYTES_PUSHED).increment(summary.bytes);
+        metrics::counter!(BYTES_PULLED).increment(weights_bytes);
+        metrics::histogram!(STEP_SECONDS).record(step_started.elapsed().as_secs_f64());
         if let Some(dir) = &args.state_dir {
             compressor
                 .save(dir, &worker)
@@ -344,4 +389,51 @@ async fn wait_for_workers(client: &PsClient, model: &str, wanted: usize, timeout
         anyhow::ensure!(Instant::now() < deadline, "only {live} of {wanted} workers joined within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Options of `worker evaluate`.
+#[derive(Args, Debug, Clone)]
+pub struct EvaluateArgs {
+    /// Shard addresses, comma-separated, in index order.
+    #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    pub shards: Vec<String>,
+    /// Built-in task whose test set to use.
+    #[arg(long, env = "PS_TASK", value_enum, default_value = "digits")]
+    pub task: TaskKind,
+    /// Model name on the servers (default: the task's).
+    #[arg(long, env = "PS_MODEL")]
+    pub model: Option<String>,
+    /// Wait until the model has at least this many updates.
+    #[arg(long, default_value_t = 0)]
+    pub min_version: u64,
+    /// Exit with an error if the test accuracy is below this.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_accuracy: f32,
+    /// Bearer token for the servers.
+    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+}
+
+/// Pulls the current weights and evaluates them on the task's test set.
+pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<(u64, crate::task::Evaluation)> {
+    let mut config = ClientConfig::new(args.shards.clone());
+    config.auth_token = args.auth_token.clone();
+    let client = PsClient::connect(config)?;
+    let name = args.model.clone().unwrap_or_else(|| args.task.model_name().to_string());
+    let model = client.model(&name).await.with_context(|| format!("opening model '{name}'"))?;
+    let weights = model.pull(args.min_version).await?;
+    let task = Task::new(args.task, 0, 1, device()?)?;
+    let evaluation = task.evaluate(&weights.tensors)?;
+    let accuracy = evaluation.accuracy.unwrap_or(f32::NAN);
+    println!(
+        "model {name} at version {}: test loss {:.4}, test accuracy {:.2}% ({} examples)",
+        weights.version,
+        evaluation.loss,
+        accuracy * 100.0,
+        task.test.len()
+    );
+    if args.min_accuracy > 0.0 && (accuracy.is_nan() || accuracy < args.min_accuracy) {
+        anyhow::bail!("test accuracy {:.2}% is below the required {:.2}%", accuracy * 100.0, args.min_accuracy * 100.0);
+    }
+    Ok((weights.version, evaluation))
 }

@@ -1,0 +1,153 @@
+//! `ctl`: look at a running cluster from the command line — status, layout,
+//! and a health check that exits non-zero when a shard does not answer.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ps_client::{ClientConfig, PsClient};
+
+#[derive(Parser)]
+#[command(name = "ctl", version, about = "Inspect parameter-server shards")]
+struct Cli {
+    /// Shard addresses, comma-separated, in index order.
+    #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = "127.0.0.1:50051", global = true)]
+    shards: Vec<String>,
+    /// Bearer token for the servers.
+    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true, global = true)]
+    auth_token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every shard's models, versions, workers and optimizer state.
+    Status {
+        /// Only this model.
+        #[arg(long, default_value = "")]
+        model: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which blocks of a model live on which shard.
+    Layout {
+        /// The model.
+        #[arg(long)]
+        model: String,
+    },
+    /// Exit 0 if every shard answers within the timeout; with --metrics, if
+    /// any of these local metrics endpoints answers (a container health check).
+    Health {
+        /// How long to wait.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Metrics addresses (host:port) to try instead of the shards.
+        #[arg(long, value_delimiter = ',')]
+        metrics: Vec<String>,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = ClientConfig::new(cli.shards.clone());
+    config.auth_token = cli.auth_token.clone();
+    config.attempts = 2;
+    let client = PsClient::connect(config)?;
+    match cli.command {
+        Command::Health { timeout, metrics } if !metrics.is_empty() => {
+            for addr in &metrics {
+                if let Ok(Ok(true)) = tokio::time::timeout(timeout, metrics_answer(addr)).await {
+                    println!("ok: {addr}/metrics answers");
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("no metrics endpoint answered: {}", metrics.join(", "));
+        }
+        Command::Health { timeout, .. } => {
+            tokio::time::timeout(timeout, client.wait_ready(timeout))
+                .await
+                .context("timed out")?
+                .context("a shard is not healthy")?;
+            println!("ok: {} shards answer", client.num_shards());
+        }
+        Command::Status { model, json } => {
+            let status = client.status(&model).await?;
+            if json {
+                let shards: Vec<serde_json::Value> = status
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "shard": s.shard_index,
+                            "models": s.models.iter().map(|m| serde_json::json!({
+                                "name": m.name,
+                                "min_version": m.min_version,
+                                "max_version": m.max_version,
+                                "blocks": m.blocks,
+                                "parameters": m.parameters,
+                                "live_workers": m.live_workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>(),
+                                "workers_expired": m.workers_expired,
+                                "pushes": m.pushes,
+                                "groups": m.groups.iter().map(|g| serde_json::json!({
+                                    "name": g.name, "optimizer": g.optimizer, "parameters": g.parameters, "state_bytes": g.state_bytes,
+                                })).collect::<Vec<_>>(),
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&shards)?);
+            } else {
+                for shard in &status {
+                    println!("shard {} of {}", shard.shard_index, shard.num_shards);
+                    for m in &shard.models {
+                        let workers: Vec<&str> = m.live_workers.iter().map(|w| w.worker_id.as_str()).collect();
+                        println!(
+                            "  {}: versions {}..{}, {} blocks, {} parameters, {} pushes, live workers [{}], expired {}",
+                            m.name,
+                            m.min_version,
+                            m.max_version,
+                            m.blocks,
+                            m.parameters,
+                            m.pushes,
+                            workers.join(", "),
+                            m.workers_expired
+                        );
+                        for g in &m.groups {
+                            println!(
+                                "    group {}: {} ({} parameters, {} state bytes)",
+                                g.name, g.optimizer, g.parameters, g.state_bytes
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Command::Layout { model } => {
+            let handle = client.model(&model).await?;
+            for block in &handle.layout().blocks {
+                println!(
+                    "{} block {}: rows {}..{}, {} elements -> shard {}",
+                    block.tensor,
+                    block.block,
+                    block.row_start,
+                    block.row_start + block.rows,
+                    block.length,
+                    block.shard
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `GET /metrics` on `addr` answers 200.
+async fn metrics_answer(addr: &str) -> std::io::Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await?;
+    Ok(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+}

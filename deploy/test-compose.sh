@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# End-to-end test of the compose deployment on the local Docker engine:
+# builds the images, starts 2 shards, 3 workers and Prometheus, stops one
+# worker in the middle of a sync run, and checks that the run completes, the
+# final accuracy, what Prometheus scraped, and that `down -v` leaves nothing.
+# Skips (loudly, exit 0) when no Docker engine answers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! docker info >/dev/null 2>&1; then
+  echo "=================================================================="
+  echo "SKIPPED deploy/test-compose.sh: no Docker engine answers here."
+  echo "=================================================================="
+  exit 0
+fi
+if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
+started=$(date +%s)
+say() { printf '[test-compose %3ss] %s\n' "$(( $(date +%s) - started ))" "$*"; }
+fail() { say "FAIL: $*"; exit 1; }
+
+project="pstest$$"
+export WORKERS=3 PS_STEPS=${PS_STEPS:-6000} PS_LEASE=2s
+PROM_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export PROM_PORT
+dc() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml "$@"; }
+cleanup() {
+  local status=$?
+  if [ $status -ne 0 ]; then
+    say "logs of the failed run:"
+    dc logs --tail 30 2>&1 | sed 's/^/    /' || true
+  fi
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  exit $status
+}
+trap cleanup EXIT
+
+deploy/build-images.sh 2>&1 | grep -v -i -E 'deprecated|buildx|^\s*$|docs.docker.com' || true
+say "starting 2 shards, $WORKERS workers and Prometheus ($PS_STEPS sync steps, lease $PS_LEASE) with ${compose[*]}"
+dc up -d --scale worker=$WORKERS >/dev/null 2>&1 || { dc up -d --scale worker=$WORKERS; fail "compose up"; }
+
+shards=shard0:50051,shard1:50051
+status_json() { dc exec -T shard0 ctl --shards "$shards" status --model digits-mlp --json 2>/dev/null; }
+# Prints a number read from the status JSON with a Python expression over `s` (the list of shards).
+status_value() { status_json | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)" 2>/dev/null; }
+prom() { curl -fsS --get "http://127.0.0.1:$PROM_PORT/api/v1/query" --data-urlencode "query=$1" | python3 -c '
+import json, sys
+result = json.load(sys.stdin)["data"]["result"]
+print(result[0]["value"][1] if result else "none")'; }
+
+say "waiting for all workers to join and train"
+for _ in $(seq 120); do
+  version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])' || true)
+  live=$(status_value 'min(len(m["live_workers"]) for x in s for m in x["models"])' || true)
+  [ "${live:-0}" = "$WORKERS" ] && [ "${version:-0}" -ge 100 ] && break
+  sleep 0.5
+done
+[ "${live:-0}" = "$WORKERS" ] || fail "only ${live:-0} of $WORKERS workers joined"
+say "version $version with $live live workers"
+
+say "checking what Prometheus scraped"
+for _ in $(seq 60); do
+  shards_up=$(prom 'count(up{job="shard"} == 1)' || true)
+  workers_up=$(prom 'count(up{job="worker"} == 1)' || true)
+  pushes=$(prom 'sum(ps_pushes_total)' || true)
+  worker_steps=$(prom 'sum(ps_worker_steps_total)' || true)
+  if [ "$shards_up" = 2 ] && [ "$workers_up" = "$WORKERS" ] && [ "${pushes:-none}" != none ] && [ "${worker_steps:-none}" != none ]; then break; fi
+  sleep 1
+done
+[ "$shards_up" = 2 ] || fail "Prometheus sees $shards_up of 2 shards up"
+[ "$workers_up" = "$WORKERS" ] || fail "Prometheus sees $workers_up of $WORKERS workers up"
+python3 -c "import sys; sys.exit(0 if float('$pushes') > 0 and float('$worker_steps') > 0 else 1)" || fail "no pushes scraped ($pushes, $worker_steps)"
+say "Prometheus: up{job=shard}=$shards_up, up{job=worker}=$workers_up, sum(ps_pushes_total)=$pushes, sum(ps_worker_steps_total)=$worker_steps"
+
+victim=$(dc ps -q worker | tail -n 1)
+say "stopping worker container ${victim:0:12} in the middle of the run (version $(status_value 'min(m["min_version"] for x in s for m in x["models"])'))"
+docker stop -t 1 "$victim" >/dev/null
+survivors=$(dc ps -q worker | grep -v "$victim" || true)
+
+say "waiting for the remaining workers to finish"
+for container in $survivors; do
+  code=$(timeout 600 docker wait "$container") || fail "worker ${container:0:12} did not finish"
+  [ "$code" = 0 ] || fail "worker ${container:0:12} exited with $code"
+done
+version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])')
+expired=$(status_value 'min(m["workers_expired"] for x in s for m in x["models"])')
+[ "$version" = "$PS_STEPS" ] || fail "the run stopped at version $version of $PS_STEPS"
+[ "${expired:-0}" -ge 1 ] || fail "the shards did not drop the stopped worker (workers_expired=$expired)"
+say "run complete: version $version, workers_expired=$expired on every shard"
+
+for _ in $(seq 30); do
+  dropped=$(prom 'min(ps_workers_expired_total)' || true)
+  [ "${dropped:-none}" != none ] && [ "${dropped%.*}" -ge 1 ] && break
+  sleep 1
+done
+[ "${dropped:-none}" != none ] && [ "${dropped%.*}" -ge 1 ] || fail "Prometheus shows no dropped worker"
+say "Prometheus: min(ps_workers_expired_total)=$dropped"
+
+accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --min-version "$PS_STEPS" --min-accuracy 0.9) || fail "accuracy check: $accuracy"
+say "$accuracy"
+
+say "docker-compose down -v"
+dc down -v --remove-orphans >/dev/null 2>&1
+left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(docker network ls -q --filter "label=com.docker.compose.project=$project")$(docker volume ls -q --filter "label=com.docker.compose.project=$project")"
+[ -z "$left" ] || fail "left behind: $left"
+trap - EXIT
+say "PASSED: nothing left behind ($(( $(date +%s) - started )) s)"
