@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::error::ServerError;
 use crate::membership::Membership;
 use crate::metrics as m;
-use crate::optim::{Optimizer, StepContext};
+use crate::optim::{Dims, Optimizer, SliceInfo, StepContext};
 use crate::spec::{Aggregation, InitRule, Mode, ModelSpec, fill_initial};
 
 /// One block of a tensor stored on this shard.
@@ -145,7 +145,12 @@ impl Model {
                     state: Mutex::new(BlockState {
                         params,
                         version: 0,
-                        optimizer: group.optimizer.build(len),
+                        optimizer: group.optimizer.build(&SliceInfo {
+                            name: &tensor.name,
+                            dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
+                            matrix: tensor.shape.len() >= 2,
+                            projectable: None,
+                        }),
                         pending: None,
                         last_contributors: Vec::new(),
                         last_async_step: HashMap::new(),

@@ -188,6 +188,7 @@ fn optimizer_from_proto(group: &str, config: Option<pb::OptimizerConfig>) -> Res
             beta2: or_default(c.beta2, 0.999) as f32,
             eps: or_default(c.eps, 1e-8) as f32,
             weight_decay: c.weight_decay as f32,
+            decoupled: true,
         }),
     };
     optimizer.validate().map_err(|e| invalid(format!("group '{group}': {e}")))?;

@@ -60,8 +60,8 @@ impl Optimizer for Sgd {
         self.buffer.len() * std::mem::size_of::<f32>()
     }
 
-    fn state(&self) -> Vec<(&'static str, &[f32])> {
-        if self.buffer.is_empty() { Vec::new() } else { vec![("momentum_buffer", &self.buffer)] }
+    fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
+        if self.buffer.is_empty() { Vec::new() } else { vec![("momentum_buffer", self.buffer.clone())] }
     }
 }
 

@@ -4,5 +4,6 @@
 mod cluster;
 mod compression;
 mod membership;
+mod optim_replay;
 mod sync_equivalence;
 mod validation;

@@ -6,9 +6,13 @@ use std::time::Duration;
 use futures::future::join_all;
 use ps_client::Tensors;
 use ps_client::proto::{self, ConsistencyMode, ModelSpec};
-use ps_server::optim::{AdamWConfig, OptimizerConfig, SgdConfig, StepContext};
+use ps_server::optim::{AdamWConfig, Dims, OptimizerConfig, SgdConfig, SliceInfo, StepContext};
 
 use crate::cluster::*;
+
+fn slice(name: &str, len: usize) -> SliceInfo<'_> {
+    SliceInfo { name, dims: Dims { rows: len, cols: 1 }, matrix: false, projectable: None }
+}
 
 fn assert_close(name: &str, step: u64, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len());
@@ -21,7 +25,7 @@ fn assert_close(name: &str, step: u64, got: &[f32], want: &[f32]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
-    let adamw = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+    let adamw = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decoupled: true };
     let nesterov = SgdConfig { lr: 0.05, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01 };
     let spec = ModelSpec {
         name: "equivalence".into(),
@@ -73,7 +77,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
             } else {
                 OptimizerConfig::Sgd(nesterov.clone())
             };
-            (t.name.clone(), config.build(len))
+            (t.name.clone(), config.build(&slice(&t.name, len)))
         })
         .collect();
 

@@ -1,0 +1,138 @@
+//! Adam with decoupled (AdamW) or L2 weight decay, exactly as algorithms.md
+//! §1.1 with PyTorch's ε placement: `w -= η/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + ε)`.
+//! AdamW decays first, with the unscaled η; Adam-L2 adds `λw` to the gradient.
+
+use super::{Optimizer, StepContext};
+
+/// Hyperparameters of Adam / AdamW.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate η.
+    pub lr: f32,
+    /// First-moment decay β1.
+    pub beta1: f32,
+    /// Second-moment decay β2.
+    pub beta2: f32,
+    /// ε added to the bias-corrected root of `v`.
+    pub eps: f32,
+    /// Weight decay λ.
+    pub weight_decay: f32,
+    /// Decoupled decay (AdamW) if true, L2 decay added to the gradient (Adam) if false.
+    pub decoupled: bool,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: true }
+    }
+}
+
+/// Adam's moments and its own step counter, shared with FRUGAL's state-full part.
+#[derive(Clone, Debug, Default)]
+pub struct Moments {
+    /// First moment.
+    pub m: Vec<f32>,
+    /// Second moment.
+    pub v: Vec<f32>,
+    /// Updates applied to these moments (restarts when they are reset).
+    pub t: u64,
+}
+
+impl Moments {
+    /// Zeroed moments for `len` parameters.
+    pub fn new(len: usize) -> Self {
+        Self { m: vec![0.0; len], v: vec![0.0; len], t: 0 }
+    }
+
+    /// Folds `g` into the moments and writes Adam's direction
+    /// `m̂ / (sqrt(v̂) + ε)` (PyTorch form, without η) into `out`.
+    pub fn direction(&mut self, g: &[f32], beta1: f32, beta2: f32, eps: f32, out: &mut [f32]) {
+        self.t += 1;
+        let t = self.t.min(i32::MAX as u64) as i32;
+        // Scalars in f64, as PyTorch computes them in Python floats.
+        let inv_bias1 = (1.0 / (1.0 - f64::from(beta1).powi(t))) as f32;
+        let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(beta2).powi(t)).sqrt()) as f32;
+        let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
+        for (((o, &g), m), v) in out.iter_mut().zip(g).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+            *m = beta1 * *m + keep1 * g;
+            *v = beta2 * *v + keep2 * g * g;
+            *o = *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps);
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.m.len() + self.v.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+/// Adam / AdamW state for one slice: first and second moments (8 bytes per parameter).
+pub struct AdamW {
+    config: AdamWConfig,
+    moments: Moments,
+    step_t: u64,
+}
+
+impl AdamW {
+    /// Allocates zeroed moments for `len` parameters.
+    pub fn new(config: AdamWConfig, len: usize) -> Self {
+        Self { config, moments: Moments::new(len), step_t: 0 }
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, param: &mut [f32], grad: &[f32], ctx: &StepContext) {
+        let c = &self.config;
+        let lr = f64::from(c.lr) * f64::from(ctx.lr_scale);
+        let t = ctx.t.min(i32::MAX as u64) as i32;
+        self.step_t = ctx.t;
+        let step_size = (lr / (1.0 - f64::from(c.beta1).powi(t))) as f32;
+        let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(c.beta2).powi(t)).sqrt()) as f32;
+        let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
+        let (keep1, keep2) = (1.0 - b1, 1.0 - b2);
+        let (decay, l2) =
+            if c.decoupled { ((1.0 - lr * f64::from(c.weight_decay)) as f32, 0.0) } else { (1.0, c.weight_decay) };
+        let Moments { m, v, .. } = &mut self.moments;
+        for (((w, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g + l2 * *w;
+            *m = b1 * *m + keep1 * g;
+            *v = b2 * *v + keep2 * g * g;
+            let denom = v.sqrt() * inv_bias2_sqrt + eps;
+            *w = *w * decay - step_size * *m / denom;
+        }
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.moments.bytes()
+    }
+
+    fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
+        vec![("m", self.moments.m.clone()), ("v", self.moments.v.clone()), ("step", vec![self.step_t as f32])]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_step_moves_each_weight_by_about_lr() {
+        // With bias correction the first Adam step is lr * sign(g) (up to ε).
+        let mut w = [0.5f32, -0.5, 0.0];
+        let mut opt = AdamW::new(AdamWConfig { lr: 0.01, ..Default::default() }, 3);
+        opt.step(&mut w, &[3.0, -0.2, 1e-3], &StepContext { t: 1, lr_scale: 1.0 });
+        assert!((w[0] - 0.49).abs() < 1e-6);
+        assert!((w[1] + 0.49).abs() < 1e-6);
+        assert!((w[2] + 0.01).abs() < 1e-5);
+        assert_eq!(opt.state_bytes(), 24);
+    }
+
+    #[test]
+    fn decoupled_decay_uses_the_old_weight() {
+        let mut w = [2.0f32];
+        let mut opt = AdamW::new(AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() }, 1);
+        opt.step(&mut w, &[1.0], &StepContext { t: 1, lr_scale: 1.0 });
+        // 2 * (1 - 0.05) - 0.1 * 1 / (1 + 1e-8)
+        assert!((w[0] - 1.8).abs() < 1e-6, "{w:?}");
+    }
+}

@@ -1,0 +1,162 @@
+//! Small dense helpers over row-major slices for the projected optimizers:
+//! gathering and scattering rows or columns, products with a basis, and the
+//! top singular vectors (nalgebra's SVD, in f32 as the reference code does).
+
+use nalgebra::DMatrix;
+
+/// A row-major `rows × cols` view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    /// Rows (out_features).
+    pub rows: usize,
+    /// Columns (in_features).
+    pub cols: usize,
+}
+
+/// `a (m×k) · b (k×n)`, row-major.
+pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    for i in 0..m {
+        let row = &mut out[i * n..(i + 1) * n];
+        for p in 0..k {
+            let scale = a[i * k + p];
+            if scale != 0.0 {
+                for (o, bv) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                    *o += scale * bv;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Transpose of a row-major `m × n` matrix.
+pub fn transpose(a: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[j * m + i] = a[i * n + j];
+        }
+    }
+    out
+}
+
+/// Which factor of the SVD spans the subspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Top-r left singular vectors `A` (m×r): `P(g) = Aᵀ g`.
+    Left,
+    /// Top-r right singular vectors `B` (r×n): `P(g) = g Bᵀ`.
+    Right,
+}
+
+/// The basis of the top-`rank` singular subspace of `g` on `side`, row-major:
+/// `A` as m×r for Left, `B` as r×n for Right.
+pub fn top_singular_basis(g: &[f32], dims: Dims, rank: usize, side: Side) -> Vec<f32> {
+    let matrix = DMatrix::from_row_slice(dims.rows, dims.cols, g);
+    let svd = matrix.svd(side == Side::Left, side == Side::Right);
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]));
+    let rank = rank.min(order.len());
+    match side {
+        Side::Left => {
+            let u = svd.u.expect("left vectors were requested");
+            let mut a = vec![0.0f32; dims.rows * rank];
+            for (c, &k) in order[..rank].iter().enumerate() {
+                for i in 0..dims.rows {
+                    a[i * rank + c] = u[(i, k)];
+                }
+            }
+            a
+        }
+        Side::Right => {
+            let v_t = svd.v_t.expect("right vectors were requested");
+            let mut b = vec![0.0f32; rank * dims.cols];
+            for (r, &k) in order[..rank].iter().enumerate() {
+                for j in 0..dims.cols {
+                    b[r * dims.cols + j] = v_t[(k, j)];
+                }
+            }
+            b
+        }
+    }
+}
+
+/// Python's `round` (half to even) of a non-negative value.
+pub fn round_half_even(x: f64) -> usize {
+    let floor = x.floor();
+    let diff = x - floor;
+    let rounded = if diff > 0.5 || (diff == 0.5 && floor % 2.0 != 0.0) { floor + 1.0 } else { floor };
+    rounded.max(0.0) as usize
+}
+
+/// `sign0`: −1, 0 or +1.
+pub fn sign0(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// A deterministic generator (SplitMix64) for seeded, reproducible selections.
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    /// A generator for `(seed, salt)`.
+    pub fn new(seed: u64, salt: u64) -> Self {
+        Self(seed ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// The next 64 bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// `count` distinct indices below `n`, sorted.
+    pub fn choose(&mut self, n: usize, count: usize) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            all.swap(i, j);
+        }
+        let mut chosen = all[..count.min(n)].to_vec();
+        chosen.sort_unstable();
+        chosen
+    }
+}
+
+/// A stable 64-bit hash of a name (FNV-1a), to salt per-tensor random choices.
+pub fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_matches_python() {
+        assert_eq!([0.5, 1.5, 2.5, 2.4, 2.6, 3.0].map(round_half_even), [0, 2, 2, 2, 3, 3]);
+    }
+
+    #[test]
+    fn svd_basis_spans_the_top_direction() {
+        // Rank-one matrix u vᵀ: the top left vector is ±u/|u|, the top right ±v/|v|.
+        let (u, v) = ([1.0f32, 2.0, 2.0], [3.0f32, 4.0]);
+        let g: Vec<f32> = u.iter().flat_map(|a| v.iter().map(move |b| a * b)).collect();
+        let dims = Dims { rows: 3, cols: 2 };
+        let a = top_singular_basis(&g, dims, 1, Side::Left);
+        assert!((a[0].abs() - 1.0 / 3.0).abs() < 1e-5 && (a[1].abs() - 2.0 / 3.0).abs() < 1e-5);
+        let b = top_singular_basis(&g, dims, 1, Side::Right);
+        assert!((b[0].abs() - 0.6).abs() < 1e-5 && (b[1].abs() - 0.8).abs() < 1e-5);
+        assert_eq!(matmul(&[1.0, 2.0], &[3.0, 4.0], 1, 2, 1), vec![11.0]);
+        assert_eq!(transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+}

@@ -1,0 +1,200 @@
+//! Subspace-Momentum (algorithms.md §3): momentum lives in a rank-r subspace
+//! of each matrix and the orthogonal rest of the gradient is applied as plain
+//! SGD; AdamSNSM divides the result by the Subset-Norm state of the full
+//! gradient. The subspace is re-chosen from the gradient at t = 1 and every
+//! t ≡ 0 (mod T); only the momentum is reset then (zero first, then update).
+
+use super::linalg::{self, Dims, Side, SplitMix};
+use super::projector::Projector;
+use super::subset_norm::{SubsetAccumulator, SubsetMap, Subsets, subset_norm_alpha};
+use super::{Optimizer, StepContext};
+
+/// How the kept rows or columns are chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub enum IndexRule {
+    /// Uniformly at random (seeded).
+    Uniform,
+    /// The rows or columns with the largest L2 norm.
+    TopK,
+    /// Given: the k-th re-selection uses entry k (the last one repeats).
+    Schedule(Vec<Vec<usize>>),
+}
+
+/// Which projector spans the subspace.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Projection {
+    /// Whole rows (m ≥ n) or columns (m < n).
+    Index(IndexRule),
+    /// Top singular vectors of the gradient: right factor if m ≥ n, else left.
+    Svd,
+}
+
+/// Hyperparameters of SGD-SM and AdamSNSM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubspaceMomentumConfig {
+    /// Learning rate η.
+    pub lr: f32,
+    /// Momentum β1 of the subspace momentum.
+    pub beta1: f32,
+    /// β2 of the Subset-Norm denominator (AdamSNSM).
+    pub beta2: f32,
+    /// ε of the denominator (AdamSNSM).
+    pub eps: f32,
+    /// Subspace rank r.
+    pub rank: usize,
+    /// Re-selection period T.
+    pub update_gap: u64,
+    /// The projector.
+    pub projection: Projection,
+    /// AdamSNSM if true (SN denominator and bias factor), SGD-SM if false.
+    pub adaptive: bool,
+    /// SN subsets of the denominator (AdamSNSM).
+    pub subsets: Subsets,
+    /// Bias factor sqrt(1-β2^t)/(1-β1^t) on the whole update (AdamSNSM).
+    pub correct_bias: bool,
+    /// Decoupled decay after the step.
+    pub weight_decay: f32,
+    /// Seed of random selections.
+    pub seed: u64,
+}
+
+/// SM state for one matrix.
+pub struct SubspaceMomentum {
+    config: SubspaceMomentumConfig,
+    dims: Dims,
+    salt: u64,
+    projector: Option<Projector>,
+    momentum_low: Vec<f32>,
+    accumulator: Option<SubsetAccumulator>,
+    selections: usize,
+    step_t: u64,
+}
+
+impl SubspaceMomentum {
+    /// State for an m×n matrix named `name` (the name salts random selections).
+    pub fn new(config: SubspaceMomentumConfig, dims: Dims, name: &str) -> Self {
+        let accumulator = config
+            .adaptive
+            .then(|| SubsetAccumulator::new(SubsetMap::new(config.subsets, dims, true), dims.rows * dims.cols, 0.0));
+        Self {
+            salt: linalg::name_hash(name),
+            config,
+            dims,
+            projector: None,
+            momentum_low: Vec::new(),
+            accumulator,
+            selections: 0,
+            step_t: 0,
+        }
+    }
+
+    fn select(&mut self, g: &[f32]) -> Projector {
+        let Dims { rows: m, cols: n } = self.dims;
+        let by_rows = m >= n;
+        let count = if by_rows { m } else { n };
+        let rank = self.config.rank.min(count);
+        let projector = match &self.config.projection {
+            Projection::Svd => {
+                let side = if by_rows { Side::Right } else { Side::Left };
+                Projector::Svd { side, basis: linalg::top_singular_basis(g, self.dims, rank, side), rank }
+            }
+            Projection::Index(rule) => {
+                let indices = match rule {
+                    IndexRule::Schedule(schedule) => {
+                        schedule[self.selections.min(schedule.len().saturating_sub(1))].clone()
+                    }
+                    IndexRule::Uniform => {
+                        SplitMix::new(self.config.seed ^ self.salt, self.selections as u64).choose(count, rank)
+                    }
+                    IndexRule::TopK => {
+                        let norm = |k: usize| -> f32 {
+                            if by_rows {
+                                g[k * n..(k + 1) * n].iter().map(|x| x * x).sum()
+                            } else {
+                                (0..m).map(|i| g[i * n + k] * g[i * n + k]).sum()
+                            }
+                        };
+                        let mut order: Vec<usize> = (0..count).collect();
+                        order.sort_by(|&a, &b| norm(b).total_cmp(&norm(a)));
+                        let mut kept = order[..rank].to_vec();
+                        kept.sort_unstable();
+                        kept
+                    }
+                };
+                Projector::Index { rows: by_rows, indices }
+            }
+        };
+        self.selections += 1;
+        projector
+    }
+}
+
+impl Optimizer for SubspaceMomentum {
+    fn step(&mut self, param: &mut [f32], grad: &[f32], ctx: &StepContext) {
+        let c = self.config.clone();
+        let t = ctx.t;
+        self.step_t = t;
+        let lr = f64::from(c.lr) * f64::from(ctx.lr_scale);
+        if self.projector.is_none() || t == 1 || t.is_multiple_of(c.update_gap.max(1)) {
+            let projector = self.select(grad);
+            // The clean rule of algorithms.md §10.9: zero the momentum, then update it.
+            self.momentum_low = vec![0.0; projector.low_len(self.dims)];
+            self.projector = Some(projector);
+        }
+        let projector = self.projector.as_ref().expect("selected above");
+        let low = projector.down(grad, self.dims);
+        for (m, g) in self.momentum_low.iter_mut().zip(&low) {
+            *m = c.beta1 * *m + (1.0 - c.beta1) * g;
+        }
+        let momentum = projector.up(&self.momentum_low, self.dims);
+        let in_subspace = projector.up(&low, self.dims);
+        match &mut self.accumulator {
+            None => {
+                let lr = lr as f32;
+                for (((w, g), m), s) in param.iter_mut().zip(grad).zip(&momentum).zip(&in_subspace) {
+                    *w -= lr * (m + g - s);
+                }
+            }
+            Some(accumulator) => {
+                accumulator.accumulate(grad, c.beta2);
+                let alpha = subset_norm_alpha(lr, c.beta1, c.beta2, c.correct_bias, t) as f32;
+                let denominators = accumulator.denominators(c.eps);
+                let map = accumulator.map;
+                for (i, (((w, g), m), s)) in param.iter_mut().zip(grad).zip(&momentum).zip(&in_subspace).enumerate() {
+                    *w -= alpha * (m + g - s) / denominators[map.of(i)];
+                }
+            }
+        }
+        if c.weight_decay != 0.0 {
+            let keep = 1.0 - (lr * f64::from(c.weight_decay)) as f32;
+            param.iter_mut().for_each(|w| *w *= keep);
+        }
+    }
+
+    fn state_bytes(&self) -> usize {
+        let Dims { rows: m, cols: n } = self.dims;
+        let r = self.config.rank.min(m.max(n));
+        // What the state holds once the first subspace is chosen.
+        let (low, projector) = match (&self.config.projection, m >= n) {
+            (Projection::Index(_), true) => (r * n, r),
+            (Projection::Index(_), false) => (m * r, r),
+            (Projection::Svd, true) => (m * r, r * n),
+            (Projection::Svd, false) => (r * n, m * r),
+        };
+        let v = self.accumulator.as_ref().map_or(0, |a| a.v.len());
+        (low + projector + v) * std::mem::size_of::<f32>()
+    }
+
+    fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
+        let mut state = vec![("momentum_low", self.momentum_low.clone()), ("step", vec![self.step_t as f32])];
+        if let Some(projector) = &self.projector {
+            state.push(("momentum_full", projector.up(&self.momentum_low, self.dims)));
+            state.push(("projector_matrix", projector.projection_matrix(self.dims)));
+            state.push(("indices", projector.indices()));
+        }
+        if let Some(accumulator) = &self.accumulator {
+            state.push(("v", accumulator.v.clone()));
+        }
+        state
+    }
+}
