@@ -176,11 +176,8 @@ impl PsClient {
     /// spec again succeeds and returns the existing model.
     pub async fn register(&self, spec: pb::ModelSpec, values: &Tensors) -> Result<ModelHandle, ClientError> {
         let shapes: Vec<&[u64]> = spec.tensors.iter().map(|t| t.shape.as_slice()).collect();
-        let max_block = match spec.max_block_elements {
-            0 => ps_proto::transport::DEFAULT_MAX_BLOCK_ELEMENTS,
-            n => n,
-        };
-        let plan = ps_proto::layout::plan(&shapes, max_block, self.shards.len() as u32);
+        let limits = ps_proto::layout::block_limits(&spec);
+        let plan = ps_proto::layout::plan(&shapes, &limits, self.shards.len() as u32);
         let mut provided: HashMap<usize, &[f32]> = HashMap::new();
         for (index, tensor) in spec.tensors.iter().enumerate() {
             if tensor.init.as_ref().is_some_and(|i| i.kind == pb::InitKind::Provided as i32) {
@@ -497,6 +494,21 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
+        if self.layout.max_grad_norm > 0.0 {
+            let norm = grads.values().flatten().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt();
+            if norm > self.layout.max_grad_norm {
+                // Clipping by the global norm of this worker's whole gradient, the
+                // one place where it is whole (the model's max_grad_norm).
+                let scale = (self.layout.max_grad_norm / (norm + 1e-6)) as f32;
+                let clipped: Tensors =
+                    grads.iter().map(|(n, g)| (n.clone(), g.iter().map(|x| x * scale).collect())).collect();
+                return self.push_unclipped(worker, step, &clipped).await;
+            }
+        }
+        self.push_unclipped(worker, step, grads).await
+    }
+
+    async fn push_unclipped(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
         let mut per_shard: Vec<Vec<pb::GradientChunk>> = vec![Vec::new(); self.client.num_shards()];
         let mut bytes_total = 0u64;
         for name in grads.keys() {

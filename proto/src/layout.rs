@@ -1,6 +1,59 @@
 //! Block placement: how tensors are split into row-aligned blocks and which
-//! shard owns each block. Servers and clients both call [`plan`], so they
-//! agree on the layout without a coordinator.
+//! shard owns each block. Servers and clients both call [`block_limits`] and
+//! [`plan`], so they agree on the layout without a coordinator.
+
+use crate::pb;
+use crate::pb::optimizer_config::Kind;
+use crate::transport::DEFAULT_MAX_BLOCK_ELEMENTS;
+
+/// Whether `name` matches a glob `pattern` in which '*' matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Index of the first group with a pattern matching `tensor`.
+pub fn group_of(groups: &[pb::ParamGroup], tensor: &str) -> Option<usize> {
+    groups.iter().position(|g| g.patterns.iter().any(|p| glob_match(p, tensor)))
+}
+
+/// Whether an optimizer needs whole tensors: row or column statistics across
+/// the tensor, SVDs, or per-tensor selections.
+pub fn needs_whole_tensor(optimizer: Option<&pb::OptimizerConfig>) -> bool {
+    match optimizer.and_then(|o| o.kind.as_ref()) {
+        Some(Kind::SubsetNorm(c)) => c.subsets != pb::SubsetKind::Coordinates as i32,
+        Some(Kind::SubspaceMomentum(_) | Kind::Frugal(_)) => true,
+        _ => false,
+    }
+}
+
+/// The largest block of each tensor of `spec`: its max_block_elements (or
+/// the default), or `u64::MAX` (one block) where its group's optimizer needs
+/// the whole tensor.
+pub fn block_limits(spec: &pb::ModelSpec) -> Vec<u64> {
+    let limit = if spec.max_block_elements == 0 { DEFAULT_MAX_BLOCK_ELEMENTS } else { spec.max_block_elements };
+    spec.tensors
+        .iter()
+        .map(|t| match group_of(&spec.groups, &t.name) {
+            Some(g) if needs_whole_tensor(spec.groups[g].optimizer.as_ref()) => u64::MAX,
+            _ => limit,
+        })
+        .collect()
+}
 
 /// One block of a tensor and the shard that owns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,17 +98,19 @@ pub fn split_rows(shape: &[u64], max_block_elements: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Splits every tensor (given by shape, in spec order) into blocks and places
-/// them on `num_shards` shards. Placement is greedy largest-first onto the
-/// least-loaded shard (ties go to the lower index), which keeps the element
-/// count per shard within one block of balanced and is fully deterministic.
-/// The result is ordered by tensor, then block.
-pub fn plan(shapes: &[&[u64]], max_block_elements: u64, num_shards: u32) -> Vec<BlockPlan> {
+/// Splits every tensor (given by shape, in spec order, with its block limit
+/// from [`block_limits`]) into blocks and places them on `num_shards` shards.
+/// Placement is greedy largest-first onto the least-loaded shard (ties go to
+/// the lower index), which keeps the element count per shard within one block
+/// of balanced and is fully deterministic. The result is ordered by tensor,
+/// then block.
+pub fn plan(shapes: &[&[u64]], limits: &[u64], num_shards: u32) -> Vec<BlockPlan> {
     assert!(num_shards > 0, "a layout needs at least one shard");
+    assert_eq!(shapes.len(), limits.len(), "one block limit per tensor");
     let mut blocks = Vec::new();
-    for (tensor, shape) in shapes.iter().enumerate() {
+    for (tensor, (shape, &limit)) in shapes.iter().zip(limits).enumerate() {
         let row_len = row_length(shape);
-        for (block, (row_start, rows)) in split_rows(shape, max_block_elements).into_iter().enumerate() {
+        for (block, (row_start, rows)) in split_rows(shape, limit).into_iter().enumerate() {
             blocks.push(BlockPlan {
                 tensor,
                 block: block as u32,
@@ -99,8 +154,9 @@ mod tests {
     fn plan_is_deterministic_and_balanced() {
         let shapes: Vec<Vec<u64>> = vec![vec![64, 64], vec![64], vec![10, 64], vec![10], vec![300, 17]];
         let refs: Vec<&[u64]> = shapes.iter().map(|s| s.as_slice()).collect();
-        let a = plan(&refs, 1000, 3);
-        let b = plan(&refs, 1000, 3);
+        let limits = vec![1000; refs.len()];
+        let a = plan(&refs, &limits, 3);
+        let b = plan(&refs, &limits, 3);
         assert_eq!(a, b);
         let total: u64 = shapes.iter().map(|s| num_elements(s)).sum();
         assert_eq!(a.iter().map(|b| b.length).sum::<u64>(), total);
@@ -120,8 +176,22 @@ mod tests {
     }
 
     #[test]
+    fn glob_patterns() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("*.bias", "fc1.bias"));
+        assert!(!glob_match("*.bias", "fc1.weight"));
+        assert!(glob_match("layer*.weight", "layer12.weight"));
+        assert!(glob_match("a*b*c", "a-x-b-y-c"));
+        assert!(!glob_match("a*b*c", "a-x-c"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+
+    #[test]
     fn one_shard_owns_everything() {
         let shapes: Vec<&[u64]> = vec![&[4, 4], &[4]];
-        assert!(plan(&shapes, 4, 1).iter().all(|b| b.shard == 0));
+        assert!(plan(&shapes, &[4, 4], 1).iter().all(|b| b.shard == 0));
+        // A whole-tensor limit keeps the tensor in one block.
+        assert_eq!(plan(&shapes, &[u64::MAX, 4], 2).iter().filter(|b| b.tensor == 0).count(), 1);
     }
 }

@@ -91,9 +91,11 @@ fn spec(name: &str, rows: usize, cols: usize, encoding: Encoding, aggregation: A
             }),
             push_encodings: vec![encoding as i32],
             aggregation: aggregation as i32,
+            schedule: None,
         }],
         mode: proto::ConsistencyMode::Sync as i32,
         max_block_elements: 0,
+        max_grad_norm: 0.0,
     }
 }
 

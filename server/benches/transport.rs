@@ -106,6 +106,7 @@ async fn main() {
         }],
         mode: proto::ConsistencyMode::Sync as i32,
         max_block_elements: 0,
+        max_grad_norm: 0.0,
     };
     let model = client.register(spec, &Tensors::new()).await.unwrap();
     model.join("bench").await.unwrap();

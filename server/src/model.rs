@@ -119,7 +119,7 @@ impl Model {
     /// Lays out the model and allocates and initializes this shard's blocks.
     pub fn new(spec: ModelSpec, shard: u32, num_shards: u32, lease: Duration) -> Self {
         let shapes: Vec<&[u64]> = spec.tensors.iter().map(|t| t.shape.as_slice()).collect();
-        let plan = layout::plan(&shapes, spec.max_block_elements, num_shards);
+        let plan = layout::plan(&shapes, &layout::block_limits(&spec.canonical), num_shards);
         let mut tensor_blocks = vec![0..0; spec.tensors.len()];
         for (i, block) in plan.iter().enumerate() {
             let range: &mut Range<usize> = &mut tensor_blocks[block.tensor];
@@ -149,7 +149,7 @@ impl Model {
                             name: &tensor.name,
                             dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
                             matrix: tensor.shape.len() >= 2,
-                            projectable: None,
+                            projectable: tensor.projectable,
                         }),
                         pending: None,
                         last_contributors: Vec::new(),
@@ -378,7 +378,8 @@ impl Model {
 
     fn update(&self, block: &Block, state: &mut BlockState, grad: &[f32]) {
         let started = Instant::now();
-        let ctx = StepContext { t: state.version + 1, lr_scale: 1.0 };
+        let t = state.version + 1;
+        let ctx = StepContext { t, lr_scale: self.spec.groups[block.group].schedule.factor(t) };
         let BlockState { params, optimizer, .. } = state;
         optimizer.step(params, grad, &ctx);
         state.version += 1;

@@ -104,6 +104,7 @@ impl Registry {
                 })
                 .collect(),
             mode: model.spec.mode.to_proto() as i32,
+            max_grad_norm: model.spec.canonical.max_grad_norm,
             groups: model
                 .spec
                 .groups

@@ -11,7 +11,10 @@ use ps_proto::transport::{
 };
 
 use crate::error::ServerError;
-use crate::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
+use crate::optim::{
+    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, LrSchedule,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+};
 
 /// How pushes of several workers become updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,6 +83,8 @@ pub struct TensorDef {
     pub init: InitRule,
     /// Index of its parameter group.
     pub group: usize,
+    /// FRUGAL: position among the group's projectable tensors, if it is one.
+    pub projectable: Option<GroupPosition>,
 }
 
 /// A parameter group: matching tensors share an optimizer configuration.
@@ -95,6 +100,10 @@ pub struct GroupDef {
     pub push_encodings: Vec<Encoding>,
     /// How a sync step combines the pushes.
     pub aggregation: Aggregation,
+    /// Learning-rate factor per step.
+    pub schedule: LrSchedule,
+    /// FRUGAL: patterns of projectable tensors (empty: FRUGAL's name rule).
+    pub projectable_patterns: Vec<String>,
 }
 
 /// How a sync step combines the workers' pushes of a block.
@@ -148,51 +157,191 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `name` matches a glob `pattern` in which '*' matches any run of characters.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
-}
+pub use ps_proto::layout::glob_match;
 
 fn or_default(value: f64, default: f64) -> f64 {
     if value == 0.0 { default } else { value }
 }
 
+fn subsets_from_proto(group: &str, kind: i32, chunk_size: i64) -> Result<Subsets, ServerError> {
+    Ok(match pb::SubsetKind::try_from(kind) {
+        Ok(pb::SubsetKind::Heuristic) => Subsets::Heuristic,
+        Ok(pb::SubsetKind::Rows) => Subsets::Rows,
+        Ok(pb::SubsetKind::Columns) => Subsets::Columns,
+        Ok(pb::SubsetKind::Coordinates) => Subsets::Coordinates,
+        Ok(pb::SubsetKind::Whole) => Subsets::Whole,
+        Ok(pb::SubsetKind::Chunks) if chunk_size != 0 => Subsets::Chunks(chunk_size),
+        Ok(pb::SubsetKind::Chunks) => {
+            return Err(invalid(format!("group '{group}': chunked subsets need chunk_size != 0")));
+        }
+        Err(_) => return Err(invalid(format!("group '{group}': unknown subset kind {kind}"))),
+    })
+}
+
+fn index_lists(lists: &[pb::IndexList]) -> Vec<Vec<usize>> {
+    lists.iter().map(|l| l.indices.iter().map(|&i| i as usize).collect()).collect()
+}
+
 fn optimizer_from_proto(group: &str, config: Option<pb::OptimizerConfig>) -> Result<OptimizerConfig, ServerError> {
+    use pb::optimizer_config::Kind;
     let kind = config.and_then(|c| c.kind).ok_or_else(|| invalid(format!("group '{group}' has no optimizer")))?;
+    let enum_error = |what: &str, value: i32| invalid(format!("group '{group}': unknown {what} {value}"));
     let optimizer = match kind {
-        pb::optimizer_config::Kind::Sgd(c) => OptimizerConfig::Sgd(SgdConfig {
+        Kind::Sgd(c) => OptimizerConfig::Sgd(SgdConfig {
             lr: c.lr as f32,
             momentum: c.momentum as f32,
             dampening: c.dampening as f32,
             nesterov: c.nesterov,
             weight_decay: c.weight_decay as f32,
         }),
-        pb::optimizer_config::Kind::Adamw(c) => OptimizerConfig::AdamW(AdamWConfig {
+        Kind::Adamw(c) => OptimizerConfig::AdamW(AdamWConfig {
             lr: c.lr as f32,
             beta1: or_default(c.beta1, 0.9) as f32,
             beta2: or_default(c.beta2, 0.999) as f32,
             eps: or_default(c.eps, 1e-8) as f32,
             weight_decay: c.weight_decay as f32,
-            decoupled: true,
+            decoupled: !c.l2_decay,
+        }),
+        Kind::SubsetNorm(c) => OptimizerConfig::SubsetNorm(SubsetNormConfig {
+            lr: c.lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: or_default(c.beta2, 1.0) as f32,
+            eps: c.eps as f32,
+            correct_bias: c.correct_bias,
+            weight_decay: c.weight_decay as f32,
+            subsets: subsets_from_proto(group, c.subsets, c.chunk_size)?,
+            initial_accumulator: c.initial_accumulator as f32,
+        }),
+        Kind::SubspaceMomentum(c) => {
+            let projection = match pb::ProjectionKind::try_from(c.projection) {
+                _ if !c.indices_schedule.is_empty() => {
+                    Projection::Index(IndexRule::Schedule(index_lists(&c.indices_schedule)))
+                }
+                Ok(pb::ProjectionKind::Svd) => Projection::Svd,
+                Ok(pb::ProjectionKind::Uniform) => Projection::Index(IndexRule::Uniform),
+                Ok(pb::ProjectionKind::Topk) => Projection::Index(IndexRule::TopK),
+                Err(_) => return Err(enum_error("projection", c.projection)),
+            };
+            OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig {
+                lr: c.lr as f32,
+                beta1: or_default(c.beta1, 0.9) as f32,
+                beta2: or_default(c.beta2, 0.999) as f32,
+                eps: or_default(c.eps, 1e-6) as f32,
+                rank: c.rank as usize,
+                update_gap: if c.update_gap == 0 { 200 } else { c.update_gap },
+                projection,
+                adaptive: c.adaptive,
+                subsets: subsets_from_proto(group, c.subsets, 0)?,
+                correct_bias: c.correct_bias,
+                weight_decay: c.weight_decay as f32,
+                seed: c.seed,
+            })
+        }
+        Kind::Frugal(c) => {
+            let mode = match pb::FrugalMode::try_from(c.mode) {
+                Ok(pb::FrugalMode::Block) => FrugalMode::Block {
+                    order: match pb::BlockOrder::try_from(c.block_order) {
+                        Ok(pb::BlockOrder::Descending) => BlockOrder::Descending,
+                        Ok(pb::BlockOrder::Ascending) => BlockOrder::Ascending,
+                        Ok(pb::BlockOrder::Random) => BlockOrder::Random,
+                        Err(_) => return Err(enum_error("block order", c.block_order)),
+                    },
+                },
+                Ok(pb::FrugalMode::Columns) => FrugalMode::Columns,
+                Ok(pb::FrugalMode::Svd) => FrugalMode::Svd,
+                Err(_) => return Err(enum_error("FRUGAL mode", c.mode)),
+            };
+            if !c.schedule.is_empty() && !matches!(mode, FrugalMode::Block { .. }) {
+                return Err(invalid(format!(
+                    "group '{group}': an injected FRUGAL schedule is only accepted in block mode"
+                )));
+            }
+            OptimizerConfig::Frugal(FrugalConfig {
+                lr: c.lr as f32,
+                beta1: or_default(c.beta1, 0.9) as f32,
+                beta2: or_default(c.beta2, 0.999) as f32,
+                eps: or_default(c.eps, 1e-8) as f32,
+                weight_decay: c.weight_decay as f32,
+                density: c.density as f32,
+                update_gap: if c.update_gap == 0 { 200 } else { c.update_gap },
+                proj_lr_scale: or_default(c.proj_lr_scale, 1.0) as f32,
+                inactive_lr_scale: or_default(c.inactive_lr_scale, 1.0) as f32,
+                inactive_rule: match pb::InactiveRule::try_from(c.inactive_rule) {
+                    Ok(pb::InactiveRule::SignSgd) => InactiveRule::SignSgd,
+                    Ok(pb::InactiveRule::Sgd) => InactiveRule::Sgd,
+                    Ok(pb::InactiveRule::None) => InactiveRule::Frozen,
+                    Err(_) => return Err(enum_error("inactive rule", c.inactive_rule)),
+                },
+                reset_statistics: !c.keep_statistics,
+                mode,
+                seed: c.seed,
+                schedule: (!c.schedule.is_empty()).then(|| index_lists(&c.schedule)),
+            })
+        }
+        Kind::Sign(c) => OptimizerConfig::Sign(SignConfig {
+            lr: c.lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: if c.lion { or_default(c.beta2, 0.99) as f32 } else { c.beta2 as f32 },
+            weight_decay: c.weight_decay as f32,
+            lion: c.lion,
         }),
     };
     optimizer.validate().map_err(|e| invalid(format!("group '{group}': {e}")))?;
     Ok(optimizer)
+}
+
+fn schedule_from_proto(group: &str, schedule: Option<pb::LrSchedule>) -> Result<LrSchedule, ServerError> {
+    let Some(s) = schedule else { return Ok(LrSchedule::Constant) };
+    let min_factor = s.min_factor as f32;
+    if !(0.0..=1.0).contains(&min_factor) {
+        return Err(invalid(format!("group '{group}': schedule min_factor must be in [0, 1], got {min_factor}")));
+    }
+    Ok(match pb::ScheduleKind::try_from(s.kind) {
+        Ok(pb::ScheduleKind::Constant) => LrSchedule::Constant,
+        Ok(pb::ScheduleKind::WarmupCosine) => {
+            LrSchedule::WarmupCosine { warmup: s.warmup_steps, total: s.total_steps, min_factor }
+        }
+        Ok(pb::ScheduleKind::WarmupStableDecay) => {
+            if s.decay_steps > s.total_steps {
+                return Err(invalid(format!("group '{group}': decay_steps exceed total_steps")));
+            }
+            LrSchedule::WarmupStableDecay {
+                warmup: s.warmup_steps,
+                total: s.total_steps,
+                decay: s.decay_steps,
+                min_factor,
+            }
+        }
+        Err(_) => return Err(invalid(format!("group '{group}': unknown schedule kind {}", s.kind))),
+    })
+}
+
+/// FRUGAL's rule for projectable tensors (algorithms.md §0): 2-D linear
+/// weights of attention and MLP blocks.
+const FRUGAL_PROJECTABLE_NAMES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "up_proj",
+    "down_proj",
+    "gate_proj",
+    "attn",
+    "mlp",
+    "query",
+    "key",
+    "value",
+];
+
+fn is_projectable(group: &GroupDef, name: &str, shape: &[u64]) -> bool {
+    if shape.len() < 2 {
+        return false;
+    }
+    if group.projectable_patterns.is_empty() {
+        FRUGAL_PROJECTABLE_NAMES.iter().any(|n| name.contains(n))
+    } else {
+        group.projectable_patterns.iter().any(|p| glob_match(p, name))
+    }
 }
 
 /// The group's accepted push encodings and aggregation, checked against each other and the mode.
@@ -284,12 +433,18 @@ impl ModelSpec {
                 return Err(invalid(format!("group '{}' has no name patterns", group.name)));
             }
             let (push_encodings, aggregation) = wire_options(group, mode)?;
+            let projectable_patterns = match &group.optimizer.as_ref().and_then(|o| o.kind.as_ref()) {
+                Some(pb::optimizer_config::Kind::Frugal(c)) => c.projectable_patterns.clone(),
+                _ => Vec::new(),
+            };
             groups.push(GroupDef {
                 name: group.name.clone(),
                 patterns: group.patterns.clone(),
-                optimizer: optimizer_from_proto(&group.name, group.optimizer)?,
+                optimizer: optimizer_from_proto(&group.name, group.optimizer.clone())?,
                 push_encodings,
                 aggregation,
+                schedule: schedule_from_proto(&group.name, group.schedule)?,
+                projectable_patterns,
             });
         }
         let mut tensor_names = HashSet::new();
@@ -326,7 +481,23 @@ impl ModelSpec {
                 shape: tensor.shape.clone(),
                 init: init_from_proto(&tensor.name, tensor.init)?,
                 group,
+                projectable: None,
             });
+        }
+        // FRUGAL block mode counts tensors: number the projectable ones per group.
+        for (g, group) in groups.iter().enumerate() {
+            if !matches!(group.optimizer, OptimizerConfig::Frugal(_)) {
+                continue;
+            }
+            let members: Vec<usize> = (0..tensors.len())
+                .filter(|&i| tensors[i].group == g && is_projectable(group, &tensors[i].name, &tensors[i].shape))
+                .collect();
+            for (index, &i) in members.iter().enumerate() {
+                tensors[i].projectable = Some(GroupPosition { index, count: members.len() });
+            }
+        }
+        if !spec.max_grad_norm.is_finite() || spec.max_grad_norm < 0.0 {
+            return Err(invalid(format!("max_grad_norm must be a finite number >= 0, got {}", spec.max_grad_norm)));
         }
         let mut canonical = spec;
         canonical.mode = mode.to_proto() as i32;
@@ -387,18 +558,6 @@ fn unit_interval(bits: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn glob_patterns() {
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("*.bias", "fc1.bias"));
-        assert!(!glob_match("*.bias", "fc1.weight"));
-        assert!(glob_match("layer*.weight", "layer12.weight"));
-        assert!(glob_match("a*b*c", "a-x-b-y-c"));
-        assert!(!glob_match("a*b*c", "a-x-c"));
-        assert!(glob_match("exact", "exact"));
-        assert!(!glob_match("ab*ba", "aba"));
-    }
 
     #[test]
     fn random_init_does_not_depend_on_the_split() {

@@ -35,8 +35,43 @@ pub enum ModeArg {
 pub enum OptimizerArg {
     /// AdamW.
     Adamw,
+    /// Adam with L2 decay.
+    Adam,
     /// SGD with momentum.
     Sgd,
+    /// AdaGrad-Norm: one accumulator per tensor.
+    AdagradNorm,
+    /// AdaGrad with Subset-Norm (heuristic row/column subsets).
+    AdagradSn,
+    /// Adam with Subset-Norm (heuristic subsets).
+    AdamSn,
+    /// SGD with Subspace-Momentum (rank --rank, index projector).
+    SgdSm,
+    /// AdamSNSM: Subset-Norm with Subspace-Momentum (SVD projector).
+    AdamSnSm,
+    /// FRUGAL, block mode: round(--density · N) projectable tensors on AdamW, signSGD on the rest.
+    Frugal,
+    /// FRUGAL, columns mode.
+    FrugalColumns,
+    /// FRUGAL, SVD mode.
+    FrugalSvd,
+    /// signSGD.
+    Signsgd,
+    /// Signum (momentum --momentum).
+    Signum,
+    /// Lion (betas 0.9, 0.99).
+    Lion,
+}
+
+/// Learning-rate schedule, as a command-line value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    /// Constant.
+    Constant,
+    /// Linear warm-up, then cosine decay to 10%.
+    Cosine,
+    /// Warm-up, stable, then linear decay over the last 20% of the steps.
+    Wsd,
 }
 
 /// How gradients travel to the servers.
@@ -122,6 +157,27 @@ pub struct TrainArgs {
     /// Bearer token for the servers.
     #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// FRUGAL density ρ.
+    #[arg(long, env = "PS_DENSITY", default_value_t = 0.25)]
+    pub density: f64,
+    /// Subspace rank of Subspace-Momentum.
+    #[arg(long, env = "PS_SUBSPACE_RANK", default_value_t = 8)]
+    pub subspace_rank: u32,
+    /// Re-selection period T of FRUGAL and Subspace-Momentum.
+    #[arg(long, env = "PS_UPDATE_GAP", default_value_t = 200)]
+    pub update_gap: u64,
+    /// FRUGAL projectable tensors (globs); empty: FRUGAL's name rule (attention and MLP weights).
+    #[arg(long, env = "PS_PROJECTABLE", value_delimiter = ',')]
+    pub projectable: Vec<String>,
+    /// Learning-rate schedule over --steps.
+    #[arg(long, env = "PS_SCHEDULE", value_enum, default_value = "constant")]
+    pub schedule: ScheduleArg,
+    /// Warm-up steps of the schedule (default: 10% of --steps).
+    #[arg(long, env = "PS_WARMUP")]
+    pub warmup: Option<u64>,
+    /// Clip each worker's gradient to this global L2 norm (0: off).
+    #[arg(long, env = "PS_MAX_GRAD_NORM", default_value_t = 0.0)]
+    pub max_grad_norm: f64,
     /// Gradient compression on the wire.
     #[arg(long, env = "PS_COMPRESSION", value_enum, default_value = "none")]
     pub compression: Compression,
@@ -169,11 +225,82 @@ fn model_spec(args: &TrainArgs) -> ModelSpec {
     let sgd = |lr: f64, momentum: f64| {
         Kind::Sgd(proto::SgdConfig { lr, momentum, weight_decay: args.weight_decay, ..Default::default() })
     };
+    let (lr, wd) = (args.lr, args.weight_decay);
+    let frugal = |mode: proto::FrugalMode| {
+        Kind::Frugal(proto::FrugalConfig {
+            lr,
+            weight_decay: wd,
+            density: args.density,
+            update_gap: args.update_gap,
+            mode: mode as i32,
+            projectable_patterns: args.projectable.clone(),
+            seed: args.seed,
+            ..Default::default()
+        })
+    };
+    let subset_norm = |beta1: f64, beta2: f64, subsets: proto::SubsetKind| {
+        Kind::SubsetNorm(proto::SubsetNormConfig {
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-6,
+            correct_bias: beta2 < 1.0,
+            weight_decay: wd,
+            subsets: subsets as i32,
+            ..Default::default()
+        })
+    };
+    let subspace = |adaptive: bool, projection: proto::ProjectionKind| {
+        Kind::SubspaceMomentum(proto::SubspaceMomentumConfig {
+            lr,
+            rank: args.subspace_rank,
+            update_gap: args.update_gap,
+            projection: projection as i32,
+            adaptive,
+            correct_bias: adaptive,
+            weight_decay: wd,
+            seed: args.seed,
+            ..Default::default()
+        })
+    };
+    let sign = |beta1: f64, lion: bool| {
+        Kind::Sign(proto::SignConfig { lr, beta1, weight_decay: wd, lion, ..Default::default() })
+    };
     let requested = match args.optimizer {
-        OptimizerArg::Adamw => {
-            Kind::Adamw(proto::AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() })
+        OptimizerArg::Adamw => Kind::Adamw(proto::AdamWConfig { lr, weight_decay: wd, ..Default::default() }),
+        OptimizerArg::Adam => {
+            Kind::Adamw(proto::AdamWConfig { lr, weight_decay: wd, l2_decay: true, ..Default::default() })
         }
-        OptimizerArg::Sgd => sgd(args.lr, args.momentum),
+        OptimizerArg::Sgd => sgd(lr, args.momentum),
+        OptimizerArg::AdagradNorm => subset_norm(0.0, 1.0, proto::SubsetKind::Whole),
+        OptimizerArg::AdagradSn => subset_norm(0.0, 1.0, proto::SubsetKind::Heuristic),
+        OptimizerArg::AdamSn => subset_norm(0.9, 0.999, proto::SubsetKind::Heuristic),
+        OptimizerArg::SgdSm => subspace(false, proto::ProjectionKind::Topk),
+        OptimizerArg::AdamSnSm => subspace(true, proto::ProjectionKind::Svd),
+        OptimizerArg::Frugal => frugal(proto::FrugalMode::Block),
+        OptimizerArg::FrugalColumns => frugal(proto::FrugalMode::Columns),
+        OptimizerArg::FrugalSvd => frugal(proto::FrugalMode::Svd),
+        OptimizerArg::Signsgd => sign(0.0, false),
+        OptimizerArg::Signum => sign(args.momentum, false),
+        OptimizerArg::Lion => sign(0.9, true),
+    };
+    let warmup = args.warmup.unwrap_or(args.steps / 10);
+    let schedule = match args.schedule {
+        ScheduleArg::Constant => None,
+        ScheduleArg::Cosine => Some(proto::LrSchedule {
+            kind: proto::ScheduleKind::WarmupCosine as i32,
+            warmup_steps: warmup,
+            total_steps: args.steps,
+            min_factor: 0.1,
+            ..Default::default()
+        }),
+        ScheduleArg::Wsd => Some(proto::LrSchedule {
+            kind: proto::ScheduleKind::WarmupStableDecay as i32,
+            warmup_steps: warmup,
+            total_steps: args.steps,
+            decay_steps: args.steps / 5,
+            min_factor: 0.0,
+        }),
     };
     // The sign schemes fix the server's step: the vote is applied as w -= lr (v + wd w),
     // and error feedback already folded the learning rate into what it sends.
@@ -193,12 +320,14 @@ fn model_spec(args: &TrainArgs) -> ModelSpec {
             optimizer: Some(OptimizerConfig { kind: Some(kind) }),
             push_encodings: encodings.into_iter().map(|e| e as i32).collect(),
             aggregation: aggregation as i32,
+            schedule,
         }],
         mode: match args.mode {
             ModeArg::Sync => ConsistencyMode::Sync,
             ModeArg::Async => ConsistencyMode::Async,
         } as i32,
         max_block_elements: 0,
+        max_grad_norm: args.max_grad_norm,
     }
 }
 

@@ -7,6 +7,7 @@ mod adam;
 mod frugal;
 pub mod linalg;
 mod projector;
+mod schedule;
 mod sgd;
 mod sign;
 mod subset_norm;
@@ -16,6 +17,7 @@ pub use adam::{AdamW, AdamWConfig, Moments};
 pub use frugal::{BlockOrder, Frugal, FrugalConfig, FrugalMode, GroupPosition, InactiveRule};
 pub use linalg::Dims;
 pub use projector::Projector;
+pub use schedule::LrSchedule;
 pub use sgd::{Sgd, SgdConfig};
 pub use sign::{Sign, SignConfig};
 pub use subset_norm::{SubsetNorm, SubsetNormConfig, Subsets};
@@ -160,16 +162,6 @@ impl OptimizerConfig {
                 check_unit("beta2", c.beta2)?;
                 check_non_negative("weight_decay", c.weight_decay)
             }
-        }
-    }
-
-    /// Whether the rule needs whole tensors (row and column statistics, SVD,
-    /// per-tensor selections); the layout then keeps each tensor in one block.
-    pub fn needs_whole_tensor(&self) -> bool {
-        match self {
-            OptimizerConfig::SubsetNorm(c) => c.subsets != Subsets::Coordinates,
-            OptimizerConfig::SubspaceMomentum(_) | OptimizerConfig::Frugal(_) => true,
-            OptimizerConfig::Sgd(_) | OptimizerConfig::AdamW(_) | OptimizerConfig::Sign(_) => false,
         }
     }
 

@@ -120,6 +120,7 @@ pub fn small_spec(name: &str) -> ModelSpec {
         groups: vec![group("all", &["*"], sgd(0.5))],
         mode: proto::ConsistencyMode::Sync as i32,
         max_block_elements: 32,
+        max_grad_norm: 0.0,
     }
 }
 

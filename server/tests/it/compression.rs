@@ -238,6 +238,7 @@ fn spec(case: &Case) -> ModelSpec {
         mode: ConsistencyMode::Sync as i32,
         // One row per block, so the model spans both shards.
         max_block_elements: 6,
+        max_grad_norm: 0.0,
     }
 }
 

@@ -40,6 +40,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
                     beta2: 0.999,
                     eps: 1e-8,
                     weight_decay: 0.1,
+                    l2_decay: false,
                 }),
             ),
             group(
@@ -56,6 +57,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
         ],
         mode: ConsistencyMode::Sync as i32,
         max_block_elements: 100,
+        max_grad_norm: 0.0,
     };
     let init = initial_values(&spec, 7);
     let model = cluster.client().register(spec.clone(), &init).await.unwrap();
@@ -130,4 +132,99 @@ async fn async_mode_applies_each_push_and_reports_the_version() {
     let again = model.push("b", 0, &gb).await.unwrap();
     assert_eq!((again.accepted, again.updated), (0, 0));
     assert_eq!(model.pull(0).await.unwrap().version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let frugal = proto::FrugalConfig {
+        lr: 0.01,
+        weight_decay: 0.01,
+        density: 0.5,
+        update_gap: 2,
+        inactive_lr_scale: 0.5,
+        mode: proto::FrugalMode::Block as i32,
+        ..Default::default()
+    };
+    let sn_sm = proto::SubspaceMomentumConfig {
+        lr: 0.02,
+        rank: 2,
+        update_gap: 2,
+        projection: proto::ProjectionKind::Svd as i32,
+        adaptive: true,
+        correct_bias: true,
+        ..Default::default()
+    };
+    let spec = ModelSpec {
+        name: "frugal".into(),
+        tensors: vec![
+            tensor("attn.q_proj.weight", &[24, 16]),
+            tensor("mlp.up_proj.weight", &[32, 16]),
+            tensor("mlp.down_proj.weight", &[16, 32]),
+            tensor("attn.k_proj.weight", &[16, 16]),
+            tensor("norm.weight", &[16]),
+            tensor("head.weight", &[10, 16]),
+        ],
+        groups: vec![
+            group("sm", &["head.*"], proto::optimizer_config::Kind::SubspaceMomentum(sn_sm)),
+            group("frugal", &["*"], proto::optimizer_config::Kind::Frugal(frugal)),
+        ],
+        mode: ConsistencyMode::Sync as i32,
+        max_block_elements: 64,
+        max_grad_norm: 0.0,
+    };
+    let init = initial_values(&spec, 11);
+    let model = cluster.client().register(spec.clone(), &init).await.unwrap();
+    // These modes need whole tensors: one block each, whatever max_block_elements says.
+    for t in &spec.tensors {
+        assert_eq!(model.layout().blocks.iter().filter(|b| b.tensor == t.name).count(), 1, "{}", t.name);
+    }
+    let shards: std::collections::BTreeSet<u32> = model.layout().blocks.iter().map(|b| b.shard).collect();
+    assert_eq!(shards.len(), 2);
+
+    // The reference: the same spec conversion and optimizers, run locally on the mean gradient.
+    let validated = ps_server::spec::ModelSpec::from_proto(spec.clone()).unwrap();
+    let mut local = init.clone();
+    let mut optimizers: Vec<Box<dyn ps_server::optim::Optimizer>> = validated
+        .tensors
+        .iter()
+        .map(|t| {
+            let rows = t.shape[0] as usize;
+            let cols = t.shape.iter().skip(1).product::<u64>() as usize;
+            validated.groups[t.group].optimizer.build(&SliceInfo {
+                name: &t.name,
+                dims: Dims { rows, cols },
+                matrix: t.shape.len() >= 2,
+                projectable: t.projectable,
+            })
+        })
+        .collect();
+    let projectable = validated.tensors.iter().filter(|t| t.projectable.is_some()).count();
+    assert_eq!(projectable, 4, "FRUGAL's name rule picks the attention and MLP weights, not the norm");
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    for step in 0..5u64 {
+        let (ga, gb) = (grads_like(&init, 2 * step + 1), grads_like(&init, 2 * step + 2));
+        let (ra, rb) = futures::join!(model.push("a", step, &ga), model.push("b", step, &gb));
+        ra.unwrap();
+        rb.unwrap();
+        for (t, optimizer) in validated.tensors.iter().zip(optimizers.iter_mut()) {
+            let mean: Vec<f32> = ga[&t.name].iter().zip(&gb[&t.name]).map(|(a, b)| (a + b) * 0.5).collect();
+            optimizer.step(local.get_mut(&t.name).unwrap(), &mean, &StepContext { t: step + 1, lr_scale: 1.0 });
+        }
+        let pulled = model.pull(step + 1).await.unwrap();
+        for (name, want) in &local {
+            assert_close(name, step + 1, &pulled.tensors[name], want);
+        }
+    }
+    let status = cluster.client().status("frugal").await.unwrap();
+    let reported: u64 = status.iter().flat_map(|s| &s.models).flat_map(|m| &m.groups).map(|g| g.state_bytes).sum();
+    let expected: usize = optimizers.iter().map(|o| o.state_bytes()).sum();
+    assert_eq!(reported, expected as u64);
+    let names: Vec<String> = status[0].models[0].groups.iter().map(|g| g.optimizer.clone()).collect();
+    assert!(names[0].starts_with("adam_sn_sm") && names[1].starts_with("frugal_block"), "{names:?}");
+    // Block mode keeps Adam state for 2 of the 4 projectable matrices plus the norm, never all of them.
+    let full_adam = 8 * (24 * 16 + 32 * 16 + 16 * 32 + 16 * 16 + 16);
+    let frugal_bytes: u64 = status.iter().flat_map(|s| &s.models).map(|m| m.groups[1].state_bytes).sum();
+    assert!(frugal_bytes < full_adam as u64 * 2 / 3, "FRUGAL holds {frugal_bytes} of AdamW's {full_adam} bytes");
 }
