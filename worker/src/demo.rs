@@ -62,6 +62,9 @@ pub struct DemoArgs {
     /// Folder for the processes' logs (default: a new temporary folder).
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Further `worker train` flags for every worker, after `--` (e.g. `-- --density 0.5 --schedule cosine`).
+    #[arg(last = true)]
+    pub worker_args: Vec<String>,
     /// Directory holding the `server` binary (default: next to this executable).
     #[arg(long, env = "PS_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
@@ -136,6 +139,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
             .args(["--momentum", &args.momentum.to_string(), "--compression", &value_name(&args.compression)])
             .args(["--pull-encoding", &value_name(&args.pull_encoding)])
             .args(["--batch-size", &args.batch_size.to_string(), "--summary-line"])
+            .args(&args.worker_args)
             .stdout(Stdio::piped())
             .stderr(log)
             .kill_on_drop(true)

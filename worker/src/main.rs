@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train the built-in model as one worker against running server shards.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Start server shards and workers as local processes and train the digits MLP.
     Demo(demo::DemoArgs),
     /// Pull a model's current weights and report its test accuracy.
@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train(args) => {
             let summary_line = args.summary_line;
-            let summary = train::run(args).await?;
+            let summary = train::run(*args).await?;
             let accuracy =
                 summary.test_accuracy.map(|a| format!(", test accuracy {:.2}%", a * 100.0)).unwrap_or_default();
             eprintln!(
