@@ -13,21 +13,14 @@ pub struct Dims {
     pub cols: usize,
 }
 
-/// `a (m×k) · b (k×n)`, row-major.
+/// `a (m×k) · b (k×n)`, row-major, through nalgebra's blocked kernel.
 pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * n];
-    for i in 0..m {
-        let row = &mut out[i * n..(i + 1) * n];
-        for p in 0..k {
-            let scale = a[i * k + p];
-            if scale != 0.0 {
-                for (o, bv) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
-                    *o += scale * bv;
-                }
-            }
-        }
-    }
-    out
+    // A row-major m×k slice is the column-major k×m matrix aᵀ, so aᵀ·... is
+    // computed as (bᵀ·aᵀ)ᵀ = a·b without copying the inputs.
+    let a_t = nalgebra::DMatrixView::from_slice(a, k, m);
+    let b_t = nalgebra::DMatrixView::from_slice(b, n, k);
+    let product_t = b_t * a_t; // n×m column-major = m×n row-major
+    product_t.as_slice().to_vec()
 }
 
 /// Transpose of a row-major `m × n` matrix.

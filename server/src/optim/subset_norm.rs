@@ -86,25 +86,57 @@ impl SubsetMap {
         }
     }
 
-    /// The subset of coordinate `i`.
-    #[inline]
-    pub(crate) fn of(self, i: usize) -> usize {
+    /// Sums of squares of `g` per subset, in f64 (per-subset partial sums in f32
+    /// runs of a row, which keeps the inner loops vectorizable).
+    pub(crate) fn sums_of_squares(self, g: &[f32]) -> Vec<f64> {
+        let square_sum = |xs: &[f32]| xs.iter().map(|x| f64::from(x * x)).sum::<f64>();
         match self {
-            SubsetMap::Rows { cols } => i / cols,
-            SubsetMap::Columns { cols } => i % cols,
-            SubsetMap::Coordinates => i,
-            SubsetMap::Whole => 0,
-            SubsetMap::Chunks { size } => i / size,
+            SubsetMap::Rows { cols } => g.chunks(cols.max(1)).map(square_sum).collect(),
+            SubsetMap::Chunks { size } => g.chunks(size.max(1)).map(square_sum).collect(),
+            SubsetMap::Whole => vec![square_sum(g)],
+            SubsetMap::Coordinates => g.iter().map(|x| f64::from(*x) * f64::from(*x)).collect(),
+            SubsetMap::Columns { cols } => {
+                let mut sums = vec![0.0f64; cols];
+                for row in g.chunks(cols.max(1)) {
+                    for (s, x) in sums.iter_mut().zip(row) {
+                        *s += f64::from(*x) * f64::from(*x);
+                    }
+                }
+                sums
+            }
         }
     }
 
-    /// Sums of squares of `g` per subset, in f64.
-    pub(crate) fn sums_of_squares(self, g: &[f32]) -> Vec<f64> {
-        let mut sums = vec![0.0f64; self.count(g.len())];
-        for (i, &x) in g.iter().enumerate() {
-            sums[self.of(i)] += f64::from(x) * f64::from(x);
+    /// `w -= alpha · num / denominators[subset]` for every coordinate, with a
+    /// loop shape per subset kind so the compiler can vectorize it.
+    pub(crate) fn apply(self, param: &mut [f32], numerator: &[f32], denominators: &[f32], alpha: f32) {
+        let scaled = |w: &mut [f32], n: &[f32], d: f32| {
+            let factor = alpha / d;
+            for (w, n) in w.iter_mut().zip(n) {
+                *w -= factor * n;
+            }
+        };
+        match self {
+            SubsetMap::Rows { cols } | SubsetMap::Chunks { size: cols } => {
+                for ((w, n), d) in param.chunks_mut(cols.max(1)).zip(numerator.chunks(cols.max(1))).zip(denominators) {
+                    scaled(w, n, *d);
+                }
+            }
+            SubsetMap::Whole => scaled(param, numerator, denominators[0]),
+            SubsetMap::Coordinates => {
+                for ((w, n), d) in param.iter_mut().zip(numerator).zip(denominators) {
+                    *w -= alpha * n / d;
+                }
+            }
+            SubsetMap::Columns { cols } => {
+                let inverse: Vec<f32> = denominators.iter().map(|d| alpha / d).collect();
+                for (w, n) in param.chunks_mut(cols.max(1)).zip(numerator.chunks(cols.max(1))) {
+                    for ((w, n), f) in w.iter_mut().zip(n).zip(&inverse) {
+                        *w -= f * n;
+                    }
+                }
+            }
         }
-        sums
     }
 }
 
@@ -183,10 +215,7 @@ impl Optimizer for SubsetNorm {
         let numerator: &[f32] = if self.momentum.is_empty() { grad } else { &self.momentum };
         let alpha = subset_norm_alpha(lr, c.beta1, c.beta2, c.correct_bias, ctx.t) as f32;
         let denominators = self.accumulator.denominators(c.eps);
-        let map = self.accumulator.map;
-        for (i, (w, n)) in param.iter_mut().zip(numerator).enumerate() {
-            *w -= alpha * n / denominators[map.of(i)];
-        }
+        self.accumulator.map.apply(param, numerator, &denominators, alpha);
         if c.weight_decay != 0.0 {
             let keep = 1.0 - (lr * f64::from(c.weight_decay)) as f32;
             param.iter_mut().for_each(|w| *w *= keep);

@@ -159,10 +159,9 @@ impl Optimizer for SubspaceMomentum {
                 accumulator.accumulate(grad, c.beta2);
                 let alpha = subset_norm_alpha(lr, c.beta1, c.beta2, c.correct_bias, t) as f32;
                 let denominators = accumulator.denominators(c.eps);
-                let map = accumulator.map;
-                for (i, (((w, g), m), s)) in param.iter_mut().zip(grad).zip(&momentum).zip(&in_subspace).enumerate() {
-                    *w -= alpha * (m + g - s) / denominators[map.of(i)];
-                }
+                let update: Vec<f32> =
+                    grad.iter().zip(&momentum).zip(&in_subspace).map(|((g, m), s)| m + g - s).collect();
+                accumulator.map.apply(param, &update, &denominators, alpha);
             }
         }
         if c.weight_decay != 0.0 {
