@@ -4,7 +4,6 @@
 //! pulled weights (and the workers' state) match the vectors after every step.
 //! Cases are read from `OPT_VECTORS_DIR` when it is set.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -14,6 +13,7 @@ use ps_client::proto::{self, Aggregation, ConsistencyMode, Encoding, ModelSpec, 
 use serde_json::Value;
 
 use crate::cluster::*;
+use crate::vectors;
 
 #[derive(Clone, Copy, Debug)]
 enum Scheme {
@@ -40,43 +40,8 @@ struct Case {
     atol: f32,
 }
 
-fn vectors_dir() -> PathBuf {
-    match std::env::var_os("OPT_VECTORS_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"),
-    }
-}
-
-fn flatten(value: &Value, out: &mut Vec<f32>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        Value::Number(n) => out.push(n.as_f64().expect("number") as f32),
-        other => panic!("unexpected value {other}"),
-    }
-}
-
-fn shape_of(value: &Value) -> Vec<u64> {
-    match value {
-        Value::Array(items) => {
-            let mut shape = vec![items.len() as u64];
-            shape.extend(items.first().map(shape_of).unwrap_or_default());
-            shape
-        }
-        _ => Vec::new(),
-    }
-}
-
 fn tensors(value: &Value) -> Tensors {
-    value
-        .as_object()
-        .expect("a map of tensors")
-        .iter()
-        .map(|(name, v)| {
-            let mut flat = Vec::new();
-            flatten(v, &mut flat);
-            (name.clone(), flat)
-        })
-        .collect()
+    value.as_object().expect("a map of tensors").iter().map(|(name, v)| (name.clone(), vectors::flat(v))).collect()
 }
 
 /// Per-worker arrays of the case's single tensor.
@@ -85,16 +50,12 @@ fn per_worker(value: &Value, tensor: &str) -> Vec<Tensors> {
         .as_array()
         .expect("one entry per worker")
         .iter()
-        .map(|w| {
-            let mut flat = Vec::new();
-            flatten(w, &mut flat);
-            [(tensor.to_string(), flat)].into_iter().collect()
-        })
+        .map(|w| [(tensor.to_string(), vectors::flat(w))].into_iter().collect())
         .collect()
 }
 
 fn load_cases() -> Vec<Case> {
-    let dir = vectors_dir();
+    let dir = vectors::dir();
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading test vectors in {}: {e}; set OPT_VECTORS_DIR", dir.display()))
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -108,8 +69,12 @@ fn load_cases() -> Vec<Case> {
         let hp = &json["hyperparameters"];
         let f64_of = |key: &str| hp[key].as_f64().unwrap_or_else(|| panic!("{file}: hyperparameter {key}"));
         let init = tensors(&json["initial_params"]);
-        let shapes: Vec<(String, Vec<u64>)> =
-            json["initial_params"].as_object().unwrap().iter().map(|(n, v)| (n.clone(), shape_of(v))).collect();
+        let shapes: Vec<(String, Vec<u64>)> = json["initial_params"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(n, v)| (n.clone(), vectors::shape(v).into_iter().map(|d| d as u64).collect()))
+            .collect();
         let single = shapes[0].0.clone();
         let tolerance = &json["tolerance"]["f32"];
         let (rtol, atol) = (tolerance["rtol"].as_f64().unwrap() as f32, tolerance["atol"].as_f64().unwrap() as f32);

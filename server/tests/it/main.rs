@@ -7,3 +7,4 @@ mod membership;
 mod optim_replay;
 mod sync_equivalence;
 mod validation;
+mod vectors;

@@ -5,7 +5,6 @@
 //! compression and federated cases are replayed elsewhere and named here.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use ps_server::optim::{
     AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, Optimizer,
@@ -13,41 +12,11 @@ use ps_server::optim::{
 };
 use serde_json::Value;
 
+use crate::vectors::{self, flat};
+
 /// Cases replayed by other tests, with where.
 const ELSEWHERE: &[(&str, &str)] =
     &[("majority_vote_", "compression.rs"), ("ef_signsgd", "compression.rs"), ("fed_", "the federated-rounds issue")];
-
-fn vectors_dir() -> PathBuf {
-    match std::env::var_os("OPT_VECTORS_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"),
-    }
-}
-
-fn flatten(value: &Value, out: &mut Vec<f32>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        Value::Number(n) => out.push(n.as_f64().expect("number") as f32),
-        other => panic!("unexpected value {other}"),
-    }
-}
-
-fn flat(value: &Value) -> Vec<f32> {
-    let mut out = Vec::new();
-    flatten(value, &mut out);
-    out
-}
-
-fn shape_of(value: &Value) -> Vec<usize> {
-    match value {
-        Value::Array(items) => {
-            let mut shape = vec![items.len()];
-            shape.extend(items.first().map(shape_of).unwrap_or_default());
-            shape
-        }
-        _ => Vec::new(),
-    }
-}
 
 fn f(hp: &Value, key: &str) -> f32 {
     hp[key].as_f64().unwrap_or_else(|| panic!("hyperparameter {key}")) as f32
@@ -251,7 +220,7 @@ fn compare_state(
 
 #[test]
 fn every_optimizer_vector_replays_through_the_server_optimizers() {
-    let dir = vectors_dir();
+    let dir = vectors::dir();
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}; set OPT_VECTORS_DIR", dir.display()))
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -296,14 +265,14 @@ fn every_optimizer_vector_replays_through_the_server_optimizers() {
         for (variant, configs) in variants {
             let case = if variant.is_empty() { file.clone() } else { format!("{file}[{variant}]") };
             let projectable: Vec<&String> =
-                names.iter().filter(|n| shape_of(&initial[n.as_str()]).len() >= 2).collect();
+                names.iter().filter(|n| vectors::shape(&initial[n.as_str()]).len() >= 2).collect();
             let mut params: BTreeMap<String, Vec<f32>> =
                 names.iter().map(|n| (n.clone(), flat(&initial[n.as_str()]))).collect();
             let mut optimizers: Vec<Box<dyn Optimizer>> = names
                 .iter()
                 .zip(&configs)
                 .map(|(name, config)| {
-                    let shape = shape_of(&initial[name.as_str()]);
+                    let shape = vectors::shape(&initial[name.as_str()]);
                     let rows = shape.first().copied().unwrap_or(1);
                     let cols = shape.iter().skip(1).product::<usize>();
                     let position = projectable.iter().position(|p| *p == name);
