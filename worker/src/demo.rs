@@ -89,8 +89,21 @@ impl Drop for Processes {
     }
 }
 
-/// Runs the demo and returns the workers' summaries.
-pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
+/// What a demo run measured.
+#[derive(Clone, Debug)]
+pub struct DemoReport {
+    /// Each worker's summary.
+    pub summaries: Vec<WorkerSummary>,
+    /// Optimizer state bytes on all shards at the end.
+    pub state_bytes: u64,
+    /// Wall time of the training, from the workers' start to the last exit.
+    pub seconds: f64,
+    /// The model version reached.
+    pub version: u64,
+}
+
+/// Runs the demo and returns what it measured.
+pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     anyhow::ensure!(args.shards >= 1 && args.workers >= 1, "need at least one shard and one worker");
     let me = std::env::current_exe()?;
     let bin_dir = args.bin_dir.clone().unwrap_or_else(|| me.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -127,10 +140,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
     let client = PsClient::connect(ClientConfig::new(shard_addrs.clone()))?;
     client.wait_ready(Duration::from_secs(30)).await.context("the shards did not come up; see their logs")?;
 
+    // Several worker processes each with a full-size compute pool oversubscribe
+    // the cores (measured: 3.5 vs 16.4 steps/s for the language model on 2 cores).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads_per_worker =
+        std::env::var("RAYON_NUM_THREADS").ok().unwrap_or_else(|| (cores / args.workers).max(1).to_string());
     let mut workers = Vec::new();
     for rank in 0..args.workers {
         let log = log_file(&log_dir, &format!("worker-{rank}.log"))?;
         let mut child = Command::new(&me)
+            .env("RAYON_NUM_THREADS", &threads_per_worker)
             .arg("train")
             .args(["--shards", &shard_addrs.join(","), "--rank", &rank.to_string()])
             .args(["--world-size", &args.workers.to_string(), "--task", &value_name(&args.task)])
@@ -205,7 +224,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<Vec<WorkerSummary>> {
     if args.min_accuracy > 0.0 && accuracy < args.min_accuracy {
         bail!("final test accuracy {:.2}% is below the required {:.2}%", accuracy * 100.0, args.min_accuracy * 100.0);
     }
-    Ok(summaries)
+    let models = || status.iter().flat_map(|s| s.models.iter());
+    Ok(DemoReport {
+        state_bytes: models().flat_map(|m| m.groups.iter()).map(|g| g.state_bytes).sum(),
+        version: models().map(|m| m.min_version).min().unwrap_or(0),
+        summaries,
+        seconds,
+    })
 }
 
 fn megabytes(bytes: u64) -> String {

@@ -4,5 +4,7 @@
 
 pub mod data;
 pub mod demo;
+pub mod experiment;
+pub mod lm;
 pub mod task;
 pub mod train;

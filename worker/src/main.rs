@@ -2,7 +2,7 @@
 //! server shards; `worker demo` starts shards and workers locally as processes.
 
 use clap::{Parser, Subcommand};
-use ps_worker::{demo, train};
+use ps_worker::{demo, experiment, train};
 use tracing_subscriber::EnvFilter;
 
 // mimalloc keeps freed multi-MiB buffers (chunks, blocks) for reuse; glibc
@@ -26,6 +26,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Pull a model's current weights and report its test accuracy.
     Evaluate(train::EvaluateArgs),
+    /// Compare the optimizer modes on the language model; writes results/optimizers.md.
+    Experiment(experiment::ExperimentArgs),
 }
 
 #[tokio::main]
@@ -60,6 +62,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Evaluate(args) => {
             train::evaluate(args).await?;
+        }
+        Command::Experiment(args) => {
+            experiment::run(args).await?;
         }
     }
     Ok(())

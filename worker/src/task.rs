@@ -18,6 +18,33 @@ pub enum TaskKind {
     Digits,
     /// Synthetic linear regression (8 features), mean squared error.
     Synthetic,
+    /// Byte-level transformer language model on Python source text.
+    CharLm,
+}
+
+/// What the training loop needs from a task.
+pub trait Trainable: Send + Sync {
+    /// Examples (or sequence start positions) in this worker's training share.
+    fn train_len(&self) -> usize;
+    /// Examples in the held-out set.
+    fn test_len(&self) -> usize;
+    /// Loss on a minibatch of training examples and the gradient of every tensor.
+    fn loss_and_grads(&self, weights: &Tensors, batch: &[usize]) -> anyhow::Result<(f32, Tensors)>;
+    /// Loss (and accuracy, for classification) on the held-out set.
+    fn evaluate(&self, weights: &Tensors) -> anyhow::Result<Evaluation>;
+}
+
+/// Loads the data of `kind` and keeps this rank's share of the training set.
+pub fn load(
+    kind: TaskKind,
+    rank: usize,
+    world: usize,
+    device: Device,
+) -> anyhow::Result<std::sync::Arc<dyn Trainable>> {
+    Ok(match kind {
+        TaskKind::CharLm => std::sync::Arc::new(crate::lm::CharLm::new(crate::lm::SHAPE, rank, world, device)?),
+        _ => std::sync::Arc::new(Task::new(kind, rank, world, device)?),
+    })
 }
 
 impl TaskKind {
@@ -26,12 +53,16 @@ impl TaskKind {
         match self {
             TaskKind::Digits => vec![(64, 64), (64, 10)],
             TaskKind::Synthetic => vec![(data::SYNTHETIC_FEATURES, 1)],
+            TaskKind::CharLm => Vec::new(),
         }
     }
 
     /// The model's tensors with PyTorch-style initialization: weights and
     /// biases uniform in ±1/sqrt(fan_in), seeded.
     pub fn tensor_specs(self, seed: u64) -> Vec<TensorSpec> {
+        if self == TaskKind::CharLm {
+            return crate::lm::tensor_specs(crate::lm::SHAPE, seed);
+        }
         let mut specs = Vec::new();
         for (i, (fan_in, fan_out)) in self.layers().into_iter().enumerate() {
             let bound = 1.0 / (fan_in as f64).sqrt();
@@ -56,6 +87,7 @@ impl TaskKind {
         match self {
             TaskKind::Digits => "digits-mlp",
             TaskKind::Synthetic => "synthetic-linear",
+            TaskKind::CharLm => "char-lm",
         }
     }
 }
@@ -92,11 +124,11 @@ const SPLIT_SEED: u64 = 20_241_127;
 impl Task {
     /// Loads the data of `kind` and keeps this rank's shard of the training set.
     pub fn new(kind: TaskKind, rank: usize, world: usize, device: Device) -> anyhow::Result<Self> {
-        let (layers, loss, all) = match kind {
-            TaskKind::Digits => (vec![(64, 64), (64, 10)], Loss::CrossEntropy { classes: 10 }, data::digits()?),
-            TaskKind::Synthetic => {
-                (vec![(data::SYNTHETIC_FEATURES, 1)], Loss::MeanSquared, data::synthetic_regression(1024, SPLIT_SEED))
-            }
+        let layers = kind.layers();
+        let (loss, all) = match kind {
+            TaskKind::Digits => (Loss::CrossEntropy { classes: 10 }, data::digits()?),
+            TaskKind::Synthetic => (Loss::MeanSquared, data::synthetic_regression(1024, SPLIT_SEED)),
+            TaskKind::CharLm => bail!("the language model is not an MLP task; use task::load"),
         };
         let (train, test) = data::train_test_split(&all, 0.2, SPLIT_SEED);
         let train = data::shard(&train, rank, world);
@@ -189,6 +221,24 @@ impl Task {
             Loss::MeanSquared => None,
         };
         Ok(Evaluation { loss, accuracy })
+    }
+}
+
+impl Trainable for Task {
+    fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn test_len(&self) -> usize {
+        self.test.len()
+    }
+
+    fn loss_and_grads(&self, weights: &Tensors, batch: &[usize]) -> anyhow::Result<(f32, Tensors)> {
+        Task::loss_and_grads(self, weights, batch)
+    }
+
+    fn evaluate(&self, weights: &Tensors) -> anyhow::Result<Evaluation> {
+        Task::evaluate(self, weights)
     }
 }
 

@@ -2,7 +2,6 @@
 //! pull the weights of that version, compute gradients on a local minibatch
 //! and push them; finally evaluate and leave.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,7 +18,7 @@ use ps_client::{ClientConfig, PsClient};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Batches;
-use crate::task::{Task, TaskKind};
+use crate::task::TaskKind;
 
 /// Consistency mode, as a command-line value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -436,7 +435,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             args.world_size
         );
     }
-    let task = Arc::new(Task::new(args.task, rank, args.world_size, device()?)?);
+    let task = crate::task::load(args.task, rank, args.world_size, device()?)?;
     let start = joined.version;
     wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
     tracing::info!(worker, rank, model = model.name(), start, steps = args.steps, "training");
@@ -447,7 +446,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             .progress_chars("=> "),
     );
     progress.set_prefix(worker.clone());
-    let mut batches = Batches::new(task.train.len(), args.batch_size, args.seed ^ ((rank as u64 + 1) * 7919));
+    let mut batches = Batches::new(task.train_len(), args.batch_size, args.seed ^ ((rank as u64 + 1) * 7919));
     let (mut bytes_pushed, mut bytes_pulled, mut losses) = (0u64, 0u64, Vec::new());
     let sync = args.mode == ModeArg::Sync;
     let started = Instant::now();
@@ -501,7 +500,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         train_loss: if tail.is_empty() { f32::NAN } else { tail.iter().sum::<f32>() / tail.len() as f32 },
         test_loss: evaluation.loss,
         test_accuracy: evaluation.accuracy,
-        test_examples: task.test.len(),
+        test_examples: task.test_len(),
         bytes_pushed,
         bytes_pulled,
     })
@@ -551,7 +550,7 @@ pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<(u64, crate::task::E
     let name = args.model.clone().unwrap_or_else(|| args.task.model_name().to_string());
     let model = client.model(&name).await.with_context(|| format!("opening model '{name}'"))?;
     let weights = model.pull(args.min_version).await?;
-    let task = Task::new(args.task, 0, 1, device()?)?;
+    let task = crate::task::load(args.task, 0, 1, device()?)?;
     let evaluation = task.evaluate(&weights.tensors)?;
     let accuracy = evaluation.accuracy.unwrap_or(f32::NAN);
     println!(
@@ -559,7 +558,7 @@ pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<(u64, crate::task::E
         weights.version,
         evaluation.loss,
         accuracy * 100.0,
-        task.test.len()
+        task.test_len()
     );
     if args.min_accuracy > 0.0 && (accuracy.is_nan() || accuracy < args.min_accuracy) {
         anyhow::bail!("test accuracy {:.2}% is below the required {:.2}%", accuracy * 100.0, args.min_accuracy * 100.0);
