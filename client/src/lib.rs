@@ -494,21 +494,6 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
-        if self.layout.max_grad_norm > 0.0 {
-            let norm = grads.values().flatten().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt();
-            if norm > self.layout.max_grad_norm {
-                // Clipping by the global norm of this worker's whole gradient, the
-                // one place where it is whole (the model's max_grad_norm).
-                let scale = (self.layout.max_grad_norm / (norm + 1e-6)) as f32;
-                let clipped: Tensors =
-                    grads.iter().map(|(n, g)| (n.clone(), g.iter().map(|x| x * scale).collect())).collect();
-                return self.push_unclipped(worker, step, &clipped).await;
-            }
-        }
-        self.push_unclipped(worker, step, grads).await
-    }
-
-    async fn push_unclipped(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
         let mut per_shard: Vec<Vec<pb::GradientChunk>> = vec![Vec::new(); self.client.num_shards()];
         let mut bytes_total = 0u64;
         for name in grads.keys() {
@@ -547,6 +532,19 @@ impl ModelHandle {
             updated: sum.updated + r.blocks_updated,
             bytes: sum.bytes,
         }))
+    }
+
+    /// Scales `grads` so that their L2 norm over all tensors is at most the
+    /// model's `max_grad_norm` (when it is set); returns the norm before.
+    /// Call it on the raw gradient, before any compression: the shards never
+    /// hold a whole gradient, so this is where the global norm is known.
+    pub fn clip_to_max_norm(&self, grads: &mut Tensors) -> f64 {
+        let norm = grads.values().flatten().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt();
+        if self.layout.max_grad_norm > 0.0 && norm > self.layout.max_grad_norm {
+            let scale = (self.layout.max_grad_norm / (norm + 1e-6)) as f32;
+            grads.values_mut().flatten().for_each(|g| *g *= scale);
+        }
+        norm
     }
 
     /// Pulls every tensor once each block has at least `min_version` updates

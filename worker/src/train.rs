@@ -465,6 +465,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         let computing = task.clone();
         let (loss, grads) =
             tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
+        let mut grads = grads;
+        model.clip_to_max_norm(&mut grads);
         let payload = compressor.prepare(grads);
         let summary = model.push(&worker, base, &payload).await?;
         metrics::counter!(STEPS).increment(1);
