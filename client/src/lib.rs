@@ -637,3 +637,33 @@ impl ModelHandle {
         Ok((if version == u64::MAX { 0 } else { version }, bytes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(max_grad_norm: f64) -> ModelHandle {
+        let client = PsClient::connect(ClientConfig::new(vec!["127.0.0.1:1".into()])).unwrap();
+        let layout = pb::Layout {
+            model: "m".into(),
+            shards: vec!["127.0.0.1:1".into()],
+            tensors: vec![pb::TensorLayout { name: "w".into(), shape: vec![2], group: "g".into() }],
+            max_grad_norm,
+            ..Default::default()
+        };
+        ModelHandle::new(client, layout).unwrap()
+    }
+
+    #[tokio::test]
+    async fn clipping_scales_the_whole_gradient_to_the_model_norm() {
+        let mut grads: Tensors = [("w".to_string(), vec![3.0f32, 4.0])].into_iter().collect();
+        assert_eq!(handle(1.0).clip_to_max_norm(&mut grads), 5.0);
+        assert!((grads["w"][0] - 0.6).abs() < 1e-6 && (grads["w"][1] - 0.8).abs() < 1e-6);
+        let mut small: Tensors = [("w".to_string(), vec![0.3f32, 0.4])].into_iter().collect();
+        handle(1.0).clip_to_max_norm(&mut small);
+        assert_eq!(small["w"], vec![0.3, 0.4], "a gradient under the limit is left alone");
+        let mut unlimited: Tensors = [("w".to_string(), vec![30.0f32, 40.0])].into_iter().collect();
+        handle(0.0).clip_to_max_norm(&mut unlimited);
+        assert_eq!(unlimited["w"], vec![30.0, 40.0]);
+    }
+}
