@@ -460,10 +460,16 @@ impl Model {
         metrics::gauge!(m::MODEL_VERSION, "model" => self.spec.name.clone()).set(self.version_range().0 as f64);
     }
 
+    /// Refreshes the live-worker gauge (cheap: no block is locked).
+    pub fn publish_live_workers(&self) {
+        metrics::gauge!(m::LIVE_WORKERS, "model" => self.spec.name.clone()).set(self.membership.live().len() as f64);
+    }
+
     /// Refreshes the gauges that describe the model's size and membership.
+    /// Locks every block: call it from the blocking pool.
     pub fn publish_gauges(&self) {
         let model = self.spec.name.clone();
-        metrics::gauge!(m::LIVE_WORKERS, "model" => model.clone()).set(self.membership.live().len() as f64);
+        self.publish_live_workers();
         let parameters: usize = self.local_order.iter().map(|b| b.len).sum();
         metrics::gauge!(m::PARAMETERS, "model" => model.clone()).set(parameters as f64);
         for (group, stats) in self.spec.groups.iter().zip(self.group_stats()) {

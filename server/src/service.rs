@@ -324,7 +324,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
             check_worker_name(&request.worker_id)?;
             let model = self.registry.get(&request.model)?;
             let rank = model.membership.join(&request.worker_id);
-            model.publish_gauges();
+            model.publish_live_workers();
             tracing::info!(model = request.model, worker = request.worker_id, rank, "worker joined");
             Ok::<_, ServerError>(pb::JoinWorkerResponse {
                 lease_ms: model.membership.lease().as_millis() as u64,
@@ -391,6 +391,9 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         &self,
         request: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        observe("GetStatus", self.status(request.into_inner())).map(Response::new)
+        // The status locks every block, which a running update may hold: not on the reactor.
+        let service = self.clone();
+        let result = blocking(move || service.status(request.into_inner())).await.and_then(|r| r);
+        observe("GetStatus", result).map(Response::new)
     }
 }
