@@ -11,6 +11,7 @@ use ps_proto::transport::{
 };
 
 use crate::error::ServerError;
+use crate::optim::linalg::{mix64, name_hash};
 use crate::optim::{
     AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, LrSchedule,
     OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
@@ -517,8 +518,8 @@ pub fn fill_initial(rule: &InitRule, tensor: &str, offset: u64, out: &mut [f32])
             let key = stream_key(seed, tensor);
             for (i, value) in out.iter_mut().enumerate() {
                 let index = offset + i as u64;
-                let u1 = unit_interval(splitmix64(key ^ index.wrapping_mul(2)));
-                let u2 = unit_interval(splitmix64(key ^ index.wrapping_mul(2).wrapping_add(1)));
+                let u1 = unit_interval(mix64(key ^ index.wrapping_mul(2)));
+                let u2 = unit_interval(mix64(key ^ index.wrapping_mul(2).wrapping_add(1)));
                 // Box-Muller; u1 is in (0, 1], so the log is finite.
                 let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
                 *value = mean + std * z as f32;
@@ -527,7 +528,7 @@ pub fn fill_initial(rule: &InitRule, tensor: &str, offset: u64, out: &mut [f32])
         InitRule::Uniform { center, half_width, seed } => {
             let key = stream_key(seed, tensor);
             for (i, value) in out.iter_mut().enumerate() {
-                let u = unit_interval(splitmix64(key ^ (offset + i as u64)));
+                let u = unit_interval(mix64(key ^ (offset + i as u64)));
                 *value = center + half_width * (2.0 * u as f32 - 1.0);
             }
         }
@@ -535,19 +536,7 @@ pub fn fill_initial(rule: &InitRule, tensor: &str, offset: u64, out: &mut [f32])
 }
 
 fn stream_key(seed: u64, tensor: &str) -> u64 {
-    // FNV-1a of the name, mixed with the seed.
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for byte in tensor.bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    splitmix64(hash ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
-
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    mix64(name_hash(tensor) ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// Maps 64 random bits to (0, 1].

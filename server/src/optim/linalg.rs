@@ -105,11 +105,9 @@ impl SplitMix {
 
     /// The next 64 bits.
     pub fn next_u64(&mut self) -> u64 {
+        let out = mix64(self.0);
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        out
     }
 
     /// `count` distinct indices below `n`, sorted.
@@ -123,6 +121,15 @@ impl SplitMix {
         chosen.sort_unstable();
         chosen
     }
+}
+
+/// SplitMix64's output for one state: a strong 64-bit mix of `x`, used both
+/// as a counter-based generator (hash of an index) and inside [`SplitMix`].
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A stable 64-bit hash of a name (FNV-1a), to salt per-tensor random choices.
