@@ -475,8 +475,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         metrics::counter!(BYTES_PULLED).increment(weights_bytes);
         metrics::histogram!(STEP_SECONDS).record(step_started.elapsed().as_secs_f64());
         if let Some(dir) = &args.state_dir {
-            compressor
-                .save(dir, &worker)
+            // A file write with fsync: tell the runtime this thread blocks for a while.
+            tokio::task::block_in_place(|| compressor.save(dir, &worker))
                 .with_context(|| format!("saving the compression state in {}", dir.display()))?;
         }
         bytes_pushed += summary.bytes;
