@@ -12,6 +12,7 @@ pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod random;
 pub mod registry;
 pub mod service;
 pub mod spec;

@@ -11,11 +11,11 @@ use ps_proto::transport::{
 };
 
 use crate::error::ServerError;
-use crate::optim::linalg::{mix64, name_hash};
 use crate::optim::{
     AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, LrSchedule,
     OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
+use crate::random::{mix64, name_hash};
 
 /// How pushes of several workers become updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

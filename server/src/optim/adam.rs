@@ -2,7 +2,7 @@
 //! §1.1 with PyTorch's ε placement: `w -= η/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + ε)`.
 //! AdamW decays first, with the unscaled η; Adam-L2 adds `λw` to the gradient.
 
-use super::{Optimizer, StepContext};
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// Hyperparameters of Adam / AdamW.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +64,21 @@ impl Moments {
     pub fn bytes(&self) -> usize {
         (self.m.len() + self.v.len()) * std::mem::size_of::<f32>()
     }
+
+    /// Writes `m`, `v` and `moments_t`.
+    pub(super) fn export_into(&self, state: &mut OptimizerState) {
+        state.put_buffer("m", &self.m);
+        state.put_buffer("v", &self.v);
+        state.put_integer("moments_t", self.t);
+    }
+
+    /// Reads moments of `len` parameters written by [`Moments::export_into`].
+    pub(super) fn import_from(reader: &mut StateReader, len: usize) -> Result<Self, StateError> {
+        let m = reader.buffer("m", len)?.to_vec();
+        let v = reader.buffer("v", len)?.to_vec();
+        let t = reader.integer("moments_t")?;
+        Ok(Self { m, v, t })
+    }
 }
 
 /// Adam / AdamW state for one slice: first and second moments (8 bytes per parameter).
@@ -108,6 +123,23 @@ impl Optimizer for AdamW {
 
     fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
         vec![("m", self.moments.m.clone()), ("v", self.moments.v.clone()), ("step", vec![self.step_t as f32])]
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut state = OptimizerState::default();
+        self.moments.export_into(&mut state);
+        state.put_integer("step_t", self.step_t);
+        state
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError> {
+        let mut reader = StateReader::new(state);
+        let moments = Moments::import_from(&mut reader, self.moments.m.len())?;
+        let step_t = reader.integer("step_t")?;
+        reader.finish()?;
+        self.moments = moments;
+        self.step_t = step_t;
+        Ok(())
     }
 }
 

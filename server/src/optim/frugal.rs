@@ -5,9 +5,31 @@
 //! embeddings, biases, the LM head) are plain AdamW and are built elsewhere.
 
 use super::adam::Moments;
-use super::linalg::{self, Dims, Side, SplitMix, round_half_even, sign0};
-use super::projector::Projector;
-use super::{Optimizer, StepContext};
+use super::linalg::{self, Dims, Side, round_half_even, sign0};
+use super::projector::{IndexChoice, Projector, ProjectorShape};
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext, invalid};
+use crate::random::{SplitMix, name_hash};
+
+/// Name parts that make a 2-D tensor projectable under FRUGAL's default rule.
+pub const PROJECTABLE_NAMES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "up_proj",
+    "down_proj",
+    "gate_proj",
+    "attn",
+    "mlp",
+    "query",
+    "key",
+    "value",
+];
+
+/// FRUGAL's default rule (algorithms.md §0): 2-D weights of attention and MLP blocks.
+pub fn projectable_by_name(name: &str, shape: &[u64]) -> bool {
+    shape.len() >= 2 && PROJECTABLE_NAMES.iter().any(|n| name.contains(n))
+}
 
 /// How the state-full subspace is chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,6 +101,30 @@ pub struct FrugalConfig {
     pub schedule: Option<Vec<Vec<usize>>>,
 }
 
+/// The defaults the wire API applies when a field is zero: block FRUGAL with a
+/// quarter of the tensors state-full, the window moving backward, and signSGD
+/// on the rest.
+impl Default for FrugalConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            density: 0.25,
+            update_gap: 200,
+            proj_lr_scale: 1.0,
+            inactive_lr_scale: 1.0,
+            inactive_rule: InactiveRule::SignSgd,
+            reset_statistics: true,
+            mode: FrugalMode::Block { order: BlockOrder::Descending },
+            seed: 0,
+            schedule: None,
+        }
+    }
+}
+
 /// Where a tensor sits among its group's projectable tensors (block mode counts tensors).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupPosition {
@@ -117,7 +163,7 @@ impl Frugal {
             config,
             dims,
             position,
-            salt: linalg::name_hash(name),
+            salt: name_hash(name),
             subspace: Subspace::Unselected,
             moments: Moments::default(),
         }
@@ -142,6 +188,34 @@ impl Frugal {
                 window((n - back) % n)
             }
             _ => SplitMix::new(c.seed, period as u64).choose(n, active),
+        }
+    }
+
+    /// The projector `select` builds in columns or SVD mode (None in block mode).
+    fn projector_shape(&self) -> Option<ProjectorShape<'_>> {
+        let c = &self.config;
+        let Dims { rows: m, cols: n } = self.dims;
+        match &c.mode {
+            FrugalMode::Block { .. } => None,
+            FrugalMode::Columns => {
+                let choice = match &c.schedule {
+                    // The period is not part of the state, so any entry of the schedule may be current.
+                    Some(schedule) => IndexChoice::OneOf(schedule),
+                    None => IndexChoice::Ascending(((f64::from(c.density) * n as f64).floor() as usize).min(n)),
+                };
+                Some(ProjectorShape::Index { rows: false, bound: n, choice })
+            }
+            FrugalMode::Svd => {
+                let (side, rank) = if m >= n {
+                    (Side::Right, round_half_even(f64::from(c.density) * n as f64))
+                } else {
+                    (Side::Left, round_half_even(f64::from(c.density) * m as f64))
+                };
+                // The SVD has only min(m, n) vectors to give.
+                let kept = rank.min(m.min(n));
+                let basis_len = if side == Side::Right { kept * n } else { m * kept };
+                Some(ProjectorShape::Svd { side, rank, basis_len })
+            }
         }
     }
 
@@ -255,4 +329,53 @@ impl Optimizer for Frugal {
         }
         state
     }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut state = OptimizerState::default();
+        let code = match &self.subspace {
+            Subspace::Unselected => UNSELECTED,
+            Subspace::Inactive => INACTIVE,
+            Subspace::Whole => WHOLE,
+            Subspace::Projected(projector) => {
+                projector.export_into(&mut state);
+                PROJECTED
+            }
+        };
+        state.put_integer("subspace", code);
+        self.moments.export_into(&mut state);
+        state
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError> {
+        let mut reader = StateReader::new(state);
+        let code = reader.integer("subspace")?;
+        let block = matches!(self.config.mode, FrugalMode::Block { .. });
+        let subspace = match (code, self.projector_shape()) {
+            (UNSELECTED, _) => Subspace::Unselected,
+            (INACTIVE, None) => Subspace::Inactive,
+            (WHOLE, None) => Subspace::Whole,
+            (PROJECTED, Some(shape)) => Subspace::Projected(Projector::import_from(&mut reader, &shape)?),
+            _ => {
+                let allowed =
+                    if block { "0 (unselected), 1 (inactive) or 2 (whole)" } else { "0 (unselected) or 3 (projected)" };
+                return Err(invalid("subspace", format!("this instance's mode allows {allowed}, got {code}")));
+            }
+        };
+        // `step` resizes the moments to the subspace at every selection, so they always match it.
+        let low_len = match &subspace {
+            Subspace::Unselected | Subspace::Inactive => 0,
+            Subspace::Whole => self.dims.rows * self.dims.cols,
+            Subspace::Projected(projector) => projector.low_len(self.dims),
+        };
+        let moments = Moments::import_from(&mut reader, low_len)?;
+        reader.finish()?;
+        self.subspace = subspace;
+        self.moments = moments;
+        Ok(())
+    }
 }
+
+const UNSELECTED: u64 = 0;
+const INACTIVE: u64 = 1;
+const WHOLE: u64 = 2;
+const PROJECTED: u64 = 3;

@@ -3,6 +3,7 @@
 //! singular vectors of the gradient (svd).
 
 use super::linalg::{self, Dims, Side};
+use super::{OptimizerState, StateError, StateReader, invalid};
 
 /// A chosen subspace of an m×n matrix.
 #[derive(Clone, Debug)]
@@ -107,6 +108,135 @@ impl Projector {
         match self {
             Projector::Index { indices, .. } => indices.iter().map(|&i| i as f32).collect(),
             Projector::Svd { .. } => Vec::new(),
+        }
+    }
+}
+
+/// The projector an optimizer instance would build, against which an imported one is checked.
+pub(super) enum ProjectorShape<'a> {
+    /// Whole rows or columns.
+    Index {
+        /// Rows or columns.
+        rows: bool,
+        /// Number of rows or columns to choose from.
+        bound: usize,
+        /// Which index lists the instance can hold.
+        choice: IndexChoice<'a>,
+    },
+    /// A singular basis.
+    Svd {
+        /// Which factor.
+        side: Side,
+        /// The rank the instance asks for.
+        rank: usize,
+        /// Floats of the basis the SVD returns (fewer than the rank asks when the matrix is thinner).
+        basis_len: usize,
+    },
+}
+
+/// The index lists an instance can hold.
+pub(super) enum IndexChoice<'a> {
+    /// This many distinct indices below the bound, ascending (seeded or top-k picks).
+    Ascending(usize),
+    /// One of these lists, verbatim (an injected schedule).
+    OneOf(&'a [Vec<usize>]),
+}
+
+const INDEX: u64 = 1;
+const SVD: u64 = 2;
+
+fn side_code(side: Side) -> u64 {
+    match side {
+        Side::Left => 0,
+        Side::Right => 1,
+    }
+}
+
+impl Projector {
+    /// Writes `projector_kind` (1 index, 2 svd) and the fields of that kind:
+    /// `projector_rows` and `projector_indices`, or `projector_side` (0 left,
+    /// 1 right), `projector_rank` and the buffer `projector_basis`.
+    pub(super) fn export_into(&self, state: &mut OptimizerState) {
+        match self {
+            Projector::Index { rows, indices } => {
+                state.put_integer("projector_kind", INDEX);
+                state.put_integer("projector_rows", u64::from(*rows));
+                state.put_integers("projector_indices", indices.iter().map(|&i| i as u64).collect());
+            }
+            Projector::Svd { side, basis, rank } => {
+                state.put_integer("projector_kind", SVD);
+                state.put_integer("projector_side", side_code(*side));
+                state.put_integer("projector_rank", *rank as u64);
+                state.put_buffer("projector_basis", basis);
+            }
+        }
+    }
+
+    /// Reads a projector written by [`Projector::export_into`] that must have `shape`.
+    pub(super) fn import_from(reader: &mut StateReader, shape: &ProjectorShape) -> Result<Self, StateError> {
+        let kind = reader.integer("projector_kind")?;
+        match shape {
+            ProjectorShape::Index { rows, bound, choice } => {
+                if kind != INDEX {
+                    return Err(invalid(
+                        "projector_kind",
+                        format!("this instance keeps an index projector ({INDEX}), got {kind}"),
+                    ));
+                }
+                if reader.flag("projector_rows")? != *rows {
+                    let what = if *rows { "rows" } else { "columns" };
+                    return Err(invalid("projector_rows", format!("this instance keeps whole {what}")));
+                }
+                let field = "projector_indices";
+                let raw = match choice {
+                    IndexChoice::Ascending(len) => reader.integers(field, *len)?,
+                    IndexChoice::OneOf(lists) => {
+                        let raw = reader.any_integers(field)?;
+                        if let [only] = lists {
+                            super::check_len(field, only.len(), raw.len())?;
+                        }
+                        raw
+                    }
+                };
+                let mut indices = Vec::with_capacity(raw.len());
+                for &i in raw {
+                    match usize::try_from(i) {
+                        Ok(i) if i < *bound => indices.push(i),
+                        _ => return Err(invalid(field, format!("index {i} is not below {bound}"))),
+                    }
+                }
+                match choice {
+                    IndexChoice::Ascending(_) if !indices.is_sorted_by(|a, b| a < b) => {
+                        return Err(invalid(field, "indices must be distinct and ascending"));
+                    }
+                    IndexChoice::OneOf(lists) if !lists.contains(&indices) => {
+                        return Err(invalid(field, "not one of the configured schedule's selections"));
+                    }
+                    _ => {}
+                }
+                Ok(Projector::Index { rows: *rows, indices })
+            }
+            ProjectorShape::Svd { side, rank, basis_len } => {
+                if kind != SVD {
+                    return Err(invalid(
+                        "projector_kind",
+                        format!("this instance keeps an SVD projector ({SVD}), got {kind}"),
+                    ));
+                }
+                let code = reader.integer("projector_side")?;
+                if code != side_code(*side) {
+                    return Err(invalid(
+                        "projector_side",
+                        format!("this instance's side is {}, got {code}", side_code(*side)),
+                    ));
+                }
+                let got = reader.count("projector_rank")?;
+                if got != *rank {
+                    return Err(invalid("projector_rank", format!("this instance's rank is {rank}, got {got}")));
+                }
+                let basis = reader.buffer("projector_basis", *basis_len)?.to_vec();
+                Ok(Projector::Svd { side: *side, basis, rank: *rank })
+            }
         }
     }
 }

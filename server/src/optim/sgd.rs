@@ -1,7 +1,7 @@
 //! SGD with optional heavy-ball or Nesterov momentum, following torch.optim.SGD:
 //! `d = g + λw; b = μb + (1-τ)d (b = d on the first step); d = d + μb (Nesterov) or b; w -= η d`.
 
-use super::{Optimizer, StepContext};
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// Hyperparameters of SGD.
 #[derive(Clone, Debug, PartialEq)]
@@ -16,6 +16,13 @@ pub struct SgdConfig {
     pub nesterov: bool,
     /// L2 weight decay λ, added to the gradient.
     pub weight_decay: f32,
+}
+
+/// The defaults the wire API applies when a field is zero: plain SGD at lr 1e-3.
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
+    }
 }
 
 /// SGD state for one slice: the momentum buffer, if momentum is on.
@@ -62,6 +69,31 @@ impl Optimizer for Sgd {
 
     fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
         if self.buffer.is_empty() { Vec::new() } else { vec![("momentum_buffer", self.buffer.clone())] }
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut state = OptimizerState::default();
+        // Keyed on the config, not on the buffer's length, so that export and
+        // import agree on the field set even for an empty slice.
+        if self.config.momentum > 0.0 {
+            state.put_buffer("momentum_buffer", &self.buffer);
+        }
+        state.put_integer("buffer_started", u64::from(self.buffer_started));
+        state
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError> {
+        let mut reader = StateReader::new(state);
+        let buffer = if self.config.momentum > 0.0 {
+            reader.buffer("momentum_buffer", self.buffer.len())?.to_vec()
+        } else {
+            Vec::new()
+        };
+        let buffer_started = reader.flag("buffer_started")?;
+        reader.finish()?;
+        self.buffer = buffer;
+        self.buffer_started = buffer_started;
+        Ok(())
     }
 }
 

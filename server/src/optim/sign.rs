@@ -2,7 +2,7 @@
 //! Signum (one momentum buffer) and Lion (one momentum buffer).
 
 use super::linalg::sign0;
-use super::{Optimizer, StepContext};
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// Hyperparameters of signSGD (β = 0), Signum and Lion.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +19,18 @@ pub struct SignConfig {
     pub lion: bool,
 }
 
+/// Lion's β2 when the wire API leaves it at zero (the Lion paper's choice).
+pub const LION_DEFAULT_BETA2: f32 = 0.99;
+
+/// The defaults the wire API applies when a field is zero: signSGD at lr 1e-3.
+/// β2 stays 0 because only Lion reads it; a Lion config whose β2 is zero on
+/// the wire gets [`LION_DEFAULT_BETA2`] instead.
+impl Default for SignConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, beta1: 0.0, beta2: 0.0, weight_decay: 0.0, lion: false }
+    }
+}
+
 /// signSGD / Signum / Lion state for one slice.
 pub struct Sign {
     config: SignConfig,
@@ -30,6 +42,12 @@ impl Sign {
     pub fn new(config: SignConfig, len: usize) -> Self {
         let momentum = if config.lion || config.beta1 > 0.0 { vec![0.0; len] } else { Vec::new() };
         Self { config, momentum }
+    }
+
+    /// Whether the configuration keeps a momentum buffer (decided by the
+    /// config so that export and import agree even for an empty slice).
+    fn has_momentum(&self) -> bool {
+        self.config.lion || self.config.beta1 > 0.0
     }
 }
 
@@ -64,6 +82,23 @@ impl Optimizer for Sign {
 
     fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
         if self.momentum.is_empty() { Vec::new() } else { vec![("m", self.momentum.clone())] }
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut state = OptimizerState::default();
+        if self.has_momentum() {
+            state.put_buffer("momentum", &self.momentum);
+        }
+        state
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError> {
+        let mut reader = StateReader::new(state);
+        let momentum =
+            if self.has_momentum() { reader.buffer("momentum", self.momentum.len())?.to_vec() } else { Vec::new() };
+        reader.finish()?;
+        self.momentum = momentum;
+        Ok(())
     }
 }
 

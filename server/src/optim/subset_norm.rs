@@ -4,7 +4,7 @@
 //! AdaGradSN / AdamSN (state `max(m, n)` floats for an m×n matrix).
 
 use super::linalg::Dims;
-use super::{Optimizer, StepContext};
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// How the coordinates of a tensor are grouped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,23 @@ pub struct SubsetNormConfig {
     pub subsets: Subsets,
     /// AdaGrad-Norm's initial accumulator b0².
     pub initial_accumulator: f32,
+}
+
+/// The defaults the wire API applies when a field is zero: AdaGradSN (β2 = 1,
+/// no momentum) over the heuristic subsets at lr 1e-3.
+impl Default for SubsetNormConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.0,
+            beta2: 1.0,
+            eps: 0.0,
+            correct_bias: false,
+            weight_decay: 0.0,
+            subsets: Subsets::Heuristic,
+            initial_accumulator: 0.0,
+        }
+    }
 }
 
 /// Maps each coordinate to its subset.
@@ -235,5 +252,29 @@ impl Optimizer for SubsetNorm {
             state.push(("m", self.momentum.clone()));
         }
         state
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut state = OptimizerState::default();
+        state.put_buffer("v", &self.accumulator.v);
+        // Keyed on the config, as in `new`, so the field set does not depend on the slice's length.
+        if self.config.beta1 > 0.0 {
+            state.put_buffer("momentum", &self.momentum);
+        }
+        state.put_integer("step_t", self.step_t);
+        state
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError> {
+        let mut reader = StateReader::new(state);
+        let v = reader.buffer("v", self.accumulator.v.len())?.to_vec();
+        let momentum =
+            if self.config.beta1 > 0.0 { reader.buffer("momentum", self.momentum.len())?.to_vec() } else { Vec::new() };
+        let step_t = reader.integer("step_t")?;
+        reader.finish()?;
+        self.accumulator.v = v;
+        self.momentum = momentum;
+        self.step_t = step_t;
+        Ok(())
     }
 }

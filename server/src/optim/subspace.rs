@@ -4,10 +4,11 @@
 //! gradient. The subspace is re-chosen from the gradient at t = 1 and every
 //! t ≡ 0 (mod T); only the momentum is reset then (zero first, then update).
 
-use super::linalg::{self, Dims, Side, SplitMix};
-use super::projector::Projector;
+use super::linalg::{self, Dims, Side};
+use super::projector::{IndexChoice, Projector, ProjectorShape};
 use super::subset_norm::{SubsetAccumulator, SubsetMap, Subsets, subset_norm_alpha};
-use super::{Optimizer, StepContext};
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext, invalid};
+use crate::random::{SplitMix, name_hash};
 
 /// How the kept rows or columns are chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,6 +59,27 @@ pub struct SubspaceMomentumConfig {
     pub seed: u64,
 }
 
+/// The defaults the wire API applies when a field is zero: SGD-SM with a
+/// rank-8 top-k row/column subspace re-chosen every 200 steps.
+impl Default for SubspaceMomentumConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            rank: 8,
+            update_gap: 200,
+            projection: Projection::Index(IndexRule::TopK),
+            adaptive: false,
+            subsets: Subsets::Heuristic,
+            correct_bias: false,
+            weight_decay: 0.0,
+            seed: 0,
+        }
+    }
+}
+
 /// SM state for one matrix.
 pub struct SubspaceMomentum {
     config: SubspaceMomentumConfig,
@@ -77,7 +99,7 @@ impl SubspaceMomentum {
             .adaptive
             .then(|| SubsetAccumulator::new(SubsetMap::new(config.subsets, dims, true), dims.rows * dims.cols, 0.0));
         Self {
-            salt: linalg::name_hash(name),
+            salt: name_hash(name),
             config,
             dims,
             projector: None,
@@ -86,6 +108,35 @@ impl SubspaceMomentum {
             selections: 0,
             step_t: 0,
         }
+    }
+
+    /// The projector `select` builds as selection number `selections` (1-based).
+    fn projector_shape(&self, selections: usize) -> Result<ProjectorShape<'_>, StateError> {
+        let Dims { rows: m, cols: n } = self.dims;
+        let by_rows = m >= n;
+        let count = if by_rows { m } else { n };
+        let rank = self.config.rank.min(count);
+        Ok(match &self.config.projection {
+            Projection::Svd => {
+                let side = if by_rows { Side::Right } else { Side::Left };
+                // The SVD has only min(m, n) vectors to give.
+                let kept = rank.min(m.min(n));
+                ProjectorShape::Svd { side, rank, basis_len: if by_rows { kept * n } else { m * kept } }
+            }
+            Projection::Index(rule) => {
+                let choice = match rule {
+                    IndexRule::Schedule(schedule) if schedule.is_empty() => {
+                        return Err(invalid("projector_indices", "the configured schedule is empty"));
+                    }
+                    IndexRule::Schedule(schedule) => {
+                        let entry = &schedule[selections.saturating_sub(1).min(schedule.len() - 1)];
+                        IndexChoice::OneOf(std::slice::from_ref(entry))
+                    }
+                    IndexRule::Uniform | IndexRule::TopK => IndexChoice::Ascending(rank),
+                };
+                ProjectorShape::Index { rows: by_rows, bound: count, choice }
+            }
+        })
     }
 
     fn select(&mut self, g: &[f32]) -> Projector {
@@ -195,5 +246,52 @@ impl Optimizer for SubspaceMomentum {
             state.push(("v", accumulator.v.clone()));
         }
         state
+    }
+
+    fn export_state(&self) -> OptimizerState {
+        let mut state = OptimizerState::default();
+        match &self.projector {
+            Some(projector) => projector.export_into(&mut state),
+            None => state.put_integer("projector_kind", 0),
+        }
+        state.put_buffer("momentum_low", &self.momentum_low);
+        if let Some(accumulator) = &self.accumulator {
+            state.put_buffer("v", &accumulator.v);
+        }
+        state.put_integer("selections", self.selections as u64);
+        state.put_integer("step_t", self.step_t);
+        state
+    }
+
+    fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError> {
+        let mut reader = StateReader::new(state);
+        let selections = reader.count("selections")?;
+        let kind = reader.integer("projector_kind")?;
+        let selected = kind != 0;
+        // Every selection installs a projector, and only selections do.
+        if selected != (selections > 0) {
+            return Err(invalid("selections", format!("{selections} selections do not fit projector_kind {kind}")));
+        }
+        let projector = if selected {
+            Some(Projector::import_from(&mut reader, &self.projector_shape(selections)?)?)
+        } else {
+            None
+        };
+        let low_len = projector.as_ref().map_or(0, |p| p.low_len(self.dims));
+        let momentum_low = reader.buffer("momentum_low", low_len)?.to_vec();
+        let v = match &self.accumulator {
+            Some(accumulator) => Some(reader.buffer("v", accumulator.v.len())?.to_vec()),
+            None => None,
+        };
+        let step_t = reader.integer("step_t")?;
+        reader.finish()?;
+        self.projector = projector;
+        self.momentum_low = momentum_low;
+        if let (Some(accumulator), Some(v)) = (&mut self.accumulator, v) {
+            accumulator.v = v;
+        }
+        self.selections = selections;
+        self.step_t = step_t;
+        Ok(())
     }
 }
