@@ -5,9 +5,28 @@ use tonic::Status;
 /// What can go wrong talking to the parameter server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The client configuration is unusable.
-    #[error("configuration: {0}")]
-    Config(String),
+    /// No shard addresses were given.
+    #[error("configuration: at least one shard address is needed")]
+    NoShards,
+    /// A shard address that does not parse as a URI.
+    #[error("configuration: bad shard address '{address}': {reason}")]
+    BadAddress {
+        /// The address given.
+        address: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// A token that cannot go in a header.
+    #[error("configuration: the auth token must be printable ASCII")]
+    BadToken,
+    /// The servers and the client disagree on the shard list.
+    #[error("configuration: the servers are configured with {} shards ({servers:?}) but this client was given {client}", servers.len())]
+    ShardCountMismatch {
+        /// The shard list the servers report.
+        servers: Vec<String>,
+        /// How many shards the client was given.
+        client: usize,
+    },
     /// A shard answered with an error (after retries, if it was transient).
     #[error("shard {shard}: {} ({:?})", status.message(), status.code())]
     Rpc {
@@ -35,9 +54,9 @@ pub enum ClientError {
     /// The servers returned no layout.
     #[error("the servers returned no usable layout")]
     NoLayout,
-    /// A server reply did not fit the layout.
+    /// A server reply that does not fit the model's layout.
     #[error("protocol: {0}")]
-    Protocol(String),
+    Protocol(#[from] ProtocolError),
 }
 
 impl ClientError {
@@ -48,4 +67,45 @@ impl ClientError {
             _ => None,
         }
     }
+}
+
+/// A reply of the servers that does not fit the protocol or the layout.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// A payload that does not decode.
+    #[error(transparent)]
+    Codec(#[from] ps_proto::codec::CodecError),
+    /// A layout block that names a tensor the layout does not list.
+    #[error("layout names unknown tensor '{0}'")]
+    LayoutTensor(String),
+    /// Layout blocks of a tensor that are not listed in order.
+    #[error("layout blocks of '{0}' out of order")]
+    LayoutOrder(String),
+    /// A weight message without its chunk.
+    #[error("weight message without a chunk")]
+    MissingChunk,
+    /// A chunk of a block the tensor does not have.
+    #[error("tensor '{tensor}' has no block {block}")]
+    UnknownBlock {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+    },
+    /// A chunk past the end of its block.
+    #[error("chunk past the end of '{tensor}' block {block}")]
+    PastEnd {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+    },
+    /// A pull that ended before a block was complete.
+    #[error("pull returned incomplete block {block} of '{tensor}'")]
+    IncompleteBlock {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+    },
 }

@@ -74,6 +74,20 @@ pub struct BlockPlan {
     pub length: u64,
 }
 
+impl BlockPlan {
+    /// The wire form, naming the tensor by `tensor`.
+    pub fn to_wire(&self, tensor: &str) -> pb::BlockPlacement {
+        let &BlockPlan { block, shard, row_start, rows, offset, length, .. } = self;
+        pb::BlockPlacement { tensor: tensor.to_string(), block, shard, row_start, rows, offset, length }
+    }
+
+    /// From the wire, given the index of the tensor the placement names.
+    pub fn from_wire(wire: &pb::BlockPlacement, tensor: usize) -> Self {
+        let &pb::BlockPlacement { block, shard, row_start, rows, offset, length, .. } = wire;
+        BlockPlan { tensor, block, shard, row_start, rows, offset, length }
+    }
+}
+
 /// Number of elements of a tensor with this shape (1 for a scalar).
 pub fn num_elements(shape: &[u64]) -> u64 {
     shape.iter().product()

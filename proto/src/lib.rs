@@ -3,6 +3,7 @@
 //! transport settings. Both sides must agree on all of these, so they live in
 //! exactly one place.
 
+pub mod chunk;
 pub mod codec;
 pub mod layout;
 pub mod transport;

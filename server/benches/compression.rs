@@ -8,95 +8,22 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use ps_client::proto::{
-    self, Aggregation, Encoding, InitKind, InitRule, ModelSpec, OptimizerConfig, ParamGroup, TensorSpec,
-};
+use ps_client::spec::{Aggregation, Encoding, GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
 use ps_client::{ClientConfig, PsClient, Tensors};
-use ps_server::ServerOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use ps_testkit::{Cluster, env_or, raw_tcp};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const WORKERS: usize = 4;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Moves `up` bytes to a loopback peer on each of `streams` connections, then `down` bytes back on each.
-async fn raw_tcp(streams: usize, up: usize, down: usize) -> Duration {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let mut peers = Vec::new();
-        for _ in 0..streams {
-            let (socket, _) = listener.accept().await.unwrap();
-            peers.push(tokio::spawn(async move {
-                let mut socket = socket;
-                socket.set_nodelay(true).unwrap();
-                let mut buffer = vec![0u8; 1 << 20];
-                let mut received = 0;
-                while received < up {
-                    received += socket.read(&mut buffer).await.unwrap();
-                }
-                let payload = vec![1u8; 1 << 20];
-                let mut sent = 0;
-                while sent < down {
-                    let n = payload.len().min(down - sent);
-                    socket.write_all(&payload[..n]).await.unwrap();
-                    sent += n;
-                }
-            }));
-        }
-        join_all(peers).await;
-    });
-    let start = Instant::now();
-    let clients = (0..streams).map(|_| async move {
-        let mut socket = TcpStream::connect(addr).await.unwrap();
-        socket.set_nodelay(true).unwrap();
-        let payload = vec![3u8; 1 << 20];
-        let mut sent = 0;
-        while sent < up {
-            let n = payload.len().min(up - sent);
-            socket.write_all(&payload[..n]).await.unwrap();
-            sent += n;
-        }
-        let mut buffer = vec![0u8; 1 << 20];
-        let mut received = 0;
-        while received < down {
-            received += socket.read(&mut buffer).await.unwrap();
-        }
-    });
-    join_all(clients).await;
-    let elapsed = start.elapsed();
-    server.await.unwrap();
-    elapsed
-}
-
 fn spec(name: &str, rows: usize, cols: usize, encoding: Encoding, aggregation: Aggregation) -> ModelSpec {
-    ModelSpec {
-        name: name.into(),
-        tensors: vec![TensorSpec {
-            name: "w".into(),
-            shape: vec![rows as u64, cols as u64],
-            init: Some(InitRule { kind: InitKind::Zeros as i32, ..Default::default() }),
-        }],
-        groups: vec![ParamGroup {
-            name: "all".into(),
-            patterns: vec!["*".into()],
-            optimizer: Some(OptimizerConfig {
-                kind: Some(proto::optimizer_config::Kind::Sgd(proto::SgdConfig { lr: 1e-6, ..Default::default() })),
-            }),
-            push_encodings: vec![encoding as i32],
-            aggregation: aggregation as i32,
-            schedule: None,
-        }],
-        mode: proto::ConsistencyMode::Sync as i32,
-        max_block_elements: 0,
-        max_grad_norm: 0.0,
-    }
+    let group = GroupConfig {
+        push_encodings: vec![encoding],
+        aggregation,
+        ..GroupConfig::new("all", &["*"], Optimizer::sgd(1e-6))
+    };
+    ModelSpec::new(name, vec![TensorSpec::new("w", &[rows as u64, cols as u64], Init::Zeros)], vec![group])
 }
 
 #[tokio::main]
@@ -110,15 +37,10 @@ async fn main() {
         "compression benchmark: {params} parameters, {WORKERS} workers, sync, 1 shard, loopback, best of {rounds} steps"
     );
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let options =
-        ServerOptions { shard_index: 0, shards: vec![addr.clone()], lease: Duration::from_secs(600), auth_token: None };
-    tokio::spawn(ps_server::serve(options, listener, std::future::pending()));
+    let cluster = Cluster::start(1, Duration::from_secs(600)).await;
     // One connection per worker, as separate worker processes would have.
     let clients: Vec<PsClient> =
-        (0..WORKERS).map(|_| PsClient::connect(ClientConfig::new(vec![addr.clone()])).unwrap()).collect();
-    clients[0].wait_ready(Duration::from_secs(10)).await.unwrap();
+        (0..WORKERS).map(|_| PsClient::connect(ClientConfig::new(cluster.addrs.clone())).unwrap()).collect();
     let grads: Vec<Tensors> = (0..WORKERS)
         .map(|k| {
             let values = (0..params).map(|i| ((i * 7 + k * 13) % 17) as f32 / 17.0 - 0.5).collect();
@@ -141,12 +63,12 @@ async fn main() {
     for (label, encoding, aggregation) in cases {
         let name = format!("bench-{}", label.replace(' ', "-"));
         let no_values = Tensors::new();
-        let models: Vec<_> =
-            join_all(clients.iter().map(|c| c.register(spec(&name, rows, cols, encoding, aggregation), &no_values)))
-                .await
-                .into_iter()
-                .map(Result::unwrap)
-                .collect();
+        let model_spec = spec(&name, rows, cols, encoding, aggregation);
+        let models: Vec<_> = join_all(clients.iter().map(|c| c.register(&model_spec, &no_values)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         for (k, model) in models.iter().enumerate() {
             model.join(&format!("worker-{k}")).await.unwrap();
         }
@@ -171,8 +93,9 @@ async fn main() {
         if encoding == Encoding::F32 {
             f32_bytes = push_bytes;
         }
-        let tcp =
+        let times =
             raw_tcp(WORKERS, (push_bytes / WORKERS as u64) as usize, (pull_bytes / WORKERS as u64) as usize).await;
+        let tcp = times.up + times.down;
         println!(
             "{:<14} {:>14} {:>8.1}x {:>12.3} {:>12.3} {:>12.3} {:>8.2}",
             label,

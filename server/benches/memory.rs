@@ -7,80 +7,44 @@
 //! Run: `cargo bench -p ps-server --bench memory` (Linux; PS_BENCH_LAYERS
 //! changes the number of 2048x2048 matrices, 24 by default).
 
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use ps_client::proto::{self, InitKind, InitRule, ModelSpec, OptimizerConfig, ParamGroup, TensorSpec};
+use ps_client::spec::{self, FrugalMode, GroupConfig, Init, ModelSpec, Optimizer, Projection, TensorSpec};
 use ps_client::{ClientConfig, PsClient, Tensors};
+use ps_testkit::{ServerProcess, free_port};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SIDE: u64 = 2048;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn spec(layers: usize, kind: proto::optimizer_config::Kind) -> ModelSpec {
-    let zeros = Some(InitRule { kind: InitKind::Zeros as i32, ..Default::default() });
+fn spec(layers: usize, optimizer: Optimizer) -> ModelSpec {
     let mut tensors: Vec<TensorSpec> = (0..layers)
-        .map(|i| TensorSpec {
-            name: format!("layers.{}.{}.weight", i / 2, if i % 2 == 0 { "attn.q_proj" } else { "mlp.up_proj" }),
-            shape: vec![SIDE, SIDE],
-            init: zeros,
+        .map(|i| {
+            let name = format!("layers.{}.{}.weight", i / 2, if i % 2 == 0 { "attn.q_proj" } else { "mlp.up_proj" });
+            TensorSpec::new(name, &[SIDE, SIDE], Init::Zeros)
         })
         .collect();
-    tensors.push(TensorSpec { name: "norm.weight".into(), shape: vec![SIDE], init: zeros });
-    ModelSpec {
-        name: "memory".into(),
-        tensors,
-        groups: vec![ParamGroup {
-            name: "all".into(),
-            patterns: vec!["*".into()],
-            optimizer: Some(OptimizerConfig { kind: Some(kind) }),
-            ..Default::default()
-        }],
-        mode: proto::ConsistencyMode::Sync as i32,
-        max_block_elements: 0,
-        max_grad_norm: 0.0,
-    }
+    tensors.push(TensorSpec::new("norm.weight", &[SIDE], Init::Zeros));
+    ModelSpec::new("memory", tensors, vec![GroupConfig::new("all", &["*"], optimizer)])
 }
 
 #[tokio::main]
 async fn main() {
     let layers: usize = std::env::var("PS_BENCH_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     let modes = [
-        ("AdamW", proto::optimizer_config::Kind::Adamw(proto::AdamWConfig { lr: 1e-3, ..Default::default() })),
+        ("AdamW", Optimizer::adamw(1e-3)),
         (
             "FRUGAL rho=0.25 block",
-            proto::optimizer_config::Kind::Frugal(proto::FrugalConfig {
-                lr: 1e-3,
-                density: 0.25,
-                mode: proto::FrugalMode::Block as i32,
-                ..Default::default()
-            }),
+            Optimizer::Frugal(spec::Frugal { lr: 1e-3, density: 0.25, mode: FrugalMode::Block, ..Default::default() }),
         ),
         (
             "AdamSNSM r=128 (index)",
-            proto::optimizer_config::Kind::SubspaceMomentum(proto::SubspaceMomentumConfig {
+            Optimizer::SubspaceMomentum(spec::SubspaceMomentum {
                 lr: 1e-2,
                 rank: 128,
-                projection: proto::ProjectionKind::Uniform as i32,
+                projection: Projection::Uniform,
                 adaptive: true,
                 correct_bias: true,
                 ..Default::default()
@@ -95,10 +59,10 @@ async fn main() {
         "{:<24} {:>11} {:>9} {:>13} {:>15} {:>12} {:>13} {:>10}",
         "mode", "weights MB", "state MB", "predicted MB", "RSS registered", "RSS stepped", "RSS decommit", "overhead"
     );
-    for (label, kind) in modes {
+    for (label, optimizer) in modes {
         let mut measured = Vec::new();
         for decommit in [false, true] {
-            measured.push(measure(layers, kind.clone(), decommit).await);
+            measured.push(measure(layers, optimizer.clone(), decommit).await);
         }
         let (idle, registered, default_rss, state, stored) = measured[0];
         let decommit_rss = measured[1].2;
@@ -131,28 +95,23 @@ async fn main() {
 }
 
 /// One fresh shard process: (idle RSS, RSS after registering, RSS after a step, state bytes, parameters).
-async fn measure(layers: usize, kind: proto::optimizer_config::Kind, decommit: bool) -> (u64, u64, u64, u64, u64) {
+async fn measure(layers: usize, optimizer: Optimizer, decommit: bool) -> (u64, u64, u64, u64, u64) {
     {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_server"));
-        if decommit {
-            command.env("MIMALLOC_PURGE_DECOMMITS", "1").env("MIMALLOC_PURGE_DELAY", "0");
-        }
-        let server = Server(
-            command
-                .args(["--shards", &addr, "--metrics-addr", "off", "--lease", "10m"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting the server"),
-        );
+        let addr = format!("127.0.0.1:{}", free_port().unwrap());
+        let env: &[(&str, &str)] =
+            if decommit { &[("MIMALLOC_PURGE_DECOMMITS", "1"), ("MIMALLOC_PURGE_DELAY", "0")] } else { &[] };
+        let server = ServerProcess::spawn(
+            Path::new(env!("CARGO_BIN_EXE_server")),
+            &["--shards", &addr, "--metrics-addr", "off", "--lease", "10m"],
+            env,
+        )
+        .expect("starting the server");
         let client = PsClient::connect(ClientConfig::new(vec![addr])).unwrap();
         client.wait_ready(Duration::from_secs(20)).await.unwrap();
-        let idle = rss_bytes(server.0.id());
-        let model = client.register(spec(layers, kind), &Tensors::new()).await.unwrap();
+        let idle = server.rss_bytes();
+        let model = client.register(&spec(layers, optimizer), &Tensors::new()).await.unwrap();
         model.join("w").await.unwrap();
-        let registered = rss_bytes(server.0.id());
+        let registered = server.rss_bytes();
         {
             let grads: Tensors = model.tensors().iter().map(|t| (t.name.clone(), vec![1e-3f32; t.len])).collect();
             model.push("w", 0, &grads).await.unwrap();
@@ -162,7 +121,7 @@ async fn measure(layers: usize, kind: proto::optimizer_config::Kind, decommit: b
         drop(weights);
         // Let the allocator hand the push's staging buffers back to the kernel.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let rss = rss_bytes(server.0.id());
+        let rss = server.rss_bytes();
         let status = client.status("memory").await.unwrap();
         let state: u64 = status.iter().flat_map(|s| &s.models).flat_map(|m| &m.groups).map(|g| g.state_bytes).sum();
         let stored: u64 = status.iter().flat_map(|s| &s.models).map(|m| m.parameters).sum();

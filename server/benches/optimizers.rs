@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use ps_server::optim::{
-    AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, OptimizerConfig,
-    Projection, SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, OptimizerConfig, Projection,
+    SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 use rayon::prelude::*;
 
@@ -41,22 +41,7 @@ fn triad(len: usize, threads: usize) -> f64 {
 
 fn modes() -> Vec<(&'static str, OptimizerConfig, bool)> {
     let adam = AdamWConfig { lr: 1e-3, ..Default::default() };
-    let frugal = |mode| FrugalConfig {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        density: 0.25,
-        update_gap: 200,
-        proj_lr_scale: 1.0,
-        inactive_lr_scale: 1.0,
-        inactive_rule: InactiveRule::SignSgd,
-        reset_statistics: true,
-        mode,
-        seed: 1,
-        schedule: None,
-    };
+    let frugal = |mode| FrugalConfig { lr: 1e-3, mode, seed: 1, ..Default::default() };
     let sn = |beta1, beta2| SubsetNormConfig {
         lr: 1e-2,
         beta1,

@@ -6,68 +6,17 @@
 
 use std::time::{Duration, Instant};
 
-use ps_client::proto::{self, InitKind, InitRule, ModelSpec, OptimizerConfig, ParamGroup, TensorSpec};
-use ps_client::{ClientConfig, PsClient, Tensors};
-use ps_server::ServerOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use ps_client::Tensors;
+use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_testkit::{Cluster, env_or, raw_tcp};
 
 // The same allocator as the binaries: it keeps freed blocks for reuse instead
 // of returning them to the kernel, which then has to fault and zero fresh pages.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 fn rate(bytes: usize, time: Duration) -> f64 {
     bytes as f64 / time.as_secs_f64() / 1e6
-}
-
-/// Sends `bytes` to a loopback peer and receives `bytes` back, as a push and a pull would.
-async fn raw_tcp_round(bytes: usize) -> (Duration, Duration) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        socket.set_nodelay(true).unwrap();
-        let mut buffer = vec![0u8; 2 << 20];
-        let mut received = 0;
-        while received < bytes {
-            received += socket.read(&mut buffer).await.unwrap();
-        }
-        socket.write_all(&[1]).await.unwrap();
-        let payload = vec![7u8; 2 << 20];
-        let mut sent = 0;
-        while sent < bytes {
-            let n = payload.len().min(bytes - sent);
-            socket.write_all(&payload[..n]).await.unwrap();
-            sent += n;
-        }
-    });
-    let mut socket = TcpStream::connect(addr).await.unwrap();
-    socket.set_nodelay(true).unwrap();
-    let payload = vec![3u8; 2 << 20];
-    let start = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        let n = payload.len().min(bytes - sent);
-        socket.write_all(&payload[..n]).await.unwrap();
-        sent += n;
-    }
-    let mut ack = [0u8; 1];
-    socket.read_exact(&mut ack).await.unwrap();
-    let push = start.elapsed();
-    let start = Instant::now();
-    let mut buffer = vec![0u8; 2 << 20];
-    let mut received = 0;
-    while received < bytes {
-        received += socket.read(&mut buffer).await.unwrap();
-    }
-    let pull = start.elapsed();
-    server.await.unwrap();
-    (push, pull)
 }
 
 #[tokio::main]
@@ -82,33 +31,14 @@ async fn main() {
         bytes as f64 / 1e6
     );
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let options =
-        ServerOptions { shard_index: 0, shards: vec![addr.clone()], lease: Duration::from_secs(600), auth_token: None };
-    tokio::spawn(ps_server::serve(options, listener, std::future::pending()));
-    let client = PsClient::connect(ClientConfig::new(vec![addr])).unwrap();
-    client.wait_ready(Duration::from_secs(10)).await.unwrap();
-    let spec = ModelSpec {
-        name: "bench".into(),
-        tensors: vec![TensorSpec {
-            name: "w".into(),
-            shape: vec![rows as u64, cols as u64],
-            init: Some(InitRule { kind: InitKind::Zeros as i32, ..Default::default() }),
-        }],
-        groups: vec![ParamGroup {
-            name: "all".into(),
-            patterns: vec!["*".into()],
-            optimizer: Some(OptimizerConfig {
-                kind: Some(proto::optimizer_config::Kind::Sgd(proto::SgdConfig { lr: 1e-6, ..Default::default() })),
-            }),
-            ..Default::default()
-        }],
-        mode: proto::ConsistencyMode::Sync as i32,
-        max_block_elements: 0,
-        max_grad_norm: 0.0,
-    };
-    let model = client.register(spec, &Tensors::new()).await.unwrap();
+    let cluster = Cluster::start(1, Duration::from_secs(600)).await;
+    let client = cluster.client();
+    let spec = ModelSpec::new(
+        "bench",
+        vec![TensorSpec::new("w", &[rows as u64, cols as u64], Init::Zeros)],
+        vec![GroupConfig::new("all", &["*"], Optimizer::sgd(1e-6))],
+    );
+    let model = client.register(&spec, &Tensors::new()).await.unwrap();
     model.join("bench").await.unwrap();
     let grads: Tensors = [("w".to_string(), vec![0.5f32; rows * cols])].into_iter().collect();
     // Warm up connections and allocations.
@@ -127,9 +57,9 @@ async fn main() {
         let (_, pulled) = model.pull_into(&mut weights, step + 1, Duration::ZERO).await.unwrap();
         grpc_pull.push(start.elapsed());
         assert_eq!(pulled as usize, bytes);
-        let (push, pull) = raw_tcp_round(bytes).await;
-        tcp_push.push(push);
-        tcp_pull.push(pull);
+        let tcp = raw_tcp(1, bytes, bytes).await;
+        tcp_push.push(tcp.up);
+        tcp_pull.push(tcp.down);
     }
     let best = |v: &[Duration]| *v.iter().min().unwrap();
     let (gp, gl, tp, tl) = (best(&grpc_push), best(&grpc_pull), best(&tcp_push), best(&tcp_pull));

@@ -40,6 +40,36 @@ pub struct ServerArgs {
     pub auth_token: Option<String>,
 }
 
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No shard addresses.
+    #[error("--shards must name at least one shard")]
+    NoShards,
+    /// The shard index points past the list.
+    #[error("--shard-index {index} is out of range for {shards} shards")]
+    IndexOutOfRange {
+        /// The index given.
+        index: u32,
+        /// Shards in the list.
+        shards: usize,
+    },
+    /// This shard's address has no port to listen on.
+    #[error("shard address '{0}' has no port; give --listen")]
+    NoPort(String),
+    /// The metrics address does not parse.
+    #[error("--metrics-addr '{address}': {reason}")]
+    MetricsAddress {
+        /// What was given.
+        address: String,
+        /// Why it does not parse.
+        reason: std::net::AddrParseError,
+    },
+    /// A lease too short to heartbeat within.
+    #[error("--lease must be at least 50ms")]
+    LeaseTooShort,
+}
+
 /// What [`crate::serve`] needs, independent of how it was configured.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -55,11 +85,14 @@ pub struct ServerOptions {
 
 impl ServerArgs {
     /// Checks the arguments and returns the serve options, the gRPC address and the metrics address.
-    pub fn resolve(self) -> anyhow::Result<(ServerOptions, SocketAddr, Option<SocketAddr>)> {
-        anyhow::ensure!(!self.shards.is_empty(), "--shards must name at least one shard");
-        let own = self.shards.get(self.shard_index as usize).ok_or_else(|| {
-            anyhow::anyhow!("--shard-index {} is out of range for {} shards", self.shard_index, self.shards.len())
-        })?;
+    pub fn resolve(self) -> Result<(ServerOptions, SocketAddr, Option<SocketAddr>), ConfigError> {
+        if self.shards.is_empty() {
+            return Err(ConfigError::NoShards);
+        }
+        let own = self
+            .shards
+            .get(self.shard_index as usize)
+            .ok_or(ConfigError::IndexOutOfRange { index: self.shard_index, shards: self.shards.len() })?;
         let listen = match self.listen {
             Some(addr) => addr,
             None => {
@@ -67,15 +100,19 @@ impl ServerArgs {
                     .rsplit(':')
                     .next()
                     .and_then(|p| p.parse::<u16>().ok())
-                    .ok_or_else(|| anyhow::anyhow!("shard address '{own}' has no port; give --listen"))?;
+                    .ok_or_else(|| ConfigError::NoPort(own.clone()))?;
                 SocketAddr::from(([0, 0, 0, 0], port))
             }
         };
         let metrics = match self.metrics_addr.as_str() {
             "off" | "" => None,
-            addr => Some(addr.parse().map_err(|e| anyhow::anyhow!("--metrics-addr '{addr}': {e}"))?),
+            addr => {
+                Some(addr.parse().map_err(|reason| ConfigError::MetricsAddress { address: addr.to_string(), reason })?)
+            }
         };
-        anyhow::ensure!(self.lease >= Duration::from_millis(50), "--lease must be at least 50ms");
+        if self.lease < Duration::from_millis(50) {
+            return Err(ConfigError::LeaseTooShort);
+        }
         let options = ServerOptions {
             shard_index: self.shard_index,
             shards: self.shards,

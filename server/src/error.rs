@@ -1,8 +1,10 @@
 //! The server's error table: one enum for everything a request can do wrong,
-//! and the single place where each variant gets its gRPC status code.
+//! each variant with a message a user can act on. The gRPC code of each
+//! variant is assigned in exactly one place, `rpc::convert`.
 
 use ps_proto::codec::CodecError;
-use tonic::{Code, Status};
+
+use crate::spec::NameError;
 
 /// Everything a request can do wrong, with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +58,78 @@ pub enum ServerError {
         /// Worker id.
         worker: String,
     },
-    /// A request field is malformed.
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// A worker name breaks the naming rule.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// A RegisterModel stream that does not start with the spec.
+    #[error("the first RegisterModel message must carry the spec")]
+    SpecNotFirst,
+    /// A RegisterModel stream with a second spec.
+    #[error("only the first RegisterModel message may carry a spec")]
+    SpecRepeated,
+    /// Registration values for a tensor with an init rule.
+    #[error("tensor '{tensor}' has an init rule; values are accepted only for INIT_KIND_PROVIDED tensors")]
+    ValuesNotProvided {
+        /// Tensor name.
+        tensor: String,
+    },
+    /// A PROVIDED tensor whose values did not come.
+    #[error("tensor '{tensor}' is INIT_KIND_PROVIDED but no values came for its block {block} (owned by this shard)")]
+    MissingValues {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+    },
+    /// A push stream without any message.
+    #[error("empty push stream")]
+    EmptyPush,
+    /// A push message without its chunk.
+    #[error("push message without a chunk")]
+    PushWithoutChunk,
+    /// Chunks of one push that name different models, workers or steps.
+    #[error(
+        "every chunk of one push must name the same model, worker and step; got ({model}, {worker}, {step}) after ({first_model}, {first_worker}, {first_step})"
+    )]
+    MixedPush {
+        /// The first chunk's model.
+        first_model: String,
+        /// The first chunk's worker.
+        first_worker: String,
+        /// The first chunk's step.
+        first_step: u64,
+        /// This chunk's model.
+        model: String,
+        /// This chunk's worker.
+        worker: String,
+        /// This chunk's step.
+        step: u64,
+    },
+    /// An async worker whose steps go backwards.
+    #[error(
+        "worker '{worker}' pushed step {step} for tensor '{tensor}' block {block} after step {last}; steps of one worker must not go back"
+    )]
+    StepWentBack {
+        /// Worker id.
+        worker: String,
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+        /// Step pushed.
+        step: u64,
+        /// The last step this worker pushed for the block.
+        last: u64,
+    },
+    /// A pull in an encoding weights are not sent in.
+    #[error("pull encoding {0} is not available; use ENCODING_F32, ENCODING_BF16 or ENCODING_F16")]
+    PullEncoding(i32),
+    /// A chunk that does not fit its block or stream.
+    #[error("{problem}")]
+    Chunk {
+        /// What is wrong with it.
+        problem: ChunkProblem,
+    },
     /// A chunk is larger than the server accepts.
     #[error("chunk of {bytes} bytes exceeds the limit of {limit} bytes; split it into smaller chunks")]
     ChunkTooLarge {
@@ -126,24 +197,90 @@ pub enum ServerError {
     Internal(String),
 }
 
-impl From<ServerError> for Status {
-    fn from(error: ServerError) -> Self {
-        let code = match &error {
-            ServerError::UnknownModel(_)
-            | ServerError::UnknownTensor { .. }
-            | ServerError::UnknownBlock { .. }
-            | ServerError::UnknownWorker { .. } => Code::NotFound,
-            ServerError::WrongShard { .. } | ServerError::StaleStep { .. } | ServerError::FutureStep { .. } => {
-                Code::FailedPrecondition
-            }
-            ServerError::InvalidSpec(_) | ServerError::InvalidArgument(_) | ServerError::BadPayload { .. } => {
-                Code::InvalidArgument
-            }
-            ServerError::SpecConflict(_) => Code::AlreadyExists,
-            ServerError::ChunkTooLarge { .. } => Code::ResourceExhausted,
-            ServerError::PullTimeout { .. } => Code::DeadlineExceeded,
-            ServerError::Internal(_) => Code::Internal,
-        };
-        Status::new(code, error.to_string())
-    }
+/// What is wrong with one chunk of a push or registration stream (the block is
+/// named in each message, as `tensor 'w' block 3`).
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkProblem {
+    /// Initial values must be numbers.
+    #[error("initial values for {at} must be f32, bf16 or f16, not sign1")]
+    SignsAsValues {
+        /// The block.
+        at: String,
+    },
+    /// The group does not accept this encoding.
+    #[error("encoding {encoding} is not allowed for {at} (group '{group}' accepts: {allowed})")]
+    EncodingNotAllowed {
+        /// The block.
+        at: String,
+        /// The encoding used.
+        encoding: &'static str,
+        /// The tensor's group.
+        group: String,
+        /// What the group accepts.
+        allowed: String,
+    },
+    /// A sign1 chunk that does not start on a sign word.
+    #[error("sign1 chunk for {at} starts at element {offset}; sign1 chunks must start at a multiple of {word}")]
+    MisalignedSigns {
+        /// The block.
+        at: String,
+        /// Its first element.
+        offset: u64,
+        /// Elements per sign word.
+        word: u64,
+    },
+    /// A chunk whose encoding or scale differs from its block's first chunk.
+    #[error("every chunk of {at} must use the same encoding and scale as its first chunk")]
+    MixedEncoding {
+        /// The block.
+        at: String,
+    },
+    /// A chunk without elements.
+    #[error("empty chunk for {at}")]
+    Empty {
+        /// The block.
+        at: String,
+    },
+    /// More chunks after the block was complete.
+    #[error("duplicate chunk for {at}: all {len} elements were already received in this stream")]
+    Duplicate {
+        /// The block.
+        at: String,
+        /// Elements of the block.
+        len: u64,
+    },
+    /// A chunk that does not start where the previous one ended.
+    #[error(
+        "out-of-order chunk for {at}: it starts at element {offset} but {received} elements were received so far; send each block's chunks once, in order"
+    )]
+    OutOfOrder {
+        /// The block.
+        at: String,
+        /// Its first element.
+        offset: u64,
+        /// Elements received before it.
+        received: u64,
+    },
+    /// A chunk past the end of its block.
+    #[error("chunk for {at} covers elements {offset}..{end} but the block has {len} elements (wrong shape?)")]
+    PastEnd {
+        /// The block.
+        at: String,
+        /// Its first element.
+        offset: u64,
+        /// One past its last element.
+        end: u64,
+        /// Elements of the block.
+        len: u64,
+    },
+    /// A block whose stream ended early.
+    #[error("incomplete block: {at} got {received} of {len} elements before the stream ended")]
+    Incomplete {
+        /// The block.
+        at: String,
+        /// Elements received.
+        received: u64,
+        /// Elements of the block.
+        len: u64,
+    },
 }

@@ -2,112 +2,26 @@
 //! state, aggregates workers' gradient pushes in sync or async mode, and
 //! serves weights to pulls over gRPC (`paramserver.v1`).
 //!
-//! Layers, each knowing nothing of the one above: [`optim`] (math on slices),
-//! [`model`] (blocks, aggregation, membership), [`service`] (gRPC).
+//! Layers, each knowing nothing of the ones above it:
+//!
+//! - [`optim`]: optimizer math over plain slices (and [`random`], the seeded
+//!   randomness it shares with weight init);
+//! - [`spec`]: what a model is, validated;
+//! - [`store`]: blocks, aggregation, membership, the models of this shard;
+//! - [`rpc`]: the gRPC service, wire conversions, chunk reassembly, auth.
+//!
+//! [`config`], [`error`] and [`metrics`] are shared by all of them.
 
-pub mod assemble;
 pub mod config;
 pub mod error;
-pub mod membership;
 pub mod metrics;
-pub mod model;
 pub mod optim;
 pub mod random;
-pub mod registry;
-pub mod service;
+pub mod rpc;
 pub mod spec;
-
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
-
-use ps_proto::ParameterServerServer;
-use ps_proto::transport;
-use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::{Request, Status};
+pub mod store;
 
 pub use config::ServerOptions;
 pub use error::ServerError;
-pub use registry::{Registry, ShardIdentity};
-
-/// Checks the `authorization: Bearer <token>` header when a token is configured.
-#[derive(Clone)]
-pub struct BearerAuth {
-    expected: Option<Arc<str>>,
-}
-
-impl Interceptor for BearerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else { return Ok(request) };
-        match request.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
-            Some(value) if value.strip_prefix("Bearer ") == Some(expected) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("the bearer token does not match this server's --auth-token")),
-            None => Err(Status::unauthenticated(
-                "missing 'authorization: Bearer <token>' header; this server requires --auth-token",
-            )),
-        }
-    }
-}
-
-/// Serves one shard on `listener` until `shutdown` completes.
-pub async fn serve(
-    options: ServerOptions,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let registry = Arc::new(Registry::new(
-        ShardIdentity { index: options.shard_index, addresses: options.shards.clone() },
-        options.lease,
-    ));
-    let reaper = tokio::spawn(expire_leases(registry.clone()));
-    let service = InterceptedService::new(
-        ParameterServerServer::new(service::ParameterService::new(registry))
-            .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
-        BearerAuth { expected: options.auth_token.as_deref().map(Arc::from) },
-    );
-    let result = tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
-        .max_frame_size(Some(transport::MAX_FRAME_BYTES))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
-        .await;
-    reaper.abort();
-    Ok(result?)
-}
-
-/// Accepted connections with Nagle's algorithm off. The builder's own
-/// `tcp_nodelay` only applies when tonic binds the socket itself; without it,
-/// small replies wait for delayed ACKs (about 40 ms per round trip).
-fn incoming_without_delay(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
-}
-
-/// Drops workers whose lease expired, every quarter lease, and lets the
-/// steps that were waiting for them complete.
-async fn expire_leases(registry: Arc<Registry>) {
-    let period = (registry.lease / 4).max(Duration::from_millis(20));
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        for model in registry.models() {
-            let name = model.name().to_string();
-            let expired = tokio::task::spawn_blocking(move || model.expire_workers()).await.unwrap_or_default();
-            if !expired.is_empty() {
-                tracing::warn!(model = name, workers = ?expired, "lease expired; worker dropped from the barrier");
-            }
-        }
-    }
-}
+pub use rpc::serve;
+pub use store::{Registry, ShardIdentity};

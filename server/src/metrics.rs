@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 
 /// Push RPCs that committed (counter; labels: model).
 pub const PUSHES: &str = "ps_pushes_total";
@@ -42,7 +42,7 @@ const SECONDS_BUCKETS: &[f64] = &[1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05
 const STALENESS_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// Serves `/metrics` on `addr` and registers every metric's description.
-pub fn install_exporter(addr: SocketAddr) -> anyhow::Result<()> {
+pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?

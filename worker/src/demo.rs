@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::task::TaskKind;
-use crate::train::{Compression, ModeArg, OptimizerArg, PullEncoding, WorkerSummary};
+use crate::train::{CompressionArg, ModeArg, OptimizerArg, PullEncoding, WorkerSummary};
 
 /// Options of the local demo.
 #[derive(Args, Debug, Clone)]
@@ -43,7 +43,7 @@ pub struct DemoArgs {
     pub momentum: f64,
     /// Gradient compression on the wire.
     #[arg(long, value_enum, default_value = "none")]
-    pub compression: Compression,
+    pub compression: CompressionArg,
     /// Encoding of pulled weights.
     #[arg(long, value_enum, default_value = "f32")]
     pub pull_encoding: PullEncoding,
@@ -237,12 +237,7 @@ fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
-fn print_summary(
-    args: &DemoArgs,
-    summaries: &[WorkerSummary],
-    status: &[ps_client::proto::GetStatusResponse],
-    seconds: f64,
-) {
+fn print_summary(args: &DemoArgs, summaries: &[WorkerSummary], status: &[ps_client::ShardStatus], seconds: f64) {
     let version = status.iter().flat_map(|s| s.models.iter()).map(|m| m.min_version).min().unwrap_or(0);
     let pushed: u64 = summaries.iter().map(|s| s.bytes_pushed).sum();
     let pulled: u64 = summaries.iter().map(|s| s.bytes_pulled).sum();

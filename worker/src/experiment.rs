@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::demo::{self, DemoArgs};
 use crate::task::TaskKind;
-use crate::train::{Compression, ModeArg, OptimizerArg, PullEncoding};
+use crate::train::{CompressionArg, ModeArg, OptimizerArg, PullEncoding};
 
 /// Options of the experiment.
 #[derive(Args, Debug, Clone)]
@@ -84,7 +84,7 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
             optimizer: mode.optimizer,
             lr: mode.lr,
             momentum: 0.9,
-            compression: Compression::None,
+            compression: CompressionArg::None,
             pull_encoding: PullEncoding::F32,
             steps: args.steps,
             batch_size: args.batch_size,
@@ -114,7 +114,10 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
          source in `worker/data/pystdlib.txt.gz`; {} workers x {} sequences per step, sync mode, warm-up + cosine schedule, \
          clipping at global norm 1, same seed and data for every mode. Validation loss: mean cross-entropy (nats per byte) \
          over 64 fixed sequences of the held-out last 10% of the text.\n",
-        crate::lm::tensor_specs(crate::lm::SHAPE, 0).iter().map(|t| t.shape.iter().product::<u64>()).sum::<u64>(),
+        crate::task::lm::tensor_specs(crate::task::lm::SHAPE, 0)
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>())
+            .sum::<u64>(),
         args.workers,
         args.batch_size
     )?;

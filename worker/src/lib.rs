@@ -1,10 +1,9 @@
-//! The training worker: candle models and data ([`task`], [`data`]), the
-//! pull-compute-push loop ([`train`]), and the local launcher that starts
-//! shards and workers as processes ([`demo`]).
+//! The training worker: built-in tasks in candle ([`task`], over [`data`]),
+//! the pull-compute-push loop ([`train`]), and the local launcher that starts
+//! shards and workers as processes ([`demo`], and [`experiment`] on top of it).
 
 pub mod data;
 pub mod demo;
 pub mod experiment;
-pub mod lm;
 pub mod task;
 pub mod train;

@@ -1,8 +1,10 @@
 //! End to end: the `server` and `worker` binaries, started as separate
 //! processes, train the digits MLP in sync mode past 90% test accuracy.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ps_testkit::{ServerProcess, free_port};
 
 fn server_dir() -> PathBuf {
     let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
@@ -15,17 +17,23 @@ fn server_dir() -> PathBuf {
     dir
 }
 
-#[test]
-fn shards_and_workers_as_processes_train_digits_past_90_percent() {
-    let logs = std::env::temp_dir().join(format!("ps-e2e-{}", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["demo", "--shards", "2", "--workers", "3", "--steps", "200", "--min-accuracy", "0.9"])
+/// `worker demo` with `args`, its logs in `logs`, against the server binary built next to it.
+fn demo(args: &[&str], logs: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("demo")
+        .args(args)
         .arg("--log-dir")
-        .arg(&logs)
+        .arg(logs)
         .arg("--bin-dir")
         .arg(server_dir())
         .output()
-        .expect("running worker demo");
+        .expect("running worker demo")
+}
+
+#[test]
+fn shards_and_workers_as_processes_train_digits_past_90_percent() {
+    let logs = std::env::temp_dir().join(format!("ps-e2e-{}", std::process::id()));
+    let output = demo(&["--shards", "2", "--workers", "3", "--steps", "200", "--min-accuracy", "0.9"], &logs);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nlogs in {}", logs.display());
@@ -39,15 +47,8 @@ fn shards_and_workers_as_processes_train_digits_past_90_percent() {
 #[test]
 fn a_worker_trains_the_synthetic_task_alone() {
     let logs = std::env::temp_dir().join(format!("ps-e2e-synthetic-{}", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["demo", "--task", "synthetic", "--shards", "1", "--workers", "1", "--steps", "150", "--lr", "0.05"])
-        .args(["--mode", "async"])
-        .arg("--log-dir")
-        .arg(&logs)
-        .arg("--bin-dir")
-        .arg(server_dir())
-        .output()
-        .expect("running worker demo");
+    let args = ["--task", "synthetic", "--shards", "1", "--workers", "1", "--steps", "150", "--lr", "0.05"];
+    let output = demo(&[&args[..], &["--mode", "async"]].concat(), &logs);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "demo failed\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     let test_loss: f32 = stdout
@@ -59,28 +60,13 @@ fn a_worker_trains_the_synthetic_task_alone() {
     assert!(test_loss < 0.05, "synthetic regression did not fit: test loss {test_loss}\n{stdout}");
 }
 
-/// Kills the child process when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_error_feedback_residual_survives_a_worker_restart() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let shards = format!("127.0.0.1:{port}");
-    let _server = KillOnDrop(
-        Command::new(server_dir().join("server"))
-            .args(["--shards", &shards, "--metrics-addr", "off"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the server"),
-    );
+    let shards = format!("127.0.0.1:{}", free_port().unwrap());
+    let server = format!("server{}", std::env::consts::EXE_SUFFIX);
+    let _server =
+        ServerProcess::spawn(&server_dir().join(server), &["--shards", &shards, "--metrics-addr", "off"], &[])
+            .expect("starting the server");
     let state = std::env::temp_dir().join(format!("ps-state-e2e-{}", std::process::id()));
     let train = |steps: &str| {
         Command::new(env!("CARGO_BIN_EXE_worker"))

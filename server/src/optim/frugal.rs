@@ -101,9 +101,9 @@ pub struct FrugalConfig {
     pub schedule: Option<Vec<Vec<usize>>>,
 }
 
-/// The defaults the wire API applies when a field is zero: block FRUGAL with a
-/// quarter of the tensors state-full, the window moving backward, and signSGD
-/// on the rest.
+/// Block FRUGAL with a quarter of the tensors state-full, the window moving
+/// backward, and signSGD on the rest. The wire takes β1, β2, ε, the update gap
+/// and the lr scales from here when they are zero; lr has no default there.
 impl Default for FrugalConfig {
     fn default() -> Self {
         Self {

@@ -18,7 +18,7 @@ pub struct SgdConfig {
     pub weight_decay: f32,
 }
 
-/// The defaults the wire API applies when a field is zero: plain SGD at lr 1e-3.
+/// Plain SGD at lr 1e-3 (the wire has no default lr: zero is rejected).
 impl Default for SgdConfig {
     fn default() -> Self {
         Self { lr: 1e-3, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
@@ -91,8 +91,7 @@ impl Optimizer for Sgd {
         };
         let buffer_started = reader.flag("buffer_started")?;
         reader.finish()?;
-        self.buffer = buffer;
-        self.buffer_started = buffer_started;
+        (self.buffer, self.buffer_started) = (buffer, buffer_started);
         Ok(())
     }
 }

@@ -22,9 +22,8 @@ pub struct SignConfig {
 /// Lion's β2 when the wire API leaves it at zero (the Lion paper's choice).
 pub const LION_DEFAULT_BETA2: f32 = 0.99;
 
-/// The defaults the wire API applies when a field is zero: signSGD at lr 1e-3.
-/// β2 stays 0 because only Lion reads it; a Lion config whose β2 is zero on
-/// the wire gets [`LION_DEFAULT_BETA2`] instead.
+/// signSGD at lr 1e-3. β2 stays 0 because only Lion reads it; a Lion config
+/// whose β2 is zero on the wire gets [`LION_DEFAULT_BETA2`] instead.
 impl Default for SignConfig {
     fn default() -> Self {
         Self { lr: 1e-3, beta1: 0.0, beta2: 0.0, weight_decay: 0.0, lion: false }

@@ -45,8 +45,9 @@ pub struct SubsetNormConfig {
     pub initial_accumulator: f32,
 }
 
-/// The defaults the wire API applies when a field is zero: AdaGradSN (β2 = 1,
-/// no momentum) over the heuristic subsets at lr 1e-3.
+/// AdaGradSN (β2 = 1, no momentum) over the heuristic subsets at lr 1e-3. The
+/// wire takes β2 from here when it is zero; a usable config also needs ε > 0
+/// or an initial accumulator.
 impl Default for SubsetNormConfig {
     fn default() -> Self {
         Self {

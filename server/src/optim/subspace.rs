@@ -59,8 +59,9 @@ pub struct SubspaceMomentumConfig {
     pub seed: u64,
 }
 
-/// The defaults the wire API applies when a field is zero: SGD-SM with a
-/// rank-8 top-k row/column subspace re-chosen every 200 steps.
+/// SGD-SM with a rank-8 top-k row/column subspace re-chosen every 200 steps.
+/// The wire takes β1, β2, ε and the update gap from here when they are zero;
+/// lr and rank have no default there.
 impl Default for SubspaceMomentumConfig {
     fn default() -> Self {
         Self {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use ps_client::Tensors;
-use ps_client::compress::{ErrorFeedback, SignMomentum};
-use ps_client::proto::{self, Aggregation, ConsistencyMode, Encoding, ModelSpec, ParamGroup};
+use ps_client::compress::{Compression, ErrorFeedback, SignMomentum};
+use ps_client::spec::{Mode, ModelSpec};
 use serde_json::Value;
 
 use crate::cluster::*;
@@ -182,25 +182,19 @@ fn assert_close(case: &Case, what: &str, step: usize, got: &Tensors, want: &Tens
     }
 }
 
+/// The model through the client's compression presets, so the server step each scheme needs is the library's.
 fn spec(case: &Case) -> ModelSpec {
-    let (optimizer, aggregation) = match case.scheme {
-        Scheme::Vote { lr, weight_decay, .. } => (
-            proto::optimizer_config::Kind::Sgd(proto::SgdConfig { lr, weight_decay, ..Default::default() }),
-            Aggregation::MajorityVote,
-        ),
-        Scheme::ErrorFeedback { .. } => {
-            (proto::optimizer_config::Kind::Sgd(proto::SgdConfig { lr: 1.0, ..Default::default() }), Aggregation::Mean)
+    let compression = match case.scheme {
+        Scheme::Vote { beta, lr, weight_decay } => {
+            Compression::SignumVote { lr, momentum: f64::from(beta), weight_decay }
         }
+        Scheme::ErrorFeedback { lr } => Compression::ErrorFeedback { lr: f64::from(lr), weight_decay: 0.0 },
     };
     ModelSpec {
         name: case.name.clone(),
         tensors: case.shapes.iter().map(|(n, s)| tensor(n, s)).collect(),
-        groups: vec![ParamGroup {
-            push_encodings: vec![Encoding::Sign1 as i32],
-            aggregation: aggregation as i32,
-            ..group("signs", &["*"], optimizer)
-        }],
-        mode: ConsistencyMode::Sync as i32,
+        groups: vec![compression.configure(group("signs", &["*"], sgd(1.0)))],
+        mode: Mode::Sync,
         // One row per block, so the model spans both shards.
         max_block_elements: 6,
         max_grad_norm: 0.0,
@@ -217,7 +211,7 @@ async fn compressed_vectors_replay_through_real_shards() {
     let cluster = Cluster::start(2, Duration::from_secs(60)).await;
     let cases = load_cases();
     for case in &cases {
-        let model = cluster.client().register(spec(case), &case.init).await.unwrap();
+        let model = cluster.client().register(&spec(case), &case.init).await.unwrap();
         let workers = case.steps[0].worker_grads.len();
         let ids: Vec<String> = (0..workers).map(|k| format!("worker-{k}")).collect();
         for id in &ids {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use ps_client::Tensors;
-use ps_client::proto::{self, ConsistencyMode, ModelSpec};
+use ps_client::spec::{self, FrugalMode, Mode, ModelSpec, Optimizer, Projection};
+use ps_proto::pb;
 use ps_server::optim::{AdamWConfig, Dims, OptimizerConfig, SgdConfig, SliceInfo, StepContext};
 
 use crate::cluster::*;
@@ -34,7 +35,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
             group(
                 "matrices",
                 &["*.weight"],
-                proto::optimizer_config::Kind::Adamw(proto::AdamWConfig {
+                Optimizer::AdamW(spec::AdamW {
                     lr: 0.01,
                     beta1: 0.9,
                     beta2: 0.999,
@@ -46,7 +47,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
             group(
                 "biases",
                 &["*"],
-                proto::optimizer_config::Kind::Sgd(proto::SgdConfig {
+                Optimizer::Sgd(spec::Sgd {
                     lr: 0.05,
                     momentum: 0.9,
                     nesterov: true,
@@ -55,12 +56,12 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
                 }),
             ),
         ],
-        mode: ConsistencyMode::Sync as i32,
+        mode: Mode::Sync,
         max_block_elements: 100,
         max_grad_norm: 0.0,
     };
     let init = initial_values(&spec, 7);
-    let model = cluster.client().register(spec.clone(), &init).await.unwrap();
+    let model = cluster.client().register(&spec, &init).await.unwrap();
     let shards_used: std::collections::BTreeSet<u32> = model.layout().blocks.iter().map(|b| b.shard).collect();
     assert_eq!(shards_used.len(), 2, "the test model must span both shards");
 
@@ -111,9 +112,9 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
 async fn async_mode_applies_each_push_and_reports_the_version() {
     let cluster = Cluster::start(1, Duration::from_secs(30)).await;
     let mut spec = small_spec("async");
-    spec.mode = ConsistencyMode::Async as i32;
+    spec.mode = Mode::Async;
     let init = initial_values(&spec, 3);
-    let model = cluster.client().register(spec, &init).await.unwrap();
+    let model = cluster.client().register(&spec, &init).await.unwrap();
     model.join("a").await.unwrap();
     model.join("b").await.unwrap();
     let ga = grads_like(&init, 1);
@@ -137,20 +138,20 @@ async fn async_mode_applies_each_push_and_reports_the_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
-    let frugal = proto::FrugalConfig {
+    let frugal = spec::Frugal {
         lr: 0.01,
         weight_decay: 0.01,
         density: 0.5,
         update_gap: 2,
         inactive_lr_scale: 0.5,
-        mode: proto::FrugalMode::Block as i32,
+        mode: FrugalMode::Block,
         ..Default::default()
     };
-    let sn_sm = proto::SubspaceMomentumConfig {
+    let sn_sm = spec::SubspaceMomentum {
         lr: 0.02,
         rank: 2,
         update_gap: 2,
-        projection: proto::ProjectionKind::Svd as i32,
+        projection: Projection::Svd,
         adaptive: true,
         correct_bias: true,
         ..Default::default()
@@ -166,24 +167,24 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
             tensor("head.weight", &[10, 16]),
         ],
         groups: vec![
-            group("sm", &["head.*"], proto::optimizer_config::Kind::SubspaceMomentum(sn_sm)),
-            group("frugal", &["*"], proto::optimizer_config::Kind::Frugal(frugal)),
+            group("sm", &["head.*"], Optimizer::SubspaceMomentum(sn_sm)),
+            group("frugal", &["*"], Optimizer::Frugal(frugal)),
         ],
-        mode: ConsistencyMode::Sync as i32,
+        mode: Mode::Sync,
         max_block_elements: 64,
         max_grad_norm: 0.0,
     };
     let init = initial_values(&spec, 11);
-    let model = cluster.client().register(spec.clone(), &init).await.unwrap();
+    let model = cluster.client().register(&spec, &init).await.unwrap();
     // These modes need whole tensors: one block each, whatever max_block_elements says.
     for t in &spec.tensors {
-        assert_eq!(model.layout().blocks.iter().filter(|b| b.tensor == t.name).count(), 1, "{}", t.name);
+        assert_eq!(model.layout().blocks_of(&t.name).count(), 1, "{}", t.name);
     }
     let shards: std::collections::BTreeSet<u32> = model.layout().blocks.iter().map(|b| b.shard).collect();
     assert_eq!(shards.len(), 2);
 
     // The reference: the same spec conversion and optimizers, run locally on the mean gradient.
-    let validated = ps_server::spec::ModelSpec::from_proto(spec.clone()).unwrap();
+    let validated = ps_server::spec::ModelSpec::try_from(pb::ModelSpec::from(&spec)).unwrap();
     let mut local = init.clone();
     let mut optimizers: Vec<Box<dyn ps_server::optim::Optimizer>> = validated
         .tensors

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ps_client::proto::{self, GradientChunk, TensorChunk};
+use ps_client::spec::{Encoding, GroupConfig};
 use ps_client::{ModelHandle, Tensors};
 use ps_proto::codec::encode_f32;
+use ps_proto::pb::{self as proto, GradientChunk, TensorChunk};
 use tonic::Code;
 
 use crate::cluster::*;
@@ -53,7 +54,7 @@ async fn bad_pushes_are_rejected_and_change_nothing() {
     model.join("w").await.unwrap();
     model.join("other").await.unwrap();
     // Blocks of "w" (8x10, 32-element blocks = 3 rows): 0..30, 30..60, 60..80.
-    let here = |b: u32| model.layout().blocks.iter().find(|p| p.tensor == "w" && p.block == b).unwrap().shard as usize;
+    let here = |b: u32| model.layout().block("w", b).unwrap().shard as usize;
     let shard = here(0);
     let away = (0..3).find(|&b| here(b) != shard).expect("w spans both shards");
     let local = (1..3).find(|&b| here(b) == shard);
@@ -162,7 +163,7 @@ async fn bad_pushes_are_rejected_and_change_nothing() {
     ];
     if let Some(second) = local {
         // A valid first block followed by a bad one: the valid block must not be applied either.
-        let rows = model.layout().blocks.iter().find(|p| p.tensor == "w" && p.block == second).unwrap().length as usize;
+        let rows = model.layout().block("w", second).unwrap().length as usize;
         cases.push(Case {
             what: "good block then bad block",
             messages: vec![
@@ -215,9 +216,9 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
     // Registering the same name with another spec conflicts; the same spec is fine.
     let mut other = small_spec("rpcs");
     other.tensors[0].shape = vec![4, 20];
-    let conflict = client.register(other, &initial_values(&small_spec("rpcs"), 1)).await.unwrap_err();
+    let conflict = client.register(&other, &initial_values(&small_spec("rpcs"), 1)).await.unwrap_err();
     assert_eq!(conflict.status().unwrap().code(), Code::AlreadyExists);
-    let again = client.register(small_spec("rpcs"), &init).await.unwrap();
+    let again = client.register(&small_spec("rpcs"), &init).await.unwrap();
     assert_eq!(again.layout(), model.layout());
     // Malformed specs.
     for (mutate, says) in [
@@ -227,7 +228,7 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
         ),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].patterns = vec!["x*".into()]), "matches no parameter group"),
         (Box::new(|s: &mut proto::ModelSpec| s.tensors[1].name = "w".into()), "appears twice"),
-        (Box::new(|s: &mut proto::ModelSpec| s.groups[0] = group("all", &["*"], sgd(-1.0))), "lr must be"),
+        (Box::new(|s: &mut proto::ModelSpec| s.groups[0].optimizer = Some((&sgd(-1.0)).into())), "lr must be"),
         (
             Box::new(|s: &mut proto::ModelSpec| s.groups[0].aggregation = proto::Aggregation::MajorityVote as i32),
             "exactly [ENCODING_SIGN1]",
@@ -243,18 +244,20 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![1, 1]), "twice"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![42]), "unknown encoding 42"),
     ] {
-        let mut spec = small_spec("bad-spec");
+        // Malformed specs cannot be written with the client's types, so they go as raw messages.
+        let mut spec = proto::ModelSpec::from(&small_spec("bad-spec"));
         for tensor in &mut spec.tensors {
             tensor.init = Some(proto::InitRule { kind: proto::InitKind::Zeros as i32, ..Default::default() });
         }
         mutate(&mut spec);
-        let error = client.register(spec, &init).await.unwrap_err();
-        assert_eq!(error.status().map(|s| s.code()), Some(Code::InvalidArgument), "{error}");
-        assert!(error.to_string().contains(says), "{error} lacks {says}");
+        let request = proto::RegisterModelRequest { item: Some(proto::register_model_request::Item::Spec(spec)) };
+        let error = cluster.raw(0).await.register_model(tokio_stream::iter(vec![request])).await.unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+        assert!(error.message().contains(says), "{error} lacks {says}");
     }
     assert!(client.model("bad-spec").await.is_err(), "a rejected spec registers nothing");
     // Missing provided values.
-    let error = client.register(small_spec("no-values"), &Tensors::new()).await.unwrap_err();
+    let error = client.register(&small_spec("no-values"), &Tensors::new()).await.unwrap_err();
     assert!(error.to_string().contains("missing"), "{error}");
     // Heartbeat of an unknown worker, pull of an unknown tensor, pull timeout.
     let mut raw = cluster.raw(0).await;
@@ -282,7 +285,7 @@ async fn a_missing_or_wrong_token_is_unauthenticated() {
     config.auth_token = Some("s3cret".into());
     let client = ps_client::PsClient::connect(config).unwrap();
     client.wait_ready(Duration::from_secs(5)).await.unwrap();
-    let model = client.register(small_spec("auth"), &initial_values(&small_spec("auth"), 1)).await.unwrap();
+    let model = client.register(&small_spec("auth"), &initial_values(&small_spec("auth"), 1)).await.unwrap();
     model.join("w").await.unwrap();
 }
 
@@ -307,16 +310,16 @@ fn encoded(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
-    use proto::Encoding::{Bf16, F16, F32, Sign1};
+    use proto::Encoding::{F16, F32, Sign1};
     let cluster = Cluster::start(1, Duration::from_secs(60)).await;
     let mut spec = small_spec("wire");
     spec.max_block_elements = 64; // w: blocks of 60 and 20 elements
     spec.groups = vec![
-        proto::ParamGroup { push_encodings: vec![Sign1 as i32], ..group("signs", &["w"], sgd(0.1)) },
-        proto::ParamGroup { push_encodings: vec![F32 as i32, Bf16 as i32], ..group("rest", &["*"], sgd(0.1)) },
+        GroupConfig { push_encodings: vec![Encoding::Sign1], ..group("signs", &["w"], sgd(0.1)) },
+        GroupConfig { push_encodings: vec![Encoding::F32, Encoding::Bf16], ..group("rest", &["*"], sgd(0.1)) },
     ];
     let init = initial_values(&spec, 2);
-    let model = cluster.client().register(spec, &init).await.unwrap();
+    let model = cluster.client().register(&spec, &init).await.unwrap();
     model.join("w").await.unwrap();
     model.join("other").await.unwrap();
     let signs = |offset, n: usize, scale| encoded("w", 0, offset, Sign1, &vec![-1.0; n], scale);
@@ -354,7 +357,7 @@ async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
         assert!((w - want).abs() < 1e-6, "w[{i}]: {w} vs {want}");
     }
     // Half-precision pulls carry half the bytes and round to nearest even.
-    let half = model.clone().with_pull_encoding(Bf16).pull(1).await.unwrap();
+    let half = model.clone().with_pull_encoding(Encoding::Bf16).pull(1).await.unwrap();
     assert_eq!(half.bytes * 2, pulled.bytes);
     for (a, b) in half.tensors["b"].iter().zip(&pulled.tensors["b"]) {
         assert_eq!(*a, half::bf16::from_f32(*b).to_f32());

@@ -8,19 +8,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use ps_proto::codec;
 use ps_proto::pb::{self, Encoding};
-use ps_proto::transport::CHUNK_BYTES;
+use ps_proto::{chunk, codec};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::assemble::{self, Assembler, Purpose};
+use super::assemble::{self, Assembler, Purpose};
+use super::convert;
 use crate::error::ServerError;
 use crate::metrics as m;
-use crate::model::Model;
-use crate::registry::Registry;
 use crate::spec::{ModelSpec, check_name};
+use crate::store::{Model, Registry};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -51,7 +50,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 }
 
 fn check_worker_name(worker: &str) -> Result<(), ServerError> {
-    check_name("worker", worker).map_err(ServerError::InvalidArgument)
+    Ok(check_name("worker", worker)?)
 }
 
 impl ParameterService {
@@ -61,16 +60,15 @@ impl ParameterService {
     ) -> Result<pb::RegisterModelResponse, Status> {
         let mut stream = request.into_inner();
         let spec = match stream.message().await?.and_then(|m| m.item) {
-            Some(pb::register_model_request::Item::Spec(spec)) => ModelSpec::from_proto(spec)?,
-            _ => {
-                return Err(
-                    ServerError::InvalidArgument("the first RegisterModel message must carry the spec".into()).into()
-                );
-            }
+            Some(pb::register_model_request::Item::Spec(spec)) => ModelSpec::try_from(spec)?,
+            _ => return Err(ServerError::SpecNotFirst.into()),
         };
-        if let Some(model) = self.registry.existing(&spec.canonical)? {
+        if let Some(model) = self.registry.existing(&spec)? {
             tracing::info!(model = model.name(), "model already registered with the same spec");
-            return Ok(pb::RegisterModelResponse { created: false, layout: Some(self.registry.layout(&model)) });
+            return Ok(pb::RegisterModelResponse {
+                created: false,
+                layout: Some(convert::layout(&self.registry.identity, &model)),
+            });
         }
         let (shard, shards, lease) = (self.registry.identity.index, self.registry.num_shards(), self.registry.lease);
         let model = blocking(move || Model::new(spec, shard, shards, lease)).await?;
@@ -78,58 +76,31 @@ impl ParameterService {
         while let Some(message) = stream.message().await? {
             match message.item {
                 Some(pb::register_model_request::Item::Values(chunk)) => {
-                    let tensor = model.tensor_index(&chunk.tensor)?;
-                    if !model.is_provided(tensor) {
-                        return Err(ServerError::InvalidArgument(format!(
-                            "tensor '{}' has an init rule; values are accepted only for INIT_KIND_PROVIDED tensors",
-                            chunk.tensor
-                        ))
-                        .into());
-                    }
+                    model.provided_tensor(&chunk.tensor)?;
                     assembler.add(chunk)?;
                 }
-                _ => {
-                    return Err(ServerError::InvalidArgument(
-                        "only the first RegisterModel message may carry a spec".into(),
-                    )
-                    .into());
-                }
+                _ => return Err(ServerError::SpecRepeated.into()),
             }
         }
         let staged = assembler.finish()?;
         let values = blocking(move || assemble::decode(staged)).await?;
-        let mut provided: HashSet<(usize, u32)> = HashSet::new();
-        for (block, data) in values {
-            provided.insert((block.tensor, block.index));
-            model.set_initial(&block, data);
-        }
-        if let Some(missing) = model
-            .local_blocks()
-            .iter()
-            .find(|b| model.is_provided(b.tensor) && !provided.contains(&(b.tensor, b.index)))
-        {
-            return Err(ServerError::InvalidArgument(format!(
-                "tensor '{}' is INIT_KIND_PROVIDED but no values came for its block {} (owned by this shard)",
-                model.spec.tensors[missing.tensor].name, missing.index
-            ))
-            .into());
-        }
+        model.install_initial_values(values)?;
         let (created, model) = self.registry.insert(model)?;
         tracing::info!(
             model = model.name(),
             created,
-            mode = model.spec.mode.as_str(),
+            mode = model.spec.options.mode.as_str(),
             tensors = model.spec.tensors.len(),
             blocks = model.local_blocks().len(),
             "model registered"
         );
-        Ok(pb::RegisterModelResponse { created, layout: Some(self.registry.layout(&model)) })
+        Ok(pb::RegisterModelResponse { created, layout: Some(convert::layout(&self.registry.identity, &model)) })
     }
 
     async fn push(&self, request: Request<Streaming<pb::GradientChunk>>) -> Result<pb::PushGradientsResponse, Status> {
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
-            return Err(ServerError::InvalidArgument("empty push stream".into()).into());
+            return Err(ServerError::EmptyPush.into());
         };
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
         check_worker_name(&worker)?;
@@ -141,14 +112,17 @@ impl ParameterService {
         let mut next = Some(first);
         while let Some(message) = next {
             if message.model != model_name || message.worker_id != worker || message.step != step {
-                return Err(ServerError::InvalidArgument(format!(
-                    "every chunk of one push must name the same model, worker and step; got ({}, {}, {}) after ({model_name}, {worker}, {step})",
-                    message.model, message.worker_id, message.step
-                ))
+                return Err(ServerError::MixedPush {
+                    first_model: model_name,
+                    first_worker: worker,
+                    first_step: step,
+                    model: message.model,
+                    worker: message.worker_id,
+                    step: message.step,
+                }
                 .into());
             }
-            let chunk =
-                message.chunk.ok_or_else(|| ServerError::InvalidArgument("push message without a chunk".into()))?;
+            let chunk = message.chunk.ok_or(ServerError::PushWithoutChunk)?;
             assembler.add(chunk)?;
             next = stream.message().await?;
         }
@@ -196,22 +170,15 @@ impl ParameterService {
         let min_version = request.min_version;
         let encoding = match codec::encoding_from_i32(request.encoding) {
             Ok(e @ (Encoding::F32 | Encoding::Bf16 | Encoding::F16)) => e,
-            _ => {
-                return Err(ServerError::InvalidArgument(format!(
-                    "pull encoding {} is not available; use ENCODING_F32, ENCODING_BF16 or ENCODING_F16",
-                    request.encoding
-                ))
-                .into());
-            }
+            _ => return Err(ServerError::PullEncoding(request.encoding).into()),
         };
-        let per_chunk = CHUNK_BYTES / codec::payload_len(encoding, 1) as usize;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let started = Instant::now();
             let mut sent = 0u64;
             for block in blocks {
                 let remaining = timeout.saturating_sub(started.elapsed());
-                if let Err(version) = Model::wait_for_version(&block, min_version, remaining).await {
+                if let Err(version) = block.wait_for_version(min_version, remaining).await {
                     let error = ServerError::PullTimeout {
                         tensor: model.spec.tensors[block.tensor].name.clone(),
                         block: block.index,
@@ -225,20 +192,10 @@ impl ParameterService {
                     return;
                 }
                 let snapshot_of = block.clone();
-                let Ok((version, values)) = blocking(move || Model::snapshot(&snapshot_of)).await else { return };
-                let tensor = model.spec.tensors[block.tensor].name.clone();
-                for (i, part) in values.chunks(per_chunk).enumerate() {
-                    let payload = codec::encode(encoding, part);
-                    sent += payload.len() as u64;
-                    let chunk = pb::TensorChunk {
-                        tensor: tensor.clone(),
-                        block: block.index,
-                        offset: (i * per_chunk) as u64,
-                        length: part.len() as u64,
-                        encoding: encoding as i32,
-                        payload,
-                        scale: 0.0,
-                    };
+                let Ok((version, values)) = blocking(move || snapshot_of.snapshot()).await else { return };
+                let tensor = &model.spec.tensors[block.tensor].name;
+                for chunk in chunk::encode_block(tensor, block.index, &values, encoding, 0.0) {
+                    sent += chunk.payload.len() as u64;
                     if tx.send(Ok(pb::WeightChunk { version, chunk: Some(chunk) })).await.is_err() {
                         return; // the client went away
                     }
@@ -252,45 +209,7 @@ impl ParameterService {
     fn status(&self, request: pb::GetStatusRequest) -> Result<pb::GetStatusResponse, Status> {
         let models =
             if request.model.is_empty() { self.registry.models() } else { vec![self.registry.get(&request.model)?] };
-        let models = models
-            .iter()
-            .map(|model| {
-                let (min_version, max_version) = model.version_range();
-                let (pushes, workers_expired) = model.counters();
-                pb::ModelStatus {
-                    name: model.name().to_string(),
-                    mode: model.spec.mode.to_proto() as i32,
-                    min_version,
-                    max_version,
-                    blocks: model.local_blocks().len() as u32,
-                    parameters: model.local_blocks().iter().map(|b| b.len as u64).sum(),
-                    live_workers: model
-                        .membership
-                        .live()
-                        .into_iter()
-                        .map(|(worker_id, age)| pb::WorkerStatus {
-                            worker_id,
-                            last_heartbeat_ms_ago: age.as_millis() as u64,
-                        })
-                        .collect(),
-                    groups: model
-                        .spec
-                        .groups
-                        .iter()
-                        .zip(model.group_stats())
-                        .map(|(group, stats)| pb::GroupStatus {
-                            name: group.name.clone(),
-                            optimizer: group.optimizer.describe(),
-                            tensors: stats.tensors,
-                            parameters: stats.parameters,
-                            state_bytes: stats.state_bytes,
-                        })
-                        .collect(),
-                    pushes,
-                    workers_expired,
-                }
-            })
-            .collect();
+        let models = models.iter().map(|model| convert::model_status(model)).collect();
         Ok(pb::GetStatusResponse {
             shard_index: self.registry.identity.index,
             num_shards: self.registry.num_shards(),
@@ -311,7 +230,8 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
     }
 
     async fn get_layout(&self, request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
-        let result = self.registry.get(&request.get_ref().model).map(|model| self.registry.layout(&model));
+        let result =
+            self.registry.get(&request.get_ref().model).map(|model| convert::layout(&self.registry.identity, &model));
         observe("GetLayout", result.map_err(Status::from)).map(Response::new)
     }
 

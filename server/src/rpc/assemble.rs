@@ -11,8 +11,8 @@ use ps_proto::pb::{Encoding, TensorChunk};
 use ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES;
 use rayon::prelude::*;
 
-use crate::error::ServerError;
-use crate::model::{Block, BlockGradient, Model};
+use crate::error::{ChunkProblem, ServerError};
+use crate::store::{Block, BlockGradient, Model};
 
 struct Part {
     offset: usize,
@@ -94,55 +94,48 @@ impl<'a> Assembler<'a> {
             }
         });
         let len = block.len as u64;
-        let where_ = format!("tensor '{}' block {}", chunk.tensor, chunk.block);
+        let at = || format!("tensor '{}' block {}", chunk.tensor, chunk.block);
+        let problem = |problem: ChunkProblem| Err(ServerError::Chunk { problem });
         let group = &self.model.spec.groups[block.group];
         if self.purpose == Purpose::Weights && encoding == Encoding::Sign1 {
-            return Err(ServerError::InvalidArgument(format!(
-                "initial values for {where_} must be f32, bf16 or f16, not sign1"
-            )));
+            return problem(ChunkProblem::SignsAsValues { at: at() });
         }
         if self.purpose == Purpose::Gradients && !group.push_encodings.contains(&encoding) {
-            return Err(ServerError::InvalidArgument(format!(
-                "encoding {} is not allowed for {where_} (group '{}' accepts: {})",
-                codec::encoding_label(encoding),
-                group.name,
-                group.allowed_encodings()
-            )));
+            return problem(ChunkProblem::EncodingNotAllowed {
+                at: at(),
+                encoding: codec::encoding_label(encoding),
+                group: group.name.clone(),
+                allowed: group.allowed_encodings(),
+            });
         }
         if encoding == Encoding::Sign1 && !chunk.offset.is_multiple_of(codec::SIGN_WORD_ELEMENTS) {
-            return Err(ServerError::InvalidArgument(format!(
-                "sign1 chunk for {where_} starts at element {}; sign1 chunks must start at a multiple of {}",
-                chunk.offset,
-                codec::SIGN_WORD_ELEMENTS
-            )));
+            return problem(ChunkProblem::MisalignedSigns {
+                at: at(),
+                offset: chunk.offset,
+                word: codec::SIGN_WORD_ELEMENTS,
+            });
         }
         if let Some(first) = progress.staged.parts.first()
             && (first.encoding != encoding || first.scale.to_bits() != chunk.scale.to_bits())
         {
-            return Err(ServerError::InvalidArgument(format!(
-                "every chunk of {where_} must use the same encoding and scale as its first chunk"
-            )));
+            return problem(ChunkProblem::MixedEncoding { at: at() });
         }
         if chunk.length == 0 {
-            return Err(ServerError::InvalidArgument(format!("empty chunk for {where_}")));
+            return problem(ChunkProblem::Empty { at: at() });
         }
         if progress.received == len {
-            return Err(ServerError::InvalidArgument(format!(
-                "duplicate chunk for {where_}: all {len} elements were already received in this stream"
-            )));
+            return problem(ChunkProblem::Duplicate { at: at(), len });
         }
         if chunk.offset != progress.received {
-            return Err(ServerError::InvalidArgument(format!(
-                "out-of-order chunk for {where_}: it starts at element {} but {} elements were received so far; send each block's chunks once, in order",
-                chunk.offset, progress.received
-            )));
+            return problem(ChunkProblem::OutOfOrder { at: at(), offset: chunk.offset, received: progress.received });
         }
         if chunk.offset.saturating_add(chunk.length) > len {
-            return Err(ServerError::InvalidArgument(format!(
-                "chunk for {where_} covers elements {}..{} but the block has {len} elements (wrong shape?)",
-                chunk.offset,
-                chunk.offset.saturating_add(chunk.length)
-            )));
+            return problem(ChunkProblem::PastEnd {
+                at: at(),
+                offset: chunk.offset,
+                end: chunk.offset.saturating_add(chunk.length),
+                len,
+            });
         }
         progress.received += chunk.length;
         let traffic = self.traffic.entry(encoding).or_default();
@@ -166,10 +159,10 @@ impl<'a> Assembler<'a> {
             let Some(progress) = self.blocks.remove(key) else { continue };
             let len = progress.staged.block.len as u64;
             if progress.received != len {
-                return Err(ServerError::InvalidArgument(format!(
-                    "incomplete block: tensor '{}' block {} got {} of {len} elements before the stream ended",
-                    progress.staged.tensor, progress.staged.block.index, progress.received
-                )));
+                let at = format!("tensor '{}' block {}", progress.staged.tensor, progress.staged.block.index);
+                return Err(ServerError::Chunk {
+                    problem: ChunkProblem::Incomplete { at, received: progress.received, len },
+                });
             }
             staged.push(progress.staged);
         }

@@ -11,11 +11,11 @@ use std::io::Read;
 use anyhow::Context;
 use candle_core::{D, DType, Device, Tensor, Var};
 use ps_client::Tensors;
-use ps_client::proto::{InitKind, InitRule, TensorSpec};
+use ps_client::spec::{Init, TensorSpec};
 
-use crate::task::{Evaluation, Trainable};
+use super::{Evaluation, Trainable};
 
-const TEXT_GZ: &[u8] = include_bytes!("../data/pystdlib.txt.gz");
+const TEXT_GZ: &[u8] = include_bytes!("../../data/pystdlib.txt.gz");
 const VOCAB: usize = 256;
 const VALIDATION_SEQUENCES: usize = 64;
 
@@ -35,12 +35,12 @@ pub struct LmShape {
 /// The default model: about 117k parameters.
 pub const SHAPE: LmShape = LmShape { width: 64, heads: 4, layers: 2, context: 64 };
 
-fn normal(std: f64, seed: u64) -> Option<InitRule> {
-    Some(InitRule { kind: InitKind::Normal as i32, value: 0.0, scale: std, seed })
+fn normal(std: f64, seed: u64) -> Init {
+    Init::Normal { mean: 0.0, std, seed }
 }
 
-fn constant(value: f64) -> Option<InitRule> {
-    Some(InitRule { kind: InitKind::Constant as i32, value, scale: 0.0, seed: 0 })
+fn constant(value: f64) -> Init {
+    Init::Constant(value)
 }
 
 /// The model's tensors: embeddings and matrices N(0, 0.02), norms 1 and 0.

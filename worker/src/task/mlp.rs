@@ -1,95 +1,34 @@
-//! Built-in training tasks: a multi-layer perceptron in candle, its loss, its
-//! gradients and its evaluation. Weights are named like a PyTorch state_dict
-//! (`fc1.weight` with shape `(out, in)`, `fc1.bias`) so external trainers can
-//! share a model with the built-in workers.
+//! The multi-layer perceptron tasks (digits classification, synthetic
+//! regression) in candle: loss, gradients and evaluation.
 
 use anyhow::{Context, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
-use clap::ValueEnum;
 use ps_client::Tensors;
-use ps_client::proto::{InitKind, InitRule, TensorSpec};
+use ps_client::spec::{Init, TensorSpec};
 
+use super::{Evaluation, TaskKind, Trainable};
 use crate::data::{self, Dataset};
 
-/// Which built-in task a worker trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TaskKind {
-    /// Handwritten digits (8x8, 10 classes), MLP 64-64-10 with cross-entropy.
-    Digits,
-    /// Synthetic linear regression (8 features), mean squared error.
-    Synthetic,
-    /// Byte-level transformer language model on Python source text.
-    CharLm,
+/// (fan_in, fan_out) of each linear layer of an MLP task.
+pub fn layers(kind: TaskKind) -> Vec<(usize, usize)> {
+    match kind {
+        TaskKind::Digits => vec![(64, 64), (64, 10)],
+        TaskKind::Synthetic => vec![(data::SYNTHETIC_FEATURES, 1)],
+        TaskKind::CharLm => Vec::new(),
+    }
 }
 
-/// What the training loop needs from a task.
-pub trait Trainable: Send + Sync {
-    /// Examples (or sequence start positions) in this worker's training share.
-    fn train_len(&self) -> usize;
-    /// Examples in the held-out set.
-    fn test_len(&self) -> usize;
-    /// Loss on a minibatch of training examples and the gradient of every tensor.
-    fn loss_and_grads(&self, weights: &Tensors, batch: &[usize]) -> anyhow::Result<(f32, Tensors)>;
-    /// Loss (and accuracy, for classification) on the held-out set.
-    fn evaluate(&self, weights: &Tensors) -> anyhow::Result<Evaluation>;
-}
-
-/// Loads the data of `kind` and keeps this rank's share of the training set.
-pub fn load(
-    kind: TaskKind,
-    rank: usize,
-    world: usize,
-    device: Device,
-) -> anyhow::Result<std::sync::Arc<dyn Trainable>> {
-    Ok(match kind {
-        TaskKind::CharLm => std::sync::Arc::new(crate::lm::CharLm::new(crate::lm::SHAPE, rank, world, device)?),
-        _ => std::sync::Arc::new(Task::new(kind, rank, world, device)?),
-    })
-}
-
-impl TaskKind {
-    /// (fan_in, fan_out) of each linear layer.
-    fn layers(self) -> Vec<(usize, usize)> {
-        match self {
-            TaskKind::Digits => vec![(64, 64), (64, 10)],
-            TaskKind::Synthetic => vec![(data::SYNTHETIC_FEATURES, 1)],
-            TaskKind::CharLm => Vec::new(),
-        }
+/// The tensors of an MLP with PyTorch-style initialization: weights and
+/// biases uniform in ±1/sqrt(fan_in), seeded.
+pub fn tensor_specs(layers: Vec<(usize, usize)>, seed: u64) -> Vec<TensorSpec> {
+    let mut specs = Vec::new();
+    for (i, (fan_in, fan_out)) in layers.into_iter().enumerate() {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let init = |salt: u64| Init::Uniform { center: 0.0, half_width: bound, seed: seed ^ salt };
+        specs.push(TensorSpec::new(format!("fc{}.weight", i + 1), &[fan_out as u64, fan_in as u64], init(1)));
+        specs.push(TensorSpec::new(format!("fc{}.bias", i + 1), &[fan_out as u64], init(2)));
     }
-
-    /// The model's tensors with PyTorch-style initialization: weights and
-    /// biases uniform in ±1/sqrt(fan_in), seeded.
-    pub fn tensor_specs(self, seed: u64) -> Vec<TensorSpec> {
-        if self == TaskKind::CharLm {
-            return crate::lm::tensor_specs(crate::lm::SHAPE, seed);
-        }
-        let mut specs = Vec::new();
-        for (i, (fan_in, fan_out)) in self.layers().into_iter().enumerate() {
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            let init =
-                |salt: u64| InitRule { kind: InitKind::Uniform as i32, value: 0.0, scale: bound, seed: seed ^ salt };
-            specs.push(TensorSpec {
-                name: format!("fc{}.weight", i + 1),
-                shape: vec![fan_out as u64, fan_in as u64],
-                init: Some(init(1)),
-            });
-            specs.push(TensorSpec {
-                name: format!("fc{}.bias", i + 1),
-                shape: vec![fan_out as u64],
-                init: Some(init(2)),
-            });
-        }
-        specs
-    }
-
-    /// Default model name on the server.
-    pub fn model_name(self) -> &'static str {
-        match self {
-            TaskKind::Digits => "digits-mlp",
-            TaskKind::Synthetic => "synthetic-linear",
-            TaskKind::CharLm => "char-lm",
-        }
-    }
+    specs
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +38,7 @@ enum Loss {
 }
 
 /// A model, its data and how to compute its gradients.
-pub struct Task {
+pub struct Mlp {
     kind: TaskKind,
     layers: Vec<(usize, usize)>,
     loss: Loss,
@@ -110,21 +49,12 @@ pub struct Task {
     device: Device,
 }
 
-/// Loss and, for classification, accuracy on a data set.
-#[derive(Clone, Copy, Debug)]
-pub struct Evaluation {
-    /// Mean loss.
-    pub loss: f32,
-    /// Fraction classified correctly (classification tasks).
-    pub accuracy: Option<f32>,
-}
-
 const SPLIT_SEED: u64 = 20_241_127;
 
-impl Task {
+impl Mlp {
     /// Loads the data of `kind` and keeps this rank's shard of the training set.
     pub fn new(kind: TaskKind, rank: usize, world: usize, device: Device) -> anyhow::Result<Self> {
-        let layers = kind.layers();
+        let layers = layers(kind);
         let (loss, all) = match kind {
             TaskKind::Digits => (Loss::CrossEntropy { classes: 10 }, data::digits()?),
             TaskKind::Synthetic => (Loss::MeanSquared, data::synthetic_regression(1024, SPLIT_SEED)),
@@ -224,7 +154,7 @@ impl Task {
     }
 }
 
-impl Trainable for Task {
+impl Trainable for Mlp {
     fn train_len(&self) -> usize {
         self.train.len()
     }
@@ -234,11 +164,11 @@ impl Trainable for Task {
     }
 
     fn loss_and_grads(&self, weights: &Tensors, batch: &[usize]) -> anyhow::Result<(f32, Tensors)> {
-        Task::loss_and_grads(self, weights, batch)
+        Mlp::loss_and_grads(self, weights, batch)
     }
 
     fn evaluate(&self, weights: &Tensors) -> anyhow::Result<Evaluation> {
-        Task::evaluate(self, weights)
+        Mlp::evaluate(self, weights)
     }
 }
 
@@ -246,7 +176,7 @@ impl Trainable for Task {
 mod tests {
     use super::*;
 
-    fn init_weights(task: &Task) -> Tensors {
+    fn init_weights(task: &Mlp) -> Tensors {
         let mut rng = data::Rng::new(5);
         task.kind()
             .tensor_specs(1)
@@ -261,7 +191,7 @@ mod tests {
     #[test]
     fn every_parameter_gets_a_nonzero_gradient() {
         for kind in [TaskKind::Digits, TaskKind::Synthetic] {
-            let task = Task::new(kind, 0, 2, Device::Cpu).unwrap();
+            let task = Mlp::new(kind, 0, 2, Device::Cpu).unwrap();
             let weights = init_weights(&task);
             let batch: Vec<usize> = (0..16).collect();
             let (loss, grads) = task.loss_and_grads(&weights, &batch).unwrap();
@@ -276,7 +206,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
-        let task = Task::new(TaskKind::Digits, 0, 1, Device::Cpu).unwrap();
+        let task = Mlp::new(TaskKind::Digits, 0, 1, Device::Cpu).unwrap();
         let mut weights = init_weights(&task);
         let batch: Vec<usize> = (0..8).collect();
         let (_, grads) = task.loss_and_grads(&weights, &batch).unwrap();

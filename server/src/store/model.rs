@@ -1,79 +1,27 @@
-//! The block store of one model on one shard, and the aggregation rules of the
-//! consistency modes. Everything here is synchronous and may be heavy: the
-//! gRPC layer calls it from the blocking pool, never from a reactor thread.
+//! One registered model on one shard: the layout, this shard's blocks, the
+//! membership, and the aggregation rules of the consistency modes (the sync
+//! barrier over live workers, async apply-on-arrival).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use ps_proto::codec;
 use ps_proto::layout::{self, BlockPlan};
 use rayon::prelude::*;
-use tokio::sync::watch;
 
+use super::block::{Accumulated, Block, BlockGradient, BlockState, PendingStep};
+use super::membership::Membership;
 use crate::error::ServerError;
-use crate::membership::Membership;
 use crate::metrics as m;
-use crate::optim::{Dims, Optimizer, SliceInfo, StepContext};
+use crate::optim::{Dims, SliceInfo, StepContext};
 use crate::spec::{Aggregation, InitRule, Mode, ModelSpec, fill_initial};
-
-/// One block of a tensor stored on this shard.
-pub struct Block {
-    /// Index of the tensor in the spec.
-    pub tensor: usize,
-    /// Block index within the tensor.
-    pub index: u32,
-    /// Elements in the block.
-    pub len: usize,
-    /// Parameter group of the tensor.
-    pub group: usize,
-    state: Mutex<BlockState>,
-    version: watch::Sender<u64>,
-}
-
-struct BlockState {
-    params: Vec<f32>,
-    version: u64,
-    optimizer: Box<dyn Optimizer>,
-    pending: Option<PendingStep>,
-    /// Workers counted in the last applied sync step, to recognise retries of it.
-    last_contributors: Vec<String>,
-    /// Async mode: the last step each worker pushed.
-    last_async_step: HashMap<String, u64>,
-}
-
-/// Gradients of the current sync step that have arrived so far.
-struct PendingStep {
-    accumulated: Accumulated,
-    contributors: Vec<String>,
-    started: Instant,
-}
-
-/// What a sync step accumulates: decoded values, or sign votes in small integers.
-enum Accumulated {
-    Sum(Vec<f32>),
-    Votes(Vec<i16>),
-}
 
 enum Disposition {
     Accept,
     Duplicate,
-}
-
-/// One block's gradient from one push, validated but still encoded, so it can
-/// be decoded straight into the aggregation buffer without another copy.
-pub trait BlockGradient: Send {
-    /// The block it belongs to.
-    fn block(&self) -> &Arc<Block>;
-    /// Overwrites `out` (the block's length) with the gradient.
-    fn write_into(&self, out: &mut [f32]);
-    /// Adds the gradient to `out` (the block's length).
-    fn add_into(&self, out: &mut [f32]);
-    /// Adds +1/-1 per element to sign vote counters (sign payloads only).
-    fn add_votes(&self, votes: &mut [i16]);
 }
 
 /// What one push did.
@@ -118,8 +66,7 @@ pub struct Model {
 impl Model {
     /// Lays out the model and allocates and initializes this shard's blocks.
     pub fn new(spec: ModelSpec, shard: u32, num_shards: u32, lease: Duration) -> Self {
-        let shapes: Vec<&[u64]> = spec.tensors.iter().map(|t| t.shape.as_slice()).collect();
-        let plan = layout::plan(&shapes, &layout::block_limits(&spec.canonical), num_shards);
+        let plan = layout::plan(&spec.shapes(), &spec.block_limits(), num_shards);
         let mut tensor_blocks = vec![0..0; spec.tensors.len()];
         for (i, block) in plan.iter().enumerate() {
             let range: &mut Range<usize> = &mut tensor_blocks[block.tensor];
@@ -134,29 +81,15 @@ impl Model {
             .map(|b| {
                 let tensor = &spec.tensors[b.tensor];
                 let group = &spec.groups[tensor.group];
-                let len = b.length as usize;
-                let mut params = vec![0.0; len];
+                let mut params = vec![0.0; b.length as usize];
                 fill_initial(&tensor.init, &tensor.name, b.offset, &mut params);
-                Arc::new(Block {
-                    tensor: b.tensor,
-                    index: b.block,
-                    len,
-                    group: tensor.group,
-                    state: Mutex::new(BlockState {
-                        params,
-                        version: 0,
-                        optimizer: group.optimizer.build(&SliceInfo {
-                            name: &tensor.name,
-                            dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
-                            matrix: tensor.shape.len() >= 2,
-                            projectable: tensor.projectable,
-                        }),
-                        pending: None,
-                        last_contributors: Vec::new(),
-                        last_async_step: HashMap::new(),
-                    }),
-                    version: watch::Sender::new(0),
-                })
+                let optimizer = group.optimizer.build(&SliceInfo {
+                    name: &tensor.name,
+                    dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
+                    matrix: tensor.shape.len() >= 2,
+                    projectable: tensor.projectable,
+                });
+                Arc::new(Block::new(b.tensor, b.block, tensor.group, params, optimizer))
             })
             .collect();
         let local = local_order.iter().map(|b| ((b.tensor, b.index), b.clone())).collect();
@@ -211,15 +144,33 @@ impl Model {
         }
     }
 
-    /// Whether a tensor's values are provided at registration.
-    pub fn is_provided(&self, tensor: usize) -> bool {
-        self.spec.tensors[tensor].init == InitRule::Provided
+    /// The index of a tensor that registration values may be given for: it
+    /// must exist and have the PROVIDED init rule.
+    pub fn provided_tensor(&self, tensor: &str) -> Result<usize, ServerError> {
+        let index = self.tensor_index(tensor)?;
+        if self.spec.tensors[index].init != InitRule::Provided {
+            return Err(ServerError::ValuesNotProvided { tensor: tensor.to_string() });
+        }
+        Ok(index)
     }
 
-    /// Installs registration-time values into a block (before the model is shared).
-    pub fn set_initial(&self, block: &Block, values: Vec<f32>) {
-        debug_assert_eq!(values.len(), block.len);
-        block.state.lock().params = values;
+    /// Installs registration-time values (before the model is shared), after
+    /// checking that every PROVIDED block of this shard got its values.
+    pub fn install_initial_values(&self, values: Vec<(Arc<Block>, Vec<f32>)>) -> Result<(), ServerError> {
+        let provided: HashSet<(usize, u32)> = values.iter().map(|(b, _)| (b.tensor, b.index)).collect();
+        if let Some(missing) = self.local_order.iter().find(|b| {
+            self.spec.tensors[b.tensor].init == InitRule::Provided && !provided.contains(&(b.tensor, b.index))
+        }) {
+            return Err(ServerError::MissingValues {
+                tensor: self.spec.tensors[missing.tensor].name.clone(),
+                block: missing.index,
+            });
+        }
+        for (block, data) in values {
+            debug_assert_eq!(data.len(), block.len);
+            block.lock().params = data;
+        }
+        Ok(())
     }
 
     /// Commits one worker's push for `step`: all blocks are checked first, so
@@ -236,7 +187,7 @@ impl Model {
         }
         for gradient in &blocks {
             let block = gradient.block();
-            self.classify(block, &block.state.lock(), worker, step)?;
+            self.classify(block, &block.lock(), worker, step)?;
         }
         let live = self.live_ids();
         let outcome = blocks.into_par_iter().map(|gradient| self.apply_one(&gradient, worker, step, &live)).reduce(
@@ -270,7 +221,7 @@ impl Model {
         if step > version {
             return Err(ServerError::FutureStep { tensor: tensor(), block: block.index, step, version });
         }
-        let counted = match self.spec.mode {
+        let counted = match self.spec.options.mode {
             Mode::Sync if step == version => {
                 state.pending.as_ref().is_some_and(|p| p.contributors.iter().any(|w| w == worker))
             }
@@ -279,11 +230,13 @@ impl Model {
             Mode::Async => match state.last_async_step.get(worker) {
                 Some(&last) if last == step => true,
                 Some(&last) if last > step => {
-                    return Err(ServerError::InvalidArgument(format!(
-                        "worker '{worker}' pushed step {step} for tensor '{}' block {} after step {last}; steps of one worker must not go back",
-                        tensor(),
-                        block.index
-                    )));
+                    return Err(ServerError::StepWentBack {
+                        worker: worker.to_string(),
+                        tensor: tensor(),
+                        block: block.index,
+                        step,
+                        last,
+                    });
                 }
                 _ => false,
             },
@@ -293,7 +246,7 @@ impl Model {
 
     fn apply_one(&self, gradient: &impl BlockGradient, worker: &str, step: u64, live: &[String]) -> PushOutcome {
         let block = gradient.block();
-        let mut state = block.state.lock();
+        let mut state = block.lock();
         // Re-check under the lock: between the check and now, an expired lease
         // may have completed this step without us; then the gradient is not counted.
         match self.classify(block, &state, worker, step) {
@@ -301,7 +254,7 @@ impl Model {
             Ok(Disposition::Duplicate) | Err(_) => return PushOutcome { duplicate: 1, ..Default::default() },
         }
         let mut outcome = PushOutcome { accepted: 1, ..Default::default() };
-        match self.spec.mode {
+        match self.spec.options.mode {
             Mode::Async => {
                 let staleness = state.version - step;
                 metrics::histogram!(m::STALENESS, "model" => self.spec.name.clone()).record(staleness as f64);
@@ -383,7 +336,7 @@ impl Model {
         let BlockState { params, optimizer, .. } = state;
         optimizer.step(params, grad, &ctx);
         state.version += 1;
-        block.version.send_replace(state.version);
+        block.announce(state.version);
         metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => self.spec.groups[block.group].name.clone())
             .record(started.elapsed().as_secs_f64());
     }
@@ -403,11 +356,9 @@ impl Model {
     /// Re-checks every pending sync step against the current live workers.
     pub fn complete_ready_steps(&self) -> u32 {
         let live = self.live_ids();
-        let updated = self
-            .local_order
-            .par_iter()
-            .filter(|block| self.try_complete(block, &mut block.state.lock(), &live))
-            .count() as u32;
+        let updated =
+            self.local_order.par_iter().filter(|block| self.try_complete(block, &mut block.lock(), &live)).count()
+                as u32;
         if updated > 0 {
             self.publish_version();
         }
@@ -415,23 +366,9 @@ impl Model {
         updated
     }
 
-    /// Waits until a block reaches `min_version`, then returns its version and
-    /// its weights as little-endian f32, or the version it got stuck at.
-    pub async fn wait_for_version(block: &Block, min_version: u64, timeout: Duration) -> Result<(), u64> {
-        let mut rx = block.version.subscribe();
-        let reached = matches!(tokio::time::timeout(timeout, rx.wait_for(|v| *v >= min_version)).await, Ok(Ok(_)));
-        if reached { Ok(()) } else { Err(*rx.borrow()) }
-    }
-
-    /// The block's current version and a copy of its weights.
-    pub fn snapshot(block: &Block) -> (u64, Vec<f32>) {
-        let state = block.state.lock();
-        (state.version, state.params.clone())
-    }
-
     /// Lowest and highest block version on this shard.
     pub fn version_range(&self) -> (u64, u64) {
-        let versions = self.local_order.iter().map(|b| *b.version.borrow());
+        let versions = self.local_order.iter().map(|b| b.version());
         let (min, max) = versions.fold((u64::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
         if self.local_order.is_empty() { (0, 0) } else { (min, max) }
     }
@@ -443,10 +380,9 @@ impl Model {
             stats[tensor.group].tensors += 1;
         }
         for block in &self.local_order {
-            let state = block.state.lock();
             let entry = &mut stats[block.group];
             entry.parameters += block.len as u64;
-            entry.state_bytes += state.optimizer.state_bytes() as u64;
+            entry.state_bytes += block.state_bytes() as u64;
         }
         stats
     }

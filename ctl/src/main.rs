@@ -126,10 +126,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Layout { model } => {
             let handle = client.model(&model).await?;
-            for block in &handle.layout().blocks {
+            let layout = handle.layout();
+            for block in &layout.blocks {
                 println!(
                     "{} block {}: rows {}..{}, {} elements -> shard {}",
-                    block.tensor,
+                    layout.tensors[block.tensor].name,
                     block.block,
                     block.row_start,
                     block.row_start + block.rows,

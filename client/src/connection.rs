@@ -1,0 +1,195 @@
+//! Connections to every shard of a cluster: the transport settings shared
+//! with the servers, the bearer token, retries of transient failures, and the
+//! cluster-wide calls (register, open a model, status).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use ps_proto::pb::{self, Encoding};
+use ps_proto::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
+use ps_proto::{chunk, layout};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::Tensors;
+use crate::config::ClientConfig;
+use crate::error::ClientError;
+use crate::model::{ModelHandle, check_len};
+use crate::spec::{Init, ModelSpec};
+use crate::status::ShardStatus;
+
+#[derive(Clone)]
+pub(crate) struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub(crate) type ShardStub =
+    pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, BearerToken>>;
+
+/// A connection to every shard of a cluster.
+#[derive(Clone)]
+pub struct PsClient {
+    shards: Arc<Vec<ShardStub>>,
+    config: Arc<ClientConfig>,
+}
+
+fn transient(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
+impl PsClient {
+    /// Sets up (lazy) connections to every shard; nothing is sent yet.
+    pub fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        if config.shards.is_empty() {
+            return Err(ClientError::NoShards);
+        }
+        let token = match &config.auth_token {
+            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?),
+            None => None,
+        };
+        let shards = config
+            .shards
+            .iter()
+            .map(|addr| {
+                let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+                let channel = Endpoint::from_shared(uri)
+                    .map_err(|e| ClientError::BadAddress { address: addr.clone(), reason: e.to_string() })?
+                    .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+                    .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+                    .max_frame_size(Some(MAX_FRAME_BYTES))
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                Ok(pb::parameter_server_client::ParameterServerClient::with_interceptor(
+                    channel,
+                    BearerToken(token.clone()),
+                )
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES))
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        Ok(Self { shards: Arc::new(shards), config: Arc::new(config) })
+    }
+
+    /// Number of shards.
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    pub(crate) fn stub(&self, shard: usize) -> ShardStub {
+        self.shards[shard].clone()
+    }
+
+    /// Runs `call` against one shard, retrying transient failures with backoff.
+    pub(crate) async fn retry<T, F, Fut>(&self, shard: usize, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(ShardStub) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut delay = self.config.retry_backoff;
+        let mut attempt = 1;
+        loop {
+            match call(self.stub(shard)).await {
+                Ok(value) => return Ok(value),
+                Err(status) if transient(&status) && attempt < self.config.attempts => {
+                    tracing::debug!(shard, attempt, code = ?status.code(), "retrying: {}", status.message());
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(status) => return Err(ClientError::Rpc { shard, status }),
+            }
+        }
+    }
+
+    /// Waits until every shard answers, for at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for shard in 0..self.shards.len() {
+            loop {
+                match self.stub(shard).get_status(pb::GetStatusRequest::default()).await {
+                    Ok(_) => break,
+                    Err(status) if transient(&status) && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(status) => return Err(ClientError::Rpc { shard, status }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers a model on every shard. `values` must hold the initial values
+    /// of every tensor whose init rule is [`Init::Provided`]. Registering an
+    /// identical spec again succeeds and returns the existing model.
+    pub async fn register(&self, spec: &ModelSpec, values: &Tensors) -> Result<ModelHandle, ClientError> {
+        let wire = pb::ModelSpec::from(spec);
+        let shapes: Vec<&[u64]> = wire.tensors.iter().map(|t| t.shape.as_slice()).collect();
+        // The servers place blocks by the same rule, so PROVIDED values can go
+        // straight to the shard that owns each block.
+        let plan = layout::plan(&shapes, &layout::block_limits(&wire), self.shards.len() as u32);
+        let mut provided: HashMap<usize, &[f32]> = HashMap::new();
+        for (index, tensor) in spec.tensors.iter().enumerate() {
+            if tensor.init == Init::Provided {
+                let data = values.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
+                check_len(&tensor.name, layout::num_elements(&tensor.shape), data)?;
+                provided.insert(index, data);
+            }
+        }
+        let calls = (0..self.shards.len()).map(|shard| {
+            let mut messages =
+                vec![pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Spec(wire.clone())) }];
+            for block in plan.iter().filter(|b| b.shard as usize == shard) {
+                if let Some(data) = provided.get(&block.tensor) {
+                    let values = &data[block.offset as usize..(block.offset + block.length) as usize];
+                    let name = &spec.tensors[block.tensor].name;
+                    messages.extend(chunk::encode_block(name, block.block, values, Encoding::F32, 0.0).map(|chunk| {
+                        pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Values(chunk)) }
+                    }));
+                }
+            }
+            self.retry(shard, move |mut stub| {
+                let messages = messages.clone();
+                async move { stub.register_model(tokio_stream::iter(messages)).await.map(|r| r.into_inner()) }
+            })
+        });
+        let replies = try_join_all(calls).await?;
+        let layout = replies.into_iter().next().and_then(|r| r.layout).ok_or(ClientError::NoLayout)?;
+        ModelHandle::new(self.clone(), layout.try_into()?)
+    }
+
+    /// Opens a registered model by name.
+    pub async fn model(&self, name: &str) -> Result<ModelHandle, ClientError> {
+        let request = pb::GetLayoutRequest { model: name.to_string() };
+        let layout = self.retry(0, |mut stub| {
+            let request = request.clone();
+            async move { stub.get_layout(request).await.map(|r| r.into_inner()) }
+        });
+        ModelHandle::new(self.clone(), layout.await?.try_into()?)
+    }
+
+    /// Status of every shard, in shard order (`model` empty: all models).
+    pub async fn status(&self, model: &str) -> Result<Vec<ShardStatus>, ClientError> {
+        let request = pb::GetStatusRequest { model: model.to_string() };
+        try_join_all((0..self.shards.len()).map(|shard| {
+            let request = request.clone();
+            self.retry(shard, move |mut stub| {
+                let request = request.clone();
+                async move { stub.get_status(request).await.map(|r| r.into_inner().into()) }
+            })
+        }))
+        .await
+    }
+}

@@ -1,0 +1,159 @@
+//! Where a model's blocks live, as the servers report it, in the client's
+//! own types, plus the per-tensor index a worker routes pushes and pulls by.
+
+use std::collections::HashMap;
+
+pub use ps_proto::layout::BlockPlan;
+use ps_proto::{codec, pb};
+
+use crate::error::{ClientError, ProtocolError};
+use crate::spec::{Aggregation, Encoding, Mode};
+
+/// One tensor as the layout describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorLayout {
+    /// Tensor name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<u64>,
+    /// Its parameter group.
+    pub group: String,
+}
+
+/// A group's wire settings as the layout reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupLayout {
+    /// Group name.
+    pub name: String,
+    /// Accepted push encodings, preferred first.
+    pub push_encodings: Vec<Encoding>,
+    /// How a sync step combines pushes.
+    pub aggregation: Aggregation,
+}
+
+/// A registered model's layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    /// Model name.
+    pub model: String,
+    /// The shards' addresses, as the servers were configured.
+    pub shards: Vec<String>,
+    /// Tensors in spec order.
+    pub tensors: Vec<TensorLayout>,
+    /// Every block, in tensor then block order (`tensor` indexes [`Layout::tensors`]).
+    pub blocks: Vec<BlockPlan>,
+    /// Consistency mode.
+    pub mode: Mode,
+    /// Groups in spec order.
+    pub groups: Vec<GroupLayout>,
+    /// Global gradient-norm clipping the workers apply (0: off).
+    pub max_grad_norm: f64,
+}
+
+fn encoding(value: i32) -> Result<Encoding, ClientError> {
+    Ok(Encoding::from_wire(codec::encoding_from_i32(value).map_err(ProtocolError::from)?))
+}
+
+impl TryFrom<pb::Layout> for Layout {
+    type Error = ClientError;
+
+    fn try_from(wire: pb::Layout) -> Result<Self, ClientError> {
+        let index: HashMap<&str, usize> = wire.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        let blocks = wire
+            .blocks
+            .iter()
+            .map(|b| match index.get(b.tensor.as_str()) {
+                Some(&tensor) => Ok(BlockPlan::from_wire(b, tensor)),
+                None => Err(ProtocolError::LayoutTensor(b.tensor.clone())),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let groups = wire
+            .groups
+            .iter()
+            .map(|g| {
+                let push_encodings = g.push_encodings.iter().map(|e| encoding(*e)).collect::<Result<_, _>>()?;
+                Ok(GroupLayout {
+                    name: g.name.clone(),
+                    push_encodings,
+                    aggregation: Aggregation::from_wire(g.aggregation()),
+                })
+            })
+            .collect::<Result<_, ClientError>>()?;
+        let tensors =
+            wire.tensors.into_iter().map(|t| TensorLayout { name: t.name, shape: t.shape, group: t.group }).collect();
+        let mode = Mode::from_wire(wire.mode);
+        Ok(Layout {
+            model: wire.model,
+            shards: wire.shards,
+            tensors,
+            blocks,
+            mode,
+            groups,
+            max_grad_norm: wire.max_grad_norm,
+        })
+    }
+}
+
+/// One tensor of a model as a worker routes it.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    /// Its blocks, in order.
+    pub blocks: Vec<BlockPlan>,
+    /// Tensor name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<u64>,
+    /// Elements.
+    pub len: usize,
+    /// The encoding its pushes use (its group's preferred one).
+    pub encoding: Encoding,
+    /// How the servers combine the workers' pushes of this tensor.
+    pub aggregation: Aggregation,
+}
+
+impl Layout {
+    /// The position of a tensor in [`Layout::tensors`].
+    pub fn tensor_index(&self, tensor: &str) -> Option<usize> {
+        self.tensors.iter().position(|t| t.name == tensor)
+    }
+
+    /// The blocks of one tensor, in order.
+    pub fn blocks_of(&self, tensor: &str) -> impl Iterator<Item = &BlockPlan> {
+        let index = self.tensor_index(tensor);
+        self.blocks.iter().filter(move |b| Some(b.tensor) == index)
+    }
+
+    /// One block of a tensor.
+    pub fn block(&self, tensor: &str, block: u32) -> Option<&BlockPlan> {
+        self.blocks_of(tensor).find(|b| b.block == block)
+    }
+
+    /// Every tensor with its blocks and push encoding, in spec order.
+    pub fn tensor_infos(&self) -> Result<Vec<TensorInfo>, ClientError> {
+        let mut tensors: Vec<TensorInfo> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let group = self.groups.iter().find(|g| g.name == t.group);
+                TensorInfo {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    len: ps_proto::layout::num_elements(&t.shape) as usize,
+                    blocks: Vec::new(),
+                    encoding: group.and_then(|g| g.push_encodings.first().copied()).unwrap_or(Encoding::F32),
+                    aggregation: group.map_or(Aggregation::Mean, |g| g.aggregation),
+                }
+            })
+            .collect();
+        for block in &self.blocks {
+            let info = tensors
+                .get_mut(block.tensor)
+                .ok_or_else(|| ProtocolError::LayoutTensor(format!("#{}", block.tensor)))?;
+            if block.block as usize != info.blocks.len() {
+                return Err(ProtocolError::LayoutOrder(info.name.clone()).into());
+            }
+            info.blocks.push(block.clone());
+        }
+        Ok(tensors)
+    }
+}

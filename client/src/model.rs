@@ -1,0 +1,375 @@
+//! A registered model as a worker uses it: membership with leases, pushes
+//! routed block by block to their shards, pulls into reusable buffers, and
+//! the global-norm clipping the model's spec asks for.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use ps_proto::{chunk, codec, pb};
+use tonic::{Code, Status};
+
+use crate::Tensors;
+use crate::connection::{PsClient, ShardStub};
+use crate::error::{ClientError, ProtocolError};
+use crate::layout::{Layout, TensorInfo};
+use crate::spec::Encoding;
+
+pub(crate) fn check_len(tensor: &str, expected: u64, data: &[f32]) -> Result<(), ClientError> {
+    if data.len() as u64 != expected {
+        return Err(ClientError::WrongLength { tensor: tensor.to_string(), expected, actual: data.len() as u64 });
+    }
+    Ok(())
+}
+
+/// Weights read from the servers.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    /// Lowest block version among the blocks read.
+    pub version: u64,
+    /// The tensors.
+    pub tensors: Tensors,
+    /// Payload bytes received.
+    pub bytes: u64,
+}
+
+/// What joining a model returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The lowest block version: the step to start from.
+    pub version: u64,
+    /// The rank shard 0 assigned (smallest free among current members).
+    pub rank: u32,
+}
+
+/// What a push did, summed over shards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PushSummary {
+    /// Blocks counted.
+    pub accepted: u32,
+    /// Blocks that were already counted (retries).
+    pub duplicate: u32,
+    /// Blocks whose update this push completed.
+    pub updated: u32,
+    /// Payload bytes sent.
+    pub bytes: u64,
+}
+
+/// A registered model: its layout and the operations of a worker on it.
+#[derive(Clone)]
+pub struct ModelHandle {
+    client: PsClient,
+    layout: Arc<Layout>,
+    tensors: Arc<Vec<TensorInfo>>,
+    index: Arc<HashMap<String, usize>>,
+    pull_encoding: Encoding,
+}
+
+impl std::fmt::Debug for ModelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelHandle").field("model", &self.layout.model).field("shards", &self.layout.shards).finish()
+    }
+}
+
+impl ModelHandle {
+    pub(crate) fn new(client: PsClient, layout: Layout) -> Result<Self, ClientError> {
+        if layout.shards.len() != client.num_shards() {
+            return Err(ClientError::ShardCountMismatch { servers: layout.shards, client: client.num_shards() });
+        }
+        let tensors = layout.tensor_infos()?;
+        let index: HashMap<String, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Self {
+            client,
+            layout: Arc::new(layout),
+            tensors: Arc::new(tensors),
+            index: Arc::new(index),
+            pull_encoding: Encoding::F32,
+        })
+    }
+
+    /// The same model, pulling weights in `encoding` (f32, bf16 or f16): half
+    /// the bytes for workers that compute in half precision.
+    pub fn with_pull_encoding(mut self, encoding: Encoding) -> Self {
+        self.pull_encoding = encoding;
+        self
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.layout.model
+    }
+
+    /// The layout as the servers reported it.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The tensors in spec order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The client this model was opened with.
+    pub fn client(&self) -> &PsClient {
+        &self.client
+    }
+
+    async fn on_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<T>, ClientError>
+    where
+        F: Fn(ShardStub) -> Fut + Clone,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        try_join_all((0..self.client.num_shards()).map(|shard| self.client.retry(shard, call.clone()))).await
+    }
+
+    /// Joins the worker on every shard; returns the version to start from and
+    /// the rank shard 0 assigned.
+    pub async fn join(&self, worker: &str) -> Result<Joined, ClientError> {
+        let request = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+        let replies = self
+            .on_every_shard(|mut stub| {
+                let request = request.clone();
+                async move { stub.join_worker(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(Joined {
+            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
+            rank: replies.first().map_or(0, |r| r.rank),
+        })
+    }
+
+    /// Renews the worker's lease on every shard; the worker rejoins where the lease had expired.
+    pub async fn heartbeat(&self, worker: &str) -> Result<Duration, ClientError> {
+        let request = pb::HeartbeatRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+        let mut lease = Duration::MAX;
+        for shard in 0..self.client.num_shards() {
+            let request = request.clone();
+            let reply = self
+                .client
+                .retry(shard, move |mut stub| {
+                    let request = request.clone();
+                    async move { stub.heartbeat(request).await.map(|r| r.into_inner()) }
+                })
+                .await;
+            match reply {
+                Ok(reply) => lease = lease.min(Duration::from_millis(reply.lease_ms)),
+                Err(ClientError::Rpc { status, .. }) if status.code() == Code::NotFound => {
+                    tracing::warn!(worker, shard, "lease had expired; joining again");
+                    let join = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+                    let reply = self
+                        .client
+                        .retry(shard, move |mut stub| {
+                            let join = join.clone();
+                            async move { stub.join_worker(join).await.map(|r| r.into_inner()) }
+                        })
+                        .await?;
+                    lease = lease.min(Duration::from_millis(reply.lease_ms));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(lease)
+    }
+
+    /// Heart-beats in the background at a third of the lease until the handle is dropped or aborted.
+    pub fn spawn_heartbeat(&self, worker: &str) -> tokio::task::JoinHandle<()> {
+        let (model, worker) = (self.clone(), worker.to_string());
+        tokio::spawn(async move {
+            let mut period = Duration::from_secs(1);
+            loop {
+                match model.heartbeat(&worker).await {
+                    Ok(lease) => period = (lease / 3).max(Duration::from_millis(10)),
+                    Err(error) => tracing::warn!(worker, %error, "heartbeat failed"),
+                }
+                tokio::time::sleep(period).await;
+            }
+        })
+    }
+
+    /// Leaves the model on every shard, so no barrier waits for this worker.
+    pub async fn leave(&self, worker: &str) -> Result<(), ClientError> {
+        let request = pb::LeaveWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+        self.on_every_shard(|mut stub| {
+            let request = request.clone();
+            async move { stub.leave_worker(request).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Pushes one step's gradients (every tensor, full length) to all shards
+    /// at once, each tensor in its group's preferred encoding; sign1 sends the
+    /// signs with the tensor's mean absolute value as the scale. Transient
+    /// failures are retried; the server ignores blocks it already counted, so
+    /// a retry is safe.
+    pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
+        let mut per_shard: Vec<Vec<pb::GradientChunk>> = vec![Vec::new(); self.client.num_shards()];
+        let mut bytes_total = 0u64;
+        for name in grads.keys() {
+            if !self.index.contains_key(name) {
+                return Err(ClientError::UnknownTensor(name.clone()));
+            }
+        }
+        for tensor in self.tensors.iter() {
+            let data = grads.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
+            check_len(&tensor.name, tensor.len as u64, data)?;
+            let scale = if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 };
+            for block in &tensor.blocks {
+                let values = &data[block.offset as usize..(block.offset + block.length) as usize];
+                for chunk in chunk::encode_block(&tensor.name, block.block, values, tensor.encoding.to_wire(), scale) {
+                    bytes_total += chunk.payload.len() as u64;
+                    per_shard[block.shard as usize].push(pb::GradientChunk {
+                        model: self.name().to_string(),
+                        worker_id: worker.to_string(),
+                        step,
+                        chunk: Some(chunk),
+                    });
+                }
+            }
+        }
+        let calls =
+            per_shard.into_iter().enumerate().filter(|(_, chunks)| !chunks.is_empty()).map(|(shard, chunks)| {
+                self.client.retry(shard, move |mut stub| {
+                    let chunks = chunks.clone();
+                    async move { stub.push_gradients(tokio_stream::iter(chunks)).await.map(|r| r.into_inner()) }
+                })
+            });
+        let replies = try_join_all(calls).await?;
+        Ok(replies.iter().fold(PushSummary { bytes: bytes_total, ..Default::default() }, |sum, r| PushSummary {
+            accepted: sum.accepted + r.blocks_accepted,
+            duplicate: sum.duplicate + r.blocks_duplicate,
+            updated: sum.updated + r.blocks_updated,
+            bytes: sum.bytes,
+        }))
+    }
+
+    /// Scales `grads` so that their L2 norm over all tensors is at most the
+    /// model's `max_grad_norm` (when it is set); returns the norm before.
+    /// Call it on the raw gradient, before any compression: the shards never
+    /// hold a whole gradient, so this is where the global norm is known.
+    pub fn clip_to_max_norm(&self, grads: &mut Tensors) -> f64 {
+        let norm = grads.values().flatten().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt();
+        if self.layout.max_grad_norm > 0.0 && norm > self.layout.max_grad_norm {
+            let scale = (self.layout.max_grad_norm / (norm + 1e-6)) as f32;
+            grads.values_mut().flatten().for_each(|g| *g *= scale);
+        }
+        norm
+    }
+
+    /// Pulls every tensor once each block has at least `min_version` updates
+    /// (waiting up to 60 s on the server).
+    pub async fn pull(&self, min_version: u64) -> Result<Weights, ClientError> {
+        self.pull_with_timeout(min_version, Duration::ZERO).await
+    }
+
+    /// As [`ModelHandle::pull`] with an explicit server-side wait limit (zero: the server's default).
+    pub async fn pull_with_timeout(&self, min_version: u64, timeout: Duration) -> Result<Weights, ClientError> {
+        let mut tensors = Tensors::new();
+        let (version, bytes) = self.pull_into(&mut tensors, min_version, timeout).await?;
+        Ok(Weights { version, tensors, bytes })
+    }
+
+    /// Pulls into `tensors`, reusing its buffers (a training loop avoids
+    /// allocating the model's size every step). Tensors missing from the map
+    /// are added; returns the lowest block version and the payload bytes.
+    pub async fn pull_into(
+        &self,
+        tensors: &mut Tensors,
+        min_version: u64,
+        timeout: Duration,
+    ) -> Result<(u64, u64), ClientError> {
+        let request = pb::PullWeightsRequest {
+            model: self.name().to_string(),
+            min_version,
+            tensors: Vec::new(),
+            timeout_ms: timeout.as_millis() as u64,
+            encoding: self.pull_encoding.to_wire() as i32,
+        };
+        let shards_with_blocks: Vec<usize> = (0..self.client.num_shards())
+            .filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s))
+            .collect();
+        let parts = try_join_all(shards_with_blocks.into_iter().map(|shard| {
+            let request = request.clone();
+            self.client.retry(shard, move |mut stub| {
+                let request = request.clone();
+                async move {
+                    let mut stream = stub.pull_weights(request).await?.into_inner();
+                    let mut chunks = Vec::new();
+                    while let Some(chunk) = stream.message().await? {
+                        chunks.push(chunk);
+                    }
+                    Ok(chunks)
+                }
+            })
+        }))
+        .await?;
+        for info in self.tensors.iter() {
+            tensors.entry(info.name.clone()).or_default().resize(info.len, 0.0);
+        }
+        let mut received: HashMap<(usize, u32), u64> = HashMap::new();
+        let mut version = u64::MAX;
+        let mut bytes = 0u64;
+        for chunk in parts.into_iter().flatten() {
+            version = version.min(chunk.version);
+            let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
+            bytes += data.payload.len() as u64;
+            let at = *self.index.get(&data.tensor).ok_or_else(|| ClientError::UnknownTensor(data.tensor.clone()))?;
+            let info = &self.tensors[at];
+            let block = info
+                .blocks
+                .get(data.block as usize)
+                .ok_or_else(|| ProtocolError::UnknownBlock { tensor: data.tensor.clone(), block: data.block })?;
+            let end = data.offset.saturating_add(data.length);
+            if end > block.length {
+                return Err(ProtocolError::PastEnd { tensor: data.tensor, block: data.block }.into());
+            }
+            let start = (block.offset + data.offset) as usize;
+            let encoding = codec::encoding_from_i32(data.encoding).map_err(ProtocolError::from)?;
+            let out = &mut tensors.get_mut(&data.tensor).expect("tensor allocated above")
+                [start..start + data.length as usize];
+            codec::decode_into(encoding, &data.payload, data.scale, out).map_err(ProtocolError::from)?;
+            *received.entry((at, data.block)).or_default() += data.length;
+        }
+        for (at, info) in self.tensors.iter().enumerate() {
+            for block in &info.blocks {
+                if received.get(&(at, block.block)).copied().unwrap_or(0) != block.length {
+                    return Err(ProtocolError::IncompleteBlock { tensor: info.name.clone(), block: block.block }.into());
+                }
+            }
+        }
+        Ok((if version == u64::MAX { 0 } else { version }, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientConfig;
+
+    fn handle(max_grad_norm: f64) -> ModelHandle {
+        let client = PsClient::connect(ClientConfig::new(vec!["127.0.0.1:1".into()])).unwrap();
+        let layout = pb::Layout {
+            model: "m".into(),
+            shards: vec!["127.0.0.1:1".into()],
+            tensors: vec![pb::TensorLayout { name: "w".into(), shape: vec![2], group: "g".into() }],
+            max_grad_norm,
+            ..Default::default()
+        };
+        ModelHandle::new(client, layout.try_into().unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn clipping_scales_the_whole_gradient_to_the_model_norm() {
+        let mut grads: Tensors = [("w".to_string(), vec![3.0f32, 4.0])].into_iter().collect();
+        assert_eq!(handle(1.0).clip_to_max_norm(&mut grads), 5.0);
+        assert!((grads["w"][0] - 0.6).abs() < 1e-6 && (grads["w"][1] - 0.8).abs() < 1e-6);
+        let mut small: Tensors = [("w".to_string(), vec![0.3f32, 0.4])].into_iter().collect();
+        handle(1.0).clip_to_max_norm(&mut small);
+        assert_eq!(small["w"], vec![0.3, 0.4], "a gradient under the limit is left alone");
+        let mut unlimited: Tensors = [("w".to_string(), vec![30.0f32, 40.0])].into_iter().collect();
+        handle(0.0).clip_to_max_norm(&mut unlimited);
+        assert_eq!(unlimited["w"], vec![30.0, 40.0]);
+    }
+}

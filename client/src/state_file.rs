@@ -1,0 +1,81 @@
+//! A small file format for worker-side state (compression momentum or
+//! residual): a magic line, a JSON line of (name, length), then the f32
+//! values little-endian. Written atomically, so a crash mid-write leaves the
+//! previous file intact.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use ps_proto::codec;
+use ps_proto::pb::Encoding;
+
+use crate::Tensors;
+
+const MAGIC: &[u8] = b"PSSTATE1\n";
+
+/// Saves tensors as a magic line, a JSON line of (name, length) and the f32
+/// values little-endian; written to a temporary file, synced, then renamed.
+pub fn save_tensors(path: &Path, tensors: &Tensors) -> std::io::Result<()> {
+    let header: Vec<(&str, usize)> = tensors.iter().map(|(n, v)| (n.as_str(), v.len())).collect();
+    let temporary = path.with_extension("tmp");
+    {
+        let mut file = fs::File::create(&temporary)?;
+        file.write_all(MAGIC)?;
+        file.write_all(serde_json::to_string(&header).map_err(std::io::Error::other)?.as_bytes())?;
+        file.write_all(b"\n")?;
+        for values in tensors.values() {
+            file.write_all(&codec::encode_f32(values))?;
+        }
+        file.sync_all()?;
+    }
+    fs::rename(&temporary, path)
+}
+
+/// Reads a file written by [`save_tensors`] into `tensors`; false if there is no file.
+pub fn load_into(path: &Path, tensors: &mut Tensors) -> std::io::Result<bool> {
+    let data = match fs::read(path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
+    let body = data.strip_prefix(MAGIC).ok_or_else(|| bad("not a state file"))?;
+    let newline = body.iter().position(|b| *b == b'\n').ok_or_else(|| bad("no header"))?;
+    let header: Vec<(String, usize)> = serde_json::from_slice(&body[..newline]).map_err(|_| bad("bad header"))?;
+    let mut values = &body[newline + 1..];
+    let mut loaded = Tensors::new();
+    for (name, len) in header {
+        if values.len() < len * 4 {
+            return Err(bad("truncated"));
+        }
+        let mut out = vec![0.0; len];
+        codec::decode_into(Encoding::F32, &values[..len * 4], 0.0, &mut out).map_err(|_| bad("bad values"))?;
+        values = &values[len * 4..];
+        loaded.insert(name, out);
+    }
+    *tensors = loaded;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_round_trip_and_a_missing_file_is_not_an_error() {
+        let dir = std::env::temp_dir().join(format!("ps-state-file-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.state");
+        let tensors: Tensors =
+            [("a".to_string(), vec![1.0, -3.5]), ("b".to_string(), vec![0.25])].into_iter().collect();
+        save_tensors(&path, &tensors).unwrap();
+        let mut loaded = Tensors::new();
+        assert!(load_into(&path, &mut loaded).unwrap());
+        assert_eq!(loaded, tensors);
+        assert!(!load_into(&dir.join("missing.state"), &mut loaded).unwrap());
+        fs::write(&path, b"garbage").unwrap();
+        assert!(load_into(&path, &mut loaded).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,107 @@
+//! What a shard reports about its models, in the client's own types.
+
+use ps_proto::pb;
+
+use crate::spec::Mode;
+
+/// One shard's status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardStatus {
+    /// The shard's index.
+    pub shard_index: u32,
+    /// Shards in its cluster.
+    pub num_shards: u32,
+    /// Its models, by name.
+    pub models: Vec<ModelStatus>,
+}
+
+/// A model's state on one shard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelStatus {
+    /// Model name.
+    pub name: String,
+    /// Consistency mode.
+    pub mode: Mode,
+    /// Lowest block version on the shard.
+    pub min_version: u64,
+    /// Highest block version on the shard.
+    pub max_version: u64,
+    /// Blocks on the shard.
+    pub blocks: u32,
+    /// Parameters on the shard.
+    pub parameters: u64,
+    /// Workers with a live lease.
+    pub live_workers: Vec<WorkerStatus>,
+    /// Per-group optimizer and state.
+    pub groups: Vec<GroupStatus>,
+    /// Push RPCs committed.
+    pub pushes: u64,
+    /// Workers dropped for an expired lease.
+    pub workers_expired: u64,
+}
+
+/// A live worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Worker id.
+    pub worker_id: String,
+    /// Milliseconds since its last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// A parameter group on one shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// Group name.
+    pub name: String,
+    /// Optimizer mode and hyperparameters, readable.
+    pub optimizer: String,
+    /// Tensors in the group (all shards).
+    pub tensors: u32,
+    /// Parameters of the group on this shard.
+    pub parameters: u64,
+    /// Optimizer state bytes of the group on this shard.
+    pub state_bytes: u64,
+}
+
+impl From<pb::GetStatusResponse> for ShardStatus {
+    fn from(wire: pb::GetStatusResponse) -> Self {
+        ShardStatus {
+            shard_index: wire.shard_index,
+            num_shards: wire.num_shards,
+            models: wire
+                .models
+                .into_iter()
+                .map(|m| ModelStatus {
+                    name: m.name,
+                    mode: Mode::from_wire(m.mode),
+                    min_version: m.min_version,
+                    max_version: m.max_version,
+                    blocks: m.blocks,
+                    parameters: m.parameters,
+                    live_workers: m
+                        .live_workers
+                        .into_iter()
+                        .map(|w| WorkerStatus {
+                            worker_id: w.worker_id,
+                            last_heartbeat_ms_ago: w.last_heartbeat_ms_ago,
+                        })
+                        .collect(),
+                    groups: m
+                        .groups
+                        .into_iter()
+                        .map(|g| GroupStatus {
+                            name: g.name,
+                            optimizer: g.optimizer,
+                            tensors: g.tensors,
+                            parameters: g.parameters,
+                            state_bytes: g.state_bytes,
+                        })
+                        .collect(),
+                    pushes: m.pushes,
+                    workers_expired: m.workers_expired,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The gRPC face of a shard: the `paramserver.v1` service, the conversions
+//! between wire messages and the store's types, chunk reassembly, auth, and
+//! the loop that serves it all with the transport settings of `ps_proto`.
+//! No optimizer math lives here; heavy work goes to the blocking pool.
+
+mod assemble;
+mod auth;
+pub mod convert;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ps_proto::ParameterServerServer;
+use ps_proto::transport;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+
+pub use auth::BearerAuth;
+pub use service::ParameterService;
+
+use crate::config::ServerOptions;
+use crate::store::{Registry, ShardIdentity};
+
+/// Serves one shard on `listener` until `shutdown` completes.
+pub async fn serve(
+    options: ServerOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let registry = Arc::new(Registry::new(
+        ShardIdentity { index: options.shard_index, addresses: options.shards.clone() },
+        options.lease,
+    ));
+    let reaper = tokio::spawn(expire_leases(registry.clone()));
+    let service = InterceptedService::new(
+        ParameterServerServer::new(ParameterService::new(registry))
+            .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
+        BearerAuth::new(options.auth_token.as_deref()),
+    );
+    let result = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
+        .max_frame_size(Some(transport::MAX_FRAME_BYTES))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
+        .await;
+    reaper.abort();
+    result
+}
+
+/// Accepted connections with Nagle's algorithm off. The builder's own
+/// `tcp_nodelay` only applies when tonic binds the socket itself; without it,
+/// small replies wait for delayed ACKs (about 40 ms per round trip).
+fn incoming_without_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
+/// Drops workers whose lease expired, every quarter lease, and lets the
+/// steps that were waiting for them complete.
+async fn expire_leases(registry: Arc<Registry>) {
+    let period = (registry.lease / 4).max(Duration::from_millis(20));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        for model in registry.models() {
+            let name = model.name().to_string();
+            let expired = tokio::task::spawn_blocking(move || model.expire_workers()).await.unwrap_or_default();
+            if !expired.is_empty() {
+                tracing::warn!(model = name, workers = ?expired, "lease expired; worker dropped from the barrier");
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! What a model is, validated: its tensors, its parameter groups (optimizer,
+//! wire encodings, aggregation, schedule), its consistency mode and block size.
+//! Every structural rule is checked here before anything is allocated. The
+//! wire form is translated in `rpc::convert`; nothing here knows protobuf
+//! (the push encodings are the codec's enum, which both sides share).
+
+mod init;
+mod name;
+
+use std::collections::HashSet;
+
+use ps_proto::codec;
+use ps_proto::layout::glob_match;
+pub use ps_proto::pb::Encoding;
+use ps_proto::transport::{DEFAULT_MAX_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS_LIMIT, MAX_MODEL_ELEMENTS, MAX_TENSORS};
+
+pub use init::fill_initial;
+pub use name::{NameError, check_name};
+
+use crate::error::ServerError;
+use crate::optim::{FrugalMode, GroupPosition, LrSchedule, OptimizerConfig, projectable_by_name};
+
+/// How pushes of several workers become updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One update per step, from the mean gradient of every live worker.
+    Sync,
+    /// Every push is applied as it arrives.
+    Async,
+}
+
+impl Mode {
+    /// Lower-case name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        }
+    }
+}
+
+/// How a tensor's first values are made.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InitRule {
+    /// All zeros.
+    Zeros,
+    /// Every element the same value.
+    Constant(f32),
+    /// Normal(mean, std), deterministic in (seed, tensor name, element index).
+    Normal {
+        /// Mean.
+        mean: f32,
+        /// Standard deviation.
+        std: f32,
+        /// Seed.
+        seed: u64,
+    },
+    /// Uniform on [center - half_width, center + half_width).
+    Uniform {
+        /// Center.
+        center: f32,
+        /// Half of the width.
+        half_width: f32,
+        /// Seed.
+        seed: u64,
+    },
+    /// Values come with the registration.
+    Provided,
+}
+
+/// A tensor as the registration describes it, before it is checked and placed in a group.
+#[derive(Clone, Debug)]
+pub struct TensorInput {
+    /// Unique name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<u64>,
+    /// Initialization.
+    pub init: InitRule,
+}
+
+/// One tensor of a validated model.
+#[derive(Clone, Debug)]
+pub struct TensorDef {
+    /// Unique name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<u64>,
+    /// Initialization.
+    pub init: InitRule,
+    /// Index of its parameter group.
+    pub group: usize,
+    /// FRUGAL: position among the group's projectable tensors, if it is one.
+    pub projectable: Option<GroupPosition>,
+}
+
+/// A parameter group: matching tensors share an optimizer configuration.
+#[derive(Clone, Debug)]
+pub struct GroupDef {
+    /// Group name.
+    pub name: String,
+    /// Glob patterns ('*' matches any run of characters).
+    pub patterns: Vec<String>,
+    /// Optimizer for the group.
+    pub optimizer: OptimizerConfig,
+    /// Encodings accepted for pushes, preferred first (never empty once validated).
+    pub push_encodings: Vec<Encoding>,
+    /// How a sync step combines the pushes.
+    pub aggregation: Aggregation,
+    /// Learning-rate factor per step.
+    pub schedule: LrSchedule,
+    /// FRUGAL: patterns of projectable tensors (empty: FRUGAL's name rule).
+    pub projectable_patterns: Vec<String>,
+}
+
+/// How a sync step combines the workers' pushes of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Mean of the decoded gradients.
+    Mean,
+    /// Sign of the summed sign bits, ties to +1.
+    MajorityVote,
+}
+
+impl GroupDef {
+    /// The encodings this group accepts, as a readable list.
+    pub fn allowed_encodings(&self) -> String {
+        self.push_encodings.iter().map(|e| codec::encoding_label(*e)).collect::<Vec<_>>().join(", ")
+    }
+
+    fn is_projectable(&self, name: &str, shape: &[u64]) -> bool {
+        if self.projectable_patterns.is_empty() {
+            projectable_by_name(name, shape)
+        } else {
+            shape.len() >= 2 && self.projectable_patterns.iter().any(|p| glob_match(p, name))
+        }
+    }
+}
+
+/// The model-wide settings of a registration.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelOptions {
+    /// Consistency mode.
+    pub mode: Mode,
+    /// Largest block, in elements (0: the default).
+    pub max_block_elements: u64,
+    /// Clipping norm the workers apply (0: off).
+    pub max_grad_norm: f64,
+}
+
+/// A validated model spec.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    /// Model name.
+    pub name: String,
+    /// Tensors in spec order.
+    pub tensors: Vec<TensorDef>,
+    /// Parameter groups in spec order.
+    pub groups: Vec<GroupDef>,
+    /// Mode, block size (resolved: never 0) and the clipping norm the workers apply.
+    pub options: ModelOptions,
+    /// Bytes that are equal exactly when two registrations are the same, so an
+    /// identical re-registration is told apart from a conflicting one.
+    pub fingerprint: Vec<u8>,
+}
+
+fn invalid(message: impl Into<String>) -> ServerError {
+    ServerError::InvalidSpec(message.into())
+}
+
+/// The block size a registration gets: its own, or the default when it asks for 0.
+pub fn effective_block_limit(requested: u64) -> Result<u64, ServerError> {
+    match requested {
+        0 => Ok(DEFAULT_MAX_BLOCK_ELEMENTS),
+        n if n > MAX_BLOCK_ELEMENTS_LIMIT => {
+            Err(invalid(format!("max_block_elements {n} exceeds the limit {MAX_BLOCK_ELEMENTS_LIMIT}")))
+        }
+        n => Ok(n),
+    }
+}
+
+fn check_group(group: &GroupDef, mode: Mode) -> Result<(), ServerError> {
+    let name = &group.name;
+    check_name("group", name).map_err(|e| invalid(e.to_string()))?;
+    if group.patterns.is_empty() {
+        return Err(invalid(format!("group '{name}' has no name patterns")));
+    }
+    let mut seen = HashSet::new();
+    for encoding in &group.push_encodings {
+        if !seen.insert(*encoding) {
+            return Err(invalid(format!("group '{name}' lists encoding {} twice", codec::encoding_label(*encoding))));
+        }
+    }
+    if group.aggregation == Aggregation::MajorityVote {
+        if group.push_encodings != [Encoding::Sign1] {
+            return Err(invalid(format!(
+                "group '{name}': majority vote counts sign bits, so push_encodings must be exactly [ENCODING_SIGN1]"
+            )));
+        }
+        if mode != Mode::Sync {
+            return Err(invalid(format!("group '{name}': majority vote needs sync mode")));
+        }
+    }
+    if let OptimizerConfig::Frugal(c) = &group.optimizer
+        && c.schedule.is_some()
+        && !matches!(c.mode, FrugalMode::Block { .. })
+    {
+        return Err(invalid(format!("group '{name}': an injected FRUGAL schedule is only accepted in block mode")));
+    }
+    group.optimizer.validate().map_err(|e| invalid(format!("group '{name}': {e}")))?;
+    match group.schedule {
+        LrSchedule::WarmupCosine { min_factor, .. } | LrSchedule::WarmupStableDecay { min_factor, .. }
+            if !(0.0..=1.0).contains(&min_factor) =>
+        {
+            Err(invalid(format!("group '{name}': schedule min_factor must be in [0, 1], got {min_factor}")))
+        }
+        LrSchedule::WarmupStableDecay { total, decay, .. } if decay > total => {
+            Err(invalid(format!("group '{name}': decay_steps exceed total_steps")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_init(tensor: &str, init: &InitRule) -> Result<(), ServerError> {
+    let (value, scale) = match *init {
+        InitRule::Constant(value) => (value, 0.0),
+        InitRule::Normal { mean, std, .. } => (mean, std),
+        InitRule::Uniform { center, half_width, .. } => (center, half_width),
+        InitRule::Zeros | InitRule::Provided => (0.0, 0.0),
+    };
+    if !value.is_finite() || !scale.is_finite() || scale < 0.0 {
+        return Err(invalid(format!("tensor '{tensor}': init value and scale must be finite, scale >= 0")));
+    }
+    Ok(())
+}
+
+impl ModelSpec {
+    /// Checks names, shapes, sizes, groups and hyperparameters, assigns every
+    /// tensor its group, and numbers FRUGAL's projectable tensors. The
+    /// fingerprint is the identity of the registration as sent (see [`ModelSpec::fingerprint`]).
+    pub fn new(
+        name: String,
+        inputs: Vec<TensorInput>,
+        mut groups: Vec<GroupDef>,
+        options: ModelOptions,
+        fingerprint: Vec<u8>,
+    ) -> Result<Self, ServerError> {
+        let ModelOptions { mode, max_block_elements, max_grad_norm } = options;
+        check_name("model", &name).map_err(|e| invalid(e.to_string()))?;
+        let max_block_elements = effective_block_limit(max_block_elements)?;
+        if inputs.is_empty() {
+            return Err(invalid("a model needs at least one tensor"));
+        }
+        if inputs.len() > MAX_TENSORS {
+            return Err(invalid(format!("{} tensors exceed the limit of {MAX_TENSORS}", inputs.len())));
+        }
+        if groups.is_empty() {
+            return Err(invalid("a model needs at least one parameter group (for example pattern '*')"));
+        }
+        let mut group_names = HashSet::new();
+        for group in &mut groups {
+            if !group_names.insert(group.name.clone()) {
+                return Err(invalid(format!("group name '{}' appears twice", group.name)));
+            }
+            if group.push_encodings.is_empty() {
+                group.push_encodings.push(Encoding::F32);
+            }
+            check_group(group, mode)?;
+        }
+        let mut tensor_names = HashSet::new();
+        let mut tensors = Vec::with_capacity(inputs.len());
+        let mut total: u64 = 0;
+        for TensorInput { name: tensor, shape, init } in inputs {
+            check_name("tensor", &tensor).map_err(|e| invalid(e.to_string()))?;
+            if !tensor_names.insert(tensor.clone()) {
+                return Err(invalid(format!("tensor name '{tensor}' appears twice")));
+            }
+            if shape.contains(&0) {
+                return Err(invalid(format!("tensor '{tensor}' has a zero dimension in {shape:?}")));
+            }
+            let elements = shape
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .filter(|&n| n <= MAX_MODEL_ELEMENTS)
+                .ok_or_else(|| invalid(format!("tensor '{tensor}' of shape {shape:?} is too large")))?;
+            total += elements;
+            if total > MAX_MODEL_ELEMENTS {
+                return Err(invalid(format!("the model exceeds {MAX_MODEL_ELEMENTS} elements")));
+            }
+            let group =
+                groups.iter().position(|g| g.patterns.iter().any(|p| glob_match(p, &tensor))).ok_or_else(|| {
+                    invalid(format!("tensor '{tensor}' matches no parameter group; add a group with pattern '*'"))
+                })?;
+            check_init(&tensor, &init)?;
+            tensors.push(TensorDef { name: tensor, shape, init, group, projectable: None });
+        }
+        // FRUGAL block mode counts tensors: number the projectable ones per group.
+        for (g, group) in groups.iter().enumerate() {
+            if !matches!(group.optimizer, OptimizerConfig::Frugal(_)) {
+                continue;
+            }
+            let members: Vec<usize> = (0..tensors.len())
+                .filter(|&i| tensors[i].group == g && group.is_projectable(&tensors[i].name, &tensors[i].shape))
+                .collect();
+            for (index, &i) in members.iter().enumerate() {
+                tensors[i].projectable = Some(GroupPosition { index, count: members.len() });
+            }
+        }
+        if !max_grad_norm.is_finite() || max_grad_norm < 0.0 {
+            return Err(invalid(format!("max_grad_norm must be a finite number >= 0, got {max_grad_norm}")));
+        }
+        let options = ModelOptions { mode, max_block_elements, max_grad_norm };
+        Ok(Self { name, tensors, groups, options, fingerprint })
+    }
+
+    /// Every tensor's shape, in spec order.
+    pub fn shapes(&self) -> Vec<&[u64]> {
+        self.tensors.iter().map(|t| t.shape.as_slice()).collect()
+    }
+
+    /// The largest block of each tensor: the model's block size, or one block
+    /// for the whole tensor where its group's optimizer needs the whole tensor.
+    pub fn block_limits(&self) -> Vec<u64> {
+        self.tensors
+            .iter()
+            .map(|t| {
+                if self.groups[t.group].optimizer.needs_whole_tensor() {
+                    u64::MAX
+                } else {
+                    self.options.max_block_elements
+                }
+            })
+            .collect()
+    }
+}

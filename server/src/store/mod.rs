@@ -1,0 +1,15 @@
+//! The block store: every model this shard serves, its blocks with their
+//! weights and optimizer state, the workers' membership, and the rules that
+//! turn pushes into updates in each consistency mode. Everything here is
+//! synchronous and may be heavy; the RPC layer calls it from the blocking
+//! pool, never from a reactor thread. Nothing here knows gRPC.
+
+mod block;
+mod membership;
+mod model;
+mod registry;
+
+pub use block::{Block, BlockGradient};
+pub use membership::Membership;
+pub use model::{GroupStats, Model, PushOutcome};
+pub use registry::{Registry, ShardIdentity};

@@ -1,0 +1,77 @@
+//! The models this shard serves, by name, and where this shard sits in the cluster.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use super::model::Model;
+use crate::error::ServerError;
+use crate::spec::ModelSpec;
+
+/// Where this shard sits in the cluster.
+#[derive(Clone, Debug)]
+pub struct ShardIdentity {
+    /// This shard's index.
+    pub index: u32,
+    /// Every shard's address, by index.
+    pub addresses: Vec<String>,
+}
+
+/// All models of this shard.
+pub struct Registry {
+    /// Where this shard sits in the cluster.
+    pub identity: ShardIdentity,
+    /// Lease given to joining workers.
+    pub lease: Duration,
+    models: RwLock<HashMap<String, Arc<Model>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(identity: ShardIdentity, lease: Duration) -> Self {
+        Self { identity, lease, models: RwLock::new(HashMap::new()) }
+    }
+
+    /// Number of shards in the cluster.
+    pub fn num_shards(&self) -> u32 {
+        self.identity.addresses.len() as u32
+    }
+
+    /// A registered model.
+    pub fn get(&self, name: &str) -> Result<Arc<Model>, ServerError> {
+        self.models.read().get(name).cloned().ok_or_else(|| ServerError::UnknownModel(name.to_string()))
+    }
+
+    /// The registered model with this name if it was registered with the same spec.
+    pub fn existing(&self, spec: &ModelSpec) -> Result<Option<Arc<Model>>, ServerError> {
+        match self.models.read().get(&spec.name) {
+            Some(model) if model.spec.fingerprint == spec.fingerprint => Ok(Some(model.clone())),
+            Some(_) => Err(ServerError::SpecConflict(spec.name.clone())),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds a model unless one with the same name won a race; returns whether it was added.
+    pub fn insert(&self, model: Model) -> Result<(bool, Arc<Model>), ServerError> {
+        let mut models = self.models.write();
+        if let Some(existing) = models.get(model.name()) {
+            return if existing.spec.fingerprint == model.spec.fingerprint {
+                Ok((false, existing.clone()))
+            } else {
+                Err(ServerError::SpecConflict(model.name().to_string()))
+            };
+        }
+        let model = Arc::new(model);
+        models.insert(model.name().to_string(), model.clone());
+        Ok((true, model))
+    }
+
+    /// Every model, sorted by name.
+    pub fn models(&self) -> Vec<Arc<Model>> {
+        let mut models: Vec<_> = self.models.read().values().cloned().collect();
+        models.sort_by(|a, b| a.name().cmp(b.name()));
+        models
+    }
+}

@@ -1,0 +1,200 @@
+//! The worker's training loop: register (idempotently), join, then per step
+//! pull the weights of that version, compute gradients on a local minibatch
+//! and push them; finally evaluate and leave. [`args`] is the command line,
+//! [`spec`] turns it into the model the servers hold.
+
+pub mod args;
+pub mod spec;
+pub mod telemetry;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use ps_client::{ClientConfig, PsClient, Tensors};
+use serde::{Deserialize, Serialize};
+
+use self::telemetry::{BYTES_PULLED, BYTES_PUSHED, LOSS, STEP_SECONDS, STEPS};
+use crate::data::Batches;
+pub use args::{CompressionArg, EvaluateArgs, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
+
+/// What a worker reports when it finishes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerSummary {
+    /// Worker id.
+    pub worker_id: String,
+    /// Steps this worker pushed.
+    pub steps: u64,
+    /// Final model version.
+    pub version: u64,
+    /// Wall time of the training loop.
+    pub seconds: f64,
+    /// Mean training loss over the last 10 steps.
+    pub train_loss: f32,
+    /// Test-set loss of the final weights.
+    pub test_loss: f32,
+    /// Test-set accuracy of the final weights (classification).
+    pub test_accuracy: Option<f32>,
+    /// Examples in the test set.
+    pub test_examples: usize,
+    /// Gradient payload bytes pushed.
+    pub bytes_pushed: u64,
+    /// Weight payload bytes pulled.
+    pub bytes_pulled: u64,
+}
+
+fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    return Ok(Device::new_cuda(0)?);
+    #[cfg(not(feature = "cuda"))]
+    Ok(Device::Cpu)
+}
+
+/// Trains until the model reaches `--steps` versions and returns the summary.
+pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
+    let worker = args
+        .worker_id
+        .clone()
+        .or_else(|| args.rank.map(|r| format!("worker-{r}")))
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    if let Some(addr) = args.metrics_addr {
+        telemetry::install_exporter(addr).with_context(|| format!("serving worker metrics on {addr}"))?;
+    }
+    let mut config = ClientConfig::new(args.shards.clone());
+    config.auth_token = args.auth_token.clone();
+    let client = PsClient::connect(config)?;
+    client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
+    let compression = spec::compression(&args);
+    let model = client
+        .register(&spec::model_spec(&args, compression), &Tensors::new())
+        .await
+        .context("registering the model")?;
+    let model = model.with_pull_encoding(spec::pull_encoding(args.pull_encoding));
+    let mut compressor = compression.compressor();
+    if let Some(dir) = &args.state_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if compressor.load(dir, &worker)? {
+            tracing::info!(worker, dir = %dir.display(), "restored the compression state");
+        }
+    }
+    let joined = model.join(&worker).await?;
+    let heartbeat = model.spawn_heartbeat(&worker);
+    let rank = args.rank.unwrap_or(joined.rank as usize);
+    if rank >= args.world_size {
+        model.leave(&worker).await.ok();
+        anyhow::bail!(
+            "rank {rank} is not below --world-size {}: more workers than the data is split for",
+            args.world_size
+        );
+    }
+    let task = crate::task::load(args.task, rank, args.world_size, device()?)?;
+    let start = joined.version;
+    wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
+    tracing::info!(worker, rank, model = model.name(), start, steps = args.steps, "training");
+
+    let progress = ProgressBar::new(args.steps).with_position(start.min(args.steps));
+    progress.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg} ({elapsed}, eta {eta})")?
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(worker.clone());
+    let mut batches = Batches::new(task.train_len(), args.batch_size, args.seed ^ ((rank as u64 + 1) * 7919));
+    let (mut bytes_pushed, mut bytes_pulled, mut losses) = (0u64, 0u64, Vec::new());
+    let sync = args.mode == ModeArg::Sync;
+    let started = Instant::now();
+    let mut step = start;
+    let mut pushed = 0;
+    while step < args.steps {
+        let step_started = Instant::now();
+        let weights = model.pull(if sync { step } else { 0 }).await?;
+        let weights_bytes = weights.bytes;
+        bytes_pulled += weights.bytes;
+        if !sync && weights.version >= args.steps {
+            break;
+        }
+        let base = if sync { step } else { weights.version };
+        let batch = batches.next_batch();
+        let computing = task.clone();
+        let (loss, grads) =
+            tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
+        let mut grads = grads;
+        model.clip_to_max_norm(&mut grads);
+        let payload = compressor.prepare(grads);
+        let summary = model.push(&worker, base, &payload).await?;
+        ::metrics::counter!(STEPS).increment(1);
+        ::metrics::gauge!(LOSS).set(f64::from(loss));
+        ::metrics::counter!(BYTES_PUSHED).increment(summary.bytes);
+        ::metrics::counter!(BYTES_PULLED).increment(weights_bytes);
+        ::metrics::histogram!(STEP_SECONDS).record(step_started.elapsed().as_secs_f64());
+        if let Some(dir) = &args.state_dir {
+            // A file write with fsync: tell the runtime this thread blocks for a while.
+            tokio::task::block_in_place(|| compressor.save(dir, &worker))
+                .with_context(|| format!("saving the compression state in {}", dir.display()))?;
+        }
+        bytes_pushed += summary.bytes;
+        losses.push(loss);
+        pushed += 1;
+        step = if sync { step + 1 } else { base + 1 };
+        progress.set_position(step.min(args.steps));
+        progress.set_message(format!("loss {loss:.4}"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let final_weights = model.pull(if sync { args.steps } else { 0 }).await?;
+    bytes_pulled += final_weights.bytes;
+    let evaluation = task.evaluate(&final_weights.tensors)?;
+    heartbeat.abort();
+    model.leave(&worker).await?;
+    progress.finish_and_clear();
+    let tail = &losses[losses.len().saturating_sub(10)..];
+    Ok(WorkerSummary {
+        worker_id: worker,
+        steps: pushed,
+        version: final_weights.version,
+        seconds,
+        train_loss: if tail.is_empty() { f32::NAN } else { tail.iter().sum::<f32>() / tail.len() as f32 },
+        test_loss: evaluation.loss,
+        test_accuracy: evaluation.accuracy,
+        test_examples: task.test_len(),
+        bytes_pushed,
+        bytes_pulled,
+    })
+}
+
+async fn wait_for_workers(client: &PsClient, model: &str, wanted: usize, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = client.status(model).await?;
+        let live = status.iter().flat_map(|s| s.models.iter()).map(|m| m.live_workers.len()).min().unwrap_or(0);
+        if live >= wanted {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "only {live} of {wanted} workers joined within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pulls the current weights and evaluates them on the task's test set.
+pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<(u64, crate::task::Evaluation)> {
+    let mut config = ClientConfig::new(args.shards.clone());
+    config.auth_token = args.auth_token.clone();
+    let client = PsClient::connect(config)?;
+    let name = args.model.clone().unwrap_or_else(|| args.task.model_name().to_string());
+    let model = client.model(&name).await.with_context(|| format!("opening model '{name}'"))?;
+    let weights = model.pull(args.min_version).await?;
+    let task = crate::task::load(args.task, 0, 1, device()?)?;
+    let evaluation = task.evaluate(&weights.tensors)?;
+    let accuracy = evaluation.accuracy.unwrap_or(f32::NAN);
+    println!(
+        "model {name} at version {}: test loss {:.4}, test accuracy {:.2}% ({} examples)",
+        weights.version,
+        evaluation.loss,
+        accuracy * 100.0,
+        task.test_len()
+    );
+    if args.min_accuracy > 0.0 && (accuracy.is_nan() || accuracy < args.min_accuracy) {
+        anyhow::bail!("test accuracy {:.2}% is below the required {:.2}%", accuracy * 100.0, args.min_accuracy * 100.0);
+    }
+    Ok((weights.version, evaluation))
+}

@@ -1,0 +1,120 @@
+//! From the command line to the model the servers hold: the optimizer and its
+//! hyperparameters, the schedule, and the compression preset of the one
+//! parameter group the built-in tasks use.
+
+use ps_client::Encoding;
+use ps_client::compress::Compression;
+use ps_client::spec::{
+    AdamW, Frugal, FrugalMode, GroupConfig, Mode, ModelSpec, Optimizer, Projection, Schedule, Sgd, Sign, SubsetKind,
+    SubsetNorm, SubspaceMomentum,
+};
+
+use super::args::{CompressionArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
+
+/// The compression preset `--compression` names, with the run's rates.
+pub fn compression(args: &TrainArgs) -> Compression {
+    match args.compression {
+        CompressionArg::None => Compression::None,
+        CompressionArg::Bf16 => Compression::Bf16,
+        CompressionArg::F16 => Compression::F16,
+        CompressionArg::SignMv => {
+            Compression::SignumVote { lr: args.lr, momentum: args.momentum, weight_decay: args.weight_decay }
+        }
+        CompressionArg::SignEf => Compression::ErrorFeedback { lr: args.lr, weight_decay: args.weight_decay },
+    }
+}
+
+/// The encoding `--pull-encoding` names.
+pub fn pull_encoding(arg: PullEncoding) -> Encoding {
+    match arg {
+        PullEncoding::F32 => Encoding::F32,
+        PullEncoding::Bf16 => Encoding::Bf16,
+        PullEncoding::F16 => Encoding::F16,
+    }
+}
+
+fn optimizer(args: &TrainArgs) -> Optimizer {
+    let (lr, weight_decay) = (args.lr, args.weight_decay);
+    let frugal = |mode| {
+        Optimizer::Frugal(Frugal {
+            lr,
+            weight_decay,
+            density: args.density,
+            update_gap: args.update_gap,
+            mode,
+            projectable_patterns: args.projectable.clone(),
+            seed: args.seed,
+            ..Default::default()
+        })
+    };
+    let subset_norm = |beta1: f64, beta2: f64, subsets| {
+        Optimizer::SubsetNorm(SubsetNorm {
+            lr,
+            beta1,
+            beta2,
+            eps: 1e-6,
+            correct_bias: beta2 < 1.0,
+            weight_decay,
+            subsets,
+            ..Default::default()
+        })
+    };
+    let subspace = |adaptive, projection| {
+        Optimizer::SubspaceMomentum(SubspaceMomentum {
+            lr,
+            rank: args.subspace_rank,
+            update_gap: args.update_gap,
+            projection,
+            adaptive,
+            correct_bias: adaptive,
+            weight_decay,
+            seed: args.seed,
+            ..Default::default()
+        })
+    };
+    let sign = |beta1, lion| Optimizer::Sign(Sign { lr, beta1, weight_decay, lion, ..Default::default() });
+    match args.optimizer {
+        OptimizerArg::Adamw => Optimizer::AdamW(AdamW { lr, weight_decay, ..Default::default() }),
+        OptimizerArg::Adam => Optimizer::AdamW(AdamW { lr, weight_decay, l2_decay: true, ..Default::default() }),
+        OptimizerArg::Sgd => Optimizer::Sgd(Sgd { lr, momentum: args.momentum, weight_decay, ..Default::default() }),
+        OptimizerArg::AdagradNorm => subset_norm(0.0, 1.0, SubsetKind::Whole),
+        OptimizerArg::AdagradSn => subset_norm(0.0, 1.0, SubsetKind::Heuristic),
+        OptimizerArg::AdamSn => subset_norm(0.9, 0.999, SubsetKind::Heuristic),
+        OptimizerArg::SgdSm => subspace(false, Projection::TopK),
+        OptimizerArg::AdamSnSm => subspace(true, Projection::Svd),
+        OptimizerArg::Frugal => frugal(FrugalMode::Block),
+        OptimizerArg::FrugalColumns => frugal(FrugalMode::Columns),
+        OptimizerArg::FrugalSvd => frugal(FrugalMode::Svd),
+        OptimizerArg::Signsgd => sign(0.0, false),
+        OptimizerArg::Signum => sign(args.momentum, false),
+        OptimizerArg::Lion => sign(0.9, true),
+    }
+}
+
+fn schedule(args: &TrainArgs) -> Schedule {
+    let warmup = args.warmup.unwrap_or(args.steps / 10);
+    match args.schedule {
+        ScheduleArg::Constant => Schedule::Constant,
+        ScheduleArg::Cosine => Schedule::WarmupCosine { warmup, total: args.steps, min_factor: 0.1 },
+        ScheduleArg::Wsd => {
+            Schedule::WarmupStableDecay { warmup, total: args.steps, decay: args.steps / 5, min_factor: 0.0 }
+        }
+    }
+}
+
+/// The model the worker registers: the task's tensors in one group with the
+/// chosen optimizer, schedule and compression preset.
+pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
+    let group = GroupConfig { schedule: schedule(args), ..GroupConfig::new("all", &["*"], optimizer(args)) };
+    ModelSpec {
+        name: args.model.clone().unwrap_or_else(|| args.task.model_name().to_string()),
+        tensors: args.task.tensor_specs(args.seed),
+        groups: vec![compression.configure(group)],
+        mode: match args.mode {
+            ModeArg::Sync => Mode::Sync,
+            ModeArg::Async => Mode::Async,
+        },
+        max_block_elements: 0,
+        max_grad_norm: args.max_grad_norm,
+    }
+}
