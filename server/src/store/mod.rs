@@ -4,12 +4,14 @@
 //! synchronous and may be heavy; the RPC layer calls it from the blocking
 //! pool, never from a reactor thread. Nothing here knows gRPC.
 
+mod barrier;
 mod block;
 mod membership;
 mod model;
 mod registry;
 
+pub use barrier::PushOutcome;
 pub use block::{Block, BlockGradient};
 pub use membership::Membership;
-pub use model::{GroupStats, Model, PushOutcome};
+pub use model::{GroupStats, Model};
 pub use registry::{Registry, ShardIdentity};

@@ -1,0 +1,218 @@
+//! How pushes become updates, per consistency mode. Sync: each block sums
+//! (or counts the sign votes of) the pushes of a step and runs the optimizer
+//! once every live worker has pushed, so a dead worker never hangs a step
+//! once its lease expires. Async: each push is applied on arrival and its
+//! staleness recorded. A push is identified by (worker, step, block), so a
+//! retry is acknowledged and never counted twice.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use ps_proto::codec;
+use rayon::prelude::*;
+
+use super::block::{Accumulated, Block, BlockGradient, BlockState, PendingStep};
+use super::model::Model;
+use crate::error::ServerError;
+use crate::metrics as m;
+use crate::optim::StepContext;
+use crate::spec::{Aggregation, Mode};
+
+enum Disposition {
+    Accept,
+    Duplicate,
+}
+
+/// What one push did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Blocks counted.
+    pub accepted: u32,
+    /// Blocks already counted before (retries).
+    pub duplicate: u32,
+    /// Blocks whose update ran.
+    pub updated: u32,
+}
+
+impl Model {
+    /// Commits one worker's push for `step`: all blocks are checked first, so
+    /// an invalid push changes nothing; then every accepted block is added to
+    /// its step, and blocks whose barrier is complete are updated, in parallel.
+    pub fn commit_push<G: BlockGradient>(
+        &self,
+        worker: &str,
+        step: u64,
+        blocks: Vec<G>,
+    ) -> Result<PushOutcome, ServerError> {
+        if !self.membership.is_live(worker) {
+            return Err(ServerError::UnknownWorker { model: self.spec.name.clone(), worker: worker.to_string() });
+        }
+        for gradient in &blocks {
+            let block = gradient.block();
+            self.classify(block, &block.lock(), worker, step)?;
+        }
+        let live = self.live_ids();
+        let outcome = blocks.into_par_iter().map(|gradient| self.apply_one(&gradient, worker, step, &live)).reduce(
+            PushOutcome::default,
+            |a, b| PushOutcome {
+                accepted: a.accepted + b.accepted,
+                duplicate: a.duplicate + b.duplicate,
+                updated: a.updated + b.updated,
+            },
+        );
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        let model = self.spec.name.clone();
+        metrics::counter!(m::PUSHES, "model" => model.clone()).increment(1);
+        metrics::counter!(m::PUSH_BLOCKS, "model" => model.clone(), "result" => "accepted")
+            .increment(u64::from(outcome.accepted));
+        metrics::counter!(m::PUSH_BLOCKS, "model" => model, "result" => "duplicate")
+            .increment(u64::from(outcome.duplicate));
+        if outcome.updated > 0 {
+            self.publish_version();
+        }
+        Ok(outcome)
+    }
+
+    fn live_ids(&self) -> Vec<String> {
+        self.membership.live().into_iter().map(|(id, _)| id).collect()
+    }
+
+    fn classify(&self, block: &Block, state: &BlockState, worker: &str, step: u64) -> Result<Disposition, ServerError> {
+        let tensor = || self.spec.tensors[block.tensor].name.clone();
+        let version = state.version;
+        if step > version {
+            return Err(ServerError::FutureStep { tensor: tensor(), block: block.index, step, version });
+        }
+        let counted = match self.spec.options.mode {
+            Mode::Sync if step == version => {
+                state.pending.as_ref().is_some_and(|p| p.contributors.iter().any(|w| w == worker))
+            }
+            Mode::Sync if step + 1 == version && state.last_contributors.iter().any(|w| w == worker) => true,
+            Mode::Sync => return Err(ServerError::StaleStep { tensor: tensor(), block: block.index, step, version }),
+            Mode::Async => match state.last_async_step.get(worker) {
+                Some(&last) if last == step => true,
+                Some(&last) if last > step => {
+                    return Err(ServerError::StepWentBack {
+                        worker: worker.to_string(),
+                        tensor: tensor(),
+                        block: block.index,
+                        step,
+                        last,
+                    });
+                }
+                _ => false,
+            },
+        };
+        Ok(if counted { Disposition::Duplicate } else { Disposition::Accept })
+    }
+
+    fn apply_one(&self, gradient: &impl BlockGradient, worker: &str, step: u64, live: &[String]) -> PushOutcome {
+        let block = gradient.block();
+        let mut state = block.lock();
+        // Re-check under the lock: between the check and now, an expired lease
+        // may have completed this step without us; then the gradient is not counted.
+        match self.classify(block, &state, worker, step) {
+            Ok(Disposition::Accept) => {}
+            Ok(Disposition::Duplicate) | Err(_) => return PushOutcome { duplicate: 1, ..Default::default() },
+        }
+        let mut outcome = PushOutcome { accepted: 1, ..Default::default() };
+        match self.spec.options.mode {
+            Mode::Async => {
+                let staleness = state.version - step;
+                metrics::histogram!(m::STALENESS, "model" => self.spec.name.clone()).record(staleness as f64);
+                state.last_async_step.insert(worker.to_string(), step);
+                let mut grad = vec![0.0; block.len];
+                gradient.write_into(&mut grad);
+                self.update(block, &mut state, &grad);
+                outcome.updated = 1;
+            }
+            Mode::Sync => {
+                match state.pending.as_mut() {
+                    Some(pending) => {
+                        match &mut pending.accumulated {
+                            Accumulated::Sum(sum) => gradient.add_into(sum),
+                            Accumulated::Votes(votes) => gradient.add_votes(votes),
+                        }
+                        pending.contributors.push(worker.to_string());
+                    }
+                    None => {
+                        let accumulated = match self.spec.groups[block.group].aggregation {
+                            Aggregation::Mean => {
+                                let mut sum = vec![0.0; block.len];
+                                gradient.write_into(&mut sum);
+                                Accumulated::Sum(sum)
+                            }
+                            Aggregation::MajorityVote => {
+                                let mut votes = vec![0i16; block.len];
+                                gradient.add_votes(&mut votes);
+                                Accumulated::Votes(votes)
+                            }
+                        };
+                        state.pending = Some(PendingStep {
+                            accumulated,
+                            contributors: vec![worker.to_string()],
+                            started: Instant::now(),
+                        })
+                    }
+                }
+                if self.try_complete(block, &mut state, live) {
+                    outcome.updated = 1;
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Runs the sync update if every live worker has pushed; true if it ran.
+    fn try_complete(&self, block: &Block, state: &mut BlockState, live: &[String]) -> bool {
+        let Some(pending) = state.pending.as_ref() else { return false };
+        if !live.iter().all(|w| pending.contributors.contains(w)) {
+            return false;
+        }
+        let Some(PendingStep { accumulated, contributors, started }) = state.pending.take() else { return false };
+        metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        let gradient = match accumulated {
+            Accumulated::Sum(mut sum) => {
+                let scale = 1.0 / contributors.len() as f32;
+                for g in sum.iter_mut() {
+                    *g *= scale;
+                }
+                sum
+            }
+            Accumulated::Votes(votes) => {
+                let mut signs = vec![0.0; votes.len()];
+                codec::votes_to_signs(&votes, &mut signs);
+                signs
+            }
+        };
+        self.update(block, state, &gradient);
+        state.last_contributors = contributors;
+        true
+    }
+
+    fn update(&self, block: &Block, state: &mut BlockState, grad: &[f32]) {
+        let started = Instant::now();
+        let t = state.version + 1;
+        let ctx = StepContext { t, lr_scale: self.spec.groups[block.group].schedule.factor(t) };
+        let BlockState { params, optimizer, .. } = state;
+        optimizer.step(params, grad, &ctx);
+        state.version += 1;
+        block.announce(state.version);
+        metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => self.spec.groups[block.group].name.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Re-checks every pending sync step against the current live workers.
+    pub fn complete_ready_steps(&self) -> u32 {
+        let live = self.live_ids();
+        let updated =
+            self.local_order.par_iter().filter(|block| self.try_complete(block, &mut block.lock(), &live)).count()
+                as u32;
+        if updated > 0 {
+            self.publish_version();
+        }
+        self.publish_gauges();
+        updated
+    }
+}
