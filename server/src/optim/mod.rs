@@ -42,7 +42,7 @@ pub trait Optimizer: Send {
     fn step(&mut self, param: &mut [f32], grad: &[f32], ctx: &StepContext);
     /// Bytes of optimizer state this instance holds (or will hold once stepping).
     fn state_bytes(&self) -> usize;
-    /// Named state buffers, for tests and checkpoints.
+    /// Named state buffers as the published test vectors name them (derived views included); checkpoints use [`Optimizer::export_state`].
     fn state(&self) -> Vec<(&'static str, Vec<f32>)>;
     /// A lossless copy of the state: importing it into a fresh instance built
     /// from the same config and slice continues bit-identically.
