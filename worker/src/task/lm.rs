@@ -13,7 +13,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use ps_client::Tensors;
 use ps_client::spec::{Init, TensorSpec};
 
-use super::{Evaluation, Trainable};
+use super::trainable::{Evaluation, Trainable};
 
 const TEXT_GZ: &[u8] = include_bytes!("../../data/pystdlib.txt.gz");
 const VOCAB: usize = 256;

@@ -6,29 +6,39 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use ps_client::Tensors;
 use ps_client::spec::{Init, TensorSpec};
 
-use super::{Evaluation, TaskKind, Trainable};
+use super::trainable::{Evaluation, Trainable};
 use crate::data::{self, Dataset};
 
-/// (fan_in, fan_out) of each linear layer of an MLP task.
-pub fn layers(kind: TaskKind) -> Vec<(usize, usize)> {
-    match kind {
-        TaskKind::Digits => vec![(64, 64), (64, 10)],
-        TaskKind::Synthetic => vec![(data::SYNTHETIC_FEATURES, 1)],
-        TaskKind::CharLm => Vec::new(),
-    }
+/// The MLP tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlpTask {
+    /// Handwritten digits (8x8, 10 classes), 64-64-10 with cross-entropy.
+    Digits,
+    /// Synthetic linear regression, mean squared error.
+    Synthetic,
 }
 
-/// The tensors of an MLP with PyTorch-style initialization: weights and
-/// biases uniform in ±1/sqrt(fan_in), seeded.
-pub fn tensor_specs(layers: Vec<(usize, usize)>, seed: u64) -> Vec<TensorSpec> {
-    let mut specs = Vec::new();
-    for (i, (fan_in, fan_out)) in layers.into_iter().enumerate() {
-        let bound = 1.0 / (fan_in as f64).sqrt();
-        let init = |salt: u64| Init::Uniform { center: 0.0, half_width: bound, seed: seed ^ salt };
-        specs.push(TensorSpec::new(format!("fc{}.weight", i + 1), &[fan_out as u64, fan_in as u64], init(1)));
-        specs.push(TensorSpec::new(format!("fc{}.bias", i + 1), &[fan_out as u64], init(2)));
+impl MlpTask {
+    /// (fan_in, fan_out) of each linear layer.
+    pub fn layers(self) -> Vec<(usize, usize)> {
+        match self {
+            MlpTask::Digits => vec![(64, 64), (64, 10)],
+            MlpTask::Synthetic => vec![(data::SYNTHETIC_FEATURES, 1)],
+        }
     }
-    specs
+
+    /// The tensors with PyTorch-style initialization: weights and biases
+    /// uniform in ±1/sqrt(fan_in), seeded.
+    pub fn tensor_specs(self, seed: u64) -> Vec<TensorSpec> {
+        let mut specs = Vec::new();
+        for (i, (fan_in, fan_out)) in self.layers().into_iter().enumerate() {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let init = |salt: u64| Init::Uniform { center: 0.0, half_width: bound, seed: seed ^ salt };
+            specs.push(TensorSpec::new(format!("fc{}.weight", i + 1), &[fan_out as u64, fan_in as u64], init(1)));
+            specs.push(TensorSpec::new(format!("fc{}.bias", i + 1), &[fan_out as u64], init(2)));
+        }
+        specs
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +49,7 @@ enum Loss {
 
 /// A model, its data and how to compute its gradients.
 pub struct Mlp {
-    kind: TaskKind,
+    kind: MlpTask,
     layers: Vec<(usize, usize)>,
     loss: Loss,
     /// This worker's training examples.
@@ -53,12 +63,11 @@ const SPLIT_SEED: u64 = 20_241_127;
 
 impl Mlp {
     /// Loads the data of `kind` and keeps this rank's shard of the training set.
-    pub fn new(kind: TaskKind, rank: usize, world: usize, device: Device) -> anyhow::Result<Self> {
-        let layers = layers(kind);
+    pub fn new(kind: MlpTask, rank: usize, world: usize, device: Device) -> anyhow::Result<Self> {
+        let layers = kind.layers();
         let (loss, all) = match kind {
-            TaskKind::Digits => (Loss::CrossEntropy { classes: 10 }, data::digits()?),
-            TaskKind::Synthetic => (Loss::MeanSquared, data::synthetic_regression(1024, SPLIT_SEED)),
-            TaskKind::CharLm => bail!("the language model is not an MLP task; use task::load"),
+            MlpTask::Digits => (Loss::CrossEntropy { classes: 10 }, data::digits()?),
+            MlpTask::Synthetic => (Loss::MeanSquared, data::synthetic_regression(1024, SPLIT_SEED)),
         };
         let (train, test) = data::train_test_split(&all, 0.2, SPLIT_SEED);
         let train = data::shard(&train, rank, world);
@@ -69,7 +78,7 @@ impl Mlp {
     }
 
     /// Which task this is.
-    pub fn kind(&self) -> TaskKind {
+    pub fn kind(&self) -> MlpTask {
         self.kind
     }
 
@@ -190,7 +199,7 @@ mod tests {
 
     #[test]
     fn every_parameter_gets_a_nonzero_gradient() {
-        for kind in [TaskKind::Digits, TaskKind::Synthetic] {
+        for kind in [MlpTask::Digits, MlpTask::Synthetic] {
             let task = Mlp::new(kind, 0, 2, Device::Cpu).unwrap();
             let weights = init_weights(&task);
             let batch: Vec<usize> = (0..16).collect();
@@ -206,7 +215,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences() {
-        let task = Mlp::new(TaskKind::Digits, 0, 1, Device::Cpu).unwrap();
+        let task = Mlp::new(MlpTask::Digits, 0, 1, Device::Cpu).unwrap();
         let mut weights = init_weights(&task);
         let batch: Vec<usize> = (0..8).collect();
         let (_, grads) = task.loss_and_grads(&weights, &batch).unwrap();

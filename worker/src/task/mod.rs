@@ -1,18 +1,21 @@
-//! Built-in training tasks: what the training loop needs from a model
-//! ([`Trainable`]), which tasks exist ([`TaskKind`]), and their tensors as the
-//! servers are told about them. The models live in [`mlp`] and [`lm`].
+//! Built-in training tasks: which tasks exist ([`TaskKind`]), their tensors as
+//! the servers are told about them, and loading one as a [`Trainable`]. The
+//! models live in [`mlp`] and [`lm`], which know only the trait, not this list.
 //! Weights are named like a PyTorch state_dict (`fc1.weight` with shape
 //! `(out, in)`), so external trainers can share a model with the built-in workers.
 
 pub mod lm;
 pub mod mlp;
+mod trainable;
 
 use std::sync::Arc;
 
 use candle_core::Device;
 use clap::ValueEnum;
-use ps_client::Tensors;
 use ps_client::spec::TensorSpec;
+
+use self::mlp::MlpTask;
+pub use self::trainable::{Evaluation, Trainable};
 
 /// Which built-in task a worker trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -25,32 +28,12 @@ pub enum TaskKind {
     CharLm,
 }
 
-/// What the training loop needs from a task.
-pub trait Trainable: Send + Sync {
-    /// Examples (or sequence start positions) in this worker's training share.
-    fn train_len(&self) -> usize;
-    /// Examples in the held-out set.
-    fn test_len(&self) -> usize;
-    /// Loss on a minibatch of training examples and the gradient of every tensor.
-    fn loss_and_grads(&self, weights: &Tensors, batch: &[usize]) -> anyhow::Result<(f32, Tensors)>;
-    /// Loss (and accuracy, for classification) on the held-out set.
-    fn evaluate(&self, weights: &Tensors) -> anyhow::Result<Evaluation>;
-}
-
-/// Loss and, for classification, accuracy on a data set.
-#[derive(Clone, Copy, Debug)]
-pub struct Evaluation {
-    /// Mean loss.
-    pub loss: f32,
-    /// Fraction classified correctly (classification tasks).
-    pub accuracy: Option<f32>,
-}
-
 /// Loads the data of `kind` and keeps this rank's share of the training set.
 pub fn load(kind: TaskKind, rank: usize, world: usize, device: Device) -> anyhow::Result<Arc<dyn Trainable>> {
     Ok(match kind {
         TaskKind::CharLm => Arc::new(lm::CharLm::new(lm::SHAPE, rank, world, device)?),
-        TaskKind::Digits | TaskKind::Synthetic => Arc::new(mlp::Mlp::new(kind, rank, world, device)?),
+        TaskKind::Digits => Arc::new(mlp::Mlp::new(MlpTask::Digits, rank, world, device)?),
+        TaskKind::Synthetic => Arc::new(mlp::Mlp::new(MlpTask::Synthetic, rank, world, device)?),
     })
 }
 
@@ -59,7 +42,8 @@ impl TaskKind {
     pub fn tensor_specs(self, seed: u64) -> Vec<TensorSpec> {
         match self {
             TaskKind::CharLm => lm::tensor_specs(lm::SHAPE, seed),
-            TaskKind::Digits | TaskKind::Synthetic => mlp::tensor_specs(mlp::layers(self), seed),
+            TaskKind::Digits => MlpTask::Digits.tensor_specs(seed),
+            TaskKind::Synthetic => MlpTask::Synthetic.tensor_specs(seed),
         }
     }
 
