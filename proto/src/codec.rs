@@ -192,6 +192,32 @@ fn for_each_value(
     Ok(())
 }
 
+/// Elements scanned per step by [`first_non_finite`]: whole runs are checked
+/// with a branch-free reduction the compiler vectorizes, and only a run that
+/// holds a bad value is searched element by element.
+const SCAN_RUN: usize = 1024;
+
+/// The first element whose exponent bits (`mask`) are all ones, that is NaN or ±inf.
+fn first_all_ones_exponent<const N: usize>(payload: &[u8], mask: u32, word: fn([u8; N]) -> u32) -> Option<usize> {
+    let bad = |b: &[u8]| word(b.try_into().unwrap_or([0; N])) & mask == mask;
+    payload.chunks(N * SCAN_RUN).enumerate().find_map(|(run, bytes)| {
+        let any = bytes.chunks_exact(N).fold(false, |any, b| any | bad(b));
+        if any { bytes.chunks_exact(N).position(bad).map(|i| run * SCAN_RUN + i) } else { None }
+    })
+}
+
+/// The index of the first element of a payload that does not decode to a
+/// finite number (NaN, +inf or -inf), if any. sign1 elements decode to
+/// ±scale, and the scale is checked on its own ([`check_scale`]).
+pub fn first_non_finite(encoding: Encoding, payload: &[u8]) -> Option<usize> {
+    match encoding {
+        Encoding::F32 => first_all_ones_exponent::<4>(payload, 0x7f80_0000, u32::from_le_bytes),
+        Encoding::Bf16 => first_all_ones_exponent::<2>(payload, 0x7f80, |b| u32::from(u16::from_le_bytes(b))),
+        Encoding::F16 => first_all_ones_exponent::<2>(payload, 0x7c00, |b| u32::from(u16::from_le_bytes(b))),
+        Encoding::Sign1 => None,
+    }
+}
+
 /// Decodes a payload into `out`, whose length is the element count.
 pub fn decode_into(encoding: Encoding, payload: &[u8], scale: f32, out: &mut [f32]) -> Result<(), CodecError> {
     for_each_value(encoding, payload, scale, out, |slot, value| *slot = value)
@@ -230,6 +256,24 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_number_encoding() {
+        for encoding in [Encoding::F32, Encoding::Bf16, Encoding::F16] {
+            let fine: Vec<f32> = (0..3000).map(|i| (i as f32 - 1500.0) * 0.01).collect();
+            assert_eq!(first_non_finite(encoding, &encode(encoding, &fine)), None, "{encoding:?}");
+            for (at, bad) in [(0, f32::NAN), (1029, f32::INFINITY), (2999, f32::NEG_INFINITY)] {
+                let mut values = fine.clone();
+                values[at] = bad;
+                values[2999.min(at + 1)] = f32::NAN; // a later bad value does not hide the first
+                assert_eq!(first_non_finite(encoding, &encode(encoding, &values)), Some(at), "{encoding:?} {bad}");
+            }
+        }
+        // f16 saturates above 65504: a finite f32 can arrive as inf.
+        assert_eq!(first_non_finite(Encoding::F16, &encode(Encoding::F16, &[1.0, 1e6])), Some(1));
+        assert_eq!(first_non_finite(Encoding::F32, &encode(Encoding::F32, &[f32::MAX, f32::MIN_POSITIVE])), None);
+        assert_eq!(first_non_finite(Encoding::Sign1, &encode(Encoding::Sign1, &[f32::NAN; 40])), None);
+    }
 
     fn round_trip(encoding: Encoding, values: &[f32], scale: f32) -> Vec<f32> {
         let bytes = encode(encoding, values);

@@ -121,6 +121,20 @@ pub enum ServerError {
         /// The last step this worker pushed for the block.
         last: u64,
     },
+    /// A pushed gradient or registered value that decodes to NaN or ±inf.
+    #[error(
+        "element {index} of tensor '{tensor}' block {block} is NaN or infinite after decoding {what}; nothing was applied. Values must be finite: look for a diverged loss, or for f16 overflow (f16 saturates to inf above 65504: clip, scale, or push bf16)"
+    )]
+    NonFinite {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+        /// Element within the block.
+        index: u64,
+        /// What was decoded (a push's gradient, or registration values).
+        what: &'static str,
+    },
     /// A pull in an encoding weights are not sent in.
     #[error("pull encoding {0} is not available; use ENCODING_F32, ENCODING_BF16 or ENCODING_F16")]
     PullEncoding(i32),

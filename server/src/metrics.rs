@@ -35,6 +35,8 @@ pub const MODEL_VERSION: &str = "ps_model_version";
 pub const OPTIMIZER_STATE_BYTES: &str = "optimizer_state_bytes";
 /// Parameters stored on this shard (gauge; labels: model).
 pub const PARAMETERS: &str = "ps_parameters";
+/// Pushes and registrations refused for a NaN or infinite value (counter; labels: model).
+pub const NON_FINITE: &str = "ps_non_finite_rejected_total";
 /// RPCs that failed (counter; labels: method, code).
 pub const RPC_ERRORS: &str = "ps_rpc_errors_total";
 
@@ -67,5 +69,6 @@ fn describe() {
     describe_gauge!(MODEL_VERSION, "Lowest block version on this shard");
     describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Optimizer state bytes on this shard");
     describe_gauge!(PARAMETERS, "Parameters stored on this shard");
+    describe_counter!(NON_FINITE, "Pushes and registrations refused for a NaN or infinite value");
     describe_counter!(RPC_ERRORS, "RPCs that failed, by gRPC code");
 }

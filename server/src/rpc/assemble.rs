@@ -186,6 +186,12 @@ impl BlockGradient for StagedBlock {
         &self.block
     }
 
+    fn first_non_finite(&self) -> Option<u64> {
+        self.parts
+            .iter()
+            .find_map(|part| codec::first_non_finite(part.encoding, &part.payload).map(|i| (part.offset + i) as u64))
+    }
+
     fn write_into(&self, out: &mut [f32]) {
         self.for_each_part(out, codec::decode_into);
     }
@@ -204,14 +210,21 @@ impl BlockGradient for StagedBlock {
     }
 }
 
-/// Decodes staged blocks into f32 values, in parallel. Run on the blocking pool.
-pub fn decode(staged: Vec<StagedBlock>) -> Vec<(Arc<Block>, Vec<f32>)> {
-    staged
+/// A block and the values decoded for it.
+pub type DecodedBlock = (Arc<Block>, Vec<f32>);
+
+/// Decodes staged blocks into f32 values, in parallel, refusing NaN and ±inf.
+/// Run on the blocking pool.
+pub fn decode(model: &Model, staged: Vec<StagedBlock>) -> Result<Vec<DecodedBlock>, ServerError> {
+    if let Some((block, index)) = staged.par_iter().find_map_first(|s| s.first_non_finite().map(|i| (&s.block, i))) {
+        return Err(model.non_finite(block, index, "registration values"));
+    }
+    Ok(staged
         .into_par_iter()
         .map(|s| {
             let mut values = vec![0.0f32; s.block.len];
             s.write_into(&mut values);
             (s.block, values)
         })
-        .collect()
+        .collect())
 }

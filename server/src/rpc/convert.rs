@@ -363,6 +363,7 @@ impl From<ServerError> for Status {
             | ServerError::PushWithoutChunk
             | ServerError::MixedPush { .. }
             | ServerError::StepWentBack { .. }
+            | ServerError::NonFinite { .. }
             | ServerError::PullEncoding(_)
             | ServerError::Chunk { .. }
             | ServerError::BadPayload { .. } => Code::InvalidArgument,

@@ -83,8 +83,12 @@ impl ParameterService {
             }
         }
         let staged = assembler.finish()?;
-        let values = blocking(move || assemble::decode(staged)).await?;
-        model.install_initial_values(values)?;
+        let model = blocking(move || {
+            let values = assemble::decode(&model, staged)?;
+            model.install_initial_values(values)?;
+            Ok::<_, ServerError>(model)
+        })
+        .await??;
         let (created, model) = self.registry.insert(model)?;
         tracing::info!(
             model = model.name(),

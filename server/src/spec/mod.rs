@@ -18,7 +18,9 @@ pub use init::fill_initial;
 pub use name::{NameError, check_name};
 
 use crate::error::ServerError;
-use crate::optim::{FrugalMode, GroupPosition, LrSchedule, OptimizerConfig, projectable_by_name};
+use crate::optim::{
+    FrugalMode, GroupPosition, IndexRule, LrSchedule, OptimizerConfig, Projection, projectable_by_name,
+};
 
 /// How pushes of several workers become updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,6 +236,58 @@ fn check_init(tensor: &str, init: &InitRule) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Checks one injected selection: every index below `bound`, none twice.
+fn check_selection(group: &str, what: &str, entry: usize, indices: &[usize], bound: usize) -> Result<(), ServerError> {
+    let mut seen = HashSet::new();
+    for &index in indices {
+        if index >= bound {
+            return Err(invalid(format!(
+                "group '{group}': {what} entry {entry} has index {index}, but there are only {bound} to choose from"
+            )));
+        }
+        if !seen.insert(index) {
+            return Err(invalid(format!("group '{group}': {what} entry {entry} lists index {index} twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Injected selections must fit every tensor they will be applied to, so no
+/// step can index out of range: Subspace-Momentum's index schedules pick rows
+/// (m >= n) or columns of each matrix; FRUGAL's block schedules pick positions
+/// among the group's projectable tensors.
+fn check_selections(groups: &[GroupDef], tensors: &[TensorDef]) -> Result<(), ServerError> {
+    for (g, group) in groups.iter().enumerate() {
+        let members = || tensors.iter().filter(move |t| t.group == g);
+        match &group.optimizer {
+            OptimizerConfig::SubspaceMomentum(c) => {
+                let Projection::Index(IndexRule::Schedule(schedule)) = &c.projection else { continue };
+                for tensor in members().filter(|t| t.shape.len() >= 2) {
+                    let (rows, cols) = (tensor.shape[0], tensor.shape[1..].iter().product::<u64>());
+                    let (bound, kind) = if rows >= cols { (rows, "rows") } else { (cols, "columns") };
+                    let what = format!(
+                        "indices_schedule (tensor '{}' of shape {:?} selects {kind})",
+                        tensor.name, tensor.shape
+                    );
+                    for (entry, indices) in schedule.iter().enumerate() {
+                        check_selection(&group.name, &what, entry, indices, bound as usize)?;
+                    }
+                }
+            }
+            OptimizerConfig::Frugal(c) => {
+                let Some(schedule) = &c.schedule else { continue };
+                let count = members().filter(|t| t.projectable.is_some()).count();
+                let what = format!("FRUGAL schedule ({count} projectable tensors)");
+                for (entry, positions) in schedule.iter().enumerate() {
+                    check_selection(&group.name, &what, entry, positions, count)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl ModelSpec {
     /// Checks names, shapes, sizes, groups and hyperparameters, assigns every
     /// tensor its group, and numbers FRUGAL's projectable tensors. The
@@ -306,6 +360,7 @@ impl ModelSpec {
                 tensors[i].projectable = Some(GroupPosition { index, count: members.len() });
             }
         }
+        check_selections(&groups, &tensors)?;
         if !max_grad_norm.is_finite() || max_grad_norm < 0.0 {
             return Err(invalid(format!("max_grad_norm must be a finite number >= 0, got {max_grad_norm}")));
         }

@@ -51,6 +51,12 @@ impl Model {
             let block = gradient.block();
             self.classify(block, &block.lock(), worker, step)?;
         }
+        // Scanned before anything is added, so one bad value leaves every block as it was.
+        if let Some((block, index)) =
+            blocks.par_iter().find_map_first(|g| g.first_non_finite().map(|index| (g.block(), index)))
+        {
+            return Err(self.non_finite(block, index, "a pushed gradient"));
+        }
         let live = self.live_ids();
         let outcome = blocks.into_par_iter().map(|gradient| self.apply_one(&gradient, worker, step, &live)).reduce(
             PushOutcome::default,

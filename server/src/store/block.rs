@@ -52,9 +52,11 @@ pub(super) enum Accumulated {
 
 /// One block's gradient from one push, validated but still encoded, so it can
 /// be decoded straight into the aggregation buffer without another copy.
-pub trait BlockGradient: Send {
+pub trait BlockGradient: Send + Sync {
     /// The block it belongs to.
     fn block(&self) -> &Arc<Block>;
+    /// The first element (within the block) that decodes to NaN or ±inf, if any.
+    fn first_non_finite(&self) -> Option<u64>;
     /// Overwrites `out` (the block's length) with the gradient.
     fn write_into(&self, out: &mut [f32]);
     /// Adds the gradient to `out` (the block's length).

@@ -157,6 +157,12 @@ impl Model {
         Ok(())
     }
 
+    /// The error for a NaN or infinite value in `block`, counted in the metrics.
+    pub fn non_finite(&self, block: &Block, index: u64, what: &'static str) -> ServerError {
+        metrics::counter!(m::NON_FINITE, "model" => self.spec.name.clone()).increment(1);
+        ServerError::NonFinite { tensor: self.spec.tensors[block.tensor].name.clone(), block: block.index, index, what }
+    }
+
     /// Removes expired workers and completes every step that was only waiting
     /// for them. Returns the ids dropped.
     pub fn expire_workers(&self) -> Vec<String> {

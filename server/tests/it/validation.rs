@@ -203,6 +203,16 @@ async fn bad_pushes_are_rejected_and_change_nothing() {
     assert_eq!(observe(&cluster, &model).await, before);
 }
 
+/// Subspace-Momentum with an injected index schedule, written as the wire's lists.
+fn sm_with_schedule(schedule: Vec<proto::IndexList>) -> ps_client::spec::Optimizer {
+    ps_client::spec::Optimizer::SubspaceMomentum(ps_client::spec::SubspaceMomentum {
+        lr: 0.1,
+        rank: 2,
+        indices_schedule: schedule.into_iter().map(|l| l.indices).collect(),
+        ..Default::default()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_checks_and_other_rpcs_fail_cleanly() {
     let cluster = Cluster::start(1, Duration::from_secs(60)).await;
@@ -243,6 +253,34 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
         ),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![1, 1]), "twice"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![42]), "unknown encoding 42"),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                let schedule =
+                    vec![proto::IndexList { indices: vec![0, 3] }, proto::IndexList { indices: vec![0, 12] }];
+                s.groups[0].optimizer = Some((&sm_with_schedule(schedule)).into());
+            }),
+            "entry 1 has index 12, but there are only 10",
+        ),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                let schedule = vec![proto::IndexList { indices: vec![4, 4] }];
+                s.groups[0].optimizer = Some((&sm_with_schedule(schedule)).into());
+            }),
+            "lists index 4 twice",
+        ),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                let frugal = ps_client::spec::Frugal {
+                    lr: 0.1,
+                    density: 0.5,
+                    projectable_patterns: vec!["w".into()],
+                    schedule: vec![vec![0], vec![1]],
+                    ..Default::default()
+                };
+                s.groups[0].optimizer = Some((&ps_client::spec::Optimizer::Frugal(frugal)).into());
+            }),
+            "FRUGAL schedule (1 projectable tensors) entry 1 has index 1",
+        ),
     ] {
         // Malformed specs cannot be written with the client's types, so they go as raw messages.
         let mut spec = proto::ModelSpec::from(&small_spec("bad-spec"));
@@ -256,6 +294,11 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
         assert!(error.message().contains(says), "{error} lacks {says}");
     }
     assert!(client.model("bad-spec").await.is_err(), "a rejected spec registers nothing");
+    // A schedule that fits is accepted.
+    let mut scheduled = small_spec("scheduled");
+    let fits = vec![proto::IndexList { indices: vec![0, 3] }, proto::IndexList { indices: vec![9, 1] }];
+    scheduled.groups[0].optimizer = sm_with_schedule(fits);
+    client.register(&scheduled, &initial_values(&scheduled, 1)).await.unwrap();
     // Missing provided values.
     let error = client.register(&small_spec("no-values"), &Tensors::new()).await.unwrap_err();
     assert!(error.to_string().contains("missing"), "{error}");
@@ -364,4 +407,57 @@ async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
     }
     let request = proto::PullWeightsRequest { model: "wire".into(), encoding: Sign1 as i32, ..Default::default() };
     assert_eq!(raw.pull_weights(request).await.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_values_are_refused_and_change_nothing() {
+    use proto::Encoding::{Bf16, F16, F32};
+    let cluster = Cluster::start(1, Duration::from_secs(60)).await;
+    let mut spec = small_spec("finite");
+    spec.groups[0].push_encodings = vec![Encoding::F32, Encoding::Bf16, Encoding::F16];
+    let init = initial_values(&spec, 5);
+    let model = cluster.client().register(&spec, &init).await.unwrap();
+    model.join("w").await.unwrap();
+    model.join("other").await.unwrap();
+    let before = observe(&cluster, &model).await;
+    let mut raw = cluster.raw(0).await;
+    // Block 1 of "w" holds elements 30..60; the bad value sits at element 7 of the block,
+    // behind a good block 0 that must not be applied either.
+    for encoding in [F32, Bf16, F16] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut values = vec![0.5f32; 30];
+            values[7] = bad;
+            let messages = vec![
+                message("finite", "w", 0, encoded("w", 0, 0, encoding, &[0.25; 30], 0.0)),
+                message("finite", "w", 0, encoded("w", 1, 0, encoding, &values, 0.0)),
+            ];
+            let status = raw.push_gradients(tokio_stream::iter(messages)).await.unwrap_err();
+            let what = format!("{encoding:?} {bad}");
+            assert_eq!(status.code(), Code::InvalidArgument, "{what}: {}", status.message());
+            assert!(
+                status.message().contains("element 7 of tensor 'w' block 1 is NaN or infinite"),
+                "{what}: {}",
+                status.message()
+            );
+            assert_eq!(observe(&cluster, &model).await, before, "{what} changed state");
+        }
+    }
+    // f16 saturates: a finite f32 gradient above 65504 arrives as inf and is refused too.
+    let overflow = vec![message("finite", "w", 0, encoded("w", 0, 0, F16, &[1e5; 30], 0.0))];
+    let status = raw.push_gradients(tokio_stream::iter(overflow)).await.unwrap_err();
+    assert!(status.message().contains("f16 overflow"), "{}", status.message());
+    assert_eq!(observe(&cluster, &model).await, before);
+    // Registration values are held to the same rule, and nothing is registered.
+    let mut poisoned = initial_values(&small_spec("poisoned"), 5);
+    poisoned.get_mut("b").unwrap()[3] = f32::NAN;
+    let error = cluster.client().register(&small_spec("poisoned"), &poisoned).await.unwrap_err();
+    assert_eq!(error.status().unwrap().code(), Code::InvalidArgument, "{error}");
+    assert!(error.to_string().contains("element 3 of tensor 'b' block 0"), "{error}");
+    assert!(cluster.client().model("poisoned").await.is_err());
+    // The model still trains on finite gradients, every push counted once.
+    let grads = grads_like(&init, 6);
+    for worker in ["w", "other"] {
+        assert_eq!(model.push(worker, 0, &grads).await.unwrap().duplicate, 0);
+    }
+    assert_eq!(model.pull(1).await.unwrap().version, 1);
 }
