@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::try_join_all;
+use ps_proto::cluster::{SHARD_COUNT_HEADER, SHARD_INDEX_HEADER};
 use ps_proto::pb::{self, Encoding};
 use ps_proto::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
 use ps_proto::{chunk, layout};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -23,20 +25,30 @@ use crate::model::{ModelHandle, check_len};
 use crate::spec::{Init, ModelSpec};
 use crate::status::ShardStatus;
 
+/// What every request to one shard carries: the bearer token, and which shard
+/// of how many the client means (`ps_proto::cluster`), so a shard started with
+/// another list refuses instead of serving a different layout.
 #[derive(Clone)]
-pub(crate) struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub(crate) struct ShardHeaders {
+    token: Option<MetadataValue<Ascii>>,
+    index: MetadataValue<Ascii>,
+    count: MetadataValue<Ascii>,
+}
 
-impl Interceptor for BearerToken {
+impl Interceptor for ShardHeaders {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+        let metadata = request.metadata_mut();
+        if let Some(value) = &self.token {
+            metadata.insert("authorization", value.clone());
         }
+        metadata.insert(SHARD_INDEX_HEADER, self.index.clone());
+        metadata.insert(SHARD_COUNT_HEADER, self.count.clone());
         Ok(request)
     }
 }
 
 pub(crate) type ShardStub =
-    pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, BearerToken>>;
+    pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
 /// A connection to every shard of a cluster.
 #[derive(Clone)]
@@ -59,10 +71,12 @@ impl PsClient {
             Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?),
             None => None,
         };
+        let count = MetadataValue::from(config.shards.len() as u64);
         let shards = config
             .shards
             .iter()
-            .map(|addr| {
+            .enumerate()
+            .map(|(index, addr)| {
                 let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
                 let channel = Endpoint::from_shared(uri)
                     .map_err(|e| ClientError::BadAddress { address: addr.clone(), reason: e.to_string() })?
@@ -72,12 +86,14 @@ impl PsClient {
                     .tcp_nodelay(true)
                     .connect_timeout(Duration::from_secs(5))
                     .connect_lazy();
-                Ok(pb::parameter_server_client::ParameterServerClient::with_interceptor(
-                    channel,
-                    BearerToken(token.clone()),
-                )
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES))
+                let headers = ShardHeaders {
+                    token: token.clone(),
+                    index: MetadataValue::from(index as u64),
+                    count: count.clone(),
+                };
+                Ok(pb::parameter_server_client::ParameterServerClient::with_interceptor(channel, headers)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES))
             })
             .collect::<Result<Vec<_>, ClientError>>()?;
         Ok(Self { shards: Arc::new(shards), config: Arc::new(config) })

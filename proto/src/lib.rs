@@ -1,9 +1,10 @@
 //! The wire side of the parameter server, shared by servers and clients: the
-//! generated gRPC types, the chunk codecs, the block placement function and the
-//! transport settings. Both sides must agree on all of these, so they live in
+//! generated gRPC types, the chunk codecs and chunking, the block placement
+//! function, the cluster-identity metadata and the transport settings. Both sides must agree on all of these, so they live in
 //! exactly one place.
 
 pub mod chunk;
+pub mod cluster;
 pub mod codec;
 pub mod layout;
 pub mod transport;

@@ -6,6 +6,7 @@
 mod assemble;
 mod auth;
 pub mod convert;
+mod identity;
 mod service;
 
 use std::future::Future;
@@ -17,9 +18,12 @@ use ps_proto::transport;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
 
 pub use auth::BearerAuth;
+pub use identity::ShardCheck;
 pub use service::ParameterService;
 
 use crate::config::ServerOptions;
@@ -31,16 +35,15 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let registry = Arc::new(Registry::new(
-        ShardIdentity { index: options.shard_index, addresses: options.shards.clone() },
-        options.lease,
-    ));
+    let identity = ShardIdentity { index: options.shard_index, addresses: options.shards.clone() };
+    let gate = Gate { auth: BearerAuth::new(options.auth_token.as_deref()), shard: ShardCheck::new(&identity) };
+    let registry = Arc::new(Registry::new(identity, options.lease));
     let reaper = tokio::spawn(expire_leases(registry.clone()));
     let service = InterceptedService::new(
         ParameterServerServer::new(ParameterService::new(registry))
             .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
-        BearerAuth::new(options.auth_token.as_deref()),
+        gate,
     );
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
@@ -51,6 +54,20 @@ pub async fn serve(
         .await;
     reaper.abort();
     result
+}
+
+/// What every request passes before it reaches the service: the token first
+/// (an unauthenticated caller learns nothing about the cluster), then the shard check.
+#[derive(Clone)]
+struct Gate {
+    auth: BearerAuth,
+    shard: ShardCheck,
+}
+
+impl Interceptor for Gate {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.shard.check(self.auth.call(request)?)
+    }
 }
 
 /// Accepted connections with Nagle's algorithm off. The builder's own

@@ -461,3 +461,40 @@ async fn non_finite_values_are_refused_and_change_nothing() {
     }
     assert_eq!(model.pull(1).await.unwrap().version, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_refuse_clients_whose_shard_list_differs() {
+    use ps_client::{ClientConfig, PsClient};
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let client = |addrs: Vec<String>| PsClient::connect(ClientConfig::new(addrs)).unwrap();
+    let refused = |error: ps_client::ClientError, says: &str| {
+        let status = error.status().expect("a shard's answer").clone();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+        assert!(status.message().contains(says), "{:?} lacks {says:?}", status.message());
+        assert!(status.message().contains("same --shards list"), "{}", status.message());
+    };
+    // The same addresses in another order: shard 1 is called as shard 0.
+    let swapped = client(vec![cluster.addrs[1].clone(), cluster.addrs[0].clone()]);
+    refused(swapped.status("").await.unwrap_err(), "as shard 0 of 2, but it is shard 1 of 2");
+    // A client that knows only one of the two shards would compute another layout.
+    let partial = client(vec![cluster.addrs[0].clone()]);
+    refused(partial.register(&small_spec("one"), &initial_values(&small_spec("one"), 1)).await.unwrap_err(), "of 1");
+    assert!(cluster.client().model("one").await.is_err(), "nothing was registered");
+    // A shard started with a longer list than its peer refuses the peer's clients.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rogue = listener.local_addr().unwrap().to_string();
+    let options = ps_server::ServerOptions {
+        shard_index: 1,
+        shards: vec![cluster.addrs[0].clone(), rogue.clone(), "127.0.0.1:9".into()],
+        lease: Duration::from_secs(60),
+        auth_token: None,
+    };
+    tokio::spawn(ps_server::serve(options, listener, std::future::pending()));
+    let mixed = client(vec![cluster.addrs[0].clone(), rogue]);
+    let error = mixed.wait_ready(Duration::from_secs(5)).await.unwrap_err();
+    refused(error, "as shard 1 of 2, but it is shard 1 of 3");
+    // Clients with the servers' list, and raw clients that send no shard headers, are served.
+    cluster.client().status("").await.unwrap();
+    let status = cluster.raw(1).await.get_status(proto::GetStatusRequest::default()).await.unwrap();
+    assert_eq!(status.into_inner().shard_index, 1);
+}
