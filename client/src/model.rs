@@ -124,8 +124,8 @@ impl ModelHandle {
         try_join_all((0..self.client.num_shards()).map(|shard| self.client.retry(shard, call.clone()))).await
     }
 
-    /// Joins the worker on every shard; returns the version to start from and
-    /// the rank shard 0 assigned.
+    /// Joins the worker on every shard; returns the version to start from (the
+    /// lowest over the shards that hold blocks of the model) and the rank shard 0 assigned.
     pub async fn join(&self, worker: &str) -> Result<Joined, ClientError> {
         let request = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
         let replies = self
@@ -134,10 +134,11 @@ impl ModelHandle {
                 async move { stub.join_worker(request).await.map(|r| r.into_inner()) }
             })
             .await?;
-        Ok(Joined {
-            version: replies.iter().map(|r| r.version).min().unwrap_or(0),
-            rank: replies.first().map_or(0, |r| r.rank),
-        })
+        // A shard that holds no block of the model has no version to report (it says 0).
+        let holds_blocks = |shard: usize| self.layout.blocks.iter().any(|b| b.shard as usize == shard);
+        let version =
+            replies.iter().enumerate().filter(|(shard, _)| holds_blocks(*shard)).map(|(_, r)| r.version).min();
+        Ok(Joined { version: version.unwrap_or(0), rank: replies.first().map_or(0, |r| r.rank) })
     }
 
     /// Renews the worker's lease on every shard; the worker rejoins where the lease had expired.

@@ -75,3 +75,23 @@ async fn leaving_completes_the_step_at_once() {
     let pulled = model.pull_with_timeout(1, Duration::from_secs(5)).await.unwrap();
     assert_eq!(pulled.version, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_starts_at_the_current_step_when_a_shard_holds_no_block() {
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let mut spec = small_spec("one-shard");
+    spec.tensors.truncate(1); // "w" alone, in one block: shard 1 holds nothing
+    spec.max_block_elements = 0;
+    let init = initial_values(&spec, 1);
+    let model = cluster.client().register(&spec, &init).await.unwrap();
+    assert!(model.layout().blocks.iter().all(|b| b.shard == 0), "the test needs a shard without blocks");
+    model.join("a").await.unwrap();
+    for step in 0..3 {
+        model.push("a", step, &grads_like(&init, step + 1)).await.unwrap();
+    }
+    let late = model.join("late").await.unwrap();
+    assert_eq!(late.version, 3, "the block-less shard's 0 must not count");
+    model.push("a", 3, &grads_like(&init, 9)).await.unwrap();
+    model.push("late", 3, &grads_like(&init, 10)).await.unwrap();
+    assert_eq!(model.pull(4).await.unwrap().version, 4);
+}
