@@ -20,7 +20,8 @@ use tonic::{Code, Request, Status};
 
 use crate::Tensors;
 use crate::config::ClientConfig;
-use crate::error::ClientError;
+use crate::error::{ClientError, ProtocolError};
+use crate::layout::Layout;
 use crate::model::{ModelHandle, check_len};
 use crate::spec::{Init, ModelSpec};
 use crate::status::ShardStatus;
@@ -152,10 +153,6 @@ impl PsClient {
     /// identical spec again succeeds and returns the existing model.
     pub async fn register(&self, spec: &ModelSpec, values: &Tensors) -> Result<ModelHandle, ClientError> {
         let wire = pb::ModelSpec::from(spec);
-        let shapes: Vec<&[u64]> = wire.tensors.iter().map(|t| t.shape.as_slice()).collect();
-        // The servers place blocks by the same rule, so PROVIDED values can go
-        // straight to the shard that owns each block.
-        let plan = layout::plan(&shapes, &layout::block_limits(&wire), self.shards.len() as u32);
         let mut provided: HashMap<usize, &[f32]> = HashMap::new();
         for (index, tensor) in spec.tensors.iter().enumerate() {
             if tensor.init == Init::Provided {
@@ -164,18 +161,28 @@ impl PsClient {
                 provided.insert(index, data);
             }
         }
-        let calls = (0..self.shards.len()).map(|shard| {
-            let mut messages =
-                vec![pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Spec(wire.clone())) }];
-            for block in plan.iter().filter(|b| b.shard as usize == shard) {
-                if let Some(data) = provided.get(&block.tensor) {
-                    let values = &data[block.offset as usize..(block.offset + block.length) as usize];
-                    let name = &spec.tensors[block.tensor].name;
-                    messages.extend(chunk::encode_block(name, block.block, values, Encoding::F32, 0.0).map(|chunk| {
-                        pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Values(chunk)) }
-                    }));
-                }
-            }
+        // PROVIDED values go straight to the shard that owns each block, so the
+        // layout is asked for first (only the servers know which optimizers need whole tensors).
+        let plan = if provided.is_empty() { Vec::new() } else { self.plan_layout(&wire).await?.blocks };
+        let mut per_shard: Vec<Vec<pb::RegisterModelRequest>> = (0..self.shards.len())
+            .map(|_| {
+                vec![pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Spec(wire.clone())) }]
+            })
+            .collect();
+        for block in &plan {
+            let Some(data) = provided.get(&block.tensor) else { continue };
+            let name = &spec.tensors[block.tensor].name;
+            let range = block.offset as usize..(block.offset + block.length) as usize;
+            let (Some(values), Some(messages)) = (data.get(range), per_shard.get_mut(block.shard as usize)) else {
+                return Err(ProtocolError::PastEnd { tensor: name.clone(), block: block.block }.into());
+            };
+            messages.extend(
+                chunk::encode_block(name, block.block, values, Encoding::F32, 0.0).map(|chunk| {
+                    pb::RegisterModelRequest { item: Some(pb::register_model_request::Item::Values(chunk)) }
+                }),
+            );
+        }
+        let calls = per_shard.into_iter().enumerate().map(|(shard, messages)| {
             self.retry(shard, move |mut stub| {
                 let messages = messages.clone();
                 async move { stub.register_model(tokio_stream::iter(messages)).await.map(|r| r.into_inner()) }
@@ -184,6 +191,22 @@ impl PsClient {
         let replies = try_join_all(calls).await?;
         let layout = replies.into_iter().next().and_then(|r| r.layout).ok_or(ClientError::NoLayout)?;
         ModelHandle::new(self.clone(), layout.try_into()?)
+    }
+
+    /// The layout the servers would give `spec`, without registering it.
+    async fn plan_layout(&self, wire: &pb::ModelSpec) -> Result<Layout, ClientError> {
+        let request = pb::PlanLayoutRequest { spec: Some(wire.clone()) };
+        let reply = self
+            .retry(0, |mut stub| {
+                let request = request.clone();
+                async move { stub.plan_layout(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let layout = Layout::try_from(reply)?;
+        if layout.tensors.iter().map(|t| &t.name).ne(wire.tensors.iter().map(|t| &t.name)) {
+            return Err(ProtocolError::LayoutOrder(wire.name.clone()).into());
+        }
+        Ok(layout)
     }
 
     /// Opens a registered model by name.

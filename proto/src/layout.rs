@@ -1,10 +1,10 @@
 //! Block placement: how tensors are split into row-aligned blocks and which
-//! shard owns each block. Servers and clients both call [`block_limits`] and
-//! [`plan`], so they agree on the layout without a coordinator.
+//! shard owns each block, given each tensor's largest block. Every shard
+//! computes the same [`plan`] from a spec, so no coordinator is needed; the
+//! largest block of each tensor is the server's decision (its optimizer may
+//! need whole tensors), and clients learn the result from PlanLayout or GetLayout.
 
 use crate::pb;
-use crate::pb::optimizer_config::Kind;
-use crate::transport::DEFAULT_MAX_BLOCK_ELEMENTS;
 
 /// Whether `name` matches a glob `pattern` in which '*' matches any run of characters.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
@@ -24,35 +24,6 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
         }
     }
     true
-}
-
-/// Index of the first group with a pattern matching `tensor`.
-pub fn group_of(groups: &[pb::ParamGroup], tensor: &str) -> Option<usize> {
-    groups.iter().position(|g| g.patterns.iter().any(|p| glob_match(p, tensor)))
-}
-
-/// Whether an optimizer needs whole tensors: row or column statistics across
-/// the tensor, SVDs, or per-tensor selections.
-pub fn needs_whole_tensor(optimizer: Option<&pb::OptimizerConfig>) -> bool {
-    match optimizer.and_then(|o| o.kind.as_ref()) {
-        Some(Kind::SubsetNorm(c)) => c.subsets != pb::SubsetKind::Coordinates as i32,
-        Some(Kind::SubspaceMomentum(_) | Kind::Frugal(_)) => true,
-        _ => false,
-    }
-}
-
-/// The largest block of each tensor of `spec`: its max_block_elements (or
-/// the default), or `u64::MAX` (one block) where its group's optimizer needs
-/// the whole tensor.
-pub fn block_limits(spec: &pb::ModelSpec) -> Vec<u64> {
-    let limit = if spec.max_block_elements == 0 { DEFAULT_MAX_BLOCK_ELEMENTS } else { spec.max_block_elements };
-    spec.tensors
-        .iter()
-        .map(|t| match group_of(&spec.groups, &t.name) {
-            Some(g) if needs_whole_tensor(spec.groups[g].optimizer.as_ref()) => u64::MAX,
-            _ => limit,
-        })
-        .collect()
 }
 
 /// One block of a tensor and the shard that owns it.
@@ -112,8 +83,8 @@ pub fn split_rows(shape: &[u64], max_block_elements: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Splits every tensor (given by shape, in spec order, with its block limit
-/// from [`block_limits`]) into blocks and places them on `num_shards` shards.
+/// Splits every tensor (given by shape, in spec order, with its largest block
+/// in elements) into blocks and places them on `num_shards` shards.
 /// Placement is greedy largest-first onto the least-loaded shard (ties go to
 /// the lower index), which keeps the element count per shard within one block
 /// of balanced and is fully deterministic. The result is ordered by tensor,

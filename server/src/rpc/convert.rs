@@ -6,6 +6,7 @@
 
 use prost::Message;
 use ps_proto::codec;
+use ps_proto::layout::BlockPlan;
 use ps_proto::pb;
 use tonic::{Code, Status};
 
@@ -278,11 +279,10 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
     }
 }
 
-/// A model's layout as `GetLayout` and `RegisterModel` return it.
-pub fn layout(shard: &ShardIdentity, model: &Model) -> pb::Layout {
-    let spec = &model.spec;
+/// A model's layout as `PlanLayout`, `RegisterModel` and `GetLayout` return it.
+pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb::Layout {
     pb::Layout {
-        model: model.name().to_string(),
+        model: spec.name.clone(),
         shards: shard.addresses.clone(),
         tensors: spec
             .tensors
@@ -293,7 +293,7 @@ pub fn layout(shard: &ShardIdentity, model: &Model) -> pb::Layout {
                 group: spec.groups[t.group].name.clone(),
             })
             .collect(),
-        blocks: model.plan.iter().map(|b| b.to_wire(&spec.tensors[b.tensor].name)).collect(),
+        blocks: plan.iter().map(|b| b.to_wire(&spec.tensors[b.tensor].name)).collect(),
         mode: mode_to_proto(spec.options.mode) as i32,
         max_grad_norm: spec.options.max_grad_norm,
         groups: spec
@@ -401,36 +401,35 @@ mod tests {
         }
     }
 
-    /// Clients compute the layout with `ps_proto::layout::block_limits` before
-    /// they register (PROVIDED values go to the owning shard), while the
-    /// server asks its optimizer; both must agree for every optimizer.
+    /// The block rule is the optimizer's: whole tensors for the modes that need
+    /// their shape, the model's block size otherwise.
     #[test]
-    fn the_wire_block_rule_agrees_with_the_optimizers() {
+    fn tensors_of_whole_tensor_optimizers_are_one_block() {
         let kinds = [
-            Kind::Sgd(pb::SgdConfig { lr: 0.1, ..Default::default() }),
-            Kind::Adamw(pb::AdamWConfig { lr: 0.1, ..Default::default() }),
-            Kind::SubsetNorm(pb::SubsetNormConfig { lr: 0.1, eps: 1e-6, ..Default::default() }),
-            Kind::SubsetNorm(pb::SubsetNormConfig {
-                lr: 0.1,
-                eps: 1e-6,
-                subsets: pb::SubsetKind::Coordinates as i32,
-                ..Default::default()
-            }),
-            Kind::SubsetNorm(pb::SubsetNormConfig {
-                lr: 0.1,
-                eps: 1e-6,
-                subsets: pb::SubsetKind::Whole as i32,
-                ..Default::default()
-            }),
-            Kind::SubspaceMomentum(pb::SubspaceMomentumConfig { lr: 0.1, rank: 2, ..Default::default() }),
-            Kind::Frugal(pb::FrugalConfig { lr: 0.1, density: 0.5, ..Default::default() }),
-            Kind::Sign(pb::SignConfig { lr: 0.1, ..Default::default() }),
-            Kind::Sign(pb::SignConfig { lr: 0.1, beta1: 0.9, lion: true, ..Default::default() }),
+            (Kind::Sgd(pb::SgdConfig { lr: 0.1, ..Default::default() }), false),
+            (Kind::Adamw(pb::AdamWConfig { lr: 0.1, ..Default::default() }), false),
+            (Kind::SubsetNorm(pb::SubsetNormConfig { lr: 0.1, eps: 1e-6, ..Default::default() }), true),
+            (
+                Kind::SubsetNorm(pb::SubsetNormConfig {
+                    lr: 0.1,
+                    eps: 1e-6,
+                    subsets: pb::SubsetKind::Coordinates as i32,
+                    ..Default::default()
+                }),
+                false,
+            ),
+            (Kind::SubspaceMomentum(pb::SubspaceMomentumConfig { lr: 0.1, rank: 2, ..Default::default() }), true),
+            (Kind::Frugal(pb::FrugalConfig { lr: 0.1, density: 0.5, ..Default::default() }), true),
+            (Kind::Sign(pb::SignConfig { lr: 0.1, beta1: 0.9, lion: true, ..Default::default() }), false),
         ];
-        for kind in kinds {
-            let wire = spec_with(kind.clone());
-            let validated = ModelSpec::try_from(wire.clone()).unwrap();
-            assert_eq!(validated.block_limits(), ps_proto::layout::block_limits(&wire), "{kind:?}");
+        for (kind, whole) in kinds {
+            let validated = ModelSpec::try_from(spec_with(kind.clone())).unwrap();
+            let blocks_of_matrix = validated.plan(2).iter().filter(|b| b.tensor == 0).count();
+            assert_eq!(
+                blocks_of_matrix == 1,
+                whole,
+                "{kind:?}: {blocks_of_matrix} blocks of 40x30 with 64-element blocks"
+            );
         }
     }
 

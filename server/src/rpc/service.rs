@@ -67,7 +67,7 @@ impl ParameterService {
             tracing::info!(model = model.name(), "model already registered with the same spec");
             return Ok(pb::RegisterModelResponse {
                 created: false,
-                layout: Some(convert::layout(&self.registry.identity, &model)),
+                layout: Some(convert::layout(&self.registry.identity, &model.spec, &model.plan)),
             });
         }
         let (shard, shards, lease) = (self.registry.identity.index, self.registry.num_shards(), self.registry.lease);
@@ -98,7 +98,8 @@ impl ParameterService {
             blocks = model.local_blocks().len(),
             "model registered"
         );
-        Ok(pb::RegisterModelResponse { created, layout: Some(convert::layout(&self.registry.identity, &model)) })
+        let layout = convert::layout(&self.registry.identity, &model.spec, &model.plan);
+        Ok(pb::RegisterModelResponse { created, layout: Some(layout) })
     }
 
     async fn push(&self, request: Request<Streaming<pb::GradientChunk>>) -> Result<pb::PushGradientsResponse, Status> {
@@ -234,9 +235,24 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
     }
 
     async fn get_layout(&self, request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
-        let result =
-            self.registry.get(&request.get_ref().model).map(|model| convert::layout(&self.registry.identity, &model));
+        let result = self
+            .registry
+            .get(&request.get_ref().model)
+            .map(|model| convert::layout(&self.registry.identity, &model.spec, &model.plan));
         observe("GetLayout", result.map_err(Status::from)).map(Response::new)
+    }
+
+    async fn plan_layout(&self, request: Request<pb::PlanLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
+        let service = self.clone();
+        let plan = move || {
+            let wire = request.into_inner().spec.ok_or(ServerError::InvalidSpec("PlanLayout needs a spec".into()))?;
+            let spec = ModelSpec::try_from(wire)?;
+            let identity = &service.registry.identity;
+            Ok::<_, ServerError>(convert::layout(identity, &spec, &spec.plan(service.registry.num_shards())))
+        };
+        // Validation and placement are linear in the tensors and blocks: not on the reactor.
+        let result = blocking(plan).await.and_then(|r| r.map_err(Status::from));
+        observe("PlanLayout", result).map(Response::new)
     }
 
     async fn join_worker(

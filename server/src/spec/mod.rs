@@ -10,7 +10,7 @@ mod name;
 use std::collections::HashSet;
 
 use ps_proto::codec;
-use ps_proto::layout::glob_match;
+use ps_proto::layout::{self, BlockPlan, glob_match};
 pub use ps_proto::pb::Encoding;
 use ps_proto::transport::{DEFAULT_MAX_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS_LIMIT, MAX_MODEL_ELEMENTS, MAX_TENSORS};
 
@@ -366,6 +366,12 @@ impl ModelSpec {
         }
         let options = ModelOptions { mode, max_block_elements, max_grad_norm };
         Ok(Self { name, tensors, groups, options, fingerprint })
+    }
+
+    /// Where every block of the model goes on `num_shards` shards: the same on
+    /// every shard, so no coordinator is needed.
+    pub fn plan(&self, num_shards: u32) -> Vec<BlockPlan> {
+        layout::plan(&self.shapes(), &self.block_limits(), num_shards)
     }
 
     /// Every tensor's shape, in spec order.

@@ -50,7 +50,7 @@ pub struct Model {
 impl Model {
     /// Lays out the model and allocates and initializes this shard's blocks.
     pub fn new(spec: ModelSpec, shard: u32, num_shards: u32, lease: Duration) -> Self {
-        let plan = layout::plan(&spec.shapes(), &spec.block_limits(), num_shards);
+        let plan = spec.plan(num_shards);
         let mut tensor_blocks = vec![0..0; spec.tensors.len()];
         for (i, block) in plan.iter().enumerate() {
             let range: &mut Range<usize> = &mut tensor_blocks[block.tensor];

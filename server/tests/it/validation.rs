@@ -498,3 +498,32 @@ async fn shards_refuse_clients_whose_shard_list_differs() {
     let status = cluster.raw(1).await.get_status(proto::GetStatusRequest::default()).await.unwrap();
     assert_eq!(status.into_inner().shard_index, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_layout_tells_the_layout_before_registration_and_registers_nothing() {
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let mut spec = small_spec("planned");
+    // A whole-tensor optimizer on "w": one block whatever max_block_elements says.
+    spec.groups[0].optimizer = sm_with_schedule(vec![proto::IndexList { indices: vec![1, 2] }]);
+    let wire = proto::ModelSpec::from(&spec);
+    let mut raw = cluster.raw(1).await;
+    let request = proto::PlanLayoutRequest { spec: Some(wire.clone()) };
+    let planned = raw.plan_layout(request.clone()).await.unwrap().into_inner();
+    assert_eq!(planned.blocks.iter().filter(|b| b.tensor == "w").count(), 1);
+    assert!(cluster.client().model("planned").await.is_err(), "planning registers nothing");
+    // Both shards plan alike, and the registered model gets exactly that layout.
+    let from_shard_0 = cluster.raw(0).await.plan_layout(request).await.unwrap().into_inner();
+    assert_eq!(from_shard_0, planned);
+    let model = cluster.client().register(&spec, &initial_values(&spec, 3)).await.unwrap();
+    let registered = raw.get_layout(proto::GetLayoutRequest { model: "planned".into() }).await.unwrap().into_inner();
+    assert_eq!(registered, planned);
+    assert_eq!(model.pull(0).await.unwrap().tensors, initial_values(&spec, 3), "PROVIDED values round-trip");
+    // A spec RegisterModel would refuse is refused the same way.
+    let mut bad = wire;
+    bad.tensors[0].shape = vec![8, 0];
+    let error = raw.plan_layout(proto::PlanLayoutRequest { spec: Some(bad) }).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("zero dimension"), "{}", error.message());
+    let error = raw.plan_layout(proto::PlanLayoutRequest { spec: None }).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+}
