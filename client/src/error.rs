@@ -67,6 +67,11 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The machine-readable kind a shard attached (`ps_proto::errors`), if any.
+    pub fn kind(&self) -> Option<&str> {
+        self.status()?.metadata().get(ps_proto::errors::ERROR_KIND_HEADER)?.to_str().ok()
+    }
 }
 
 /// A reply of the servers that does not fit the protocol or the layout.

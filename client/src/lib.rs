@@ -42,7 +42,7 @@ pub use config::ClientConfig;
 pub use connection::PsClient;
 pub use error::{ClientError, ProtocolError};
 pub use layout::{Layout, TensorInfo};
-pub use model::{Joined, ModelHandle, PushSummary, Weights};
+pub use model::{Joined, ModelHandle, PushSummary, StepOutcome, Weights};
 pub use spec::{Encoding, ModelSpec};
 pub use status::ShardStatus;
 

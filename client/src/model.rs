@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use ps_proto::{chunk, codec, pb};
+use ps_proto::{chunk, codec, errors, pb};
 use tonic::{Code, Status};
 
 use crate::Tensors;
@@ -55,6 +55,18 @@ pub struct PushSummary {
     pub updated: u32,
     /// Payload bytes sent.
     pub bytes: u64,
+}
+
+/// What [`ModelHandle::push_step`] did.
+#[derive(Clone, Copy, Debug)]
+pub enum StepOutcome {
+    /// The push was taken (possibly after joining again).
+    Pushed(PushSummary),
+    /// The step went ahead without this worker; continue from `version`.
+    Resync {
+        /// The version to pull and push next.
+        version: u64,
+    },
 }
 
 /// A registered model: its layout and the operations of a worker on it.
@@ -244,6 +256,43 @@ impl ModelHandle {
             updated: sum.updated + r.blocks_updated,
             bytes: sum.bytes,
         }))
+    }
+
+    /// Pushes one step as [`ModelHandle::push`] does, and recovers from a lost
+    /// lease: a worker the shards no longer count joins again and the push is
+    /// retried once; a step that was applied without it comes back as
+    /// [`StepOutcome::Resync`] with the version to continue from (pull it, then
+    /// push that step). The worker's compression state is the caller's and is
+    /// kept as it is.
+    pub async fn push_step(&self, worker: &str, step: u64, grads: &Tensors) -> Result<StepOutcome, ClientError> {
+        let mut rejoined = false;
+        loop {
+            match self.push(worker, step, grads).await {
+                Ok(summary) => return Ok(StepOutcome::Pushed(summary)),
+                Err(error) if error.kind() == Some(errors::UNKNOWN_WORKER) && !rejoined => {
+                    tracing::warn!(
+                        worker,
+                        step,
+                        "no longer a member of '{}' (lease expired?); joining again",
+                        self.name()
+                    );
+                    self.join(worker).await?;
+                    rejoined = true;
+                }
+                Err(error) if error.kind() == Some(errors::STALE_STEP) => {
+                    // join is idempotent for a member and reports where the model is now.
+                    let version = self.join(worker).await?.version;
+                    tracing::warn!(
+                        worker,
+                        step,
+                        version,
+                        "step {step} was applied without this worker; resuming at version {version}"
+                    );
+                    return Ok(StepOutcome::Resync { version });
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Scales `grads` so that their L2 norm over all tensors is at most the

@@ -6,6 +6,7 @@
 pub mod chunk;
 pub mod cluster;
 pub mod codec;
+pub mod errors;
 pub mod layout;
 pub mod transport;
 

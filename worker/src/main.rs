@@ -43,8 +43,10 @@ async fn main() -> anyhow::Result<()> {
             let summary = train::run(*args).await?;
             let accuracy =
                 summary.test_accuracy.map(|a| format!(", test accuracy {:.2}%", a * 100.0)).unwrap_or_default();
+            let resumed =
+                if summary.resyncs > 0 { format!(", resumed {} times", summary.resyncs) } else { String::new() };
             eprintln!(
-                "{}: {} steps in {:.1} s, train loss {:.4}, test loss {:.4}{accuracy}, pushed {:.1} MB, pulled {:.1} MB",
+                "{}: {} steps in {:.1} s, train loss {:.4}, test loss {:.4}{accuracy}, pushed {:.1} MB, pulled {:.1} MB{resumed}",
                 summary.worker_id,
                 summary.steps,
                 summary.seconds,

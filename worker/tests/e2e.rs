@@ -92,3 +92,64 @@ fn the_error_feedback_residual_survives_a_worker_restart() {
     assert_ne!(std::fs::read(&file).unwrap(), saved, "the residual kept evolving");
     std::fs::remove_dir_all(&state).ok();
 }
+
+/// The model's status on the one shard of `shards`, polled until `ready` holds (or the timeout).
+fn wait_for_status(
+    runtime: &tokio::runtime::Runtime,
+    shards: &str,
+    what: &str,
+    ready: impl Fn(&ps_client::status::ModelStatus) -> bool,
+) -> ps_client::status::ModelStatus {
+    let _context = runtime.enter(); // the client's lazy channels spawn onto this runtime
+    let client = ps_client::PsClient::connect(ps_client::ClientConfig::new(vec![shards.to_string()])).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = runtime.block_on(client.status("digits-mlp")).ok();
+        if let Some(model) = status.as_ref().and_then(|s| s[0].models.first()).filter(|m| ready(m)) {
+            return model.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: {status:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_worker_paused_past_its_lease_rejoins_and_the_run_completes() {
+    let shards = format!("127.0.0.1:{}", free_port().unwrap());
+    let server = format!("server{}", std::env::consts::EXE_SUFFIX);
+    let _server = ServerProcess::spawn(
+        &server_dir().join(server),
+        &["--shards", &shards, "--metrics-addr", "off", "--lease", "1s"],
+        &[],
+    )
+    .expect("starting the server");
+    let worker = |rank: &str| {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["train", "--shards", &shards, "--rank", rank, "--world-size", "2", "--steps", "3000"])
+            .arg("--summary-line")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting a worker")
+    };
+    let (a, b) = (worker("0"), worker("1"));
+    let signal = |name: &str, pid: u32| {
+        let sent = Command::new("kill").args([name, &pid.to_string()]).status().expect("kill");
+        assert!(sent.success(), "kill {name} {pid}");
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    wait_for_status(&runtime, &shards, "the run to start", |m| m.min_version >= 50);
+    // Like a worker stuck in a long garbage collection or a paused container.
+    signal("-STOP", b.id());
+    let dropped = wait_for_status(&runtime, &shards, "b to be dropped", |m| m.workers_expired >= 1);
+    wait_for_status(&runtime, &shards, "a to train alone", |m| m.min_version >= dropped.min_version + 20);
+    signal("-CONT", b.id());
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let log = |o: &Output| format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(a.status.success(), "worker 0 failed:\n{}", log(&a));
+    assert!(b.status.success(), "the paused worker failed:\n{}", log(&b));
+    assert!(log(&b).contains("resuming at the current version"), "{}", log(&b));
+    for output in [&a, &b] {
+        assert!(log(output).contains("\"version\":3000"), "every step applied once, up to 3000:\n{}", log(output));
+    }
+}

@@ -5,9 +5,10 @@
 //! its gRPC code.
 
 use prost::Message;
-use ps_proto::codec;
 use ps_proto::layout::BlockPlan;
 use ps_proto::pb;
+use ps_proto::{codec, errors};
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::error::ServerError;
@@ -372,7 +373,18 @@ impl From<ServerError> for Status {
             ServerError::PullTimeout { .. } => Code::DeadlineExceeded,
             ServerError::Internal(_) => Code::Internal,
         };
-        Status::new(code, error.to_string())
+        let kind = match &error {
+            ServerError::StaleStep { .. } => Some(errors::STALE_STEP),
+            ServerError::FutureStep { .. } => Some(errors::FUTURE_STEP),
+            ServerError::UnknownWorker { .. } => Some(errors::UNKNOWN_WORKER),
+            ServerError::UnknownModel(_) => Some(errors::UNKNOWN_MODEL),
+            _ => None,
+        };
+        let mut status = Status::new(code, error.to_string());
+        if let Some(kind) = kind {
+            status.metadata_mut().insert(errors::ERROR_KIND_HEADER, MetadataValue::from_static(kind));
+        }
+        status
     }
 }
 

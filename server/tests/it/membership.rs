@@ -95,3 +95,41 @@ async fn a_late_joiner_starts_at_the_current_step_when_a_shard_holds_no_block() 
     model.push("late", 3, &grads_like(&init, 10)).await.unwrap();
     assert_eq!(model.pull(4).await.unwrap().version, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_its_lease_rejoins_and_resumes_at_the_current_version() {
+    use ps_client::StepOutcome;
+    let lease = Duration::from_millis(400);
+    let cluster = Cluster::start(2, lease).await;
+    let (model, init) = register_small(&cluster, "paused").await;
+    let (ga, gb) = (grads_like(&init, 1), grads_like(&init, 2));
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    let heartbeat = model.spawn_heartbeat("a");
+    model.push("a", 0, &ga).await.unwrap();
+    model.push("b", 0, &gb).await.unwrap();
+    assert_eq!(model.pull(1).await.unwrap().version, 1);
+    // b goes silent past its lease; a trains steps 1 and 2 alone once b is dropped.
+    tokio::time::sleep(lease * 2).await;
+    let error = model.push("b", 1, &gb).await.unwrap_err();
+    assert_eq!(error.kind(), Some(ps_proto::errors::UNKNOWN_WORKER), "{error}");
+    for step in 1..3 {
+        model.push("a", step, &ga).await.unwrap();
+    }
+    assert_eq!(model.pull(3).await.unwrap().version, 3);
+    // b comes back with its old step: it joins again, learns step 1 went ahead without it, and resumes at 3.
+    match model.push_step("b", 1, &gb).await.unwrap() {
+        StepOutcome::Resync { version } => assert_eq!(version, 3),
+        StepOutcome::Pushed(summary) => panic!("a stale step was taken: {summary:?}"),
+    }
+    let before = bits(&model.pull(3).await.unwrap().tensors);
+    // Both push step 3: the barrier waits for b again, and the step is applied once.
+    assert!(matches!(model.push_step("a", 3, &ga).await.unwrap(), StepOutcome::Pushed(s) if s.updated == 0));
+    assert!(matches!(model.push_step("b", 3, &gb).await.unwrap(), StepOutcome::Pushed(s) if s.updated > 0));
+    let after = model.pull(4).await.unwrap();
+    assert_eq!(after.version, 4);
+    assert_ne!(bits(&after.tensors), before);
+    let status = cluster.client().status("paused").await.unwrap();
+    assert!(status.iter().all(|s| s.models[0].workers_expired == 1 && s.models[0].max_version == 4), "{status:?}");
+    heartbeat.abort();
+}

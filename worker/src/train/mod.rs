@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use ps_client::{ClientConfig, PsClient, Tensors};
+use ps_client::{ClientConfig, PsClient, StepOutcome, Tensors};
 use serde::{Deserialize, Serialize};
 
 use self::telemetry::{BYTES_PULLED, BYTES_PUSHED, LOSS, STEP_SECONDS, STEPS};
@@ -42,6 +42,9 @@ pub struct WorkerSummary {
     pub bytes_pushed: u64,
     /// Weight payload bytes pulled.
     pub bytes_pulled: u64,
+    /// Times the worker found the run had gone ahead without it and resumed.
+    #[serde(default)]
+    pub resyncs: u64,
 }
 
 fn device() -> anyhow::Result<Device> {
@@ -105,7 +108,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     let sync = args.mode == ModeArg::Sync;
     let started = Instant::now();
     let mut step = start;
-    let mut pushed = 0;
+    let (mut pushed, mut resyncs) = (0, 0);
     while step < args.steps {
         let step_started = Instant::now();
         let weights = model.pull(if sync { step } else { 0 }).await?;
@@ -122,7 +125,17 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         let mut grads = grads;
         model.clip_to_max_norm(&mut grads);
         let payload = compressor.prepare(grads);
-        let summary = model.push(&worker, base, &payload).await?;
+        let summary = match model.push_step(&worker, base, &payload).await? {
+            StepOutcome::Pushed(summary) => summary,
+            StepOutcome::Resync { version } => {
+                // The run went ahead while this worker was away (paused past its lease):
+                // drop this step's gradient and continue from where the model is.
+                tracing::info!(worker, from = base, to = version, "resuming at the current version");
+                resyncs += 1;
+                step = version;
+                continue;
+            }
+        };
         ::metrics::counter!(STEPS).increment(1);
         ::metrics::gauge!(LOSS).set(f64::from(loss));
         ::metrics::counter!(BYTES_PUSHED).increment(summary.bytes);
@@ -159,6 +172,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         test_examples: task.test_len(),
         bytes_pushed,
         bytes_pulled,
+        resyncs,
     })
 }
 

@@ -1,0 +1,21 @@
+//! Machine-readable error kinds. A shard attaches one as metadata to the
+//! errors a client is expected to recover from, so clients react to the kind
+//! rather than parse messages (several kinds share a gRPC code: a stale step
+//! and a block on another shard are both FAILED_PRECONDITION).
+
+/// Trailing metadata key whose value is one of the kinds below.
+pub const ERROR_KIND_HEADER: &str = "ps-error";
+
+/// The step was applied without this worker (its lease expired): rejoin and
+/// continue from the current version. Code FAILED_PRECONDITION.
+pub const STALE_STEP: &str = "stale-step";
+
+/// The step is ahead of the block: pull that version first. Code FAILED_PRECONDITION.
+pub const FUTURE_STEP: &str = "future-step";
+
+/// The worker is not a live member (never joined, left, or its lease expired):
+/// join again. Code NOT_FOUND.
+pub const UNKNOWN_WORKER: &str = "unknown-worker";
+
+/// The model is not registered on this shard. Code NOT_FOUND.
+pub const UNKNOWN_MODEL: &str = "unknown-model";
