@@ -461,12 +461,22 @@ pub struct ModelSpec {
     pub max_block_elements: u64,
     /// Global gradient-norm clipping the workers apply (0: off).
     pub max_grad_norm: f64,
+    /// Sync mode: workers that must push step 0 before it is applied (0 or 1: no minimum).
+    pub min_workers: u32,
 }
 
 impl ModelSpec {
-    /// A sync-mode model with default block size and no clipping.
+    /// A sync-mode model with default block size, no clipping and no minimum of workers.
     pub fn new(name: impl Into<String>, tensors: Vec<TensorSpec>, groups: Vec<GroupConfig>) -> Self {
-        Self { name: name.into(), tensors, groups, mode: Mode::Sync, max_block_elements: 0, max_grad_norm: 0.0 }
+        Self {
+            name: name.into(),
+            tensors,
+            groups,
+            mode: Mode::Sync,
+            max_block_elements: 0,
+            max_grad_norm: 0.0,
+            min_workers: 0,
+        }
     }
 }
 
@@ -611,6 +621,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
             mode: spec.mode.to_wire() as i32,
             max_block_elements: spec.max_block_elements,
             max_grad_norm: spec.max_grad_norm,
+            min_workers: spec.min_workers,
         }
     }
 }

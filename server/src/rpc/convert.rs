@@ -275,6 +275,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
             mode,
             max_block_elements: canonical.max_block_elements,
             max_grad_norm: canonical.max_grad_norm,
+            min_workers: canonical.min_workers,
         };
         ModelSpec::new(canonical.name.clone(), tensors, groups, options, canonical.encode_to_vec())
     }

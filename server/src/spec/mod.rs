@@ -148,6 +148,8 @@ pub struct ModelOptions {
     pub max_block_elements: u64,
     /// Clipping norm the workers apply (0: off).
     pub max_grad_norm: f64,
+    /// Sync mode: workers that must push step 0 before it is applied.
+    pub min_workers: u32,
 }
 
 /// A validated model spec.
@@ -299,7 +301,12 @@ impl ModelSpec {
         options: ModelOptions,
         fingerprint: Vec<u8>,
     ) -> Result<Self, ServerError> {
-        let ModelOptions { mode, max_block_elements, max_grad_norm } = options;
+        let ModelOptions { mode, max_block_elements, max_grad_norm, min_workers } = options;
+        if mode == Mode::Async && min_workers > 1 {
+            return Err(invalid(format!(
+                "min_workers {min_workers} needs sync mode (async applies every push on arrival)"
+            )));
+        }
         check_name("model", &name).map_err(|e| invalid(e.to_string()))?;
         let max_block_elements = effective_block_limit(max_block_elements)?;
         if inputs.is_empty() {
@@ -364,7 +371,7 @@ impl ModelSpec {
         if !max_grad_norm.is_finite() || max_grad_norm < 0.0 {
             return Err(invalid(format!("max_grad_norm must be a finite number >= 0, got {max_grad_norm}")));
         }
-        let options = ModelOptions { mode, max_block_elements, max_grad_norm };
+        let options = ModelOptions { mode, max_block_elements, max_grad_norm, min_workers };
         Ok(Self { name, tensors, groups, options, fingerprint })
     }
 

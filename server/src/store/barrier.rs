@@ -175,6 +175,9 @@ impl Model {
         if !live.iter().all(|w| pending.contributors.contains(w)) {
             return false;
         }
+        if state.version == 0 && pending.contributors.len() < self.spec.options.min_workers as usize {
+            return false;
+        }
         let Some(PendingStep { accumulated, contributors, started }) = state.pending.take() else { return false };
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());

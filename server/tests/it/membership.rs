@@ -133,3 +133,33 @@ async fn a_worker_that_lost_its_lease_rejoins_and_resumes_at_the_current_version
     assert!(status.iter().all(|s| s.models[0].workers_expired == 1 && s.models[0].max_version == 4), "{status:?}");
     heartbeat.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_zero_waits_for_the_minimum_of_workers_on_every_shard() {
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let mut spec = small_spec("quorum");
+    spec.min_workers = 3;
+    let init = initial_values(&spec, 1);
+    let model = cluster.client().register(&spec, &init).await.unwrap();
+    let versions = || async {
+        let status = cluster.client().status("quorum").await.unwrap();
+        status.iter().map(|s| s.models[0].max_version).collect::<Vec<_>>()
+    };
+    // Two fast workers push step 0 before the third has joined: nothing is applied, on either shard.
+    for (worker, seed) in [("a", 1), ("b", 2)] {
+        model.join(worker).await.unwrap();
+        let summary = model.push(worker, 0, &grads_like(&init, seed)).await.unwrap();
+        assert_eq!(summary.updated, 0, "{worker}'s push must not complete step 0");
+    }
+    assert_eq!(versions().await, vec![0, 0]);
+    let early = model.pull_with_timeout(1, Duration::from_millis(200)).await.unwrap_err();
+    assert_eq!(early.status().unwrap().code(), tonic::Code::DeadlineExceeded);
+    // The third worker completes it everywhere; later steps need only the live members.
+    model.join("c").await.unwrap();
+    assert!(model.push("c", 0, &grads_like(&init, 3)).await.unwrap().updated > 0);
+    assert_eq!(versions().await, vec![1, 1]);
+    model.leave("c").await.unwrap();
+    model.push("a", 1, &grads_like(&init, 4)).await.unwrap();
+    model.push("b", 1, &grads_like(&init, 5)).await.unwrap();
+    assert_eq!(model.pull(2).await.unwrap().version, 2);
+}

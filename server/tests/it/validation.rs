@@ -251,6 +251,13 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
             }),
             "needs sync mode",
         ),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                s.mode = proto::ConsistencyMode::Async as i32;
+                s.min_workers = 3;
+            }),
+            "min_workers 3 needs sync mode",
+        ),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![1, 1]), "twice"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![42]), "unknown encoding 42"),
         (

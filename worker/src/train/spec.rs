@@ -116,5 +116,10 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
         },
         max_block_elements: 0,
         max_grad_norm: args.max_grad_norm,
+        // The servers hold step 0 until this many workers pushed it, whatever joins first.
+        min_workers: match args.mode {
+            ModeArg::Sync => args.min_workers.unwrap_or(args.world_size) as u32,
+            ModeArg::Async => 0,
+        },
     }
 }
