@@ -169,7 +169,11 @@ impl ModelHandle {
             match reply {
                 Ok(reply) => lease = lease.min(Duration::from_millis(reply.lease_ms)),
                 Err(ClientError::Rpc { status, .. }) if status.code() == Code::NotFound => {
-                    tracing::warn!(worker, shard, "lease had expired; joining again");
+                    tracing::warn!(
+                        worker,
+                        shard,
+                        "no longer a member (lease expired, or dropped at a step deadline); joining again"
+                    );
                     let join = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
                     let reply = self
                         .client

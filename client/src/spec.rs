@@ -4,6 +4,8 @@
 //! wire messages of `paramserver.v1`; where a hyperparameter is 0 the servers
 //! apply the optimizer's documented default (as the `.proto` says).
 
+use std::time::Duration;
+
 use ps_proto::pb;
 
 /// How a tensor's first values are made. Random rules are deterministic in
@@ -463,6 +465,11 @@ pub struct ModelSpec {
     pub max_grad_norm: f64,
     /// Sync mode: workers that must push step 0 before it is applied (0 or 1: no minimum).
     pub min_workers: u32,
+    /// Sync mode: a step waits this long after its first push for the other
+    /// members, then completes without them (they are dropped and must rejoin).
+    pub step_deadline: Option<Duration>,
+    /// Sync mode: pushes a step needs before its deadline may complete it (0 or 1: one).
+    pub quorum: u32,
 }
 
 impl ModelSpec {
@@ -476,6 +483,8 @@ impl ModelSpec {
             max_block_elements: 0,
             max_grad_norm: 0.0,
             min_workers: 0,
+            step_deadline: None,
+            quorum: 0,
         }
     }
 }
@@ -622,6 +631,8 @@ impl From<&ModelSpec> for pb::ModelSpec {
             max_block_elements: spec.max_block_elements,
             max_grad_norm: spec.max_grad_norm,
             min_workers: spec.min_workers,
+            step_deadline_ms: spec.step_deadline.map_or(0, |d| d.as_millis().max(1) as u64),
+            quorum: spec.quorum,
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct ModelStatus {
     pub pushes: u64,
     /// Workers dropped for an expired lease.
     pub workers_expired: u64,
+    /// Members dropped because they had not pushed a step by its deadline.
+    pub workers_dropped_late: u64,
 }
 
 /// A live worker.
@@ -100,6 +102,7 @@ impl From<pb::GetStatusResponse> for ShardStatus {
                         .collect(),
                     pushes: m.pushes,
                     workers_expired: m.workers_expired,
+                    workers_dropped_late: m.workers_dropped_late,
                 })
                 .collect(),
         }

@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
                                 "parameters": m.parameters,
                                 "live_workers": m.live_workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>(),
                                 "workers_expired": m.workers_expired,
+                                "workers_dropped_late": m.workers_dropped_late,
                                 "pushes": m.pushes,
                                 "groups": m.groups.iter().map(|g| serde_json::json!({
                                     "name": g.name, "optimizer": g.optimizer, "parameters": g.parameters, "state_bytes": g.state_bytes,
@@ -104,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
                     for m in &shard.models {
                         let workers: Vec<&str> = m.live_workers.iter().map(|w| w.worker_id.as_str()).collect();
                         println!(
-                            "  {}: versions {}..{}, {} blocks, {} parameters, {} pushes, live workers [{}], expired {}",
+                            "  {}: versions {}..{}, {} blocks, {} parameters, {} pushes, live workers [{}], expired {}, dropped late {}",
                             m.name,
                             m.min_version,
                             m.max_version,
@@ -112,7 +113,8 @@ async fn main() -> anyhow::Result<()> {
                             m.parameters,
                             m.pushes,
                             workers.join(", "),
-                            m.workers_expired
+                            m.workers_expired,
+                            m.workers_dropped_late
                         );
                         for g in &m.groups {
                             println!(

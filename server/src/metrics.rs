@@ -29,6 +29,8 @@ pub const STALENESS: &str = "ps_staleness_versions";
 pub const LIVE_WORKERS: &str = "ps_live_workers";
 /// Workers dropped because their lease expired (counter; labels: model).
 pub const WORKERS_EXPIRED: &str = "ps_workers_expired_total";
+/// Members dropped because they had not pushed a step by its deadline (counter; labels: model).
+pub const WORKERS_DROPPED_LATE: &str = "ps_workers_dropped_late_total";
 /// Lowest block version on this shard (gauge; labels: model).
 pub const MODEL_VERSION: &str = "ps_model_version";
 /// Optimizer state bytes on this shard (gauge; labels: model, group, optimizer).
@@ -66,6 +68,7 @@ fn describe() {
     describe_histogram!(STALENESS, "Versions between a gradient's base and the block at apply time (async)");
     describe_gauge!(LIVE_WORKERS, "Workers with a live lease");
     describe_counter!(WORKERS_EXPIRED, "Workers dropped because their lease expired");
+    describe_counter!(WORKERS_DROPPED_LATE, "Members dropped because they had not pushed a step by its deadline");
     describe_gauge!(MODEL_VERSION, "Lowest block version on this shard");
     describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Optimizer state bytes on this shard");
     describe_gauge!(PARAMETERS, "Parameters stored on this shard");

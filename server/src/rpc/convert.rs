@@ -4,6 +4,8 @@
 //! defaults), layouts and status become replies, and each error variant gets
 //! its gRPC code.
 
+use std::time::Duration;
+
 use prost::Message;
 use ps_proto::layout::BlockPlan;
 use ps_proto::pb;
@@ -276,6 +278,8 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
             max_block_elements: canonical.max_block_elements,
             max_grad_norm: canonical.max_grad_norm,
             min_workers: canonical.min_workers,
+            step_deadline: (canonical.step_deadline_ms > 0).then(|| Duration::from_millis(canonical.step_deadline_ms)),
+            quorum: canonical.quorum,
         };
         ModelSpec::new(canonical.name.clone(), tensors, groups, options, canonical.encode_to_vec())
     }
@@ -313,7 +317,7 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
 /// One model's part of a `GetStatus` reply. Locks every block: call it off the reactor.
 pub fn model_status(model: &Model) -> pb::ModelStatus {
     let (min_version, max_version) = model.version_range();
-    let (pushes, workers_expired) = model.counters();
+    let (pushes, workers_expired, workers_dropped_late) = model.counters();
     pb::ModelStatus {
         name: model.name().to_string(),
         mode: mode_to_proto(model.spec.options.mode) as i32,
@@ -342,6 +346,7 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
             .collect(),
         pushes,
         workers_expired,
+        workers_dropped_late,
     }
 }
 

@@ -83,19 +83,25 @@ fn incoming_without_delay(
     })
 }
 
-/// Drops workers whose lease expired, every quarter lease, and lets the
-/// steps that were waiting for them complete.
+/// Drops workers whose lease expired and stragglers past a step deadline,
+/// every quarter of the shortest of them, and lets the steps that were
+/// waiting for them complete.
 async fn expire_leases(registry: Arc<Registry>) {
-    let period = (registry.lease / 4).max(Duration::from_millis(20));
-    let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
-        for model in registry.models() {
+        let models = registry.models();
+        let shortest = models.iter().filter_map(|m| m.spec.options.step_deadline).fold(registry.lease, Duration::min);
+        // At most a quarter second, so a model registered with a short deadline
+        // while the reaper sleeps is looked at soon.
+        tokio::time::sleep((shortest / 4).clamp(Duration::from_millis(5), Duration::from_millis(250))).await;
+        for model in models {
             let name = model.name().to_string();
-            let expired = tokio::task::spawn_blocking(move || model.expire_workers()).await.unwrap_or_default();
+            let checked = tokio::task::spawn_blocking(move || (model.expire_workers(), model.drop_stragglers())).await;
+            let (expired, late) = checked.unwrap_or_default();
             if !expired.is_empty() {
                 tracing::warn!(model = name, workers = ?expired, "lease expired; worker dropped from the barrier");
+            }
+            if !late.is_empty() {
+                tracing::warn!(model = name, workers = ?late, "no push by the step deadline; worker dropped from the model");
             }
         }
     }

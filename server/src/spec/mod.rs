@@ -8,6 +8,7 @@ mod init;
 mod name;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use ps_proto::codec;
 use ps_proto::layout::{self, BlockPlan, glob_match};
@@ -150,6 +151,10 @@ pub struct ModelOptions {
     pub max_grad_norm: f64,
     /// Sync mode: workers that must push step 0 before it is applied.
     pub min_workers: u32,
+    /// Sync mode: how long a step waits for stragglers once its first push arrived.
+    pub step_deadline: Option<Duration>,
+    /// Sync mode: pushes a step needs before the deadline may complete it (at least 1).
+    pub quorum: u32,
 }
 
 /// A validated model spec.
@@ -167,6 +172,10 @@ pub struct ModelSpec {
     /// identical re-registration is told apart from a conflicting one.
     pub fingerprint: Vec<u8>,
 }
+
+/// The shortest step deadline: the deadline is checked every quarter of it,
+/// and below this the checks would cost more than the steps.
+pub const MIN_STEP_DEADLINE: Duration = Duration::from_millis(20);
 
 fn invalid(message: impl Into<String>) -> ServerError {
     ServerError::InvalidSpec(message.into())
@@ -301,11 +310,17 @@ impl ModelSpec {
         options: ModelOptions,
         fingerprint: Vec<u8>,
     ) -> Result<Self, ServerError> {
-        let ModelOptions { mode, max_block_elements, max_grad_norm, min_workers } = options;
+        let ModelOptions { mode, max_block_elements, max_grad_norm, min_workers, step_deadline, quorum } = options;
         if mode == Mode::Async && min_workers > 1 {
             return Err(invalid(format!(
                 "min_workers {min_workers} needs sync mode (async applies every push on arrival)"
             )));
+        }
+        if mode == Mode::Async && step_deadline.is_some() {
+            return Err(invalid("step_deadline_ms needs sync mode (async steps do not wait for anyone)"));
+        }
+        if step_deadline.is_some_and(|d| d < MIN_STEP_DEADLINE) {
+            return Err(invalid(format!("step_deadline_ms must be at least {} ms", MIN_STEP_DEADLINE.as_millis())));
         }
         check_name("model", &name).map_err(|e| invalid(e.to_string()))?;
         let max_block_elements = effective_block_limit(max_block_elements)?;
@@ -371,7 +386,8 @@ impl ModelSpec {
         if !max_grad_norm.is_finite() || max_grad_norm < 0.0 {
             return Err(invalid(format!("max_grad_norm must be a finite number >= 0, got {max_grad_norm}")));
         }
-        let options = ModelOptions { mode, max_block_elements, max_grad_norm, min_workers };
+        let options =
+            ModelOptions { mode, max_block_elements, max_grad_norm, min_workers, step_deadline, quorum: quorum.max(1) };
         Ok(Self { name, tensors, groups, options, fingerprint })
     }
 

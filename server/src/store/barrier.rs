@@ -5,6 +5,7 @@
 //! staleness recorded. A push is identified by (worker, step, block), so a
 //! retry is acknowledged and never counted twice.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -167,6 +168,35 @@ impl Model {
             }
         }
         outcome
+    }
+
+    /// Drops the members that have not pushed a step whose deadline has passed,
+    /// if the step has its quorum (and, for step 0, its minimum of workers),
+    /// and completes the steps that waited only for them. Returns the ids
+    /// dropped. Locks every block: call it from the blocking pool.
+    pub fn drop_stragglers(&self) -> Vec<String> {
+        let Some(deadline) = self.spec.options.step_deadline else { return Vec::new() };
+        let live = self.live_ids();
+        let needed = |version: u64| {
+            let quorum = self.spec.options.quorum as usize;
+            if version == 0 { quorum.max(self.spec.options.min_workers as usize) } else { quorum }
+        };
+        let mut late = BTreeSet::new();
+        for block in &self.local_order {
+            let state = block.lock();
+            let Some(pending) = &state.pending else { continue };
+            if pending.started.elapsed() >= deadline && pending.contributors.len() >= needed(state.version) {
+                late.extend(live.iter().filter(|w| !pending.contributors.contains(w)).cloned());
+            }
+        }
+        let dropped: Vec<String> = late.into_iter().filter(|w| self.membership.leave(w)).collect();
+        if !dropped.is_empty() {
+            self.workers_dropped_late.fetch_add(dropped.len() as u64, Ordering::Relaxed);
+            metrics::counter!(m::WORKERS_DROPPED_LATE, "model" => self.spec.name.clone())
+                .increment(dropped.len() as u64);
+            self.complete_ready_steps();
+        }
+        dropped
     }
 
     /// Runs the sync update if every live worker has pushed; true if it ran.

@@ -45,6 +45,7 @@ pub struct Model {
     pub(super) local_order: Vec<Arc<Block>>,
     pub(super) pushes: AtomicU64,
     workers_expired: AtomicU64,
+    pub(super) workers_dropped_late: AtomicU64,
 }
 
 impl Model {
@@ -89,6 +90,7 @@ impl Model {
             local_order,
             pushes: AtomicU64::new(0),
             workers_expired: AtomicU64::new(0),
+            workers_dropped_late: AtomicU64::new(0),
         };
         model.publish_gauges();
         model
@@ -196,9 +198,13 @@ impl Model {
         stats
     }
 
-    /// Push RPCs committed and workers expired so far.
-    pub fn counters(&self) -> (u64, u64) {
-        (self.pushes.load(Ordering::Relaxed), self.workers_expired.load(Ordering::Relaxed))
+    /// Push RPCs committed, workers expired, and workers dropped at a step deadline so far.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (
+            self.pushes.load(Ordering::Relaxed),
+            self.workers_expired.load(Ordering::Relaxed),
+            self.workers_dropped_late.load(Ordering::Relaxed),
+        )
     }
 
     pub(super) fn publish_version(&self) {

@@ -38,6 +38,8 @@ pub fn small_spec(name: &str) -> ModelSpec {
         max_block_elements: 32,
         max_grad_norm: 0.0,
         min_workers: 0,
+        step_deadline: None,
+        quorum: 0,
     }
 }
 

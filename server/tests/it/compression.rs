@@ -199,6 +199,8 @@ fn spec(case: &Case) -> ModelSpec {
         max_block_elements: 6,
         max_grad_norm: 0.0,
         min_workers: 0,
+        step_deadline: None,
+        quorum: 0,
     }
 }
 

@@ -163,3 +163,51 @@ async fn step_zero_waits_for_the_minimum_of_workers_on_every_shard() {
     model.push("b", 1, &grads_like(&init, 5)).await.unwrap();
     assert_eq!(model.pull(2).await.unwrap().version, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_does_not_push_by_the_deadline_is_dropped_once_the_quorum_pushed() {
+    use ps_client::StepOutcome;
+    // A long lease: only the step deadline can drop anyone here.
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let deadline = Duration::from_millis(300);
+    let mut spec = small_spec("deadline");
+    spec.step_deadline = Some(deadline);
+    spec.quorum = 2;
+    let init = initial_values(&spec, 1);
+    let model = cluster.client().register(&spec, &init).await.unwrap();
+    for worker in ["a", "idle"] {
+        model.join(worker).await.unwrap();
+    }
+    // One push is below the quorum: past the deadline the step still waits.
+    model.push("a", 0, &grads_like(&init, 1)).await.unwrap();
+    tokio::time::sleep(deadline * 2).await;
+    let waiting = model.pull_with_timeout(1, Duration::from_millis(50)).await.unwrap_err();
+    assert_eq!(waiting.status().unwrap().code(), tonic::Code::DeadlineExceeded);
+    // A second worker makes the quorum; the member that never pushed is dropped and the step completes.
+    model.join("b").await.unwrap();
+    let started = Instant::now();
+    model.push("b", 0, &grads_like(&init, 2)).await.unwrap();
+    assert_eq!(model.pull(1).await.unwrap().version, 1);
+    assert!(started.elapsed() < deadline * 3, "the step waited {:?}", started.elapsed());
+    let status = cluster.client().status("deadline").await.unwrap();
+    for shard in &status {
+        let live: Vec<&str> = shard.models[0].live_workers.iter().map(|w| w.worker_id.as_str()).collect();
+        assert_eq!((shard.models[0].workers_dropped_late, live), (1, vec!["a", "b"]), "shard {}", shard.shard_index);
+    }
+    // The straggler learns it was dropped, joins again, and resumes where the run is.
+    match model.push_step("idle", 0, &grads_like(&init, 3)).await.unwrap() {
+        StepOutcome::Resync { version } => assert_eq!(version, 1),
+        StepOutcome::Pushed(summary) => panic!("a late step was taken: {summary:?}"),
+    }
+    // With everyone pushing, the step completes with all three and nobody is dropped.
+    let pushes = [("a", 4), ("b", 5), ("idle", 6)].map(|(worker, seed)| {
+        let (model, grads) = (model.clone(), grads_like(&init, seed));
+        async move { model.push(worker, 1, &grads).await }
+    });
+    for pushed in futures::future::join_all(pushes).await {
+        pushed.unwrap();
+    }
+    assert_eq!(model.pull(2).await.unwrap().version, 2);
+    let status = cluster.client().status("deadline").await.unwrap();
+    assert!(status.iter().all(|s| s.models[0].workers_dropped_late == 1 && s.models[0].live_workers.len() == 3));
+}

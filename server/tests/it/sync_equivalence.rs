@@ -60,6 +60,8 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
         max_block_elements: 100,
         max_grad_norm: 0.0,
         min_workers: 0,
+        step_deadline: None,
+        quorum: 0,
     };
     let init = initial_values(&spec, 7);
     let model = cluster.client().register(&spec, &init).await.unwrap();
@@ -175,6 +177,8 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
         max_block_elements: 64,
         max_grad_norm: 0.0,
         min_workers: 0,
+        step_deadline: None,
+        quorum: 0,
     };
     let init = initial_values(&spec, 11);
     let model = cluster.client().register(&spec, &init).await.unwrap();

@@ -258,6 +258,14 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
             }),
             "min_workers 3 needs sync mode",
         ),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                s.mode = proto::ConsistencyMode::Async as i32;
+                s.step_deadline_ms = 1000;
+            }),
+            "step_deadline_ms needs sync mode",
+        ),
+        (Box::new(|s: &mut proto::ModelSpec| s.step_deadline_ms = 5), "at least 20 ms"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![1, 1]), "twice"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![42]), "unknown encoding 42"),
         (

@@ -137,6 +137,13 @@ pub struct TrainArgs {
     /// Wait until this many workers have joined before the first step (default: --world-size).
     #[arg(long, env = "PS_MIN_WORKERS")]
     pub min_workers: Option<usize>,
+    /// Sync mode: a step waits this long after its first push for the other workers, then
+    /// goes ahead without them (they rejoin and resume); e.g. 30s. Default: wait for every live worker.
+    #[arg(long, env = "PS_STEP_DEADLINE", value_parser = humantime::parse_duration)]
+    pub step_deadline: Option<Duration>,
+    /// Sync mode: pushes a step needs before its deadline may complete it.
+    #[arg(long, env = "PS_QUORUM", default_value_t = 1)]
+    pub quorum: u32,
     /// How long to wait for the servers and the other workers.
     #[arg(long, env = "PS_START_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,

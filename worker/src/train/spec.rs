@@ -121,5 +121,7 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
             ModeArg::Sync => args.min_workers.unwrap_or(args.world_size) as u32,
             ModeArg::Async => 0,
         },
+        step_deadline: args.step_deadline.filter(|_| args.mode == ModeArg::Sync),
+        quorum: args.quorum,
     }
 }
