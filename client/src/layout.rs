@@ -81,7 +81,7 @@ impl TryFrom<pb::Layout> for Layout {
             .collect::<Result<_, ClientError>>()?;
         let tensors =
             wire.tensors.into_iter().map(|t| TensorLayout { name: t.name, shape: t.shape, group: t.group }).collect();
-        let mode = Mode::from_wire(wire.mode);
+        let mode = Mode::from_wire(wire.mode, wire.staleness);
         Ok(Layout {
             model: wire.model,
             shards: wire.shards,

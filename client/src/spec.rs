@@ -125,20 +125,38 @@ pub enum Mode {
     Sync,
     /// Every push is applied as it arrives.
     Async,
+    /// As sync, but a worker may push up to `staleness` steps ahead of the
+    /// slowest: it computes step t on version t - staleness or newer.
+    BoundedStaleness {
+        /// How many steps ahead a worker may run.
+        staleness: u64,
+    },
 }
 
 impl Mode {
-    fn to_wire(self) -> pb::ConsistencyMode {
+    fn to_wire(self) -> (pb::ConsistencyMode, u64) {
         match self {
-            Mode::Sync => pb::ConsistencyMode::Sync,
-            Mode::Async => pb::ConsistencyMode::Async,
+            Mode::Sync => (pb::ConsistencyMode::Sync, 0),
+            Mode::Async => (pb::ConsistencyMode::Async, 0),
+            Mode::BoundedStaleness { staleness } => (pb::ConsistencyMode::BoundedStaleness, staleness),
         }
     }
 
-    pub(crate) fn from_wire(value: i32) -> Self {
+    pub(crate) fn from_wire(value: i32, staleness: u64) -> Self {
         match pb::ConsistencyMode::try_from(value) {
             Ok(pb::ConsistencyMode::Async) => Mode::Async,
+            Ok(pb::ConsistencyMode::BoundedStaleness) => Mode::BoundedStaleness { staleness },
             _ => Mode::Sync,
+        }
+    }
+
+    /// The version to pull before computing `step`: the step itself in sync
+    /// mode, up to `staleness` older in bounded-staleness mode (async: any).
+    pub fn pull_version(self, step: u64) -> u64 {
+        match self {
+            Mode::Sync => step,
+            Mode::Async => 0,
+            Mode::BoundedStaleness { staleness } => step.saturating_sub(staleness),
         }
     }
 }
@@ -627,7 +645,8 @@ impl From<&ModelSpec> for pb::ModelSpec {
                     schedule: (&g.schedule).into(),
                 })
                 .collect(),
-            mode: spec.mode.to_wire() as i32,
+            mode: spec.mode.to_wire().0 as i32,
+            staleness: spec.mode.to_wire().1,
             max_block_elements: spec.max_block_elements,
             max_grad_norm: spec.max_grad_norm,
             min_workers: spec.min_workers,

@@ -176,9 +176,10 @@ pub enum ServerError {
         /// Current version of the block.
         version: u64,
     },
-    /// The pushed step is ahead of the block's version.
+    /// The pushed step is further ahead of the block's version than the mode allows.
     #[error(
-        "step {step} of tensor '{tensor}' block {block} is ahead of the block (version {version}); pull version {step} first"
+        "step {step} of tensor '{tensor}' block {block} is ahead of the block (version {version}; pushes may be {ahead} steps ahead); pull version {} first",
+        .step - .ahead
     )]
     FutureStep {
         /// Tensor name.
@@ -189,6 +190,8 @@ pub enum ServerError {
         step: u64,
         /// Current version of the block.
         version: u64,
+        /// How far ahead a push may be (the staleness bound; 0 in sync and async mode).
+        ahead: u64,
     },
     /// A pull waited too long for a version.
     #[error(

@@ -39,19 +39,28 @@ fn or_default_gap(value: u64, default: u64) -> u64 {
     if value == 0 { default } else { value }
 }
 
-fn mode_from_proto(value: i32) -> Result<Mode, ServerError> {
-    match pb::ConsistencyMode::try_from(value) {
-        Ok(pb::ConsistencyMode::Unspecified | pb::ConsistencyMode::Sync) => Ok(Mode::Sync),
-        Ok(pb::ConsistencyMode::Async) => Ok(Mode::Async),
-        Err(_) => Err(invalid(format!("unknown consistency mode {value}"))),
+fn mode_from_proto(value: i32, staleness: u64) -> Result<Mode, ServerError> {
+    let mode = match pb::ConsistencyMode::try_from(value) {
+        Ok(pb::ConsistencyMode::Unspecified | pb::ConsistencyMode::Sync) => Mode::Sync,
+        Ok(pb::ConsistencyMode::Async) => Mode::Async,
+        Ok(pb::ConsistencyMode::BoundedStaleness) => return Ok(Mode::BoundedStaleness(staleness)),
+        Err(_) => return Err(invalid(format!("unknown consistency mode {value}"))),
+    };
+    if staleness > 0 {
+        return Err(invalid(format!(
+            "staleness {staleness} needs CONSISTENCY_MODE_BOUNDED_STALENESS, not {}",
+            mode.as_str()
+        )));
     }
+    Ok(mode)
 }
 
-/// The wire value of a consistency mode.
-pub fn mode_to_proto(mode: Mode) -> pb::ConsistencyMode {
+/// The wire value of a consistency mode, and its staleness.
+pub fn mode_to_proto(mode: Mode) -> (pb::ConsistencyMode, u64) {
     match mode {
-        Mode::Sync => pb::ConsistencyMode::Sync,
-        Mode::Async => pb::ConsistencyMode::Async,
+        Mode::Sync => (pb::ConsistencyMode::Sync, 0),
+        Mode::Async => (pb::ConsistencyMode::Async, 0),
+        Mode::BoundedStaleness(staleness) => (pb::ConsistencyMode::BoundedStaleness, staleness),
     }
 }
 
@@ -255,7 +264,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
 
     /// Translates and validates a registration's spec.
     fn try_from(wire: pb::ModelSpec) -> Result<Self, ServerError> {
-        let mode = mode_from_proto(wire.mode)?;
+        let mode = mode_from_proto(wire.mode, wire.staleness)?;
         let groups = wire.groups.iter().map(group_from_proto).collect::<Result<Vec<_>, _>>()?;
         let tensors = wire
             .tensors
@@ -271,7 +280,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
         // The identity of a registration is its wire form with the defaults the
         // server fills in, so leaving a field out and sending its default agree.
         let mut canonical = wire;
-        canonical.mode = mode_to_proto(mode) as i32;
+        canonical.mode = mode_to_proto(mode).0 as i32;
         canonical.max_block_elements = spec::effective_block_limit(canonical.max_block_elements)?;
         let options = ModelOptions {
             mode,
@@ -300,8 +309,9 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
             })
             .collect(),
         blocks: plan.iter().map(|b| b.to_wire(&spec.tensors[b.tensor].name)).collect(),
-        mode: mode_to_proto(spec.options.mode) as i32,
+        mode: mode_to_proto(spec.options.mode).0 as i32,
         max_grad_norm: spec.options.max_grad_norm,
+        staleness: mode_to_proto(spec.options.mode).1,
         groups: spec
             .groups
             .iter()
@@ -320,7 +330,8 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
     let (pushes, workers_expired, workers_dropped_late) = model.counters();
     pb::ModelStatus {
         name: model.name().to_string(),
-        mode: mode_to_proto(model.spec.options.mode) as i32,
+        mode: mode_to_proto(model.spec.options.mode).0 as i32,
+        staleness: mode_to_proto(model.spec.options.mode).1,
         min_version,
         max_version,
         blocks: model.local_blocks().len() as u32,

@@ -30,7 +30,12 @@ pub enum Mode {
     Sync,
     /// Every push is applied as it arrives.
     Async,
+    /// As sync, but a push may be up to this many steps ahead of the block's version.
+    BoundedStaleness(u64),
 }
+
+/// The largest staleness bound: each step ahead keeps one more pending sum per block.
+pub const MAX_STALENESS: u64 = 1000;
 
 impl Mode {
     /// Lower-case name for logs and metrics.
@@ -38,6 +43,17 @@ impl Mode {
         match self {
             Mode::Sync => "sync",
             Mode::Async => "async",
+            Mode::BoundedStaleness(_) => "bounded_staleness",
+        }
+    }
+
+    /// How many steps ahead of a block's version a push may be, in the modes
+    /// with a barrier (sync: 0); `None` in async mode.
+    pub fn window(self) -> Option<u64> {
+        match self {
+            Mode::Sync => Some(0),
+            Mode::BoundedStaleness(staleness) => Some(staleness),
+            Mode::Async => None,
         }
     }
 }
@@ -210,7 +226,7 @@ fn check_group(group: &GroupDef, mode: Mode) -> Result<(), ServerError> {
                 "group '{name}': majority vote counts sign bits, so push_encodings must be exactly [ENCODING_SIGN1]"
             )));
         }
-        if mode != Mode::Sync {
+        if mode.window().is_none() {
             return Err(invalid(format!("group '{name}': majority vote needs sync mode")));
         }
     }
@@ -311,6 +327,11 @@ impl ModelSpec {
         fingerprint: Vec<u8>,
     ) -> Result<Self, ServerError> {
         let ModelOptions { mode, max_block_elements, max_grad_norm, min_workers, step_deadline, quorum } = options;
+        if let Mode::BoundedStaleness(staleness) = mode
+            && staleness > MAX_STALENESS
+        {
+            return Err(invalid(format!("staleness {staleness} exceeds the limit {MAX_STALENESS}")));
+        }
         if mode == Mode::Async && min_workers > 1 {
             return Err(invalid(format!(
                 "min_workers {min_workers} needs sync mode (async applies every push on arrival)"

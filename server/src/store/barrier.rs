@@ -87,15 +87,21 @@ impl Model {
     fn classify(&self, block: &Block, state: &BlockState, worker: &str, step: u64) -> Result<Disposition, ServerError> {
         let tensor = || self.spec.tensors[block.tensor].name.clone();
         let version = state.version;
-        if step > version {
-            return Err(ServerError::FutureStep { tensor: tensor(), block: block.index, step, version });
+        let ahead = self.spec.options.mode.window().unwrap_or(0);
+        if step > version + ahead {
+            return Err(ServerError::FutureStep { tensor: tensor(), block: block.index, step, version, ahead });
         }
+        let has_pushed = |contributors: &[String]| contributors.iter().any(|w| w == worker);
         let counted = match self.spec.options.mode {
-            Mode::Sync if step == version => {
-                state.pending.as_ref().is_some_and(|p| p.contributors.iter().any(|w| w == worker))
+            Mode::Sync | Mode::BoundedStaleness(_) if step >= version => {
+                state.pending.get(&step).is_some_and(|p| has_pushed(&p.contributors))
             }
-            Mode::Sync if step + 1 == version && state.last_contributors.iter().any(|w| w == worker) => true,
-            Mode::Sync => return Err(ServerError::StaleStep { tensor: tensor(), block: block.index, step, version }),
+            Mode::Sync | Mode::BoundedStaleness(_) if step + 1 == version && has_pushed(&state.last_contributors) => {
+                true
+            }
+            Mode::Sync | Mode::BoundedStaleness(_) => {
+                return Err(ServerError::StaleStep { tensor: tensor(), block: block.index, step, version });
+            }
             Mode::Async => match state.last_async_step.get(worker) {
                 Some(&last) if last == step => true,
                 Some(&last) if last > step => {
@@ -133,8 +139,8 @@ impl Model {
                 self.update(block, &mut state, &grad);
                 outcome.updated = 1;
             }
-            Mode::Sync => {
-                match state.pending.as_mut() {
+            Mode::Sync | Mode::BoundedStaleness(_) => {
+                match state.pending.get_mut(&step) {
                     Some(pending) => {
                         match &mut pending.accumulated {
                             Accumulated::Sum(sum) => gradient.add_into(sum),
@@ -155,11 +161,10 @@ impl Model {
                                 Accumulated::Votes(votes)
                             }
                         };
-                        state.pending = Some(PendingStep {
-                            accumulated,
-                            contributors: vec![worker.to_string()],
-                            started: Instant::now(),
-                        })
+                        let started = Instant::now();
+                        state
+                            .pending
+                            .insert(step, PendingStep { accumulated, contributors: vec![worker.to_string()], started });
                     }
                 }
                 if self.try_complete(block, &mut state, live) {
@@ -184,7 +189,8 @@ impl Model {
         let mut late = BTreeSet::new();
         for block in &self.local_order {
             let state = block.lock();
-            let Some(pending) = &state.pending else { continue };
+            // Only the step at the block's version can complete; later ones wait for it.
+            let Some(pending) = state.pending.get(&state.version) else { continue };
             if pending.started.elapsed() >= deadline && pending.contributors.len() >= needed(state.version) {
                 late.extend(live.iter().filter(|w| !pending.contributors.contains(w)).cloned());
             }
@@ -199,16 +205,28 @@ impl Model {
         dropped
     }
 
-    /// Runs the sync update if every live worker has pushed; true if it ran.
+    /// Runs the update of every step, from the block's version on, whose
+    /// pushes are complete (every live worker pushed it, and step 0's minimum);
+    /// true if at least one ran.
     fn try_complete(&self, block: &Block, state: &mut BlockState, live: &[String]) -> bool {
-        let Some(pending) = state.pending.as_ref() else { return false };
-        if !live.iter().all(|w| pending.contributors.contains(w)) {
-            return false;
+        let mut ran = false;
+        while self.step_ready(state, live) {
+            let Some(pending) = state.pending.remove(&state.version) else { break };
+            self.apply_step(block, state, pending);
+            ran = true;
         }
-        if state.version == 0 && pending.contributors.len() < self.spec.options.min_workers as usize {
-            return false;
-        }
-        let Some(PendingStep { accumulated, contributors, started }) = state.pending.take() else { return false };
+        ran
+    }
+
+    fn step_ready(&self, state: &BlockState, live: &[String]) -> bool {
+        let Some(pending) = state.pending.get(&state.version) else { return false };
+        live.iter().all(|w| pending.contributors.contains(w))
+            && (state.version > 0 || pending.contributors.len() >= self.spec.options.min_workers as usize)
+    }
+
+    /// Averages (or votes) the step's pushes and runs the optimizer once.
+    fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) {
+        let PendingStep { accumulated, contributors, started } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         let gradient = match accumulated {
@@ -227,7 +245,6 @@ impl Model {
         };
         self.update(block, state, &gradient);
         state.last_contributors = contributors;
-        true
     }
 
     fn update(&self, block: &Block, state: &mut BlockState, grad: &[f32]) {

@@ -2,7 +2,7 @@
 //! and the step it is collecting, behind one lock, plus a version channel
 //! that long-polling pulls wait on without taking the lock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,9 @@ pub(super) struct BlockState {
     pub(super) params: Vec<f32>,
     pub(super) version: u64,
     pub(super) optimizer: Box<dyn Optimizer>,
-    pub(super) pending: Option<PendingStep>,
+    /// Steps being collected, by step: only the block's version in sync mode,
+    /// up to `staleness` steps beyond it in bounded-staleness mode.
+    pub(super) pending: BTreeMap<u64, PendingStep>,
     /// Workers counted in the last applied sync step, to recognise retries of it.
     pub(super) last_contributors: Vec<String>,
     /// Async mode: the last step each worker pushed.
@@ -83,7 +85,7 @@ impl Block {
                 params,
                 version: 0,
                 optimizer,
-                pending: None,
+                pending: BTreeMap::new(),
                 last_contributors: Vec::new(),
                 last_async_step: HashMap::new(),
             }),

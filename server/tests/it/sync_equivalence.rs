@@ -235,3 +235,71 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
     let frugal_bytes: u64 = status.iter().flat_map(|s| &s.models).map(|m| m.groups[1].state_bytes).sum();
     assert!(frugal_bytes < full_adam as u64 * 2 / 3, "FRUGAL holds {frugal_bytes} of AdamW's {full_adam} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_staleness_runs_a_worker_at_most_s_steps_ahead_with_sync_updates() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let mut spec = small_spec("ssp");
+    spec.mode = Mode::BoundedStaleness { staleness: 2 };
+    let init = initial_values(&spec, 5);
+    let model = cluster.client().register(&spec, &init).await.unwrap();
+    assert_eq!(model.layout().mode, spec.mode);
+    model.join("fast").await.unwrap();
+    model.join("slow").await.unwrap();
+    let grads = |worker: u64, step: u64| grads_like(&init, 10 * step + worker);
+    // The fast worker pushes steps 0, 1 and 2 before the slow one pushed anything.
+    for step in 0..3 {
+        assert_eq!(model.push("fast", step, &grads(1, step)).await.unwrap().updated, 0);
+    }
+    // Step 3 would be 3 ahead: its pull waits, and its push is refused.
+    assert_eq!(Mode::BoundedStaleness { staleness: 2 }.pull_version(3), 1);
+    let held = model.pull_with_timeout(1, Duration::from_millis(100)).await.unwrap_err();
+    assert_eq!(held.status().unwrap().code(), tonic::Code::DeadlineExceeded);
+    let ahead = model.push("fast", 3, &grads(1, 3)).await.unwrap_err();
+    assert_eq!(ahead.kind(), Some(ps_proto::errors::FUTURE_STEP), "{ahead}");
+    assert!(ahead.to_string().contains("pull version 1 first"), "{ahead}");
+    // The slow worker's step 0 releases it; every step still averages both workers' pushes.
+    model.push("slow", 0, &grads(2, 0)).await.unwrap();
+    assert_eq!(model.pull(1).await.unwrap().version, 1);
+    model.push("fast", 3, &grads(1, 3)).await.unwrap();
+    for step in 1..4 {
+        model.push("slow", step, &grads(2, step)).await.unwrap();
+    }
+    let pulled = model.pull(4).await.unwrap();
+    assert_eq!(pulled.version, 4);
+    for (name, w0) in &init {
+        let mut want = w0.clone();
+        for step in 0..4 {
+            let (a, b) = (grads(1, step), grads(2, step));
+            for (i, w) in want.iter_mut().enumerate() {
+                *w -= 0.5 * (a[name][i] + b[name][i]) / 2.0;
+            }
+        }
+        assert_close(name, 4, &pulled.tensors[name], &want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_staleness_zero_is_sync() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let mut models = Vec::new();
+    for (name, mode) in [("as-sync", Mode::Sync), ("ssp-0", Mode::BoundedStaleness { staleness: 0 })] {
+        let mut spec = small_spec(name);
+        spec.mode = mode;
+        let model = cluster.client().register(&spec, &initial_values(&spec, 7)).await.unwrap();
+        model.join("a").await.unwrap();
+        model.join("b").await.unwrap();
+        models.push(model);
+    }
+    let init = initial_values(&small_spec("x"), 7);
+    for model in &models {
+        let ahead = model.push("a", 1, &grads_like(&init, 1)).await.unwrap_err();
+        assert_eq!(ahead.kind(), Some(ps_proto::errors::FUTURE_STEP), "{ahead}");
+        for step in 0..3 {
+            model.push("a", step, &grads_like(&init, 2 * step + 1)).await.unwrap();
+            model.push("b", step, &grads_like(&init, 2 * step + 2)).await.unwrap();
+        }
+    }
+    let (sync, ssp) = (models[0].pull(3).await.unwrap(), models[1].pull(3).await.unwrap());
+    assert_eq!(bits(&sync.tensors), bits(&ssp.tensors));
+}

@@ -266,6 +266,14 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
             "step_deadline_ms needs sync mode",
         ),
         (Box::new(|s: &mut proto::ModelSpec| s.step_deadline_ms = 5), "at least 20 ms"),
+        (Box::new(|s: &mut proto::ModelSpec| s.staleness = 2), "staleness 2 needs CONSISTENCY_MODE_BOUNDED_STALENESS"),
+        (
+            Box::new(|s: &mut proto::ModelSpec| {
+                s.mode = proto::ConsistencyMode::BoundedStaleness as i32;
+                s.staleness = 5000;
+            }),
+            "staleness 5000 exceeds the limit 1000",
+        ),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![1, 1]), "twice"),
         (Box::new(|s: &mut proto::ModelSpec| s.groups[0].push_encodings = vec![42]), "unknown encoding 42"),
         (

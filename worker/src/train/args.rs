@@ -14,6 +14,9 @@ pub enum ModeArg {
     Sync,
     /// Every push is applied on arrival.
     Async,
+    /// Sync steps, but a worker may run up to --staleness steps ahead of the slowest.
+    #[value(alias = "ssp")]
+    BoundedStaleness,
 }
 
 /// Optimizer, as a command-line value.
@@ -113,6 +116,9 @@ pub struct TrainArgs {
     /// Consistency mode the model is registered with.
     #[arg(long, env = "PS_MODE", value_enum, default_value = "sync")]
     pub mode: ModeArg,
+    /// Bounded-staleness mode: how many steps a worker may run ahead of the slowest.
+    #[arg(long, env = "PS_STALENESS", default_value_t = 2)]
+    pub staleness: u64,
     /// Optimizer the model is registered with.
     #[arg(long, env = "PS_OPTIMIZER", value_enum, default_value = "adamw")]
     pub optimizer: OptimizerArg,

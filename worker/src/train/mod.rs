@@ -105,13 +105,15 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     progress.set_prefix(worker.clone());
     let mut batches = Batches::new(task.train_len(), args.batch_size, args.seed ^ ((rank as u64 + 1) * 7919));
     let (mut bytes_pushed, mut bytes_pulled, mut losses) = (0u64, 0u64, Vec::new());
-    let sync = args.mode == ModeArg::Sync;
+    // Sync and bounded-staleness steps are numbered by the barrier; async steps by the version read.
+    let sync = args.mode != ModeArg::Async;
+    let mode = spec::mode(&args);
     let started = Instant::now();
     let mut step = start;
     let (mut pushed, mut resyncs) = (0, 0);
     while step < args.steps {
         let step_started = Instant::now();
-        let weights = model.pull(if sync { step } else { 0 }).await?;
+        let weights = model.pull(mode.pull_version(step)).await?;
         let weights_bytes = weights.bytes;
         bytes_pulled += weights.bytes;
         if !sync && weights.version >= args.steps {

@@ -102,6 +102,15 @@ fn schedule(args: &TrainArgs) -> Schedule {
     }
 }
 
+/// The consistency mode `--mode` (and `--staleness`) names.
+pub fn mode(args: &TrainArgs) -> Mode {
+    match args.mode {
+        ModeArg::Sync => Mode::Sync,
+        ModeArg::Async => Mode::Async,
+        ModeArg::BoundedStaleness => Mode::BoundedStaleness { staleness: args.staleness },
+    }
+}
+
 /// The model the worker registers: the task's tensors in one group with the
 /// chosen optimizer, schedule and compression preset.
 pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
@@ -110,18 +119,15 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
         name: args.model.clone().unwrap_or_else(|| args.task.model_name().to_string()),
         tensors: args.task.tensor_specs(args.seed),
         groups: vec![compression.configure(group)],
-        mode: match args.mode {
-            ModeArg::Sync => Mode::Sync,
-            ModeArg::Async => Mode::Async,
-        },
+        mode: mode(args),
         max_block_elements: 0,
         max_grad_norm: args.max_grad_norm,
         // The servers hold step 0 until this many workers pushed it, whatever joins first.
         min_workers: match args.mode {
-            ModeArg::Sync => args.min_workers.unwrap_or(args.world_size) as u32,
+            ModeArg::Sync | ModeArg::BoundedStaleness => args.min_workers.unwrap_or(args.world_size) as u32,
             ModeArg::Async => 0,
         },
-        step_deadline: args.step_deadline.filter(|_| args.mode == ModeArg::Sync),
+        step_deadline: args.step_deadline.filter(|_| args.mode != ModeArg::Async),
         quorum: args.quorum,
     }
 }
