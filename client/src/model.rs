@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::try_join_all;
@@ -77,6 +77,8 @@ pub struct ModelHandle {
     tensors: Arc<Vec<TensorInfo>>,
     index: Arc<HashMap<String, usize>>,
     pull_encoding: Encoding,
+    /// The rank each worker of this handle joined with, so a rejoin asks for it again.
+    ranks: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl std::fmt::Debug for ModelHandle {
@@ -98,6 +100,7 @@ impl ModelHandle {
             tensors: Arc::new(tensors),
             index: Arc::new(index),
             pull_encoding: Encoding::F32,
+            ranks: Arc::default(),
         })
     }
 
@@ -136,21 +139,48 @@ impl ModelHandle {
         try_join_all((0..self.client.num_shards()).map(|shard| self.client.retry(shard, call.clone()))).await
     }
 
-    /// Joins the worker on every shard; returns the version to start from (the
-    /// lowest over the shards that hold blocks of the model) and the rank shard 0 assigned.
+    /// Joins the worker on every shard with the smallest free rank (or the rank
+    /// it held before, when it rejoins); see [`ModelHandle::join_as`].
     pub async fn join(&self, worker: &str) -> Result<Joined, ClientError> {
-        let request = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
-        let replies = self
-            .on_every_shard(|mut stub| {
-                let request = request.clone();
-                async move { stub.join_worker(request).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+        self.join_as(worker, None).await
+    }
+
+    /// Joins the worker on every shard, asking for `rank` (None: the rank this
+    /// handle saw it hold, else the smallest free one). Shard 0 decides the
+    /// rank and the other shards are asked for the same, so ranks agree
+    /// everywhere. Returns the version to start from (the lowest over the
+    /// shards that hold blocks of the model) and the rank.
+    pub async fn join_as(&self, worker: &str, rank: Option<u32>) -> Result<Joined, ClientError> {
+        let asked = rank.or_else(|| self.known_rank(worker));
+        let first = self.join_shard(0, worker, asked).await?;
+        self.ranks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(worker.to_string(), first.rank);
+        let rest = (1..self.client.num_shards()).map(|shard| self.join_shard(shard, worker, Some(first.rank)));
+        let mut replies = vec![first];
+        replies.extend(try_join_all(rest).await?);
         // A shard that holds no block of the model has no version to report (it says 0).
         let holds_blocks = |shard: usize| self.layout.blocks.iter().any(|b| b.shard as usize == shard);
         let version =
             replies.iter().enumerate().filter(|(shard, _)| holds_blocks(*shard)).map(|(_, r)| r.version).min();
-        Ok(Joined { version: version.unwrap_or(0), rank: replies.first().map_or(0, |r| r.rank) })
+        Ok(Joined { version: version.unwrap_or(0), rank: first.rank })
+    }
+
+    fn known_rank(&self, worker: &str) -> Option<u32> {
+        self.ranks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(worker).copied()
+    }
+
+    async fn join_shard(
+        &self,
+        shard: usize,
+        worker: &str,
+        rank: Option<u32>,
+    ) -> Result<pb::JoinWorkerResponse, ClientError> {
+        let request = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string(), rank };
+        self.client
+            .retry(shard, move |mut stub| {
+                let request = request.clone();
+                async move { stub.join_worker(request).await.map(|r| r.into_inner()) }
+            })
+            .await
     }
 
     /// Renews the worker's lease on every shard; the worker rejoins where the lease had expired.
@@ -174,14 +204,7 @@ impl ModelHandle {
                         shard,
                         "no longer a member (lease expired, or dropped at a step deadline); joining again"
                     );
-                    let join = pb::JoinWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
-                    let reply = self
-                        .client
-                        .retry(shard, move |mut stub| {
-                            let join = join.clone();
-                            async move { stub.join_worker(join).await.map(|r| r.into_inner()) }
-                        })
-                        .await?;
+                    let reply = self.join_shard(shard, worker, self.known_rank(worker)).await?;
                     lease = lease.min(Duration::from_millis(reply.lease_ms));
                 }
                 Err(other) => return Err(other),

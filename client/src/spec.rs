@@ -488,6 +488,8 @@ pub struct ModelSpec {
     pub step_deadline: Option<Duration>,
     /// Sync mode: pushes a step needs before its deadline may complete it (0 or 1: one).
     pub quorum: u32,
+    /// The most members the model accepts (0: no cap).
+    pub max_workers: u32,
 }
 
 impl ModelSpec {
@@ -503,6 +505,7 @@ impl ModelSpec {
             min_workers: 0,
             step_deadline: None,
             quorum: 0,
+            max_workers: 0,
         }
     }
 }
@@ -652,6 +655,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
             min_workers: spec.min_workers,
             step_deadline_ms: spec.step_deadline.map_or(0, |d| d.as_millis().max(1) as u64),
             quorum: spec.quorum,
+            max_workers: spec.max_workers,
         }
     }
 }

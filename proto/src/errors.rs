@@ -17,5 +17,8 @@ pub const FUTURE_STEP: &str = "future-step";
 /// join again. Code NOT_FOUND.
 pub const UNKNOWN_WORKER: &str = "unknown-worker";
 
+/// Another member holds the rank the worker asked for. Code ALREADY_EXISTS.
+pub const RANK_TAKEN: &str = "rank-taken";
+
 /// The model is not registered on this shard. Code NOT_FOUND.
 pub const UNKNOWN_MODEL: &str = "unknown-model";

@@ -5,6 +5,7 @@
 use ps_proto::codec::CodecError;
 
 use crate::spec::NameError;
+use crate::store::JoinError;
 
 /// Everything a request can do wrong, with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,16 @@ pub enum ServerError {
         model: String,
         /// Worker id.
         worker: String,
+    },
+    /// A worker that may not join.
+    #[error("worker '{worker}' cannot join model '{model}': {reason}")]
+    Join {
+        /// Model name.
+        model: String,
+        /// Worker id.
+        worker: String,
+        /// Why.
+        reason: JoinError,
     },
     /// A worker name breaks the naming rule.
     #[error(transparent)]

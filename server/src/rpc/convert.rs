@@ -19,7 +19,7 @@ use crate::optim::{
     OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 use crate::spec::{self, Aggregation, GroupDef, InitRule, Mode, ModelOptions, ModelSpec, TensorInput};
-use crate::store::{Model, ShardIdentity};
+use crate::store::{JoinError, Model, ShardIdentity};
 
 fn invalid(message: impl Into<String>) -> ServerError {
     ServerError::InvalidSpec(message.into())
@@ -289,6 +289,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
             min_workers: canonical.min_workers,
             step_deadline: (canonical.step_deadline_ms > 0).then(|| Duration::from_millis(canonical.step_deadline_ms)),
             quorum: canonical.quorum,
+            max_workers: canonical.max_workers,
         };
         ModelSpec::new(canonical.name.clone(), tensors, groups, options, canonical.encode_to_vec())
     }
@@ -386,6 +387,11 @@ impl From<ServerError> for Status {
             | ServerError::Chunk { .. }
             | ServerError::BadPayload { .. } => Code::InvalidArgument,
             ServerError::SpecConflict(_) => Code::AlreadyExists,
+            ServerError::Join { reason, .. } => match reason {
+                JoinError::RankTaken { .. } | JoinError::RankChanged { .. } => Code::AlreadyExists,
+                JoinError::RankTooLarge(_) => Code::InvalidArgument,
+                JoinError::Full { .. } => Code::ResourceExhausted,
+            },
             ServerError::ChunkTooLarge { .. } => Code::ResourceExhausted,
             ServerError::PullTimeout { .. } => Code::DeadlineExceeded,
             ServerError::Internal(_) => Code::Internal,
@@ -395,6 +401,7 @@ impl From<ServerError> for Status {
             ServerError::FutureStep { .. } => Some(errors::FUTURE_STEP),
             ServerError::UnknownWorker { .. } => Some(errors::UNKNOWN_WORKER),
             ServerError::UnknownModel(_) => Some(errors::UNKNOWN_MODEL),
+            ServerError::Join { reason: JoinError::RankTaken { .. }, .. } => Some(errors::RANK_TAKEN),
             _ => None,
         };
         let mut status = Status::new(code, error.to_string());

@@ -260,18 +260,21 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         request: Request<pb::JoinWorkerRequest>,
     ) -> Result<Response<pb::JoinWorkerResponse>, Status> {
         let request = request.into_inner();
-        let result = (|| {
-            check_worker_name(&request.worker_id)?;
-            let model = self.registry.get(&request.model)?;
-            let rank = model.membership.join(&request.worker_id);
-            model.publish_live_workers();
-            tracing::info!(model = request.model, worker = request.worker_id, rank, "worker joined");
-            Ok::<_, ServerError>(pb::JoinWorkerResponse {
-                lease_ms: model.membership.lease().as_millis() as u64,
-                version: model.version_range().0,
-                rank,
-            })
-        })();
+        let result =
+            (|| {
+                check_worker_name(&request.worker_id)?;
+                let model = self.registry.get(&request.model)?;
+                let rank = model.membership.join(&request.worker_id, request.rank).map_err(|reason| {
+                    ServerError::Join { model: request.model.clone(), worker: request.worker_id.clone(), reason }
+                })?;
+                model.publish_live_workers();
+                tracing::info!(model = request.model, worker = request.worker_id, rank, "worker joined");
+                Ok::<_, ServerError>(pb::JoinWorkerResponse {
+                    lease_ms: model.membership.lease().as_millis() as u64,
+                    version: model.version_range().0,
+                    rank,
+                })
+            })();
         observe("JoinWorker", result.map_err(Status::from)).map(Response::new)
     }
 

@@ -171,6 +171,8 @@ pub struct ModelOptions {
     pub step_deadline: Option<Duration>,
     /// Sync mode: pushes a step needs before the deadline may complete it (at least 1).
     pub quorum: u32,
+    /// The most members the model accepts (0: no cap).
+    pub max_workers: u32,
 }
 
 /// A validated model spec.
@@ -326,7 +328,11 @@ impl ModelSpec {
         options: ModelOptions,
         fingerprint: Vec<u8>,
     ) -> Result<Self, ServerError> {
-        let ModelOptions { mode, max_block_elements, max_grad_norm, min_workers, step_deadline, quorum } = options;
+        let ModelOptions { mode, max_block_elements, max_grad_norm, min_workers, step_deadline, quorum, max_workers } =
+            options;
+        if max_workers > 0 && min_workers > max_workers {
+            return Err(invalid(format!("min_workers {min_workers} exceeds max_workers {max_workers}")));
+        }
         if let Mode::BoundedStaleness(staleness) = mode
             && staleness > MAX_STALENESS
         {
@@ -407,8 +413,15 @@ impl ModelSpec {
         if !max_grad_norm.is_finite() || max_grad_norm < 0.0 {
             return Err(invalid(format!("max_grad_norm must be a finite number >= 0, got {max_grad_norm}")));
         }
-        let options =
-            ModelOptions { mode, max_block_elements, max_grad_norm, min_workers, step_deadline, quorum: quorum.max(1) };
+        let options = ModelOptions {
+            mode,
+            max_block_elements,
+            max_grad_norm,
+            min_workers,
+            step_deadline,
+            quorum: quorum.max(1),
+            max_workers,
+        };
         Ok(Self { name, tensors, groups, options, fingerprint })
     }
 

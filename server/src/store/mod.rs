@@ -12,6 +12,6 @@ mod registry;
 
 pub use barrier::PushOutcome;
 pub use block::{Block, BlockGradient};
-pub use membership::Membership;
+pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::{GroupStats, Model};
 pub use registry::{Registry, ShardIdentity};

@@ -79,10 +79,12 @@ impl Model {
             .collect();
         let local = local_order.iter().map(|b| ((b.tensor, b.index), b.clone())).collect();
         let tensor_index = spec.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let cap = (spec.options.max_workers > 0).then_some(spec.options.max_workers as usize);
+        let membership = Membership::new(lease, cap);
         let model = Self {
             spec,
             plan,
-            membership: Membership::new(lease),
+            membership,
             shard,
             tensor_index,
             tensor_blocks,

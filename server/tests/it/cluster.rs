@@ -40,6 +40,7 @@ pub fn small_spec(name: &str) -> ModelSpec {
         min_workers: 0,
         step_deadline: None,
         quorum: 0,
+        max_workers: 0,
     }
 }
 

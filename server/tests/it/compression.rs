@@ -201,6 +201,7 @@ fn spec(case: &Case) -> ModelSpec {
         min_workers: 0,
         step_deadline: None,
         quorum: 0,
+        max_workers: 0,
     }
 }
 

@@ -211,3 +211,38 @@ async fn a_member_that_does_not_push_by_the_deadline_is_dropped_once_the_quorum_
     let status = cluster.client().status("deadline").await.unwrap();
     assert!(status.iter().all(|s| s.models[0].workers_dropped_late == 1 && s.models[0].live_workers.len() == 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asked_and_assigned_ranks_never_collide_and_agree_on_every_shard() {
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let (model, _) = register_small(&cluster, "ranks").await;
+    assert_eq!(model.join_as("w2", Some(2)).await.unwrap().rank, 2);
+    // Eight identical replicas join at once: shard 0 decides each rank, shard 1 agrees.
+    let joins = (0..8).map(|i| {
+        let model = model.clone();
+        async move { model.join(&format!("replica-{i}")).await.unwrap().rank }
+    });
+    let mut ranks = futures::future::join_all(joins).await;
+    ranks.sort_unstable();
+    assert_eq!(ranks, vec![0, 1, 3, 4, 5, 6, 7, 8], "rank 2 was asked for, so nobody else gets it");
+    let taken = model.join_as("intruder", Some(2)).await.unwrap_err();
+    assert_eq!(taken.kind(), Some(ps_proto::errors::RANK_TAKEN), "{taken}");
+    assert!(taken.to_string().contains("rank 2 is held by worker 'w2'"), "{taken}");
+    let mut raw = cluster.raw(1).await;
+    let request = ps_proto::pb::JoinWorkerRequest { model: "ranks".into(), worker_id: "w2".into(), rank: Some(3) };
+    let changed = raw.join_worker(request).await.unwrap_err();
+    assert_eq!(changed.code(), tonic::Code::AlreadyExists);
+    assert!(changed.message().contains("is a member with rank 2"), "{}", changed.message());
+    // A rejoin (after a lease expired on one shard) asks for the rank held before.
+    assert!(model.leave("w2").await.is_ok());
+    assert_eq!(model.join("w2").await.unwrap().rank, 2);
+    // The spec's cap on members.
+    let mut spec = small_spec("capped");
+    spec.max_workers = 2;
+    let capped = cluster.client().register(&spec, &initial_values(&spec, 1)).await.unwrap();
+    capped.join("a").await.unwrap();
+    capped.join("b").await.unwrap();
+    let full = capped.join("c").await.unwrap_err();
+    assert_eq!(full.status().unwrap().code(), tonic::Code::ResourceExhausted, "{full}");
+    assert!(full.to_string().contains("max_workers"), "{full}");
+}

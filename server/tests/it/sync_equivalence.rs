@@ -62,6 +62,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
         min_workers: 0,
         step_deadline: None,
         quorum: 0,
+        max_workers: 0,
     };
     let init = initial_values(&spec, 7);
     let model = cluster.client().register(&spec, &init).await.unwrap();
@@ -179,6 +180,7 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
         min_workers: 0,
         step_deadline: None,
         quorum: 0,
+        max_workers: 0,
     };
     let init = initial_values(&spec, 11);
     let model = cluster.client().register(&spec, &init).await.unwrap();

@@ -82,7 +82,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             tracing::info!(worker, dir = %dir.display(), "restored the compression state");
         }
     }
-    let joined = model.join(&worker).await?;
+    // An explicit --rank is asked for on every shard, so no other worker is given it.
+    let joined = model.join_as(&worker, args.rank.map(|r| u32::try_from(r).unwrap_or(u32::MAX))).await?;
     let heartbeat = model.spawn_heartbeat(&worker);
     let rank = args.rank.unwrap_or(joined.rank as usize);
     if rank >= args.world_size {

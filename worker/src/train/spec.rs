@@ -129,5 +129,6 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
         },
         step_deadline: args.step_deadline.filter(|_| args.mode != ModeArg::Async),
         quorum: args.quorum,
+        max_workers: 0,
     }
 }
