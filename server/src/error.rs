@@ -220,6 +220,20 @@ pub enum ServerError {
         /// How long the pull waited.
         waited_ms: u64,
     },
+    /// An optimizer update panicked; the block is out of service.
+    #[error(
+        "the optimizer failed on step {step} of tensor '{tensor}' block {block} ({reason}); the step's mean gradient is kept on the shard and the block takes no more pushes: see the shard's log"
+    )]
+    OptimizerFailed {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+        /// The step whose update failed.
+        step: u64,
+        /// The panic message.
+        reason: String,
+    },
     /// A failure inside the server.
     #[error("internal error: {0}")]
     Internal(String),

@@ -39,6 +39,8 @@ pub const OPTIMIZER_STATE_BYTES: &str = "optimizer_state_bytes";
 pub const PARAMETERS: &str = "ps_parameters";
 /// Pushes and registrations refused for a NaN or infinite value (counter; labels: model).
 pub const NON_FINITE: &str = "ps_non_finite_rejected_total";
+/// Optimizer updates that panicked (counter; labels: model, group).
+pub const OPTIMIZER_FAILURES: &str = "ps_optimizer_failures_total";
 /// RPCs that failed (counter; labels: method, code).
 pub const RPC_ERRORS: &str = "ps_rpc_errors_total";
 
@@ -73,5 +75,6 @@ fn describe() {
     describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Optimizer state bytes on this shard");
     describe_gauge!(PARAMETERS, "Parameters stored on this shard");
     describe_counter!(NON_FINITE, "Pushes and registrations refused for a NaN or infinite value");
+    describe_counter!(OPTIMIZER_FAILURES, "Optimizer updates that panicked; the block stops taking pushes");
     describe_counter!(RPC_ERRORS, "RPCs that failed, by gRPC code");
 }

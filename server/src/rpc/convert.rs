@@ -394,7 +394,7 @@ impl From<ServerError> for Status {
             },
             ServerError::ChunkTooLarge { .. } => Code::ResourceExhausted,
             ServerError::PullTimeout { .. } => Code::DeadlineExceeded,
-            ServerError::Internal(_) => Code::Internal,
+            ServerError::Internal(_) | ServerError::OptimizerFailed { .. } => Code::Internal,
         };
         let kind = match &error {
             ServerError::StaleStep { .. } => Some(errors::STALE_STEP),

@@ -19,7 +19,7 @@ use super::convert;
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::spec::{ModelSpec, check_name};
-use crate::store::{Model, Registry};
+use crate::store::{Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -183,13 +183,22 @@ impl ParameterService {
             let mut sent = 0u64;
             for block in blocks {
                 let remaining = timeout.saturating_sub(started.elapsed());
-                if let Err(version) = block.wait_for_version(min_version, remaining).await {
-                    let error = ServerError::PullTimeout {
-                        tensor: model.spec.tensors[block.tensor].name.clone(),
-                        block: block.index,
-                        wanted: min_version,
-                        version,
-                        waited_ms: started.elapsed().as_millis() as u64,
+                if let Err(failure) = block.wait_for_version(min_version, remaining).await {
+                    let tensor = model.spec.tensors[block.tensor].name.clone();
+                    let error = match (failure, block.failure()) {
+                        (WaitFailure::OptimizerFailed, Some((step, reason))) => {
+                            ServerError::OptimizerFailed { tensor, block: block.index, step, reason }
+                        }
+                        (WaitFailure::TimedOut { .. }, _) | (_, None) => ServerError::PullTimeout {
+                            tensor,
+                            block: block.index,
+                            wanted: min_version,
+                            version: match failure {
+                                WaitFailure::TimedOut { version } => version,
+                                WaitFailure::OptimizerFailed => block.version(),
+                            },
+                            waited_ms: started.elapsed().as_millis() as u64,
+                        },
                     };
                     let status = Status::from(error);
                     observe::<()>("PullWeights", Err(status.clone())).ok();

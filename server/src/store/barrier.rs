@@ -6,13 +6,14 @@
 //! retry is acknowledged and never counted twice.
 
 use std::collections::BTreeSet;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use ps_proto::codec;
 use rayon::prelude::*;
 
-use super::block::{Accumulated, Block, BlockGradient, BlockState, PendingStep};
+use super::block::{Accumulated, Block, BlockGradient, BlockState, FailedStep, PendingStep};
 use super::model::Model;
 use crate::error::ServerError;
 use crate::metrics as m;
@@ -59,6 +60,7 @@ impl Model {
             return Err(self.non_finite(block, index, "a pushed gradient"));
         }
         let live = self.live_ids();
+        let touched: Vec<_> = blocks.iter().map(|g| g.block().clone()).collect();
         let outcome = blocks.into_par_iter().map(|gradient| self.apply_one(&gradient, worker, step, &live)).reduce(
             PushOutcome::default,
             |a, b| PushOutcome {
@@ -77,6 +79,15 @@ impl Model {
         if outcome.updated > 0 {
             self.publish_version();
         }
+        // This push completed a step whose update failed: say so rather than let the worker wait.
+        if let Some((block, (step, reason))) = touched.iter().find_map(|b| b.failure().map(|f| (b, f))) {
+            return Err(ServerError::OptimizerFailed {
+                tensor: self.spec.tensors[block.tensor].name.clone(),
+                block: block.index,
+                step,
+                reason,
+            });
+        }
         Ok(outcome)
     }
 
@@ -86,6 +97,14 @@ impl Model {
 
     fn classify(&self, block: &Block, state: &BlockState, worker: &str, step: u64) -> Result<Disposition, ServerError> {
         let tensor = || self.spec.tensors[block.tensor].name.clone();
+        if let Some(failed) = &state.failed {
+            return Err(ServerError::OptimizerFailed {
+                tensor: tensor(),
+                block: block.index,
+                step: failed.step,
+                reason: failed.reason.clone(),
+            });
+        }
         let version = state.version;
         let ahead = self.spec.options.mode.window().unwrap_or(0);
         if step > version + ahead {
@@ -136,8 +155,9 @@ impl Model {
                 state.last_async_step.insert(worker.to_string(), step);
                 let mut grad = vec![0.0; block.len];
                 gradient.write_into(&mut grad);
-                self.update(block, &mut state, &grad);
-                outcome.updated = 1;
+                if self.update(block, &mut state, grad) {
+                    outcome.updated = 1;
+                }
             }
             Mode::Sync | Mode::BoundedStaleness(_) => {
                 match state.pending.get_mut(&step) {
@@ -212,20 +232,26 @@ impl Model {
         let mut ran = false;
         while self.step_ready(state, live) {
             let Some(pending) = state.pending.remove(&state.version) else { break };
-            self.apply_step(block, state, pending);
+            if !self.apply_step(block, state, pending) {
+                break;
+            }
             ran = true;
         }
         ran
     }
 
     fn step_ready(&self, state: &BlockState, live: &[String]) -> bool {
+        if state.failed.is_some() {
+            return false;
+        }
         let Some(pending) = state.pending.get(&state.version) else { return false };
         live.iter().all(|w| pending.contributors.contains(w))
             && (state.version > 0 || pending.contributors.len() >= self.spec.options.min_workers as usize)
     }
 
-    /// Averages (or votes) the step's pushes and runs the optimizer once.
-    fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) {
+    /// Averages (or votes) the step's pushes and runs the optimizer once;
+    /// false if the update failed.
+    fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
         let PendingStep { accumulated, contributors, started } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
@@ -243,20 +269,49 @@ impl Model {
                 signs
             }
         };
-        self.update(block, state, &gradient);
+        if !self.update(block, state, gradient) {
+            return false;
+        }
         state.last_contributors = contributors;
+        true
     }
 
-    fn update(&self, block: &Block, state: &mut BlockState, grad: &[f32]) {
+    /// Runs the optimizer once. No input is known to make one panic (every
+    /// selection is validated at registration), but if one does, the step's
+    /// gradient is kept, the block stops taking pushes, and the shard serves on.
+    fn update(&self, block: &Block, state: &mut BlockState, grad: Vec<f32>) -> bool {
         let started = Instant::now();
         let t = state.version + 1;
-        let ctx = StepContext { t, lr_scale: self.spec.groups[block.group].schedule.factor(t) };
+        let group = &self.spec.groups[block.group];
+        let ctx = StepContext { t, lr_scale: group.schedule.factor(t) };
         let BlockState { params, optimizer, .. } = state;
-        optimizer.step(params, grad, &ctx);
+        let stepped = panic::catch_unwind(AssertUnwindSafe(|| optimizer.step(params, &grad, &ctx)));
+        if let Err(payload) = stepped {
+            let reason = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_string());
+            let tensor = &self.spec.tensors[block.tensor].name;
+            tracing::error!(
+                model = self.spec.name,
+                tensor,
+                block = block.index,
+                step = state.version,
+                reason,
+                "optimizer update failed; the block stops taking pushes"
+            );
+            metrics::counter!(m::OPTIMIZER_FAILURES, "model" => self.spec.name.clone(), "group" => group.name.clone())
+                .increment(1);
+            state.failed = Some(FailedStep { step: state.version, gradient: grad, reason });
+            block.mark_failed();
+            return false;
+        }
         state.version += 1;
         block.announce(state.version);
-        metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => self.spec.groups[block.group].name.clone())
+        metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());
+        true
     }
 
     /// Re-checks every pending sync step against the current live workers.
@@ -270,5 +325,101 @@ impl Model {
         }
         self.publish_gauges();
         updated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, OptimizerState, SgdConfig, StateError};
+    use crate::spec::{GroupDef, InitRule, ModelOptions, ModelSpec, TensorInput};
+    use crate::store::WaitFailure;
+
+    /// An optimizer that fails, as a bug in one would.
+    struct Failing;
+
+    impl Optimizer for Failing {
+        fn step(&mut self, _: &mut [f32], _: &[f32], _: &StepContext) {
+            panic!("index out of range in a test optimizer");
+        }
+        fn state_bytes(&self) -> usize {
+            0
+        }
+        fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
+            Vec::new()
+        }
+        fn export_state(&self) -> OptimizerState {
+            OptimizerState::default()
+        }
+        fn import_state(&mut self, _: &OptimizerState) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+
+    struct Plain(Arc<Block>, Vec<f32>);
+
+    impl BlockGradient for Plain {
+        fn block(&self) -> &Arc<Block> {
+            &self.0
+        }
+        fn first_non_finite(&self) -> Option<u64> {
+            None
+        }
+        fn write_into(&self, out: &mut [f32]) {
+            out.copy_from_slice(&self.1);
+        }
+        fn add_into(&self, out: &mut [f32]) {
+            out.iter_mut().zip(&self.1).for_each(|(o, g)| *o += g);
+        }
+        fn add_votes(&self, _: &mut [i16]) {}
+    }
+
+    fn model() -> Model {
+        let sgd = OptimizerConfig::Sgd(SgdConfig { lr: 0.1, ..Default::default() });
+        let group = GroupDef {
+            name: "all".into(),
+            patterns: vec!["*".into()],
+            optimizer: sgd,
+            push_encodings: Vec::new(),
+            aggregation: Aggregation::Mean,
+            schedule: LrSchedule::Constant,
+            projectable_patterns: Vec::new(),
+        };
+        let tensor = TensorInput { name: "w".into(), shape: vec![4], init: InitRule::Constant(1.0) };
+        let options = ModelOptions {
+            mode: Mode::Sync,
+            max_block_elements: 0,
+            max_grad_norm: 0.0,
+            min_workers: 0,
+            step_deadline: None,
+            quorum: 1,
+            max_workers: 0,
+        };
+        let spec = ModelSpec::new("m".into(), vec![tensor], vec![group], options, Vec::new()).unwrap();
+        Model::new(spec, 0, 1, Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn a_failing_update_keeps_the_gradient_and_takes_the_block_out_of_service() {
+        let model = model();
+        let block = model.local_blocks()[0].clone();
+        block.replace_optimizer(Box::new(Failing));
+        model.membership.join("a", None).unwrap();
+        model.membership.join("b", None).unwrap();
+        model.commit_push("a", 0, vec![Plain(block.clone(), vec![1.0, 2.0, 3.0, 4.0])]).unwrap();
+        let failed = model.commit_push("b", 0, vec![Plain(block.clone(), vec![3.0, 2.0, 1.0, 0.0])]).unwrap_err();
+        assert!(matches!(failed, ServerError::OptimizerFailed { step: 0, .. }), "{failed}");
+        assert!(failed.to_string().contains("index out of range in a test optimizer"), "{failed}");
+        // Nothing was lost or half-applied: the mean gradient is kept, the weights and version untouched.
+        assert_eq!(block.failed_gradient(), Some(vec![2.0, 2.0, 2.0, 2.0]));
+        assert_eq!(block.snapshot(), (0, vec![1.0; 4]));
+        // Later pushes and waiting pulls are told at once instead of hanging.
+        let again = model.commit_push("a", 0, vec![Plain(block.clone(), vec![0.0; 4])]).unwrap_err();
+        assert!(matches!(again, ServerError::OptimizerFailed { .. }), "{again}");
+        let waited = block.wait_for_version(1, Duration::from_secs(30)).await;
+        assert_eq!(waited, Err(WaitFailure::OptimizerFailed));
     }
 }

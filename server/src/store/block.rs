@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -23,6 +24,20 @@ pub struct Block {
     pub group: usize,
     state: Mutex<BlockState>,
     version: watch::Sender<u64>,
+    /// Set once an optimizer update panicked; read without the lock by waiting pulls.
+    failed: AtomicBool,
+}
+
+/// Why a wait for a version ended without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitFailure {
+    /// The time ran out at this version.
+    TimedOut {
+        /// The version the block was still at.
+        version: u64,
+    },
+    /// The block's optimizer failed: the version will not come.
+    OptimizerFailed,
 }
 
 /// What the block's lock guards.
@@ -37,6 +52,17 @@ pub(super) struct BlockState {
     pub(super) last_contributors: Vec<String>,
     /// Async mode: the last step each worker pushed.
     pub(super) last_async_step: HashMap<String, u64>,
+    /// A step whose update failed, with its gradient kept.
+    pub(super) failed: Option<FailedStep>,
+}
+
+/// A step whose optimizer update panicked. Its mean gradient is kept (a
+/// checkpoint restore or an operator can replay it); the block takes no more
+/// pushes, since its optimizer state may be half-updated.
+pub(super) struct FailedStep {
+    pub(super) step: u64,
+    pub(super) gradient: Vec<f32>,
+    pub(super) reason: String,
 }
 
 /// Gradients of the current sync step that have arrived so far.
@@ -88,8 +114,10 @@ impl Block {
                 pending: BTreeMap::new(),
                 last_contributors: Vec::new(),
                 last_async_step: HashMap::new(),
+                failed: None,
             }),
             version: watch::Sender::new(0),
+            failed: AtomicBool::new(false),
         }
     }
 
@@ -107,12 +135,45 @@ impl Block {
         *self.version.borrow()
     }
 
-    /// Waits until the block has at least `min_version` updates; on timeout,
-    /// returns the version it was still at.
-    pub async fn wait_for_version(&self, min_version: u64, timeout: Duration) -> Result<(), u64> {
+    /// Records a failed update and wakes every pull waiting on the block.
+    pub(super) fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.version.send_modify(|_| {});
+    }
+
+    /// The step whose update failed and why, if one did.
+    pub fn failure(&self) -> Option<(u64, String)> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.state.lock().failed.as_ref().map(|f| (f.step, f.reason.clone()))
+    }
+
+    /// The mean gradient of the step whose update failed, kept for a checkpoint
+    /// or an operator to replay.
+    pub fn failed_gradient(&self) -> Option<Vec<f32>> {
+        self.state.lock().failed.as_ref().map(|f| f.gradient.clone())
+    }
+
+    /// Replaces the optimizer, to make it fail in tests of the failure path.
+    #[cfg(test)]
+    pub(super) fn replace_optimizer(&self, optimizer: Box<dyn Optimizer>) {
+        self.state.lock().optimizer = optimizer;
+    }
+
+    /// Waits until the block has at least `min_version` updates, or says why not.
+    pub async fn wait_for_version(&self, min_version: u64, timeout: Duration) -> Result<(), WaitFailure> {
         let mut rx = self.version.subscribe();
-        let reached = matches!(tokio::time::timeout(timeout, rx.wait_for(|v| *v >= min_version)).await, Ok(Ok(_)));
-        if reached { Ok(()) } else { Err(*rx.borrow()) }
+        let done = |v: &u64| *v >= min_version || self.failed.load(Ordering::Acquire);
+        let reached = matches!(tokio::time::timeout(timeout, rx.wait_for(done)).await, Ok(Ok(_)));
+        let version = *rx.borrow();
+        if version >= min_version {
+            Ok(())
+        } else if reached || self.failed.load(Ordering::Acquire) {
+            Err(WaitFailure::OptimizerFailed)
+        } else {
+            Err(WaitFailure::TimedOut { version })
+        }
     }
 
     /// The block's current version and a copy of its weights.

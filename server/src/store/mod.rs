@@ -11,7 +11,7 @@ mod model;
 mod registry;
 
 pub use barrier::PushOutcome;
-pub use block::{Block, BlockGradient};
+pub use block::{Block, BlockGradient, WaitFailure};
 pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::{GroupStats, Model};
 pub use registry::{Registry, ShardIdentity};
