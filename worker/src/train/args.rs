@@ -104,7 +104,7 @@ pub struct TrainArgs {
     /// Number of workers the data is split across.
     #[arg(long, env = "PS_WORLD_SIZE", default_value_t = 1)]
     pub world_size: usize,
-    /// Worker id on the servers (default: worker-<rank>, or the host name without --rank).
+    /// Worker id on the servers (default: `worker-<rank>`, or the host name without --rank).
     #[arg(long, env = "PS_WORKER_ID")]
     pub worker_id: Option<String>,
     /// Built-in task to train.
