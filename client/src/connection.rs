@@ -8,15 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use ps_proto::cluster::{SHARD_COUNT_HEADER, SHARD_INDEX_HEADER};
+use ps_proto::cluster::ShardHeaders;
 use ps_proto::pb::{self, Encoding};
 use ps_proto::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
 use ps_proto::{chunk, layout};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::Tensors;
 use crate::config::ClientConfig;
@@ -25,28 +23,6 @@ use crate::layout::Layout;
 use crate::model::{ModelHandle, check_len};
 use crate::spec::{Init, ModelSpec};
 use crate::status::ShardStatus;
-
-/// What every request to one shard carries: the bearer token, and which shard
-/// of how many the client means (`ps_proto::cluster`), so a shard started with
-/// another list refuses instead of serving a different layout.
-#[derive(Clone)]
-pub(crate) struct ShardHeaders {
-    token: Option<MetadataValue<Ascii>>,
-    index: MetadataValue<Ascii>,
-    count: MetadataValue<Ascii>,
-}
-
-impl Interceptor for ShardHeaders {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let metadata = request.metadata_mut();
-        if let Some(value) = &self.token {
-            metadata.insert("authorization", value.clone());
-        }
-        metadata.insert(SHARD_INDEX_HEADER, self.index.clone());
-        metadata.insert(SHARD_COUNT_HEADER, self.count.clone());
-        Ok(request)
-    }
-}
 
 pub(crate) type ShardStub =
     pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
@@ -68,11 +44,7 @@ impl PsClient {
         if config.shards.is_empty() {
             return Err(ClientError::NoShards);
         }
-        let token = match &config.auth_token {
-            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?),
-            None => None,
-        };
-        let count = MetadataValue::from(config.shards.len() as u64);
+        let count = config.shards.len();
         let shards = config
             .shards
             .iter()
@@ -87,11 +59,8 @@ impl PsClient {
                     .tcp_nodelay(true)
                     .connect_timeout(Duration::from_secs(5))
                     .connect_lazy();
-                let headers = ShardHeaders {
-                    token: token.clone(),
-                    index: MetadataValue::from(index as u64),
-                    count: count.clone(),
-                };
+                let headers =
+                    ShardHeaders::new(config.auth_token.as_deref(), index, count).map_err(|_| ClientError::BadToken)?;
                 Ok(pb::parameter_server_client::ParameterServerClient::with_interceptor(channel, headers)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES))

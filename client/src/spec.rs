@@ -481,12 +481,20 @@ pub struct ModelSpec {
     pub max_block_elements: u64,
     /// Global gradient-norm clipping the workers apply (0: off).
     pub max_grad_norm: f64,
-    /// Sync mode: workers that must push step 0 before it is applied (0 or 1: no minimum).
+    /// Who a step waits for and who may join.
+    pub contract: StepContract,
+}
+
+/// Who a step waits for and who may join (the defaults: no minimum, no
+/// deadline, no cap; every step waits for every live member).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepContract {
+    /// Sync modes: workers that must push step 0 before it is applied (0 or 1: no minimum).
     pub min_workers: u32,
-    /// Sync mode: a step waits this long after its first push for the other
+    /// Sync modes: a step waits this long after its first push for the other
     /// members, then completes without them (they are dropped and must rejoin).
     pub step_deadline: Option<Duration>,
-    /// Sync mode: pushes a step needs before its deadline may complete it (0 or 1: one).
+    /// Sync modes: pushes a step needs before its deadline may complete it (0 or 1: one).
     pub quorum: u32,
     /// The most members the model accepts (0: no cap).
     pub max_workers: u32,
@@ -502,10 +510,7 @@ impl ModelSpec {
             mode: Mode::Sync,
             max_block_elements: 0,
             max_grad_norm: 0.0,
-            min_workers: 0,
-            step_deadline: None,
-            quorum: 0,
-            max_workers: 0,
+            contract: StepContract::default(),
         }
     }
 }
@@ -652,10 +657,10 @@ impl From<&ModelSpec> for pb::ModelSpec {
             staleness: spec.mode.to_wire().1,
             max_block_elements: spec.max_block_elements,
             max_grad_norm: spec.max_grad_norm,
-            min_workers: spec.min_workers,
-            step_deadline_ms: spec.step_deadline.map_or(0, |d| d.as_millis().max(1) as u64),
-            quorum: spec.quorum,
-            max_workers: spec.max_workers,
+            min_workers: spec.contract.min_workers,
+            step_deadline_ms: spec.contract.step_deadline.map_or(0, |d| d.as_millis().max(1) as u64),
+            quorum: spec.contract.quorum,
+            max_workers: spec.contract.max_workers,
         }
     }
 }

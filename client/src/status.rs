@@ -30,12 +30,12 @@ pub struct ModelStatus {
     pub blocks: u32,
     /// Parameters on the shard.
     pub parameters: u64,
+    /// Push RPCs committed.
+    pub pushes: u64,
     /// Workers with a live lease.
     pub live_workers: Vec<WorkerStatus>,
     /// Per-group optimizer and state.
     pub groups: Vec<GroupStatus>,
-    /// Push RPCs committed.
-    pub pushes: u64,
     /// Workers dropped for an expired lease.
     pub workers_expired: u64,
     /// Members dropped because they had not pushed a step by its deadline.

@@ -10,3 +10,44 @@ pub const SHARD_INDEX_HEADER: &str = "ps-shard-index";
 
 /// Metadata key: the number of shards in the client's list (decimal).
 pub const SHARD_COUNT_HEADER: &str = "ps-shard-count";
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+/// What every request to one shard carries: the bearer token, if any, and
+/// which shard of how many the caller means. Clients and peer shards use it.
+#[derive(Clone, Debug)]
+pub struct ShardHeaders {
+    token: Option<MetadataValue<Ascii>>,
+    index: MetadataValue<Ascii>,
+    count: MetadataValue<Ascii>,
+}
+
+/// A bearer token that cannot be sent in a header.
+#[derive(Debug, thiserror::Error)]
+#[error("the auth token must be printable ASCII")]
+pub struct BadToken;
+
+impl ShardHeaders {
+    /// Headers for shard `index` of `count`, with `token` as the bearer token.
+    pub fn new(token: Option<&str>, index: usize, count: usize) -> Result<Self, BadToken> {
+        let token = match token {
+            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| BadToken)?),
+            None => None,
+        };
+        Ok(Self { token, index: MetadataValue::from(index as u64), count: MetadataValue::from(count as u64) })
+    }
+}
+
+impl Interceptor for ShardHeaders {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let metadata = request.metadata_mut();
+        if let Some(token) = &self.token {
+            metadata.insert("authorization", token.clone());
+        }
+        metadata.insert(SHARD_INDEX_HEADER, self.index.clone());
+        metadata.insert(SHARD_COUNT_HEADER, self.count.clone());
+        Ok(request)
+    }
+}

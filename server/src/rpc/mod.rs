@@ -7,6 +7,7 @@ mod assemble;
 mod auth;
 pub mod convert;
 mod identity;
+mod peers;
 mod service;
 
 use std::future::Future;
@@ -24,6 +25,7 @@ use tonic::{Request, Status};
 
 pub use auth::BearerAuth;
 pub use identity::ShardCheck;
+pub use peers::Peers;
 pub use service::ParameterService;
 
 use crate::config::ServerOptions;
@@ -37,8 +39,9 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let identity = ShardIdentity { index: options.shard_index, addresses: options.shards.clone() };
     let gate = Gate { auth: BearerAuth::new(options.auth_token.as_deref()), shard: ShardCheck::new(&identity) };
+    let peers = Peers::new(&identity, options.auth_token.as_deref());
     let registry = Arc::new(Registry::new(identity, options.lease));
-    let reaper = tokio::spawn(expire_leases(registry.clone()));
+    let reaper = tokio::spawn(expire_leases(registry.clone(), peers));
     let service = InterceptedService::new(
         ParameterServerServer::new(ParameterService::new(registry))
             .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
@@ -84,9 +87,9 @@ fn incoming_without_delay(
 }
 
 /// Drops workers whose lease expired and stragglers past a step deadline,
-/// every quarter of the shortest of them, and lets the steps that were
-/// waiting for them complete.
-async fn expire_leases(registry: Arc<Registry>) {
+/// every quarter of the shortest of them, lets the steps that were waiting
+/// for them complete, and tells the peers, so a drop anywhere is a drop everywhere.
+async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
     loop {
         let models = registry.models();
         let shortest = models.iter().filter_map(|m| m.spec.options.step_deadline).fold(registry.lease, Duration::min);
@@ -103,6 +106,7 @@ async fn expire_leases(registry: Arc<Registry>) {
             if !late.is_empty() {
                 tracing::warn!(model = name, workers = ?late, "no push by the step deadline; worker dropped from the model");
             }
+            peers.share_drops(&name, &[expired, late].concat());
         }
     }
 }

@@ -37,10 +37,7 @@ pub fn small_spec(name: &str) -> ModelSpec {
         mode: Mode::Sync,
         max_block_elements: 32,
         max_grad_norm: 0.0,
-        min_workers: 0,
-        step_deadline: None,
-        quorum: 0,
-        max_workers: 0,
+        contract: Default::default(),
     }
 }
 

@@ -198,10 +198,7 @@ fn spec(case: &Case) -> ModelSpec {
         // One row per block, so the model spans both shards.
         max_block_elements: 6,
         max_grad_norm: 0.0,
-        min_workers: 0,
-        step_deadline: None,
-        quorum: 0,
-        max_workers: 0,
+        contract: Default::default(),
     }
 }
 

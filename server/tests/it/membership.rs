@@ -138,7 +138,7 @@ async fn a_worker_that_lost_its_lease_rejoins_and_resumes_at_the_current_version
 async fn step_zero_waits_for_the_minimum_of_workers_on_every_shard() {
     let cluster = Cluster::start(2, Duration::from_secs(60)).await;
     let mut spec = small_spec("quorum");
-    spec.min_workers = 3;
+    spec.contract.min_workers = 3;
     let init = initial_values(&spec, 1);
     let model = cluster.client().register(&spec, &init).await.unwrap();
     let versions = || async {
@@ -171,8 +171,8 @@ async fn a_member_that_does_not_push_by_the_deadline_is_dropped_once_the_quorum_
     let cluster = Cluster::start(2, Duration::from_secs(60)).await;
     let deadline = Duration::from_millis(300);
     let mut spec = small_spec("deadline");
-    spec.step_deadline = Some(deadline);
-    spec.quorum = 2;
+    spec.contract.step_deadline = Some(deadline);
+    spec.contract.quorum = 2;
     let init = initial_values(&spec, 1);
     let model = cluster.client().register(&spec, &init).await.unwrap();
     for worker in ["a", "idle"] {
@@ -238,11 +238,60 @@ async fn asked_and_assigned_ranks_never_collide_and_agree_on_every_shard() {
     assert_eq!(model.join("w2").await.unwrap().rank, 2);
     // The spec's cap on members.
     let mut spec = small_spec("capped");
-    spec.max_workers = 2;
+    spec.contract.max_workers = 2;
     let capped = cluster.client().register(&spec, &initial_values(&spec, 1)).await.unwrap();
     capped.join("a").await.unwrap();
     capped.join("b").await.unwrap();
     let full = capped.join("c").await.unwrap_err();
     assert_eq!(full.status().unwrap().code(), tonic::Code::ResourceExhausted, "{full}");
     assert!(full.to_string().contains("max_workers"), "{full}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dropped_on_one_shard_is_dropped_on_every_shard() {
+    use ps_proto::pb::GradientChunk;
+    // A long lease: only shard 0's step deadline can drop anyone.
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let mut spec = small_spec("shared-drops");
+    spec.contract.step_deadline = Some(Duration::from_millis(200));
+    let init = initial_values(&spec, 1);
+    let model = cluster.client().register(&spec, &init).await.unwrap();
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    // b reaches shard 1 with step 0 but never shard 0 (a lost connection, say).
+    let grads = grads_like(&init, 2);
+    let mut to_shard_1 = Vec::new();
+    for tensor in model.tensors() {
+        for block in tensor.blocks.iter().filter(|b| b.shard == 1) {
+            let values = &grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
+            for chunk in
+                ps_proto::chunk::encode_block(&tensor.name, block.block, values, ps_proto::pb::Encoding::F32, 0.0)
+            {
+                to_shard_1.push(GradientChunk {
+                    model: "shared-drops".into(),
+                    worker_id: "b".into(),
+                    step: 0,
+                    chunk: Some(chunk),
+                });
+            }
+        }
+    }
+    assert!(!to_shard_1.is_empty(), "the test needs blocks on shard 1");
+    cluster.raw(1).await.push_gradients(tokio_stream::iter(to_shard_1)).await.unwrap();
+    model.push("a", 0, &grads_like(&init, 1)).await.unwrap();
+    // Shard 0 drops b at its deadline and completes step 0; shard 1, where b did push, follows.
+    assert_eq!(model.pull(1).await.unwrap().version, 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = cluster.client().status("shared-drops").await.unwrap();
+        let live: Vec<Vec<String>> =
+            status.iter().map(|s| s.models[0].live_workers.iter().map(|w| w.worker_id.clone()).collect()).collect();
+        if live.iter().all(|l| l == &["a"]) {
+            assert_eq!(status[0].models[0].workers_dropped_late, 1, "shard 0 decided");
+            assert_eq!(status[1].models[0].workers_dropped_late, 0, "shard 1 was told");
+            break;
+        }
+        assert!(Instant::now() < deadline, "b is still a member somewhere: {live:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -29,40 +29,36 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
     let adamw = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decoupled: true };
     let nesterov = SgdConfig { lr: 0.05, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01 };
     let spec = ModelSpec {
-        name: "equivalence".into(),
-        tensors: vec![tensor("layer.weight", &[37, 19]), tensor("layer.bias", &[19]), tensor("head.weight", &[5, 37])],
-        groups: vec![
-            group(
-                "matrices",
-                &["*.weight"],
-                Optimizer::AdamW(spec::AdamW {
-                    lr: 0.01,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    l2_decay: false,
-                }),
-            ),
-            group(
-                "biases",
-                &["*"],
-                Optimizer::Sgd(spec::Sgd {
-                    lr: 0.05,
-                    momentum: 0.9,
-                    nesterov: true,
-                    weight_decay: 0.01,
-                    ..Default::default()
-                }),
-            ),
-        ],
-        mode: Mode::Sync,
         max_block_elements: 100,
-        max_grad_norm: 0.0,
-        min_workers: 0,
-        step_deadline: None,
-        quorum: 0,
-        max_workers: 0,
+        ..ModelSpec::new(
+            "equivalence",
+            vec![tensor("layer.weight", &[37, 19]), tensor("layer.bias", &[19]), tensor("head.weight", &[5, 37])],
+            vec![
+                group(
+                    "matrices",
+                    &["*.weight"],
+                    Optimizer::AdamW(spec::AdamW {
+                        lr: 0.01,
+                        beta1: 0.9,
+                        beta2: 0.999,
+                        eps: 1e-8,
+                        weight_decay: 0.1,
+                        l2_decay: false,
+                    }),
+                ),
+                group(
+                    "biases",
+                    &["*"],
+                    Optimizer::Sgd(spec::Sgd {
+                        lr: 0.05,
+                        momentum: 0.9,
+                        nesterov: true,
+                        weight_decay: 0.01,
+                        ..Default::default()
+                    }),
+                ),
+            ],
+        )
     };
     let init = initial_values(&spec, 7);
     let model = cluster.client().register(&spec, &init).await.unwrap();
@@ -161,26 +157,22 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
         ..Default::default()
     };
     let spec = ModelSpec {
-        name: "frugal".into(),
-        tensors: vec![
-            tensor("attn.q_proj.weight", &[24, 16]),
-            tensor("mlp.up_proj.weight", &[32, 16]),
-            tensor("mlp.down_proj.weight", &[16, 32]),
-            tensor("attn.k_proj.weight", &[16, 16]),
-            tensor("norm.weight", &[16]),
-            tensor("head.weight", &[10, 16]),
-        ],
-        groups: vec![
-            group("sm", &["head.*"], Optimizer::SubspaceMomentum(sn_sm)),
-            group("frugal", &["*"], Optimizer::Frugal(frugal)),
-        ],
-        mode: Mode::Sync,
         max_block_elements: 64,
-        max_grad_norm: 0.0,
-        min_workers: 0,
-        step_deadline: None,
-        quorum: 0,
-        max_workers: 0,
+        ..ModelSpec::new(
+            "frugal",
+            vec![
+                tensor("attn.q_proj.weight", &[24, 16]),
+                tensor("mlp.up_proj.weight", &[32, 16]),
+                tensor("mlp.down_proj.weight", &[16, 32]),
+                tensor("attn.k_proj.weight", &[16, 16]),
+                tensor("norm.weight", &[16]),
+                tensor("head.weight", &[10, 16]),
+            ],
+            vec![
+                group("sm", &["head.*"], Optimizer::SubspaceMomentum(sn_sm)),
+                group("frugal", &["*"], Optimizer::Frugal(frugal)),
+            ],
+        )
     };
     let init = initial_values(&spec, 11);
     let model = cluster.client().register(&spec, &init).await.unwrap();

@@ -5,8 +5,8 @@
 use ps_client::Encoding;
 use ps_client::compress::Compression;
 use ps_client::spec::{
-    AdamW, Frugal, FrugalMode, GroupConfig, Mode, ModelSpec, Optimizer, Projection, Schedule, Sgd, Sign, SubsetKind,
-    SubsetNorm, SubspaceMomentum,
+    AdamW, Frugal, FrugalMode, GroupConfig, Mode, ModelSpec, Optimizer, Projection, Schedule, Sgd, Sign, StepContract,
+    SubsetKind, SubsetNorm, SubspaceMomentum,
 };
 
 use super::args::{CompressionArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
@@ -122,13 +122,15 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
         mode: mode(args),
         max_block_elements: 0,
         max_grad_norm: args.max_grad_norm,
-        // The servers hold step 0 until this many workers pushed it, whatever joins first.
-        min_workers: match args.mode {
-            ModeArg::Sync | ModeArg::BoundedStaleness => args.min_workers.unwrap_or(args.world_size) as u32,
-            ModeArg::Async => 0,
+        contract: StepContract {
+            // The servers hold step 0 until this many workers pushed it, whatever joins first.
+            min_workers: match args.mode {
+                ModeArg::Sync | ModeArg::BoundedStaleness => args.min_workers.unwrap_or(args.world_size) as u32,
+                ModeArg::Async => 0,
+            },
+            step_deadline: args.step_deadline.filter(|_| args.mode != ModeArg::Async),
+            quorum: args.quorum,
+            max_workers: 0,
         },
-        step_deadline: args.step_deadline.filter(|_| args.mode != ModeArg::Async),
-        quorum: args.quorum,
-        max_workers: 0,
     }
 }
