@@ -230,7 +230,11 @@ impl ModelHandle {
 
     /// Leaves the model on every shard, so no barrier waits for this worker.
     pub async fn leave(&self, worker: &str) -> Result<(), ClientError> {
-        let request = pb::LeaveWorkerRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+        let request = pb::LeaveWorkerRequest {
+            model: self.name().to_string(),
+            worker_id: worker.to_string(),
+            reason: pb::LeaveReason::Left as i32,
+        };
         self.on_every_shard(|mut stub| {
             let request = request.clone();
             async move { stub.leave_worker(request).await.map(|r| r.into_inner()) }

@@ -29,7 +29,7 @@ pub use peers::Peers;
 pub use service::ParameterService;
 
 use crate::config::ServerOptions;
-use crate::store::{Registry, ShardIdentity};
+use crate::store::{DropReason, Registry, ShardIdentity};
 
 /// Serves one shard on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -106,7 +106,8 @@ async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
             if !late.is_empty() {
                 tracing::warn!(model = name, workers = ?late, "no push by the step deadline; worker dropped from the model");
             }
-            peers.share_drops(&name, &[expired, late].concat());
+            peers.share_drops(&name, &expired, DropReason::LeaseExpired);
+            peers.share_drops(&name, &late, DropReason::MissedDeadline);
         }
     }
 }

@@ -12,7 +12,7 @@ use ps_proto::{ParameterServerClient, pb};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::store::ShardIdentity;
+use crate::store::{DropReason, ShardIdentity};
 
 type PeerStub = ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
@@ -50,12 +50,16 @@ impl Peers {
         Self { stubs }
     }
 
-    /// Tells every peer that `workers` left `model`, without waiting for the answers.
-    pub fn share_drops(&self, model: &str, workers: &[String]) {
+    /// Tells every peer that `workers` were dropped from `model` and why, without waiting for the answers.
+    pub fn share_drops(&self, model: &str, workers: &[String], why: DropReason) {
+        let reason = match why {
+            DropReason::LeaseExpired => pb::LeaveReason::LeaseExpired,
+            DropReason::MissedDeadline => pb::LeaveReason::MissedDeadline,
+        } as i32;
         for (peer, stub) in &self.stubs {
             for worker in workers {
                 let (mut stub, peer) = (stub.clone(), *peer);
-                let request = pb::LeaveWorkerRequest { model: model.to_string(), worker_id: worker.clone() };
+                let request = pb::LeaveWorkerRequest { model: model.to_string(), worker_id: worker.clone(), reason };
                 tokio::spawn(async move {
                     match stub.leave_worker(request).await {
                         // NOT_FOUND: the peer had dropped it already.

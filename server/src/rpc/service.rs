@@ -19,7 +19,7 @@ use super::convert;
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::spec::{ModelSpec, check_name};
-use crate::store::{Model, Registry, WaitFailure};
+use crate::store::{DropReason, Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -315,7 +315,24 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
                     worker: request.worker_id.clone(),
                 });
             }
-            tracing::info!(model = request.model, worker = request.worker_id, "worker left");
+            // A peer that dropped the worker says why, so every shard counts it the same.
+            let told = match pb::LeaveReason::try_from(request.reason) {
+                Ok(pb::LeaveReason::LeaseExpired) => Some(DropReason::LeaseExpired),
+                Ok(pb::LeaveReason::MissedDeadline) => Some(DropReason::MissedDeadline),
+                _ => None,
+            };
+            match told {
+                Some(why) => {
+                    model.count_drops(why, 1);
+                    tracing::warn!(
+                        model = request.model,
+                        worker = request.worker_id,
+                        ?why,
+                        "worker dropped by a peer shard"
+                    );
+                }
+                None => tracing::info!(model = request.model, worker = request.worker_id, "worker left"),
+            }
             // Steps that were waiting only for this worker can complete now.
             blocking(move || model.complete_ready_steps()).await.map_err(|s| ServerError::Internal(s.to_string()))?;
             Ok(pb::LeaveWorkerResponse {})

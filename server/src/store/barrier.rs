@@ -14,7 +14,7 @@ use ps_proto::codec;
 use rayon::prelude::*;
 
 use super::block::{Accumulated, Block, BlockGradient, BlockState, FailedStep, PendingStep};
-use super::model::Model;
+use super::model::{DropReason, Model};
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::optim::StepContext;
@@ -217,9 +217,7 @@ impl Model {
         }
         let dropped: Vec<String> = late.into_iter().filter(|w| self.membership.leave(w)).collect();
         if !dropped.is_empty() {
-            self.workers_dropped_late.fetch_add(dropped.len() as u64, Ordering::Relaxed);
-            metrics::counter!(m::WORKERS_DROPPED_LATE, "model" => self.spec.name.clone())
-                .increment(dropped.len() as u64);
+            self.count_drops(DropReason::MissedDeadline, dropped.len());
             self.complete_ready_steps();
         }
         dropped

@@ -13,5 +13,5 @@ mod registry;
 pub use barrier::PushOutcome;
 pub use block::{Block, BlockGradient, WaitFailure};
 pub use membership::{JoinError, MAX_RANK, Membership};
-pub use model::{GroupStats, Model};
+pub use model::{DropReason, GroupStats, Model};
 pub use registry::{Registry, ShardIdentity};

@@ -19,6 +19,15 @@ use crate::metrics as m;
 use crate::optim::{Dims, SliceInfo};
 use crate::spec::{InitRule, ModelSpec, fill_initial};
 
+/// Why a worker was dropped from a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Its lease expired.
+    LeaseExpired,
+    /// It had not pushed a step by the step's deadline.
+    MissedDeadline,
+}
+
 /// Per-group numbers for the status RPC.
 #[derive(Debug, Clone, Default)]
 pub struct GroupStats {
@@ -172,11 +181,20 @@ impl Model {
     pub fn expire_workers(&self) -> Vec<String> {
         let expired = self.membership.expire();
         if !expired.is_empty() {
-            self.workers_expired.fetch_add(expired.len() as u64, Ordering::Relaxed);
-            metrics::counter!(m::WORKERS_EXPIRED, "model" => self.spec.name.clone()).increment(expired.len() as u64);
+            self.count_drops(DropReason::LeaseExpired, expired.len());
             self.complete_ready_steps();
         }
         expired
+    }
+
+    /// Counts workers dropped for `why`, here or (told by a peer) on another shard.
+    pub fn count_drops(&self, why: DropReason, workers: usize) {
+        let (counter, metric) = match why {
+            DropReason::LeaseExpired => (&self.workers_expired, m::WORKERS_EXPIRED),
+            DropReason::MissedDeadline => (&self.workers_dropped_late, m::WORKERS_DROPPED_LATE),
+        };
+        counter.fetch_add(workers as u64, Ordering::Relaxed);
+        metrics::counter!(metric, "model" => self.spec.name.clone()).increment(workers as u64);
     }
 
     /// Lowest and highest block version on this shard.

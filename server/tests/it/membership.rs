@@ -287,8 +287,8 @@ async fn a_worker_dropped_on_one_shard_is_dropped_on_every_shard() {
         let live: Vec<Vec<String>> =
             status.iter().map(|s| s.models[0].live_workers.iter().map(|w| w.worker_id.clone()).collect()).collect();
         if live.iter().all(|l| l == &["a"]) {
-            assert_eq!(status[0].models[0].workers_dropped_late, 1, "shard 0 decided");
-            assert_eq!(status[1].models[0].workers_dropped_late, 0, "shard 1 was told");
+            // Shard 0 decided; shard 1, where b's step was complete, was told and counts the drop alike.
+            assert!(status.iter().all(|s| s.models[0].workers_dropped_late == 1), "{status:?}");
             break;
         }
         assert!(Instant::now() < deadline, "b is still a member somewhere: {live:?}");
