@@ -1,5 +1,6 @@
 //! How a client reaches the shards.
 
+use std::path::Path;
 use std::time::Duration;
 
 /// How to reach the shards.
@@ -13,6 +14,16 @@ pub struct ClientConfig {
     pub attempts: u32,
     /// Delay before the first retry; doubles each time.
     pub retry_backoff: Duration,
+}
+
+/// The bearer token to use: the one read from `file` if given (a mounted
+/// secret), else `token`; an empty token means none.
+pub fn bearer_token(token: Option<String>, file: Option<&Path>) -> std::io::Result<Option<String>> {
+    let token = match file {
+        Some(path) => Some(ps_proto::cluster::read_token_file(path)?),
+        None => token,
+    };
+    Ok(token.filter(|t| !t.is_empty()))
 }
 
 impl ClientConfig {

@@ -38,7 +38,7 @@ pub mod status;
 
 use std::collections::BTreeMap;
 
-pub use config::ClientConfig;
+pub use config::{ClientConfig, bearer_token};
 pub use connection::PsClient;
 pub use error::{ClientError, ProtocolError};
 pub use layout::{Layout, TensorInfo};

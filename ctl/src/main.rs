@@ -16,6 +16,9 @@ struct Cli {
     /// Bearer token for the servers.
     #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true, global = true)]
     auth_token: Option<String>,
+    /// Read the token from this file instead (keeps it off the command line).
+    #[arg(long, env = "PS_AUTH_TOKEN_FILE", global = true, conflicts_with = "auth_token")]
+    auth_token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,7 +56,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = ClientConfig::new(cli.shards.clone());
-    config.auth_token = cli.auth_token.clone();
+    config.auth_token = ps_client::bearer_token(cli.auth_token.clone(), cli.auth_token_file.as_deref())?;
     config.attempts = 2;
     let client = PsClient::connect(config)?;
     match cli.command {

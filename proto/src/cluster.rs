@@ -51,3 +51,46 @@ impl Interceptor for ShardHeaders {
         Ok(request)
     }
 }
+
+/// Reads a bearer token from a file (a mounted secret), without the trailing
+/// newline, so the token never has to appear on a command line.
+pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
+    let token = std::fs::read_to_string(path)?.trim_end_matches(['\r', '\n']).to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is empty", path.display())));
+    }
+    Ok(token)
+}
+
+/// Compares two secrets in time that depends on their length only, not on
+/// where they first differ, so a caller cannot guess a token byte by byte.
+pub fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.as_bytes(), expected.as_bytes());
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_lose_their_newline_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("ps-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(read_token_file(&file).unwrap(), "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(read_token_file(&file).unwrap_err().to_string().contains("is empty"));
+        assert!(read_token_file(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("s3cret", "s3cret"));
+        assert!(!same_secret("s3creT", "s3cret"));
+        assert!(!same_secret("s3cre", "s3cret"));
+        assert!(!same_secret("", "s3cret"));
+    }
+}

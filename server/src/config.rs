@@ -38,6 +38,9 @@ pub struct ServerArgs {
     /// Require `authorization: Bearer <token>` on every RPC.
     #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// Read the token from this file instead (a mounted secret; keeps it off the command line).
+    #[arg(long, env = "PS_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
+    pub auth_token_file: Option<std::path::PathBuf>,
 }
 
 /// A configuration that cannot run.
@@ -68,6 +71,14 @@ pub enum ConfigError {
     /// A lease too short to heartbeat within.
     #[error("--lease must be at least 50ms")]
     LeaseTooShort,
+    /// The token file cannot be read.
+    #[error("--auth-token-file {path}: {reason}")]
+    TokenFile {
+        /// The file.
+        path: String,
+        /// Why it cannot be used.
+        reason: std::io::Error,
+    },
 }
 
 /// What [`crate::serve`] needs, independent of how it was configured.
@@ -113,11 +124,18 @@ impl ServerArgs {
         if self.lease < Duration::from_millis(50) {
             return Err(ConfigError::LeaseTooShort);
         }
+        let auth_token = match &self.auth_token_file {
+            Some(path) => Some(
+                ps_proto::cluster::read_token_file(path)
+                    .map_err(|reason| ConfigError::TokenFile { path: path.display().to_string(), reason })?,
+            ),
+            None => self.auth_token,
+        };
         let options = ServerOptions {
             shard_index: self.shard_index,
             shards: self.shards,
             lease: self.lease,
-            auth_token: self.auth_token.filter(|t| !t.is_empty()),
+            auth_token: auth_token.filter(|t| !t.is_empty()),
         };
         Ok((options, listen, metrics))
     }
@@ -145,5 +163,19 @@ mod tests {
         assert_eq!(options.shards.len(), 2);
         let bad = ServerArgs::try_parse_from(["server", "--shard-index", "2", "--shards", "a:1,b:2"]).unwrap();
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn the_token_can_come_from_a_file_but_not_from_both() {
+        let file = std::env::temp_dir().join(format!("ps-server-token-{}", std::process::id()));
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let path = file.to_str().unwrap();
+        let args = ServerArgs::try_parse_from(["server", "--metrics-addr", "off", "--auth-token-file", path]).unwrap();
+        assert_eq!(args.resolve().unwrap().0.auth_token.as_deref(), Some("s3cret"));
+        let both = ["server", "--auth-token", "x", "--auth-token-file", path];
+        assert!(ServerArgs::try_parse_from(both).is_err(), "one source of the token at a time");
+        std::fs::remove_file(&file).unwrap();
+        let gone = ServerArgs::try_parse_from(["server", "--metrics-addr", "off", "--auth-token-file", path]).unwrap();
+        assert!(gone.resolve().unwrap_err().to_string().contains("--auth-token-file"));
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use ps_proto::cluster::same_secret;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
@@ -22,7 +23,9 @@ impl Interceptor for BearerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(expected) = &self.expected else { return Ok(request) };
         match request.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
-            Some(value) if value.strip_prefix("Bearer ") == Some(expected) => Ok(request),
+            Some(value) if value.strip_prefix("Bearer ").is_some_and(|given| same_secret(given, expected)) => {
+                Ok(request)
+            }
             Some(_) => Err(Status::unauthenticated("the bearer token does not match this server's --auth-token")),
             None => Err(Status::unauthenticated(
                 "missing 'authorization: Bearer <token>' header; this server requires --auth-token",

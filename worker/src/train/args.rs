@@ -156,6 +156,9 @@ pub struct TrainArgs {
     /// Bearer token for the servers.
     #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// Read the token from this file instead (keeps it off the command line).
+    #[arg(long, env = "PS_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
+    pub auth_token_file: Option<std::path::PathBuf>,
     /// FRUGAL density ρ.
     #[arg(long, env = "PS_DENSITY", default_value_t = 0.25)]
     pub density: f64,
@@ -216,4 +219,7 @@ pub struct EvaluateArgs {
     /// Bearer token for the servers.
     #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// Read the token from this file instead (keeps it off the command line).
+    #[arg(long, env = "PS_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
+    pub auth_token_file: Option<std::path::PathBuf>,
 }

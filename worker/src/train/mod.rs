@@ -66,7 +66,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         telemetry::install_exporter(addr).with_context(|| format!("serving worker metrics on {addr}"))?;
     }
     let mut config = ClientConfig::new(args.shards.clone());
-    config.auth_token = args.auth_token.clone();
+    config.auth_token = ps_client::bearer_token(args.auth_token.clone(), args.auth_token_file.as_deref())?;
     let client = PsClient::connect(config)?;
     client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
     let compression = spec::compression(&args);
@@ -195,7 +195,7 @@ async fn wait_for_workers(client: &PsClient, model: &str, wanted: usize, timeout
 /// Pulls the current weights and evaluates them on the task's test set.
 pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<(u64, crate::task::Evaluation)> {
     let mut config = ClientConfig::new(args.shards.clone());
-    config.auth_token = args.auth_token.clone();
+    config.auth_token = ps_client::bearer_token(args.auth_token.clone(), args.auth_token_file.as_deref())?;
     let client = PsClient::connect(config)?;
     let name = args.model.clone().unwrap_or_else(|| args.task.model_name().to_string());
     let model = client.model(&name).await.with_context(|| format!("opening model '{name}'"))?;
