@@ -91,12 +91,19 @@ fn incoming_without_delay(
 /// for them complete, and tells the peers, so a drop anywhere is a drop everywhere.
 async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
     loop {
-        let models = registry.models();
-        let shortest = models.iter().filter_map(|m| m.spec.options.step_deadline).fold(registry.lease, Duration::min);
-        // At most a quarter second, so a model registered with a short deadline
-        // while the reaper sleeps is looked at soon.
-        tokio::time::sleep((shortest / 4).clamp(Duration::from_millis(5), Duration::from_millis(250))).await;
-        for model in models {
+        // Listen before reading the models, so a model added in between is not missed.
+        let added = registry.model_added().notified();
+        tokio::pin!(added);
+        added.as_mut().enable();
+        let shortest =
+            registry.models().iter().filter_map(|m| m.spec.options.step_deadline).fold(registry.lease, Duration::min);
+        let period = (shortest / 4).max(Duration::from_millis(5));
+        // A model registered meanwhile may have a shorter deadline: look again at once.
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = added => continue,
+        }
+        for model in registry.models() {
             let name = model.name().to_string();
             let checked = tokio::task::spawn_blocking(move || (model.expire_workers(), model.drop_stragglers())).await;
             let (expired, late) = checked.unwrap_or_default();

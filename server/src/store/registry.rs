@@ -26,12 +26,15 @@ pub struct Registry {
     /// Lease given to joining workers.
     pub lease: Duration,
     models: RwLock<HashMap<String, Arc<Model>>>,
+    /// Woken when a model is added, so the reaper can shorten its period at once
+    /// for a model with a short step deadline instead of polling for new models.
+    added: tokio::sync::Notify,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new(identity: ShardIdentity, lease: Duration) -> Self {
-        Self { identity, lease, models: RwLock::new(HashMap::new()) }
+        Self { identity, lease, models: RwLock::new(HashMap::new()), added: tokio::sync::Notify::new() }
     }
 
     /// Number of shards in the cluster.
@@ -65,7 +68,13 @@ impl Registry {
         }
         let model = Arc::new(model);
         models.insert(model.name().to_string(), model.clone());
+        self.added.notify_waiters();
         Ok((true, model))
+    }
+
+    /// Notified whenever a model is added.
+    pub fn model_added(&self) -> &tokio::sync::Notify {
+        &self.added
     }
 
     /// Every model, sorted by name.
