@@ -297,6 +297,7 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
 
 /// A model's layout as `PlanLayout`, `RegisterModel` and `GetLayout` return it.
 pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb::Layout {
+    let (mode, staleness) = mode_to_proto(spec.options.mode);
     pb::Layout {
         model: spec.name.clone(),
         shards: shard.addresses.clone(),
@@ -310,9 +311,9 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
             })
             .collect(),
         blocks: plan.iter().map(|b| b.to_wire(&spec.tensors[b.tensor].name)).collect(),
-        mode: mode_to_proto(spec.options.mode).0 as i32,
+        mode: mode as i32,
         max_grad_norm: spec.options.max_grad_norm,
-        staleness: mode_to_proto(spec.options.mode).1,
+        staleness,
         groups: spec
             .groups
             .iter()
@@ -329,10 +330,11 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
 pub fn model_status(model: &Model) -> pb::ModelStatus {
     let (min_version, max_version) = model.version_range();
     let (pushes, workers_expired, workers_dropped_late) = model.counters();
+    let (mode, staleness) = mode_to_proto(model.spec.options.mode);
     pb::ModelStatus {
         name: model.name().to_string(),
-        mode: mode_to_proto(model.spec.options.mode).0 as i32,
-        staleness: mode_to_proto(model.spec.options.mode).1,
+        mode: mode as i32,
+        staleness,
         min_version,
         max_version,
         blocks: model.local_blocks().len() as u32,

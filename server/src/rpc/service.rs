@@ -111,7 +111,7 @@ impl ParameterService {
         check_worker_name(&worker)?;
         let model = self.registry.get(&model_name)?;
         if !model.membership.is_live(&worker) {
-            return Err(ServerError::UnknownWorker { model: model_name, worker }.into());
+            return Err(model.not_a_member(&worker).into());
         }
         let mut assembler = Assembler::new(&model, Purpose::Gradients);
         let mut next = Some(first);
@@ -293,11 +293,10 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let request = request.into_inner();
         let result = self.registry.get(&request.model).and_then(|model| {
-            if model.membership.heartbeat(&request.worker_id) {
-                Ok(pb::HeartbeatResponse { lease_ms: model.membership.lease().as_millis() as u64 })
-            } else {
-                Err(ServerError::UnknownWorker { model: request.model.clone(), worker: request.worker_id.clone() })
+            if !model.membership.heartbeat(&request.worker_id) {
+                return Err(model.not_a_member(&request.worker_id));
             }
+            Ok(pb::HeartbeatResponse { lease_ms: model.membership.lease().as_millis() as u64 })
         });
         observe("Heartbeat", result.map_err(Status::from)).map(Response::new)
     }
@@ -310,10 +309,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         let result = async {
             let model = self.registry.get(&request.model)?;
             if !model.membership.leave(&request.worker_id) {
-                return Err(ServerError::UnknownWorker {
-                    model: request.model.clone(),
-                    worker: request.worker_id.clone(),
-                });
+                return Err(model.not_a_member(&request.worker_id));
             }
             // A peer that dropped the worker says why, so every shard counts it the same.
             let told = match pb::LeaveReason::try_from(request.reason) {

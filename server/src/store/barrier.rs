@@ -47,7 +47,7 @@ impl Model {
         blocks: Vec<G>,
     ) -> Result<PushOutcome, ServerError> {
         if !self.membership.is_live(worker) {
-            return Err(ServerError::UnknownWorker { model: self.spec.name.clone(), worker: worker.to_string() });
+            return Err(self.not_a_member(worker));
         }
         for gradient in &blocks {
             let block = gradient.block();

@@ -117,6 +117,11 @@ impl Model {
         &self.local_order
     }
 
+    /// The error for a worker that is not a live member of this model.
+    pub fn not_a_member(&self, worker: &str) -> ServerError {
+        ServerError::UnknownWorker { model: self.spec.name.clone(), worker: worker.to_string() }
+    }
+
     /// Index of a tensor by name.
     pub fn tensor_index(&self, tensor: &str) -> Result<usize, ServerError> {
         self.tensor_index
