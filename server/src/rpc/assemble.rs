@@ -12,6 +12,7 @@ use ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES;
 use rayon::prelude::*;
 
 use crate::error::{ChunkProblem, ServerError};
+use crate::spec::InitRule;
 use crate::store::{Block, BlockGradient, Model};
 
 struct Part {
@@ -85,6 +86,9 @@ impl<'a> Assembler<'a> {
         codec::check_payload(encoding, chunk.length, &chunk.payload).map_err(bad)?;
         codec::check_scale(encoding, chunk.scale).map_err(bad)?;
         let block = self.model.block(&chunk.tensor, chunk.block)?;
+        if self.purpose == Purpose::Weights && self.model.spec.tensors[block.tensor].init != InitRule::Provided {
+            return Err(ServerError::ValuesNotProvided { tensor: chunk.tensor.clone() });
+        }
         let key = (block.tensor, block.index);
         let progress = self.blocks.entry(key).or_insert_with(|| {
             self.order.push(key);

@@ -75,10 +75,7 @@ impl ParameterService {
         let mut assembler = Assembler::new(&model, Purpose::Weights);
         while let Some(message) = stream.message().await? {
             match message.item {
-                Some(pb::register_model_request::Item::Values(chunk)) => {
-                    model.provided_tensor(&chunk.tensor)?;
-                    assembler.add(chunk)?;
-                }
+                Some(pb::register_model_request::Item::Values(chunk)) => assembler.add(chunk)?,
                 _ => return Err(ServerError::SpecRepeated.into()),
             }
         }

@@ -146,16 +146,6 @@ impl Model {
         }
     }
 
-    /// The index of a tensor that registration values may be given for: it
-    /// must exist and have the PROVIDED init rule.
-    pub fn provided_tensor(&self, tensor: &str) -> Result<usize, ServerError> {
-        let index = self.tensor_index(tensor)?;
-        if self.spec.tensors[index].init != InitRule::Provided {
-            return Err(ServerError::ValuesNotProvided { tensor: tensor.to_string() });
-        }
-        Ok(index)
-    }
-
     /// Installs registration-time values (before the model is shared), after
     /// checking that every PROVIDED block of this shard got its values.
     pub fn install_initial_values(&self, values: Vec<(Arc<Block>, Vec<f32>)>) -> Result<(), ServerError> {

@@ -322,6 +322,17 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
     let fits = vec![proto::IndexList { indices: vec![0, 3] }, proto::IndexList { indices: vec![9, 1] }];
     scheduled.groups[0].optimizer = sm_with_schedule(fits);
     client.register(&scheduled, &initial_values(&scheduled, 1)).await.unwrap();
+    // Values for a tensor that has an init rule.
+    let mut ruled = proto::ModelSpec::from(&small_spec("ruled"));
+    ruled.tensors[1].init = Some(proto::InitRule { kind: proto::InitKind::Zeros as i32, ..Default::default() });
+    let values = proto::register_model_request::Item::Values(chunk("b", 0, 0, &[0.5; 10]));
+    let messages = vec![
+        proto::RegisterModelRequest { item: Some(proto::register_model_request::Item::Spec(ruled)) },
+        proto::RegisterModelRequest { item: Some(values) },
+    ];
+    let error = cluster.raw(0).await.register_model(tokio_stream::iter(messages)).await.unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("values are accepted only for INIT_KIND_PROVIDED"), "{}", error.message());
     // Missing provided values.
     let error = client.register(&small_spec("no-values"), &Tensors::new()).await.unwrap_err();
     assert!(error.to_string().contains("missing"), "{error}");
