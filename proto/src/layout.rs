@@ -6,26 +6,6 @@
 
 use crate::pb;
 
-/// Whether `name` matches a glob `pattern` in which '*' matches any run of characters.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
 /// One block of a tensor and the shard that owns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockPlan {
@@ -158,18 +138,6 @@ mod tests {
                 assert_eq!(pair[0].offset + pair[0].length, pair[1].offset);
             }
         }
-    }
-
-    #[test]
-    fn glob_patterns() {
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("*.bias", "fc1.bias"));
-        assert!(!glob_match("*.bias", "fc1.weight"));
-        assert!(glob_match("layer*.weight", "layer12.weight"));
-        assert!(glob_match("a*b*c", "a-x-b-y-c"));
-        assert!(!glob_match("a*b*c", "a-x-c"));
-        assert!(glob_match("exact", "exact"));
-        assert!(!glob_match("ab*ba", "aba"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! wire form is translated in `rpc::convert`; nothing here knows protobuf
 //! (the push encodings are the codec's enum, which both sides share).
 
+mod glob;
 mod init;
 mod name;
 
@@ -11,10 +12,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ps_proto::codec;
-use ps_proto::layout::{self, BlockPlan, glob_match};
+use ps_proto::layout::{self, BlockPlan};
 pub use ps_proto::pb::Encoding;
 use ps_proto::transport::{DEFAULT_MAX_BLOCK_ELEMENTS, MAX_BLOCK_ELEMENTS_LIMIT, MAX_MODEL_ELEMENTS, MAX_TENSORS};
 
+pub use glob::glob_match;
 pub use init::fill_initial;
 pub use name::{NameError, check_name};
 
