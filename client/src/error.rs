@@ -54,6 +54,9 @@ pub enum ClientError {
     /// The servers returned no layout.
     #[error("the servers returned no usable layout")]
     NoLayout,
+    /// The client's state directory could not be read or written.
+    #[error("client state: {0}")]
+    State(String),
     /// A server reply that does not fit the model's layout.
     #[error("protocol: {0}")]
     Protocol(#[from] ProtocolError),
@@ -89,6 +92,9 @@ pub enum ProtocolError {
     /// A weight message without its chunk.
     #[error("weight message without a chunk")]
     MissingChunk,
+    /// A reply lacks a field the protocol requires.
+    #[error("reply without its '{0}' field")]
+    MissingField(&'static str),
     /// A chunk of a block the tensor does not have.
     #[error("tensor '{tensor}' has no block {block}")]
     UnknownBlock {

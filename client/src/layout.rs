@@ -6,6 +6,7 @@ use std::collections::HashMap;
 pub use ps_proto::layout::BlockPlan;
 use ps_proto::{codec, pb};
 
+use crate::federated::RoundConfig;
 use crate::error::{ClientError, ProtocolError};
 use crate::spec::{Aggregation, Encoding, Mode};
 
@@ -48,6 +49,8 @@ pub struct Layout {
     pub groups: Vec<GroupLayout>,
     /// Global gradient-norm clipping the workers apply (0: off).
     pub max_grad_norm: f64,
+    /// Federated mode: the round configuration.
+    pub federated: Option<RoundConfig>,
 }
 
 fn encoding(value: i32) -> Result<Encoding, ClientError> {
@@ -90,6 +93,7 @@ impl TryFrom<pb::Layout> for Layout {
             mode,
             groups,
             max_grad_norm: wire.max_grad_norm,
+            federated: wire.federated.as_ref().map(RoundConfig::from_wire),
         })
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Modules: [`spec`] (the model a client registers, in its own types),
 //! [`layout`] and [`status`] (what the servers report), [`compress`]
-//! (compression presets and the worker-side state they keep), and the
+//! (compression presets and the worker-side state they keep), [`federated`]
+//! (round tasks, deltas, the local step rules and client state), and the
 //! connection ([`PsClient`]) and model ([`ModelHandle`]) handles.
 //!
 //! ```no_run
@@ -30,6 +31,7 @@ pub mod compress;
 mod config;
 mod connection;
 mod error;
+pub mod federated;
 pub mod layout;
 mod model;
 pub mod spec;

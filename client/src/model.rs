@@ -361,12 +361,23 @@ impl ModelHandle {
         min_version: u64,
         timeout: Duration,
     ) -> Result<(u64, u64), ClientError> {
+        self.pull_part_into(tensors, min_version, timeout, pb::WeightPart::Parameters).await
+    }
+
+    pub(crate) async fn pull_part_into(
+        &self,
+        tensors: &mut Tensors,
+        min_version: u64,
+        timeout: Duration,
+        part: pb::WeightPart,
+    ) -> Result<(u64, u64), ClientError> {
         let request = pb::PullWeightsRequest {
             model: self.name().to_string(),
             min_version,
             tensors: Vec::new(),
             timeout_ms: timeout.as_millis() as u64,
             encoding: self.pull_encoding.to_wire() as i32,
+            part: part as i32,
         };
         let shards_with_blocks: Vec<usize> = (0..self.client.num_shards())
             .filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s))

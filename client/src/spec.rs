@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use ps_proto::pb;
 
+use crate::federated::RoundConfig;
+
 /// How a tensor's first values are made. Random rules are deterministic in
 /// (seed, tensor name, element index), so they do not depend on the layout.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -131,6 +133,8 @@ pub enum Mode {
         /// How many steps ahead a worker may run.
         staleness: u64,
     },
+    /// Federated rounds ([`ModelSpec::federated`] holds the round configuration).
+    Federated,
 }
 
 impl Mode {
@@ -139,6 +143,7 @@ impl Mode {
             Mode::Sync => (pb::ConsistencyMode::Sync, 0),
             Mode::Async => (pb::ConsistencyMode::Async, 0),
             Mode::BoundedStaleness { staleness } => (pb::ConsistencyMode::BoundedStaleness, staleness),
+            Mode::Federated => (pb::ConsistencyMode::Federated, 0),
         }
     }
 
@@ -146,15 +151,17 @@ impl Mode {
         match pb::ConsistencyMode::try_from(value) {
             Ok(pb::ConsistencyMode::Async) => Mode::Async,
             Ok(pb::ConsistencyMode::BoundedStaleness) => Mode::BoundedStaleness { staleness },
+            Ok(pb::ConsistencyMode::Federated) => Mode::Federated,
             _ => Mode::Sync,
         }
     }
 
     /// The version to pull before computing `step`: the step itself in sync
-    /// mode, up to `staleness` older in bounded-staleness mode (async: any).
+    /// mode, up to `staleness` older in bounded-staleness mode (async: any;
+    /// federated: round `step + 1` trains version `step`).
     pub fn pull_version(self, step: u64) -> u64 {
         match self {
-            Mode::Sync => step,
+            Mode::Sync | Mode::Federated => step,
             Mode::Async => 0,
             Mode::BoundedStaleness { staleness } => step.saturating_sub(staleness),
         }
@@ -483,6 +490,8 @@ pub struct ModelSpec {
     pub max_grad_norm: f64,
     /// Who a step waits for and who may join.
     pub contract: StepContract,
+    /// Federated mode: the round configuration (set with [`ModelSpec::with_rounds`]).
+    pub federated: Option<RoundConfig>,
 }
 
 /// Who a step waits for and who may join (the defaults: no minimum, no
@@ -511,7 +520,16 @@ impl ModelSpec {
             max_block_elements: 0,
             max_grad_norm: 0.0,
             contract: StepContract::default(),
+            federated: None,
         }
+    }
+
+    /// The same model trained in federated rounds with `config`; the groups'
+    /// optimizers become the server optimizer (SGD with lr 1: the plain method).
+    pub fn with_rounds(mut self, config: RoundConfig) -> Self {
+        self.mode = Mode::Federated;
+        self.federated = Some(config);
+        self
     }
 }
 
@@ -661,6 +679,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
             step_deadline_ms: spec.contract.step_deadline.map_or(0, |d| d.as_millis().max(1) as u64),
             quorum: spec.contract.quorum,
             max_workers: spec.contract.max_workers,
+            federated: spec.federated.as_ref().map(RoundConfig::to_wire),
         }
     }
 }

@@ -22,3 +22,11 @@ pub const RANK_TAKEN: &str = "rank-taken";
 
 /// The model is not registered on this shard. Code NOT_FOUND.
 pub const UNKNOWN_MODEL: &str = "unknown-model";
+
+/// The federated round was applied without this client's update: ask for the
+/// next task. Code FAILED_PRECONDITION.
+pub const ROUND_CLOSED: &str = "round-closed";
+
+/// The federated round is not open on this shard yet: pull the previous
+/// round's model from it first. Code FAILED_PRECONDITION.
+pub const FUTURE_ROUND: &str = "future-round";

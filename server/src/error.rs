@@ -204,6 +204,109 @@ pub enum ServerError {
         /// How far ahead a push may be (the staleness bound; 0 in sync and async mode).
         ahead: u64,
     },
+    /// A gradient push or join for a federated model.
+    #[error("model '{0}' is federated: clients push round updates (GetRoundTask, PushRoundUpdate), not gradients")]
+    FederatedModel(String),
+    /// A federated request for a model in another mode.
+    #[error("model '{0}' is not federated; rounds exist only in CONSISTENCY_MODE_FEDERATED")]
+    NotFederated(String),
+    /// A client id outside the population.
+    #[error("client {client} does not exist: model '{model}' has clients 0..{clients}")]
+    UnknownClient {
+        /// Model name.
+        model: String,
+        /// Client id.
+        client: u32,
+        /// The population N.
+        clients: u32,
+    },
+    /// An update for a round that is already applied.
+    #[error(
+        "round {round} of model '{model}' is closed (round {open} is open); the update was not counted: ask GetRoundTask for the next round"
+    )]
+    RoundClosed {
+        /// Model name.
+        model: String,
+        /// Round pushed.
+        round: u64,
+        /// The open round.
+        open: u64,
+    },
+    /// An update or commit for a round that is not open yet on this shard.
+    #[error("round {round} of model '{model}' is not open on this shard (round {open} is); pull version {} first", .round - 1)]
+    FutureRound {
+        /// Model name.
+        model: String,
+        /// Round asked for.
+        round: u64,
+        /// The open round.
+        open: u64,
+    },
+    /// The run's last round is applied.
+    #[error("model '{model}' finished its {rounds} rounds; no round {round}")]
+    RunFinished {
+        /// Model name.
+        model: String,
+        /// Rounds of the run.
+        rounds: u64,
+        /// Round asked for.
+        round: u64,
+    },
+    /// A client that the round did not select.
+    #[error("client {client} is not selected in round {round} of model '{model}'; ask GetRoundTask for the next round")]
+    NotSelected {
+        /// Model name.
+        model: String,
+        /// Client id.
+        client: u32,
+        /// Round.
+        round: u64,
+    },
+    /// A round update whose parts do not match what the algorithm needs.
+    #[error("round update for tensor '{tensor}' block {block}: {problem}")]
+    RoundParts {
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A shard lacks part of a client's update for a round.
+    #[error("shard {shard} holds no update of client {client} for round {round} of tensor '{tensor}' block {block}; push it there first")]
+    MissingRoundUpdate {
+        /// Shard index.
+        shard: u32,
+        /// Client id.
+        client: u32,
+        /// Round.
+        round: u64,
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+    },
+    /// A round commit sent to the shard that decides rounds, or one that differs from what was applied.
+    #[error("{0}")]
+    RoundCommit(String),
+    /// A peer shard could not be asked.
+    #[error("shard {shard} could not be reached to check the update: {message}")]
+    PeerUnavailable {
+        /// Peer index.
+        shard: u32,
+        /// What went wrong.
+        message: String,
+    },
+    /// The round waited too long.
+    #[error("no round after {after} of model '{model}' opened within {waited_ms} ms")]
+    TaskTimeout {
+        /// Model name.
+        model: String,
+        /// The round the client had handled.
+        after: u64,
+        /// Milliseconds waited.
+        waited_ms: u64,
+    },
     /// A pull waited too long for a version.
     #[error(
         "timed out after {waited_ms} ms waiting for tensor '{tensor}' block {block} to reach version {wanted} (it is at {version}); are all workers pushing?"

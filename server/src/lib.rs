@@ -6,6 +6,7 @@
 //!
 //! - [`optim`]: optimizer math over plain slices (and [`random`], the seeded
 //!   randomness it shares with weight init);
+//! - [`federated`]: the rules of federated rounds (selection, merges);
 //! - [`spec`]: what a model is, validated;
 //! - [`store`]: blocks, aggregation, membership, the models of this shard;
 //! - [`rpc`]: the gRPC service, wire conversions, chunk reassembly, auth.
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod error;
+pub mod federated;
 pub mod metrics;
 pub mod optim;
 pub mod random;

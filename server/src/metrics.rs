@@ -41,6 +41,20 @@ pub const PARAMETERS: &str = "ps_parameters";
 pub const NON_FINITE: &str = "ps_non_finite_rejected_total";
 /// Optimizer updates that panicked (counter; labels: model, group).
 pub const OPTIMIZER_FAILURES: &str = "ps_optimizer_failures_total";
+/// The federated round open on this shard (gauge; labels: model).
+pub const FED_ROUND: &str = "ps_fed_round";
+/// Clients selected for the open round (gauge; labels: model).
+pub const FED_COHORT: &str = "ps_fed_cohort_size";
+/// Client updates a round aggregated (counter; labels: model).
+pub const FED_CONTRIBUTIONS: &str = "ps_fed_contributions_total";
+/// Selected clients left out of a round at its deadline (counter; labels: model).
+pub const FED_STRAGGLERS: &str = "ps_fed_stragglers_dropped_total";
+/// Round deadlines extended for want of the quorum (counter; labels: model).
+pub const FED_EXTENDED: &str = "ps_fed_rounds_extended_total";
+/// Seconds from a round's opening to its commit on this shard (histogram; labels: model).
+pub const FED_ROUND_SECONDS: &str = "ps_fed_round_seconds";
+/// Bytes of global federated state: SCAFFOLD's c or FedSpeed's sum of h (gauge; labels: model).
+pub const FED_STATE_BYTES: &str = "ps_fed_server_state_bytes";
 /// RPCs that failed (counter; labels: method, code).
 pub const RPC_ERRORS: &str = "ps_rpc_errors_total";
 
@@ -76,5 +90,12 @@ fn describe() {
     describe_gauge!(PARAMETERS, "Parameters stored on this shard");
     describe_counter!(NON_FINITE, "Pushes and registrations refused for a NaN or infinite value");
     describe_counter!(OPTIMIZER_FAILURES, "Optimizer updates that panicked; the block stops taking pushes");
+    describe_gauge!(FED_ROUND, "The federated round open on this shard");
+    describe_gauge!(FED_COHORT, "Clients selected for the open federated round");
+    describe_counter!(FED_CONTRIBUTIONS, "Client updates aggregated by federated rounds");
+    describe_counter!(FED_STRAGGLERS, "Selected clients left out of a federated round at its deadline");
+    describe_counter!(FED_EXTENDED, "Federated round deadlines extended for want of the quorum");
+    describe_histogram!(FED_ROUND_SECONDS, Unit::Seconds, "Time from a federated round's opening to its commit");
+    describe_gauge!(FED_STATE_BYTES, Unit::Bytes, "Bytes of global federated state on this shard");
     describe_counter!(RPC_ERRORS, "RPCs that failed, by gRPC code");
 }

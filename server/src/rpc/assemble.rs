@@ -214,6 +214,19 @@ impl BlockGradient for StagedBlock {
     }
 }
 
+/// Decodes staged blocks into f32 values, in parallel, leaving the check for
+/// NaN and ±inf to the caller (which names what the values were). Run on the blocking pool.
+pub fn decode_unchecked(staged: Vec<StagedBlock>) -> Vec<DecodedBlock> {
+    staged
+        .into_par_iter()
+        .map(|s| {
+            let mut values = vec![0.0f32; s.block.len];
+            s.write_into(&mut values);
+            (s.block, values)
+        })
+        .collect()
+}
+
 /// A block and the values decoded for it.
 pub type DecodedBlock = (Arc<Block>, Vec<f32>);
 
@@ -223,12 +236,5 @@ pub fn decode(model: &Model, staged: Vec<StagedBlock>) -> Result<Vec<DecodedBloc
     if let Some((block, index)) = staged.par_iter().find_map_first(|s| s.first_non_finite().map(|i| (&s.block, i))) {
         return Err(model.non_finite(block, index, "registration values"));
     }
-    Ok(staged
-        .into_par_iter()
-        .map(|s| {
-            let mut values = vec![0.0f32; s.block.len];
-            s.write_into(&mut values);
-            (s.block, values)
-        })
-        .collect())
+    Ok(decode_unchecked(staged))
 }

@@ -19,7 +19,8 @@ use crate::optim::{
     OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 use crate::spec::{self, Aggregation, GroupDef, InitRule, Mode, ModelOptions, ModelSpec, TensorInput};
-use crate::store::{JoinError, Model, ShardIdentity};
+use crate::federated::{Algorithm, ClientRule, ConfigInput, HPool, RoundConfig, Selection};
+use crate::store::{JoinError, Model, ShardIdentity, Task};
 
 fn invalid(message: impl Into<String>) -> ServerError {
     ServerError::InvalidSpec(message.into())
@@ -44,6 +45,7 @@ fn mode_from_proto(value: i32, staleness: u64) -> Result<Mode, ServerError> {
         Ok(pb::ConsistencyMode::Unspecified | pb::ConsistencyMode::Sync) => Mode::Sync,
         Ok(pb::ConsistencyMode::Async) => Mode::Async,
         Ok(pb::ConsistencyMode::BoundedStaleness) => return Ok(Mode::BoundedStaleness(staleness)),
+        Ok(pb::ConsistencyMode::Federated) => Mode::Federated,
         Err(_) => return Err(invalid(format!("unknown consistency mode {value}"))),
     };
     if staleness > 0 {
@@ -61,6 +63,107 @@ pub fn mode_to_proto(mode: Mode) -> (pb::ConsistencyMode, u64) {
         Mode::Sync => (pb::ConsistencyMode::Sync, 0),
         Mode::Async => (pb::ConsistencyMode::Async, 0),
         Mode::BoundedStaleness(staleness) => (pb::ConsistencyMode::BoundedStaleness, staleness),
+        Mode::Federated => (pb::ConsistencyMode::Federated, 0),
+    }
+}
+
+fn rounds_from_proto(wire: &pb::FederatedConfig) -> Result<RoundConfig, ServerError> {
+    let algorithm = pb::FederatedAlgorithm::try_from(wire.algorithm).ok().map(|a| match a {
+        pb::FederatedAlgorithm::Fedavg => Algorithm::FedAvg,
+        pb::FederatedAlgorithm::Fedprox => Algorithm::FedProx,
+        pb::FederatedAlgorithm::Scaffold => Algorithm::Scaffold,
+        pb::FederatedAlgorithm::Fedspeed => Algorithm::FedSpeed,
+    });
+    let pool = match pb::FedSpeedPool::try_from(wire.pool) {
+        Ok(pb::FedSpeedPool::AllClients) => HPool::AllClients,
+        Ok(pb::FedSpeedPool::Participants) => HPool::Participants,
+        Err(_) => return Err(invalid(format!("federated config: unknown FedSpeed pool {}", wire.pool))),
+    };
+    let input = ConfigInput {
+        algorithm,
+        clients: wire.clients,
+        participation: wire.participation,
+        cohort_size: wire.cohort_size,
+        schedule: wire.cohort_schedule.iter().map(|c| c.indices.clone()).collect(),
+        seed: wire.seed,
+        client_lr: wire.client_lr,
+        lr_decay: wire.lr_decay,
+        pool: Some(pool),
+        client: ClientRule {
+            local_epochs: wire.local_epochs,
+            local_steps: wire.local_steps,
+            batch_size: wire.batch_size,
+            clip_norm: wire.clip_norm,
+            weight_decay: wire.weight_decay,
+            mu: wire.mu,
+            rho: wire.rho,
+            alpha: wire.alpha.unwrap_or(1.0),
+            unnormalized_ascent: wire.unnormalized_ascent,
+        },
+        deadline_ms: wire.round_deadline_ms,
+        quorum: wire.quorum,
+        rounds: wire.rounds,
+    };
+    if wire.algorithm != 0 && algorithm.is_none() {
+        return Err(invalid(format!("federated config: unknown algorithm {}", wire.algorithm)));
+    }
+    RoundConfig::new(input).map_err(|e| invalid(e.to_string()))
+}
+
+/// The wire form of a round configuration, with every default filled in.
+pub fn rounds_to_proto(config: &RoundConfig) -> pb::FederatedConfig {
+    let algorithm = match config.algorithm {
+        Algorithm::FedAvg => pb::FederatedAlgorithm::Fedavg,
+        Algorithm::FedProx => pb::FederatedAlgorithm::Fedprox,
+        Algorithm::Scaffold => pb::FederatedAlgorithm::Scaffold,
+        Algorithm::FedSpeed => pb::FederatedAlgorithm::Fedspeed,
+    };
+    let (participation, cohort_size, cohort_schedule) = match &config.selection {
+        Selection::Bernoulli(p) => (*p, 0, Vec::new()),
+        Selection::Cohort(size) => (0.0, *size, Vec::new()),
+        Selection::Schedule(cohorts) => {
+            (0.0, 0, cohorts.iter().map(|c| pb::IndexList { indices: c.clone() }).collect())
+        }
+    };
+    let rule = &config.client;
+    pb::FederatedConfig {
+        algorithm: algorithm as i32,
+        clients: config.clients,
+        participation,
+        cohort_size,
+        cohort_schedule,
+        seed: config.seed,
+        local_epochs: rule.local_epochs,
+        local_steps: rule.local_steps,
+        batch_size: rule.batch_size,
+        client_lr: config.client_lr,
+        lr_decay: Some(config.lr_decay),
+        clip_norm: rule.clip_norm,
+        weight_decay: rule.weight_decay,
+        mu: rule.mu,
+        rho: rule.rho,
+        alpha: Some(rule.alpha),
+        unnormalized_ascent: rule.unnormalized_ascent,
+        pool: match config.pool {
+            HPool::AllClients => pb::FedSpeedPool::AllClients,
+            HPool::Participants => pb::FedSpeedPool::Participants,
+        } as i32,
+        round_deadline_ms: config.deadline.map_or(0, |d| d.as_millis() as u64),
+        quorum: config.quorum,
+        rounds: config.rounds.unwrap_or(0),
+    }
+}
+
+/// A round task as `GetRoundTask` returns it.
+pub fn round_task(config: &RoundConfig, task: &Task) -> pb::RoundTask {
+    pb::RoundTask {
+        round: task.round,
+        selected: task.selected,
+        finished: task.finished,
+        cohort_size: task.cohort_size,
+        lr: task.lr,
+        last_included_round: task.last_included_round,
+        config: Some(rounds_to_proto(config)),
     }
 }
 
@@ -291,7 +394,8 @@ impl TryFrom<pb::ModelSpec> for ModelSpec {
             quorum: canonical.quorum,
             max_workers: canonical.max_workers,
         };
-        ModelSpec::new(canonical.name.clone(), tensors, groups, options, canonical.encode_to_vec())
+        let rounds = canonical.federated.as_ref().map(rounds_from_proto).transpose()?;
+        ModelSpec::new(canonical.name.clone(), tensors, groups, options, canonical.encode_to_vec())?.with_rounds(rounds)
     }
 }
 
@@ -314,6 +418,7 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
         mode: mode as i32,
         max_grad_norm: spec.options.max_grad_norm,
         staleness,
+        federated: spec.federated.as_ref().map(rounds_to_proto),
         groups: spec
             .groups
             .iter()
@@ -361,6 +466,17 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
         pushes,
         workers_expired,
         workers_dropped_late,
+        federated: model.round_stats().map(|stats| pb::FederatedStatus {
+            algorithm: model.spec.federated.as_ref().map_or("", |c| c.algorithm.as_str()).to_string(),
+            round: stats.round,
+            cohort_size: stats.cohort_size,
+            contributions: stats.contributions,
+            stragglers_dropped: stats.stragglers,
+            rounds_extended: stats.extended,
+            server_state_bytes: stats.state_bytes,
+            staged_bytes: stats.staged_bytes,
+            finished: stats.finished,
+        }),
     }
 }
 
@@ -371,9 +487,20 @@ impl From<ServerError> for Status {
             | ServerError::UnknownTensor { .. }
             | ServerError::UnknownBlock { .. }
             | ServerError::UnknownWorker { .. } => Code::NotFound,
-            ServerError::WrongShard { .. } | ServerError::StaleStep { .. } | ServerError::FutureStep { .. } => {
-                Code::FailedPrecondition
-            }
+            ServerError::WrongShard { .. }
+            | ServerError::StaleStep { .. }
+            | ServerError::FutureStep { .. }
+            | ServerError::NotFederated(_)
+            | ServerError::FederatedModel(_)
+            | ServerError::RoundClosed { .. }
+            | ServerError::FutureRound { .. }
+            | ServerError::RunFinished { .. }
+            | ServerError::NotSelected { .. }
+            | ServerError::MissingRoundUpdate { .. }
+            | ServerError::RoundCommit(_) => Code::FailedPrecondition,
+            ServerError::UnknownClient { .. } | ServerError::RoundParts { .. } => Code::InvalidArgument,
+            ServerError::PeerUnavailable { .. } => Code::Unavailable,
+            ServerError::TaskTimeout { .. } => Code::DeadlineExceeded,
             ServerError::InvalidSpec(_)
             | ServerError::InvalidName(_)
             | ServerError::SpecNotFirst
@@ -402,6 +529,8 @@ impl From<ServerError> for Status {
             ServerError::StaleStep { .. } => Some(errors::STALE_STEP),
             ServerError::FutureStep { .. } => Some(errors::FUTURE_STEP),
             ServerError::UnknownWorker { .. } => Some(errors::UNKNOWN_WORKER),
+            ServerError::RoundClosed { .. } => Some(errors::ROUND_CLOSED),
+            ServerError::FutureRound { .. } => Some(errors::FUTURE_ROUND),
             ServerError::UnknownModel(_) => Some(errors::UNKNOWN_MODEL),
             ServerError::Join { reason: JoinError::RankTaken { .. }, .. } => Some(errors::RANK_TAKEN),
             _ => None,

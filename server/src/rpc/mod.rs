@@ -41,9 +41,9 @@ pub async fn serve(
     let gate = Gate { auth: BearerAuth::new(options.auth_token.as_deref()), shard: ShardCheck::new(&identity) };
     let peers = Peers::new(&identity, options.auth_token.as_deref());
     let registry = Arc::new(Registry::new(identity, options.lease));
-    let reaper = tokio::spawn(expire_leases(registry.clone(), peers));
+    let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
     let service = InterceptedService::new(
-        ParameterServerServer::new(ParameterService::new(registry))
+        ParameterServerServer::new(ParameterService::new(registry, peers))
             .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
         gate,
@@ -95,8 +95,11 @@ async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
         let added = registry.model_added().notified();
         tokio::pin!(added);
         added.as_mut().enable();
-        let shortest =
-            registry.models().iter().filter_map(|m| m.spec.options.step_deadline).fold(registry.lease, Duration::min);
+        let models = registry.models();
+        let deadlines = models.iter().filter_map(|m| {
+            m.spec.options.step_deadline.or_else(|| m.spec.federated.as_ref().and_then(|r| r.deadline))
+        });
+        let shortest = deadlines.fold(registry.lease, Duration::min);
         let period = (shortest / 4).max(Duration::from_millis(5));
         // A model registered meanwhile may have a shorter deadline: look again at once.
         tokio::select! {
@@ -105,8 +108,17 @@ async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
         }
         for model in registry.models() {
             let name = model.name().to_string();
-            let checked = tokio::task::spawn_blocking(move || (model.expire_workers(), model.drop_stragglers())).await;
-            let (expired, late) = checked.unwrap_or_default();
+            let checked_model = model.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                (checked_model.expire_workers(), checked_model.drop_stragglers(), checked_model.due_round())
+            })
+            .await;
+            let (expired, late, due) = checked.unwrap_or_default();
+            if let Some(closing) = due
+                && let Err(error) = service::close_round(&peers, model, closing).await
+            {
+                tracing::error!(model = name, %error, "could not apply a round closed at its deadline");
+            }
             if !expired.is_empty() {
                 tracing::warn!(model = name, workers = ?expired, "lease expired; worker dropped from the barrier");
             }

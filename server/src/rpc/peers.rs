@@ -4,6 +4,11 @@
 //! when each clock gets there, the dropping shard tells every peer with a
 //! LeaveWorker, exactly as a leaving worker would. Best effort: a peer that is
 //! down applies its own rules when it comes back.
+//!
+//! Federated rounds use the same line from shard 0: before counting a client,
+//! it asks every peer whether it holds the client's whole update
+//! (CompleteRound); when it closes a round, it sends the included set to every
+//! peer (CommitRound), retrying until each one has applied it.
 
 use std::time::Duration;
 
@@ -12,7 +17,11 @@ use ps_proto::{ParameterServerClient, pb};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::store::{DropReason, ShardIdentity};
+use crate::error::ServerError;
+use crate::store::{Closing, DropReason, ShardIdentity};
+
+/// The longest pause between attempts to deliver a round commit to a peer.
+const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(2);
 
 type PeerStub = ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
@@ -71,6 +80,48 @@ impl Peers {
                     }
                 });
             }
+        }
+    }
+
+    /// Asks every peer whether it holds `client`'s whole update for `round`.
+    pub async fn check_round_update(&self, model: &str, client: u32, round: u64) -> Result<(), ServerError> {
+        let checks = self.stubs.iter().map(|(peer, stub)| {
+            let mut stub = stub.clone();
+            let request = pb::CompleteRoundRequest { model: model.to_string(), client, round };
+            async move {
+                match stub.complete_round(request).await {
+                    Ok(_) => Ok(()),
+                    // The peer's own words name the missing block or the closed round.
+                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                        Err(ServerError::RoundCommit(format!("shard {peer}: {}", status.message())))
+                    }
+                    Err(status) => Err(ServerError::PeerUnavailable { shard: *peer, message: status.message().to_string() }),
+                }
+            }
+        });
+        futures::future::try_join_all(checks).await.map(|_| ())
+    }
+
+    /// Sends a closed round to every peer, retrying each until it has applied
+    /// it (a repeated commit is harmless there), without waiting.
+    pub fn share_commit(&self, model: &str, closing: &Closing) {
+        for (peer, stub) in &self.stubs {
+            let (mut stub, peer) = (stub.clone(), *peer);
+            let request =
+                pb::CommitRoundRequest { model: model.to_string(), round: closing.round, clients: closing.clients.clone() };
+            tokio::spawn(async move {
+                let mut pause = Duration::from_millis(20);
+                loop {
+                    match stub.commit_round(request.clone()).await {
+                        Ok(_) => return,
+                        Err(status) => {
+                            tracing::warn!(peer, round = request.round, code = ?status.code(), "round commit not applied by the peer yet: {}", status.message());
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_COMMIT_BACKOFF);
+                }
+            });
         }
     }
 }

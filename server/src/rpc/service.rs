@@ -16,23 +16,28 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::assemble::{self, Assembler, Purpose};
 use super::convert;
+use super::peers::Peers;
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::spec::{ModelSpec, check_name};
-use crate::store::{DropReason, Model, Registry, WaitFailure};
+use crate::federated::Algorithm;
+use crate::store::{BlockUpdate, Closing, DropReason, Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a round-task long poll may wait.
+const MAX_TASK_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The `paramserver.v1.ParameterServer` implementation of one shard.
 #[derive(Clone)]
 pub struct ParameterService {
     registry: Arc<Registry>,
+    peers: Peers,
 }
 
 impl ParameterService {
-    /// A service over `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// A service over `registry`, reaching the other shards through `peers`.
+    pub fn new(registry: Arc<Registry>, peers: Peers) -> Self {
+        Self { registry, peers }
     }
 }
 
@@ -132,17 +137,7 @@ impl ParameterService {
         let staged = assembler.finish()?;
         let committed = model.clone();
         let outcome = blocking(move || committed.commit_push(&worker, step, staged)).await??;
-        for (encoding, t) in traffic {
-            let label = codec::encoding_label(encoding);
-            metrics::counter!(m::BYTES_RECEIVED, "model" => model_name.clone(), "encoding" => label)
-                .increment(t.wire_bytes);
-            metrics::counter!(m::BYTES_RECEIVED_F32, "model" => model_name.clone(), "encoding" => label)
-                .increment(t.f32_bytes);
-            if t.wire_bytes > 0 {
-                metrics::gauge!(m::COMPRESSION_RATIO, "model" => model_name.clone(), "encoding" => label)
-                    .set(t.f32_bytes as f64 / t.wire_bytes as f64);
-            }
-        }
+        record_traffic(&model_name, traffic);
         tracing::debug!(model = model_name, step, ?outcome, "push committed");
         Ok(pb::PushGradientsResponse {
             blocks_accepted: outcome.accepted,
@@ -170,6 +165,20 @@ impl ParameterService {
             ms => Duration::from_millis(ms),
         };
         let min_version = request.min_version;
+        let control = match pb::WeightPart::try_from(request.part) {
+            Ok(pb::WeightPart::Parameters) => false,
+            Ok(pb::WeightPart::ControlVariate) => {
+                if model.rounds()?.config().algorithm != Algorithm::Scaffold {
+                    return Err(ServerError::RoundCommit(format!(
+                        "model '{}' keeps no control variate (only SCAFFOLD models do)",
+                        model.name()
+                    ))
+                    .into());
+                }
+                true
+            }
+            Err(_) => return Err(ServerError::PullEncoding(request.part).into()),
+        };
         let encoding = match codec::encoding_from_i32(request.encoding) {
             Ok(e @ (Encoding::F32 | Encoding::Bf16 | Encoding::F16)) => e,
             _ => return Err(ServerError::PullEncoding(request.encoding).into()),
@@ -203,7 +212,8 @@ impl ParameterService {
                     return;
                 }
                 let snapshot_of = block.clone();
-                let Ok((version, values)) = blocking(move || snapshot_of.snapshot()).await else { return };
+                let read = move || if control { snapshot_of.global_snapshot() } else { snapshot_of.snapshot() };
+                let Ok((version, values)) = blocking(read).await else { return };
                 let tensor = &model.spec.tensors[block.tensor].name;
                 for chunk in chunk::encode_block(tensor, block.index, &values, encoding, 0.0) {
                     sent += chunk.payload.len() as u64;
@@ -217,6 +227,118 @@ impl ParameterService {
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
+    async fn round_task(&self, request: pb::GetRoundTaskRequest) -> Result<pb::RoundTask, Status> {
+        let model = self.registry.get(&request.model)?;
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_PULL_TIMEOUT,
+            ms => Duration::from_millis(ms).min(MAX_TASK_TIMEOUT),
+        };
+        let task = model.round_task(request.client, request.after_round, timeout).await?;
+        Ok(convert::round_task(model.rounds()?.config(), &task))
+    }
+
+    async fn push_round(&self, request: Request<Streaming<pb::RoundUpdateChunk>>) -> Result<pb::PushRoundUpdateResponse, Status> {
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(ServerError::EmptyPush.into());
+        };
+        let (model_name, client, round) = (first.model.clone(), first.client, first.round);
+        let model = self.registry.get(&model_name)?;
+        model.rounds()?;
+        let mut deltas = Assembler::new(&model, Purpose::Gradients);
+        let mut controls = Assembler::new(&model, Purpose::Gradients);
+        let mut next = Some(first);
+        while let Some(message) = next {
+            if message.model != model_name || message.client != client || message.round != round {
+                return Err(ServerError::MixedPush {
+                    first_model: model_name,
+                    first_worker: format!("client {client}"),
+                    first_step: round,
+                    model: message.model,
+                    worker: format!("client {}", message.client),
+                    step: message.round,
+                }
+                .into());
+            }
+            let chunk = message.chunk.ok_or(ServerError::PushWithoutChunk)?;
+            match pb::RoundPart::try_from(message.part) {
+                Ok(pb::RoundPart::Delta) => deltas.add(chunk)?,
+                Ok(pb::RoundPart::Control) => controls.add(chunk)?,
+                Err(_) => {
+                    return Err(ServerError::RoundParts {
+                        tensor: chunk.tensor,
+                        block: chunk.block,
+                        problem: format!("unknown part {}", message.part),
+                    }
+                    .into());
+                }
+            }
+            next = stream.message().await?;
+        }
+        let mut traffic = deltas.traffic().clone();
+        for (encoding, t) in controls.traffic() {
+            let sum = traffic.entry(*encoding).or_default();
+            sum.wire_bytes += t.wire_bytes;
+            sum.f32_bytes += t.f32_bytes;
+        }
+        let (deltas, controls) = (deltas.finish()?, controls.finish()?);
+        let staged = model.clone();
+        let (accepted, duplicate) = blocking(move || {
+            let mut controls: std::collections::HashMap<(usize, u32), Vec<f32>> =
+                assemble::decode_unchecked(controls).into_iter().map(|(b, v)| ((b.tensor, b.index), v)).collect();
+            let mut updates: Vec<BlockUpdate> = assemble::decode_unchecked(deltas)
+                .into_iter()
+                .map(|(block, delta)| {
+                    let control = controls.remove(&(block.tensor, block.index));
+                    (block, delta, control)
+                })
+                .collect();
+            if let Some(((tensor, index), _)) = controls.into_iter().next() {
+                // A control part without its delta: refused as a whole.
+                let name = staged.spec.tensors[tensor].name.clone();
+                return Err(ServerError::RoundParts { tensor: name, block: index, problem: "a control part without its delta".into() });
+            }
+            updates.sort_by_key(|(b, _, _)| (b.tensor, b.index));
+            staged.stage_round_update(client, round, updates)
+        })
+        .await??;
+        record_traffic(&model_name, traffic);
+        tracing::debug!(model = model_name, client, round, accepted, duplicate, "round update held");
+        Ok(pb::PushRoundUpdateResponse { blocks_accepted: accepted, blocks_duplicate: duplicate })
+    }
+
+    async fn complete(&self, request: pb::CompleteRoundRequest) -> Result<pb::CompleteRoundResponse, Status> {
+        let model = self.registry.get(&request.model)?;
+        let rounds = model.rounds()?;
+        let (client, round) = (request.client, request.round);
+        if !rounds.is_coordinator() {
+            model.check_round_update(client, round)?;
+            let cohort_size = model.round_stats().map_or(0, |s| s.cohort_size);
+            return Ok(pb::CompleteRoundResponse { contributions: 0, cohort_size });
+        }
+        model.check_round_update(client, round)?;
+        self.peers.check_round_update(model.name(), client, round).await?;
+        let (contributions, cohort_size, closing) = model.complete_round(client, round)?;
+        if let Some(closing) = closing {
+            self.close_round(model, closing).await?;
+        }
+        Ok(pb::CompleteRoundResponse { contributions, cohort_size })
+    }
+
+    /// Applies a round shard 0 closed, here and then on every peer.
+    async fn close_round(&self, model: Arc<Model>, closing: Closing) -> Result<(), Status> {
+        close_round(&self.peers, model, closing).await.map_err(Status::from)
+    }
+
+    async fn commit(&self, request: pb::CommitRoundRequest) -> Result<pb::CommitRoundResponse, Status> {
+        let model = self.registry.get(&request.model)?;
+        if model.rounds()?.is_coordinator() {
+            return Err(ServerError::RoundCommit("shard 0 decides rounds; it takes no CommitRound".into()).into());
+        }
+        blocking(move || model.apply_round(request.round, &request.clients)).await??;
+        Ok(pb::CommitRoundResponse {})
+    }
+
     fn status(&self, request: pb::GetStatusRequest) -> Result<pb::GetStatusResponse, Status> {
         let models =
             if request.model.is_empty() { self.registry.models() } else { vec![self.registry.get(&request.model)?] };
@@ -226,6 +348,30 @@ impl ParameterService {
             num_shards: self.registry.num_shards(),
             models,
         })
+    }
+}
+
+/// Applies a round shard 0 closed on its own blocks, then sends it to every peer.
+pub(super) async fn close_round(peers: &Peers, model: Arc<Model>, closing: Closing) -> Result<(), ServerError> {
+    let applied = model.clone();
+    let commit = closing.clone();
+    tokio::task::spawn_blocking(move || applied.apply_round(commit.round, &commit.clients))
+        .await
+        .map_err(|e| ServerError::Internal(e.to_string()))??;
+    peers.share_commit(model.name(), &closing);
+    Ok(())
+}
+
+fn record_traffic(model: &str, traffic: std::collections::HashMap<Encoding, assemble::Traffic>) {
+    for (encoding, t) in traffic {
+        let label = codec::encoding_label(encoding);
+        metrics::counter!(m::BYTES_RECEIVED, "model" => model.to_string(), "encoding" => label).increment(t.wire_bytes);
+        metrics::counter!(m::BYTES_RECEIVED_F32, "model" => model.to_string(), "encoding" => label)
+            .increment(t.f32_bytes);
+        if t.wire_bytes > 0 {
+            metrics::gauge!(m::COMPRESSION_RATIO, "model" => model.to_string(), "encoding" => label)
+                .set(t.f32_bytes as f64 / t.wire_bytes as f64);
+        }
     }
 }
 
@@ -357,5 +503,30 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         let service = self.clone();
         let result = blocking(move || service.status(request.into_inner())).await.and_then(|r| r);
         observe("GetStatus", result).map(Response::new)
+    }
+
+    async fn get_round_task(&self, request: Request<pb::GetRoundTaskRequest>) -> Result<Response<pb::RoundTask>, Status> {
+        observe("GetRoundTask", self.round_task(request.into_inner()).await).map(Response::new)
+    }
+
+    async fn push_round_update(
+        &self,
+        request: Request<Streaming<pb::RoundUpdateChunk>>,
+    ) -> Result<Response<pb::PushRoundUpdateResponse>, Status> {
+        observe("PushRoundUpdate", self.push_round(request).await).map(Response::new)
+    }
+
+    async fn complete_round(
+        &self,
+        request: Request<pb::CompleteRoundRequest>,
+    ) -> Result<Response<pb::CompleteRoundResponse>, Status> {
+        observe("CompleteRound", self.complete(request.into_inner()).await).map(Response::new)
+    }
+
+    async fn commit_round(
+        &self,
+        request: Request<pb::CommitRoundRequest>,
+    ) -> Result<Response<pb::CommitRoundResponse>, Status> {
+        observe("CommitRound", self.commit(request.into_inner()).await).map(Response::new)
     }
 }

@@ -21,6 +21,7 @@ pub use init::fill_initial;
 pub use name::{NameError, check_name};
 
 use crate::error::ServerError;
+use crate::federated::RoundConfig;
 use crate::optim::{
     FrugalMode, GroupPosition, IndexRule, LrSchedule, OptimizerConfig, Projection, projectable_by_name,
 };
@@ -34,6 +35,8 @@ pub enum Mode {
     Async,
     /// As sync, but a push may be up to this many steps ahead of the block's version.
     BoundedStaleness(u64),
+    /// Federated rounds: clients push model deltas per round (`ModelSpec::federated`).
+    Federated,
 }
 
 /// The largest staleness bound: each step ahead keeps one more pending sum per block.
@@ -46,6 +49,7 @@ impl Mode {
             Mode::Sync => "sync",
             Mode::Async => "async",
             Mode::BoundedStaleness(_) => "bounded_staleness",
+            Mode::Federated => "federated",
         }
     }
 
@@ -55,7 +59,7 @@ impl Mode {
         match self {
             Mode::Sync => Some(0),
             Mode::BoundedStaleness(staleness) => Some(staleness),
-            Mode::Async => None,
+            Mode::Async | Mode::Federated => None,
         }
     }
 }
@@ -191,6 +195,8 @@ pub struct ModelSpec {
     /// Bytes that are equal exactly when two registrations are the same, so an
     /// identical re-registration is told apart from a conflicting one.
     pub fingerprint: Vec<u8>,
+    /// Federated mode: the round configuration.
+    pub federated: Option<RoundConfig>,
 }
 
 /// The shortest step deadline: the deadline is checked every quarter of it,
@@ -233,6 +239,11 @@ fn check_group(group: &GroupDef, mode: Mode) -> Result<(), ServerError> {
         if mode.window().is_none() {
             return Err(invalid(format!("group '{name}': majority vote needs sync mode")));
         }
+    }
+    if mode == Mode::Federated && group.push_encodings.contains(&Encoding::Sign1) {
+        return Err(invalid(format!(
+            "group '{name}': federated updates are pushed in f32, bf16 or f16, not sign1 (model deltas are not signs)"
+        )));
     }
     if let OptimizerConfig::Frugal(c) = &group.optimizer
         && c.schedule.is_some()
@@ -345,6 +356,12 @@ impl ModelSpec {
                 "min_workers {min_workers} needs sync mode (async applies every push on arrival)"
             )));
         }
+        if mode == Mode::Federated && (min_workers > 1 || step_deadline.is_some() || max_workers > 0) {
+            return Err(invalid(
+                "min_workers, step_deadline_ms and max_workers are for the step modes; a federated model sets \
+                 its round deadline, quorum and population in `federated`",
+            ));
+        }
         if mode == Mode::Async && step_deadline.is_some() {
             return Err(invalid("step_deadline_ms needs sync mode (async steps do not wait for anyone)"));
         }
@@ -424,7 +441,25 @@ impl ModelSpec {
             quorum: quorum.max(1),
             max_workers,
         };
-        Ok(Self { name, tensors, groups, options, fingerprint })
+        Ok(Self { name, tensors, groups, options, fingerprint, federated: None })
+    }
+
+    /// Attaches the round configuration, which federated mode needs and the other modes refuse.
+    pub fn with_rounds(mut self, rounds: Option<RoundConfig>) -> Result<Self, ServerError> {
+        match (self.options.mode, &rounds) {
+            (Mode::Federated, None) => {
+                return Err(invalid("CONSISTENCY_MODE_FEDERATED needs the round configuration `federated`"));
+            }
+            (mode, Some(_)) if mode != Mode::Federated => {
+                return Err(invalid(format!(
+                    "`federated` is only accepted with CONSISTENCY_MODE_FEDERATED, not {}",
+                    mode.as_str()
+                )));
+            }
+            _ => {}
+        }
+        self.federated = rounds;
+        Ok(self)
     }
 
     /// Where every block of the model goes on `num_shards` shards: the same on

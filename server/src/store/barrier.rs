@@ -46,6 +46,9 @@ impl Model {
         step: u64,
         blocks: Vec<G>,
     ) -> Result<PushOutcome, ServerError> {
+        if self.spec.options.mode == Mode::Federated {
+            return Err(ServerError::FederatedModel(self.spec.name.clone()));
+        }
         if !self.membership.is_live(worker) {
             return Err(self.not_a_member(worker));
         }
@@ -121,6 +124,7 @@ impl Model {
             Mode::Sync | Mode::BoundedStaleness(_) => {
                 return Err(ServerError::StaleStep { tensor: tensor(), block: block.index, step, version });
             }
+            Mode::Federated => return Err(ServerError::FederatedModel(self.spec.name.clone())),
             Mode::Async => match state.last_async_step.get(worker) {
                 Some(&last) if last == step => true,
                 Some(&last) if last > step => {
@@ -149,6 +153,7 @@ impl Model {
         }
         let mut outcome = PushOutcome { accepted: 1, ..Default::default() };
         match self.spec.options.mode {
+            Mode::Federated => {}
             Mode::Async => {
                 let staleness = state.version - step;
                 metrics::histogram!(m::STALENESS, "model" => self.spec.name.clone()).record(staleness as f64);
@@ -277,7 +282,7 @@ impl Model {
     /// Runs the optimizer once. No input is known to make one panic (every
     /// selection is validated at registration), but if one does, the step's
     /// gradient is kept, the block stops taking pushes, and the shard serves on.
-    fn update(&self, block: &Block, state: &mut BlockState, grad: Vec<f32>) -> bool {
+    pub(super) fn update(&self, block: &Block, state: &mut BlockState, grad: Vec<f32>) -> bool {
         let started = Instant::now();
         let t = state.version + 1;
         let group = &self.spec.groups[block.group];

@@ -54,6 +54,23 @@ pub(super) struct BlockState {
     pub(super) last_async_step: HashMap<String, u64>,
     /// A step whose update failed, with its gradient kept.
     pub(super) failed: Option<FailedStep>,
+    /// Federated mode: the open round's client updates received, by client id.
+    pub(super) round_updates: BTreeMap<u32, RoundUpdate>,
+    /// Federated mode: global state next to the weights (SCAFFOLD's c, or
+    /// FedSpeed's sum of h over all clients); empty otherwise.
+    pub(super) global: Vec<f32>,
+}
+
+/// One client's decoded update of one block for the open round.
+pub(super) struct RoundUpdate {
+    pub(super) delta: Vec<f32>,
+    pub(super) control: Option<Vec<f32>>,
+}
+
+impl RoundUpdate {
+    pub(super) fn bytes(&self) -> usize {
+        4 * (self.delta.len() + self.control.as_ref().map_or(0, Vec::len))
+    }
 }
 
 /// A step whose optimizer update panicked. Its mean gradient is kept (a
@@ -115,6 +132,8 @@ impl Block {
                 last_contributors: Vec::new(),
                 last_async_step: HashMap::new(),
                 failed: None,
+                round_updates: BTreeMap::new(),
+                global: Vec::new(),
             }),
             version: watch::Sender::new(0),
             failed: AtomicBool::new(false),
@@ -180,6 +199,12 @@ impl Block {
     pub fn snapshot(&self) -> (u64, Vec<f32>) {
         let state = self.state.lock();
         (state.version, state.params.clone())
+    }
+
+    /// The block's version and a copy of its federated global state (SCAFFOLD's c).
+    pub fn global_snapshot(&self) -> (u64, Vec<f32>) {
+        let state = self.state.lock();
+        (state.version, state.global.clone())
     }
 
     /// Optimizer state bytes this block holds.

@@ -9,9 +9,11 @@ mod block;
 mod membership;
 mod model;
 mod registry;
+mod rounds;
 
 pub use barrier::PushOutcome;
 pub use block::{Block, BlockGradient, WaitFailure};
 pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::{DropReason, GroupStats, Model};
 pub use registry::{Registry, ShardIdentity};
+pub use rounds::{BlockUpdate, Closing, RoundStats, Rounds, Task};

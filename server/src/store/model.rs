@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::block::Block;
 use super::membership::Membership;
+use super::rounds::Rounds;
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::optim::{Dims, SliceInfo};
@@ -47,7 +48,9 @@ pub struct Model {
     pub plan: Vec<BlockPlan>,
     /// Workers of this model.
     pub membership: Membership,
-    shard: u32,
+    pub(super) shard: u32,
+    /// Federated mode: the round state.
+    pub(super) rounds: Option<Rounds>,
     tensor_index: HashMap<String, usize>,
     tensor_blocks: Vec<Range<usize>>,
     local: HashMap<(usize, u32), Arc<Block>>,
@@ -83,18 +86,24 @@ impl Model {
                     matrix: tensor.shape.len() >= 2,
                     projectable: tensor.projectable,
                 });
-                Arc::new(Block::new(b.tensor, b.block, tensor.group, params, optimizer))
+                let block = Block::new(b.tensor, b.block, tensor.group, params, optimizer);
+                if let Some(rounds) = &spec.federated {
+                    block.lock().global = vec![0.0; rounds.global_state_len(b.length as usize)];
+                }
+                Arc::new(block)
             })
             .collect();
         let local = local_order.iter().map(|b| ((b.tensor, b.index), b.clone())).collect();
         let tensor_index = spec.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let cap = (spec.options.max_workers > 0).then_some(spec.options.max_workers as usize);
         let membership = Membership::new(lease, cap);
+        let rounds = spec.federated.clone().map(|config| Rounds::new(config, shard));
         let model = Self {
             spec,
             plan,
             membership,
             shard,
+            rounds,
             tensor_index,
             tensor_blocks,
             local,

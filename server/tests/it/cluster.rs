@@ -38,6 +38,7 @@ pub fn small_spec(name: &str) -> ModelSpec {
         max_block_elements: 32,
         max_grad_norm: 0.0,
         contract: Default::default(),
+        federated: None,
     }
 }
 

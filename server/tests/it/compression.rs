@@ -199,6 +199,7 @@ fn spec(case: &Case) -> ModelSpec {
         max_block_elements: 6,
         max_grad_norm: 0.0,
         contract: Default::default(),
+        federated: None,
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod compression;
+mod fed_replay;
 mod membership;
 mod optim_replay;
 mod sync_equivalence;

@@ -132,5 +132,6 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
             quorum: args.quorum,
             max_workers: 0,
         },
+        federated: None,
     }
 }
