@@ -280,7 +280,8 @@ impl ModelHandle {
                 async move { stub.get_round_task(request).await.map(|r| r.into_inner()) }
             })
             .await?;
-        let config = task.config.as_ref().map(RoundConfig::from_wire).ok_or(crate::ProtocolError::MissingField("config"))?;
+        let config =
+            task.config.as_ref().map(RoundConfig::from_wire).ok_or(crate::ProtocolError::MissingField("config"))?;
         Ok(RoundTask {
             round: task.round,
             selected: task.selected,
@@ -305,8 +306,9 @@ impl ModelHandle {
     /// The global model `round` trains (version `round − 1`), from every shard.
     pub async fn pull_round(&self, round: u64) -> Result<Weights, ClientError> {
         let mut tensors = Tensors::new();
-        let (version, bytes) =
-            self.pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, pb::WeightPart::Parameters).await?;
+        let (version, bytes) = self
+            .pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, pb::WeightPart::Parameters)
+            .await?;
         Ok(Weights { version, tensors, bytes })
     }
 
@@ -429,7 +431,9 @@ impl LocalRound {
                 let lamb = config.mu as f32;
                 let extra = x
                     .iter()
-                    .map(|(n, x)| (n.clone(), x.iter().zip(correction(n, x.len())).map(|(x, h)| lamb * (h - x)).collect()))
+                    .map(|(n, x)| {
+                        (n.clone(), x.iter().zip(correction(n, x.len())).map(|(x, h)| lamb * (h - x)).collect())
+                    })
                     .collect();
                 (Some(extra), lamb)
             }
@@ -494,10 +498,8 @@ impl LocalRound {
     /// The update to push for the trained weights `w`, and the client state
     /// that goes with it (SCAFFOLD's c_i⁺, FedSpeed's h_i + w − x).
     pub fn finish(&self, w: &Tensors, state: &ClientState) -> (RoundUpdate, Tensors) {
-        let delta: Tensors = w
-            .iter()
-            .map(|(n, w)| (n.clone(), w.iter().zip(&self.x[n]).map(|(w, x)| w - x).collect()))
-            .collect();
+        let delta: Tensors =
+            w.iter().map(|(n, w)| (n.clone(), w.iter().zip(&self.x[n]).map(|(w, x)| w - x).collect())).collect();
         let old = |name: &str, len: usize| state.correction.get(name).cloned().unwrap_or_else(|| vec![0.0; len]);
         match self.config.algorithm {
             Algorithm::FedAvg | Algorithm::FedProx => (RoundUpdate { delta, control: None }, Tensors::new()),

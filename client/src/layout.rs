@@ -6,8 +6,8 @@ use std::collections::HashMap;
 pub use ps_proto::layout::BlockPlan;
 use ps_proto::{codec, pb};
 
-use crate::federated::RoundConfig;
 use crate::error::{ClientError, ProtocolError};
+use crate::federated::RoundConfig;
 use crate::spec::{Aggregation, Encoding, Mode};
 
 /// One tensor as the layout describes it.

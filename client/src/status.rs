@@ -40,6 +40,31 @@ pub struct ModelStatus {
     pub workers_expired: u64,
     /// Members dropped because they had not pushed a step by its deadline.
     pub workers_dropped_late: u64,
+    /// Federated models: the round state on this shard.
+    pub federated: Option<FederatedStatus>,
+}
+
+/// A federated model's rounds on one shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FederatedStatus {
+    /// "fedavg", "fedprox", "scaffold" or "fedspeed".
+    pub algorithm: String,
+    /// The open round.
+    pub round: u64,
+    /// Clients selected in it.
+    pub cohort_size: u32,
+    /// Shard 0: clients counted so far; other shards: clients whose update is held.
+    pub contributions: u32,
+    /// Selected clients left out at a deadline, over all rounds.
+    pub stragglers_dropped: u64,
+    /// Deadlines extended for want of the quorum.
+    pub rounds_extended: u64,
+    /// Bytes of global federated state (SCAFFOLD's c, FedSpeed's sum of h).
+    pub server_state_bytes: u64,
+    /// Bytes of client updates held for the open round.
+    pub staged_bytes: u64,
+    /// All rounds of the run are applied.
+    pub finished: bool,
 }
 
 /// A live worker.
@@ -103,6 +128,17 @@ impl From<pb::GetStatusResponse> for ShardStatus {
                     pushes: m.pushes,
                     workers_expired: m.workers_expired,
                     workers_dropped_late: m.workers_dropped_late,
+                    federated: m.federated.map(|f| FederatedStatus {
+                        algorithm: f.algorithm,
+                        round: f.round,
+                        cohort_size: f.cohort_size,
+                        contributions: f.contributions,
+                        stragglers_dropped: f.stragglers_dropped,
+                        rounds_extended: f.rounds_extended,
+                        server_state_bytes: f.server_state_bytes,
+                        staged_bytes: f.staged_bytes,
+                        finished: f.finished,
+                    }),
                 })
                 .collect(),
         }

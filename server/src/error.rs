@@ -273,7 +273,9 @@ pub enum ServerError {
         problem: String,
     },
     /// A shard lacks part of a client's update for a round.
-    #[error("shard {shard} holds no update of client {client} for round {round} of tensor '{tensor}' block {block}; push it there first")]
+    #[error(
+        "shard {shard} holds no update of client {client} for round {round} of tensor '{tensor}' block {block}; push it there first"
+    )]
     MissingRoundUpdate {
         /// Shard index.
         shard: u32,

@@ -71,6 +71,27 @@ impl Rng {
         (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
     }
 
+    /// Gamma(shape, 1) (Marsaglia and Tsang; shape < 1 by the boost U^(1/shape)).
+    pub fn gamma(&mut self, shape: f64) -> f64 {
+        if shape < 1.0 {
+            let boost = f64::from(self.uniform()).max(f64::MIN_POSITIVE).powf(1.0 / shape);
+            return self.gamma(shape + 1.0) * boost;
+        }
+        let d = shape - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = f64::from(self.normal());
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = f64::from(self.uniform()).max(f64::MIN_POSITIVE);
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
+    }
+
     /// Shuffles in place (Fisher-Yates).
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -132,6 +153,55 @@ pub fn shard(data: &Dataset, rank: usize, world: usize) -> Dataset {
     data.select(&indices)
 }
 
+/// The fewest examples a client of a Dirichlet partition gets; draws are
+/// repeated until every client has this many (as FL benchmarks do).
+pub const MIN_CLIENT_EXAMPLES: usize = 8;
+
+/// Splits examples with class labels `labels` over `clients`: for each class,
+/// the shares of the clients are drawn from Dirichlet(alpha) (small alpha:
+/// each client sees few classes; None: IID, a shuffled even split). Seeded;
+/// returns each client's example indices.
+pub fn partition(labels: &[f32], clients: usize, alpha: Option<f64>, seed: u64) -> anyhow::Result<Vec<Vec<usize>>> {
+    anyhow::ensure!(
+        clients > 0 && labels.len() >= clients * MIN_CLIENT_EXAMPLES,
+        "too few examples for {clients} clients"
+    );
+    let mut rng = Rng::new(seed);
+    let Some(alpha) = alpha else {
+        let mut order: Vec<usize> = (0..labels.len()).collect();
+        rng.shuffle(&mut order);
+        return Ok((0..clients).map(|c| order.iter().skip(c).step_by(clients).copied().collect()).collect());
+    };
+    anyhow::ensure!(alpha > 0.0 && alpha.is_finite(), "the Dirichlet alpha must be > 0");
+    let classes = labels.iter().map(|&y| y as usize).max().unwrap_or(0) + 1;
+    for _attempt in 0..1000 {
+        let mut parts = vec![Vec::new(); clients];
+        for class in 0..classes {
+            let mut members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] as usize == class).collect();
+            rng.shuffle(&mut members);
+            let weights: Vec<f64> = (0..clients).map(|_| rng.gamma(alpha)).collect();
+            let total: f64 = weights.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+            let mut start = 0usize;
+            let mut cumulative = 0.0;
+            for (client, weight) in weights.iter().enumerate() {
+                cumulative += weight / total;
+                let end = if client + 1 == clients {
+                    members.len()
+                } else {
+                    (cumulative * members.len() as f64).round() as usize
+                };
+                let end = end.clamp(start, members.len());
+                parts[client].extend_from_slice(&members[start..end]);
+                start = end;
+            }
+        }
+        if parts.iter().all(|p| p.len() >= MIN_CLIENT_EXAMPLES) {
+            return Ok(parts);
+        }
+    }
+    anyhow::bail!("no Dirichlet({alpha}) draw gave every one of {clients} clients {MIN_CLIENT_EXAMPLES} examples")
+}
+
 /// Endless minibatches over a data set, reshuffled every epoch.
 pub struct Batches {
     order: Vec<usize>,
@@ -186,5 +256,29 @@ mod tests {
         let mut batches = Batches::new(10, 4, 3);
         let seen: Vec<usize> = (0..5).flat_map(|_| batches.next_batch()).collect();
         assert!(seen.iter().all(|&i| i < 10) && seen.len() == 20);
+    }
+
+    #[test]
+    fn dirichlet_partitions_cover_every_example_once_and_skew_with_small_alpha() {
+        let labels: Vec<f32> = (0..1000).map(|i| (i % 10) as f32).collect();
+        let classes_per_client = |alpha| {
+            let parts = partition(&labels, 20, alpha, 7).unwrap();
+            let mut all: Vec<usize> = parts.iter().flatten().copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..1000).collect::<Vec<_>>(), "every example exactly once");
+            assert!(parts.iter().all(|p| p.len() >= MIN_CLIENT_EXAMPLES));
+            // Classes holding at least a tenth of the client's examples, on average.
+            let major = |p: &Vec<usize>| {
+                (0..10).filter(|&c| p.iter().filter(|&&i| labels[i] as usize == c).count() * 10 >= p.len()).count()
+            };
+            parts.iter().map(major).sum::<usize>() as f64 / 20.0
+        };
+        let (iid, mild, skewed) =
+            (classes_per_client(None), classes_per_client(Some(0.6)), classes_per_client(Some(0.1)));
+        assert!(iid > mild && mild > skewed, "major classes per client: iid {iid}, 0.6 {mild}, 0.1 {skewed}");
+        assert_eq!(partition(&labels, 20, Some(0.3), 1).unwrap(), partition(&labels, 20, Some(0.3), 1).unwrap());
+        let mut rng = Rng::new(3);
+        let mean = (0..20_000).map(|_| rng.gamma(0.3)).sum::<f64>() / 20_000.0;
+        assert!((mean - 0.3).abs() < 0.02, "Gamma(0.3) mean {mean}");
     }
 }

@@ -14,6 +14,7 @@ use ps_client::{ClientConfig, PsClient};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::federated::AlgorithmArg;
 use crate::task::TaskKind;
 use crate::train::{CompressionArg, ModeArg, OptimizerArg, PullEncoding, WorkerSummary};
 
@@ -68,18 +69,111 @@ pub struct DemoArgs {
     /// Directory holding the `server` binary (default: next to this executable).
     #[arg(long, env = "PS_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Run federated rounds with this method instead (the client processes get
+    /// `worker federated` flags after `--`; --optimizer, --lr and --steps do not apply).
+    #[arg(long, value_enum)]
+    pub federated: Option<AlgorithmArg>,
+    /// Federated: the client population N.
+    #[arg(long, default_value_t = 20)]
+    pub clients: u32,
+    /// Federated: processes the clients are spread over.
+    #[arg(long, default_value_t = 8)]
+    pub client_processes: usize,
+    /// Federated: rounds.
+    #[arg(long, default_value_t = 50)]
+    pub rounds: u64,
+    /// Federated: fraction of the clients selected per round.
+    #[arg(long, default_value_t = 0.25)]
+    pub participation: f64,
+    /// Federated: Dirichlet alpha of the digits label skew, or `iid`.
+    #[arg(long, default_value = "0.3")]
+    pub dirichlet: String,
+}
+
+#[derive(clap::Parser)]
+struct DemoOnly {
+    #[command(flatten)]
+    demo: DemoArgs,
+}
+
+impl Default for DemoArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        <DemoOnly as clap::Parser>::parse_from(["demo"]).demo
+    }
+}
+
+/// `dir`, or a new temporary folder for the processes' logs.
+pub fn log_dir(dir: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let dir = match dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("ps-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The `server` binary: in `bin_dir`, else next to this executable.
+pub fn server_binary(bin_dir: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin_dir = bin_dir.cloned().unwrap_or_else(|| me.parent().map(Path::to_path_buf).unwrap_or_default());
+    let server_bin = bin_dir.join(format!("server{}", std::env::consts::EXE_SUFFIX));
+    if !server_bin.exists() {
+        bail!("no server binary at {}; build both binaries first: cargo build --release", server_bin.display());
+    }
+    Ok(server_bin)
+}
+
+/// Shard processes on loopback, and a client of them.
+pub struct Shards {
+    /// Their addresses, by index.
+    pub addrs: Vec<String>,
+    /// Their metrics endpoints.
+    pub metrics: Vec<String>,
+    /// A client of all of them.
+    pub client: PsClient,
+    /// The processes, killed when dropped.
+    pub processes: Processes,
+}
+
+/// Starts `count` shards with `lease`, logging to `log_dir`, and waits until they answer.
+pub async fn start_shards(server_bin: &Path, count: usize, lease: Duration, log_dir: &Path) -> anyhow::Result<Shards> {
+    let addrs: Vec<String> =
+        (0..count).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let metrics: Vec<String> =
+        (0..count).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
+    let mut processes = Processes(Vec::new());
+    for (index, metrics) in metrics.iter().enumerate() {
+        let log = log_file(log_dir, &format!("server-{index}.log"))?;
+        let child = Command::new(server_bin)
+            .args(["--shard-index", &index.to_string(), "--shards", &addrs.join(",")])
+            .args(["--metrics-addr", metrics, "--lease", &humantime::format_duration(lease).to_string()])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", server_bin.display()))?;
+        processes.0.push(child);
+    }
+    println!("Started {count} server shards: {}", addrs.join(", "));
+    for (i, m) in metrics.iter().enumerate() {
+        println!("  shard {i} metrics: http://{m}/metrics");
+    }
+    let client = PsClient::connect(ClientConfig::new(addrs.clone()))?;
+    client.wait_ready(Duration::from_secs(30)).await.context("the shards did not come up; see their logs")?;
+    Ok(Shards { addrs, metrics, client, processes })
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+pub(crate) fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::File::create(dir.join(name)).with_context(|| format!("creating log {name}"))
 }
 
 /// Kills the children when dropped, so an error or Ctrl-C leaves no process behind.
-struct Processes(Vec<Child>);
+pub struct Processes(pub Vec<Child>);
 
 impl Drop for Processes {
     fn drop(&mut self) {
@@ -106,39 +200,10 @@ pub struct DemoReport {
 pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     anyhow::ensure!(args.shards >= 1 && args.workers >= 1, "need at least one shard and one worker");
     let me = std::env::current_exe()?;
-    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| me.parent().map(Path::to_path_buf).unwrap_or_default());
-    let server_bin = bin_dir.join(format!("server{}", std::env::consts::EXE_SUFFIX));
-    if !server_bin.exists() {
-        bail!("no server binary at {}; build both binaries first: cargo build --release", server_bin.display());
-    }
-    let log_dir = match &args.log_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("ps-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&log_dir)?;
-    let shard_addrs: Vec<String> =
-        (0..args.shards).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let metrics_addrs: Vec<String> =
-        (0..args.shards).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<Result<_, _>>()?;
-    let mut processes = Processes(Vec::new());
-    for (index, metrics) in metrics_addrs.iter().enumerate() {
-        let log = log_file(&log_dir, &format!("server-{index}.log"))?;
-        let child = Command::new(&server_bin)
-            .args(["--shard-index", &index.to_string(), "--shards", &shard_addrs.join(",")])
-            .args(["--metrics-addr", metrics, "--lease", &humantime::format_duration(args.lease).to_string()])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", server_bin.display()))?;
-        processes.0.push(child);
-    }
-    println!("Started {} server shards: {}", args.shards, shard_addrs.join(", "));
-    for (i, m) in metrics_addrs.iter().enumerate() {
-        println!("  shard {i} metrics: http://{m}/metrics");
-    }
-    let client = PsClient::connect(ClientConfig::new(shard_addrs.clone()))?;
-    client.wait_ready(Duration::from_secs(30)).await.context("the shards did not come up; see their logs")?;
+    let server_bin = server_binary(args.bin_dir.as_ref())?;
+    let log_dir = log_dir(args.log_dir.as_ref())?;
+    let shards = start_shards(&server_bin, args.shards, args.lease, &log_dir).await?;
+    let (shard_addrs, client, processes) = (shards.addrs.clone(), shards.client.clone(), shards.processes);
 
     // Several worker processes each with a full-size compute pool oversubscribe
     // the cores (measured: 3.5 vs 16.4 steps/s for the language model on 2 cores).
@@ -277,6 +342,6 @@ fn print_summary(args: &DemoArgs, summaries: &[WorkerSummary], status: &[ps_clie
 }
 
 /// The command-line spelling of a value-enum variant.
-fn value_name<T: clap::ValueEnum>(value: &T) -> String {
+pub(crate) fn value_name<T: clap::ValueEnum>(value: &T) -> String {
     value.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
 }

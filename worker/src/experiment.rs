@@ -37,6 +37,15 @@ pub struct ExperimentArgs {
     /// Directory holding the `server` binary (default: next to this executable).
     #[arg(long, env = "PS_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
+    /// Compare the federated methods on non-IID digits instead; writes results/federated.md.
+    #[arg(long)]
+    pub federated: bool,
+    /// Federated: rounds per run.
+    #[arg(long, default_value_t = 100)]
+    pub rounds: u64,
+    /// Federated: seeds per setting (results are averaged over them).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
 }
 
 struct Mode {
@@ -70,6 +79,9 @@ const MODES: &[Mode] = &[
 
 /// Runs every mode and writes the results table.
 pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
+    if args.federated {
+        return crate::federated::experiment::run(args).await;
+    }
     let mut rows = Vec::new();
     for mode in MODES.iter().filter(|m| args.only.is_empty() || args.only.iter().any(|o| m.label.contains(o.as_str())))
     {
@@ -93,6 +105,7 @@ pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
             log_dir: None,
             worker_args,
             bin_dir: args.bin_dir.clone(),
+            ..DemoArgs::default()
         })
         .await?;
         let first = report.summaries.first().ok_or_else(|| anyhow::anyhow!("no worker summary"))?;

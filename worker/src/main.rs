@@ -2,7 +2,7 @@
 //! server shards; `worker demo` starts shards and workers locally as processes.
 
 use clap::{Parser, Subcommand};
-use ps_worker::{demo, experiment, train};
+use ps_worker::{demo, experiment, federated, train};
 use tracing_subscriber::EnvFilter;
 
 // mimalloc keeps freed multi-MiB buffers (chunks, blocks) for reuse; glibc
@@ -26,8 +26,11 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Pull a model's current weights and report its test accuracy.
     Evaluate(train::EvaluateArgs),
-    /// Compare the optimizer modes on the language model; writes results/optimizers.md.
+    /// Compare the optimizer modes on the language model (results/optimizers.md),
+    /// or with --federated the federated methods on non-IID digits (results/federated.md).
     Experiment(experiment::ExperimentArgs),
+    /// Act for federated clients of a model in federated mode, round after round.
+    Federated(Box<federated::FederatedArgs>),
 }
 
 #[tokio::main]
@@ -59,8 +62,29 @@ async fn main() -> anyhow::Result<()> {
                 println!("SUMMARY {}", serde_json::to_string(&summary)?);
             }
         }
-        Command::Demo(args) => {
-            demo::run(args).await?;
+        Command::Demo(args) => match args.federated {
+            Some(algorithm) => {
+                federated::demo::run(args, algorithm).await?;
+            }
+            None => {
+                demo::run(args).await?;
+            }
+        },
+        Command::Federated(args) => {
+            let summary_line = args.summary_line;
+            let summary = federated::run(*args).await?;
+            eprintln!(
+                "clients {:?}: {} rounds in {:.1} s, {} updates counted, {} too late, pushed {:.1} MB",
+                summary.clients,
+                summary.rounds,
+                summary.seconds,
+                summary.updates,
+                summary.too_late,
+                summary.bytes_pushed as f64 / 1e6
+            );
+            if summary_line {
+                println!("SUMMARY {}", serde_json::to_string(&summary)?);
+            }
         }
         Command::Evaluate(args) => {
             train::evaluate(args).await?;

@@ -14,12 +14,12 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::error::ServerError;
+use crate::federated::{Algorithm, ClientRule, ConfigInput, HPool, RoundConfig, Selection};
 use crate::optim::{
     AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2, LrSchedule,
     OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 use crate::spec::{self, Aggregation, GroupDef, InitRule, Mode, ModelOptions, ModelSpec, TensorInput};
-use crate::federated::{Algorithm, ClientRule, ConfigInput, HPool, RoundConfig, Selection};
 use crate::store::{JoinError, Model, ShardIdentity, Task};
 
 fn invalid(message: impl Into<String>) -> ServerError {

@@ -95,7 +95,9 @@ impl Peers {
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {
                         Err(ServerError::RoundCommit(format!("shard {peer}: {}", status.message())))
                     }
-                    Err(status) => Err(ServerError::PeerUnavailable { shard: *peer, message: status.message().to_string() }),
+                    Err(status) => {
+                        Err(ServerError::PeerUnavailable { shard: *peer, message: status.message().to_string() })
+                    }
                 }
             }
         });
@@ -107,8 +109,11 @@ impl Peers {
     pub fn share_commit(&self, model: &str, closing: &Closing) {
         for (peer, stub) in &self.stubs {
             let (mut stub, peer) = (stub.clone(), *peer);
-            let request =
-                pb::CommitRoundRequest { model: model.to_string(), round: closing.round, clients: closing.clients.clone() };
+            let request = pb::CommitRoundRequest {
+                model: model.to_string(),
+                round: closing.round,
+                clients: closing.clients.clone(),
+            };
             tokio::spawn(async move {
                 let mut pause = Duration::from_millis(20);
                 loop {

@@ -18,9 +18,9 @@ use super::assemble::{self, Assembler, Purpose};
 use super::convert;
 use super::peers::Peers;
 use crate::error::ServerError;
+use crate::federated::Algorithm;
 use crate::metrics as m;
 use crate::spec::{ModelSpec, check_name};
-use crate::federated::Algorithm;
 use crate::store::{BlockUpdate, Closing, DropReason, Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -237,7 +237,10 @@ impl ParameterService {
         Ok(convert::round_task(model.rounds()?.config(), &task))
     }
 
-    async fn push_round(&self, request: Request<Streaming<pb::RoundUpdateChunk>>) -> Result<pb::PushRoundUpdateResponse, Status> {
+    async fn push_round(
+        &self,
+        request: Request<Streaming<pb::RoundUpdateChunk>>,
+    ) -> Result<pb::PushRoundUpdateResponse, Status> {
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(ServerError::EmptyPush.into());
@@ -296,7 +299,11 @@ impl ParameterService {
             if let Some(((tensor, index), _)) = controls.into_iter().next() {
                 // A control part without its delta: refused as a whole.
                 let name = staged.spec.tensors[tensor].name.clone();
-                return Err(ServerError::RoundParts { tensor: name, block: index, problem: "a control part without its delta".into() });
+                return Err(ServerError::RoundParts {
+                    tensor: name,
+                    block: index,
+                    problem: "a control part without its delta".into(),
+                });
             }
             updates.sort_by_key(|(b, _, _)| (b.tensor, b.index));
             staged.stage_round_update(client, round, updates)
@@ -505,7 +512,10 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         observe("GetStatus", result).map(Response::new)
     }
 
-    async fn get_round_task(&self, request: Request<pb::GetRoundTaskRequest>) -> Result<Response<pb::RoundTask>, Status> {
+    async fn get_round_task(
+        &self,
+        request: Request<pb::GetRoundTaskRequest>,
+    ) -> Result<Response<pb::RoundTask>, Status> {
         observe("GetRoundTask", self.round_task(request.into_inner()).await).map(Response::new)
     }
 

@@ -6,6 +6,7 @@
 //! shards, so every shard aggregates exactly the same clients; updates of
 //! clients outside the set are discarded everywhere.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -223,12 +224,12 @@ impl Model {
         // The round lock is held, so the round cannot close between the checks and here.
         let (mut accepted, mut duplicate) = (0, 0);
         for (block, delta, control) in updates {
-            let mut held = block.lock();
-            if held.round_updates.contains_key(&client) {
-                duplicate += 1;
-            } else {
-                held.round_updates.insert(client, RoundUpdate { delta, control });
-                accepted += 1;
+            match block.lock().round_updates.entry(client) {
+                Entry::Occupied(_) => duplicate += 1,
+                Entry::Vacant(slot) => {
+                    slot.insert(RoundUpdate { delta, control });
+                    accepted += 1;
+                }
             }
         }
         Ok((accepted, duplicate))
@@ -335,7 +336,8 @@ impl Model {
             state.last_included.insert(client, round);
         }
         let model = self.spec.name.clone();
-        metrics::histogram!(m::FED_ROUND_SECONDS, "model" => model.clone()).record(state.opened.elapsed().as_secs_f64());
+        metrics::histogram!(m::FED_ROUND_SECONDS, "model" => model.clone())
+            .record(state.opened.elapsed().as_secs_f64());
         metrics::counter!(m::FED_CONTRIBUTIONS, "model" => model.clone()).increment(clients.len() as u64);
         state.round = round + 1;
         state.cohort = rounds.config.cohort(state.round);

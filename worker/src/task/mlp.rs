@@ -77,6 +77,19 @@ impl Mlp {
         Ok(Self { kind, layers, loss, train, test, device })
     }
 
+    /// The same model and test set, training on `indices` of this training set
+    /// (one federated client's share).
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        Self {
+            kind: self.kind,
+            layers: self.layers.clone(),
+            loss: self.loss,
+            train: self.train.select(indices),
+            test: self.test.clone(),
+            device: self.device.clone(),
+        }
+    }
+
     /// Which task this is.
     pub fn kind(&self) -> MlpTask {
         self.kind

@@ -47,7 +47,8 @@ pub struct WorkerSummary {
     pub resyncs: u64,
 }
 
-fn device() -> anyhow::Result<Device> {
+/// The device the candle models compute on: GPU 0 with the `cuda` feature, else the CPU.
+pub fn device() -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     return Ok(Device::new_cuda(0)?);
     #[cfg(not(feature = "cuda"))]

@@ -1,0 +1,374 @@
+//! `worker federated`: one process acting for several federated clients.
+//! Each client has its own share of the training data (IID or a Dirichlet
+//! label skew), asks shard 0 for its task every round, trains locally with
+//! the round's rule (algorithms.md §7, through `ps_client::federated`) and
+//! pushes its delta. Its own state (SCAFFOLD's c_i, FedSpeed's h_i) lives in
+//! `--state-dir`, so a restarted process resumes where the servers are.
+
+pub mod clients;
+pub mod demo;
+pub mod experiment;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use ps_client::federated::{
+    Algorithm, ClientState, HPool, Participation, RoundConfig, RoundOutcome, RoundTask, train_round,
+};
+use ps_client::spec::{Encoding, GroupConfig, ModelSpec, Optimizer};
+use ps_client::{ClientConfig, ModelHandle, PsClient, Tensors};
+use serde::{Deserialize, Serialize};
+
+use self::clients::{ClientData, Partition};
+use crate::task::{TaskKind, Trainable};
+
+/// The federated methods, as flags spell them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AlgorithmArg {
+    /// FedAvg.
+    Fedavg,
+    /// FedProx (proximal term `--mu`).
+    Fedprox,
+    /// SCAFFOLD option II.
+    Scaffold,
+    /// FedSpeed (`--mu` is its lamb, `--rho` the ascent radius).
+    Fedspeed,
+}
+
+impl AlgorithmArg {
+    /// The client library's algorithm.
+    pub fn algorithm(self) -> Algorithm {
+        match self {
+            AlgorithmArg::Fedavg => Algorithm::FedAvg,
+            AlgorithmArg::Fedprox => Algorithm::FedProx,
+            AlgorithmArg::Scaffold => Algorithm::Scaffold,
+            AlgorithmArg::Fedspeed => Algorithm::FedSpeed,
+        }
+    }
+}
+
+/// Encodings of pushed deltas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeltaEncoding {
+    /// 4 bytes per element.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+/// The run's round configuration and model, as every process of a run gives it.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Task (digits: the MLP with Dirichlet label skew; char-lm: the byte-level LM, IID text shares).
+    #[arg(long, value_enum, default_value = "digits")]
+    pub task: TaskKind,
+    /// Model name on the servers (default: `<task model>-fed`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Federated method.
+    #[arg(long, value_enum, default_value = "fedavg")]
+    pub algorithm: AlgorithmArg,
+    /// Client population N.
+    #[arg(long, default_value_t = 20)]
+    pub clients: u32,
+    /// Fraction of clients selected per round (a seeded Bernoulli draw per client).
+    #[arg(long, default_value_t = 0.25)]
+    pub participation: f64,
+    /// Exactly this many clients per round instead of `--participation`.
+    #[arg(long)]
+    pub cohort: Option<u32>,
+    /// Rounds.
+    #[arg(long, default_value_t = 50)]
+    pub rounds: u64,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 2)]
+    pub local_epochs: u32,
+    /// Local minibatch steps per round instead of epochs.
+    #[arg(long)]
+    pub local_steps: Option<u32>,
+    /// Minibatch size of the local steps.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: u32,
+    /// Client learning rate of round 1.
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Client learning rate factor per round.
+    #[arg(long, default_value_t = 0.998)]
+    pub lr_decay: f64,
+    /// Server learning rate η_g (the server optimizer is SGD with this lr).
+    #[arg(long, default_value_t = 1.0)]
+    pub server_lr: f64,
+    /// Global-norm clipping of the client direction.
+    #[arg(long, default_value_t = 10.0)]
+    pub clip: f64,
+    /// Weight decay of the client step.
+    #[arg(long, default_value_t = 1e-3)]
+    pub weight_decay: f64,
+    /// FedProx's μ or FedSpeed's lamb (1/λ of the paper).
+    #[arg(long, default_value_t = 0.1)]
+    pub mu: f64,
+    /// FedSpeed's ascent radius ρ.
+    #[arg(long, default_value_t = 0.1)]
+    pub rho: f64,
+    /// FedSpeed's gradient mix α (1: the simulator's form).
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha: f64,
+    /// FedSpeed: average h over the round's participants (the paper) instead of all clients.
+    #[arg(long)]
+    pub participants_pool: bool,
+    /// A round closes this long after it opened with the clients that completed (0: wait for all).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub round_deadline: Duration,
+    /// Completed clients a round needs to close at its deadline.
+    #[arg(long, default_value_t = 1)]
+    pub quorum: u32,
+    /// Label skew of the digits partition: a Dirichlet alpha (e.g. 0.1, 0.3, 0.6), or `iid`.
+    #[arg(long, default_value = "0.3")]
+    pub dirichlet: String,
+    /// Seed of the partition, the selections and the minibatches.
+    #[arg(long, default_value_t = 20)]
+    pub seed: u64,
+    /// Encoding of pushed deltas.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub encoding: DeltaEncoding,
+}
+
+#[derive(clap::Parser)]
+struct RunOnly {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+impl Default for RunArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        <RunOnly as clap::Parser>::parse_from(["federated"]).run
+    }
+}
+
+impl RunArgs {
+    /// The model's name on the servers.
+    pub fn model_name(&self) -> String {
+        self.model.clone().unwrap_or_else(|| format!("{}-fed", self.task.model_name()))
+    }
+
+    /// The data partition the flags ask for.
+    pub fn partition(&self) -> anyhow::Result<Partition> {
+        match self.dirichlet.as_str() {
+            "iid" | "IID" => Ok(Partition::Iid),
+            alpha => Ok(Partition::Dirichlet(alpha.parse().with_context(|| format!("--dirichlet {alpha}"))?)),
+        }
+    }
+
+    /// The round configuration.
+    pub fn round_config(&self) -> RoundConfig {
+        let mut config = RoundConfig::new(self.algorithm.algorithm(), self.clients, self.lr);
+        config.participation = match self.cohort {
+            Some(n) => Participation::Cohort(n),
+            None => Participation::Fraction(self.participation),
+        };
+        config.seed = self.seed;
+        config.local_epochs = self.local_epochs;
+        config.local_steps = self.local_steps.unwrap_or(0);
+        config.batch_size = self.batch_size;
+        config.lr_decay = self.lr_decay;
+        config.clip_norm = self.clip;
+        config.weight_decay = self.weight_decay;
+        config.mu =
+            if matches!(self.algorithm, AlgorithmArg::Fedprox | AlgorithmArg::Fedspeed) { self.mu } else { 0.0 };
+        if self.algorithm == AlgorithmArg::Fedspeed {
+            config.rho = self.rho;
+            config.alpha = self.alpha;
+            config.pool = if self.participants_pool { HPool::Participants } else { HPool::AllClients };
+        }
+        config.round_deadline = (!self.round_deadline.is_zero()).then_some(self.round_deadline);
+        config.quorum = self.quorum;
+        config.rounds = self.rounds;
+        config
+    }
+
+    /// The model every process of the run registers (identical, so any may be first).
+    pub fn model_spec(&self) -> ModelSpec {
+        let encoding = match self.encoding {
+            DeltaEncoding::F32 => Encoding::F32,
+            DeltaEncoding::Bf16 => Encoding::Bf16,
+            DeltaEncoding::F16 => Encoding::F16,
+        };
+        let group = GroupConfig {
+            push_encodings: vec![encoding],
+            ..GroupConfig::new("all", &["*"], Optimizer::sgd(self.server_lr))
+        };
+        ModelSpec::new(self.model_name(), self.task.tensor_specs(self.seed), vec![group])
+            .with_rounds(self.round_config())
+    }
+}
+
+/// Options of `worker federated`.
+#[derive(Args, Debug, Clone)]
+pub struct FederatedArgs {
+    /// Shard addresses (host:port), in shard-index order.
+    #[arg(long, value_delimiter = ',', env = "PS_SHARDS", required = true)]
+    pub shards: Vec<String>,
+    /// The client ids this process acts for: a list and ranges, e.g. `0-4,9`.
+    #[arg(long, default_value = "0-19")]
+    pub client_ids: String,
+    /// Keep each client's state here (`client-<id>.state`), to resume after a restart.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Bearer token for the shards.
+    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// File holding the bearer token (wins over --auth-token).
+    #[arg(long, env = "PS_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// How long to wait for the shards at start.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub start_timeout: Duration,
+    /// Print a machine-readable `SUMMARY {json}` line at the end.
+    #[arg(long)]
+    pub summary_line: bool,
+    /// The run.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Parses `0-4,9` into ids.
+pub fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => ids.extend(a.parse::<u32>()?..=b.parse::<u32>()?),
+            None => ids.push(part.parse()?),
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    anyhow::ensure!(!ids.is_empty(), "no client ids in '{text}'");
+    Ok(ids)
+}
+
+/// What one process's clients did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FederatedSummary {
+    /// Client ids of the process.
+    pub clients: Vec<u32>,
+    /// Rounds of the run that were applied.
+    pub rounds: u64,
+    /// Local trainings whose update a round included.
+    pub updates: u64,
+    /// Updates that came too late for their round.
+    pub too_late: u64,
+    /// Payload bytes pushed.
+    pub bytes_pushed: u64,
+    /// Mean local training loss of the last round this process trained in.
+    pub last_loss: f32,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// One client as a process runs it: its data and its state.
+pub struct Client {
+    /// Its id.
+    pub id: u32,
+    /// Its training data.
+    pub data: Arc<dyn Trainable>,
+    /// Its state across rounds.
+    pub state: ClientState,
+}
+
+/// Runs `clients` until the run's last round is applied.
+pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64) -> anyhow::Result<FederatedSummary> {
+    let started = Instant::now();
+    let mut summary = FederatedSummary { clients: clients.iter().map(|c| c.id).collect(), ..Default::default() };
+    loop {
+        // Ask for every client's task first: a round closes as soon as its last selected client completes.
+        let mut tasks: Vec<RoundTask> = Vec::with_capacity(clients.len());
+        for client in clients.iter() {
+            tasks.push(model.next_task(client.id, client.state.round_done).await?);
+        }
+        if tasks.iter().all(|t| t.finished) {
+            summary.rounds = tasks.iter().map(|t| t.round).max().unwrap_or(0);
+            break;
+        }
+        let mut losses = Vec::new();
+        for (client, task) in clients.iter_mut().zip(&tasks) {
+            if task.finished {
+                continue;
+            }
+            let data = client.data.clone();
+            let mut loss = Ok(0.0);
+            let outcome = train_round(model, task, &mut client.state, |w, local| {
+                loss = tokio::task::block_in_place(|| {
+                    clients::local_train(data.as_ref(), task, client.id, seed, w, local)
+                });
+            })
+            .await?;
+            match outcome {
+                RoundOutcome::NotSelected => {}
+                RoundOutcome::Counted { contributions, cohort_size, bytes } => {
+                    let loss = loss?;
+                    losses.push(loss);
+                    summary.updates += 1;
+                    summary.bytes_pushed += bytes;
+                    tracing::info!(
+                        client = client.id,
+                        round = task.round,
+                        loss,
+                        contributions,
+                        cohort_size,
+                        "update counted"
+                    );
+                }
+                RoundOutcome::TooLate => {
+                    summary.too_late += 1;
+                    tracing::warn!(
+                        client = client.id,
+                        round = task.round,
+                        "the round closed without this client's update"
+                    );
+                }
+            }
+        }
+        if !losses.is_empty() {
+            summary.last_loss = losses.iter().sum::<f32>() / losses.len() as f32;
+        }
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// `worker federated`: registers the run's model (idempotent) and runs this process's clients.
+pub async fn run(args: FederatedArgs) -> anyhow::Result<FederatedSummary> {
+    let mut config = ClientConfig::new(args.shards.clone());
+    config.auth_token = ps_client::bearer_token(args.auth_token.clone(), args.auth_token_file.as_deref())?;
+    let client = PsClient::connect(config)?;
+    client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
+    let model = client.register(&args.run.model_spec(), &Tensors::new()).await.context("registering the model")?;
+    let ids = parse_ids(&args.client_ids)?;
+    let data = ClientData::load(args.run.task, args.run.clients, args.run.partition()?, args.run.seed)?;
+    let mut clients = Vec::new();
+    for &id in &ids {
+        anyhow::ensure!(id < args.run.clients, "client id {id} is outside the population of {}", args.run.clients);
+        let state = match &args.state_dir {
+            Some(dir) => ClientState::load(dir, id).with_context(|| format!("loading client {id}'s state"))?,
+            None => ClientState::new(id),
+        };
+        if state.round_done > 0 {
+            tracing::info!(client = id, round = state.round_done, "resuming from the state directory");
+        }
+        clients.push(Client { id, data: data.client(id)?, state });
+    }
+    tracing::info!(clients = ?ids, model = model.name(), "federated clients started");
+    run_clients(&model, &mut clients, args.run.seed).await
+}
+
+/// Per-client label counts, for the histogram printed at start.
+pub fn label_histogram(data: &ClientData) -> BTreeMap<u32, Vec<usize>> {
+    data.histogram()
+}
