@@ -20,7 +20,7 @@ use super::peers::Peers;
 use crate::error::ServerError;
 use crate::federated::Algorithm;
 use crate::metrics as m;
-use crate::spec::{ModelSpec, check_name};
+use crate::spec::{Mode, ModelSpec, check_name};
 use crate::store::{BlockUpdate, Closing, DropReason, Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,6 +112,9 @@ impl ParameterService {
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
         check_worker_name(&worker)?;
         let model = self.registry.get(&model_name)?;
+        if model.spec.options.mode == Mode::Federated {
+            return Err(ServerError::FederatedModel(model_name).into());
+        }
         if !model.membership.is_live(&worker) {
             return Err(model.not_a_member(&worker).into());
         }

@@ -4,6 +4,7 @@
 mod cluster;
 mod compression;
 mod fed_replay;
+mod federated;
 mod membership;
 mod optim_replay;
 mod sync_equivalence;
