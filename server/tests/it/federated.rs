@@ -140,9 +140,9 @@ fn scaffold_train(w: &mut Tensors, local: &mut LocalRound, client: u32) {
 /// counted exactly once (all start at zero and move together).
 async fn assert_control_matches_clients(model: &ModelHandle, round: u64, states: &[ClientState]) {
     let c = model.pull_control(round + 1).await.unwrap().tensors["w"].clone();
-    for i in 0..LEN {
+    for (i, c) in c.iter().enumerate() {
         let mean = states.iter().map(|s| s.correction["w"][i]).sum::<f32>() / states.len() as f32;
-        assert!((c[i] - mean).abs() < 1e-5, "after round {round}: c[{i}] = {}, mean of c_i = {mean}", c[i]);
+        assert!((c - mean).abs() < 1e-5, "after round {round}: c[{i}] = {c}, mean of c_i = {mean}");
     }
 }
 
