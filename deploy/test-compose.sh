@@ -2,7 +2,8 @@
 # End-to-end test of the compose deployment on the local Docker engine:
 # builds the images, starts 2 shards, 3 workers and Prometheus, stops one
 # worker in the middle of a sync run, and checks that the run completes, the
-# final accuracy, what Prometheus scraped, and that `down -v` leaves nothing.
+# final accuracy, what Prometheus scraped, and that `down -v` leaves nothing;
+# then runs the same deployment with PS_MODE=federated.
 # Skips (loudly, exit 0) when no Docker engine answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,5 +103,25 @@ say "docker-compose down -v"
 dc down -v --remove-orphans >/dev/null 2>&1
 left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(docker network ls -q --filter "label=com.docker.compose.project=$project")$(docker volume ls -q --filter "label=com.docker.compose.project=$project")"
 [ -z "$left" ] || fail "left behind: $left"
+
+# The same deployment in federated mode: the worker replicas share the clients.
+project="${project}fed"
+say "federated: 2 shards and $WORKERS worker replicas acting for 20 clients, FedAvg, 20 rounds (PS_MODE=federated)"
+export PS_MODE=federated PS_FED_ROUNDS=20 PS_FED_CLIENTS=20
+dc up -d --scale worker=$WORKERS shard0 shard1 worker >/dev/null 2>&1 || { dc up -d --scale worker=$WORKERS shard0 shard1 worker; fail "compose up (federated)"; }
+for container in $(dc ps -q worker); do
+  code=$(timeout 600 docker wait "$container") || fail "federated worker ${container:0:12} did not finish"
+  [ "$code" = 0 ] || fail "federated worker ${container:0:12} exited with $code"
+done
+fed_status() { dc exec -T shard0 ctl --shards "$shards" status --model digits-mlp-fed --json 2>/dev/null | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"; }
+rounds=$(fed_status 'min(m["federated"]["round"] - 1 for x in s for m in x["models"])')
+finished=$(fed_status 'all(m["federated"]["finished"] for x in s for m in x["models"])')
+[ "$rounds" = 20 ] && [ "$finished" = True ] || fail "federated run stopped at round $rounds (finished: $finished)"
+accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --model digits-mlp-fed --min-version 20 --min-accuracy 0.8) || fail "federated accuracy: $accuracy"
+say "federated run complete: $rounds rounds applied on both shards; $accuracy"
+dc down -v --remove-orphans >/dev/null 2>&1
+left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(docker network ls -q --filter "label=com.docker.compose.project=$project")"
+[ -z "$left" ] || fail "left behind: $left"
+
 trap - EXIT
 say "PASSED: nothing left behind ($(( $(date +%s) - started )) s)"

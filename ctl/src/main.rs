@@ -93,7 +93,13 @@ async fn main() -> anyhow::Result<()> {
                                 "live_workers": m.live_workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>(),
                                 "workers_expired": m.workers_expired,
                                 "workers_dropped_late": m.workers_dropped_late,
-                                "pushes": m.pushes,
+"pushes": m.pushes,
+                                "federated": m.federated.as_ref().map(|f| serde_json::json!({
+                                    "algorithm": f.algorithm, "round": f.round, "cohort_size": f.cohort_size,
+                                    "contributions": f.contributions, "stragglers_dropped": f.stragglers_dropped,
+                                    "rounds_extended": f.rounds_extended, "server_state_bytes": f.server_state_bytes,
+                                    "staged_bytes": f.staged_bytes, "finished": f.finished,
+                                })),
                                 "groups": m.groups.iter().map(|g| serde_json::json!({
                                     "name": g.name, "optimizer": g.optimizer, "parameters": g.parameters, "state_bytes": g.state_bytes,
                                 })).collect::<Vec<_>>(),
@@ -119,6 +125,20 @@ async fn main() -> anyhow::Result<()> {
                             m.workers_expired,
                             m.workers_dropped_late
                         );
+                        if let Some(f) = &m.federated {
+                            println!(
+                                "    federated {}: round {} ({}), {} of {} clients in, {} stragglers dropped, {} deadlines extended, {} state bytes, {} bytes of updates held",
+                                f.algorithm,
+                                f.round,
+                                if f.finished { "finished" } else { "open" },
+                                f.contributions,
+                                f.cohort_size,
+                                f.stragglers_dropped,
+                                f.rounds_extended,
+                                f.server_state_bytes,
+                                f.staged_bytes
+                            );
+                        }
                         for g in &m.groups {
                             println!(
                                 "    group {}: {} ({} parameters, {} state bytes)",

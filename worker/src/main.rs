@@ -41,6 +41,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Train(args) if args.mode == train::ModeArg::Federated => {
+            let federated = federated::FederatedArgs::from_train(&args);
+            print_federated(federated.summary_line, federated::run(federated).await?)?;
+        }
         Command::Train(args) => {
             let summary_line = args.summary_line;
             let summary = train::run(*args).await?;
@@ -72,19 +76,7 @@ async fn main() -> anyhow::Result<()> {
         },
         Command::Federated(args) => {
             let summary_line = args.summary_line;
-            let summary = federated::run(*args).await?;
-            eprintln!(
-                "clients {:?}: {} rounds in {:.1} s, {} updates counted, {} too late, pushed {:.1} MB",
-                summary.clients,
-                summary.rounds,
-                summary.seconds,
-                summary.updates,
-                summary.too_late,
-                summary.bytes_pushed as f64 / 1e6
-            );
-            if summary_line {
-                println!("SUMMARY {}", serde_json::to_string(&summary)?);
-            }
+            print_federated(summary_line, federated::run(*args).await?)?;
         }
         Command::Evaluate(args) => {
             train::evaluate(args).await?;
@@ -92,6 +84,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Experiment(args) => {
             experiment::run(args).await?;
         }
+    }
+    Ok(())
+}
+
+fn print_federated(summary_line: bool, summary: federated::FederatedSummary) -> anyhow::Result<()> {
+    eprintln!(
+        "clients {:?}: {} rounds in {:.1} s, {} updates counted, {} too late, pushed {:.1} MB",
+        summary.clients,
+        summary.rounds,
+        summary.seconds,
+        summary.updates,
+        summary.too_late,
+        summary.bytes_pushed as f64 / 1e6
+    );
+    if summary_line {
+        println!("SUMMARY {}", serde_json::to_string(&summary)?);
     }
     Ok(())
 }

@@ -251,6 +251,11 @@ impl Model {
             metrics::gauge!(m::OPTIMIZER_STATE_BYTES, "model" => model.clone(), "group" => group.name.clone(), "optimizer" => group.optimizer.mode())
                 .set(stats.state_bytes as f64);
         }
+        if let Some(rounds) = &self.rounds {
+            let global: usize = self.local_order.iter().map(|b| 4 * b.lock().global.len()).sum();
+            metrics::gauge!(m::FED_STATE_BYTES, "model" => model.clone()).set(global as f64);
+            rounds.publish(&model);
+        }
         self.publish_version();
     }
 }

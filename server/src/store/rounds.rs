@@ -115,6 +115,13 @@ impl Rounds {
         }
     }
 
+    /// Sets the round and cohort gauges of `model`.
+    pub fn publish(&self, model: &str) {
+        let state = self.state.lock();
+        metrics::gauge!(m::FED_ROUND, "model" => model.to_string()).set(state.round as f64);
+        metrics::gauge!(m::FED_COHORT, "model" => model.to_string()).set(state.cohort.len() as f64);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &RoundConfig {
         &self.config

@@ -66,28 +66,28 @@ pub enum DeltaEncoding {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Task (digits: the MLP with Dirichlet label skew; char-lm: the byte-level LM, IID text shares).
-    #[arg(long, value_enum, default_value = "digits")]
+    #[arg(long, env = "PS_TASK", value_enum, default_value = "digits")]
     pub task: TaskKind,
     /// Model name on the servers (default: `<task model>-fed`).
     #[arg(long)]
     pub model: Option<String>,
     /// Federated method.
-    #[arg(long, value_enum, default_value = "fedavg")]
+    #[arg(long, env = "PS_FED_ALGORITHM", value_enum, default_value = "fedavg")]
     pub algorithm: AlgorithmArg,
     /// Client population N.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "PS_FED_CLIENTS", default_value_t = 20)]
     pub clients: u32,
     /// Fraction of clients selected per round (a seeded Bernoulli draw per client).
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, env = "PS_FED_PARTICIPATION", default_value_t = 0.25)]
     pub participation: f64,
     /// Exactly this many clients per round instead of `--participation`.
     #[arg(long)]
     pub cohort: Option<u32>,
     /// Rounds.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "PS_FED_ROUNDS", default_value_t = 50)]
     pub rounds: u64,
     /// Local epochs per round.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, env = "PS_FED_LOCAL_EPOCHS", default_value_t = 2)]
     pub local_epochs: u32,
     /// Local minibatch steps per round instead of epochs.
     #[arg(long)]
@@ -96,7 +96,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 16)]
     pub batch_size: u32,
     /// Client learning rate of round 1.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, env = "PS_FED_LR", default_value_t = 0.05)]
     pub lr: f64,
     /// Client learning rate factor per round.
     #[arg(long, default_value_t = 0.998)]
@@ -123,19 +123,19 @@ pub struct RunArgs {
     #[arg(long)]
     pub participants_pool: bool,
     /// A round closes this long after it opened with the clients that completed (0: wait for all).
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PS_FED_ROUND_DEADLINE", default_value = "0s", value_parser = humantime::parse_duration)]
     pub round_deadline: Duration,
     /// Completed clients a round needs to close at its deadline.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "PS_FED_QUORUM", default_value_t = 1)]
     pub quorum: u32,
     /// Label skew of the digits partition: a Dirichlet alpha (e.g. 0.1, 0.3, 0.6), or `iid`.
-    #[arg(long, default_value = "0.3")]
+    #[arg(long, env = "PS_FED_DIRICHLET", default_value = "0.3")]
     pub dirichlet: String,
     /// Seed of the partition, the selections and the minibatches.
     #[arg(long, default_value_t = 20)]
     pub seed: u64,
     /// Encoding of pushed deltas.
-    #[arg(long, value_enum, default_value = "f32")]
+    #[arg(long, env = "PS_FED_ENCODING", value_enum, default_value = "f32")]
     pub encoding: DeltaEncoding,
 }
 
@@ -215,9 +215,17 @@ pub struct FederatedArgs {
     /// Shard addresses (host:port), in shard-index order.
     #[arg(long, value_delimiter = ',', env = "PS_SHARDS", required = true)]
     pub shards: Vec<String>,
-    /// The client ids this process acts for: a list and ranges, e.g. `0-4,9`.
-    #[arg(long, default_value = "0-19")]
+    /// The client ids this process acts for: a list and ranges, e.g. `0-4,9`;
+    /// `auto`: ids rank, rank + W, rank + 2W, ... with W = `--world-size` and the
+    /// rank from `--rank` or, for identical replicas, assigned by the shards.
+    #[arg(long, default_value = "auto")]
     pub client_ids: String,
+    /// Processes the clients are spread over (`--client-ids auto`).
+    #[arg(long, env = "PS_WORLD_SIZE", default_value_t = 1)]
+    pub world_size: u32,
+    /// This process's share (`--client-ids auto`); without it the shards assign the smallest free rank.
+    #[arg(long, env = "PS_WORKER_RANK")]
+    pub rank: Option<u32>,
     /// Keep each client's state here (`client-<id>.state`), to resume after a restart.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -236,6 +244,33 @@ pub struct FederatedArgs {
     /// The run.
     #[command(flatten)]
     pub run: RunArgs,
+}
+
+#[derive(clap::Parser)]
+struct FederatedOnly {
+    #[command(flatten)]
+    federated: FederatedArgs,
+}
+
+impl FederatedArgs {
+    /// The federated run of `worker train --mode federated`: the connection,
+    /// rank, world size and state directory of the train flags, the round
+    /// configuration from the PS_FED_* variables (or their defaults).
+    pub fn from_train(train: &crate::train::TrainArgs) -> Self {
+        let shards = train.shards.join(",");
+        let mut args = <FederatedOnly as clap::Parser>::parse_from(["federated", "--shards", &shards]).federated;
+        args.world_size = train.world_size as u32;
+        args.rank = train.rank.map(|r| r as u32);
+        args.state_dir = train.state_dir.clone();
+        args.auth_token = train.auth_token.clone();
+        args.auth_token_file = train.auth_token_file.clone();
+        args.summary_line = train.summary_line;
+        args.run.task = train.task;
+        if let Some(model) = &train.model {
+            args.run.model = Some(model.clone());
+        }
+        args
+    }
 }
 
 /// Parses `0-4,9` into ids.
@@ -350,7 +385,27 @@ pub async fn run(args: FederatedArgs) -> anyhow::Result<FederatedSummary> {
     let client = PsClient::connect(config)?;
     client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
     let model = client.register(&args.run.model_spec(), &Tensors::new()).await.context("registering the model")?;
-    let ids = parse_ids(&args.client_ids)?;
+    let ids = if args.client_ids == "auto" {
+        let rank = match args.rank {
+            Some(rank) => rank,
+            None => {
+                // Identical replicas (compose, an indexed job without an index) get a rank from the shards.
+                let worker = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("clients-{}", std::process::id()));
+                let joined = model.join(&worker).await.context("asking the shards for a rank")?;
+                model.spawn_heartbeat(&worker);
+                joined.rank
+            }
+        };
+        anyhow::ensure!(
+            args.world_size >= 1 && rank < args.world_size,
+            "rank {rank} of world size {}",
+            args.world_size
+        );
+        (rank..args.run.clients).step_by(args.world_size as usize).collect()
+    } else {
+        parse_ids(&args.client_ids)?
+    };
+    anyhow::ensure!(!ids.is_empty(), "this process has no client to act for");
     let data = ClientData::load(args.run.task, args.run.clients, args.run.partition()?, args.run.seed)?;
     let mut clients = Vec::new();
     for &id in &ids {

@@ -17,6 +17,9 @@ pub enum ModeArg {
     /// Sync steps, but a worker may run up to --staleness steps ahead of the slowest.
     #[value(alias = "ssp")]
     BoundedStaleness,
+    /// Federated rounds: this worker acts for a share of the federated clients
+    /// (`worker federated` with `--client-ids auto`; its flags come from the PS_FED_* variables).
+    Federated,
 }
 
 /// Optimizer, as a command-line value.

@@ -108,6 +108,7 @@ pub fn mode(args: &TrainArgs) -> Mode {
         ModeArg::Sync => Mode::Sync,
         ModeArg::Async => Mode::Async,
         ModeArg::BoundedStaleness => Mode::BoundedStaleness { staleness: args.staleness },
+        ModeArg::Federated => Mode::Federated,
     }
 }
 
@@ -126,7 +127,7 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
             // The servers hold step 0 until this many workers pushed it, whatever joins first.
             min_workers: match args.mode {
                 ModeArg::Sync | ModeArg::BoundedStaleness => args.min_workers.unwrap_or(args.world_size) as u32,
-                ModeArg::Async => 0,
+                ModeArg::Async | ModeArg::Federated => 0,
             },
             step_deadline: args.step_deadline.filter(|_| args.mode != ModeArg::Async),
             quorum: args.quorum,
