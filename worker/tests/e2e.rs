@@ -153,3 +153,79 @@ fn a_worker_paused_past_its_lease_rejoins_and_the_run_completes() {
         assert!(log(output).contains("\"version\":3000"), "every step applied once, up to 3000:\n{}", log(output));
     }
 }
+
+#[test]
+fn the_federated_demo_trains_non_iid_digits_past_85_percent() {
+    let logs = std::env::temp_dir().join(format!("ps-e2e-fed-{}", std::process::id()));
+    let args = ["--federated", "scaffold", "--rounds", "40", "--client-processes", "3", "--min-accuracy", "0.85"];
+    let output = demo(&args, &logs);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nlogs in {}", logs.display());
+    assert!(stdout.contains("Examples per class"), "the client histogram is printed: {stdout}");
+    assert!(stdout.contains("rounds            40 in"), "{stdout}");
+}
+
+#[test]
+fn a_federated_client_process_killed_mid_run_resumes_from_its_state_dir() {
+    let ports: Vec<u16> = (0..2).map(|_| free_port().unwrap()).collect();
+    let shards = format!("127.0.0.1:{},127.0.0.1:{}", ports[0], ports[1]);
+    let server = server_dir().join(format!("server{}", std::env::consts::EXE_SUFFIX));
+    let _servers: Vec<ServerProcess> = (0..2)
+        .map(|i| {
+            let args = ["--shard-index", &i.to_string(), "--shards", &shards, "--metrics-addr", "off"];
+            ServerProcess::spawn(&server, &args, &[]).expect("starting a shard")
+        })
+        .collect();
+    let base = std::env::temp_dir().join(format!("ps-e2e-fed-restart-{}", std::process::id()));
+    let clients = |ids: &str, dir: &str| {
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["federated", "--shards", &shards, "--client-ids", ids, "--clients", "10"])
+            .args(["--algorithm", "scaffold", "--participation", "0.5", "--rounds", "40"])
+            .args(["--round-deadline", "500ms", "--quorum", "1", "--summary-line", "--state-dir"])
+            .arg(base.join(dir))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting a client process")
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let round = |at_least: u64| {
+        let _context = runtime.enter();
+        let client =
+            ps_client::PsClient::connect(ps_client::ClientConfig::new(shards.split(',').map(str::to_string).collect()))
+                .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let status = runtime.block_on(client.status("digits-mlp-fed")).ok();
+            let federated = status.and_then(|s| s[0].models.first().and_then(|m| m.federated.clone()));
+            if let Some(f) = federated.filter(|f| f.round >= at_least) {
+                return f;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for round {at_least}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let first = clients("0-4", "a");
+    let mut second = clients("5-9", "b");
+    round(8);
+    second.kill().expect("killing the second client process");
+    second.wait().unwrap();
+    // Rounds that selected its clients close at their deadline without them.
+    let status = round(12);
+    assert!(status.stragglers_dropped >= 1, "{status:?}");
+    let restarted = clients("5-9", "b").wait_with_output().unwrap();
+    let first = first.wait_with_output().unwrap();
+    for (name, output) in [("first", &first), ("restarted", &restarted)] {
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name} client process failed: {log}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains("\"rounds\":40"), "{name} saw the run to its end: {stdout}");
+    }
+    let log = String::from_utf8_lossy(&restarted.stderr);
+    assert!(log.contains("resuming from the state directory"), "{log}");
+    let status = round(41);
+    assert!(status.finished, "{status:?}");
+    assert!((5..10).all(|c| base.join("b").join(format!("client-{c}.state")).exists()));
+    std::fs::remove_dir_all(&base).ok();
+}

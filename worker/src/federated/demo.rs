@@ -14,6 +14,7 @@ use tokio::process::Command;
 use super::clients::ClientData;
 use super::{AlgorithmArg, FederatedSummary, RunArgs};
 use crate::demo::{DemoArgs, log_dir, log_file, server_binary, start_shards, value_name};
+use crate::task::TaskKind;
 
 /// Accuracy of the global model after each round, as the launcher measured it.
 #[derive(Clone, Debug, Default)]
@@ -147,7 +148,7 @@ pub async fn run(args: DemoArgs, algorithm: AlgorithmArg) -> anyhow::Result<Roun
     );
     let curve = follow_rounds(&model, &data, |round, loss, accuracy| {
         progress.set_position(round);
-        progress.set_message(format!("test accuracy {:.1}%, loss {loss:.3}", accuracy * 100.0));
+        progress.set_message(format!("test accuracy {:.1}%, test loss {loss:.3}", accuracy * 100.0));
         if round % 10 == 0 || round == rounds {
             let line = format!("round {round:>4}: test accuracy {:.2}%, test loss {loss:.4}", accuracy * 100.0);
             if progress.is_hidden() { println!("{line}") } else { progress.println(line) }
@@ -183,7 +184,7 @@ pub async fn run(args: DemoArgs, algorithm: AlgorithmArg) -> anyhow::Result<Roun
         args.clients,
         args.participation
     );
-    println!("  data              digits, {} partition over the clients", run.partition()?.label());
+    println!("  data              {:?}, {} partition over the clients", run.task, run.partition()?.label());
     println!("  rounds            {rounds} in {seconds:.1} s = {:.2} s per round", seconds / rounds.max(1) as f64);
     println!(
         "  updates           {} counted, {} too late, {stragglers} stragglers dropped",
@@ -195,11 +196,18 @@ pub async fn run(args: DemoArgs, algorithm: AlgorithmArg) -> anyhow::Result<Roun
         summaries.iter().map(|s| s.bytes_pushed).sum::<u64>() as f64 / 1e6
     );
     println!("  server state      {state_bytes} bytes of global federated state on the shards");
+    let classification = run.task == TaskKind::Digits;
     match curve.rounds_to(0.9) {
+        _ if !classification => {}
         Some(round) => println!("  reached 90%       after round {round}"),
         None => println!("  reached 90%       not within {rounds} rounds"),
     }
-    println!("  final accuracy    {:.2}% on the held-out test set", curve.final_accuracy() * 100.0);
+    if classification {
+        println!("  final accuracy    {:.2}% on the held-out test set", curve.final_accuracy() * 100.0);
+    }
+    if let Some((_, loss, _)) = curve.points.last() {
+        println!("  final test loss   {loss:.4}");
+    }
     drop(shards.processes);
     if args.min_accuracy > 0.0 && curve.final_accuracy() < args.min_accuracy {
         bail!(
