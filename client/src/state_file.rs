@@ -43,21 +43,6 @@ pub fn save_with_counters(path: &Path, tensors: &Tensors, counters: &Counters) -
     write_atomically(path, MAGIC_WITH_COUNTERS, &header, tensors)
 }
 
-/// Reads a file written by [`save_with_counters`]; None if there is no file.
-pub fn load_with_counters(path: &Path) -> std::io::Result<Option<(Tensors, Counters)>> {
-    let data = match fs::read(path) {
-        Ok(data) => data,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
-    let body = data.strip_prefix(MAGIC_WITH_COUNTERS).ok_or_else(|| bad("not a state file with counters"))?;
-    let newline = body.iter().position(|b| *b == b'\n').ok_or_else(|| bad("no header"))?;
-    let header: HeaderWithCounters = serde_json::from_slice(&body[..newline]).map_err(|_| bad("bad header"))?;
-    let tensors = read_values(&body[newline + 1..], header.tensors).ok_or_else(|| bad("truncated"))?;
-    Ok(Some((tensors, header.counters)))
-}
-
 fn read_values(mut values: &[u8], header: Vec<(String, usize)>) -> Option<Tensors> {
     let mut loaded = Tensors::new();
     for (name, len) in header {
@@ -87,28 +72,34 @@ fn write_atomically(path: &Path, magic: &[u8], header: &str, tensors: &Tensors) 
 
 /// Reads a file written by [`save_tensors`] into `tensors`; false if there is no file.
 pub fn load_into(path: &Path, tensors: &mut Tensors) -> std::io::Result<bool> {
+    let Some((header, values)) = read_parts(path, MAGIC)? else { return Ok(false) };
+    let header: Vec<(String, usize)> = serde_json::from_slice(&header).map_err(|_| invalid(path, "bad header"))?;
+    *tensors = read_values(&values, header).ok_or_else(|| invalid(path, "truncated"))?;
+    Ok(true)
+}
+
+/// Reads a file written by [`save_with_counters`]; None if there is no file.
+pub fn load_with_counters(path: &Path) -> std::io::Result<Option<(Tensors, Counters)>> {
+    let Some((header, values)) = read_parts(path, MAGIC_WITH_COUNTERS)? else { return Ok(None) };
+    let header: HeaderWithCounters = serde_json::from_slice(&header).map_err(|_| invalid(path, "bad header"))?;
+    let tensors = read_values(&values, header.tensors).ok_or_else(|| invalid(path, "truncated"))?;
+    Ok(Some((tensors, header.counters)))
+}
+
+fn invalid(path: &Path, what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()))
+}
+
+/// The header line and the values of a state file with this magic; None if there is no file.
+fn read_parts(path: &Path, magic: &[u8]) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
     let data = match fs::read(path) {
         Ok(data) => data,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", path.display()));
-    let body = data.strip_prefix(MAGIC).ok_or_else(|| bad("not a state file"))?;
-    let newline = body.iter().position(|b| *b == b'\n').ok_or_else(|| bad("no header"))?;
-    let header: Vec<(String, usize)> = serde_json::from_slice(&body[..newline]).map_err(|_| bad("bad header"))?;
-    let mut values = &body[newline + 1..];
-    let mut loaded = Tensors::new();
-    for (name, len) in header {
-        if values.len() < len * 4 {
-            return Err(bad("truncated"));
-        }
-        let mut out = vec![0.0; len];
-        codec::decode_into(Encoding::F32, &values[..len * 4], 0.0, &mut out).map_err(|_| bad("bad values"))?;
-        values = &values[len * 4..];
-        loaded.insert(name, out);
-    }
-    *tensors = loaded;
-    Ok(true)
+    let body = data.strip_prefix(magic).ok_or_else(|| invalid(path, "not a state file of this kind"))?;
+    let newline = body.iter().position(|b| *b == b'\n').ok_or_else(|| invalid(path, "no header"))?;
+    Ok(Some((body[..newline].to_vec(), body[newline + 1..].to_vec())))
 }
 
 #[cfg(test)]
