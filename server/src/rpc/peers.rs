@@ -20,6 +20,13 @@ use tonic::transport::{Channel, Endpoint};
 use crate::error::ServerError;
 use crate::store::{Closing, DropReason, ShardIdentity};
 
+/// How often shard 0 asks a peer again that has not opened the round yet (20 ms apart).
+const FUTURE_ROUND_ATTEMPTS: u32 = 250;
+
+fn is_future_round(status: &tonic::Status) -> bool {
+    status.metadata().get(ps_proto::errors::ERROR_KIND_HEADER).is_some_and(|v| v == ps_proto::errors::FUTURE_ROUND)
+}
+
 /// The longest pause between attempts to deliver a round commit to a peer.
 const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -89,7 +96,19 @@ impl Peers {
             let mut stub = stub.clone();
             let request = pb::CompleteRoundRequest { model: model.to_string(), client, round };
             async move {
-                match stub.complete_round(request).await {
+                // A peer that has not applied the previous round yet (its commit is
+                // on the way) answers future-round: ask again shortly.
+                let mut attempts = 0;
+                let answer = loop {
+                    match stub.complete_round(request.clone()).await {
+                        Err(status) if is_future_round(&status) && attempts < FUTURE_ROUND_ATTEMPTS => {
+                            attempts += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        answer => break answer,
+                    }
+                };
+                match answer {
                     Ok(_) => Ok(()),
                     // The peer's own words name the missing block or the closed round.
                     Err(status) if status.code() == tonic::Code::FailedPrecondition => {

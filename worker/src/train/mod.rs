@@ -94,7 +94,9 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             args.world_size
         );
     }
-    let task = crate::task::load(args.task, rank, args.world_size, device()?)?;
+    let device = device()?;
+    tracing::info!(?device, "computing on {}", if device.is_cuda() { "GPU 0 (CUDA)" } else { "the CPU" });
+    let task = crate::task::load(args.task, rank, args.world_size, device)?;
     let start = joined.version;
     wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
     tracing::info!(worker, rank, model = model.name(), start, steps = args.steps, "training");
