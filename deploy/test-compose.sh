@@ -106,8 +106,8 @@ left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(doc
 
 # The same deployment in federated mode: the worker replicas share the clients.
 project="${project}fed"
-say "federated: 2 shards and $WORKERS worker replicas acting for 20 clients, FedAvg, 20 rounds (PS_MODE=federated)"
-export PS_MODE=federated PS_FED_ROUNDS=20 PS_FED_CLIENTS=20
+say "federated: 2 shards and $WORKERS worker replicas acting for 20 clients, FedSpeed, 30 rounds (PS_MODE=federated)"
+export PS_MODE=federated PS_FED_ALGORITHM=fedspeed PS_FED_ROUNDS=30 PS_FED_CLIENTS=20
 dc up -d --scale worker=$WORKERS shard0 shard1 worker >/dev/null 2>&1 || { dc up -d --scale worker=$WORKERS shard0 shard1 worker; fail "compose up (federated)"; }
 for container in $(dc ps -q worker); do
   code=$(timeout 600 docker wait "$container") || fail "federated worker ${container:0:12} did not finish"
@@ -116,8 +116,8 @@ done
 fed_status() { dc exec -T shard0 ctl --shards "$shards" status --model digits-mlp-fed --json 2>/dev/null | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"; }
 rounds=$(fed_status 'min(m["federated"]["round"] - 1 for x in s for m in x["models"])')
 finished=$(fed_status 'all(m["federated"]["finished"] for x in s for m in x["models"])')
-[ "$rounds" = 20 ] && [ "$finished" = True ] || fail "federated run stopped at round $rounds (finished: $finished)"
-accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --model digits-mlp-fed --min-version 20 --min-accuracy 0.8) || fail "federated accuracy: $accuracy"
+[ "$rounds" = 30 ] && [ "$finished" = True ] || fail "federated run stopped at round $rounds (finished: $finished)"
+accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --model digits-mlp-fed --min-version 30 --min-accuracy 0.85) || fail "federated accuracy: $accuracy"
 say "federated run complete: $rounds rounds applied on both shards; $accuracy"
 dc down -v --remove-orphans >/dev/null 2>&1
 left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(docker network ls -q --filter "label=com.docker.compose.project=$project")"
