@@ -323,21 +323,17 @@ impl ParameterService {
         let (client, round) = (request.client, request.round);
         if !rounds.is_coordinator() {
             model.check_round_update(client, round)?;
-            let cohort_size = model.round_stats().map_or(0, |s| s.cohort_size);
+            // Peers ask this for every client: read the cohort, not every block's statistics.
+            let cohort_size = rounds.cohort_size();
             return Ok(pb::CompleteRoundResponse { contributions: 0, cohort_size });
         }
         model.check_round_update(client, round)?;
         self.peers.check_round_update(model.name(), client, round).await?;
         let (contributions, cohort_size, closing) = model.complete_round(client, round)?;
         if let Some(closing) = closing {
-            self.close_round(model, closing).await?;
+            close_round(&self.peers, model, closing).await?;
         }
         Ok(pb::CompleteRoundResponse { contributions, cohort_size })
-    }
-
-    /// Applies a round shard 0 closed, here and then on every peer.
-    async fn close_round(&self, model: Arc<Model>, closing: Closing) -> Result<(), Status> {
-        close_round(&self.peers, model, closing).await.map_err(Status::from)
     }
 
     async fn commit(&self, request: pb::CommitRoundRequest) -> Result<pb::CommitRoundResponse, Status> {

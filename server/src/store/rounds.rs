@@ -122,6 +122,11 @@ impl Rounds {
         metrics::gauge!(m::FED_COHORT, "model" => model.to_string()).set(state.cohort.len() as f64);
     }
 
+    /// Clients selected in the open round.
+    pub fn cohort_size(&self) -> u32 {
+        self.state.lock().cohort.len() as u32
+    }
+
     /// The configuration.
     pub fn config(&self) -> &RoundConfig {
         &self.config

@@ -9,7 +9,6 @@ pub mod clients;
 pub mod demo;
 pub mod experiment;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -421,9 +420,4 @@ pub async fn run(args: FederatedArgs) -> anyhow::Result<FederatedSummary> {
     }
     tracing::info!(clients = ?ids, model = model.name(), "federated clients started");
     run_clients(&model, &mut clients, args.run.seed).await
-}
-
-/// Per-client label counts, for the histogram printed at start.
-pub fn label_histogram(data: &ClientData) -> BTreeMap<u32, Vec<usize>> {
-    data.histogram()
 }
