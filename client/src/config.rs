@@ -27,8 +27,9 @@ pub fn bearer_token(token: Option<String>, file: Option<&Path>) -> std::io::Resu
 }
 
 impl ClientConfig {
-    /// Defaults: no token, 5 attempts starting at 100 ms backoff.
+    /// Defaults: no token, 20 attempts starting at 100 ms backoff (about 30 s
+    /// in all, so a shard that restarts from its checkpoint is waited for).
     pub fn new(shards: Vec<String>) -> Self {
-        Self { shards, auth_token: None, attempts: 5, retry_backoff: Duration::from_millis(100) }
+        Self { shards, auth_token: None, attempts: 20, retry_backoff: Duration::from_millis(100) }
     }
 }

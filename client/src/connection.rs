@@ -24,6 +24,9 @@ use crate::model::{ModelHandle, check_len};
 use crate::spec::{Init, ModelSpec};
 use crate::status::ShardStatus;
 
+/// The longest pause between two attempts of one RPC.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
+
 pub(crate) type ShardStub =
     pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
@@ -78,7 +81,7 @@ impl PsClient {
         self.shards[shard].clone()
     }
 
-    /// Runs `call` against one shard, retrying transient failures with backoff.
+    /// Runs `call` against one shard, retrying transient failures with backoff (doubling up to 2 s).
     pub(crate) async fn retry<T, F, Fut>(&self, shard: usize, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(ShardStub) -> Fut,
@@ -92,7 +95,7 @@ impl PsClient {
                 Err(status) if transient(&status) && attempt < self.config.attempts => {
                     tracing::debug!(shard, attempt, code = ?status.code(), "retrying: {}", status.message());
                     tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    delay = (delay * 2).min(MAX_RETRY_BACKOFF);
                     attempt += 1;
                 }
                 Err(status) => return Err(ClientError::Rpc { shard, status }),
@@ -186,6 +189,27 @@ impl PsClient {
             async move { stub.get_layout(request).await.map(|r| r.into_inner()) }
         });
         ModelHandle::new(self.clone(), layout.await?.try_into()?)
+    }
+
+    /// Asks shard 0 for a checkpoint of `model` on every shard at one version;
+    /// with `wait`, waits up to `timeout` until shard 0 has written its part.
+    pub async fn checkpoint(
+        &self,
+        model: &str,
+        wait: bool,
+        timeout: Duration,
+    ) -> Result<pb::CheckpointResponse, ClientError> {
+        let request = pb::CheckpointRequest {
+            model: model.to_string(),
+            wait,
+            timeout_ms: timeout.as_millis() as u64,
+            version: None,
+        };
+        self.retry(0, move |mut stub| {
+            let request = request.clone();
+            async move { stub.checkpoint(request).await.map(|r| r.into_inner()) }
+        })
+        .await
     }
 
     /// Status of every shard, in shard order (`model` empty: all models).

@@ -75,6 +75,16 @@ impl ClientError {
     pub fn kind(&self) -> Option<&str> {
         self.status()?.metadata().get(ps_proto::errors::ERROR_KIND_HEADER)?.to_str().ok()
     }
+
+    /// For an epoch-changed error: the model's new epoch and the version it continues from.
+    pub fn rollback(&self) -> Option<(u64, u64)> {
+        if self.kind() != Some(ps_proto::errors::EPOCH_CHANGED) {
+            return None;
+        }
+        let metadata = self.status()?.metadata();
+        let number = |key: &str| metadata.get(key)?.to_str().ok()?.parse::<u64>().ok();
+        Some((number(ps_proto::errors::EPOCH_HEADER)?, number(ps_proto::errors::RESUME_VERSION_HEADER)?))
+    }
 }
 
 /// A reply of the servers that does not fit the protocol or the layout.

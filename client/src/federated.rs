@@ -306,18 +306,18 @@ impl ModelHandle {
     /// The global model `round` trains (version `round − 1`), from every shard.
     pub async fn pull_round(&self, round: u64) -> Result<Weights, ClientError> {
         let mut tensors = Tensors::new();
-        let (version, bytes) = self
+        let info = self
             .pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, pb::WeightPart::Parameters)
             .await?;
-        Ok(Weights { version, tensors, bytes })
+        Ok(Weights { version: info.version, tensors, bytes: info.bytes, checkpoint: info.checkpoint })
     }
 
     /// SCAFFOLD: the server control variate c as of `round` (beside the model it trains).
     pub async fn pull_control(&self, round: u64) -> Result<Weights, ClientError> {
         let mut tensors = Tensors::new();
         let part = pb::WeightPart::ControlVariate;
-        let (version, bytes) = self.pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, part).await?;
-        Ok(Weights { version, tensors, bytes })
+        let info = self.pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, part).await?;
+        Ok(Weights { version: info.version, tensors, bytes: info.bytes, checkpoint: info.checkpoint })
     }
 
     /// Pushes `client`'s update for `round` to every shard, each block in its

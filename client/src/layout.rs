@@ -51,6 +51,10 @@ pub struct Layout {
     pub max_grad_norm: f64,
     /// Federated mode: the round configuration.
     pub federated: Option<RoundConfig>,
+    /// The model's epoch (one more after each rollback to a checkpoint).
+    pub epoch: u64,
+    /// Versions that are multiples of this are checkpointed (0: only on demand).
+    pub checkpoint_every: u64,
 }
 
 fn encoding(value: i32) -> Result<Encoding, ClientError> {
@@ -94,6 +98,8 @@ impl TryFrom<pb::Layout> for Layout {
             groups,
             max_grad_norm: wire.max_grad_norm,
             federated: wire.federated.as_ref().map(RoundConfig::from_wire),
+            epoch: wire.epoch,
+            checkpoint_every: wire.checkpoint_every,
         })
     }
 }

@@ -44,7 +44,7 @@ pub use config::{ClientConfig, bearer_token};
 pub use connection::PsClient;
 pub use error::{ClientError, ProtocolError};
 pub use layout::{Layout, TensorInfo};
-pub use model::{Joined, ModelHandle, PushSummary, StepOutcome, Weights};
+pub use model::{Joined, ModelHandle, PullInfo, PushSummary, StepOutcome, Weights};
 pub use spec::{Encoding, ModelSpec};
 pub use status::ShardStatus;
 

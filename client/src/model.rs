@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +34,10 @@ pub struct Weights {
     pub tensors: Tensors,
     /// Payload bytes received.
     pub bytes: u64,
+    /// The servers checkpoint this version: a worker with state of its own
+    /// (error-feedback residual, data position) saves it now, before computing
+    /// the step at this version, to restore it if the model is rolled back here.
+    pub checkpoint: bool,
 }
 
 /// What joining a model returned.
@@ -67,6 +72,23 @@ pub enum StepOutcome {
         /// The version to pull and push next.
         version: u64,
     },
+    /// The model was rolled back to its checkpoint at `version` (a shard
+    /// restarted): restore the worker state saved there, then continue from it.
+    RolledBack {
+        /// The version to pull and push next.
+        version: u64,
+    },
+}
+
+/// What a pull read, beside the values.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PullInfo {
+    /// Lowest block version among the blocks read.
+    pub version: u64,
+    /// Payload bytes received.
+    pub bytes: u64,
+    /// Whether a shard marked the version as checkpointed.
+    pub checkpoint: bool,
 }
 
 /// A registered model: its layout and the operations of a worker on it.
@@ -79,6 +101,8 @@ pub struct ModelHandle {
     pull_encoding: Encoding,
     /// The rank each worker of this handle joined with, so a rejoin asks for it again.
     ranks: Arc<Mutex<HashMap<String, u32>>>,
+    /// The model's epoch as this handle last learned it; sent with every push and pull.
+    epoch: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ModelHandle {
@@ -96,11 +120,12 @@ impl ModelHandle {
         let index: HashMap<String, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(Self {
             client,
-            layout: Arc::new(layout),
             tensors: Arc::new(tensors),
             index: Arc::new(index),
             pull_encoding: Encoding::F32,
             ranks: Arc::default(),
+            epoch: Arc::new(AtomicU64::new(layout.epoch)),
+            layout: Arc::new(layout),
         })
     }
 
@@ -109,6 +134,26 @@ impl ModelHandle {
     pub fn with_pull_encoding(mut self, encoding: Encoding) -> Self {
         self.pull_encoding = encoding;
         self
+    }
+
+    /// The model's epoch as this handle knows it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// If `error` says the model was rolled back, adopts the new epoch and
+    /// returns the version to continue from (after restoring the worker state
+    /// saved there).
+    pub fn rolled_back(&self, error: &ClientError) -> Option<u64> {
+        let (epoch, version) = error.rollback()?;
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
+        tracing::warn!(
+            model = self.name(),
+            epoch,
+            version,
+            "the model was rolled back to a checkpoint; resuming there"
+        );
+        Some(version)
     }
 
     /// The model's name.
@@ -269,6 +314,7 @@ impl ModelHandle {
                         worker_id: worker.to_string(),
                         step,
                         chunk: Some(chunk),
+                        epoch: self.epoch(),
                     });
                 }
             }
@@ -321,7 +367,10 @@ impl ModelHandle {
                     );
                     return Ok(StepOutcome::Resync { version });
                 }
-                Err(error) => return Err(error),
+                Err(error) => match self.rolled_back(&error) {
+                    Some(version) => return Ok(StepOutcome::RolledBack { version }),
+                    None => return Err(error),
+                },
             }
         }
     }
@@ -348,8 +397,8 @@ impl ModelHandle {
     /// As [`ModelHandle::pull`] with an explicit server-side wait limit (zero: the server's default).
     pub async fn pull_with_timeout(&self, min_version: u64, timeout: Duration) -> Result<Weights, ClientError> {
         let mut tensors = Tensors::new();
-        let (version, bytes) = self.pull_into(&mut tensors, min_version, timeout).await?;
-        Ok(Weights { version, tensors, bytes })
+        let info = self.pull_part_into(&mut tensors, min_version, timeout, pb::WeightPart::Parameters).await?;
+        Ok(Weights { version: info.version, tensors, bytes: info.bytes, checkpoint: info.checkpoint })
     }
 
     /// Pulls into `tensors`, reusing its buffers (a training loop avoids
@@ -361,7 +410,8 @@ impl ModelHandle {
         min_version: u64,
         timeout: Duration,
     ) -> Result<(u64, u64), ClientError> {
-        self.pull_part_into(tensors, min_version, timeout, pb::WeightPart::Parameters).await
+        let info = self.pull_part_into(tensors, min_version, timeout, pb::WeightPart::Parameters).await?;
+        Ok((info.version, info.bytes))
     }
 
     pub(crate) async fn pull_part_into(
@@ -370,7 +420,7 @@ impl ModelHandle {
         min_version: u64,
         timeout: Duration,
         part: pb::WeightPart,
-    ) -> Result<(u64, u64), ClientError> {
+    ) -> Result<PullInfo, ClientError> {
         let request = pb::PullWeightsRequest {
             model: self.name().to_string(),
             min_version,
@@ -378,6 +428,7 @@ impl ModelHandle {
             timeout_ms: timeout.as_millis() as u64,
             encoding: self.pull_encoding.to_wire() as i32,
             part: part as i32,
+            epoch: self.epoch(),
         };
         let shards_with_blocks: Vec<usize> = (0..self.client.num_shards())
             .filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s))
@@ -403,8 +454,10 @@ impl ModelHandle {
         let mut received: HashMap<(usize, u32), u64> = HashMap::new();
         let mut version = u64::MAX;
         let mut bytes = 0u64;
+        let mut checkpoint = false;
         for chunk in parts.into_iter().flatten() {
             version = version.min(chunk.version);
+            checkpoint |= chunk.checkpoint;
             let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
             bytes += data.payload.len() as u64;
             let at = *self.index.get(&data.tensor).ok_or_else(|| ClientError::UnknownTensor(data.tensor.clone()))?;
@@ -431,7 +484,7 @@ impl ModelHandle {
                 }
             }
         }
-        Ok((if version == u64::MAX { 0 } else { version }, bytes))
+        Ok(PullInfo { version: if version == u64::MAX { 0 } else { version }, bytes, checkpoint })
     }
 }
 

@@ -42,6 +42,12 @@ pub struct ModelStatus {
     pub workers_dropped_late: u64,
     /// Federated models: the round state on this shard.
     pub federated: Option<FederatedStatus>,
+    /// The model's epoch (one more after each rollback to a checkpoint).
+    pub epoch: u64,
+    /// The newest checkpoint this shard wrote (0: none yet).
+    pub checkpoint_version: u64,
+    /// The shard is restoring the model after a restart.
+    pub recovering: bool,
 }
 
 /// A federated model's rounds on one shard.
@@ -139,6 +145,9 @@ impl From<pb::GetStatusResponse> for ShardStatus {
                         staged_bytes: f.staged_bytes,
                         finished: f.finished,
                     }),
+                    epoch: m.epoch,
+                    checkpoint_version: m.checkpoint_version,
+                    recovering: m.recovering,
                 })
                 .collect(),
         }

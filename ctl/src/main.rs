@@ -34,6 +34,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoint a model on every shard at one version (the shards need --checkpoint-dir).
+    Checkpoint {
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// Return once it is scheduled instead of waiting until shard 0 wrote its part.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the write.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Which blocks of a model live on which shard.
     Layout {
         /// The model.
@@ -93,7 +105,10 @@ async fn main() -> anyhow::Result<()> {
                                 "live_workers": m.live_workers.iter().map(|w| w.worker_id.clone()).collect::<Vec<_>>(),
                                 "workers_expired": m.workers_expired,
                                 "workers_dropped_late": m.workers_dropped_late,
-"pushes": m.pushes,
+                                "pushes": m.pushes,
+                                "epoch": m.epoch,
+                                "checkpoint_version": m.checkpoint_version,
+                                "recovering": m.recovering,
                                 "federated": m.federated.as_ref().map(|f| serde_json::json!({
                                     "algorithm": f.algorithm, "round": f.round, "cohort_size": f.cohort_size,
                                     "contributions": f.contributions, "stragglers_dropped": f.stragglers_dropped,
@@ -114,10 +129,13 @@ async fn main() -> anyhow::Result<()> {
                     for m in &shard.models {
                         let workers: Vec<&str> = m.live_workers.iter().map(|w| w.worker_id.as_str()).collect();
                         println!(
-                            "  {}: versions {}..{}, {} blocks, {} parameters, {} pushes, live workers [{}], expired {}, dropped late {}",
+                            "  {}: versions {}..{}, epoch {}, checkpoint {}{}, {} blocks, {} parameters, {} pushes, live workers [{}], expired {}, dropped late {}",
                             m.name,
                             m.min_version,
                             m.max_version,
+                            m.epoch,
+                            m.checkpoint_version,
+                            if m.recovering { " (recovering)" } else { "" },
                             m.blocks,
                             m.parameters,
                             m.pushes,
@@ -147,6 +165,20 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+        }
+        Command::Checkpoint { model, no_wait, timeout } => {
+            let done = client.checkpoint(&model, !no_wait, timeout).await?;
+            if no_wait {
+                println!("checkpoint of {model} scheduled at version {} on every shard", done.version);
+            } else {
+                println!(
+                    "checkpoint of {model} at version {} written: {} ({:.1} MB in {:.2} s on shard 0)",
+                    done.version,
+                    done.path,
+                    done.bytes as f64 / 1e6,
+                    done.write_seconds
+                );
             }
         }
         Command::Layout { model } => {

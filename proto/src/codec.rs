@@ -38,7 +38,7 @@ pub enum CodecError {
 }
 
 /// A decoder that writes or accumulates a payload (with its scale) into an f32 slice.
-pub type DecodeFn = fn(Encoding, &[u8], f32, &mut [f32]) -> Result<(), CodecError>;
+pub type DecodeFn<T> = fn(Encoding, &[u8], f32, &mut [T]) -> Result<(), CodecError>;
 
 /// Resolves a wire encoding number.
 pub fn encoding_from_i32(value: i32) -> Result<Encoding, CodecError> {
@@ -154,12 +154,12 @@ fn sign_words(payload: &[u8]) -> impl Iterator<Item = u32> + '_ {
 }
 
 /// Calls `apply(slot, value)` for every decoded element.
-fn for_each_value(
+fn for_each_value<T>(
     encoding: Encoding,
     payload: &[u8],
     scale: f32,
-    out: &mut [f32],
-    apply: impl Fn(&mut f32, f32),
+    out: &mut [T],
+    apply: impl Fn(&mut T, f32),
 ) -> Result<(), CodecError> {
     check_payload(encoding, out.len() as u64, payload)?;
     check_scale(encoding, scale)?;
@@ -226,6 +226,13 @@ pub fn decode_into(encoding: Encoding, payload: &[u8], scale: f32, out: &mut [f3
 /// Decodes a payload and adds it element-wise to `out`, whose length is the element count.
 pub fn add_decoded(encoding: Encoding, payload: &[u8], scale: f32, out: &mut [f32]) -> Result<(), CodecError> {
     for_each_value(encoding, payload, scale, out, |slot, value| *slot += value)
+}
+
+/// Decodes a payload and adds it element-wise to f64 sums. The sum of a few
+/// f32 values is exact in f64 (short of a 2^28 spread in magnitude), so the
+/// mean rounded back to f32 does not depend on the order the pushes arrived in.
+pub fn add_decoded_wide(encoding: Encoding, payload: &[u8], scale: f32, out: &mut [f64]) -> Result<(), CodecError> {
+    for_each_value(encoding, payload, scale, out, |slot, value| *slot += f64::from(value))
 }
 
 /// Adds +1 or -1 per element of a sign1 payload to small integer vote counters.

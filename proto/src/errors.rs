@@ -30,3 +30,19 @@ pub const ROUND_CLOSED: &str = "round-closed";
 /// The federated round is not open on this shard yet: pull the previous
 /// round's model from it first. Code FAILED_PRECONDITION.
 pub const FUTURE_ROUND: &str = "future-round";
+
+/// The model was rolled back to a checkpoint under a new epoch: restore the
+/// worker-side state of the resume version and continue from it. Code FAILED_PRECONDITION.
+pub const EPOCH_CHANGED: &str = "epoch-changed";
+
+/// Trailing metadata key of an epoch-changed error: the new epoch.
+pub const EPOCH_HEADER: &str = "ps-epoch";
+
+/// Trailing metadata key of an epoch-changed error: the version to continue from.
+pub const RESUME_VERSION_HEADER: &str = "ps-resume-version";
+
+/// The shard is restoring a checkpoint after a restart: retry. Code UNAVAILABLE.
+pub const RECOVERING: &str = "recovering";
+
+/// The shard restarted without the model its peers train; registering it would fork it. Code FAILED_PRECONDITION.
+pub const NOT_RESTORED: &str = "not-restored";

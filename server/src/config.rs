@@ -1,6 +1,7 @@
 //! Command-line and environment configuration of a shard.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -41,6 +42,25 @@ pub struct ServerArgs {
     /// Read the token from this file instead (a mounted secret; keeps it off the command line).
     #[arg(long, env = "PS_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
     pub auth_token_file: Option<std::path::PathBuf>,
+    /// Write checkpoints here, and restore the newest intact one at start (each shard its own directory).
+    #[arg(long, env = "PS_CHECKPOINT_DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every model at versions that are multiples of this (0: only on demand, on a timer and on SIGTERM).
+    #[arg(long, env = "PS_CHECKPOINT_EVERY", default_value_t = 100)]
+    pub checkpoint_every: u64,
+    /// Shard 0 also checkpoints every model that advanced, this often (e.g. 10m; 0s: off).
+    #[arg(long, env = "PS_CHECKPOINT_INTERVAL", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// Checkpoints kept per model; older ones are deleted.
+    #[arg(long, env = "PS_CHECKPOINT_KEEP", default_value_t = 3)]
+    pub checkpoint_keep: usize,
+    /// On SIGTERM, wait this long for a last checkpoint that every shard writes at the same version.
+    #[arg(long, env = "PS_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Accept registering a model that the peers hold although this shard has no copy of it
+    /// (discards the run: only after restarting every shard fresh).
+    #[arg(long, env = "PS_ALLOW_FRESH_REJOIN")]
+    pub allow_fresh_rejoin: bool,
 }
 
 /// A configuration that cannot run.
@@ -92,6 +112,25 @@ pub struct ServerOptions {
     pub lease: Duration,
     /// Required bearer token, if any.
     pub auth_token: Option<String>,
+    /// Checkpoint settings.
+    pub checkpoints: CheckpointOptions,
+}
+
+/// Where and when checkpoints are written.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOptions {
+    /// The directory; none: no checkpoints.
+    pub dir: Option<PathBuf>,
+    /// Versions that are multiples of this are checkpointed (0: none).
+    pub every: u64,
+    /// Shard 0's timer (zero: off).
+    pub interval: Duration,
+    /// Checkpoints kept per model.
+    pub keep: usize,
+    /// Time a SIGTERM waits for the last checkpoint.
+    pub shutdown_grace: Duration,
+    /// Register models the peers hold even without a copy here.
+    pub allow_fresh_rejoin: bool,
 }
 
 impl ServerArgs {
@@ -136,6 +175,14 @@ impl ServerArgs {
             shards: self.shards,
             lease: self.lease,
             auth_token: auth_token.filter(|t| !t.is_empty()),
+            checkpoints: CheckpointOptions {
+                dir: self.checkpoint_dir,
+                every: self.checkpoint_every,
+                interval: self.checkpoint_interval,
+                keep: self.checkpoint_keep,
+                shutdown_grace: self.shutdown_grace,
+                allow_fresh_rejoin: self.allow_fresh_rejoin,
+            },
         };
         Ok((options, listen, metrics))
     }

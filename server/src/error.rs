@@ -342,6 +342,62 @@ pub enum ServerError {
     /// A failure inside the server.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request was made in an older epoch of the model: it was rolled back to a checkpoint since.
+    #[error(
+        "model '{model}' was rolled back to its checkpoint at version {version} (epoch {epoch}; the request was for epoch {sent}): restore the worker state saved at version {version} and continue from it"
+    )]
+    EpochChanged {
+        /// Model name.
+        model: String,
+        /// The epoch the request carried.
+        sent: u64,
+        /// The model's epoch now.
+        epoch: u64,
+        /// The version the model continues from.
+        version: u64,
+    },
+    /// The shard is restoring the model from a checkpoint.
+    #[error(
+        "shard is recovering model '{0}' from its checkpoint and agreeing with its peers on the version to continue from; retry shortly"
+    )]
+    Recovering(String),
+    /// Registering would fork a model that the peers are training.
+    #[error(
+        "model '{model}' is at version {version} on shard {peer}, but this shard holds no copy of it (it restarted without its checkpoints); registering it afresh would fork the model. Restart this shard with its --checkpoint-dir, or with --allow-fresh-rejoin to discard the run"
+    )]
+    NotRestored {
+        /// Model name.
+        model: String,
+        /// The peer that holds it.
+        peer: u32,
+        /// The peer's version.
+        version: u64,
+    },
+    /// Checkpoints need a directory.
+    #[error("this shard runs without --checkpoint-dir, so it cannot write or restore checkpoints")]
+    NoCheckpointDir,
+    /// A checkpoint could not be written, read or agreed on.
+    #[error("checkpoint of model '{model}': {reason}")]
+    Checkpoint {
+        /// Model name.
+        model: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A checkpoint was asked for but not reached in time.
+    #[error(
+        "checkpoint of model '{model}' at version {version} not written within {waited_ms} ms (the run is at version {at}); it is still scheduled"
+    )]
+    CheckpointPending {
+        /// Model name.
+        model: String,
+        /// Scheduled version.
+        version: u64,
+        /// The shard's lowest block version.
+        at: u64,
+        /// How long the request waited.
+        waited_ms: u64,
+    },
 }
 
 /// What is wrong with one chunk of a push or registration stream (the block is

@@ -13,6 +13,7 @@
 //!
 //! [`config`], [`error`] and [`metrics`] are shared by all of them.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod federated;
@@ -25,5 +26,5 @@ pub mod store;
 
 pub use config::ServerOptions;
 pub use error::ServerError;
-pub use rpc::serve;
+pub use rpc::{ServeError, serve};
 pub use store::{Registry, ShardIdentity};

@@ -57,6 +57,16 @@ pub const FED_ROUND_SECONDS: &str = "ps_fed_round_seconds";
 pub const FED_STATE_BYTES: &str = "ps_fed_server_state_bytes";
 /// RPCs that failed (counter; labels: method, code).
 pub const RPC_ERRORS: &str = "ps_rpc_errors_total";
+/// Checkpoints written or failed (counter; labels: model, result).
+pub const CHECKPOINTS: &str = "ps_checkpoints_total";
+/// Time to write one checkpoint (histogram; labels: model).
+pub const CHECKPOINT_SECONDS: &str = "ps_checkpoint_write_seconds";
+/// Version of the newest checkpoint written (gauge; labels: model).
+pub const CHECKPOINT_VERSION: &str = "ps_checkpoint_version";
+/// The model's epoch: one more after each rollback to a checkpoint (gauge; labels: model).
+pub const EPOCH: &str = "ps_model_epoch";
+/// Rollbacks to a checkpoint (counter; labels: model).
+pub const ROLLBACKS: &str = "ps_rollbacks_total";
 
 const SECONDS_BUCKETS: &[f64] = &[1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
 const STALENESS_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
@@ -98,4 +108,9 @@ fn describe() {
     describe_histogram!(FED_ROUND_SECONDS, Unit::Seconds, "Time from a federated round's opening to its commit");
     describe_gauge!(FED_STATE_BYTES, Unit::Bytes, "Bytes of global federated state on this shard");
     describe_counter!(RPC_ERRORS, "RPCs that failed, by gRPC code");
+    describe_counter!(CHECKPOINTS, "Checkpoints written or failed");
+    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write one checkpoint");
+    describe_gauge!(CHECKPOINT_VERSION, "Version of the newest checkpoint written");
+    describe_gauge!(EPOCH, "The model's epoch (one more after each rollback to a checkpoint)");
+    describe_counter!(ROLLBACKS, "Rollbacks of the model to a checkpoint");
 }

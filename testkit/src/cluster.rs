@@ -37,6 +37,7 @@ impl Cluster {
                 shards: addrs.clone(),
                 lease,
                 auth_token: token.map(str::to_string),
+                checkpoints: Default::default(),
             };
             tokio::spawn(ps_server::serve(options, listener, async move {
                 let _ = stopped.await;

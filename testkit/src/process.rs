@@ -1,8 +1,10 @@
 //! Shards as separate `server` processes, killed when dropped, for tests and
 //! benchmarks that need a process of their own (resident memory, crashes).
 
+use std::fs::File;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 /// A `server` process.
 pub struct ServerProcess(Child);
@@ -17,6 +19,33 @@ impl ServerProcess {
             .stderr(Stdio::null())
             .spawn()?;
         Ok(Self(child))
+    }
+
+    /// As [`ServerProcess::spawn`], with stdout and stderr appended to `log`.
+    pub fn spawn_logged(binary: &Path, args: &[&str], log: &Path) -> std::io::Result<Self> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let child = Command::new(binary).args(args).stdout(out.try_clone()?).stderr(out).spawn()?;
+        Ok(Self(child))
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `STOP`, ...) with the system's `kill`.
+    pub fn signal(&self, name: &str) -> std::io::Result<()> {
+        let sent = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status()?;
+        if sent.success() { Ok(()) } else { Err(std::io::Error::other(format!("kill -{name} {} failed", self.pid()))) }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Its process id.

@@ -203,6 +203,7 @@ pub fn partition(labels: &[f32], clients: usize, alpha: Option<f64>, seed: u64) 
 }
 
 /// Endless minibatches over a data set, reshuffled every epoch.
+#[derive(Clone)]
 pub struct Batches {
     order: Vec<usize>,
     position: usize,

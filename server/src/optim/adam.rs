@@ -2,6 +2,8 @@
 //! §1.1 with PyTorch's ε placement: `w -= η/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + ε)`.
 //! AdamW decays first, with the unscaled η; Adam-L2 adds `λw` to the gradient.
 
+use std::sync::Arc;
+
 use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// Hyperparameters of Adam / AdamW.
@@ -28,12 +30,14 @@ impl Default for AdamWConfig {
 }
 
 /// Adam's moments and its own step counter, shared with FRUGAL's state-full part.
+/// The moments are shared with a checkpoint being written (no copy is made to
+/// export them) and copied before an update only if the write still holds them.
 #[derive(Clone, Debug, Default)]
 pub struct Moments {
     /// First moment.
-    pub m: Vec<f32>,
+    pub m: Arc<Vec<f32>>,
     /// Second moment.
-    pub v: Vec<f32>,
+    pub v: Arc<Vec<f32>>,
     /// Updates applied to these moments (restarts when they are reset).
     pub t: u64,
 }
@@ -41,7 +45,7 @@ pub struct Moments {
 impl Moments {
     /// Zeroed moments for `len` parameters.
     pub fn new(len: usize) -> Self {
-        Self { m: vec![0.0; len], v: vec![0.0; len], t: 0 }
+        Self { m: Arc::new(vec![0.0; len]), v: Arc::new(vec![0.0; len]), t: 0 }
     }
 
     /// Folds `g` into the moments and writes Adam's direction
@@ -53,11 +57,21 @@ impl Moments {
         let inv_bias1 = (1.0 / (1.0 - f64::from(beta1).powi(t))) as f32;
         let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(beta2).powi(t)).sqrt()) as f32;
         let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
-        for (((o, &g), m), v) in out.iter_mut().zip(g).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+        let (m, v) = (Arc::make_mut(&mut self.m), Arc::make_mut(&mut self.v));
+        for (((o, &g), m), v) in out.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             *m = beta1 * *m + keep1 * g;
             *v = beta2 * *v + keep2 * g * g;
             *o = *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps);
         }
+    }
+
+    /// Takes the moments back from a checkpoint still writing them (copying
+    /// them); true if it had to.
+    pub fn unshare(&mut self) -> bool {
+        let shared = Arc::get_mut(&mut self.m).is_none() || Arc::get_mut(&mut self.v).is_none();
+        Arc::make_mut(&mut self.m);
+        Arc::make_mut(&mut self.v);
+        shared
     }
 
     /// Bytes held.
@@ -67,15 +81,15 @@ impl Moments {
 
     /// Writes `m`, `v` and `moments_t`.
     pub(super) fn export_into(&self, state: &mut OptimizerState) {
-        state.put_buffer("m", &self.m);
-        state.put_buffer("v", &self.v);
+        state.put_shared("m", &self.m);
+        state.put_shared("v", &self.v);
         state.put_integer("moments_t", self.t);
     }
 
     /// Reads moments of `len` parameters written by [`Moments::export_into`].
     pub(super) fn import_from(reader: &mut StateReader, len: usize) -> Result<Self, StateError> {
-        let m = reader.buffer("m", len)?.to_vec();
-        let v = reader.buffer("v", len)?.to_vec();
+        let m = Arc::new(reader.buffer("m", len)?.to_vec());
+        let v = Arc::new(reader.buffer("v", len)?.to_vec());
         let t = reader.integer("moments_t")?;
         Ok(Self { m, v, t })
     }
@@ -108,6 +122,7 @@ impl Optimizer for AdamW {
         let (decay, l2) =
             if c.decoupled { ((1.0 - lr * f64::from(c.weight_decay)) as f32, 0.0) } else { (1.0, c.weight_decay) };
         let Moments { m, v, .. } = &mut self.moments;
+        let (m, v) = (Arc::make_mut(m), Arc::make_mut(v));
         for (((w, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
             let g = g + l2 * *w;
             *m = b1 * *m + keep1 * g;
@@ -121,8 +136,12 @@ impl Optimizer for AdamW {
         self.moments.bytes()
     }
 
+    fn unshare(&mut self) -> bool {
+        self.moments.unshare()
+    }
+
     fn state(&self) -> Vec<(&'static str, Vec<f32>)> {
-        vec![("m", self.moments.m.clone()), ("v", self.moments.v.clone()), ("step", vec![self.step_t as f32])]
+        vec![("m", self.moments.m.to_vec()), ("v", self.moments.v.to_vec()), ("step", vec![self.step_t as f32])]
     }
 
     fn export_state(&self) -> OptimizerState {

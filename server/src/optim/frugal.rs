@@ -308,6 +308,10 @@ impl Optimizer for Frugal {
         }
     }
 
+    fn unshare(&mut self) -> bool {
+        self.moments.unshare()
+    }
+
     fn state_bytes(&self) -> usize {
         let projector = match &self.subspace {
             Subspace::Projected(p) => p.state_len(),
@@ -321,8 +325,8 @@ impl Optimizer for Frugal {
         let mut state = vec![("active", vec![if active { 1.0 } else { 0.0 }])];
         if active {
             state.push(("adam_step", vec![self.moments.t as f32]));
-            state.push(("m", self.moments.m.clone()));
-            state.push(("v", self.moments.v.clone()));
+            state.push(("m", self.moments.m.to_vec()));
+            state.push(("v", self.moments.v.to_vec()));
         }
         if let Subspace::Projected(projector) = &self.subspace {
             state.push(("projector_matrix", projector.projection_matrix(self.dims)));

@@ -4,6 +4,7 @@
 //! and updates it from one aggregated gradient.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 mod adam;
 mod frugal;
@@ -49,20 +50,31 @@ pub trait Optimizer: Send {
     fn export_state(&self) -> OptimizerState;
     /// Replaces the state with `state` if it fits this instance; on error nothing changes.
     fn import_state(&mut self, state: &OptimizerState) -> Result<(), StateError>;
+    /// Takes back state buffers an export shares with a checkpoint still being
+    /// written, copying them; true if it had to. Called before each step, so
+    /// that the copy, if any, is measured.
+    fn unshare(&mut self) -> bool {
+        false
+    }
 }
 
 /// Everything needed to rebuild an optimizer instance exactly: float buffers and integer fields by name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OptimizerState {
-    /// Float buffers (moments, momenta, accumulators, bases) by field name.
-    pub buffers: BTreeMap<String, Vec<f32>>,
+    /// Float buffers (moments, momenta, accumulators, bases) by field name;
+    /// large ones are shared with the optimizer until its next update.
+    pub buffers: BTreeMap<String, Arc<Vec<f32>>>,
     /// Integer fields (step counters, flags, enum tags, indices) by field name.
     pub integers: BTreeMap<String, Vec<u64>>,
 }
 
 impl OptimizerState {
     fn put_buffer(&mut self, field: &str, values: &[f32]) {
-        self.buffers.insert(field.to_string(), values.to_vec());
+        self.buffers.insert(field.to_string(), Arc::new(values.to_vec()));
+    }
+
+    fn put_shared(&mut self, field: &str, values: &Arc<Vec<f32>>) {
+        self.buffers.insert(field.to_string(), values.clone());
     }
 
     fn put_integers(&mut self, field: &str, values: Vec<u64>) {
@@ -390,7 +402,7 @@ impl OptimizerConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::random::mix64;
 
@@ -418,7 +430,7 @@ mod tests {
     /// short so that selections happen both before the export and after the
     /// import; SM's period of 3 re-selects at t = 1, 3, 6 so that steps 4 and 5
     /// use the imported projector and momentum before step 6 draws a new one.
-    fn modes() -> Vec<(&'static str, OptimizerConfig, SliceInfo<'static>)> {
+    pub(crate) fn modes() -> Vec<(&'static str, OptimizerConfig, SliceInfo<'static>)> {
         let sgd =
             |momentum, nesterov| SgdConfig { lr: 0.05, momentum, nesterov, weight_decay: 0.01, ..Default::default() };
         let sn = |subsets, beta1, beta2| SubsetNormConfig {
@@ -499,7 +511,7 @@ mod tests {
     }
 
     /// Uniform values in [-1, 1), a pure function of `(t, i)`.
-    fn pseudo_random(t: u64, len: usize) -> Vec<f32> {
+    pub(crate) fn pseudo_random(t: u64, len: usize) -> Vec<f32> {
         (0..len as u64).map(|i| (mix64((t << 32) ^ i) >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect()
     }
 
@@ -588,7 +600,7 @@ mod tests {
             };
             for (field, values) in &saved.buffers {
                 let mut bad = saved.clone();
-                bad.buffers.insert(field.clone(), vec![0.5; values.len() + 1]);
+                bad.buffers.insert(field.clone(), Arc::new(vec![0.5; values.len() + 1]));
                 let expected = values.len();
                 reject(bad, StateError::WrongLength { field: field.clone(), expected, actual: expected + 1 });
             }
@@ -603,7 +615,7 @@ mod tests {
                 reject(bad, StateError::Missing { field: field.clone() });
             }
             let mut bad = saved.clone();
-            bad.buffers.insert("momentum_of_another_optimizer".into(), vec![0.0]);
+            bad.buffers.insert("momentum_of_another_optimizer".into(), Arc::new(vec![0.0]));
             let reason = "not a field of this optimizer and configuration".to_string();
             reject(bad, StateError::Invalid { field: "momentum_of_another_optimizer".into(), reason });
         }

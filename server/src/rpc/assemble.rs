@@ -175,7 +175,7 @@ impl<'a> Assembler<'a> {
 }
 
 impl StagedBlock {
-    fn for_each_part(&self, out: &mut [f32], apply: codec::DecodeFn) {
+    fn for_each_part<T>(&self, out: &mut [T], apply: codec::DecodeFn<T>) {
         for part in &self.parts {
             let target = &mut out[part.offset..part.offset + part.length];
             // Lengths, encodings and scales were checked in `Assembler::add`, so this cannot fail.
@@ -200,8 +200,8 @@ impl BlockGradient for StagedBlock {
         self.for_each_part(out, codec::decode_into);
     }
 
-    fn add_into(&self, out: &mut [f32]) {
-        self.for_each_part(out, codec::add_decoded);
+    fn add_into(&self, out: &mut [f64]) {
+        self.for_each_part(out, codec::add_decoded_wide);
     }
 
     fn add_votes(&self, votes: &mut [i16]) {

@@ -419,6 +419,9 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
         max_grad_norm: spec.options.max_grad_norm,
         staleness,
         federated: spec.federated.as_ref().map(rounds_to_proto),
+        // Set for registered models by `model_layout`.
+        epoch: 0,
+        checkpoint_every: 0,
         groups: spec
             .groups
             .iter()
@@ -477,6 +480,18 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
             staged_bytes: stats.staged_bytes,
             finished: stats.finished,
         }),
+        epoch: model.epoch(),
+        checkpoint_version: model.checkpoints.newest_written().map_or(0, |r| r.version),
+        recovering: model.is_recovering(),
+    }
+}
+
+/// The layout of a registered model, with its epoch and checkpoint period.
+pub fn model_layout(shard: &ShardIdentity, model: &Model) -> pb::Layout {
+    pb::Layout {
+        epoch: model.epoch(),
+        checkpoint_every: model.checkpoints.every(),
+        ..layout(shard, &model.spec, &model.plan)
     }
 }
 
@@ -497,7 +512,13 @@ impl From<ServerError> for Status {
             | ServerError::RunFinished { .. }
             | ServerError::NotSelected { .. }
             | ServerError::MissingRoundUpdate { .. }
-            | ServerError::RoundCommit(_) => Code::FailedPrecondition,
+            | ServerError::RoundCommit(_)
+            | ServerError::EpochChanged { .. }
+            | ServerError::NotRestored { .. }
+            | ServerError::NoCheckpointDir => Code::FailedPrecondition,
+            ServerError::Recovering(_) => Code::Unavailable,
+            ServerError::CheckpointPending { .. } => Code::DeadlineExceeded,
+            ServerError::Checkpoint { .. } => Code::Internal,
             ServerError::UnknownClient { .. } | ServerError::RoundParts { .. } => Code::InvalidArgument,
             ServerError::PeerUnavailable { .. } => Code::Unavailable,
             ServerError::TaskTimeout { .. } => Code::DeadlineExceeded,
@@ -532,12 +553,19 @@ impl From<ServerError> for Status {
             ServerError::RoundClosed { .. } => Some(errors::ROUND_CLOSED),
             ServerError::FutureRound { .. } => Some(errors::FUTURE_ROUND),
             ServerError::UnknownModel(_) => Some(errors::UNKNOWN_MODEL),
+            ServerError::EpochChanged { .. } => Some(errors::EPOCH_CHANGED),
+            ServerError::Recovering(_) => Some(errors::RECOVERING),
+            ServerError::NotRestored { .. } => Some(errors::NOT_RESTORED),
             ServerError::Join { reason: JoinError::RankTaken { .. }, .. } => Some(errors::RANK_TAKEN),
             _ => None,
         };
         let mut status = Status::new(code, error.to_string());
         if let Some(kind) = kind {
             status.metadata_mut().insert(errors::ERROR_KIND_HEADER, MetadataValue::from_static(kind));
+        }
+        if let ServerError::EpochChanged { epoch, version, .. } = &error {
+            status.metadata_mut().insert(errors::EPOCH_HEADER, MetadataValue::from(*epoch));
+            status.metadata_mut().insert(errors::RESUME_VERSION_HEADER, MetadataValue::from(*version));
         }
         status
     }

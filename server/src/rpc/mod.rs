@@ -8,6 +8,7 @@ mod auth;
 pub mod convert;
 mod identity;
 mod peers;
+mod recovery;
 mod service;
 
 use std::future::Future;
@@ -26,24 +27,57 @@ use tonic::{Request, Status};
 pub use auth::BearerAuth;
 pub use identity::ShardCheck;
 pub use peers::Peers;
+pub use recovery::Durability;
 pub use service::ParameterService;
 
 use crate::config::ServerOptions;
 use crate::store::{DropReason, Registry, ShardIdentity};
 
-/// Serves one shard on `listener` until `shutdown` completes.
+/// Why a shard could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// The checkpoint directory cannot be used.
+    #[error("checkpoint directory: {0}")]
+    Checkpoints(#[from] std::io::Error),
+}
+
+/// Serves one shard on `listener` until `shutdown` completes. With a
+/// checkpoint directory, the shard first restores what it holds there, and on
+/// `shutdown` it writes a last checkpoint (at one version on every shard) before it stops.
 pub async fn serve(
     options: ServerOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let identity = ShardIdentity { index: options.shard_index, addresses: options.shards.clone() };
     let gate = Gate { auth: BearerAuth::new(options.auth_token.as_deref()), shard: ShardCheck::new(&identity) };
     let peers = Peers::new(&identity, options.auth_token.as_deref());
+    let durability = Durability::new(&options.checkpoints, identity.index, identity.addresses.len() as u32)?;
     let registry = Arc::new(Registry::new(identity, options.lease));
     let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
+    let shard = ParameterService::new(registry, peers, durability);
+    shard.restore_from_disk().await;
+    let timer = {
+        let shard = shard.clone();
+        tokio::spawn(async move { shard.checkpoint_periodically().await })
+    };
+    let grace = options.checkpoints.shutdown_grace;
+    let closing = shard.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closing.checkpoint_before_exit(grace).await;
+        // Pulls waiting for a version this shard will not reach end now with
+        // UNAVAILABLE, so the shutdown does not wait out their long poll and
+        // clients retry against the restarted shard.
+        for model in closing.registry().models() {
+            model.retire();
+        }
+    };
     let service = InterceptedService::new(
-        ParameterServerServer::new(ParameterService::new(registry, peers))
+        ParameterServerServer::new(shard)
             .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
         gate,
@@ -56,7 +90,8 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
         .await;
     reaper.abort();
-    result
+    timer.abort();
+    Ok(result?)
 }
 
 /// What every request passes before it reaches the service: the token first

@@ -148,4 +148,69 @@ impl Peers {
             });
         }
     }
+
+    /// Calls every peer at once and returns each one's answer, by peer index.
+    async fn ask_all<T, F, Fut>(&self, call: F) -> Vec<(u32, Result<T, tonic::Status>)>
+    where
+        F: Fn(PeerStub) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let calls = self.stubs.iter().map(|(peer, stub)| {
+            let answer = call(stub.clone());
+            async move { (*peer, answer.await.map(tonic::Response::into_inner)) }
+        });
+        futures::future::join_all(calls).await
+    }
+
+    /// Each peer's checkpoints of `model`, versions and members.
+    pub async fn list_checkpoints(
+        &self,
+        model: &str,
+    ) -> Vec<(u32, Result<pb::ListCheckpointsResponse, tonic::Status>)> {
+        let request = pb::ListCheckpointsRequest { model: model.to_string() };
+        self.ask_all(|mut stub| {
+            let request = request.clone();
+            async move { stub.list_checkpoints(request).await }
+        })
+        .await
+    }
+
+    /// Schedules a checkpoint of `model` at `version` on every peer.
+    pub async fn schedule_checkpoint(
+        &self,
+        model: &str,
+        version: u64,
+    ) -> Vec<(u32, Result<pb::CheckpointResponse, tonic::Status>)> {
+        let request = pb::CheckpointRequest { model: model.to_string(), version: Some(version), ..Default::default() };
+        self.ask_all(|mut stub| {
+            let request = request.clone();
+            async move { stub.checkpoint(request).await }
+        })
+        .await
+    }
+
+    /// Tells every peer to roll `model` back to its checkpoint at `version` under `epoch`.
+    pub async fn rollback(
+        &self,
+        model: &str,
+        version: u64,
+        epoch: u64,
+    ) -> Vec<(u32, Result<pb::RollbackResponse, tonic::Status>)> {
+        let request = pb::RollbackRequest { model: model.to_string(), version, epoch };
+        self.ask_all(|mut stub| {
+            let request = request.clone();
+            async move { stub.rollback(request).await }
+        })
+        .await
+    }
+
+    /// Each peer's status of `model`.
+    pub async fn status(&self, model: &str) -> Vec<(u32, Result<pb::GetStatusResponse, tonic::Status>)> {
+        let request = pb::GetStatusRequest { model: model.to_string() };
+        self.ask_all(|mut stub| {
+            let request = request.clone();
+            async move { stub.get_status(request).await }
+        })
+        .await
+    }
 }

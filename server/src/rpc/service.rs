@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::assemble::{self, Assembler, Purpose};
 use super::convert;
 use super::peers::Peers;
+use super::recovery::Durability;
 use crate::error::ServerError;
 use crate::federated::Algorithm;
 use crate::metrics as m;
@@ -30,14 +31,20 @@ const MAX_TASK_TIMEOUT: Duration = Duration::from_secs(600);
 /// The `paramserver.v1.ParameterServer` implementation of one shard.
 #[derive(Clone)]
 pub struct ParameterService {
-    registry: Arc<Registry>,
-    peers: Peers,
+    pub(super) registry: Arc<Registry>,
+    pub(super) peers: Peers,
+    pub(super) durability: Arc<Durability>,
 }
 
 impl ParameterService {
-    /// A service over `registry`, reaching the other shards through `peers`.
-    pub fn new(registry: Arc<Registry>, peers: Peers) -> Self {
-        Self { registry, peers }
+    /// A service over `registry`, reaching the other shards through `peers`, writing checkpoints as `durability` says.
+    pub fn new(registry: Arc<Registry>, peers: Peers, durability: Durability) -> Self {
+        Self { registry, peers, durability: Arc::new(durability) }
+    }
+
+    /// The models this shard serves.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 }
 
@@ -50,7 +57,7 @@ fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Stat
     result
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(work).await.map_err(|e| ServerError::Internal(e.to_string()).into())
 }
 
@@ -72,11 +79,13 @@ impl ParameterService {
             tracing::info!(model = model.name(), "model already registered with the same spec");
             return Ok(pb::RegisterModelResponse {
                 created: false,
-                layout: Some(convert::layout(&self.registry.identity, &model.spec, &model.plan)),
+                layout: Some(convert::model_layout(&self.registry.identity, &model)),
             });
         }
+        self.refuse_fork(&spec.name).await?;
         let (shard, shards, lease) = (self.registry.identity.index, self.registry.num_shards(), self.registry.lease);
-        let model = blocking(move || Model::new(spec, shard, shards, lease)).await?;
+        let plan = self.durability.plan();
+        let model = blocking(move || Model::new(spec, shard, shards, lease).with_checkpoints(1, plan)).await?;
         let mut assembler = Assembler::new(&model, Purpose::Weights);
         while let Some(message) = stream.message().await? {
             match message.item {
@@ -92,6 +101,11 @@ impl ParameterService {
         })
         .await??;
         let (created, model) = self.registry.insert(model)?;
+        if created && model.checkpoints.enabled() {
+            // Version 0 is the point every rollback can go back to.
+            let first = model.clone();
+            blocking(move || first.schedule_checkpoint(0)).await??;
+        }
         tracing::info!(
             model = model.name(),
             created,
@@ -100,7 +114,7 @@ impl ParameterService {
             blocks = model.local_blocks().len(),
             "model registered"
         );
-        let layout = convert::layout(&self.registry.identity, &model.spec, &model.plan);
+        let layout = convert::model_layout(&self.registry.identity, &model);
         Ok(pb::RegisterModelResponse { created, layout: Some(layout) })
     }
 
@@ -115,6 +129,7 @@ impl ParameterService {
         if model.spec.options.mode == Mode::Federated {
             return Err(ServerError::FederatedModel(model_name).into());
         }
+        model.check_epoch(first.epoch)?;
         if !model.membership.is_live(&worker) {
             return Err(model.not_a_member(&worker).into());
         }
@@ -152,6 +167,7 @@ impl ParameterService {
     fn pull(&self, request: pb::PullWeightsRequest) -> Result<WeightStream, Status> {
         tracing::debug!(model = request.model, min_version = request.min_version, "pull");
         let model = self.registry.get(&request.model)?;
+        model.check_epoch(request.epoch)?;
         let wanted: Option<HashSet<usize>> = if request.tensors.is_empty() {
             None
         } else {
@@ -195,6 +211,8 @@ impl ParameterService {
                 if let Err(failure) = block.wait_for_version(min_version, remaining).await {
                     let tensor = model.spec.tensors[block.tensor].name.clone();
                     let error = match (failure, block.failure()) {
+                        // The retry reaches the restored copy, which answers epoch-changed.
+                        (WaitFailure::Retired, _) => ServerError::Recovering(model.name().to_string()),
                         (WaitFailure::OptimizerFailed, Some((step, reason))) => {
                             ServerError::OptimizerFailed { tensor, block: block.index, step, reason }
                         }
@@ -204,7 +222,7 @@ impl ParameterService {
                             wanted: min_version,
                             version: match failure {
                                 WaitFailure::TimedOut { version } => version,
-                                WaitFailure::OptimizerFailed => block.version(),
+                                WaitFailure::OptimizerFailed | WaitFailure::Retired => block.version(),
                             },
                             waited_ms: started.elapsed().as_millis() as u64,
                         },
@@ -218,9 +236,10 @@ impl ParameterService {
                 let read = move || if control { snapshot_of.global_snapshot() } else { snapshot_of.snapshot() };
                 let Ok((version, values)) = blocking(read).await else { return };
                 let tensor = &model.spec.tensors[block.tensor].name;
+                let checkpoint = model.checkpoints.marks(version);
                 for chunk in chunk::encode_block(tensor, block.index, &values, encoding, 0.0) {
                     sent += chunk.payload.len() as u64;
-                    if tx.send(Ok(pb::WeightChunk { version, chunk: Some(chunk) })).await.is_err() {
+                    if tx.send(Ok(pb::WeightChunk { version, chunk: Some(chunk), checkpoint })).await.is_err() {
                         return; // the client went away
                     }
                 }
@@ -396,7 +415,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         let result = self
             .registry
             .get(&request.get_ref().model)
-            .map(|model| convert::layout(&self.registry.identity, &model.spec, &model.plan));
+            .map(|model| convert::model_layout(&self.registry.identity, &model));
         observe("GetLayout", result.map_err(Status::from)).map(Response::new)
     }
 
@@ -422,6 +441,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
             (|| {
                 check_worker_name(&request.worker_id)?;
                 let model = self.registry.get(&request.model)?;
+                model.check_epoch(0)?;
                 let rank = model.membership.join(&request.worker_id, request.rank).map_err(|reason| {
                     ServerError::Join { model: request.model.clone(), worker: request.worker_id.clone(), reason }
                 })?;
@@ -537,5 +557,27 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         request: Request<pb::CommitRoundRequest>,
     ) -> Result<Response<pb::CommitRoundResponse>, Status> {
         observe("CommitRound", self.commit(request.into_inner()).await).map(Response::new)
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let result = self.checkpoint_model(request.into_inner()).await.map_err(Status::from);
+        observe("Checkpoint", result).map(Response::new)
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let service = self.clone();
+        let result = blocking(move || service.checkpoints_held(&request.into_inner().model)).await;
+        observe("ListCheckpoints", result).map(Response::new)
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
+        let result = self.roll_back(request.into_inner()).await.map_err(Status::from);
+        observe("Rollback", result).map(Response::new)
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -49,6 +50,8 @@ impl Model {
         if self.spec.options.mode == Mode::Federated {
             return Err(ServerError::FederatedModel(self.spec.name.clone()));
         }
+        // A copy retired by a rollback takes nothing; the retry reaches the restored copy.
+        self.check_epoch(0)?;
         if !self.membership.is_live(worker) {
             return Err(self.not_a_member(worker));
         }
@@ -81,6 +84,7 @@ impl Model {
             .increment(u64::from(outcome.duplicate));
         if outcome.updated > 0 {
             self.publish_version();
+            self.flush_checkpoints();
         }
         // This push completed a step whose update failed: say so rather than let the worker wait.
         if let Some((block, (step, reason))) = touched.iter().find_map(|b| b.failure().map(|f| (b, f))) {
@@ -177,7 +181,7 @@ impl Model {
                         let accumulated = match self.spec.groups[block.group].aggregation {
                             Aggregation::Mean => {
                                 let mut sum = vec![0.0; block.len];
-                                gradient.write_into(&mut sum);
+                                gradient.add_into(&mut sum);
                                 Accumulated::Sum(sum)
                             }
                             Aggregation::MajorityVote => {
@@ -259,12 +263,9 @@ impl Model {
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         let gradient = match accumulated {
-            Accumulated::Sum(mut sum) => {
-                let scale = 1.0 / contributors.len() as f32;
-                for g in sum.iter_mut() {
-                    *g *= scale;
-                }
-                sum
+            Accumulated::Sum(sum) => {
+                let count = contributors.len() as f64;
+                sum.iter().map(|g| (g / count) as f32).collect()
             }
             Accumulated::Votes(votes) => {
                 let mut signs = vec![0.0; votes.len()];
@@ -272,11 +273,9 @@ impl Model {
                 signs
             }
         };
-        if !self.update(block, state, gradient) {
-            return false;
-        }
+        // Set before the update, so a checkpoint taken at the new version holds them.
         state.last_contributors = contributors;
-        true
+        self.update(block, state, gradient)
     }
 
     /// Runs the optimizer once. No input is known to make one panic (every
@@ -288,6 +287,12 @@ impl Model {
         let group = &self.spec.groups[block.group];
         let ctx = StepContext { t, lr_scale: group.schedule.factor(t) };
         let BlockState { params, optimizer, .. } = state;
+        // A checkpoint still writing the weights or moments of the last version keeps its copy.
+        let shared_params = Arc::get_mut(params).is_none();
+        let params = Arc::make_mut(params);
+        if optimizer.unshare() | shared_params {
+            self.checkpoints.held_up(started.elapsed());
+        }
         let stepped = panic::catch_unwind(AssertUnwindSafe(|| optimizer.step(params, &grad, &ctx)));
         if let Err(payload) = stepped {
             let reason = payload
@@ -312,6 +317,7 @@ impl Model {
         }
         state.version += 1;
         block.announce(state.version);
+        self.capture(block, state);
         metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());
         true
@@ -325,6 +331,7 @@ impl Model {
                 as u32;
         if updated > 0 {
             self.publish_version();
+            self.flush_checkpoints();
         }
         self.publish_gauges();
         updated
@@ -339,7 +346,7 @@ mod tests {
     use super::*;
     use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, OptimizerState, SgdConfig, StateError};
     use crate::spec::{GroupDef, InitRule, ModelOptions, ModelSpec, TensorInput};
-    use crate::store::WaitFailure;
+    use crate::store::{DecodedGradient, WaitFailure};
 
     /// An optimizer that fails, as a bug in one would.
     struct Failing;
@@ -360,24 +367,6 @@ mod tests {
         fn import_state(&mut self, _: &OptimizerState) -> Result<(), StateError> {
             Ok(())
         }
-    }
-
-    struct Plain(Arc<Block>, Vec<f32>);
-
-    impl BlockGradient for Plain {
-        fn block(&self) -> &Arc<Block> {
-            &self.0
-        }
-        fn first_non_finite(&self) -> Option<u64> {
-            None
-        }
-        fn write_into(&self, out: &mut [f32]) {
-            out.copy_from_slice(&self.1);
-        }
-        fn add_into(&self, out: &mut [f32]) {
-            out.iter_mut().zip(&self.1).for_each(|(o, g)| *o += g);
-        }
-        fn add_votes(&self, _: &mut [i16]) {}
     }
 
     fn model() -> Model {
@@ -412,15 +401,16 @@ mod tests {
         block.replace_optimizer(Box::new(Failing));
         model.membership.join("a", None).unwrap();
         model.membership.join("b", None).unwrap();
-        model.commit_push("a", 0, vec![Plain(block.clone(), vec![1.0, 2.0, 3.0, 4.0])]).unwrap();
-        let failed = model.commit_push("b", 0, vec![Plain(block.clone(), vec![3.0, 2.0, 1.0, 0.0])]).unwrap_err();
+        model.commit_push("a", 0, vec![DecodedGradient(block.clone(), vec![1.0, 2.0, 3.0, 4.0])]).unwrap();
+        let failed =
+            model.commit_push("b", 0, vec![DecodedGradient(block.clone(), vec![3.0, 2.0, 1.0, 0.0])]).unwrap_err();
         assert!(matches!(failed, ServerError::OptimizerFailed { step: 0, .. }), "{failed}");
         assert!(failed.to_string().contains("index out of range in a test optimizer"), "{failed}");
         // Nothing was lost or half-applied: the mean gradient is kept, the weights and version untouched.
         assert_eq!(block.failed_gradient(), Some(vec![2.0, 2.0, 2.0, 2.0]));
-        assert_eq!(block.snapshot(), (0, vec![1.0; 4]));
+        assert_eq!(block.snapshot(), (0, Arc::new(vec![1.0; 4])));
         // Later pushes and waiting pulls are told at once instead of hanging.
-        let again = model.commit_push("a", 0, vec![Plain(block.clone(), vec![0.0; 4])]).unwrap_err();
+        let again = model.commit_push("a", 0, vec![DecodedGradient(block.clone(), vec![0.0; 4])]).unwrap_err();
         assert!(matches!(again, ServerError::OptimizerFailed { .. }), "{again}");
         let waited = block.wait_for_version(1, Duration::from_secs(30)).await;
         assert_eq!(waited, Err(WaitFailure::OptimizerFailed));

@@ -26,6 +26,8 @@ pub struct Block {
     version: watch::Sender<u64>,
     /// Set once an optimizer update panicked; read without the lock by waiting pulls.
     failed: AtomicBool,
+    /// Set when a rollback replaced the model this block belongs to.
+    retired: AtomicBool,
 }
 
 /// Why a wait for a version ended without it.
@@ -38,11 +40,15 @@ pub enum WaitFailure {
     },
     /// The block's optimizer failed: the version will not come.
     OptimizerFailed,
+    /// The model was rolled back to a checkpoint and this copy retired.
+    Retired,
 }
 
 /// What the block's lock guards.
 pub(super) struct BlockState {
-    pub(super) params: Vec<f32>,
+    /// Shared with pulls being encoded and checkpoints being written, which
+    /// hold it without the lock; an update copies it only if one still does.
+    pub(super) params: Arc<Vec<f32>>,
     pub(super) version: u64,
     pub(super) optimizer: Box<dyn Optimizer>,
     /// Steps being collected, by step: only the block's version in sync mode,
@@ -89,9 +95,11 @@ pub(super) struct PendingStep {
     pub(super) started: Instant,
 }
 
-/// What a sync step accumulates: decoded values, or sign votes in small integers.
+/// What a sync step accumulates: decoded values summed in f64 (exact for a
+/// few f32 values, so the step does not depend on the order pushes arrive in),
+/// or sign votes in small integers.
 pub(super) enum Accumulated {
-    Sum(Vec<f32>),
+    Sum(Vec<f64>),
     Votes(Vec<i16>),
 }
 
@@ -104,8 +112,8 @@ pub trait BlockGradient: Send + Sync {
     fn first_non_finite(&self) -> Option<u64>;
     /// Overwrites `out` (the block's length) with the gradient.
     fn write_into(&self, out: &mut [f32]);
-    /// Adds the gradient to `out` (the block's length).
-    fn add_into(&self, out: &mut [f32]);
+    /// Adds the gradient to f64 sums (the block's length).
+    fn add_into(&self, out: &mut [f64]);
     /// Adds +1/-1 per element to sign vote counters (sign payloads only).
     fn add_votes(&self, votes: &mut [i16]);
 }
@@ -125,7 +133,7 @@ impl Block {
             len: params.len(),
             group,
             state: Mutex::new(BlockState {
-                params,
+                params: Arc::new(params),
                 version: 0,
                 optimizer,
                 pending: BTreeMap::new(),
@@ -137,6 +145,7 @@ impl Block {
             }),
             version: watch::Sender::new(0),
             failed: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -157,6 +166,12 @@ impl Block {
     /// Records a failed update and wakes every pull waiting on the block.
     pub(super) fn mark_failed(&self) {
         self.failed.store(true, Ordering::Release);
+        self.version.send_modify(|_| {});
+    }
+
+    /// Retires the block and wakes every pull waiting on it.
+    pub(super) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
         self.version.send_modify(|_| {});
     }
 
@@ -183,10 +198,13 @@ impl Block {
     /// Waits until the block has at least `min_version` updates, or says why not.
     pub async fn wait_for_version(&self, min_version: u64, timeout: Duration) -> Result<(), WaitFailure> {
         let mut rx = self.version.subscribe();
-        let done = |v: &u64| *v >= min_version || self.failed.load(Ordering::Acquire);
+        let stopped = || self.failed.load(Ordering::Acquire) || self.retired.load(Ordering::Acquire);
+        let done = |v: &u64| *v >= min_version || stopped();
         let reached = matches!(tokio::time::timeout(timeout, rx.wait_for(done)).await, Ok(Ok(_)));
         let version = *rx.borrow();
-        if version >= min_version {
+        if self.retired.load(Ordering::Acquire) {
+            Err(WaitFailure::Retired)
+        } else if version >= min_version {
             Ok(())
         } else if reached || self.failed.load(Ordering::Acquire) {
             Err(WaitFailure::OptimizerFailed)
@@ -195,20 +213,41 @@ impl Block {
         }
     }
 
-    /// The block's current version and a copy of its weights.
-    pub fn snapshot(&self) -> (u64, Vec<f32>) {
+    /// The block's current version and its weights, shared (the next update copies them if they are still held).
+    pub fn snapshot(&self) -> (u64, Arc<Vec<f32>>) {
         let state = self.state.lock();
         (state.version, state.params.clone())
     }
 
     /// The block's version and a copy of its federated global state (SCAFFOLD's c).
-    pub fn global_snapshot(&self) -> (u64, Vec<f32>) {
+    pub fn global_snapshot(&self) -> (u64, Arc<Vec<f32>>) {
         let state = self.state.lock();
-        (state.version, state.global.clone())
+        (state.version, Arc::new(state.global.clone()))
     }
 
     /// Optimizer state bytes this block holds.
     pub fn state_bytes(&self) -> usize {
         self.state.lock().optimizer.state_bytes()
     }
+}
+
+/// A gradient already decoded, for tests of the store.
+#[cfg(test)]
+pub struct DecodedGradient(pub Arc<Block>, pub Vec<f32>);
+
+#[cfg(test)]
+impl BlockGradient for DecodedGradient {
+    fn block(&self) -> &Arc<Block> {
+        &self.0
+    }
+    fn first_non_finite(&self) -> Option<u64> {
+        None
+    }
+    fn write_into(&self, out: &mut [f32]) {
+        out.copy_from_slice(&self.1);
+    }
+    fn add_into(&self, out: &mut [f64]) {
+        out.iter_mut().zip(&self.1).for_each(|(o, g)| *o += f64::from(*g));
+    }
+    fn add_votes(&self, _: &mut [i16]) {}
 }

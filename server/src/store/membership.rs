@@ -170,6 +170,11 @@ impl Membership {
         live
     }
 
+    /// Every member and its rank, by rank.
+    pub fn ranks(&self) -> Vec<(String, u32)> {
+        self.members.lock().holders.iter().map(|(rank, worker)| (worker.clone(), *rank)).collect()
+    }
+
     /// Removes members whose lease has expired and returns their ids.
     pub fn expire(&self) -> Vec<String> {
         let now = Instant::now();

@@ -10,10 +10,14 @@ mod membership;
 mod model;
 mod registry;
 mod rounds;
+mod snapshot;
 
 pub use barrier::PushOutcome;
+#[cfg(test)]
+pub use block::DecodedGradient;
 pub use block::{Block, BlockGradient, WaitFailure};
 pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::{DropReason, GroupStats, Model};
 pub use registry::{Registry, ShardIdentity};
 pub use rounds::{BlockUpdate, Closing, RoundStats, Rounds, Task};
+pub use snapshot::{BlockSnapshot, CheckpointPlan, CheckpointSink, ModelSnapshot, WriteReport};

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ps_proto::layout::{self, BlockPlan};
@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use super::block::Block;
 use super::membership::Membership;
 use super::rounds::Rounds;
+use super::snapshot::CheckpointPlan;
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::optim::{Dims, SliceInfo};
@@ -49,6 +50,15 @@ pub struct Model {
     /// Workers of this model.
     pub membership: Membership,
     pub(super) shard: u32,
+    pub(super) num_shards: u32,
+    /// The model's epoch: 1 at registration, one more after each rollback to a checkpoint.
+    epoch: AtomicU64,
+    /// Which versions are checkpointed, and the snapshots under way.
+    pub checkpoints: Arc<CheckpointPlan>,
+    /// Set while a restarted shard agrees with its peers on the version to continue from.
+    recovering: AtomicBool,
+    /// Set when a rollback replaced this copy of the model.
+    retired: AtomicBool,
     /// Federated mode: the round state.
     pub(super) rounds: Option<Rounds>,
     tensor_index: HashMap<String, usize>,
@@ -103,6 +113,11 @@ impl Model {
             plan,
             membership,
             shard,
+            num_shards,
+            epoch: AtomicU64::new(1),
+            checkpoints: Arc::new(CheckpointPlan::new(0, None)),
+            recovering: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             rounds,
             tensor_index,
             tensor_blocks,
@@ -114,6 +129,60 @@ impl Model {
         };
         model.publish_gauges();
         model
+    }
+
+    /// Sets the epoch and the checkpoint plan (before the model is shared).
+    pub fn with_checkpoints(mut self, epoch: u64, checkpoints: Arc<CheckpointPlan>) -> Self {
+        self.epoch = AtomicU64::new(epoch);
+        self.checkpoints = checkpoints;
+        self
+    }
+
+    /// The model's epoch: 1 at registration, one more after each rollback to a checkpoint.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Ends recovery of a copy restored at exactly the agreed version: it continues under `epoch`.
+    pub fn resume_as(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+        self.set_recovering(false);
+    }
+
+    /// Whether the shard is still agreeing with its peers on the version to continue from.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(Ordering::Acquire)
+    }
+
+    /// Marks the model as recovering (requests are refused) or done.
+    pub fn set_recovering(&self, recovering: bool) {
+        self.recovering.store(recovering, Ordering::Release);
+    }
+
+    /// Refuses requests while recovering and requests of another epoch (`sent` 0 skips the check).
+    pub fn check_epoch(&self, sent: u64) -> Result<(), ServerError> {
+        if self.is_recovering() || self.retired.load(Ordering::Acquire) {
+            return Err(ServerError::Recovering(self.spec.name.clone()));
+        }
+        let epoch = self.epoch();
+        if sent != 0 && sent != epoch {
+            return Err(ServerError::EpochChanged {
+                model: self.spec.name.clone(),
+                sent,
+                epoch,
+                version: self.version_range().0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the model out of service after a rollback replaced it: waiting
+    /// pulls wake and are told the epoch changed.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        for block in &self.local_order {
+            block.retire();
+        }
     }
 
     /// The model's name.
@@ -169,7 +238,7 @@ impl Model {
         }
         for (block, data) in values {
             debug_assert_eq!(data.len(), block.len);
-            block.lock().params = data;
+            block.lock().params = Arc::new(data);
         }
         Ok(())
     }

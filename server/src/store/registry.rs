@@ -72,6 +72,14 @@ impl Registry {
         Ok((true, model))
     }
 
+    /// Puts `model` in place of the model of the same name (a rollback), returning it shared.
+    pub fn replace(&self, model: Model) -> Arc<Model> {
+        let model = Arc::new(model);
+        self.models.write().insert(model.name().to_string(), model.clone());
+        self.added.notify_waiters();
+        model
+    }
+
     /// Notified whenever a model is added.
     pub fn model_added(&self) -> &tokio::sync::Notify {
         &self.added

@@ -115,6 +115,26 @@ impl Rounds {
         }
     }
 
+    /// The last round that included each client, by client.
+    pub fn last_included(&self) -> Vec<(u32, u64)> {
+        let mut included: Vec<_> = self.state.lock().last_included.iter().map(|(c, r)| (*c, *r)).collect();
+        included.sort_unstable();
+        included
+    }
+
+    /// Opens the round after `version` (restored from a checkpoint) with the clients' history.
+    pub fn restore(&self, version: u64, last_included: &[(u32, u64)]) {
+        let mut state = self.state.lock();
+        state.round = version + 1;
+        state.cohort = self.config.cohort(state.round);
+        state.opened = Instant::now();
+        state.completed.clear();
+        state.closing = false;
+        state.last_included = last_included.iter().copied().collect();
+        drop(state);
+        self.open.send_replace(version + 1);
+    }
+
     /// Sets the round and cohort gauges of `model`.
     pub fn publish(&self, model: &str) {
         let state = self.state.lock();
@@ -362,6 +382,7 @@ impl Model {
         drop(state);
         rounds.open.send_replace(round + 1);
         self.publish_version();
+        self.flush_checkpoints();
         Ok(())
     }
 

@@ -120,7 +120,7 @@ async fn a_worker_that_lost_its_lease_rejoins_and_resumes_at_the_current_version
     // b comes back with its old step: it joins again, learns step 1 went ahead without it, and resumes at 3.
     match model.push_step("b", 1, &gb).await.unwrap() {
         StepOutcome::Resync { version } => assert_eq!(version, 3),
-        StepOutcome::Pushed(summary) => panic!("a stale step was taken: {summary:?}"),
+        other => panic!("a stale step was taken: {other:?}"),
     }
     let before = bits(&model.pull(3).await.unwrap().tensors);
     // Both push step 3: the barrier waits for b again, and the step is applied once.
@@ -197,7 +197,7 @@ async fn a_member_that_does_not_push_by_the_deadline_is_dropped_once_the_quorum_
     // The straggler learns it was dropped, joins again, and resumes where the run is.
     match model.push_step("idle", 0, &grads_like(&init, 3)).await.unwrap() {
         StepOutcome::Resync { version } => assert_eq!(version, 1),
-        StepOutcome::Pushed(summary) => panic!("a late step was taken: {summary:?}"),
+        other => panic!("a late step was taken: {other:?}"),
     }
     // With everyone pushing, the step completes with all three and nobody is dropped.
     let pushes = [("a", 4), ("b", 5), ("idle", 6)].map(|(worker, seed)| {
@@ -272,6 +272,7 @@ async fn a_worker_dropped_on_one_shard_is_dropped_on_every_shard() {
                     worker_id: "b".into(),
                     step: 0,
                     chunk: Some(chunk),
+                    epoch: 0,
                 });
             }
         }

@@ -25,7 +25,7 @@ fn chunk(tensor: &str, block: u32, offset: u64, values: &[f32]) -> TensorChunk {
 }
 
 fn message(model: &str, worker: &str, step: u64, chunk: TensorChunk) -> GradientChunk {
-    GradientChunk { model: model.into(), worker_id: worker.into(), step, chunk: Some(chunk) }
+    GradientChunk { model: model.into(), worker_id: worker.into(), step, chunk: Some(chunk), epoch: 0 }
 }
 
 /// Everything observable about the model: weights (as bits) and per-shard status counters.
@@ -528,6 +528,7 @@ async fn shards_refuse_clients_whose_shard_list_differs() {
         shards: vec![cluster.addrs[0].clone(), rogue.clone(), "127.0.0.1:9".into()],
         lease: Duration::from_secs(60),
         auth_token: None,
+        checkpoints: Default::default(),
     };
     tokio::spawn(ps_server::serve(options, listener, std::future::pending()));
     let mixed = client(vec![cluster.addrs[0].clone(), rogue]);
@@ -556,7 +557,8 @@ async fn plan_layout_tells_the_layout_before_registration_and_registers_nothing(
     assert_eq!(from_shard_0, planned);
     let model = cluster.client().register(&spec, &initial_values(&spec, 3)).await.unwrap();
     let registered = raw.get_layout(proto::GetLayoutRequest { model: "planned".into() }).await.unwrap().into_inner();
-    assert_eq!(registered, planned);
+    assert_eq!(registered.epoch, 1, "a registered model starts at epoch 1");
+    assert_eq!(proto::Layout { epoch: 0, ..registered }, planned, "the plan has no epoch yet");
     assert_eq!(model.pull(0).await.unwrap().tensors, initial_values(&spec, 3), "PROVIDED values round-trip");
     // A spec RegisterModel would refuse is refused the same way.
     let mut bad = wire;

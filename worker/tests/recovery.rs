@@ -1,0 +1,231 @@
+//! Crash safety across processes: a sync run of 2 shards and 3 workers on
+//! deterministic data, one shard killed (SIGKILL) or stopped (SIGTERM)
+//! mid-run and restarted from its checkpoint directory; the run completes
+//! and its final weights equal, bit for bit, those of the same run without
+//! the fault. Also: a shard restarted without its checkpoints refuses to
+//! register the model afresh, so it cannot fork the run.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ps_client::{ClientConfig, PsClient};
+use ps_testkit::{ServerProcess, free_port};
+
+const STEPS: u64 = 60;
+const MODEL: &str = "digits-mlp";
+
+fn server_binary() -> PathBuf {
+    let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
+    let server = worker.with_file_name(format!("server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        server.exists(),
+        "the server binary is not built next to {}; run `cargo test --workspace`",
+        worker.display()
+    );
+    server
+}
+
+/// A cluster of two shard processes with their own checkpoint directories and logs.
+struct Run {
+    dir: PathBuf,
+    shards: String,
+    servers: Vec<Option<ServerProcess>>,
+    workers: Vec<Child>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Run {
+    fn start(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ps-recovery-{label}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        let shards = format!("127.0.0.1:{},127.0.0.1:{}", free_port().unwrap(), free_port().unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let mut run = Self { dir, shards, servers: Vec::new(), workers: Vec::new(), runtime };
+        for index in 0..2 {
+            let server = run.spawn_server(index, true);
+            run.servers.push(Some(server));
+        }
+        run
+    }
+
+    fn spawn_server(&self, index: usize, with_checkpoints: bool) -> ServerProcess {
+        let checkpoints = self.dir.join(format!("checkpoints-{index}"));
+        let index_arg = index.to_string();
+        let mut args = vec!["--shard-index", &index_arg, "--shards", &self.shards, "--metrics-addr", "off"];
+        let checkpoint_dir = checkpoints.to_string_lossy().to_string();
+        if with_checkpoints {
+            args.extend(["--checkpoint-dir", &checkpoint_dir, "--checkpoint-every", "5"]);
+        }
+        ServerProcess::spawn_logged(&server_binary(), &args, &self.dir.join(format!("shard-{index}.log")))
+            .expect("starting a shard")
+    }
+
+    fn start_workers(&mut self, extra: &[&str]) {
+        for rank in 0..3 {
+            let log = std::fs::File::create(self.dir.join(format!("worker-{rank}.log"))).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+                .args(["train", "--shards", &self.shards, "--world-size", "3", "--rank", &rank.to_string()])
+                .args(["--worker-id", &format!("worker-{rank}"), "--steps", &STEPS.to_string(), "--seed", "7"])
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("starting a worker");
+            self.workers.push(child);
+        }
+    }
+
+    fn client(&self) -> PsClient {
+        let _context = self.runtime.enter();
+        PsClient::connect(ClientConfig::new(self.shards.split(',').map(str::to_string).collect())).unwrap()
+    }
+
+    /// Waits until shard 0's blocks reach `version`.
+    fn wait_for_version(&self, version: u64) {
+        let client = self.client();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.runtime.block_on(client.status(MODEL)).ok();
+            let at = status.as_ref().and_then(|s| s[0].models.first()).map(|m| m.min_version).unwrap_or(0);
+            if at >= version {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the run did not reach version {version}; logs in {}",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish_workers(&mut self) {
+        for (rank, child) in self.workers.iter_mut().enumerate() {
+            let status = child.wait().expect("waiting for a worker");
+            let log = std::fs::read_to_string(self.dir.join(format!("worker-{rank}.log"))).unwrap_or_default();
+            assert!(status.success(), "worker {rank} failed ({status}); logs in {}:\n{log}", self.dir.display());
+        }
+    }
+
+    /// Every weight of the model at the final version, as bits.
+    fn final_bits(&self) -> Vec<(String, Vec<u32>)> {
+        let client = self.client();
+        let model = self.runtime.block_on(client.model(MODEL)).unwrap();
+        let weights = self.runtime.block_on(model.pull(STEPS)).unwrap();
+        assert_eq!(weights.version, STEPS);
+        let mut bits: Vec<(String, Vec<u32>)> =
+            weights.tensors.into_iter().map(|(name, v)| (name, v.iter().map(|x| x.to_bits()).collect())).collect();
+        bits.sort();
+        bits
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    fn cleanup(self) {
+        let dir = self.dir.clone();
+        drop(self);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+/// The uninterrupted run's final weights.
+fn uninterrupted(label: &str, extra: &[&str]) -> Vec<(String, Vec<u32>)> {
+    let mut run = Run::start(label);
+    run.start_workers(extra);
+    run.finish_workers();
+    let bits = run.final_bits();
+    run.cleanup();
+    bits
+}
+
+/// The same run with shard 1 stopped by `signal` at version `at` and
+/// restarted; returns the final weights and the finished run (its logs kept
+/// until the caller is satisfied).
+fn interrupted(label: &str, extra: &[&str], signal: &str, at: u64) -> (Vec<(String, Vec<u32>)>, Run) {
+    let mut run = Run::start(label);
+    run.start_workers(extra);
+    run.wait_for_version(at);
+    let mut shard = run.servers[1].take().unwrap();
+    shard.signal(signal).unwrap();
+    let exited = shard.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(exited.is_some(), "shard 1 did not stop on SIG{signal}; logs in {}", run.dir.display());
+    drop(shard);
+    std::thread::sleep(Duration::from_millis(500));
+    run.servers[1] = Some(run.spawn_server(1, true));
+    run.finish_workers();
+    (run.final_bits(), run)
+}
+
+fn assert_recovered(label: &str, extra: &[&str], signal: &str) {
+    let reference = uninterrupted(&format!("{label}-reference"), extra);
+    let (bits, run) = interrupted(label, extra, signal, 17);
+    let (shard_log, worker_log) = (run.log("shard-1.log"), run.log("worker-0.log"));
+    let logs = run.dir.display().to_string();
+    assert!(shard_log.contains("restored from checkpoint"), "{shard_log}");
+    assert!(shard_log.contains("recovered: every shard continues"), "{shard_log}");
+    assert!(worker_log.contains("rolled back to a checkpoint"), "{worker_log}");
+    assert!(worker_log.contains("restored the worker state saved at the checkpoint"), "{worker_log}");
+    assert_eq!(bits.len(), reference.len());
+    for ((name, got), (_, want)) in bits.iter().zip(&reference) {
+        let differing = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing,
+            0,
+            "{label}: {differing} of {} weights of '{name}' differ from the uninterrupted run; logs in {logs}",
+            got.len()
+        );
+    }
+    run.cleanup();
+}
+
+#[test]
+fn a_shard_killed_mid_run_restarts_from_its_checkpoint_and_the_weights_match_an_uninterrupted_run() {
+    assert_recovered("sigkill", &[], "KILL");
+}
+
+#[test]
+fn a_shard_stopped_with_sigterm_checkpoints_on_exit_and_the_weights_match() {
+    assert_recovered("sigterm", &[], "TERM");
+}
+
+#[test]
+fn an_error_feedback_run_resumes_its_residuals_after_a_shard_is_killed() {
+    assert_recovered("ef", &["--compression", "sign-ef", "--lr", "0.3", "--optimizer", "sgd"], "KILL");
+}
+
+#[test]
+fn a_shard_restarted_without_its_checkpoints_refuses_to_fork_the_model() {
+    let mut run = Run::start("fork");
+    run.start_workers(&[]);
+    run.wait_for_version(10);
+    let mut shard = run.servers[1].take().unwrap();
+    shard.signal("KILL").unwrap();
+    shard.wait_exit(Duration::from_secs(30)).unwrap();
+    drop(shard);
+    // Back without its checkpoint directory: empty.
+    run.servers[1] = Some(run.spawn_server(1, false));
+    let client = run.client();
+    run.runtime.block_on(client.wait_ready(Duration::from_secs(30))).unwrap();
+    let register = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["train", "--shards", &run.shards, "--world-size", "3", "--worker-id", "late", "--steps", "1"])
+        .args(["--seed", "7", "--start-timeout", "5s"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&register.stderr);
+    assert!(!register.status.success(), "a fresh registration on the empty shard was accepted: {log}");
+    assert!(log.contains("holds no copy of it"), "{log}");
+    // The empty shard holds nothing, and shard 0 kept its version.
+    let status = run.runtime.block_on(client.status("")).unwrap();
+    assert!(status[1].models.is_empty(), "{status:?}");
+    assert!(status[0].models[0].min_version >= 10);
+    for child in &mut run.workers {
+        child.kill().ok();
+        child.wait().ok();
+    }
+    run.cleanup();
+}
