@@ -204,6 +204,7 @@ impl PsClient {
             wait,
             timeout_ms: timeout.as_millis() as u64,
             version: None,
+            ahead: false,
         };
         self.retry(0, move |mut stub| {
             let request = request.clone();

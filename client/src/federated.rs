@@ -5,6 +5,7 @@
 //! c_i, FedSpeed's h_i) kept in a state directory so a restarted client
 //! resumes where the servers are.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -272,6 +273,7 @@ impl ModelHandle {
             client,
             after_round,
             timeout_ms: timeout.as_millis() as u64,
+            epoch: self.epoch(),
         };
         let task = self
             .client()
@@ -349,6 +351,7 @@ impl ModelHandle {
                             round,
                             part: part as i32,
                             chunk: Some(chunk),
+                            epoch: self.epoch(),
                         });
                     }
                 }
@@ -372,7 +375,7 @@ impl ModelHandle {
     /// Tells shard 0 that `client` pushed its whole update for `round` to every
     /// shard; returns the clients counted so far and the cohort size.
     pub async fn complete_round(&self, client: u32, round: u64) -> Result<(u32, u32), ClientError> {
-        let request = pb::CompleteRoundRequest { model: self.name().to_string(), client, round };
+        let request = pb::CompleteRoundRequest { model: self.name().to_string(), client, round, epoch: self.epoch() };
         let reply = self
             .client()
             .retry(0, move |mut stub| {
@@ -544,24 +547,34 @@ pub struct ClientState {
     pub round_done: u64,
     /// A pushed update's round and the correction it leads to.
     pub pending: Option<(u64, Tensors)>,
+    /// The correction as it became at each of the last rounds that changed
+    /// it, so a rollback of the model to a checkpoint finds the one of its version.
+    history: BTreeMap<u64, Tensors>,
+    /// The history reaches back to the fresh state (nothing was trimmed or loaded).
+    history_from_start: bool,
     path: Option<PathBuf>,
 }
+
+/// Rounds of correction kept for rollbacks.
+const CORRECTION_HISTORY: usize = 8;
 
 const PENDING_PREFIX: &str = "pending:";
 
 impl ClientState {
     /// A fresh state, kept only in memory.
     pub fn new(client: u32) -> Self {
-        Self { client, ..Default::default() }
+        Self { client, history_from_start: true, ..Default::default() }
     }
 
     /// The state saved in `dir` for `client`, or a fresh one that will be saved there.
     pub fn load(dir: &Path, client: u32) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("client-{client}.state"));
-        let mut state = Self { client, path: Some(path.clone()), ..Default::default() };
+        let mut state = Self { client, path: Some(path.clone()), history_from_start: true, ..Default::default() };
         if let Some((tensors, counters)) = state_file::load_with_counters(&path)? {
             state.round_done = counters.get("round_done").copied().unwrap_or(0);
+            // What came before the saved state is not known.
+            state.history_from_start = state.round_done == 0;
             let (pending, correction): (Tensors, Tensors) =
                 tensors.into_iter().partition(|(n, _)| n.starts_with(PENDING_PREFIX));
             state.correction = correction;
@@ -591,8 +604,7 @@ impl ClientState {
     pub fn settle(&mut self, last_included_round: u64) -> std::io::Result<()> {
         if let Some((round, correction)) = self.pending.take() {
             if last_included_round >= round {
-                self.correction = correction;
-                self.round_done = self.round_done.max(round);
+                self.adopt(round, correction);
             }
             self.save()?;
         }
@@ -608,10 +620,43 @@ impl ClientState {
     /// The servers counted the staged update: it becomes the state.
     pub fn commit(&mut self) -> std::io::Result<()> {
         if let Some((round, correction)) = self.pending.take() {
-            self.correction = correction;
-            self.round_done = self.round_done.max(round);
+            self.adopt(round, correction);
         }
         self.save()
+    }
+
+    fn adopt(&mut self, round: u64, correction: Tensors) {
+        self.history.insert(round, correction.clone());
+        while self.history.len() > CORRECTION_HISTORY {
+            self.history.pop_first();
+            self.history_from_start = false;
+        }
+        self.correction = correction;
+        self.round_done = self.round_done.max(round);
+    }
+
+    /// The model was rolled back to `version` (the end of that round): forget
+    /// what came after it, taking the correction the client had then. False if
+    /// that correction is older than the history kept (it keeps the current one).
+    pub fn rewind(&mut self, version: u64) -> std::io::Result<bool> {
+        // An update for a round the checkpoint holds is settled as usual, by what the servers report.
+        self.pending = self.pending.take().filter(|(round, _)| *round <= version);
+        self.round_done = self.round_done.min(version);
+        self.history.retain(|round, _| *round <= version);
+        let exact = match self.history.last_key_value() {
+            Some((_, correction)) => {
+                self.correction = correction.clone();
+                true
+            }
+            // No counted round at or before the version: the fresh state, if nothing was forgotten.
+            None if self.history_from_start => {
+                self.correction = Tensors::new();
+                true
+            }
+            None => false,
+        };
+        self.save()?;
+        Ok(exact)
     }
 
     /// The client is done with `round` without an update (not selected, or the round closed without it).

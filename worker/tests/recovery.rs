@@ -14,6 +14,8 @@ use ps_testkit::{ServerProcess, free_port};
 
 const STEPS: u64 = 60;
 const MODEL: &str = "digits-mlp";
+const FEDERATED_MODEL: &str = "digits-mlp-fed";
+const FEDERATED_ROUNDS: u64 = 16;
 
 fn server_binary() -> PathBuf {
     let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
@@ -83,12 +85,30 @@ impl Run {
         PsClient::connect(ClientConfig::new(self.shards.split(',').map(str::to_string).collect())).unwrap()
     }
 
-    /// Waits until shard 0's blocks reach `version`.
+    /// A process that runs every federated client of the test's run.
+    fn start_federated_clients(&mut self) {
+        let log = std::fs::File::create(self.dir.join("worker-0.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["federated", "--shards", &self.shards, "--client-ids", "0-5", "--clients", "6"])
+            .args(["--algorithm", "scaffold", "--participation", "0.5", "--rounds", &FEDERATED_ROUNDS.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the federated clients");
+        self.workers.push(child);
+    }
+
+    /// Waits until shard 0's blocks of `model` reach `version`.
     fn wait_for_version(&self, version: u64) {
+        self.wait_for_model_version(MODEL, version)
+    }
+
+    fn wait_for_model_version(&self, model: &str, version: u64) {
         let client = self.client();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let status = self.runtime.block_on(client.status(MODEL)).ok();
+            let status = self.runtime.block_on(client.status(model)).ok();
             let at = status.as_ref().and_then(|s| s[0].models.first()).map(|m| m.min_version).unwrap_or(0);
             if at >= version {
                 return;
@@ -112,10 +132,14 @@ impl Run {
 
     /// Every weight of the model at the final version, as bits.
     fn final_bits(&self) -> Vec<(String, Vec<u32>)> {
+        self.bits_of(MODEL, STEPS)
+    }
+
+    fn bits_of(&self, name: &str, version: u64) -> Vec<(String, Vec<u32>)> {
         let client = self.client();
-        let model = self.runtime.block_on(client.model(MODEL)).unwrap();
-        let weights = self.runtime.block_on(model.pull(STEPS)).unwrap();
-        assert_eq!(weights.version, STEPS);
+        let model = self.runtime.block_on(client.model(name)).unwrap();
+        let weights = self.runtime.block_on(model.pull(version)).unwrap();
+        assert_eq!(weights.version, version);
         let mut bits: Vec<(String, Vec<u32>)> =
             weights.tensors.into_iter().map(|(name, v)| (name, v.iter().map(|x| x.to_bits()).collect())).collect();
         bits.sort();
@@ -226,6 +250,44 @@ fn a_shard_restarted_without_its_checkpoints_refuses_to_fork_the_model() {
     for child in &mut run.workers {
         child.kill().ok();
         child.wait().ok();
+    }
+    run.cleanup();
+}
+
+/// Shard 1 killed and restarted in the middle of `rounds` SCAFFOLD rounds (or not): the final weights.
+fn federated_run(label: &str, kill_at: Option<u64>) -> (Vec<(String, Vec<u32>)>, Run) {
+    let mut run = Run::start(label);
+    run.start_federated_clients();
+    if let Some(round) = kill_at {
+        run.wait_for_model_version(FEDERATED_MODEL, round);
+        let mut shard = run.servers[1].take().unwrap();
+        shard.signal("KILL").unwrap();
+        shard.wait_exit(Duration::from_secs(30)).unwrap();
+        drop(shard);
+        std::thread::sleep(Duration::from_millis(500));
+        run.servers[1] = Some(run.spawn_server(1, true));
+    }
+    run.finish_workers();
+    (run.bits_of(FEDERATED_MODEL, FEDERATED_ROUNDS), run)
+}
+
+#[test]
+fn a_federated_run_survives_a_shard_kill_with_the_same_final_model() {
+    let (reference, clean) = federated_run("federated-reference", None);
+    clean.cleanup();
+    let (bits, run) = federated_run("federated", Some(7));
+    let (shard_log, client_log) = (run.log("shard-1.log"), run.log("worker-0.log"));
+    assert!(shard_log.contains("recovered: every shard continues"), "{shard_log}");
+    assert!(client_log.contains("clients rewound to the checkpoint"), "{client_log}");
+    for ((name, got), (_, want)) in bits.iter().zip(&reference) {
+        let differing = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing,
+            0,
+            "{differing} of {} weights of '{name}' differ; logs in {}",
+            got.len(),
+            run.dir.display()
+        );
     }
     run.cleanup();
 }

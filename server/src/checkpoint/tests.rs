@@ -243,7 +243,7 @@ fn blocks_are_copied_at_the_checkpoint_version_and_scheduled_versions_are_marked
     let model = Model::new(spec, 0, 1, Duration::from_secs(60)).with_checkpoints(1, plan);
     model.membership.join("w", Some(0)).unwrap();
     model.membership.join("v", Some(1)).unwrap();
-    let reference = model_pair_step(&model, 0);
+    model_pair_step(&model, 0);
     assert!(sink.0.lock().is_empty(), "version 1 is not a multiple of 2");
     model_pair_step(&model, 1);
     {
@@ -256,7 +256,7 @@ fn blocks_are_copied_at_the_checkpoint_version_and_scheduled_versions_are_marked
     }
     assert!(model.checkpoints.marks(2) && model.checkpoints.marks(4) && !model.checkpoints.marks(3));
     // On demand: version 5 is scheduled ahead, marked, and taken when the blocks get there.
-    model.schedule_checkpoint(5).unwrap();
+    model.schedule_checkpoint(5, true).unwrap();
     assert!(model.checkpoints.marks(5));
     for t in 2..5 {
         model_pair_step(&model, t);
@@ -264,18 +264,31 @@ fn blocks_are_copied_at_the_checkpoint_version_and_scheduled_versions_are_marked
     let versions: Vec<u64> = sink.0.lock().iter().map(|s| s.version).collect();
     assert_eq!(versions, vec![2, 4, 5]);
     // A version the blocks have passed cannot be scheduled.
-    assert!(model.schedule_checkpoint(3).is_err());
+    assert!(model.schedule_checkpoint(3, false).is_err());
+    // While workers train, a version the blocks are at may have been pulled unmarked already.
+    model.membership.leave("v");
+    model_pair_step_one(&model, 5);
+    model_pair_step_one(&model, 6);
+    assert!(model.schedule_checkpoint(7, true).is_err());
+    assert!(!model.checkpoints.marks(7), "a refused version is not left marked");
     // Idle at the current version: taken at once.
-    model.schedule_checkpoint(5).unwrap();
-    assert_eq!(sink.0.lock().len(), 3, "already written");
-    let _ = reference;
+    model.schedule_checkpoint(7, false).unwrap();
+    let versions: Vec<u64> = sink.0.lock().iter().map(|s| s.version).collect();
+    assert_eq!(versions, vec![2, 4, 5, 6, 7]);
+    model.schedule_checkpoint(7, false).unwrap();
+    assert_eq!(sink.0.lock().len(), 5, "already written");
+}
+
+/// One sync step pushed by "w" alone (the only member left).
+fn model_pair_step_one(model: &Model, t: u64) {
+    let grads = model.local_blocks().iter().map(|b| Grad(b.clone(), pseudo_random(t, b.len))).collect();
+    model.commit_push("w", t, grads).unwrap();
 }
 
 /// One sync step with both members pushing.
-fn model_pair_step(model: &Model, t: u64) -> u64 {
+fn model_pair_step(model: &Model, t: u64) {
     for worker in ["w", "v"] {
         let grads = model.local_blocks().iter().map(|b| Grad(b.clone(), pseudo_random(t, b.len))).collect();
         model.commit_push(worker, t, grads).unwrap();
     }
-    model.version_range().0
 }

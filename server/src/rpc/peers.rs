@@ -94,7 +94,7 @@ impl Peers {
     pub async fn check_round_update(&self, model: &str, client: u32, round: u64) -> Result<(), ServerError> {
         let checks = self.stubs.iter().map(|(peer, stub)| {
             let mut stub = stub.clone();
-            let request = pb::CompleteRoundRequest { model: model.to_string(), client, round };
+            let request = pb::CompleteRoundRequest { model: model.to_string(), client, round, epoch: 0 };
             async move {
                 // A peer that has not applied the previous round yet (its commit is
                 // on the way) answers future-round: ask again shortly.
@@ -175,13 +175,15 @@ impl Peers {
         .await
     }
 
-    /// Schedules a checkpoint of `model` at `version` on every peer.
+    /// Schedules a checkpoint of `model` at `version` on every peer (with `ahead`: only where no block is there yet).
     pub async fn schedule_checkpoint(
         &self,
         model: &str,
         version: u64,
+        ahead: bool,
     ) -> Vec<(u32, Result<pb::CheckpointResponse, tonic::Status>)> {
-        let request = pb::CheckpointRequest { model: model.to_string(), version: Some(version), ..Default::default() };
+        let request =
+            pb::CheckpointRequest { model: model.to_string(), version: Some(version), ahead, ..Default::default() };
         self.ask_all(|mut stub| {
             let request = request.clone();
             async move { stub.checkpoint(request).await }

@@ -270,7 +270,8 @@ impl ParameterService {
         self.durability.store()?;
         if let Some(version) = request.version {
             let scheduled = model.clone();
-            off_reactor(move || scheduled.schedule_checkpoint(version)).await??;
+            let ahead = request.ahead;
+            off_reactor(move || scheduled.schedule_checkpoint(version, ahead)).await??;
             return Ok(pb::CheckpointResponse { version, ..Default::default() });
         }
         let version = self.schedule_everywhere(&model).await?;
@@ -318,8 +319,8 @@ impl ParameterService {
             // Two ahead: no worker can have pulled that version from any shard yet.
             let version = if live { highest + 2 } else { highest };
             let scheduled = model.clone();
-            let mut result = off_reactor(move || scheduled.schedule_checkpoint(version)).await?;
-            for (peer, answer) in self.peers.schedule_checkpoint(&name, version).await {
+            let mut result = off_reactor(move || scheduled.schedule_checkpoint(version, live)).await?;
+            for (peer, answer) in self.peers.schedule_checkpoint(&name, version, live).await {
                 if let Err(status) = answer {
                     result = Err(checkpoint_error(&name, format!("shard {peer}: {}", status.message())));
                 }

@@ -104,7 +104,7 @@ impl ParameterService {
         if created && model.checkpoints.enabled() {
             // Version 0 is the point every rollback can go back to.
             let first = model.clone();
-            blocking(move || first.schedule_checkpoint(0)).await??;
+            blocking(move || first.schedule_checkpoint(0, false)).await??;
         }
         tracing::info!(
             model = model.name(),
@@ -251,6 +251,7 @@ impl ParameterService {
 
     async fn round_task(&self, request: pb::GetRoundTaskRequest) -> Result<pb::RoundTask, Status> {
         let model = self.registry.get(&request.model)?;
+        model.check_epoch(request.epoch)?;
         let timeout = match request.timeout_ms {
             0 => DEFAULT_PULL_TIMEOUT,
             ms => Duration::from_millis(ms).min(MAX_TASK_TIMEOUT),
@@ -270,6 +271,7 @@ impl ParameterService {
         let (model_name, client, round) = (first.model.clone(), first.client, first.round);
         let model = self.registry.get(&model_name)?;
         model.rounds()?;
+        model.check_epoch(first.epoch)?;
         let mut deltas = Assembler::new(&model, Purpose::Gradients);
         let mut controls = Assembler::new(&model, Purpose::Gradients);
         let mut next = Some(first);
@@ -339,6 +341,7 @@ impl ParameterService {
     async fn complete(&self, request: pb::CompleteRoundRequest) -> Result<pb::CompleteRoundResponse, Status> {
         let model = self.registry.get(&request.model)?;
         let rounds = model.rounds()?;
+        model.check_epoch(request.epoch)?;
         let (client, round) = (request.client, request.round);
         if !rounds.is_coordinator() {
             model.check_round_update(client, round)?;

@@ -161,7 +161,7 @@ impl Model {
 
     /// Refuses requests while recovering and requests of another epoch (`sent` 0 skips the check).
     pub fn check_epoch(&self, sent: u64) -> Result<(), ServerError> {
-        if self.is_recovering() || self.retired.load(Ordering::Acquire) {
+        if self.is_recovering() || self.is_retired() {
             return Err(ServerError::Recovering(self.spec.name.clone()));
         }
         let epoch = self.epoch();
@@ -183,6 +183,14 @@ impl Model {
         for block in &self.local_order {
             block.retire();
         }
+        if let Some(rounds) = &self.rounds {
+            rounds.wake();
+        }
+    }
+
+    /// Whether a rollback replaced this copy of the model.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// The model's name.

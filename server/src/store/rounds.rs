@@ -135,6 +135,11 @@ impl Rounds {
         self.open.send_replace(version + 1);
     }
 
+    /// Wakes every client waiting for a round (the model was retired).
+    pub(super) fn wake(&self) {
+        self.open.send_modify(|_| {});
+    }
+
     /// Sets the round and cohort gauges of `model`.
     pub fn publish(&self, model: &str) {
         let state = self.state.lock();
@@ -195,8 +200,11 @@ impl Model {
         self.check_client(rounds, client)?;
         let mut open = rounds.open.subscribe();
         let started = Instant::now();
-        let ready = |round: &u64| *round > after_round || rounds.config.finished(round - 1);
-        if tokio::time::timeout(timeout, open.wait_for(ready)).await.is_err() {
+        let ready = |round: &u64| *round > after_round || rounds.config.finished(round - 1) || self.is_retired();
+        let waited = tokio::time::timeout(timeout, open.wait_for(ready)).await;
+        // A rollback replaced this copy while the client waited: the retry reaches the restored one.
+        self.check_epoch(0)?;
+        if waited.is_err() {
             return Err(ServerError::TaskTimeout {
                 model: self.spec.name.clone(),
                 after: after_round,

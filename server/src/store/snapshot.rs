@@ -284,22 +284,28 @@ impl Model {
 
     /// Schedules a checkpoint at `version`: blocks already there are copied
     /// now, the others when they get there. Fails (changing nothing) if a
-    /// block is already past it, returning the lowest block version.
-    pub fn schedule_checkpoint(&self, version: u64) -> Result<(), ServerError> {
+    /// block is already past it or, with `ahead`, already at it: while workers
+    /// train, one of them may have pulled that version before it was marked,
+    /// and would have no state saved for it.
+    pub fn schedule_checkpoint(&self, version: u64, ahead: bool) -> Result<(), ServerError> {
         if !self.checkpoints.enabled() {
             return Err(ServerError::NoCheckpointDir);
         }
+        if self.checkpoints.written(version).is_some_and(|r| r.is_ok()) {
+            return Ok(());
+        }
+        // Marked first: a block that gets there from now on is copied and its pulls marked.
+        let already = !self.checkpoints.state.lock().targets.insert(version);
         let (lowest, highest) = self.version_range();
-        if highest > version {
+        if highest > version || (ahead && highest == version) {
+            if !already {
+                self.checkpoints.state.lock().targets.remove(&version);
+            }
             return Err(ServerError::Checkpoint {
                 model: self.spec.name.clone(),
                 reason: format!("version {version} has passed on this shard (its blocks are at {lowest}..={highest})"),
             });
         }
-        if self.checkpoints.written(version).is_some_and(|r| r.is_ok()) {
-            return Ok(());
-        }
-        self.checkpoints.state.lock().targets.insert(version);
         for block in &self.local_order {
             let state = block.lock();
             if state.version == version && !self.checkpoints.has(version, (block.tensor, block.index)) {

@@ -110,6 +110,7 @@ async fn a_client_that_dies_halfway_through_a_push_is_left_out_on_every_shard() 
             round: 1,
             part: pb::RoundPart::Delta as i32,
             chunk: Some(c),
+            epoch: 0,
         })
         .collect();
     let mut shard0 = cluster.raw(0).await;

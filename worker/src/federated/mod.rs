@@ -324,7 +324,16 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
         // Ask for every client's task first: a round closes as soon as its last selected client completes.
         let mut tasks: Vec<RoundTask> = Vec::with_capacity(clients.len());
         for client in clients.iter() {
-            tasks.push(model.next_task(client.id, client.state.round_done).await?);
+            match model.next_task(client.id, client.state.round_done).await {
+                Ok(task) => tasks.push(task),
+                Err(error) => {
+                    rewind_after_rollback(model, clients, error)?;
+                    break;
+                }
+            }
+        }
+        if tasks.len() < clients.len() {
+            continue;
         }
         if tasks.iter().all(|t| t.finished) {
             summary.rounds = tasks.iter().map(|t| t.round).max().unwrap_or(0);
@@ -337,12 +346,19 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
             }
             let data = client.data.clone();
             let mut loss = Ok(0.0);
-            let outcome = train_round(model, task, &mut client.state, |w, local| {
+            let trained = train_round(model, task, &mut client.state, |w, local| {
                 loss = tokio::task::block_in_place(|| {
                     clients::local_train(data.as_ref(), task, client.id, seed, w, local)
                 });
             })
-            .await?;
+            .await;
+            let outcome = match trained {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    rewind_after_rollback(model, clients, error)?;
+                    break;
+                }
+            };
             match outcome {
                 RoundOutcome::NotSelected => {}
                 RoundOutcome::Counted { contributions, cohort_size, bytes } => {
@@ -375,6 +391,27 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// If `error` says the model was rolled back to a checkpoint, rewinds every
+/// client to it (each asks for the round after it next); any other error is returned.
+fn rewind_after_rollback(
+    model: &ModelHandle,
+    clients: &mut [Client],
+    error: ps_client::ClientError,
+) -> anyhow::Result<()> {
+    let version = model.rolled_back(&error).ok_or(error)?;
+    for client in clients.iter_mut() {
+        if !client.state.rewind(version)? {
+            tracing::warn!(
+                client = client.id,
+                version,
+                "the client's state at the checkpoint is older than the history kept; continuing with the current one"
+            );
+        }
+    }
+    tracing::info!(version, clients = clients.len(), "clients rewound to the checkpoint the model was rolled back to");
+    Ok(())
 }
 
 /// `worker federated`: registers the run's model (idempotent) and runs this process's clients.
