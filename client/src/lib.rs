@@ -6,7 +6,8 @@
 //! Modules: [`spec`] (the model a client registers, in its own types),
 //! [`layout`] and [`status`] (what the servers report), [`compress`]
 //! (compression presets and the worker-side state they keep), [`federated`]
-//! (round tasks, deltas, the local step rules and client state), and the
+//! (round tasks, deltas, the local step rules and client state), [`resume`]
+//! (worker state kept at checkpointed versions, for rollbacks), and the
 //! connection ([`PsClient`]) and model ([`ModelHandle`]) handles.
 //!
 //! ```no_run
@@ -34,6 +35,7 @@ mod error;
 pub mod federated;
 pub mod layout;
 mod model;
+pub mod resume;
 pub mod spec;
 pub mod state_file;
 pub mod status;

@@ -1,10 +1,12 @@
 //! Shards started in this process, each with its own gRPC server on a
 //! 127.0.0.1 port, stopped when the cluster is dropped.
 
+use std::path::Path;
 use std::time::Duration;
 
 use ps_client::{ClientConfig, PsClient};
 use ps_server::ServerOptions;
+use ps_server::config::CheckpointOptions;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -21,8 +23,30 @@ impl Cluster {
         Self::start_with_token(shards, lease, None).await
     }
 
+    /// As [`Cluster::start`], each shard writing checkpoints to `root/shard-<index>`
+    /// at multiples of `every` (0: only on demand).
+    pub async fn start_with_checkpoints(shards: usize, lease: Duration, root: &Path, every: u64) -> Self {
+        Self::start_configured(shards, lease, None, |index| CheckpointOptions {
+            dir: Some(root.join(format!("shard-{index}"))),
+            every,
+            keep: 3,
+            shutdown_grace: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+    }
+
     /// As [`Cluster::start`], requiring a bearer token when one is given (then it does not wait).
     pub async fn start_with_token(shards: usize, lease: Duration, token: Option<&str>) -> Self {
+        Self::start_configured(shards, lease, token, |_| CheckpointOptions::default()).await
+    }
+
+    async fn start_configured(
+        shards: usize,
+        lease: Duration,
+        token: Option<&str>,
+        checkpoints: impl Fn(usize) -> CheckpointOptions,
+    ) -> Self {
         let mut listeners = Vec::new();
         for _ in 0..shards {
             listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("binding a loopback port"));
@@ -37,7 +61,7 @@ impl Cluster {
                 shards: addrs.clone(),
                 lease,
                 auth_token: token.map(str::to_string),
-                checkpoints: Default::default(),
+                checkpoints: checkpoints(index),
             };
             tokio::spawn(ps_server::serve(options, listener, async move {
                 let _ = stopped.await;

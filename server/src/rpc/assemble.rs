@@ -200,7 +200,11 @@ impl BlockGradient for StagedBlock {
         self.for_each_part(out, codec::decode_into);
     }
 
-    fn add_into(&self, out: &mut [f64]) {
+    fn add_into(&self, out: &mut [f32]) {
+        self.for_each_part(out, codec::add_decoded);
+    }
+
+    fn add_into_wide(&self, out: &mut [f64]) {
         self.for_each_part(out, codec::add_decoded_wide);
     }
 

@@ -10,7 +10,6 @@
 //! answers `recovering`. A shard with no copy of a model its peers train
 //! refuses to register it afresh (that would fork the model).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,20 +64,10 @@ impl Durability {
         })
     }
 
-    /// No checkpoints (tests and in-process clusters).
-    pub fn none() -> Self {
-        Self::new(&CheckpointOptions::default(), 0, 1).expect("no directory, nothing to create")
-    }
-
     /// The checkpoint plan a new copy of a model gets.
     pub fn plan(&self) -> Arc<CheckpointPlan> {
         let sink = self.writer.clone().map(|w| w as Arc<dyn CheckpointSink>);
         Arc::new(CheckpointPlan::new(self.every, sink))
-    }
-
-    /// The checkpoint directory, if any.
-    pub fn dir(&self) -> Option<PathBuf> {
-        self.store.as_ref().map(|s| s.root().to_path_buf())
     }
 
     fn store(&self) -> Result<&CheckpointStore, ServerError> {

@@ -169,10 +169,16 @@ impl Model {
                 }
             }
             Mode::Sync | Mode::BoundedStaleness(_) => {
+                let expected = self.expected_pushes(step, live);
                 match state.pending.get_mut(&step) {
                     Some(pending) => {
+                        // A third push is coming: from here on the sum is kept exact.
+                        if pending.contributors.len() == 1 && expected > 2 {
+                            pending.accumulated.widen();
+                        }
                         match &mut pending.accumulated {
                             Accumulated::Sum(sum) => gradient.add_into(sum),
+                            Accumulated::WideSum(sum) => gradient.add_into_wide(sum),
                             Accumulated::Votes(votes) => gradient.add_votes(votes),
                         }
                         pending.contributors.push(worker.to_string());
@@ -181,7 +187,7 @@ impl Model {
                         let accumulated = match self.spec.groups[block.group].aggregation {
                             Aggregation::Mean => {
                                 let mut sum = vec![0.0; block.len];
-                                gradient.add_into(&mut sum);
+                                gradient.write_into(&mut sum);
                                 Accumulated::Sum(sum)
                             }
                             Aggregation::MajorityVote => {
@@ -247,6 +253,13 @@ impl Model {
         ran
     }
 
+    /// How many pushes `step` waits for: the live members, and for step 0 at
+    /// least the spec's minimum.
+    fn expected_pushes(&self, step: u64, live: &[String]) -> usize {
+        let minimum = if step == 0 { self.spec.options.min_workers as usize } else { 0 };
+        live.len().max(minimum)
+    }
+
     fn step_ready(&self, state: &BlockState, live: &[String]) -> bool {
         if state.failed.is_some() {
             return false;
@@ -263,7 +276,15 @@ impl Model {
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(started.elapsed().as_secs_f64());
         let gradient = match accumulated {
-            Accumulated::Sum(sum) => {
+            Accumulated::Sum(mut sum) => {
+                // One or two values: the mean is exact up to its one rounding, whatever the order.
+                let scale = 1.0 / contributors.len() as f32;
+                for g in sum.iter_mut() {
+                    *g *= scale;
+                }
+                sum
+            }
+            Accumulated::WideSum(sum) => {
                 let count = contributors.len() as f64;
                 sum.iter().map(|g| (g / count) as f32).collect()
             }
@@ -414,5 +435,29 @@ mod tests {
         assert!(matches!(again, ServerError::OptimizerFailed { .. }), "{again}");
         let waited = block.wait_for_version(1, Duration::from_secs(30)).await;
         assert_eq!(waited, Err(WaitFailure::OptimizerFailed));
+    }
+
+    #[test]
+    fn a_step_does_not_depend_on_the_order_its_pushes_arrive_in() {
+        // In f32, (1e8 + 1) - 1e8 is 0 but (1e8 - 1e8) + 1 is 1: the order would show.
+        let pushes = [("a", 1e8f32), ("b", 1.0), ("c", -1e8)];
+        let run = |order: [usize; 3]| {
+            let model = model();
+            for (worker, _) in &pushes {
+                model.membership.join(worker, None).unwrap();
+            }
+            let block = model.local_blocks()[0].clone();
+            for i in order {
+                let (worker, value) = pushes[i];
+                model.commit_push(worker, 0, vec![DecodedGradient(block.clone(), vec![value; 4])]).unwrap();
+            }
+            block.snapshot().1.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        let first = run([0, 1, 2]);
+        for order in [[2, 0, 1], [1, 2, 0], [0, 2, 1]] {
+            assert_eq!(run(order), first, "{order:?}");
+        }
+        // The step used the exact mean 1/3 (lr 0.1 from 1.0), not the 0 an f32 sum gives in some orders.
+        assert_eq!(first[0], (1.0f32 - 0.1 * (1.0 / 3.0)).to_bits());
     }
 }

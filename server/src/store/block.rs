@@ -95,12 +95,23 @@ pub(super) struct PendingStep {
     pub(super) started: Instant,
 }
 
-/// What a sync step accumulates: decoded values summed in f64 (exact for a
-/// few f32 values, so the step does not depend on the order pushes arrive in),
-/// or sign votes in small integers.
+/// What a sync step accumulates, so that the step never depends on the order
+/// the pushes arrive in: decoded values summed in f32 while a step has at most
+/// two of them (f32 addition is commutative), in f64 from a third on (the sum
+/// of a few f32 values is exact there), or sign votes in small integers.
 pub(super) enum Accumulated {
-    Sum(Vec<f64>),
+    Sum(Vec<f32>),
+    WideSum(Vec<f64>),
     Votes(Vec<i16>),
+}
+
+impl Accumulated {
+    /// Moves an f32 sum of one push into f64 (exactly), before more are added.
+    pub(super) fn widen(&mut self) {
+        if let Accumulated::Sum(sum) = self {
+            *self = Accumulated::WideSum(sum.iter().map(|&g| f64::from(g)).collect());
+        }
+    }
 }
 
 /// One block's gradient from one push, validated but still encoded, so it can
@@ -112,8 +123,10 @@ pub trait BlockGradient: Send + Sync {
     fn first_non_finite(&self) -> Option<u64>;
     /// Overwrites `out` (the block's length) with the gradient.
     fn write_into(&self, out: &mut [f32]);
+    /// Adds the gradient to `out` (the block's length).
+    fn add_into(&self, out: &mut [f32]);
     /// Adds the gradient to f64 sums (the block's length).
-    fn add_into(&self, out: &mut [f64]);
+    fn add_into_wide(&self, out: &mut [f64]);
     /// Adds +1/-1 per element to sign vote counters (sign payloads only).
     fn add_votes(&self, votes: &mut [i16]);
 }
@@ -246,7 +259,10 @@ impl BlockGradient for DecodedGradient {
     fn write_into(&self, out: &mut [f32]) {
         out.copy_from_slice(&self.1);
     }
-    fn add_into(&self, out: &mut [f64]) {
+    fn add_into(&self, out: &mut [f32]) {
+        out.iter_mut().zip(&self.1).for_each(|(o, g)| *o += g);
+    }
+    fn add_into_wide(&self, out: &mut [f64]) {
         out.iter_mut().zip(&self.1).for_each(|(o, g)| *o += f64::from(*g));
     }
     fn add_votes(&self, _: &mut [i16]) {}

@@ -1,6 +1,7 @@
 //! Cross-process tests of the server: real shards on loopback gRPC, driven by
 //! the client library and by raw gRPC messages.
 
+mod checkpoints;
 mod cluster;
 mod compression;
 mod fed_replay;

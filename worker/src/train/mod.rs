@@ -7,13 +7,13 @@ pub mod args;
 pub mod spec;
 pub mod telemetry;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use ps_client::compress::Compressor;
+use ps_client::resume::ResumePoints;
 use ps_client::{ClientConfig, PsClient, StepOutcome, Tensors};
 use serde::{Deserialize, Serialize};
 
@@ -117,21 +117,22 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     let started = Instant::now();
     let mut step = start;
     let (mut pushed, mut resyncs) = (0, 0);
-    let mut saved = SavedStates::default();
+    // The worker's own state (residual or momentum, data position) at checkpointed versions.
+    let mut points: ResumePoints<(Compressor, Batches)> = ResumePoints::default();
     while step < args.steps {
         let step_started = Instant::now();
         let weights = match model.pull(mode.pull_version(step)).await {
             Ok(weights) => weights,
             Err(error) => {
                 let version = model.rolled_back(&error).ok_or(error)?;
-                saved.restore(version, &mut compressor, &mut batches, &worker);
+                restore_after_rollback(&mut points, version, &mut compressor, &mut batches, &worker);
                 resyncs += 1;
                 step = version;
                 continue;
             }
         };
-        if sync && (weights.checkpoint || step == start) {
-            saved.save(step, &compressor, &batches);
+        if sync {
+            points.record(&weights, step == start, || (compressor.clone(), batches.clone()));
         }
         let weights_bytes = weights.bytes;
         bytes_pulled += weights.bytes;
@@ -157,7 +158,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
                 continue;
             }
             StepOutcome::RolledBack { version } => {
-                saved.restore(version, &mut compressor, &mut batches, &worker);
+                restore_after_rollback(&mut points, version, &mut compressor, &mut batches, &worker);
                 resyncs += 1;
                 step = version;
                 continue;
@@ -203,40 +204,25 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     })
 }
 
-/// The worker's own state (compression residual or momentum, data position)
-/// as it was before computing the step at each version the servers checkpoint,
-/// so a rollback to one of them continues exactly as the run would have.
-#[derive(Default)]
-struct SavedStates {
-    by_version: BTreeMap<u64, (Compressor, Batches)>,
-}
-
-/// Versions of worker state kept; the servers keep fewer checkpoints than this by default.
-const SAVED_STATES: usize = 8;
-
-impl SavedStates {
-    fn save(&mut self, version: u64, compressor: &Compressor, batches: &Batches) {
-        self.by_version.insert(version, (compressor.clone(), batches.clone()));
-        while self.by_version.len() > SAVED_STATES {
-            self.by_version.pop_first();
+/// After a rollback to `version`: the worker state kept there, or the current one with a warning.
+fn restore_after_rollback(
+    points: &mut ResumePoints<(Compressor, Batches)>,
+    version: u64,
+    compressor: &mut Compressor,
+    batches: &mut Batches,
+    worker: &str,
+) {
+    match points.rewind(version) {
+        Some((c, b)) => {
+            tracing::info!(worker, version, "restored the worker state saved at the checkpoint");
+            *compressor = c;
+            *batches = b;
         }
-    }
-
-    fn restore(&mut self, version: u64, compressor: &mut Compressor, batches: &mut Batches, worker: &str) {
-        match self.by_version.get(&version) {
-            Some((c, b)) => {
-                tracing::info!(worker, version, "restored the worker state saved at the checkpoint");
-                *compressor = c.clone();
-                *batches = b.clone();
-            }
-            None => tracing::warn!(
-                worker,
-                version,
-                "no worker state saved at the checkpoint version (the worker started later); continuing with the current one"
-            ),
-        }
-        // States past the rollback belong to the abandoned future.
-        self.by_version.retain(|v, _| *v <= version);
+        None => tracing::warn!(
+            worker,
+            version,
+            "no worker state saved at the checkpoint version (the worker started later); continuing with the current one"
+        ),
     }
 }
 
