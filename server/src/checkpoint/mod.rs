@@ -281,6 +281,22 @@ impl CheckpointStore {
         }
     }
 
+    /// Deletes the checkpoints of `model` past `version` (after a rollback to it).
+    pub fn discard_after(&self, model: &str, version: u64) {
+        for later in self.listed(model).into_iter().filter(|v| *v > version) {
+            self.discard(model, later);
+        }
+    }
+
+    /// Deletes one checkpoint.
+    pub fn discard(&self, model: &str, version: u64) {
+        let path = self.version_dir(model, version);
+        match fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(model, version, "checkpoint of an abandoned run discarded"),
+            Err(error) => tracing::warn!(path = %path.display(), %error, "could not remove a checkpoint"),
+        }
+    }
+
     /// Versions with a checkpoint directory that has a manifest, ascending (not yet verified).
     fn listed(&self, model: &str) -> Vec<u64> {
         let Ok(read) = fs::read_dir(self.model_dir(model)) else { return Vec::new() };
@@ -465,7 +481,15 @@ impl CheckpointWriter {
         std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
             for (snapshot, plan) in rx {
                 let (model, version, epoch) = (snapshot.model.clone(), snapshot.version, snapshot.epoch);
-                let result = store.write(snapshot);
+                let mut result = store.write(snapshot);
+                if result.is_ok() && plan.is_retired() {
+                    // Written for a copy of the model that a rollback replaced meanwhile.
+                    store.discard(&model, version);
+                    result = Err(CheckpointError::Invalid {
+                        path: store.root().to_path_buf(),
+                        reason: "discarded: the model was rolled back while it was written".into(),
+                    });
+                }
                 match &result {
                     Ok(report) => {
                         tracing::info!(

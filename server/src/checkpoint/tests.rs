@@ -210,6 +210,31 @@ fn another_shards_checkpoint_is_refused_and_old_versions_are_pruned() {
     let error = other.load("m", 4).unwrap_err().to_string();
     assert!(error.contains("shard 0 of 1"), "{error}");
     assert_eq!(store.models(), vec!["m".to_string()]);
+    // After a rollback to 3, version 4 belongs to the abandoned run.
+    store.discard_after("m", 3);
+    assert_eq!(store.versions("m"), vec![3]);
+    fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn a_write_for_a_model_that_was_rolled_back_meanwhile_is_discarded() {
+    let (spec, _) = sgd_model();
+    let dir = temp_dir("retired");
+    let store = CheckpointStore::new(dir.clone(), 3, 0, 1).unwrap();
+    let writer = CheckpointWriter::start(store.clone()).unwrap();
+    let plan = Arc::new(CheckpointPlan::new(0, Some(writer as Arc<dyn CheckpointSink>)));
+    let model = Model::new(spec, 0, 1, Duration::from_secs(60)).with_checkpoints(1, plan.clone());
+    model.schedule_checkpoint(0, false).unwrap();
+    assert!(plan.wait_written(0, Duration::from_secs(10)).await.unwrap().is_ok());
+    model.membership.join("w", Some(0)).unwrap();
+    step(&model, 0);
+    // A rollback replaces the model while its checkpoint of version 1 is being written:
+    // the write is discarded, not left for a later recovery to pick.
+    model.retire();
+    model.schedule_checkpoint(1, false).unwrap();
+    let result = plan.wait_written(1, Duration::from_secs(10)).await.unwrap();
+    assert!(result.unwrap_err().contains("rolled back"));
+    assert_eq!(store.versions("m"), vec![0]);
     fs::remove_dir_all(dir).ok();
 }
 

@@ -176,7 +176,8 @@ impl ParameterService {
                 ));
             }
             epoch = epoch.max(held.epoch);
-            if held.holds_blocks {
+            // A shard without blocks of the model fits any version; one that failed to restore it does not.
+            if held.holds_blocks || !held.has_model {
                 common.retain(|v| held.versions.contains(v));
             }
         }
@@ -225,6 +226,9 @@ impl ParameterService {
         .await??;
         let model = self.registry.replace(model);
         current.retire();
+        // Checkpoints past the version belong to the abandoned run: a later recovery must not pick them.
+        let (store, name) = (self.durability.store()?.clone(), request.model.clone());
+        off_reactor(move || store.discard_after(&name, version)).await?;
         metrics::counter!(m::ROLLBACKS, "model" => request.model.clone()).increment(1);
         tracing::warn!(model = request.model, from, to = version, epoch, "rolled back to a checkpoint");
         Ok(pb::RollbackResponse { epoch: model.epoch(), version: model.version_range().0 })

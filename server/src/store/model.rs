@@ -180,6 +180,7 @@ impl Model {
     /// pulls wake and are told the epoch changed.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+        self.checkpoints.retire();
         for block in &self.local_order {
             block.retire();
         }

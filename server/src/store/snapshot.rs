@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -113,6 +113,8 @@ pub struct CheckpointPlan {
     writes: watch::Sender<u64>,
     /// Time updates spent copying state a checkpoint still held, since the last write finished.
     held_up_nanos: AtomicU64,
+    /// Set when a rollback replaced the model: what is still being written belongs to the abandoned run.
+    retired: AtomicBool,
 }
 
 impl CheckpointPlan {
@@ -125,6 +127,7 @@ impl CheckpointPlan {
             state: Mutex::new(PlanState::default()),
             writes: watch::Sender::new(0),
             held_up_nanos: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -177,6 +180,16 @@ impl CheckpointPlan {
     /// The newest version written successfully in this process.
     pub fn newest_written(&self) -> Option<WriteReport> {
         self.state.lock().written.values().rev().find_map(|r| r.as_ref().ok().cloned())
+    }
+
+    /// Marks the plan's model as replaced by a rollback.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Whether a rollback replaced the plan's model.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Records time an update spent copying state that a checkpoint still held.
