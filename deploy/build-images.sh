@@ -40,7 +40,7 @@ log "building the release binaries"
 cargo build --release --quiet --bin server --bin worker --bin ctl
 
 ps_context="$stage/paramserver"
-rm -rf "$ps_context" && mkdir -p "$ps_context/rootfs/etc" "$ps_context/rootfs/tmp"
+rm -rf "$ps_context" && mkdir -p "$ps_context/rootfs/etc" "$ps_context/rootfs/tmp" "$ps_context/state"
 chmod 1777 "$ps_context/rootfs/tmp"
 for bin in server worker ctl; do
   add_binary "$ps_context/rootfs" "target/release/$bin" "/usr/local/bin/$bin"

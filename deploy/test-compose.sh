@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # End-to-end test of the compose deployment on the local Docker engine:
-# builds the images, starts 2 shards, 3 workers and Prometheus, stops one
-# worker in the middle of a sync run, and checks that the run completes, the
-# final accuracy, what Prometheus scraped, and that `down -v` leaves nothing;
-# then runs the same deployment with PS_MODE=federated.
+# builds the images, starts 2 shards, 3 workers and Prometheus, kills shard 1
+# with SIGKILL in the middle of a sync run and starts it again (it restores its
+# checkpoint and every shard rolls back to it), stops one worker, and checks that the run
+# completes, the final accuracy, what Prometheus scraped, and that `down -v`
+# leaves nothing; then runs the same deployment with PS_MODE=federated.
 # Skips (loudly, exit 0) when no Docker engine answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,21 @@ done
 [ "${live:-0}" = "$WORKERS" ] || fail "only ${live:-0} of $WORKERS workers joined"
 say "version $version with $live live workers"
 
+shard1=$(dc ps -q shard1)
+say "killing shard 1 (SIGKILL) at version $(status_value 'min(m["min_version"] for x in s for m in x["models"])'), then starting it again on its checkpoint volume"
+docker kill -s KILL "$shard1" >/dev/null
+# Docker's restart policy does not apply to a container killed through the API; start it as an orchestrator would.
+sleep 1
+docker start "$shard1" >/dev/null
+for _ in $(seq 120); do
+  epochs=$(status_value 'sorted(set((m["epoch"], m["recovering"]) for x in s for m in x["models"]))' || true)
+  [ "${epochs:-}" = "[(2, False)]" ] && break
+  sleep 0.5
+done
+[ "${epochs:-}" = "[(2, False)]" ] || fail "the shards did not recover into epoch 2 together (epoch, recovering: ${epochs:-none})"
+docker logs "$shard1" 2>&1 | grep -q "recovered: every shard continues" || fail "shard 1 logged no recovery"
+say "shard 1 restarted and recovered: $(docker logs "$shard1" 2>&1 | grep 'rolling every shard back' | tail -n 1 | sed 's/.*model=/model=/')"
+
 say "checking what Prometheus scraped"
 for _ in $(seq 60); do
   shards_up=$(prom 'count(up{job="shard"} == 1)' || true)
@@ -86,7 +102,9 @@ version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])')
 expired=$(status_value 'min(m["workers_expired"] for x in s for m in x["models"])')
 [ "$version" = "$PS_STEPS" ] || fail "the run stopped at version $version of $PS_STEPS"
 [ "${expired:-0}" -ge 1 ] || fail "the shards did not drop the stopped worker (workers_expired=$expired)"
-say "run complete: version $version, workers_expired=$expired on every shard"
+checkpoint=$(status_value 'min(m["checkpoint_version"] for x in s for m in x["models"])')
+[ "${checkpoint:-0}" -ge $((PS_STEPS - 100)) ] || fail "the newest checkpoint is at version $checkpoint"
+say "run complete: version $version, workers_expired=$expired on every shard, newest checkpoint $checkpoint"
 
 for _ in $(seq 30); do
   dropped=$(prom 'min(ps_workers_expired_total)' || true)

@@ -228,48 +228,66 @@ impl ModelHandle {
             .await
     }
 
-    /// Renews the worker's lease on every shard; the worker rejoins where the lease had expired.
+    /// Renews the worker's lease on every shard at once (each with retries);
+    /// the worker rejoins where the lease had expired. Returns the shortest lease.
     pub async fn heartbeat(&self, worker: &str) -> Result<Duration, ClientError> {
-        let request = pb::HeartbeatRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+        let beats = (0..self.client.num_shards()).map(|shard| self.heartbeat_shard(shard, worker, true));
         let mut lease = Duration::MAX;
-        for shard in 0..self.client.num_shards() {
-            let request = request.clone();
-            let reply = self
-                .client
-                .retry(shard, move |mut stub| {
-                    let request = request.clone();
-                    async move { stub.heartbeat(request).await.map(|r| r.into_inner()) }
-                })
-                .await;
-            match reply {
-                Ok(reply) => lease = lease.min(Duration::from_millis(reply.lease_ms)),
-                Err(ClientError::Rpc { status, .. }) if status.code() == Code::NotFound => {
-                    tracing::warn!(
-                        worker,
-                        shard,
-                        "no longer a member (lease expired, or dropped at a step deadline); joining again"
-                    );
-                    let reply = self.join_shard(shard, worker, self.known_rank(worker)).await?;
-                    lease = lease.min(Duration::from_millis(reply.lease_ms));
-                }
-                Err(other) => return Err(other),
-            }
+        for beat in futures::future::join_all(beats).await {
+            lease = lease.min(beat?);
         }
         Ok(lease)
     }
 
-    /// Heart-beats in the background at a third of the lease until the handle is dropped or aborted.
+    /// One shard's heartbeat (with the client's retries if `retry`); joins again if the lease had expired.
+    async fn heartbeat_shard(&self, shard: usize, worker: &str, retry: bool) -> Result<Duration, ClientError> {
+        let request = pb::HeartbeatRequest { model: self.name().to_string(), worker_id: worker.to_string() };
+        let reply = if retry {
+            self.client
+                .retry(shard, move |mut stub| {
+                    let request = request.clone();
+                    async move { stub.heartbeat(request).await.map(|r| r.into_inner()) }
+                })
+                .await
+        } else {
+            let mut stub = self.client.stub(shard);
+            stub.heartbeat(request).await.map(|r| r.into_inner()).map_err(|status| ClientError::Rpc { shard, status })
+        };
+        match reply {
+            Ok(reply) => Ok(Duration::from_millis(reply.lease_ms)),
+            Err(ClientError::Rpc { status, .. }) if status.code() == Code::NotFound => {
+                tracing::warn!(
+                    worker,
+                    shard,
+                    "no longer a member (lease expired, or dropped at a step deadline); joining again"
+                );
+                let reply = self.join_shard(shard, worker, self.known_rank(worker)).await?;
+                Ok(Duration::from_millis(reply.lease_ms))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Heart-beats every shard at a third of the lease, each shard on its own
+    /// schedule (a shard that is down or restarting does not delay the others,
+    /// whose leases keep running), until the handle is dropped or aborted.
     pub fn spawn_heartbeat(&self, worker: &str) -> tokio::task::JoinHandle<()> {
         let (model, worker) = (self.clone(), worker.to_string());
         tokio::spawn(async move {
-            let mut period = Duration::from_secs(1);
-            loop {
-                match model.heartbeat(&worker).await {
-                    Ok(lease) => period = (lease / 3).max(Duration::from_millis(10)),
-                    Err(error) => tracing::warn!(worker, %error, "heartbeat failed"),
+            let beats = (0..model.client.num_shards()).map(|shard| {
+                let (model, worker) = (&model, &worker);
+                async move {
+                    let mut period = Duration::from_secs(1);
+                    loop {
+                        match model.heartbeat_shard(shard, worker, false).await {
+                            Ok(lease) => period = (lease / 3).max(Duration::from_millis(10)),
+                            Err(error) => tracing::warn!(worker, shard, %error, "heartbeat failed"),
+                        }
+                        tokio::time::sleep(period).await;
+                    }
                 }
-                tokio::time::sleep(period).await;
-            }
+            });
+            futures::future::join_all(beats).await;
         })
     }
 

@@ -39,7 +39,7 @@ enum Command {
         /// The model.
         #[arg(long)]
         model: String,
-        /// Return once it is scheduled instead of waiting until shard 0 wrote its part.
+        /// Return once it is scheduled instead of waiting until every shard wrote its part.
         #[arg(long)]
         no_wait: bool,
         /// How long to wait for the write.
@@ -173,11 +173,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("checkpoint of {model} scheduled at version {} on every shard", done.version);
             } else {
                 println!(
-                    "checkpoint of {model} at version {} written: {} ({:.1} MB in {:.2} s on shard 0)",
+                    "checkpoint of {model} at version {} written by every shard ({:.1} MB, {:.2} s; shard 0's part in {})",
                     done.version,
-                    done.path,
                     done.bytes as f64 / 1e6,
-                    done.write_seconds
+                    done.write_seconds,
+                    done.path
                 );
             }
         }

@@ -3,6 +3,8 @@
 # libraries they link (FROM scratch needs no registry).
 FROM scratch
 COPY rootfs/ /
+# The shards' checkpoint directory (a named volume in compose takes its owner).
+COPY --chown=10001:10001 state/ /var/lib/paramserver/
 ENV PATH=/usr/local/bin
 USER 10001:10001
 EXPOSE 50051 9100 9101

@@ -191,6 +191,27 @@ impl Peers {
         .await
     }
 
+    /// Waits until every peer has written its part of the checkpoint of `model` at `version`.
+    pub async fn wait_checkpoint(
+        &self,
+        model: &str,
+        version: u64,
+        timeout: std::time::Duration,
+    ) -> Vec<(u32, Result<pb::CheckpointResponse, tonic::Status>)> {
+        let request = pb::CheckpointRequest {
+            model: model.to_string(),
+            version: Some(version),
+            wait: true,
+            timeout_ms: timeout.as_millis() as u64,
+            ahead: false,
+        };
+        self.ask_all(|mut stub| {
+            let request = request.clone();
+            async move { stub.checkpoint(request).await }
+        })
+        .await
+    }
+
     /// Tells every peer to roll `model` back to its checkpoint at `version` under `epoch`.
     pub async fn rollback(
         &self,

@@ -261,20 +261,42 @@ impl ParameterService {
     ) -> Result<pb::CheckpointResponse, ServerError> {
         let model = self.registry.get(&request.model)?;
         self.durability.store()?;
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_CHECKPOINT_WAIT,
+            ms => Duration::from_millis(ms),
+        };
         if let Some(version) = request.version {
             let scheduled = model.clone();
             let ahead = request.ahead;
             off_reactor(move || scheduled.schedule_checkpoint(version, ahead)).await??;
-            return Ok(pb::CheckpointResponse { version, ..Default::default() });
+            if !request.wait {
+                return Ok(pb::CheckpointResponse { version, ..Default::default() });
+            }
+            return self.own_part_written(&model, version, timeout).await;
         }
         let version = self.schedule_everywhere(&model).await?;
         if !request.wait {
             return Ok(pb::CheckpointResponse { version, ..Default::default() });
         }
-        let timeout = match request.timeout_ms {
-            0 => DEFAULT_CHECKPOINT_WAIT,
-            ms => Duration::from_millis(ms),
-        };
+        let mut done = self.own_part_written(&model, version, timeout).await?;
+        // The checkpoint is complete once every shard wrote its part (they are scheduled already).
+        for (peer, answer) in self.peers.wait_checkpoint(model.name(), version, timeout).await {
+            let part = answer
+                .map_err(|status| checkpoint_error(model.name(), format!("shard {peer}: {}", status.message())))?;
+            done.bytes += part.bytes;
+            done.write_seconds = done.write_seconds.max(part.write_seconds);
+            done.copy_seconds += part.copy_seconds;
+        }
+        Ok(done)
+    }
+
+    /// Waits until this shard has written its part of the checkpoint at `version`.
+    async fn own_part_written(
+        &self,
+        model: &Model,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<pb::CheckpointResponse, ServerError> {
         match model.checkpoints.wait_written(version, timeout).await {
             Some(Ok(report)) => Ok(pb::CheckpointResponse {
                 version,
