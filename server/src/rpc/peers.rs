@@ -175,36 +175,11 @@ impl Peers {
         .await
     }
 
-    /// Schedules a checkpoint of `model` at `version` on every peer (with `ahead`: only where no block is there yet).
-    pub async fn schedule_checkpoint(
+    /// Sends a checkpoint request (a version to schedule, and whether to wait for its write) to every peer.
+    pub async fn checkpoint(
         &self,
-        model: &str,
-        version: u64,
-        ahead: bool,
+        request: pb::CheckpointRequest,
     ) -> Vec<(u32, Result<pb::CheckpointResponse, tonic::Status>)> {
-        let request =
-            pb::CheckpointRequest { model: model.to_string(), version: Some(version), ahead, ..Default::default() };
-        self.ask_all(|mut stub| {
-            let request = request.clone();
-            async move { stub.checkpoint(request).await }
-        })
-        .await
-    }
-
-    /// Waits until every peer has written its part of the checkpoint of `model` at `version`.
-    pub async fn wait_checkpoint(
-        &self,
-        model: &str,
-        version: u64,
-        timeout: std::time::Duration,
-    ) -> Vec<(u32, Result<pb::CheckpointResponse, tonic::Status>)> {
-        let request = pb::CheckpointRequest {
-            model: model.to_string(),
-            version: Some(version),
-            wait: true,
-            timeout_ms: timeout.as_millis() as u64,
-            ahead: false,
-        };
         self.ask_all(|mut stub| {
             let request = request.clone();
             async move { stub.checkpoint(request).await }

@@ -280,7 +280,14 @@ impl ParameterService {
         }
         let mut done = self.own_part_written(&model, version, timeout).await?;
         // The checkpoint is complete once every shard wrote its part (they are scheduled already).
-        for (peer, answer) in self.peers.wait_checkpoint(model.name(), version, timeout).await {
+        let request = pb::CheckpointRequest {
+            model: model.name().to_string(),
+            version: Some(version),
+            wait: true,
+            timeout_ms: timeout.as_millis() as u64,
+            ahead: false,
+        };
+        for (peer, answer) in self.peers.checkpoint(request).await {
             let part = answer
                 .map_err(|status| checkpoint_error(model.name(), format!("shard {peer}: {}", status.message())))?;
             done.bytes += part.bytes;
@@ -335,7 +342,13 @@ impl ParameterService {
             let version = if live { highest + 2 } else { highest };
             let scheduled = model.clone();
             let mut result = off_reactor(move || scheduled.schedule_checkpoint(version, live)).await?;
-            for (peer, answer) in self.peers.schedule_checkpoint(&name, version, live).await {
+            let request = pb::CheckpointRequest {
+                model: name.clone(),
+                version: Some(version),
+                ahead: live,
+                ..Default::default()
+            };
+            for (peer, answer) in self.peers.checkpoint(request).await {
                 if let Err(status) = answer {
                     result = Err(checkpoint_error(&name, format!("shard {peer}: {}", status.message())));
                 }
