@@ -125,7 +125,17 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             Ok(weights) => weights,
             Err(error) => {
                 let version = model.rolled_back(&error).ok_or(error)?;
-                restore_after_rollback(&mut points, version, &mut compressor, &mut batches, &worker);
+                if version == step {
+                    // Rolled back to the version being pulled: the state now is the state there.
+                    tracing::info!(
+                        worker,
+                        version,
+                        "rolled back to the version being pulled; the worker state is that version's"
+                    );
+                    points.rewind(version);
+                } else {
+                    restore_after_rollback(&mut points, version, &mut compressor, &mut batches, &worker);
+                }
                 resyncs += 1;
                 step = version;
                 continue;
