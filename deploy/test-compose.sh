@@ -71,8 +71,10 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 [ "${epochs:-}" = "[(2, False)]" ] || fail "the shards did not recover into epoch 2 together (epoch, recovering: ${epochs:-none})"
-docker logs "$shard1" 2>&1 | grep -q "recovered: every shard continues" || fail "shard 1 logged no recovery"
-say "shard 1 restarted and recovered: $(docker logs "$shard1" 2>&1 | grep 'rolling every shard back' | tail -n 1 | sed 's/.*model=/model=/')"
+# Read whole first: `grep -q` on a pipe would stop `docker logs` early, which pipefail reports as a failure.
+shard1_log=$(docker logs "$shard1" 2>&1)
+grep -q "recovered: every shard continues" <<<"$shard1_log" || fail "shard 1 logged no recovery"
+say "shard 1 restarted and recovered: $(grep 'rolling every shard back' <<<"$shard1_log" | tail -n 1 | sed 's/.*model=/model=/')"
 
 say "checking what Prometheus scraped"
 for _ in $(seq 60); do
