@@ -98,7 +98,9 @@ pub(super) struct PendingStep {
 /// What a sync step accumulates, so that the step never depends on the order
 /// the pushes arrive in: decoded values summed in f32 while a step has at most
 /// two of them (f32 addition is commutative), in f64 from a third on (the sum
-/// of a few f32 values is exact there), or sign votes in small integers.
+/// of a few f32 values is exact there), or sign votes in small integers. The
+/// choice is made at the second push from the live members; a worker joining
+/// after it adds a third value to an f32 sum, correct but order-dependent.
 pub(super) enum Accumulated {
     Sum(Vec<f32>),
     WideSum(Vec<f64>),
