@@ -24,11 +24,19 @@ impl Cluster {
     }
 
     /// As [`Cluster::start`], each shard writing checkpoints to `root/shard-<index>`
-    /// at multiples of `every` (0: only on demand).
-    pub async fn start_with_checkpoints(shards: usize, lease: Duration, root: &Path, every: u64) -> Self {
+    /// at multiples of `every` (0: only on demand) and, from shard 0, every
+    /// `interval` (zero: no timer).
+    pub async fn start_with_checkpoints(
+        shards: usize,
+        lease: Duration,
+        root: &Path,
+        every: u64,
+        interval: Duration,
+    ) -> Self {
         Self::start_configured(shards, lease, None, |index| CheckpointOptions {
             dir: Some(root.join(format!("shard-{index}"))),
             every,
+            interval,
             keep: 3,
             shutdown_grace: Duration::from_secs(5),
             ..Default::default()

@@ -386,19 +386,18 @@ impl ParameterService {
         if interval.is_zero() || self.durability.store.is_none() || self.registry.identity.index != 0 {
             return;
         }
-        let mut last: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         loop {
             tokio::time::sleep(interval).await;
             for model in self.registry.models() {
                 let (_, highest) = model.version_range();
-                if last.get(model.name()) == Some(&highest) || model.is_recovering() {
+                let newest = model.checkpoints.newest_written().map_or(0, |r| r.version);
+                // Nothing new since the last checkpoint, or one already on its way while workers train.
+                let training = !model.membership.live().is_empty();
+                if newest >= highest || model.is_recovering() || (training && model.checkpoints.has_pending()) {
                     continue;
                 }
-                match self.schedule_everywhere(&model).await {
-                    Ok(_) => {
-                        last.insert(model.name().to_string(), highest);
-                    }
-                    Err(error) => tracing::warn!(model = model.name(), %error, "timed checkpoint not scheduled"),
+                if let Err(error) = self.schedule_everywhere(&model).await {
+                    tracing::warn!(model = model.name(), %error, "timed checkpoint not scheduled");
                 }
             }
         }

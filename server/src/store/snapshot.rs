@@ -172,6 +172,11 @@ impl CheckpointPlan {
         }
     }
 
+    /// Whether a scheduled version is still to be written.
+    pub fn has_pending(&self) -> bool {
+        !self.state.lock().targets.is_empty()
+    }
+
     /// The write of `version`, once it is done, and its result.
     pub fn written(&self, version: u64) -> Option<Result<WriteReport, String>> {
         self.state.lock().written.get(&version).cloned()

@@ -18,7 +18,7 @@ fn temp_root(label: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_is_written_by_every_shard_at_one_version() {
     let root = temp_root("rpc");
-    let cluster = Cluster::start_with_checkpoints(2, Duration::from_secs(30), &root, 0).await;
+    let cluster = Cluster::start_with_checkpoints(2, Duration::from_secs(30), &root, 0, Duration::ZERO).await;
     let (model, init) = register_small(&cluster, "ckpt").await;
     let client = cluster.client();
     model.join("a").await.unwrap();
@@ -52,6 +52,31 @@ async fn a_checkpoint_is_written_by_every_shard_at_one_version() {
     assert!(model.pull(3).await.unwrap().checkpoint, "pulls of a checkpointed version are marked");
     for shard in 0..2 {
         assert!(root.join(format!("shard-{shard}")).join("ckpt").join("v000000000003").is_dir());
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_0_checkpoints_a_model_that_advanced_on_its_timer() {
+    let root = temp_root("timer");
+    let interval = Duration::from_millis(200);
+    let cluster = Cluster::start_with_checkpoints(2, Duration::from_secs(30), &root, 0, interval).await;
+    let (model, init) = register_small(&cluster, "timed").await;
+    model.join("a").await.unwrap();
+    model.push("a", 0, &grads_like(&init, 1)).await.unwrap();
+    model.leave("a").await.unwrap();
+    let client = cluster.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client.status("timed").await.unwrap();
+        if status.iter().all(|s| s.models[0].checkpoint_version == 1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no timed checkpoint of version 1: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for shard in 0..2 {
+        assert!(root.join(format!("shard-{shard}")).join("timed").join("v000000000001").is_dir());
     }
     std::fs::remove_dir_all(&root).ok();
 }
