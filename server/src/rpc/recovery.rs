@@ -16,7 +16,7 @@ use std::time::Duration;
 use prost::Message;
 use ps_proto::pb;
 
-use super::service::ParameterService;
+use super::service::{ParameterService, blocking};
 use crate::checkpoint::{CheckpointStore, CheckpointWriter};
 use crate::config::CheckpointOptions;
 use crate::error::ServerError;
@@ -75,10 +75,6 @@ impl Durability {
     }
 }
 
-async fn off_reactor<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ServerError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ServerError::Internal(e.to_string()))
-}
-
 fn checkpoint_error(model: &str, reason: impl ToString) -> ServerError {
     ServerError::Checkpoint { model: model.to_string(), reason: reason.to_string() }
 }
@@ -105,7 +101,7 @@ impl ParameterService {
     pub async fn restore_from_disk(&self) {
         let Some(store) = self.durability.store.clone() else { return };
         let service = self.clone();
-        let restored = off_reactor(move || {
+        let restored = blocking(move || {
             let mut restored = Vec::new();
             for name in store.models() {
                 let Some(snapshot) = store.load_newest(&name) else {
@@ -215,7 +211,7 @@ impl ParameterService {
         let service = self.clone();
         let (name, version, epoch) = (request.model.clone(), request.version, request.epoch.max(current.epoch()));
         let live = (!current.is_recovering()).then(|| current.membership.ranks());
-        let model = off_reactor(move || {
+        let model = blocking(move || {
             let mut snapshot = store.load(&name, version).map_err(|e| checkpoint_error(&name, e))?;
             // A shard that kept running keeps its members; a restarted one takes the checkpoint's.
             if let Some(members) = live {
@@ -228,7 +224,7 @@ impl ParameterService {
         current.retire();
         // Checkpoints past the version belong to the abandoned run: a later recovery must not pick them.
         let (store, name) = (self.durability.store()?.clone(), request.model.clone());
-        off_reactor(move || store.discard_after(&name, version)).await?;
+        blocking(move || store.discard_after(&name, version)).await?;
         metrics::counter!(m::ROLLBACKS, "model" => request.model.clone()).increment(1);
         tracing::warn!(model = request.model, from, to = version, epoch, "rolled back to a checkpoint");
         Ok(pb::RollbackResponse { epoch: model.epoch(), version: model.version_range().0 })
@@ -268,7 +264,7 @@ impl ParameterService {
         if let Some(version) = request.version {
             let scheduled = model.clone();
             let ahead = request.ahead;
-            off_reactor(move || scheduled.schedule_checkpoint(version, ahead)).await??;
+            blocking(move || scheduled.schedule_checkpoint(version, ahead)).await??;
             if !request.wait {
                 return Ok(pb::CheckpointResponse { version, ..Default::default() });
             }
@@ -329,7 +325,7 @@ impl ParameterService {
         for _ in 0..SCHEDULE_ATTEMPTS {
             let service = self.clone();
             let own_name = name.clone();
-            let mut views = vec![off_reactor(move || service.checkpoints_held(&own_name)).await?];
+            let mut views = vec![blocking(move || service.checkpoints_held(&own_name)).await?];
             for (peer, answer) in self.peers.list_checkpoints(&name).await {
                 views.push(answer.map_err(|status| ServerError::PeerUnavailable {
                     shard: peer,
@@ -341,7 +337,7 @@ impl ParameterService {
             // Two ahead: no worker can have pulled that version from any shard yet.
             let version = if live { highest + 2 } else { highest };
             let scheduled = model.clone();
-            let mut result = off_reactor(move || scheduled.schedule_checkpoint(version, live)).await?;
+            let mut result = blocking(move || scheduled.schedule_checkpoint(version, live)).await?;
             let request = pb::CheckpointRequest {
                 model: name.clone(),
                 version: Some(version),

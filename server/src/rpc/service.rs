@@ -57,8 +57,9 @@ fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Stat
     result
 }
 
-pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| ServerError::Internal(e.to_string()).into())
+/// Runs `work` on the blocking pool, off the reactor.
+pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ServerError::Internal(e.to_string()))
 }
 
 fn check_worker_name(worker: &str) -> Result<(), ServerError> {
@@ -383,9 +384,7 @@ impl ParameterService {
 pub(super) async fn close_round(peers: &Peers, model: Arc<Model>, closing: Closing) -> Result<(), ServerError> {
     let applied = model.clone();
     let commit = closing.clone();
-    tokio::task::spawn_blocking(move || applied.apply_round(commit.round, &commit.clients))
-        .await
-        .map_err(|e| ServerError::Internal(e.to_string()))??;
+    blocking(move || applied.apply_round(commit.round, &commit.clients)).await??;
     peers.share_commit(model.name(), &closing);
     Ok(())
 }
@@ -431,7 +430,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
             Ok::<_, ServerError>(convert::layout(identity, &spec, &spec.plan(service.registry.num_shards())))
         };
         // Validation and placement are linear in the tensors and blocks: not on the reactor.
-        let result = blocking(plan).await.and_then(|r| r.map_err(Status::from));
+        let result = blocking(plan).await.and_then(|r| r).map_err(Status::from);
         observe("PlanLayout", result).map(Response::new)
     }
 
@@ -444,7 +443,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
             (|| {
                 check_worker_name(&request.worker_id)?;
                 let model = self.registry.get(&request.model)?;
-                model.check_epoch(0)?;
+                model.check_serving()?;
                 let rank = model.membership.join(&request.worker_id, request.rank).map_err(|reason| {
                     ServerError::Join { model: request.model.clone(), worker: request.worker_id.clone(), reason }
                 })?;
@@ -502,7 +501,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
                 None => tracing::info!(model = request.model, worker = request.worker_id, "worker left"),
             }
             // Steps that were waiting only for this worker can complete now.
-            blocking(move || model.complete_ready_steps()).await.map_err(|s| ServerError::Internal(s.to_string()))?;
+            blocking(move || model.complete_ready_steps()).await?;
             Ok(pb::LeaveWorkerResponse {})
         };
         observe("LeaveWorker", result.await.map_err(Status::from)).map(Response::new)
@@ -530,7 +529,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         // The status locks every block, which a running update may hold: not on the reactor.
         let service = self.clone();
-        let result = blocking(move || service.status(request.into_inner())).await.and_then(|r| r);
+        let result = blocking(move || service.status(request.into_inner())).await.map_err(Status::from).and_then(|r| r);
         observe("GetStatus", result).map(Response::new)
     }
 
@@ -575,7 +574,8 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         request: Request<pb::ListCheckpointsRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let service = self.clone();
-        let result = blocking(move || service.checkpoints_held(&request.into_inner().model)).await;
+        let result =
+            blocking(move || service.checkpoints_held(&request.into_inner().model)).await.map_err(Status::from);
         observe("ListCheckpoints", result).map(Response::new)
     }
 

@@ -51,7 +51,7 @@ impl Model {
             return Err(ServerError::FederatedModel(self.spec.name.clone()));
         }
         // A copy retired by a rollback takes nothing; the retry reaches the restored copy.
-        self.check_epoch(0)?;
+        self.check_serving()?;
         if !self.membership.is_live(worker) {
             return Err(self.not_a_member(worker));
         }

@@ -159,11 +159,18 @@ impl Model {
         self.recovering.store(recovering, Ordering::Release);
     }
 
-    /// Refuses requests while recovering and requests of another epoch (`sent` 0 skips the check).
-    pub fn check_epoch(&self, sent: u64) -> Result<(), ServerError> {
+    /// Refuses requests while the shard is recovering the model or a rollback
+    /// replaced this copy (the retry reaches the restored one).
+    pub fn check_serving(&self) -> Result<(), ServerError> {
         if self.is_recovering() || self.is_retired() {
             return Err(ServerError::Recovering(self.spec.name.clone()));
         }
+        Ok(())
+    }
+
+    /// As [`Model::check_serving`], and refuses requests of another epoch (`sent` 0 skips that check).
+    pub fn check_epoch(&self, sent: u64) -> Result<(), ServerError> {
+        self.check_serving()?;
         let epoch = self.epoch();
         if sent != 0 && sent != epoch {
             return Err(ServerError::EpochChanged {

@@ -203,7 +203,7 @@ impl Model {
         let ready = |round: &u64| *round > after_round || rounds.config.finished(round - 1) || self.is_retired();
         let waited = tokio::time::timeout(timeout, open.wait_for(ready)).await;
         // A rollback replaced this copy while the client waited: the retry reaches the restored one.
-        self.check_epoch(0)?;
+        self.check_serving()?;
         if waited.is_err() {
             return Err(ServerError::TaskTimeout {
                 model: self.spec.name.clone(),

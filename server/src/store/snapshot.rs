@@ -115,6 +115,9 @@ pub struct CheckpointPlan {
     held_up_nanos: AtomicU64,
     /// Set when a rollback replaced the model: what is still being written belongs to the abandoned run.
     retired: AtomicBool,
+    /// Set once a version outside the multiples of `every` was scheduled or found on disk; until
+    /// then every block update and pull decides without taking the lock.
+    irregular: AtomicBool,
 }
 
 impl CheckpointPlan {
@@ -128,6 +131,7 @@ impl CheckpointPlan {
             writes: watch::Sender::new(0),
             held_up_nanos: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            irregular: AtomicBool::new(false),
         }
     }
 
@@ -147,7 +151,9 @@ impl CheckpointPlan {
 
     /// Whether `version` is to be checkpointed.
     pub fn wants(&self, version: u64) -> bool {
-        self.sink.is_some() && (self.periodic(version) || self.state.lock().targets.contains(&version))
+        self.sink.is_some()
+            && (self.periodic(version)
+                || (self.irregular.load(Ordering::Acquire) && self.state.lock().targets.contains(&version)))
     }
 
     /// Whether pulls of `version` tell the worker to save its state: it is
@@ -159,12 +165,18 @@ impl CheckpointPlan {
         if self.periodic(version) {
             return true;
         }
+        if !self.irregular.load(Ordering::Acquire) {
+            return false;
+        }
         let state = self.state.lock();
         state.targets.contains(&version) || state.written.contains_key(&version)
     }
 
     /// Records versions already on disk (after a restore), so their pulls are marked.
     pub fn note_on_disk(&self, versions: &[u64]) {
+        if versions.iter().any(|v| !self.periodic(*v)) {
+            self.irregular.store(true, Ordering::Release);
+        }
         let mut state = self.state.lock();
         for &version in versions {
             let found = WriteReport { version, path: String::new(), seconds: 0.0, bytes: 0, copy_seconds: 0.0 };
@@ -313,6 +325,7 @@ impl Model {
             return Ok(());
         }
         // Marked first: a block that gets there from now on is copied and its pulls marked.
+        self.checkpoints.irregular.store(true, Ordering::Release);
         let already = !self.checkpoints.state.lock().targets.insert(version);
         let (lowest, highest) = self.version_range();
         if highest > version || (ahead && highest == version) {
@@ -384,7 +397,8 @@ impl Model {
     }
 
     /// A snapshot of every block as it is now, for a model whose blocks are all
-    /// at one version with nothing pending (tests and benchmarks).
+    /// at one version with nothing pending.
+    #[cfg(test)]
     pub fn snapshot_now(&self) -> Option<ModelSnapshot> {
         let (lowest, highest) = self.version_range();
         if lowest != highest {
