@@ -4,7 +4,9 @@
 # with SIGKILL in the middle of a sync run and starts it again (it restores its
 # checkpoint and every shard rolls back to it), stops one worker, and checks that the run
 # completes, the final accuracy, what Prometheus scraped, and that `down -v`
-# leaves nothing; then runs the same deployment with PS_MODE=federated.
+# leaves nothing; then runs the same deployment with PS_MODE=federated, over
+# mutual TLS (deploy/tls/make-ca.sh, docker-compose.tls.yml) with separate
+# worker and admin tokens.
 # Skips (loudly, exit 0) when no Docker engine answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -124,9 +126,15 @@ dc down -v --remove-orphans >/dev/null 2>&1
 left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(docker network ls -q --filter "label=com.docker.compose.project=$project")$(docker volume ls -q --filter "label=com.docker.compose.project=$project")"
 [ -z "$left" ] || fail "left behind: $left"
 
-# The same deployment in federated mode: the worker replicas share the clients.
+# The same deployment in federated mode, over mutual TLS with worker and admin
+# tokens: the worker replicas share the clients.
 project="${project}fed"
-say "federated: 2 shards and $WORKERS worker replicas acting for 20 clients, FedSpeed, 30 rounds (PS_MODE=federated)"
+certs=$(mktemp -d)
+chmod 755 "$certs"  # the containers run as user 10001
+deploy/tls/make-ca.sh "$certs" shard0 shard1 localhost 127.0.0.1 >/dev/null
+export PS_TLS_DIR=$certs PS_AUTH_TOKEN="worker-$$-$RANDOM" PS_ADMIN_TOKEN="admin-$$-$RANDOM"
+dc() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.tls.yml "$@"; }
+say "federated over mutual TLS with worker and admin tokens: 2 shards and $WORKERS worker replicas acting for 20 clients, FedSpeed, 30 rounds"
 export PS_MODE=federated PS_FED_ALGORITHM=fedspeed PS_FED_ROUNDS=30 PS_FED_CLIENTS=20
 dc up -d --scale worker=$WORKERS shard0 shard1 worker >/dev/null 2>&1 || { dc up -d --scale worker=$WORKERS shard0 shard1 worker; fail "compose up (federated)"; }
 for container in $(dc ps -q worker); do
@@ -137,11 +145,18 @@ fed_status() { dc exec -T shard0 ctl --shards "$shards" status --model digits-ml
 rounds=$(fed_status 'min(m["federated"]["round"] - 1 for x in s for m in x["models"])')
 finished=$(fed_status 'all(m["federated"]["finished"] for x in s for m in x["models"])')
 [ "$rounds" = 30 ] && [ "$finished" = True ] || fail "federated run stopped at round $rounds (finished: $finished)"
+# The worker token alone may not checkpoint: the admin role is enforced over TLS too.
+denied=$(dc exec -T -e PS_ADMIN_TOKEN= shard0 ctl --shards "$shards" checkpoint --model digits-mlp-fed 2>&1) && fail "a worker token checkpointed: $denied"
+echo "$denied" | grep -q "admin token" || fail "the checkpoint was refused for another reason: $denied"
+say "over TLS: ctl checkpoint with the worker token alone is refused ($(echo "$denied" | grep -o 'PermissionDenied\|permission denied\|needs the admin token' | head -1))"
+shard_log=$(dc logs shard0 2>&1)
+case "$shard_log" in *"$PS_ADMIN_TOKEN"*|*"$PS_AUTH_TOKEN"*) fail "a token appears in a shard's log" ;; esac
 accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --model digits-mlp-fed --min-version 30 --min-accuracy 0.85) || fail "federated accuracy: $accuracy"
 say "federated run complete: $rounds rounds applied on both shards; $accuracy"
 dc down -v --remove-orphans >/dev/null 2>&1
 left="$(docker ps -aq --filter "label=com.docker.compose.project=$project")$(docker network ls -q --filter "label=com.docker.compose.project=$project")"
 [ -z "$left" ] || fail "left behind: $left"
+rm -rf "$certs"
 
 trap - EXIT
 say "PASSED: nothing left behind ($(( $(date +%s) - started )) s)"

@@ -8,8 +8,13 @@ use std::time::Duration;
 pub struct ClientConfig {
     /// Shard addresses (`host:port`), in shard-index order.
     pub shards: Vec<String>,
-    /// Bearer token sent with every RPC.
+    /// Bearer token sent with every RPC (the worker token).
     pub auth_token: Option<String>,
+    /// Token sent instead with the admin calls (register, checkpoint, shutdown);
+    /// none: they send `auth_token`.
+    pub admin_token: Option<String>,
+    /// TLS to the shards; none: plaintext.
+    pub tls: Option<ps_proto::tls::ClientTls>,
     /// Attempts per RPC on transient failures (unavailable, reset connection).
     pub attempts: u32,
     /// Delay before the first retry; doubles each time.
@@ -30,6 +35,13 @@ impl ClientConfig {
     /// Defaults: no token, 20 attempts starting at 100 ms backoff (about 30 s
     /// in all, so a shard that restarts from its checkpoint is waited for).
     pub fn new(shards: Vec<String>) -> Self {
-        Self { shards, auth_token: None, attempts: 20, retry_backoff: Duration::from_millis(100) }
+        Self {
+            shards,
+            auth_token: None,
+            admin_token: None,
+            tls: None,
+            attempts: 20,
+            retry_backoff: Duration::from_millis(100),
+        }
     }
 }

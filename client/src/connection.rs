@@ -10,10 +10,10 @@ use std::time::Duration;
 use futures::future::try_join_all;
 use ps_proto::cluster::ShardHeaders;
 use ps_proto::pb::{self, Encoding};
-use ps_proto::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, STREAM_WINDOW_BYTES};
+use ps_proto::transport::MAX_MESSAGE_BYTES;
 use ps_proto::{chunk, layout};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::Tensors;
@@ -34,11 +34,16 @@ pub(crate) type ShardStub =
 #[derive(Clone)]
 pub struct PsClient {
     shards: Arc<Vec<ShardStub>>,
+    /// The same connections, sending the admin token.
+    admin: Arc<Vec<ShardStub>>,
     config: Arc<ClientConfig>,
 }
 
 fn transient(status: &Status) -> bool {
+    let busy =
+        || status.metadata().get(ps_proto::errors::ERROR_KIND_HEADER).is_some_and(|k| k == ps_proto::errors::BUSY);
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+        || (status.code() == Code::ResourceExhausted && busy())
 }
 
 impl PsClient {
@@ -48,28 +53,25 @@ impl PsClient {
             return Err(ClientError::NoShards);
         }
         let count = config.shards.len();
-        let shards = config
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(index, addr)| {
-                let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-                let channel = Endpoint::from_shared(uri)
-                    .map_err(|e| ClientError::BadAddress { address: addr.clone(), reason: e.to_string() })?
-                    .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-                    .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-                    .max_frame_size(Some(MAX_FRAME_BYTES))
-                    .tcp_nodelay(true)
-                    .connect_timeout(Duration::from_secs(5))
-                    .connect_lazy();
-                let headers =
-                    ShardHeaders::new(config.auth_token.as_deref(), index, count).map_err(|_| ClientError::BadToken)?;
-                Ok(pb::parameter_server_client::ParameterServerClient::with_interceptor(channel, headers)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES))
-            })
-            .collect::<Result<Vec<_>, ClientError>>()?;
-        Ok(Self { shards: Arc::new(shards), config: Arc::new(config) })
+        let admin_token = config.admin_token.as_deref().or(config.auth_token.as_deref());
+        let mut shards = Vec::with_capacity(count);
+        let mut admin = Vec::with_capacity(count);
+        for (index, addr) in config.shards.iter().enumerate() {
+            let channel = ps_proto::tls::endpoint(addr, config.tls.as_ref())
+                .map_err(|e| ClientError::BadAddress { address: addr.clone(), reason: e.to_string() })?
+                .connect_lazy();
+            let stub = |token: Option<&str>| {
+                let headers = ShardHeaders::new(token, index, count).map_err(|_| ClientError::BadToken)?;
+                Ok::<_, ClientError>(
+                    pb::parameter_server_client::ParameterServerClient::with_interceptor(channel.clone(), headers)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                )
+            };
+            shards.push(stub(config.auth_token.as_deref())?);
+            admin.push(stub(admin_token)?);
+        }
+        Ok(Self { shards: Arc::new(shards), admin: Arc::new(admin), config: Arc::new(config) })
     }
 
     /// Number of shards.
@@ -82,7 +84,24 @@ impl PsClient {
     }
 
     /// Runs `call` against one shard, retrying transient failures with backoff (doubling up to 2 s).
-    pub(crate) async fn retry<T, F, Fut>(&self, shard: usize, mut call: F) -> Result<T, ClientError>
+    pub(crate) async fn retry<T, F, Fut>(&self, shard: usize, call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(ShardStub) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.retry_on(&self.shards[shard], shard, call).await
+    }
+
+    /// [`Self::retry`] with the admin token.
+    pub(crate) async fn retry_admin<T, F, Fut>(&self, shard: usize, call: F) -> Result<T, ClientError>
+    where
+        F: FnMut(ShardStub) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.retry_on(&self.admin[shard], shard, call).await
+    }
+
+    async fn retry_on<T, F, Fut>(&self, stub: &ShardStub, shard: usize, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(ShardStub) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -90,7 +109,7 @@ impl PsClient {
         let mut delay = self.config.retry_backoff;
         let mut attempt = 1;
         loop {
-            match call(self.stub(shard)).await {
+            match call(stub.clone()).await {
                 Ok(value) => return Ok(value),
                 Err(status) if transient(&status) && attempt < self.config.attempts => {
                     tracing::debug!(shard, attempt, code = ?status.code(), "retrying: {}", status.message());
@@ -155,7 +174,7 @@ impl PsClient {
             );
         }
         let calls = per_shard.into_iter().enumerate().map(|(shard, messages)| {
-            self.retry(shard, move |mut stub| {
+            self.retry_admin(shard, move |mut stub| {
                 let messages = messages.clone();
                 async move { stub.register_model(tokio_stream::iter(messages)).await.map(|r| r.into_inner()) }
             })
@@ -206,7 +225,7 @@ impl PsClient {
             version: None,
             ahead: false,
         };
-        self.retry(0, move |mut stub| {
+        self.retry_admin(0, move |mut stub| {
             let request = request.clone();
             async move { stub.checkpoint(request).await.map(|r| r.into_inner()) }
         })
@@ -224,5 +243,12 @@ impl PsClient {
             })
         }))
         .await
+    }
+
+    /// Asks one shard to stop as on SIGTERM (a last checkpoint, then exit); needs the admin token.
+    pub async fn shutdown(&self, shard: usize) -> Result<(), ClientError> {
+        let stub = self.admin.get(shard).ok_or(ClientError::NoShards)?;
+        stub.clone().shutdown(pb::ShutdownRequest {}).await.map_err(|status| ClientError::Rpc { shard, status })?;
+        Ok(())
     }
 }

@@ -28,6 +28,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod access;
 pub mod compress;
 mod config;
 mod connection;

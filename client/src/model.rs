@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::try_join_all;
+use ps_proto::transport::PUSH_STREAM_BYTES;
 use ps_proto::{chunk, codec, errors, pb};
 use tonic::{Code, Status};
 
@@ -312,7 +313,8 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
-        let mut per_shard: Vec<Vec<pb::GradientChunk>> = vec![Vec::new(); self.client.num_shards()];
+        // Per shard, streams of whole blocks, each within the shards' per-stream limit.
+        let mut per_shard: Vec<Vec<PushStream>> = vec![Vec::new(); self.client.num_shards()];
         let mut bytes_total = 0u64;
         for name in grads.keys() {
             if !self.index.contains_key(name) {
@@ -325,9 +327,17 @@ impl ModelHandle {
             let scale = if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 };
             for block in &tensor.blocks {
                 let values = &data[block.offset as usize..(block.offset + block.length) as usize];
+                let streams = &mut per_shard[block.shard as usize];
+                let block_bytes = codec::payload_len(tensor.encoding.to_wire(), block.length);
+                match streams.last() {
+                    Some(last) if last.bytes + block_bytes <= PUSH_STREAM_BYTES as u64 => {}
+                    _ => streams.push(PushStream::default()),
+                }
+                let stream = streams.last_mut().expect("a stream was just ensured");
+                stream.bytes += block_bytes;
                 for chunk in chunk::encode_block(&tensor.name, block.block, values, tensor.encoding.to_wire(), scale) {
                     bytes_total += chunk.payload.len() as u64;
-                    per_shard[block.shard as usize].push(pb::GradientChunk {
+                    stream.chunks.push(pb::GradientChunk {
                         model: self.name().to_string(),
                         worker_id: worker.to_string(),
                         step,
@@ -337,13 +347,14 @@ impl ModelHandle {
                 }
             }
         }
-        let calls =
-            per_shard.into_iter().enumerate().filter(|(_, chunks)| !chunks.is_empty()).map(|(shard, chunks)| {
+        let calls = per_shard.into_iter().enumerate().flat_map(|(shard, streams)| {
+            streams.into_iter().map(move |PushStream { chunks, .. }| {
                 self.client.retry(shard, move |mut stub| {
                     let chunks = chunks.clone();
                     async move { stub.push_gradients(tokio_stream::iter(chunks)).await.map(|r| r.into_inner()) }
                 })
-            });
+            })
+        });
         let replies = try_join_all(calls).await?;
         Ok(replies.iter().fold(PushSummary { bytes: bytes_total, ..Default::default() }, |sum, r| PushSummary {
             accepted: sum.accepted + r.blocks_accepted,
@@ -535,4 +546,11 @@ mod tests {
         handle(0.0).clip_to_max_norm(&mut unlimited);
         assert_eq!(unlimited["w"], vec![30.0, 40.0]);
     }
+}
+
+/// The chunks of one push stream and their payload bytes.
+#[derive(Clone, Default)]
+struct PushStream {
+    chunks: Vec<pb::GradientChunk>,
+    bytes: u64,
 }

@@ -4,6 +4,9 @@ use ps_proto::pb;
 
 use crate::spec::Mode;
 
+/// A shard's limits and what it holds against them (the wire message as is).
+pub use ps_proto::pb::ShardLimits;
+
 /// One shard's status.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShardStatus {
@@ -13,6 +16,8 @@ pub struct ShardStatus {
     pub num_shards: u32,
     /// Its models, by name.
     pub models: Vec<ModelStatus>,
+    /// Its limits and what is held against them (absent from servers before limits existed).
+    pub limits: Option<ShardLimits>,
 }
 
 /// A model's state on one shard.
@@ -102,6 +107,7 @@ impl From<pb::GetStatusResponse> for ShardStatus {
         ShardStatus {
             shard_index: wire.shard_index,
             num_shards: wire.num_shards,
+            limits: wire.limits,
             models: wire
                 .models
                 .into_iter()

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ps_client::{ClientConfig, PsClient};
+use ps_client::PsClient;
 
 #[derive(Parser)]
 #[command(name = "ctl", version, about = "Inspect parameter-server shards")]
@@ -13,12 +13,9 @@ struct Cli {
     /// Shard addresses, comma-separated, in index order.
     #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = "127.0.0.1:50051", global = true)]
     shards: Vec<String>,
-    /// Bearer token for the servers.
-    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true, global = true)]
-    auth_token: Option<String>,
-    /// Read the token from this file instead (keeps it off the command line).
-    #[arg(long, env = "PS_AUTH_TOKEN_FILE", global = true, conflicts_with = "auth_token")]
-    auth_token_file: Option<std::path::PathBuf>,
+    /// Tokens and TLS for the servers.
+    #[command(flatten)]
+    access: ps_client::access::AccessArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,6 +43,12 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Stop shards as SIGTERM does (a last checkpoint at one version, then exit); needs the admin token.
+    Shutdown {
+        /// Only this shard (default: every shard).
+        #[arg(long)]
+        shard: Option<usize>,
+    },
     /// Which blocks of a model live on which shard.
     Layout {
         /// The model.
@@ -67,8 +70,7 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config = ClientConfig::new(cli.shards.clone());
-    config.auth_token = ps_client::bearer_token(cli.auth_token.clone(), cli.auth_token_file.as_deref())?;
+    let mut config = cli.access.config(cli.shards.clone())?;
     config.attempts = 2;
     let client = PsClient::connect(config)?;
     match cli.command {
@@ -96,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
                     .map(|s| {
                         serde_json::json!({
                             "shard": s.shard_index,
+                            "limits": s.limits.as_ref().map(limits_json),
                             "models": s.models.iter().map(|m| serde_json::json!({
                                 "name": m.name,
                                 "min_version": m.min_version,
@@ -126,6 +129,19 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 for shard in &status {
                     println!("shard {} of {}", shard.shard_index, shard.num_shards);
+                    if let Some(l) = &shard.limits {
+                        println!(
+                            "  holds {} of {} models ({} of {} estimated), {} staged by pushes (limit {}), {} of {} streams open",
+                            l.models,
+                            l.max_models,
+                            human_bytes(l.model_bytes),
+                            human_bytes(l.memory_bytes),
+                            human_bytes(l.staged_bytes),
+                            human_bytes(l.max_staged_bytes),
+                            l.open_streams,
+                            l.max_streams
+                        );
+                    }
                     for m in &shard.models {
                         let workers: Vec<&str> = m.live_workers.iter().map(|w| w.worker_id.as_str()).collect();
                         println!(
@@ -181,6 +197,16 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Shutdown { shard } => {
+            let shards: Vec<usize> = match shard {
+                Some(shard) => vec![shard],
+                None => (0..client.num_shards()).collect(),
+            };
+            for shard in shards {
+                client.shutdown(shard).await?;
+                println!("shard {shard} is checkpointing and stopping");
+            }
+        }
         Command::Layout { model } => {
             let handle = client.model(&model).await?;
             let layout = handle.layout();
@@ -200,12 +226,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether `GET /metrics` on `addr` answers 200.
+/// Whether `GET /metrics` on `addr` answers: 200, or 401 from a shard whose
+/// metrics need a token (the process is up either way).
 async fn metrics_answer(addr: &str) -> std::io::Result<bool> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).await?;
-    Ok(head.starts_with(b"HTTP/1.") && &head[9..12] == b"200")
+    Ok(head.starts_with(b"HTTP/1.") && matches!(&head[9..12], b"200" | b"401"))
+}
+
+/// Every limit of a shard and what it holds, for `status --json`.
+fn limits_json(l: &ps_client::status::ShardLimits) -> serde_json::Value {
+    serde_json::json!({
+        "max_models": l.max_models, "max_model_elements": l.max_model_elements,
+        "max_model_blocks": l.max_model_blocks, "min_block_elements": l.min_block_elements,
+        "memory_bytes": l.memory_bytes, "max_spec_bytes": l.max_spec_bytes,
+        "max_stream_bytes": l.max_stream_bytes, "max_staged_bytes": l.max_staged_bytes,
+        "max_streams": l.max_streams, "max_streams_per_connection": l.max_streams_per_connection,
+        "max_wait_ms": l.max_wait_ms, "stream_idle_timeout_ms": l.stream_idle_timeout_ms,
+        "max_stream_duration_ms": l.max_stream_duration_ms,
+        "models": l.models, "model_bytes": l.model_bytes, "staged_bytes": l.staged_bytes, "open_streams": l.open_streams,
+    })
+}
+
+/// `bytes` in MiB or GiB.
+fn human_bytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }

@@ -44,5 +44,9 @@ pub const RESUME_VERSION_HEADER: &str = "ps-resume-version";
 /// The shard is restoring a checkpoint after a restart: retry. Code UNAVAILABLE.
 pub const RECOVERING: &str = "recovering";
 
+/// A limit on what the shard holds at once (bytes staged by pushes, open
+/// streams) is reached: retry with backoff. Code RESOURCE_EXHAUSTED.
+pub const BUSY: &str = "busy";
+
 /// The shard restarted without the model its peers train; registering it would fork it. Code FAILED_PRECONDITION.
 pub const NOT_RESTORED: &str = "not-restored";

@@ -63,6 +63,13 @@ pub fn split_rows(shape: &[u64], max_block_elements: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Number of blocks [`split_rows`] makes of a tensor, without making them.
+pub fn block_count(shape: &[u64], max_block_elements: u64) -> u64 {
+    let total_rows = shape.first().copied().unwrap_or(1);
+    let rows_per_block = (max_block_elements / row_length(shape).max(1)).max(1);
+    total_rows.div_ceil(rows_per_block)
+}
+
 /// Splits every tensor (given by shape, in spec order, with its largest block
 /// in elements) into blocks and places them on `num_shards` shards.
 /// Placement is greedy largest-first onto the least-loaded shard (ties go to
@@ -107,6 +114,8 @@ mod tests {
         let shape = [10u64, 7];
         let rows = split_rows(&shape, 20);
         assert_eq!(rows, vec![(0, 2), (2, 2), (4, 2), (6, 2), (8, 2)]);
+        assert_eq!(block_count(&shape, 20), 5);
+        assert_eq!(block_count(&[1 << 34], 1), 1 << 34, "counted without allocating");
         let one_d = split_rows(&[5], 2);
         assert_eq!(one_d, vec![(0, 2), (2, 2), (4, 1)]);
         // A row wider than the limit still forms a block of its own.

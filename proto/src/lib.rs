@@ -8,7 +8,9 @@ pub mod cluster;
 pub mod codec;
 pub mod errors;
 pub mod layout;
+pub mod tls;
 pub mod transport;
+pub mod wire_codec;
 
 /// Generated protobuf messages and gRPC stubs of `paramserver.v1`.
 #[allow(missing_docs)]

@@ -14,6 +14,11 @@ pub const MAX_BLOCK_ELEMENTS_LIMIT: u64 = 1 << 24;
 /// Payload bytes per chunk when streaming weights or gradients.
 pub const CHUNK_BYTES: usize = 2 << 20;
 
+/// Payload bytes a client puts in one push stream at most: a larger push is split
+/// into several streams of whole blocks, well within the shards' default
+/// `--max-stream-bytes` (1 GiB).
+pub const PUSH_STREAM_BYTES: usize = 256 << 20;
+
 /// Largest payload a single chunk may carry; larger chunks are rejected.
 pub const MAX_CHUNK_PAYLOAD_BYTES: usize = 4 << 20;
 

@@ -1,5 +1,6 @@
 //! Push + pull of a 64M-parameter (256 MB f32) model over loopback gRPC,
-//! against raw loopback TCP moving the same bytes in the same run.
+//! plaintext and with mutual TLS, against raw loopback TCP moving the same
+//! bytes in the same run.
 //!
 //! Run: `cargo bench -p ps-server --bench transport` (PS_BENCH_PARAMS and
 //! PS_BENCH_ROUNDS override the size and the number of rounds).
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ps_client::Tensors;
 use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
-use ps_testkit::{Cluster, env_or, raw_tcp};
+use ps_testkit::{Cluster, env_or, make_ca, raw_tcp};
 
 // The same allocator as the binaries: it keeps freed blocks for reuse instead
 // of returning them to the kernel, which then has to fault and zero fresh pages.
@@ -31,57 +32,68 @@ async fn main() {
         bytes as f64 / 1e6
     );
 
-    let cluster = Cluster::start(1, Duration::from_secs(600)).await;
-    let client = cluster.client();
+    let certs = std::env::temp_dir().join(format!("ps-bench-tls-{}", std::process::id()));
+    make_ca(&certs).expect("making certificates with deploy/tls/make-ca.sh (needs openssl)");
+    let plain = Cluster::start(1, Duration::from_secs(600)).await;
+    let tls = Cluster::start_tls(1, Duration::from_secs(600), &certs).await;
     let spec = ModelSpec::new(
         "bench",
         vec![TensorSpec::new("w", &[rows as u64, cols as u64], Init::Zeros)],
         vec![GroupConfig::new("all", &["*"], Optimizer::sgd(1e-6))],
     );
-    let model = client.register(&spec, &Tensors::new()).await.unwrap();
-    model.join("bench").await.unwrap();
     let grads: Tensors = [("w".to_string(), vec![0.5f32; rows * cols])].into_iter().collect();
-    // Warm up connections and allocations.
-    // The pull reuses one buffer, as a training loop does (`pull_into`).
-    let mut weights = Tensors::new();
-    model.push("bench", 0, &grads).await.unwrap();
-    model.pull_into(&mut weights, 1, Duration::ZERO).await.unwrap();
+    let mut models = Vec::new();
+    for cluster in [&plain, &tls] {
+        let model = cluster.client().register(&spec, &Tensors::new()).await.unwrap();
+        model.join("bench").await.unwrap();
+        // Warm up connections and allocations. The pull reuses one buffer, as a
+        // training loop does (`pull_into`).
+        let mut weights = Tensors::new();
+        model.push("bench", 0, &grads).await.unwrap();
+        model.pull_into(&mut weights, 1, Duration::ZERO).await.unwrap();
+        models.push((model, weights));
+    }
 
-    let (mut grpc_push, mut grpc_pull, mut tcp_push, mut tcp_pull) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut times: [(Vec<Duration>, Vec<Duration>); 3] = Default::default();
     for round in 0..rounds as u64 {
         let step = round + 1;
-        let start = Instant::now();
-        model.push("bench", step, &grads).await.unwrap();
-        grpc_push.push(start.elapsed());
-        let start = Instant::now();
-        let (_, pulled) = model.pull_into(&mut weights, step + 1, Duration::ZERO).await.unwrap();
-        grpc_pull.push(start.elapsed());
-        assert_eq!(pulled as usize, bytes);
+        // Alternating plaintext, TLS and raw TCP within each round keeps the machine's noise even.
+        for (i, (model, weights)) in models.iter_mut().enumerate() {
+            let start = Instant::now();
+            model.push("bench", step, &grads).await.unwrap();
+            times[i].0.push(start.elapsed());
+            let start = Instant::now();
+            let (_, pulled) = model.pull_into(weights, step + 1, Duration::ZERO).await.unwrap();
+            times[i].1.push(start.elapsed());
+            assert_eq!(pulled as usize, bytes);
+        }
         let tcp = raw_tcp(1, bytes, bytes).await;
-        tcp_push.push(tcp.up);
-        tcp_pull.push(tcp.down);
+        times[2].0.push(tcp.up);
+        times[2].1.push(tcp.down);
     }
+    std::fs::remove_dir_all(&certs).ok();
     let best = |v: &[Duration]| *v.iter().min().unwrap();
-    let (gp, gl, tp, tl) = (best(&grpc_push), best(&grpc_pull), best(&tcp_push), best(&tcp_pull));
+    let [(gp, gl), (sp, sl), (tp, tl)] = times.map(|(push, pull)| (best(&push), best(&pull)));
     println!("{:<28} {:>10} {:>10} {:>12}", "best of rounds", "push MB/s", "pull MB/s", "push+pull");
-    println!(
-        "{:<28} {:>10.0} {:>10.0} {:>10.0} MB/s",
-        "raw loopback TCP",
-        rate(bytes, tp),
-        rate(bytes, tl),
-        rate(2 * bytes, tp + tl)
-    );
-    println!(
-        "{:<28} {:>10.0} {:>10.0} {:>10.0} MB/s",
-        "gRPC push (+SGD) / pull",
-        rate(bytes, gp),
-        rate(bytes, gl),
-        rate(2 * bytes, gp + gl)
-    );
-    println!(
-        "ratio gRPC / raw TCP: push {:.2}, pull {:.2}, push+pull {:.2}",
-        tp.as_secs_f64() / gp.as_secs_f64(),
-        tl.as_secs_f64() / gl.as_secs_f64(),
-        (tp + tl).as_secs_f64() / (gp + gl).as_secs_f64()
-    );
+    for (label, push, pull) in
+        [("raw loopback TCP", tp, tl), ("gRPC push (+SGD) / pull", gp, gl), ("gRPC over mutual TLS", sp, sl)]
+    {
+        println!(
+            "{label:<28} {:>10.0} {:>10.0} {:>10.0} MB/s",
+            rate(bytes, push),
+            rate(bytes, pull),
+            rate(2 * bytes, push + pull)
+        );
+    }
+    let ratio = |push: Duration, pull: Duration| {
+        format!(
+            "push {:.2}, pull {:.2}, push+pull {:.2}",
+            tp.as_secs_f64() / push.as_secs_f64(),
+            tl.as_secs_f64() / pull.as_secs_f64(),
+            (tp + tl).as_secs_f64() / (push + pull).as_secs_f64()
+        )
+    };
+    println!("ratio gRPC / raw TCP: {}", ratio(gp, gl));
+    println!("ratio gRPC+TLS / raw TCP: {}", ratio(sp, sl));
+    println!("TLS / plaintext gRPC push+pull time: {:.2}", (sp + sl).as_secs_f64() / (gp + gl).as_secs_f64());
 }

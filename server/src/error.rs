@@ -21,6 +21,25 @@ pub enum ServerError {
         /// Tensor name.
         tensor: String,
     },
+    /// A request would take the shard past one of its limits.
+    #[error("{what} (limit set by {flag})")]
+    LimitExceeded {
+        /// What was asked and the limit it passes.
+        what: String,
+        /// The server flag that sets the limit.
+        flag: &'static str,
+    },
+    /// A limit on what the shard holds at once is reached; it passes when other requests finish.
+    #[error("{what} (limit set by {flag}); retry with backoff")]
+    Busy {
+        /// What is held and the limit.
+        what: String,
+        /// The server flag that sets the limit.
+        flag: &'static str,
+    },
+    /// A stream sent nothing for too long, or stayed open too long.
+    #[error("{0}")]
+    StreamTimeout(String),
     /// The block index is past the tensor's last block.
     #[error("tensor '{tensor}' has {blocks} blocks; block {block} does not exist")]
     UnknownBlock {

@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod federated;
+pub mod limits;
 pub mod metrics;
 pub mod optim;
 pub mod random;

@@ -19,7 +19,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let (options, listen, metrics_addr) = ServerArgs::parse().resolve()?;
     if let Some(addr) = metrics_addr {
-        ps_server::metrics::install_exporter(addr).with_context(|| format!("serving /metrics on {addr}"))?;
+        let token = options.metrics_token.clone();
+        ps_server::metrics::install_exporter(addr, token)
+            .await
+            .with_context(|| format!("serving /metrics on {addr}"))?;
     }
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(shard = options.shard_index, shards = ?options.shards, %listen, metrics = ?metrics_addr, lease = ?options.lease, "shard listening");

@@ -3,9 +3,14 @@
 //! code cannot drift apart silently.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use ps_proto::cluster::same_secret;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Push RPCs that committed (counter; labels: model).
 pub const PUSHES: &str = "ps_pushes_total";
@@ -71,15 +76,100 @@ pub const ROLLBACKS: &str = "ps_rollbacks_total";
 const SECONDS_BUCKETS: &[f64] = &[1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
 const STALENESS_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
-/// Serves `/metrics` on `addr` and registers every metric's description.
-pub fn install_exporter(addr: SocketAddr) -> Result<(), BuildError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The recorder could not be installed.
+    #[error(transparent)]
+    Recorder(#[from] BuildError),
+    /// The address cannot be listened on.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Serves `GET /metrics` on `addr` (requiring `authorization: Bearer <token>`
+/// when a token is given) and registers every metric's description. Must be
+/// called inside a Tokio runtime.
+pub async fn install_exporter(addr: SocketAddr, token: Option<String>) -> Result<SocketAddr, MetricsError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| MetricsError::Listen { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Listen { addr, source })?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(STALENESS.into()), STALENESS_BUCKETS)?
-        .install()?;
+        .install_recorder()?;
     describe();
-    Ok(())
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let token: Option<Arc<str>> = token.map(Arc::from);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (handle, token) = (handle.clone(), token.clone());
+            tokio::spawn(async move {
+                // A scraper that stalls is dropped rather than held.
+                let _ = tokio::time::timeout(Duration::from_secs(10), answer_scrape(stream, &handle, token.as_deref()))
+                    .await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+/// Largest request head the metrics endpoint reads.
+const MAX_SCRAPE_REQUEST_BYTES: usize = 8 << 10;
+
+/// Answers one HTTP/1 request on the metrics port, then closes the connection.
+async fn answer_scrape(mut stream: TcpStream, handle: &PrometheusHandle, token: Option<&str>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_SCRAPE_REQUEST_BYTES {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let (status, body) = scrape_reply(&head, token, || handle.render());
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
+        body.len(),
+        if status.starts_with("401") { "WWW-Authenticate: Bearer\r\n" } else { "" }
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The status line and body for a request head: the metrics, or why not.
+fn scrape_reply(head: &str, token: Option<&str>, render: impl FnOnce() -> String) -> (&'static str, String) {
+    let mut lines = head.split("\r\n");
+    let mut request = lines.next().unwrap_or_default().split_whitespace();
+    let (method, path) = (request.next().unwrap_or_default(), request.next().unwrap_or_default());
+    if method != "GET" || (path != "/metrics" && !path.starts_with("/metrics?")) {
+        return ("404 Not Found", "only GET /metrics is served here\n".into());
+    }
+    if let Some(expected) = token {
+        let given = lines.find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim().eq_ignore_ascii_case("authorization").then(|| value.trim())
+        });
+        let accepted = given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| same_secret(t, expected));
+        if !accepted {
+            return ("401 Unauthorized", "this metrics endpoint needs 'Authorization: Bearer <token>'\n".into());
+        }
+    }
+    ("200 OK", render())
 }
 
 fn describe() {
@@ -113,4 +203,23 @@ fn describe() {
     describe_gauge!(CHECKPOINT_VERSION, "Version of the newest checkpoint written");
     describe_gauge!(EPOCH, "The model's epoch (one more after each rollback to a checkpoint)");
     describe_counter!(ROLLBACKS, "Rollbacks of the model to a checkpoint");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrapes_need_the_token_when_one_is_set() {
+        let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        let with = "GET /metrics HTTP/1.1\r\nauthorization: Bearer t0k\r\n\r\n";
+        let wrong = "GET /metrics HTTP/1.1\r\nAuthorization: Bearer nope\r\n\r\n";
+        let render = || "ps_up 1\n".to_string();
+        assert_eq!(scrape_reply(get, None, render).0, "200 OK");
+        assert_eq!(scrape_reply(get, Some("t0k"), render).0, "401 Unauthorized");
+        assert_eq!(scrape_reply(wrong, Some("t0k"), render).0, "401 Unauthorized");
+        assert_eq!(scrape_reply(with, Some("t0k"), render), ("200 OK", "ps_up 1\n".to_string()));
+        assert_eq!(scrape_reply("POST /metrics HTTP/1.1\r\n\r\n", None, render).0, "404 Not Found");
+        assert_eq!(scrape_reply("GET /admin HTTP/1.1\r\n\r\n", None, render).0, "404 Not Found");
+    }
 }

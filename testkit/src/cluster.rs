@@ -5,8 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use ps_client::{ClientConfig, PsClient};
+use ps_proto::tls::ClientTls;
 use ps_server::ServerOptions;
-use ps_server::config::CheckpointOptions;
+use ps_server::config::{CheckpointOptions, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -15,6 +16,7 @@ pub struct Cluster {
     /// The shards' addresses, in index order.
     pub addrs: Vec<String>,
     stops: Vec<oneshot::Sender<()>>,
+    tls: Option<ClientTls>,
 }
 
 impl Cluster {
@@ -33,7 +35,7 @@ impl Cluster {
         every: u64,
         interval: Duration,
     ) -> Self {
-        Self::start_configured(shards, lease, None, |index| CheckpointOptions {
+        Self::start_configured(shards, lease, None, None, |index| CheckpointOptions {
             dir: Some(root.join(format!("shard-{index}"))),
             every,
             interval,
@@ -46,13 +48,32 @@ impl Cluster {
 
     /// As [`Cluster::start`], requiring a bearer token when one is given (then it does not wait).
     pub async fn start_with_token(shards: usize, lease: Duration, token: Option<&str>) -> Self {
-        Self::start_configured(shards, lease, token, |_| CheckpointOptions::default()).await
+        Self::start_configured(shards, lease, token, None, |_| CheckpointOptions::default()).await
+    }
+
+    /// As [`Cluster::start`], serving mutual TLS with the certificates
+    /// [`crate::make_ca`] wrote to `certs`; [`Cluster::client`] presents the client certificate.
+    pub async fn start_tls(shards: usize, lease: Duration, certs: &Path) -> Self {
+        let read = |name: &str| std::fs::read(certs.join(name)).expect("reading a certificate made by make_ca");
+        let client = ClientTls {
+            ca_pem: read("ca.pem"),
+            identity: Some((read("client.pem"), read("client.key"))),
+            domain: None,
+        };
+        let server = ServerTls {
+            cert_pem: read("server.pem"),
+            key_pem: read("server.key"),
+            client_ca_pem: Some(read("ca.pem")),
+            peers: ClientTls { identity: Some((read("server.pem"), read("server.key"))), ..client.clone() },
+        };
+        Self::start_configured(shards, lease, None, Some((server, client)), |_| CheckpointOptions::default()).await
     }
 
     async fn start_configured(
         shards: usize,
         lease: Duration,
         token: Option<&str>,
+        tls: Option<(ServerTls, ClientTls)>,
         checkpoints: impl Fn(usize) -> CheckpointOptions,
     ) -> Self {
         let mut listeners = Vec::new();
@@ -68,15 +89,18 @@ impl Cluster {
                 shard_index: index as u32,
                 shards: addrs.clone(),
                 lease,
-                auth_token: token.map(str::to_string),
+                tokens: ps_server::config::Tokens { worker: token.map(str::to_string), admin: None },
+                metrics_token: None,
+                tls: tls.as_ref().map(|(server, _)| server.clone()),
                 checkpoints: checkpoints(index),
+                limits: Default::default(),
             };
             tokio::spawn(ps_server::serve(options, listener, async move {
                 let _ = stopped.await;
             }));
             stops.push(stop);
         }
-        let cluster = Self { addrs, stops };
+        let cluster = Self { addrs, stops, tls: tls.map(|(_, client)| client) };
         if token.is_none() {
             cluster.client().wait_ready(Duration::from_secs(10)).await.expect("shards answer");
         }
@@ -85,7 +109,9 @@ impl Cluster {
 
     /// A client of every shard.
     pub fn client(&self) -> PsClient {
-        PsClient::connect(ClientConfig::new(self.addrs.clone())).expect("valid shard addresses")
+        let mut config = ClientConfig::new(self.addrs.clone());
+        config.tls = self.tls.clone();
+        PsClient::connect(config).expect("valid shard addresses")
     }
 
     /// A plain generated gRPC stub of one shard, for sending messages the client library would never send.

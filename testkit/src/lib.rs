@@ -27,6 +27,18 @@ pub fn values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Runs the repository's `deploy/tls/make-ca.sh` (openssl) into `dir`: a CA,
+/// a shard certificate for localhost and 127.0.0.1, and a client certificate.
+pub fn make_ca(dir: &std::path::Path) -> std::io::Result<()> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/tls/make-ca.sh");
+    let made = std::process::Command::new("bash").arg(script).arg(dir).args(["localhost", "127.0.0.1"]).output()?;
+    if made.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("make-ca.sh failed: {}", String::from_utf8_lossy(&made.stderr))))
+    }
+}
+
 /// An integer from the environment, or `default` (benchmark sizes).
 pub fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

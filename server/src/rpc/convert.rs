@@ -542,7 +542,10 @@ impl From<ServerError> for Status {
                 JoinError::RankTooLarge(_) => Code::InvalidArgument,
                 JoinError::Full { .. } => Code::ResourceExhausted,
             },
-            ServerError::ChunkTooLarge { .. } => Code::ResourceExhausted,
+            ServerError::ChunkTooLarge { .. } | ServerError::LimitExceeded { .. } | ServerError::Busy { .. } => {
+                Code::ResourceExhausted
+            }
+            ServerError::StreamTimeout(_) => Code::DeadlineExceeded,
             ServerError::PullTimeout { .. } => Code::DeadlineExceeded,
             ServerError::Internal(_) | ServerError::OptimizerFailed { .. } => Code::Internal,
         };
@@ -556,6 +559,7 @@ impl From<ServerError> for Status {
             ServerError::EpochChanged { .. } => Some(errors::EPOCH_CHANGED),
             ServerError::Recovering(_) => Some(errors::RECOVERING),
             ServerError::NotRestored { .. } => Some(errors::NOT_RESTORED),
+            ServerError::Busy { .. } => Some(errors::BUSY),
             ServerError::Join { reason: JoinError::RankTaken { .. }, .. } => Some(errors::RANK_TAKEN),
             _ => None,
         };
@@ -568,6 +572,33 @@ impl From<ServerError> for Status {
             status.metadata_mut().insert(errors::RESUME_VERSION_HEADER, MetadataValue::from(*version));
         }
         status
+    }
+}
+
+/// The limits of a shard and what is held against them, for the status RPC.
+pub fn shard_limits(bounds: &crate::limits::ShardBounds) -> pb::ShardLimits {
+    let limits = &bounds.limits;
+    let (models, model_bytes) = bounds.models.held();
+    pb::ShardLimits {
+        max_models: limits.max_models as u64,
+        max_model_elements: limits.max_model_elements,
+        max_model_blocks: limits.max_model_blocks,
+        min_block_elements: limits.min_block_elements,
+        memory_bytes: limits.memory_bytes,
+        max_spec_bytes: limits.max_spec_bytes as u64,
+        max_stream_bytes: limits.max_stream_bytes,
+        max_staged_bytes: limits.max_staged_bytes,
+        max_streams: limits.max_streams as u64,
+        max_streams_per_connection: limits.max_streams_per_connection,
+        max_wait_ms: limits.max_wait.as_millis() as u64,
+        stream_idle_timeout_ms: limits.stream_idle_timeout.as_millis() as u64,
+        max_stream_duration_ms: limits.max_stream_duration.as_millis() as u64,
+        models: models as u64,
+        model_bytes,
+        staged_bytes: bounds.staging.held(),
+        max_sending_bytes: limits.max_sending_bytes,
+        sending_bytes: bounds.sending.held(),
+        open_streams: bounds.streams.in_use() as u64,
     }
 }
 

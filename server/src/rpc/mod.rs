@@ -22,9 +22,10 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
-pub use auth::BearerAuth;
+pub use auth::{BearerAuth, Role};
 pub use identity::ShardCheck;
 pub use peers::Peers;
 pub use recovery::Durability;
@@ -53,12 +54,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let identity = ShardIdentity { index: options.shard_index, addresses: options.shards.clone() };
-    let gate = Gate { auth: BearerAuth::new(options.auth_token.as_deref()), shard: ShardCheck::new(&identity) };
-    let peers = Peers::new(&identity, options.auth_token.as_deref());
+    let gate = Gate { auth: BearerAuth::new(&options.tokens), shard: ShardCheck::new(&identity) };
+    let peers = Peers::new(&identity, options.tokens.for_peers(), options.tls.as_ref().map(|tls| &tls.peers));
     let durability = Durability::new(&options.checkpoints, identity.index, identity.addresses.len() as u32)?;
     let registry = Arc::new(Registry::new(identity, options.lease));
     let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
-    let shard = ParameterService::new(registry, peers, durability);
+    let limits = options.limits.clone();
+    let shard = ParameterService::new(registry, peers, durability, options.limits);
     shard.restore_from_disk().await;
     let timer = {
         let shard = shard.clone();
@@ -66,8 +68,12 @@ pub async fn serve(
     };
     let grace = options.checkpoints.shutdown_grace;
     let closing = shard.clone();
+    let asked = shard.shutdown.clone();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = asked.notified() => {}
+        }
         closing.checkpoint_before_exit(grace).await;
         // Pulls waiting for a version this shard will not reach end now with
         // UNAVAILABLE, so the shutdown does not wait out their long poll and
@@ -82,7 +88,19 @@ pub async fn serve(
             .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
         gate,
     );
-    let result = tonic::transport::Server::builder()
+    let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config)?;
+    }
+    let result = builder
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
         .max_frame_size(Some(transport::MAX_FRAME_BYTES))

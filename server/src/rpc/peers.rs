@@ -13,9 +13,10 @@
 use std::time::Duration;
 
 use ps_proto::cluster::ShardHeaders;
+use ps_proto::tls::ClientTls;
 use ps_proto::{ParameterServerClient, pb};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::ServerError;
 use crate::store::{Closing, DropReason, ShardIdentity};
@@ -41,7 +42,7 @@ pub struct Peers {
 impl Peers {
     /// Stubs for every shard of `identity` but this one; addresses that do not
     /// parse are skipped with a warning (the shard still serves its clients).
-    pub fn new(identity: &ShardIdentity, token: Option<&str>) -> Self {
+    pub fn new(identity: &ShardIdentity, token: Option<&str>, tls: Option<&ClientTls>) -> Self {
         let count = identity.addresses.len();
         let stubs = identity
             .addresses
@@ -49,8 +50,7 @@ impl Peers {
             .enumerate()
             .filter(|(index, _)| *index as u32 != identity.index)
             .filter_map(|(index, address)| {
-                let uri = if address.contains("://") { address.clone() } else { format!("http://{address}") };
-                let endpoint = match Endpoint::from_shared(uri) {
+                let endpoint = match ps_proto::tls::endpoint(address, tls) {
                     Ok(endpoint) => endpoint,
                     Err(error) => {
                         tracing::warn!(peer = index, address, %error, "peer address does not parse; drops will not be shared with it");

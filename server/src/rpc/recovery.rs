@@ -20,6 +20,7 @@ use super::service::{ParameterService, blocking};
 use crate::checkpoint::{CheckpointStore, CheckpointWriter};
 use crate::config::CheckpointOptions;
 use crate::error::ServerError;
+use crate::limits;
 use crate::metrics as m;
 use crate::spec::ModelSpec;
 use crate::store::{CheckpointPlan, CheckpointSink, Model, ModelSnapshot};
@@ -118,6 +119,8 @@ impl ParameterService {
                             "restored from checkpoint; agreeing with the peers on the version to continue from"
                         );
                         model.set_recovering(true);
+                        let footprint = limits::footprint(&model.spec, service.registry.num_shards());
+                        service.bounds.models.record_restored(footprint);
                         restored.push(service.registry.replace(model));
                     }
                     Err(error) => tracing::error!(model = name, %error, "could not restore the checkpoint"),

@@ -8,25 +8,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use ps_proto::pb::{self, Encoding};
+use prost::Message;
+use ps_proto::pb::{self, Encoding, TensorChunk};
 use ps_proto::{chunk, codec};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::assemble::{self, Assembler, Purpose};
+use super::auth::require_admin;
 use super::convert;
 use super::peers::Peers;
 use super::recovery::Durability;
 use crate::error::ServerError;
 use crate::federated::Algorithm;
+use crate::limits::{CHUNK_OVERHEAD_BYTES, Limits, ShardBounds};
 use crate::metrics as m;
 use crate::spec::{Mode, ModelSpec, check_name};
 use crate::store::{BlockUpdate, Closing, DropReason, Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
-/// The longest a round-task long poll may wait.
-const MAX_TASK_TIMEOUT: Duration = Duration::from_secs(600);
+/// Chunks a pull encodes ahead of what its client has read.
+const PULL_CHUNKS_AHEAD: usize = 2;
 
 /// The `paramserver.v1.ParameterServer` implementation of one shard.
 #[derive(Clone)]
@@ -34,12 +37,27 @@ pub struct ParameterService {
     pub(super) registry: Arc<Registry>,
     pub(super) peers: Peers,
     pub(super) durability: Arc<Durability>,
+    pub(super) bounds: Arc<ShardBounds>,
+    /// Notified by the Shutdown RPC; `serve` stops as on SIGTERM.
+    pub(super) shutdown: Arc<tokio::sync::Notify>,
 }
 
 impl ParameterService {
-    /// A service over `registry`, reaching the other shards through `peers`, writing checkpoints as `durability` says.
-    pub fn new(registry: Arc<Registry>, peers: Peers, durability: Durability) -> Self {
-        Self { registry, peers, durability: Arc::new(durability) }
+    /// A service over `registry`, reaching the other shards through `peers`,
+    /// writing checkpoints as `durability` says, within `limits`.
+    pub fn new(registry: Arc<Registry>, peers: Peers, durability: Durability, limits: Limits) -> Self {
+        Self {
+            registry,
+            peers,
+            durability: Arc::new(durability),
+            bounds: Arc::new(ShardBounds::new(limits)),
+            shutdown: Arc::default(),
+        }
+    }
+
+    /// The limits and what is held against them.
+    pub fn bounds(&self) -> &ShardBounds {
+        &self.bounds
     }
 
     /// The models this shard serves.
@@ -66,14 +84,81 @@ fn check_worker_name(worker: &str) -> Result<(), ServerError> {
     Ok(check_name("worker", worker)?)
 }
 
+/// Bytes a staged chunk holds: its payload (the codec keeps it from pinning
+/// more), its tensor name and the bookkeeping around them.
+fn held_bytes(chunk: &TensorChunk) -> u64 {
+    chunk.payload.len() as u64 + chunk.tensor.len() as u64 + CHUNK_OVERHEAD_BYTES
+}
+
+/// The time limits of one client stream: idle between messages, and open in all.
+struct StreamClock {
+    method: &'static str,
+    started: Instant,
+    idle: Duration,
+    total: Duration,
+}
+
+impl StreamClock {
+    fn start(method: &'static str, limits: &Limits) -> Self {
+        Self { method, started: Instant::now(), idle: limits.stream_idle_timeout, total: limits.max_stream_duration }
+    }
+
+    /// The stream's next message, or an error once it idled or lasted too long.
+    async fn next<T>(&self, stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
+        let left = self.total.saturating_sub(self.started.elapsed());
+        match tokio::time::timeout(self.idle.min(left), stream.message()).await {
+            Ok(Ok(message)) => Ok(message),
+            Ok(Err(status)) => Err(too_large_is_exhausted(status)),
+            Err(_) if left <= self.idle => Err(ServerError::StreamTimeout(format!(
+                "{} stream open longer than {:?} (--max-stream-duration); it is closed and nothing of it was applied",
+                self.method, self.total
+            ))
+            .into()),
+            Err(_) => Err(ServerError::StreamTimeout(format!(
+                "{} stream sent nothing for {:?} (--stream-idle-timeout); it is closed and nothing of it was applied",
+                self.method, self.idle
+            ))
+            .into()),
+        }
+    }
+}
+
+/// tonic refuses an oversized message with OUT_OF_RANGE; it is a size limit, so say so.
+fn too_large_is_exhausted(status: Status) -> Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large") {
+        return Status::resource_exhausted(format!(
+            "{}; a message carries one chunk of at most {} bytes of payload",
+            status.message(),
+            ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES
+        ));
+    }
+    status
+}
+
 impl ParameterService {
     async fn register(
         &self,
         request: Request<Streaming<pb::RegisterModelRequest>>,
     ) -> Result<pb::RegisterModelResponse, Status> {
+        let _slot = self.bounds.streams.open("RegisterModel")?;
+        let limits = &self.bounds.limits;
+        let clock = StreamClock::start("RegisterModel", limits);
         let mut stream = request.into_inner();
-        let spec = match stream.message().await?.and_then(|m| m.item) {
-            Some(pb::register_model_request::Item::Spec(spec)) => ModelSpec::try_from(spec)?,
+        let spec = match clock.next(&mut stream).await?.and_then(|m| m.item) {
+            Some(pb::register_model_request::Item::Spec(spec)) => {
+                let bytes = spec.encoded_len();
+                if bytes > limits.max_spec_bytes {
+                    return Err(ServerError::LimitExceeded {
+                        what: format!(
+                            "the model spec takes {bytes} bytes, over the limit of {}",
+                            limits.max_spec_bytes
+                        ),
+                        flag: "--max-spec-bytes",
+                    }
+                    .into());
+                }
+                ModelSpec::try_from(spec)?
+            }
             _ => return Err(ServerError::SpecNotFirst.into()),
         };
         if let Some(model) = self.registry.existing(&spec)? {
@@ -83,14 +168,26 @@ impl ParameterService {
                 layout: Some(convert::model_layout(&self.registry.identity, &model)),
             });
         }
+        // Everything the model will take is checked before any of it is allocated.
+        let footprint = limits.check_model(&spec, self.registry.num_shards())?;
         self.refuse_fork(&spec.name).await?;
+        let reservation = self.bounds.models.reserve(limits, &spec.name, footprint)?;
         let (shard, shards, lease) = (self.registry.identity.index, self.registry.num_shards(), self.registry.lease);
         let plan = self.durability.plan();
-        let model = blocking(move || Model::new(spec, shard, shards, lease).with_checkpoints(1, plan)).await?;
+        let identity = self.registry.identity.clone();
+        let model = blocking(move || {
+            check_layout_fits(&identity, &spec)?;
+            Ok::<_, ServerError>(Model::new(spec, shard, shards, lease).with_checkpoints(1, plan))
+        })
+        .await??;
         let mut assembler = Assembler::new(&model, Purpose::Weights);
-        while let Some(message) = stream.message().await? {
+        let mut staging = self.bounds.registration_staging(footprint);
+        while let Some(message) = clock.next(&mut stream).await? {
             match message.item {
-                Some(pb::register_model_request::Item::Values(chunk)) => assembler.add(chunk)?,
+                Some(pb::register_model_request::Item::Values(chunk)) => {
+                    staging.take(held_bytes(&chunk))?;
+                    assembler.add(chunk)?
+                }
                 _ => return Err(ServerError::SpecRepeated.into()),
             }
         }
@@ -101,7 +198,11 @@ impl ParameterService {
             Ok::<_, ServerError>(model)
         })
         .await??;
+        drop(staging);
         let (created, model) = self.registry.insert(model)?;
+        if created {
+            reservation.keep();
+        }
         if created && model.checkpoints.enabled() {
             // Version 0 is the point every rollback can go back to.
             let first = model.clone();
@@ -120,8 +221,10 @@ impl ParameterService {
     }
 
     async fn push(&self, request: Request<Streaming<pb::GradientChunk>>) -> Result<pb::PushGradientsResponse, Status> {
+        let _slot = self.bounds.streams.open("PushGradients")?;
+        let clock = StreamClock::start("PushGradients", &self.bounds.limits);
         let mut stream = request.into_inner();
-        let Some(first) = stream.message().await? else {
+        let Some(first) = clock.next(&mut stream).await? else {
             return Err(ServerError::EmptyPush.into());
         };
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
@@ -135,6 +238,7 @@ impl ParameterService {
             return Err(model.not_a_member(&worker).into());
         }
         let mut assembler = Assembler::new(&model, Purpose::Gradients);
+        let mut staging = self.bounds.stream_staging();
         let mut next = Some(first);
         while let Some(message) = next {
             if message.model != model_name || message.worker_id != worker || message.step != step {
@@ -149,13 +253,15 @@ impl ParameterService {
                 .into());
             }
             let chunk = message.chunk.ok_or(ServerError::PushWithoutChunk)?;
+            staging.take(held_bytes(&chunk))?;
             assembler.add(chunk)?;
-            next = stream.message().await?;
+            next = clock.next(&mut stream).await?;
         }
         let traffic = assembler.traffic().clone();
         let staged = assembler.finish()?;
         let committed = model.clone();
         let outcome = blocking(move || committed.commit_push(&worker, step, staged)).await??;
+        drop(staging);
         record_traffic(&model_name, traffic);
         tracing::debug!(model = model_name, step, ?outcome, "push committed");
         Ok(pb::PushGradientsResponse {
@@ -167,6 +273,7 @@ impl ParameterService {
 
     fn pull(&self, request: pb::PullWeightsRequest) -> Result<WeightStream, Status> {
         tracing::debug!(model = request.model, min_version = request.min_version, "pull");
+        let slot = self.bounds.streams.open("PullWeights")?;
         let model = self.registry.get(&request.model)?;
         model.check_epoch(request.epoch)?;
         let wanted: Option<HashSet<usize>> = if request.tensors.is_empty() {
@@ -174,16 +281,14 @@ impl ParameterService {
         } else {
             Some(request.tensors.iter().map(|t| model.tensor_index(t)).collect::<Result<_, _>>()?)
         };
-        let blocks: Vec<_> = model
-            .local_blocks()
-            .iter()
-            .filter(|b| wanted.as_ref().is_none_or(|w| w.contains(&b.tensor)))
-            .cloned()
-            .collect();
+        let limits = &self.bounds.limits;
         let timeout = match request.timeout_ms {
             0 => DEFAULT_PULL_TIMEOUT,
             ms => Duration::from_millis(ms),
-        };
+        }
+        .min(limits.max_wait);
+        let idle = limits.stream_idle_timeout;
+        let bounds = self.bounds.clone();
         let min_version = request.min_version;
         let control = match pb::WeightPart::try_from(request.part) {
             Ok(pb::WeightPart::Parameters) => false,
@@ -203,13 +308,37 @@ impl ParameterService {
             Ok(e @ (Encoding::F32 | Encoding::Bf16 | Encoding::F16)) => e,
             _ => return Err(ServerError::PullEncoding(request.encoding).into()),
         };
-        let (tx, rx) = mpsc::channel(4);
+        // What the response holds lives as long as the response, not the task
+        // that fills it: a client that stops reading keeps its stream slot and
+        // its share of the send budget until its stream is gone.
+        let hold = Arc::new(parking_lot::Mutex::new(PullHold { _stream: slot, sending: None }));
+        let total_bytes: u64 = model
+            .local_blocks()
+            .iter()
+            .filter(|b| wanted.as_ref().is_none_or(|w| w.contains(&b.tensor)))
+            .map(|b| codec::payload_len(encoding, b.len as u64))
+            .sum();
+        // Chunks ahead in the channel, one waiting to enter it, and what tonic and HTTP/2 buffer.
+        let buffer_bytes = total_bytes.min((PULL_CHUNKS_AHEAD as u64 + 3) * ps_proto::transport::CHUNK_BYTES as u64);
+        let (tx, rx) = mpsc::channel(PULL_CHUNKS_AHEAD);
+        let filler = hold.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let mut sent = 0u64;
-            for block in blocks {
+            // The blocks are walked in place: a copy of the list per pull would
+            // cost thousands of open long polls a copy each.
+            for index in 0..model.local_blocks().len() {
+                let block = model.local_blocks()[index].clone();
+                if wanted.as_ref().is_some_and(|w| !w.contains(&block.tensor)) {
+                    continue;
+                }
                 let remaining = timeout.saturating_sub(started.elapsed());
-                if let Err(failure) = block.wait_for_version(min_version, remaining).await {
+                // A client that went away ends the wait at once, not at its timeout.
+                let waited = tokio::select! {
+                    waited = block.wait_for_version(min_version, remaining) => waited,
+                    _ = tx.closed() => return,
+                };
+                if let Err(failure) = waited {
                     let tensor = model.spec.tensors[block.tensor].name.clone();
                     let error = match (failure, block.failure()) {
                         // The retry reaches the restored copy, which answers epoch-changed.
@@ -230,8 +359,26 @@ impl ParameterService {
                     };
                     let status = Status::from(error);
                     observe::<()>("PullWeights", Err(status.clone())).ok();
-                    let _ = tx.send(Err(status)).await;
+                    let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
                     return;
+                }
+                if filler.lock().sending.is_none() {
+                    let share = tokio::select! {
+                        share = bounds.sending.hold(buffer_bytes) => share,
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(idle) => {
+                            let busy = ServerError::Busy {
+                                what: format!(
+                                    "pulls hold {} of send buffers, the most this shard gives them",
+                                    crate::limits::human_bytes(bounds.sending.held())
+                                ),
+                                flag: "--max-sending-bytes",
+                            };
+                            let _ = tokio::time::timeout(idle, tx.send(Err(Status::from(busy)))).await;
+                            return;
+                        }
+                    };
+                    filler.lock().sending = Some(share);
                 }
                 let snapshot_of = block.clone();
                 let read = move || if control { snapshot_of.global_snapshot() } else { snapshot_of.snapshot() };
@@ -240,23 +387,38 @@ impl ParameterService {
                 let checkpoint = model.checkpoints.marks(version);
                 for chunk in chunk::encode_block(tensor, block.index, &values, encoding, 0.0) {
                     sent += chunk.payload.len() as u64;
-                    if tx.send(Ok(pb::WeightChunk { version, chunk: Some(chunk), checkpoint })).await.is_err() {
-                        return; // the client went away
+                    let message = Ok(pb::WeightChunk { version, chunk: Some(chunk), checkpoint });
+                    match tokio::time::timeout(idle, tx.send(message)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return, // the client went away
+                        Err(_) => {
+                            // A client that reads nothing would hold the snapshot and chunks for ever.
+                            tracing::warn!(
+                                model = model.name(),
+                                "pull cut: its client read nothing for {idle:?} (--stream-idle-timeout)"
+                            );
+                            return;
+                        }
                     }
                 }
             }
             metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => codec::encoding_label(encoding)).increment(sent);
         });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(Box::pin(tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |item| {
+            let _held_until_the_response_ends = &hold;
+            item
+        })))
     }
 
     async fn round_task(&self, request: pb::GetRoundTaskRequest) -> Result<pb::RoundTask, Status> {
         let model = self.registry.get(&request.model)?;
         model.check_epoch(request.epoch)?;
+        let _slot = self.bounds.streams.open("GetRoundTask")?;
         let timeout = match request.timeout_ms {
             0 => DEFAULT_PULL_TIMEOUT,
-            ms => Duration::from_millis(ms).min(MAX_TASK_TIMEOUT),
-        };
+            ms => Duration::from_millis(ms),
+        }
+        .min(self.bounds.limits.max_wait);
         let task = model.round_task(request.client, request.after_round, timeout).await?;
         Ok(convert::round_task(model.rounds()?.config(), &task))
     }
@@ -265,8 +427,10 @@ impl ParameterService {
         &self,
         request: Request<Streaming<pb::RoundUpdateChunk>>,
     ) -> Result<pb::PushRoundUpdateResponse, Status> {
+        let _slot = self.bounds.streams.open("PushRoundUpdate")?;
+        let clock = StreamClock::start("PushRoundUpdate", &self.bounds.limits);
         let mut stream = request.into_inner();
-        let Some(first) = stream.message().await? else {
+        let Some(first) = clock.next(&mut stream).await? else {
             return Err(ServerError::EmptyPush.into());
         };
         let (model_name, client, round) = (first.model.clone(), first.client, first.round);
@@ -275,6 +439,7 @@ impl ParameterService {
         model.check_epoch(first.epoch)?;
         let mut deltas = Assembler::new(&model, Purpose::Gradients);
         let mut controls = Assembler::new(&model, Purpose::Gradients);
+        let mut staging = self.bounds.stream_staging();
         let mut next = Some(first);
         while let Some(message) = next {
             if message.model != model_name || message.client != client || message.round != round {
@@ -289,6 +454,7 @@ impl ParameterService {
                 .into());
             }
             let chunk = message.chunk.ok_or(ServerError::PushWithoutChunk)?;
+            staging.take(held_bytes(&chunk))?;
             match pb::RoundPart::try_from(message.part) {
                 Ok(pb::RoundPart::Delta) => deltas.add(chunk)?,
                 Ok(pb::RoundPart::Control) => controls.add(chunk)?,
@@ -301,7 +467,7 @@ impl ParameterService {
                     .into());
                 }
             }
-            next = stream.message().await?;
+            next = clock.next(&mut stream).await?;
         }
         let mut traffic = deltas.traffic().clone();
         for (encoding, t) in controls.traffic() {
@@ -334,6 +500,7 @@ impl ParameterService {
             staged.stage_round_update(client, round, updates)
         })
         .await??;
+        drop(staging);
         record_traffic(&model_name, traffic);
         tracing::debug!(model = model_name, client, round, accepted, duplicate, "round update held");
         Ok(pb::PushRoundUpdateResponse { blocks_accepted: accepted, blocks_duplicate: duplicate })
@@ -376,8 +543,33 @@ impl ParameterService {
             shard_index: self.registry.identity.index,
             num_shards: self.registry.num_shards(),
             models,
+            limits: Some(convert::shard_limits(&self.bounds)),
         })
     }
+}
+
+/// What one pull response holds while it exists.
+struct PullHold {
+    _stream: tokio::sync::OwnedSemaphorePermit,
+    sending: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Refuses a model whose layout would not fit in one reply: the registration
+/// would succeed, and every GetLayout of it fail.
+fn check_layout_fits(identity: &crate::store::ShardIdentity, spec: &ModelSpec) -> Result<(), ServerError> {
+    let bytes = convert::layout(identity, spec, &spec.plan(identity.addresses.len() as u32)).encoded_len();
+    if bytes > ps_proto::transport::MAX_MESSAGE_BYTES {
+        return Err(ServerError::LimitExceeded {
+            what: format!(
+                "the layout of model '{}' would take {bytes} bytes, more than one gRPC message holds ({}); \
+                 use fewer blocks (a larger max_block_elements) or shorter tensor names",
+                spec.name,
+                ps_proto::transport::MAX_MESSAGE_BYTES
+            ),
+            flag: "--max-model-blocks",
+        });
+    }
+    Ok(())
 }
 
 /// Applies a round shard 0 closed on its own blocks, then sends it to every peer.
@@ -410,7 +602,11 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         &self,
         request: Request<Streaming<pb::RegisterModelRequest>>,
     ) -> Result<Response<pb::RegisterModelResponse>, Status> {
-        observe("RegisterModel", self.register(request).await).map(Response::new)
+        let result = match require_admin(&request, "RegisterModel") {
+            Ok(()) => self.register(request).await,
+            Err(denied) => Err(denied),
+        };
+        observe("RegisterModel", result).map(Response::new)
     }
 
     async fn get_layout(&self, request: Request<pb::GetLayoutRequest>) -> Result<Response<pb::Layout>, Status> {
@@ -426,6 +622,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         let plan = move || {
             let wire = request.into_inner().spec.ok_or(ServerError::InvalidSpec("PlanLayout needs a spec".into()))?;
             let spec = ModelSpec::try_from(wire)?;
+            service.bounds.limits.check_model(&spec, service.registry.num_shards())?;
             let identity = &service.registry.identity;
             Ok::<_, ServerError>(convert::layout(identity, &spec, &spec.plan(service.registry.num_shards())))
         };
@@ -558,14 +755,21 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         &self,
         request: Request<pb::CommitRoundRequest>,
     ) -> Result<Response<pb::CommitRoundResponse>, Status> {
-        observe("CommitRound", self.commit(request.into_inner()).await).map(Response::new)
+        let result = match require_admin(&request, "CommitRound") {
+            Ok(()) => self.commit(request.into_inner()).await,
+            Err(denied) => Err(denied),
+        };
+        observe("CommitRound", result).map(Response::new)
     }
 
     async fn checkpoint(
         &self,
         request: Request<pb::CheckpointRequest>,
     ) -> Result<Response<pb::CheckpointResponse>, Status> {
-        let result = self.checkpoint_model(request.into_inner()).await.map_err(Status::from);
+        let result = match require_admin(&request, "Checkpoint") {
+            Ok(()) => self.checkpoint_model(request.into_inner()).await.map_err(Status::from),
+            Err(denied) => Err(denied),
+        };
         observe("Checkpoint", result).map(Response::new)
     }
 
@@ -573,14 +777,29 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         &self,
         request: Request<pb::ListCheckpointsRequest>,
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
-        let service = self.clone();
-        let result =
-            blocking(move || service.checkpoints_held(&request.into_inner().model)).await.map_err(Status::from);
+        let result = match require_admin(&request, "ListCheckpoints") {
+            Ok(()) => {
+                let service = self.clone();
+                blocking(move || service.checkpoints_held(&request.into_inner().model)).await.map_err(Status::from)
+            }
+            Err(denied) => Err(denied),
+        };
         observe("ListCheckpoints", result).map(Response::new)
     }
 
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::RollbackResponse>, Status> {
-        let result = self.roll_back(request.into_inner()).await.map_err(Status::from);
+        let result = match require_admin(&request, "Rollback") {
+            Ok(()) => self.roll_back(request.into_inner()).await.map_err(Status::from),
+            Err(denied) => Err(denied),
+        };
         observe("Rollback", result).map(Response::new)
+    }
+
+    async fn shutdown(&self, request: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownResponse>, Status> {
+        observe("Shutdown", require_admin(&request, "Shutdown"))?;
+        tracing::info!("shutdown asked over gRPC");
+        // Stored if `serve` is not waiting yet, so the request is never lost.
+        self.shutdown.notify_one();
+        Ok(Response::new(pb::ShutdownResponse {}))
     }
 }

@@ -26,6 +26,12 @@ fn assert_close(name: &str, step: u64, got: &[f32], want: &[f32]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    check_sync_equivalence(&cluster.client()).await;
+}
+
+/// Three workers push four sync steps through `client` (two shards); every
+/// pulled version must equal the local AdamW / Nesterov step on the mean gradient.
+pub async fn check_sync_equivalence(client: &ps_client::PsClient) {
     let adamw = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decoupled: true };
     let nesterov = SgdConfig { lr: 0.05, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01 };
     let spec = ModelSpec {
@@ -61,7 +67,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
         )
     };
     let init = initial_values(&spec, 7);
-    let model = cluster.client().register(&spec, &init).await.unwrap();
+    let model = client.register(&spec, &init).await.unwrap();
     let shards_used: std::collections::BTreeSet<u32> = model.layout().blocks.iter().map(|b| b.shard).collect();
     assert_eq!(shards_used.len(), 2, "the test model must span both shards");
 
@@ -102,7 +108,7 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
             assert_close(name, step + 1, &pulled.tensors[name], want);
         }
     }
-    let status = cluster.client().status("equivalence").await.unwrap();
+    let status = client.status("equivalence").await.unwrap();
     let state: u64 = status.iter().flat_map(|s| &s.models).flat_map(|m| &m.groups).map(|g| g.state_bytes).sum();
     // AdamW keeps 8 bytes per weight, Nesterov SGD 4 bytes per bias.
     assert_eq!(state, 8 * (37 * 19 + 5 * 37) + 4 * 19);

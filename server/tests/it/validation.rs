@@ -527,8 +527,11 @@ async fn shards_refuse_clients_whose_shard_list_differs() {
         shard_index: 1,
         shards: vec![cluster.addrs[0].clone(), rogue.clone(), "127.0.0.1:9".into()],
         lease: Duration::from_secs(60),
-        auth_token: None,
+        tokens: Default::default(),
+        metrics_token: None,
+        tls: None,
         checkpoints: Default::default(),
+        limits: Default::default(),
     };
     tokio::spawn(ps_server::serve(options, listener, std::future::pending()));
     let mixed = client(vec![cluster.addrs[0].clone(), rogue]);

@@ -19,7 +19,7 @@ use ps_client::federated::{
     Algorithm, ClientState, HPool, Participation, RoundConfig, RoundOutcome, RoundTask, train_round,
 };
 use ps_client::spec::{Encoding, GroupConfig, ModelSpec, Optimizer};
-use ps_client::{ClientConfig, ModelHandle, PsClient, Tensors};
+use ps_client::{ModelHandle, PsClient, Tensors};
 use serde::{Deserialize, Serialize};
 
 use self::clients::{ClientData, Partition};
@@ -228,12 +228,9 @@ pub struct FederatedArgs {
     /// Keep each client's state here (`client-<id>.state`), to resume after a restart.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Bearer token for the shards.
-    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
-    pub auth_token: Option<String>,
-    /// File holding the bearer token (wins over --auth-token).
-    #[arg(long, env = "PS_AUTH_TOKEN_FILE")]
-    pub auth_token_file: Option<PathBuf>,
+    /// Tokens and TLS for the servers.
+    #[command(flatten)]
+    pub access: ps_client::access::AccessArgs,
     /// How long to wait for the shards at start.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
@@ -261,8 +258,7 @@ impl FederatedArgs {
         args.world_size = train.world_size as u32;
         args.rank = train.rank.map(|r| r as u32);
         args.state_dir = train.state_dir.clone();
-        args.auth_token = train.auth_token.clone();
-        args.auth_token_file = train.auth_token_file.clone();
+        args.access = train.access.clone();
         args.summary_line = train.summary_line;
         args.run.task = train.task;
         if let Some(model) = &train.model {
@@ -416,8 +412,7 @@ fn rewind_after_rollback(
 
 /// `worker federated`: registers the run's model (idempotent) and runs this process's clients.
 pub async fn run(args: FederatedArgs) -> anyhow::Result<FederatedSummary> {
-    let mut config = ClientConfig::new(args.shards.clone());
-    config.auth_token = ps_client::bearer_token(args.auth_token.clone(), args.auth_token_file.as_deref())?;
+    let config = args.access.config(args.shards.clone())?;
     let client = PsClient::connect(config)?;
     client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
     let model = client.register(&args.run.model_spec(), &Tensors::new()).await.context("registering the model")?;

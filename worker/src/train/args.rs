@@ -156,12 +156,9 @@ pub struct TrainArgs {
     /// How long to wait for the servers and the other workers.
     #[arg(long, env = "PS_START_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub start_timeout: Duration,
-    /// Bearer token for the servers.
-    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
-    pub auth_token: Option<String>,
-    /// Read the token from this file instead (keeps it off the command line).
-    #[arg(long, env = "PS_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
-    pub auth_token_file: Option<std::path::PathBuf>,
+    /// Tokens and TLS for the servers.
+    #[command(flatten)]
+    pub access: ps_client::access::AccessArgs,
     /// FRUGAL density ρ.
     #[arg(long, env = "PS_DENSITY", default_value_t = 0.25)]
     pub density: f64,
@@ -219,10 +216,7 @@ pub struct EvaluateArgs {
     /// Exit with an error if the test accuracy is below this.
     #[arg(long, default_value_t = 0.0)]
     pub min_accuracy: f32,
-    /// Bearer token for the servers.
-    #[arg(long, env = "PS_AUTH_TOKEN", hide_env_values = true)]
-    pub auth_token: Option<String>,
-    /// Read the token from this file instead (keeps it off the command line).
-    #[arg(long, env = "PS_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
-    pub auth_token_file: Option<std::path::PathBuf>,
+    /// Tokens and TLS for the servers.
+    #[command(flatten)]
+    pub access: ps_client::access::AccessArgs,
 }

@@ -14,7 +14,7 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use ps_client::compress::Compressor;
 use ps_client::resume::ResumePoints;
-use ps_client::{ClientConfig, PsClient, StepOutcome, Tensors};
+use ps_client::{PsClient, StepOutcome, Tensors};
 use serde::{Deserialize, Serialize};
 
 use self::telemetry::{BYTES_PULLED, BYTES_PUSHED, LOSS, STEP_SECONDS, STEPS};
@@ -68,8 +68,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     if let Some(addr) = args.metrics_addr {
         telemetry::install_exporter(addr).with_context(|| format!("serving worker metrics on {addr}"))?;
     }
-    let mut config = ClientConfig::new(args.shards.clone());
-    config.auth_token = ps_client::bearer_token(args.auth_token.clone(), args.auth_token_file.as_deref())?;
+    let config = args.access.config(args.shards.clone())?;
     let client = PsClient::connect(config)?;
     client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
     let compression = spec::compression(&args);
@@ -251,8 +250,7 @@ async fn wait_for_workers(client: &PsClient, model: &str, wanted: usize, timeout
 
 /// Pulls the current weights and evaluates them on the task's test set.
 pub async fn evaluate(args: EvaluateArgs) -> anyhow::Result<(u64, crate::task::Evaluation)> {
-    let mut config = ClientConfig::new(args.shards.clone());
-    config.auth_token = ps_client::bearer_token(args.auth_token.clone(), args.auth_token_file.as_deref())?;
+    let config = args.access.config(args.shards.clone())?;
     let client = PsClient::connect(config)?;
     let name = args.model.clone().unwrap_or_else(|| args.task.model_name().to_string());
     let model = client.model(&name).await.with_context(|| format!("opening model '{name}'"))?;
