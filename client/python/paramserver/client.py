@@ -1,0 +1,457 @@
+"""Connections to every shard of a cluster and the calls on one model.
+
+The contract is the README's "Writing a client in another language"; this
+module follows it step by step: shard headers and tokens on every call, the
+layout from the servers, blocks routed to their shards in chunks of at most
+2 MiB, the model's epoch in every push and pull, idempotent retries of
+transient failures, and the error kinds turned into typed exceptions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+
+import grpc
+import numpy as np
+
+from . import codec
+from .v1 import paramserver_pb2 as pb
+from .v1 import paramserver_pb2_grpc as pb_grpc
+
+#: Largest message either side accepts (a 4 MiB chunk plus framing).
+MAX_MESSAGE_BYTES = 5 << 20
+#: Payload bytes of one push stream at most; a larger push is split by blocks.
+PUSH_STREAM_BYTES = 256 << 20
+
+T = TypeVar("T")
+
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+class ServerError(Exception):
+    """An RPC failed: the gRPC `code`, the shard's `message`, and its error `kind` (``ps-error``) if any."""
+
+    def __init__(self, shard: int, code: grpc.StatusCode, message: str, kind: Optional[str] = None, trailers=None):
+        self.shard = shard
+        self.code = code
+        self.message = message
+        self.kind = kind
+        self.trailers = dict(trailers or {})
+        label = f" [{kind}]" if kind else ""
+        super().__init__(f"shard {shard}: {code.name}{label}: {message}")
+
+
+class RolledBack(ServerError):
+    """The model was rolled back to a checkpoint: continue from `resume_version` under `epoch`."""
+
+    def __init__(self, shard, code, message, kind, trailers):
+        super().__init__(shard, code, message, kind, trailers)
+        self.epoch = int(self.trailers.get("ps-epoch", 0))
+        self.resume_version = int(self.trailers.get("ps-resume-version", 0))
+
+
+def _error(shard: int, error: grpc.RpcError) -> ServerError:
+    trailers = {k: v for k, v in (error.trailing_metadata() or ())}
+    kind = trailers.get("ps-error")
+    cls = RolledBack if kind == "epoch-changed" else ServerError
+    return cls(shard, error.code(), error.details() or "", kind, trailers)
+
+
+def _transient(error: grpc.RpcError) -> bool:
+    if error.code() in _TRANSIENT:
+        return True
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return any(k == "ps-error" and v == "busy" for k, v in (error.trailing_metadata() or ()))
+    return False
+
+
+@dataclass
+class Tls:
+    """TLS to the shards: the CA that signed them, and a client certificate for mutual TLS."""
+
+    ca_pem: bytes
+    cert_pem: Optional[bytes] = None
+    key_pem: Optional[bytes] = None
+    domain: Optional[str] = None
+
+    @classmethod
+    def from_files(cls, ca: str, cert: Optional[str] = None, key: Optional[str] = None, domain: Optional[str] = None) -> "Tls":
+        """Reads the PEM files."""
+
+        def read(path: Optional[str]) -> Optional[bytes]:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return cls(read(ca), read(cert), read(key), domain)
+
+
+@dataclass
+class Joined:
+    """What JoinWorker answered: the rank, where to start, the lease."""
+
+    rank: int
+    version: int
+    lease_s: float
+
+
+@dataclass
+class PushSummary:
+    """Blocks a push counted, found already counted, and whose update it ran; payload bytes sent."""
+
+    accepted: int = 0
+    duplicate: int = 0
+    updated: int = 0
+    bytes: int = 0
+
+
+class Client:
+    """Connections to every shard of a cluster, in the servers' `--shards` order."""
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        token: Optional[str] = None,
+        admin_token: Optional[str] = None,
+        tls: Optional[Tls] = None,
+        attempts: int = 20,
+        backoff_s: float = 0.1,
+    ):
+        if not shards:
+            raise ValueError("a client needs at least one shard address")
+        self.shards = list(shards)
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self._channels = []
+        for address in self.shards:
+            if tls is None:
+                channel = grpc.insecure_channel(address, options=options)
+            else:
+                credentials = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
+                tls_options = options + ([("grpc.ssl_target_name_override", tls.domain)] if tls.domain else [])
+                channel = grpc.secure_channel(address, credentials, options=tls_options)
+            self._channels.append(channel)
+        self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        count = str(len(self.shards))
+        self._metadata = [self._headers(token, i, count) for i in range(len(self.shards))]
+        self._admin_metadata = [self._headers(admin_token or token, i, count) for i in range(len(self.shards))]
+
+    @staticmethod
+    def _headers(token: Optional[str], index: int, count: str) -> List[Tuple[str, str]]:
+        headers = [("ps-shard-index", str(index)), ("ps-shard-count", count)]
+        if token:
+            headers.append(("authorization", f"Bearer {token}"))
+        return headers
+
+    def close(self) -> None:
+        """Closes every connection."""
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def num_shards(self) -> int:
+        """Shards in the cluster."""
+        return len(self.shards)
+
+    def call(self, shard: int, method: str, request, admin: bool = False, timeout: Optional[float] = None, retry: bool = True):
+        """Calls one unary RPC on one shard, retrying transient failures with backoff (doubling up to 2 s)."""
+        metadata = (self._admin_metadata if admin else self._metadata)[shard]
+        stub = getattr(self._stubs[shard], method)
+        return self._retry(shard, lambda: stub(request, metadata=metadata, timeout=timeout), retry)
+
+    def stream(self, shard: int, method: str, messages: Callable[[], Iterable], admin: bool = False, retry: bool = True):
+        """Calls one client-streaming RPC; `messages` makes a fresh iterator for every attempt."""
+        metadata = (self._admin_metadata if admin else self._metadata)[shard]
+        stub = getattr(self._stubs[shard], method)
+        return self._retry(shard, lambda: stub(messages(), metadata=metadata), retry)
+
+    def _retry(self, shard: int, attempt: Callable[[], T], retry: bool) -> T:
+        delay = self.backoff_s
+        for n in range(1, self.attempts + 1):
+            try:
+                return attempt()
+            except grpc.RpcError as error:
+                if not (retry and _transient(error) and n < self.attempts):
+                    raise _error(shard, error) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Waits until every shard answers GetStatus."""
+        deadline = time.monotonic() + timeout_s
+        for shard in range(self.num_shards):
+            while True:
+                try:
+                    self.call(shard, "GetStatus", pb.GetStatusRequest(), retry=False, timeout=2.0)
+                    break
+                except ServerError as error:
+                    if error.code not in _TRANSIENT and error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+    def status(self, model: str = "") -> List[pb.GetStatusResponse]:
+        """Every shard's status (models, versions, workers, limits), in shard order."""
+        return [self.call(s, "GetStatus", pb.GetStatusRequest(model=model)) for s in range(self.num_shards)]
+
+    def plan_layout(self, spec: pb.ModelSpec) -> pb.Layout:
+        """The layout the servers would give `spec`, without registering it."""
+        return self.call(0, "PlanLayout", pb.PlanLayoutRequest(spec=spec))
+
+    def register(self, spec: pb.ModelSpec, values: Optional[Mapping[str, np.ndarray]] = None) -> "Model":
+        """Registers `spec` on every shard with the initial values of its PROVIDED
+        tensors (each block sent to the shard that owns it). An identical spec
+        registered before is not an error. Needs the admin token when the shards have one."""
+        values = dict(values or {})
+        provided = {t.name for t in spec.tensors if t.init.kind == pb.INIT_KIND_PROVIDED}
+        unknown = set(values) - {t.name for t in spec.tensors}
+        if unknown:
+            raise KeyError(f"values for tensors the spec does not have: {sorted(unknown)}")
+        missing = provided - set(values)
+        if missing:
+            raise KeyError(f"PROVIDED tensors need initial values: {sorted(missing)}")
+        shapes = {t.name: tuple(t.shape) for t in spec.tensors}
+        flat = {name: _flat(name, values[name], shapes[name]) for name in provided}
+        per_shard: List[List[Tuple[str, pb.BlockPlacement]]] = [[] for _ in range(self.num_shards)]
+        if provided:
+            for block in self.plan_layout(spec).blocks:
+                if block.tensor in provided:
+                    per_shard[block.shard].append((block.tensor, block))
+
+        def messages(shard: int) -> Callable[[], Iterator[pb.RegisterModelRequest]]:
+            def make() -> Iterator[pb.RegisterModelRequest]:
+                yield pb.RegisterModelRequest(spec=spec)
+                for name, block in per_shard[shard]:
+                    start, end = codec.block_range(block)
+                    for chunk in codec.chunks(name, block.block, flat[name][start:end], codec.F32):
+                        yield pb.RegisterModelRequest(values=chunk)
+
+            return make
+
+        with ThreadPoolExecutor(self.num_shards) as pool:
+            replies = list(pool.map(lambda s: self.stream(s, "RegisterModel", messages(s), admin=True), range(self.num_shards)))
+        return Model(self, replies[0].layout)
+
+    def model(self, name: str) -> "Model":
+        """Opens a registered model by name."""
+        return Model(self, self.call(0, "GetLayout", pb.GetLayoutRequest(model=name)))
+
+    def checkpoint(self, model: str, wait: bool = True, timeout_s: float = 60.0) -> pb.CheckpointResponse:
+        """Asks for a checkpoint of `model` on every shard at one version (admin token)."""
+        request = pb.CheckpointRequest(model=model, wait=wait, timeout_ms=int(timeout_s * 1000))
+        return self.call(0, "Checkpoint", request, admin=True)
+
+
+def _flat(name: str, array, shape: Tuple[int, ...]) -> np.ndarray:
+    """`array` as a contiguous f32 vector of the tensor's size, refusing another shape or a non-float dtype."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"tensor '{name}': values must be numbers, got dtype {array.dtype}")
+    expected = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if array.size != expected or (array.ndim > 1 and tuple(array.shape) != tuple(shape)):
+        raise ValueError(f"tensor '{name}' has shape {tuple(shape)} ({expected} elements), got {tuple(array.shape)}")
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: Tuple[int, ...]
+    size: int
+    encoding: int
+    blocks: List[pb.BlockPlacement] = field(default_factory=list)
+
+
+class Model:
+    """One registered model: membership, pushes and pulls, routed by its layout."""
+
+    def __init__(self, client: Client, layout: pb.Layout):
+        self.client = client
+        self.layout = layout
+        self.name = layout.model
+        self.epoch = layout.epoch
+        encodings = {g.name: (g.push_encodings[0] if g.push_encodings else codec.F32) for g in layout.groups}
+        self.tensors: Dict[str, _Tensor] = {}
+        for t in layout.tensors:
+            shape = tuple(int(d) for d in t.shape)
+            size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            self.tensors[t.name] = _Tensor(t.name, shape, size, encodings.get(t.group, codec.F32))
+        for block in layout.blocks:
+            self.tensors[block.tensor].blocks.append(block)
+        self.shards_with_blocks = sorted({b.shard for b in layout.blocks})
+        self._heartbeats: Dict[str, threading.Event] = {}
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The spec's global gradient-norm clip (0: none), which clients apply before pushing."""
+        return self.layout.max_grad_norm
+
+    # Membership.
+
+    def join(self, worker: str, rank: Optional[int] = None) -> Joined:
+        """Joins on shard 0, then on every other shard with the rank shard 0 gave."""
+        first = self.client.call(0, "JoinWorker", pb.JoinWorkerRequest(model=self.name, worker_id=worker, rank=rank))
+        versions = [first.version] if 0 in self.shards_with_blocks else []
+        for shard in range(1, self.client.num_shards):
+            reply = self.client.call(shard, "JoinWorker", pb.JoinWorkerRequest(model=self.name, worker_id=worker, rank=first.rank))
+            if shard in self.shards_with_blocks:
+                versions.append(reply.version)
+        return Joined(first.rank, min(versions) if versions else 0, first.lease_ms / 1000.0)
+
+    def heartbeat(self, worker: str) -> None:
+        """Renews the lease on every shard."""
+        for shard in range(self.client.num_shards):
+            self.client.call(shard, "Heartbeat", pb.HeartbeatRequest(model=self.name, worker_id=worker))
+
+    def start_heartbeat(self, worker: str, lease_s: float) -> None:
+        """Heartbeats in a background thread, every third of the lease, until `leave` (a daemon thread)."""
+        stop = threading.Event()
+        self._heartbeats[worker] = stop
+
+        def beat() -> None:
+            while not stop.wait(lease_s / 3):
+                try:
+                    self.heartbeat(worker)
+                except ServerError:
+                    pass  # the next push rejoins if the lease was lost
+
+        threading.Thread(target=beat, name=f"heartbeat-{worker}", daemon=True).start()
+
+    def leave(self, worker: str) -> None:
+        """Stops the heartbeats and leaves every shard, so no step waits for the lease to run out."""
+        stop = self._heartbeats.pop(worker, None)
+        if stop:
+            stop.set()
+        for shard in range(self.client.num_shards):
+            self.client.call(shard, "LeaveWorker", pb.LeaveWorkerRequest(model=self.name, worker_id=worker))
+
+    # Pushes.
+
+    def _check_grads(self, grads: Mapping[str, object]) -> Dict[str, np.ndarray]:
+        unknown = set(grads) - set(self.tensors)
+        if unknown:
+            raise KeyError(f"model '{self.name}' has no tensor {sorted(unknown)[0]!r}")
+        missing = set(self.tensors) - set(grads)
+        if missing:
+            raise KeyError(f"a push needs every tensor; missing {sorted(missing)}")
+        return {name: _flat(name, grads[name], self.tensors[name].shape) for name in self.tensors}
+
+    def push(self, worker: str, step: int, grads: Mapping[str, object]) -> PushSummary:
+        """Pushes one step's gradients of every tensor to the shards that own them,
+        in each group's first push encoding. A failed push may be retried as is."""
+        return self.push_tensors(worker, step, self._check_grads(grads))
+
+    def push_tensors(self, worker: str, step: int, flat: Mapping[str, np.ndarray]) -> PushSummary:
+        """Pushes some tensors (flat f32, whole) of one step: their blocks are a valid part of the step.
+        The PyTorch integration pushes buckets of tensors this way as backward produces them."""
+        streams: Dict[int, List[List[Tuple[_Tensor, pb.BlockPlacement]]]] = {}
+        sizes: Dict[int, int] = {}
+        total = 0
+        for name, values in flat.items():
+            tensor = self.tensors[name]
+            for block in tensor.blocks:
+                nbytes = codec.payload_len(tensor.encoding, block.length)
+                shard_streams = streams.setdefault(block.shard, [])
+                if not shard_streams or sizes[block.shard] + nbytes > PUSH_STREAM_BYTES:
+                    shard_streams.append([])
+                    sizes[block.shard] = 0
+                shard_streams[-1].append((tensor, block))
+                sizes[block.shard] += nbytes
+                total += nbytes
+        scales = {
+            name: (codec.mean_abs(values) if self.tensors[name].encoding == codec.SIGN1 else 0.0)
+            for name, values in flat.items()
+        }
+
+        def messages(blocks: List[Tuple[_Tensor, pb.BlockPlacement]]) -> Callable[[], Iterator[pb.GradientChunk]]:
+            def make() -> Iterator[pb.GradientChunk]:
+                for tensor, block in blocks:
+                    start, end = codec.block_range(block)
+                    for chunk in codec.chunks(tensor.name, block.block, flat[tensor.name][start:end], tensor.encoding, scales[tensor.name]):
+                        yield pb.GradientChunk(model=self.name, worker_id=worker, step=step, chunk=chunk, epoch=self.epoch)
+
+            return make
+
+        calls = [(shard, blocks) for shard, shard_streams in streams.items() for blocks in shard_streams]
+        summary = PushSummary(bytes=total)
+        if not calls:
+            return summary
+        with ThreadPoolExecutor(len(calls)) as pool:
+            replies = pool.map(lambda c: self.client.stream(c[0], "PushGradients", messages(c[1])), calls)
+            for reply in replies:
+                summary.accepted += reply.blocks_accepted
+                summary.duplicate += reply.blocks_duplicate
+                summary.updated += reply.blocks_updated
+        return summary
+
+    # Pulls.
+
+    def pull(
+        self,
+        min_version: int,
+        out: Optional[Dict[str, np.ndarray]] = None,
+        timeout_s: float = 60.0,
+        encoding: int = codec.F32,
+    ) -> Tuple[int, Dict[str, np.ndarray]]:
+        """Waits until every block reaches `min_version` and reads the weights into
+        `out` (arrays of the tensors' shapes, f32, C-contiguous, written in place;
+        new ones when absent). Returns the lowest block version read and the arrays."""
+        out = {} if out is None else out
+        for name, tensor in self.tensors.items():
+            array = out.get(name)
+            if array is None:
+                out[name] = np.empty(tensor.shape, dtype=np.float32)
+            elif array.dtype != np.float32 or array.size != tensor.size or not array.flags.c_contiguous:
+                raise ValueError(f"tensor '{name}': pull into a C-contiguous float32 array of shape {tensor.shape}")
+        flat = {name: array.reshape(-1) for name, array in out.items() if name in self.tensors}
+        request = pb.PullWeightsRequest(model=self.name, min_version=min_version, timeout_ms=int(timeout_s * 1000), encoding=encoding, epoch=self.epoch)
+
+        def read(shard: int) -> int:
+            def attempt() -> int:
+                lowest = None
+                for message in self.client._stubs[shard].PullWeights(request, metadata=self.client._metadata[shard]):
+                    chunk = message.chunk
+                    block = self._block(chunk.tensor, chunk.block)
+                    start = block.offset + chunk.offset
+                    codec.decode_into(chunk.encoding, chunk.payload, chunk.scale, flat[chunk.tensor][start : start + chunk.length])
+                    lowest = message.version if lowest is None else min(lowest, message.version)
+                return lowest if lowest is not None else min_version
+
+            return self.client._retry(shard, attempt, True)
+
+        with ThreadPoolExecutor(max(1, len(self.shards_with_blocks))) as pool:
+            versions = list(pool.map(read, self.shards_with_blocks))
+        return (min(versions) if versions else min_version), out
+
+    def _block(self, tensor: str, index: int) -> pb.BlockPlacement:
+        try:
+            return self.tensors[tensor].blocks[index]
+        except (KeyError, IndexError):
+            raise ValueError(f"a shard sent tensor '{tensor}' block {index}, which the layout does not have") from None
+
+    def clip(self, grads: Dict[str, np.ndarray]) -> float:
+        """Scales `grads` in place so their global L2 norm is at most max_grad_norm; returns the norm before."""
+        norm = float(np.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64))) for g in grads.values())))
+        limit = self.max_grad_norm
+        if limit > 0 and norm > limit:
+            scale = np.float32(limit / (norm + 1e-6))  # as the Rust client and torch clip
+            for g in grads.values():
+                g *= scale
+        return norm

@@ -1,0 +1,113 @@
+"""Building a ModelSpec from Python values: tensors from shapes, numpy arrays
+or a torch module's named parameters, parameter groups with the servers'
+optimizers, push encodings and aggregation. Anything these helpers do not
+cover can be set on the returned protobuf messages directly (`paramserver.pb`)."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import codec
+from .v1 import paramserver_pb2 as pb
+
+_MODES = {
+    "sync": pb.CONSISTENCY_MODE_SYNC,
+    "async": pb.CONSISTENCY_MODE_ASYNC,
+    "bounded-staleness": pb.CONSISTENCY_MODE_BOUNDED_STALENESS,
+    "ssp": pb.CONSISTENCY_MODE_BOUNDED_STALENESS,
+}
+_ENCODINGS = {"f32": codec.F32, "bf16": codec.BF16, "f16": codec.F16, "sign1": codec.SIGN1}
+
+Shape = Tuple[int, ...]
+TensorSource = Union[Shape, Sequence[int], np.ndarray]
+
+
+def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0, dampening: float = 0.0) -> pb.OptimizerConfig:
+    """SGD on the servers (momentum, Nesterov, L2 weight decay)."""
+    return pb.OptimizerConfig(sgd=pb.SgdConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, dampening=dampening))
+
+
+def adamw(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, l2_decay: bool = False) -> pb.OptimizerConfig:
+    """AdamW on the servers (decoupled decay; `l2_decay` for Adam with L2)."""
+    return pb.OptimizerConfig(adamw=pb.AdamWConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l2_decay=l2_decay))
+
+
+def group(
+    name: str,
+    patterns: Iterable[str],
+    optimizer: pb.OptimizerConfig,
+    push_encodings: Sequence[str] = ("f32",),
+    majority_vote: bool = False,
+    schedule: Optional[pb.LrSchedule] = None,
+) -> pb.ParamGroup:
+    """A parameter group: the tensors whose names match a glob pattern, their optimizer,
+    the encodings pushes may use (the first is what clients send), and the aggregation."""
+    try:
+        encodings = [_ENCODINGS[e] for e in push_encodings]
+    except KeyError as error:
+        raise ValueError(f"unknown encoding {error.args[0]!r}; use f32, bf16, f16 or sign1") from None
+    return pb.ParamGroup(
+        name=name,
+        patterns=list(patterns),
+        optimizer=optimizer,
+        push_encodings=encodings,
+        aggregation=pb.AGGREGATION_MAJORITY_VOTE if majority_vote else pb.AGGREGATION_MEAN,
+        schedule=schedule,
+    )
+
+
+def tensor(name: str, source: TensorSource, init: Optional[pb.InitRule] = None) -> pb.TensorSpec:
+    """A tensor from a shape (initialised by `init`, zeros by default) or from an
+    array (its shape, values PROVIDED with the registration)."""
+    if isinstance(source, np.ndarray) or hasattr(source, "detach"):
+        shape = tuple(int(d) for d in source.shape)
+        init = pb.InitRule(kind=pb.INIT_KIND_PROVIDED)
+    else:
+        shape = tuple(int(d) for d in source)
+        init = init or pb.InitRule(kind=pb.INIT_KIND_ZEROS)
+    return pb.TensorSpec(name=name, shape=list(shape), init=init)
+
+
+def model_spec(
+    name: str,
+    tensors: Mapping[str, TensorSource],
+    groups: Sequence[pb.ParamGroup],
+    mode: str = "sync",
+    staleness: int = 0,
+    max_block_elements: int = 0,
+    max_grad_norm: float = 0.0,
+    min_workers: int = 0,
+    step_deadline_ms: int = 0,
+    quorum: int = 0,
+    max_workers: int = 0,
+) -> pb.ModelSpec:
+    """A model spec; `tensors` maps names to shapes or to arrays of initial values
+    (pass the same arrays to `Client.register`)."""
+    if mode not in _MODES:
+        raise ValueError(f"unknown mode {mode!r}; use sync, async or bounded-staleness")
+    return pb.ModelSpec(
+        name=name,
+        tensors=[tensor(n, source) for n, source in tensors.items()],
+        groups=list(groups),
+        mode=_MODES[mode],
+        staleness=staleness,
+        max_block_elements=max_block_elements,
+        max_grad_norm=max_grad_norm,
+        min_workers=min_workers,
+        step_deadline_ms=step_deadline_ms,
+        quorum=quorum,
+        max_workers=max_workers,
+    )
+
+
+def arrays_of(module) -> Dict[str, np.ndarray]:
+    """A torch module's named parameters as f32 numpy arrays (copies, on the CPU)."""
+    return {name: p.detach().to("cpu", dtype=_torch_float32()).numpy().copy() for name, p in module.named_parameters()}
+
+
+def _torch_float32():
+    import torch
+
+    return torch.float32
