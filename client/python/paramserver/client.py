@@ -409,10 +409,12 @@ class Model:
         out: Optional[Dict[str, np.ndarray]] = None,
         timeout_s: float = 60.0,
         encoding: int = codec.F32,
+        part: int = pb.WEIGHT_PART_PARAMETERS,
     ) -> Tuple[int, Dict[str, np.ndarray]]:
         """Waits until every block reaches `min_version` and reads the weights into
         `out` (arrays of the tensors' shapes, f32, C-contiguous, written in place;
-        new ones when absent). Returns the lowest block version read and the arrays."""
+        new ones when absent). Returns the lowest block version read and the arrays.
+        `part=pb.WEIGHT_PART_CONTROL_VARIATE` reads SCAFFOLD's global control variate instead."""
         out = {} if out is None else out
         for name, tensor in self.tensors.items():
             array = out.get(name)
@@ -421,7 +423,9 @@ class Model:
             elif array.dtype != np.float32 or array.size != tensor.size or not array.flags.c_contiguous:
                 raise ValueError(f"tensor '{name}': pull into a C-contiguous float32 array of shape {tensor.shape}")
         flat = {name: array.reshape(-1) for name, array in out.items() if name in self.tensors}
-        request = pb.PullWeightsRequest(model=self.name, min_version=min_version, timeout_ms=int(timeout_s * 1000), encoding=encoding, epoch=self.epoch)
+        request = pb.PullWeightsRequest(
+            model=self.name, min_version=min_version, timeout_ms=int(timeout_s * 1000), encoding=encoding, epoch=self.epoch, part=part
+        )
 
         def read(shard: int) -> int:
             def attempt() -> int:
@@ -439,6 +443,52 @@ class Model:
         with ThreadPoolExecutor(max(1, len(self.shards_with_blocks))) as pool:
             versions = list(pool.map(read, self.shards_with_blocks))
         return (min(versions) if versions else min_version), out
+
+    # Federated rounds (README, "Writing a client in another language", step 7).
+
+    def round_task(self, client_id: int, after_round: int, timeout_s: float = 60.0) -> pb.RoundTask:
+        """The next round after `after_round` for one federated client (long poll on shard 0):
+        whether it is selected, the round's lr, `last_included_round`, `finished`."""
+        request = pb.GetRoundTaskRequest(model=self.name, client=client_id, after_round=after_round, timeout_ms=int(timeout_s * 1000), epoch=self.epoch)
+        return self.client.call(0, "GetRoundTask", request)
+
+    def push_round_update(
+        self,
+        client_id: int,
+        round: int,
+        deltas: Mapping[str, object],
+        controls: Optional[Mapping[str, object]] = None,
+    ) -> PushSummary:
+        """One client's update for `round` to every shard that holds blocks: each block's
+        delta (w_K - x) and, where the method takes one, its control part, in one stream per shard."""
+        flat = self._check_grads(deltas)
+        control = self._check_grads(controls) if controls is not None else {}
+        per_shard: Dict[int, List[Tuple[_Tensor, pb.BlockPlacement]]] = {}
+        for tensor in self.tensors.values():
+            for block in tensor.blocks:
+                per_shard.setdefault(block.shard, []).append((tensor, block))
+
+        def messages(blocks) -> Callable[[], Iterator[pb.RoundUpdateChunk]]:
+            def make() -> Iterator[pb.RoundUpdateChunk]:
+                for tensor, block in blocks:
+                    start, end = codec.block_range(block)
+                    parts = [(pb.ROUND_PART_DELTA, flat)] + ([(pb.ROUND_PART_CONTROL, control)] if control else [])
+                    for part, values in parts:
+                        for chunk in codec.chunks(tensor.name, block.block, values[tensor.name][start:end], tensor.encoding if tensor.encoding != codec.SIGN1 else codec.F32):
+                            yield pb.RoundUpdateChunk(model=self.name, client=client_id, round=round, part=part, chunk=chunk, epoch=self.epoch)
+
+            return make
+
+        summary = PushSummary()
+        with ThreadPoolExecutor(max(1, len(per_shard))) as pool:
+            for reply in pool.map(lambda item: self.client.stream(item[0], "PushRoundUpdate", messages(item[1])), per_shard.items()):
+                summary.accepted += reply.blocks_accepted
+                summary.duplicate += reply.blocks_duplicate
+        return summary
+
+    def complete_round(self, client_id: int, round: int) -> pb.CompleteRoundResponse:
+        """Tells shard 0 the client's update is on every shard; only then does it count."""
+        return self.client.call(0, "CompleteRound", pb.CompleteRoundRequest(model=self.name, client=client_id, round=round, epoch=self.epoch))
 
     def _block(self, tensor: str, index: int) -> pb.BlockPlacement:
         try:

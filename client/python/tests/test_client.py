@@ -147,3 +147,26 @@ def test_a_closed_server_raises_unavailable_after_the_retries(shards):
         client.status()
     assert closed.value.code == grpc.StatusCode.UNAVAILABLE
     assert "shard 0" in str(closed.value)
+
+
+def test_a_federated_round_of_two_python_clients_applies_the_mean_delta(shards):
+    values = {"w": np.linspace(-1, 1, 300, dtype=np.float32).reshape(30, 10)}
+    spec = spec_with("fed", values, ps.sgd(1.0), max_block_elements=128)
+    spec.mode = ps.pb.CONSISTENCY_MODE_FEDERATED
+    spec.federated.CopyFrom(ps.pb.FederatedConfig(algorithm=ps.pb.FEDERATED_ALGORITHM_FEDAVG, clients=2, participation=1.0, client_lr=0.1, local_steps=1, rounds=2))
+    client = shards.client()
+    model = client.register(spec, values)
+    deltas = [{"w": np.full((30, 10), 0.25 * (c + 1), dtype=np.float32)} for c in range(2)]
+    for c in range(2):
+        task = model.round_task(c, 0)
+        assert (task.round, task.selected, task.finished) == (1, True, False)
+        _, x = model.pull(task.round - 1)
+        np.testing.assert_array_equal(x["w"], values["w"])
+        assert model.push_round_update(c, task.round, deltas[c]).accepted == len(model.layout.blocks)
+        assert model.complete_round(c, task.round).cohort_size == 2
+    version, x = model.pull(1)
+    assert version == 1
+    np.testing.assert_allclose(x["w"], values["w"] + 0.375, rtol=1e-6)
+    with pytest.raises(ps.ServerError) as closed:
+        model.push_round_update(0, 1, deltas[0])
+    assert closed.value.kind == "round-closed"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The Python-client benchmark in one command: release binaries, a virtualenv
+# with this package and ray (pip), then benches/workers.py (see its docstring).
+# Extra arguments go to workers.py (e.g. --sizes 1000000 --steps 10).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../../.." && pwd)"
+venv="$root/target/bench-venv"
+(cd "$root" && cargo build -q --release -p ps-server --bin server && cargo build -q --release -p ps-client --example sync_steps)
+[ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check "$here/.."
+"$venv/bin/pip" install -q --disable-pip-version-check ray \
+    || echo "NOTE: pip could not install ray; the Ray column will read n/a"
+exec "$venv/bin/python" "$here/workers.py" "$@"
