@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import grpc
 import numpy as np
 
-from . import codec
+from . import codec, wire
 from .v1 import paramserver_pb2 as pb
 from .v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -28,6 +28,9 @@ MAX_MESSAGE_BYTES = 5 << 20
 PUSH_STREAM_BYTES = 256 << 20
 
 T = TypeVar("T")
+
+_PUSH_METHOD = "/paramserver.v1.ParameterServer/PushGradients"
+_PULL_METHOD = "/paramserver.v1.ParameterServer/PullWeights"
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
 
@@ -141,6 +144,15 @@ class Client:
                 channel = grpc.secure_channel(address, credentials, options=tls_options)
             self._channels.append(channel)
         self._stubs = [pb_grpc.ParameterServerStub(c) for c in self._channels]
+        # The bulk calls with hand-encoded messages (see `wire`): pushes send bytes, pulls receive them.
+        self._raw_push = [
+            c.stream_unary(_PUSH_METHOD, request_serializer=None, response_deserializer=pb.PushGradientsResponse.FromString)
+            for c in self._channels
+        ]
+        self._raw_pull = [
+            c.unary_stream(_PULL_METHOD, request_serializer=pb.PullWeightsRequest.SerializeToString, response_deserializer=None)
+            for c in self._channels
+        ]
         count = str(len(self.shards))
         self._metadata = [self._headers(token, i, count) for i in range(len(self.shards))]
         self._admin_metadata = [self._headers(admin_token or token, i, count) for i in range(len(self.shards))]
@@ -380,21 +392,30 @@ class Model:
             for name, values in flat.items()
         }
 
-        def messages(blocks: List[Tuple[_Tensor, pb.BlockPlacement]]) -> Callable[[], Iterator[pb.GradientChunk]]:
-            def make() -> Iterator[pb.GradientChunk]:
+        def messages(blocks: List[Tuple[_Tensor, pb.BlockPlacement]]) -> Callable[[], Iterator[bytes]]:
+            def make() -> Iterator[bytes]:
                 for tensor, block in blocks:
                     start, end = codec.block_range(block)
-                    for chunk in codec.chunks(tensor.name, block.block, flat[tensor.name][start:end], tensor.encoding, scales[tensor.name]):
-                        yield pb.GradientChunk(model=self.name, worker_id=worker, step=step, chunk=chunk, epoch=self.epoch)
+                    values = flat[tensor.name][start:end]
+                    per_chunk = codec.elements_per_chunk(tensor.encoding)
+                    for offset in range(0, len(values), per_chunk):
+                        part = values[offset : offset + per_chunk]
+                        payload = codec.payload_view(tensor.encoding, part)
+                        parts = wire.tensor_chunk_parts(tensor.name, block.block, offset, len(part), tensor.encoding, payload, scales[tensor.name])
+                        yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts)
 
             return make
+
+        def send(shard: int, blocks) -> pb.PushGradientsResponse:
+            metadata = self.client._metadata[shard]
+            return self.client._retry(shard, lambda: self.client._raw_push[shard](messages(blocks)(), metadata=metadata), True)
 
         calls = [(shard, blocks) for shard, shard_streams in streams.items() for blocks in shard_streams]
         summary = PushSummary(bytes=total)
         if not calls:
             return summary
         with ThreadPoolExecutor(len(calls)) as pool:
-            replies = pool.map(lambda c: self.client.stream(c[0], "PushGradients", messages(c[1])), calls)
+            replies = pool.map(lambda c: send(*c), calls)
             for reply in replies:
                 summary.accepted += reply.blocks_accepted
                 summary.duplicate += reply.blocks_duplicate
@@ -430,12 +451,14 @@ class Model:
         def read(shard: int) -> int:
             def attempt() -> int:
                 lowest = None
-                for message in self.client._stubs[shard].PullWeights(request, metadata=self.client._metadata[shard]):
-                    chunk = message.chunk
+                for raw in self.client._raw_pull[shard](request, metadata=self.client._metadata[shard]):
+                    chunk = wire.parse_weight_chunk(raw)
                     block = self._block(chunk.tensor, chunk.block)
+                    if chunk.offset + chunk.length > block.length:
+                        raise ValueError(f"a shard sent elements past the end of tensor '{chunk.tensor}' block {chunk.block}")
                     start = block.offset + chunk.offset
                     codec.decode_into(chunk.encoding, chunk.payload, chunk.scale, flat[chunk.tensor][start : start + chunk.length])
-                    lowest = message.version if lowest is None else min(lowest, message.version)
+                    lowest = chunk.version if lowest is None else min(lowest, chunk.version)
                 return lowest if lowest is not None else min_version
 
             return self.client._retry(shard, attempt, True)

@@ -72,11 +72,20 @@ def encode(encoding: int, values: np.ndarray) -> bytes:
     raise ValueError(f"unknown encoding {encoding}")
 
 
-def decode_into(encoding: int, payload: bytes, scale: float, out: np.ndarray) -> None:
+def payload_view(encoding: int, values: np.ndarray):
+    """The payload of `values` in `encoding`: for f32 a view of the array itself
+    (no copy) when it is already little-endian float32 and contiguous."""
+    if encoding == F32 and values.dtype == np.dtype("<f4") and values.flags.c_contiguous:
+        return memoryview(values).cast("B")
+    return encode(encoding, values)
+
+
+def decode_into(encoding: int, payload, scale: float, out: np.ndarray) -> None:
     """Decodes a payload of len(out) elements into `out` (an f32 view), with one copy."""
     n = len(out)
-    if len(payload) != payload_len(encoding, n):
-        raise ValueError(f"a {encoding_name(encoding)} payload of {n} elements takes {payload_len(encoding, n)} bytes, got {len(payload)}")
+    size = memoryview(payload).nbytes
+    if size != payload_len(encoding, n):
+        raise ValueError(f"a {encoding_name(encoding)} payload of {n} elements takes {payload_len(encoding, n)} bytes, got {size}")
     if encoding == F32:
         out[:] = np.frombuffer(payload, dtype="<f4")
     elif encoding == BF16:

@@ -170,3 +170,21 @@ def test_a_federated_round_of_two_python_clients_applies_the_mean_delta(shards):
     with pytest.raises(ps.ServerError) as closed:
         model.push_round_update(0, 1, deltas[0])
     assert closed.value.kind == "round-closed"
+
+
+def test_hand_encoded_messages_equal_the_generated_ones():
+    from paramserver import wire
+
+    values = np.array([1.5, -2.0, 3.25], dtype=np.float32)
+    parts = wire.tensor_chunk_parts("layer.weight", 3, 1024, 3, codec.F32, codec.payload_view(codec.F32, values), 0.0)
+    generated = ps.pb.GradientChunk(
+        model="m", worker_id="w", step=7, epoch=2,
+        chunk=ps.pb.TensorChunk(tensor="layer.weight", block=3, offset=1024, length=3, encoding=codec.F32, payload=values.tobytes()),
+    )
+    assert ps.pb.GradientChunk.FromString(wire.gradient_chunk("m", "w", 7, 2, parts)) == generated
+    signs = wire.tensor_chunk_parts("t", 0, 0, 3, codec.SIGN1, codec.encode(codec.SIGN1, values), 0.5)
+    assert ps.pb.GradientChunk.FromString(wire.gradient_chunk("m", "w", 0, 0, signs)).chunk.scale == 0.5
+    pulled = ps.pb.WeightChunk(version=9, checkpoint=True, chunk=generated.chunk).SerializeToString()
+    chunk = wire.parse_weight_chunk(pulled)
+    assert (chunk.version, chunk.checkpoint, chunk.tensor, chunk.block, chunk.offset, chunk.length) == (9, True, "layer.weight", 3, 1024, 3)
+    assert bytes(chunk.payload) == values.tobytes()
