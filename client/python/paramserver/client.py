@@ -153,6 +153,9 @@ class Client:
             c.unary_stream(_PULL_METHOD, request_serializer=pb.PullWeightsRequest.SerializeToString, response_deserializer=None)
             for c in self._channels
         ]
+        # One pool for the calls that go to several shards at once: threads made per
+        # call cost more than a small model's whole step.
+        self._pool = ThreadPoolExecutor(4 * len(self.shards) + 4, thread_name_prefix="paramserver")
         count = str(len(self.shards))
         self._metadata = [self._headers(token, i, count) for i in range(len(self.shards))]
         self._admin_metadata = [self._headers(admin_token or token, i, count) for i in range(len(self.shards))]
@@ -166,6 +169,7 @@ class Client:
 
     def close(self) -> None:
         """Closes every connection."""
+        self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
 
@@ -257,8 +261,7 @@ class Client:
 
             return make
 
-        with ThreadPoolExecutor(self.num_shards) as pool:
-            replies = list(pool.map(lambda s: self.stream(s, "RegisterModel", messages(s), admin=True), range(self.num_shards)))
+        replies = list(self._pool.map(lambda s: self.stream(s, "RegisterModel", messages(s), admin=True), range(self.num_shards)))
         return Model(self, replies[0].layout)
 
     def model(self, name: str) -> "Model":
@@ -414,12 +417,10 @@ class Model:
         summary = PushSummary(bytes=total)
         if not calls:
             return summary
-        with ThreadPoolExecutor(len(calls)) as pool:
-            replies = pool.map(lambda c: send(*c), calls)
-            for reply in replies:
-                summary.accepted += reply.blocks_accepted
-                summary.duplicate += reply.blocks_duplicate
-                summary.updated += reply.blocks_updated
+        for reply in self.client._pool.map(lambda c: send(*c), calls):
+            summary.accepted += reply.blocks_accepted
+            summary.duplicate += reply.blocks_duplicate
+            summary.updated += reply.blocks_updated
         return summary
 
     # Pulls.
@@ -463,8 +464,7 @@ class Model:
 
             return self.client._retry(shard, attempt, True)
 
-        with ThreadPoolExecutor(max(1, len(self.shards_with_blocks))) as pool:
-            versions = list(pool.map(read, self.shards_with_blocks))
+        versions = list(self.client._pool.map(read, self.shards_with_blocks))
         return (min(versions) if versions else min_version), out
 
     # Federated rounds (README, "Writing a client in another language", step 7).
@@ -503,10 +503,9 @@ class Model:
             return make
 
         summary = PushSummary()
-        with ThreadPoolExecutor(max(1, len(per_shard))) as pool:
-            for reply in pool.map(lambda item: self.client.stream(item[0], "PushRoundUpdate", messages(item[1])), per_shard.items()):
-                summary.accepted += reply.blocks_accepted
-                summary.duplicate += reply.blocks_duplicate
+        for reply in self.client._pool.map(lambda item: self.client.stream(item[0], "PushRoundUpdate", messages(item[1])), per_shard.items()):
+            summary.accepted += reply.blocks_accepted
+            summary.duplicate += reply.blocks_duplicate
         return summary
 
     def complete_round(self, client_id: int, round: int) -> pb.CompleteRoundResponse:
