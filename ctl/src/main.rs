@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ps_client::PsClient;
+use ps_proto::units::human_bytes;
 
 #[derive(Parser)]
 #[command(name = "ctl", version, about = "Inspect parameter-server shards")]
@@ -249,13 +250,4 @@ fn limits_json(l: &ps_client::status::ShardLimits) -> serde_json::Value {
         "max_stream_duration_ms": l.max_stream_duration_ms,
         "models": l.models, "model_bytes": l.model_bytes, "staged_bytes": l.staged_bytes, "open_streams": l.open_streams,
     })
-}
-
-/// `bytes` in MiB or GiB.
-fn human_bytes(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-    }
 }

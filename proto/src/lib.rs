@@ -10,6 +10,7 @@ pub mod errors;
 pub mod layout;
 pub mod tls;
 pub mod transport;
+pub mod units;
 pub mod wire_codec;
 
 /// Generated protobuf messages and gRPC stubs of `paramserver.v1`.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use ps_proto::layout;
+pub use ps_proto::units::human_bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ServerError;
@@ -63,8 +64,8 @@ impl Default for Limits {
             memory_bytes,
             max_spec_bytes: 4 << 20,
             max_stream_bytes: 1 << 30,
-            max_staged_bytes: (memory_bytes / 4).clamp(64 << 20, 8 << 30),
-            max_sending_bytes: (memory_bytes / 4).clamp(64 << 20, 8 << 30),
+            max_staged_bytes: default_buffer_bytes(memory_bytes),
+            max_sending_bytes: default_buffer_bytes(memory_bytes),
             max_streams: 4096,
             max_streams_per_connection: 256,
             max_wait: Duration::from_secs(120),
@@ -74,6 +75,12 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(20),
         }
     }
+}
+
+/// The default of --max-staged-bytes and --max-sending-bytes: a quarter of the
+/// memory limit, at least 64 MiB and at most 8 GiB.
+pub fn default_buffer_bytes(memory_bytes: u64) -> u64 {
+    (memory_bytes / 4).clamp(64 << 20, 8 << 30)
 }
 
 /// Three quarters of the memory this process may use: the cgroup's limit when
@@ -180,18 +187,6 @@ pub fn footprint(spec: &ModelSpec, num_shards: u32) -> Footprint {
     let per_shard = (elements.div_ceil(num_shards.max(1) as u64) + largest).min(elements);
     let bytes = per_shard.saturating_mul(BYTES_PER_ELEMENT).saturating_add(blocks.saturating_mul(BYTES_PER_BLOCK));
     Footprint { elements, blocks, bytes }
-}
-
-/// `bytes` as a short human-readable size.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 /// Parses a size such as `512MiB`, `4G`, `1.5GiB` or `1048576`.

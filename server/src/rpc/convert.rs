@@ -446,7 +446,7 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
         min_version,
         max_version,
         blocks: model.local_blocks().len() as u32,
-        parameters: model.local_blocks().iter().map(|b| b.len as u64).sum(),
+        parameters: model.local_elements(),
         live_workers: model
             .membership
             .live()

@@ -312,14 +312,11 @@ impl ParameterService {
         // that fills it: a client that stops reading keeps its stream slot and
         // its share of the send budget until its stream is gone.
         let hold = Arc::new(parking_lot::Mutex::new(PullHold { _stream: slot, sending: None }));
-        let total_bytes: u64 = model
-            .local_blocks()
-            .iter()
-            .filter(|b| wanted.as_ref().is_none_or(|w| w.contains(&b.tensor)))
-            .map(|b| codec::payload_len(encoding, b.len as u64))
-            .sum();
-        // Chunks ahead in the channel, one waiting to enter it, and what tonic and HTTP/2 buffer.
-        let buffer_bytes = total_bytes.min((PULL_CHUNKS_AHEAD as u64 + 3) * ps_proto::transport::CHUNK_BYTES as u64);
+        // Chunks ahead in the channel, one waiting to enter it, and what tonic and
+        // HTTP/2 buffer; a shard's share of a small model needs no more than itself
+        // (cached, so a pull walks no block list on the reactor).
+        let buffer_bytes = codec::payload_len(encoding, model.local_elements())
+            .min((PULL_CHUNKS_AHEAD as u64 + 3) * ps_proto::transport::CHUNK_BYTES as u64);
         let (tx, rx) = mpsc::channel(PULL_CHUNKS_AHEAD);
         let filler = hold.clone();
         tokio::spawn(async move {

@@ -65,6 +65,8 @@ pub struct Model {
     tensor_blocks: Vec<Range<usize>>,
     local: HashMap<(usize, u32), Arc<Block>>,
     pub(super) local_order: Vec<Arc<Block>>,
+    /// Elements of the blocks on this shard.
+    local_elements: u64,
     pub(super) pushes: AtomicU64,
     workers_expired: AtomicU64,
     pub(super) workers_dropped_late: AtomicU64,
@@ -122,6 +124,7 @@ impl Model {
             tensor_index,
             tensor_blocks,
             local,
+            local_elements: local_order.iter().map(|b| b.len as u64).sum(),
             local_order,
             pushes: AtomicU64::new(0),
             workers_expired: AtomicU64::new(0),
@@ -209,6 +212,11 @@ impl Model {
     /// This shard's blocks in tensor then block order.
     pub fn local_blocks(&self) -> &[Arc<Block>] {
         &self.local_order
+    }
+
+    /// Elements of the blocks on this shard.
+    pub fn local_elements(&self) -> u64 {
+        self.local_elements
     }
 
     /// The error for a worker that is not a live member of this model.
@@ -330,8 +338,7 @@ impl Model {
     pub fn publish_gauges(&self) {
         let model = self.spec.name.clone();
         self.publish_live_workers();
-        let parameters: usize = self.local_order.iter().map(|b| b.len).sum();
-        metrics::gauge!(m::PARAMETERS, "model" => model.clone()).set(parameters as f64);
+        metrics::gauge!(m::PARAMETERS, "model" => model.clone()).set(self.local_elements as f64);
         for (group, stats) in self.spec.groups.iter().zip(self.group_stats()) {
             metrics::gauge!(m::OPTIMIZER_STATE_BYTES, "model" => model.clone(), "group" => group.name.clone(), "optimizer" => group.optimizer.mode())
                 .set(stats.state_bytes as f64);
