@@ -399,12 +399,8 @@ class Model:
             def make() -> Iterator[bytes]:
                 for tensor, block in blocks:
                     start, end = codec.block_range(block)
-                    values = flat[tensor.name][start:end]
-                    per_chunk = codec.elements_per_chunk(tensor.encoding)
-                    for offset in range(0, len(values), per_chunk):
-                        part = values[offset : offset + per_chunk]
-                        payload = codec.payload_view(tensor.encoding, part)
-                        parts = wire.tensor_chunk_parts(tensor.name, block.block, offset, len(part), tensor.encoding, payload, scales[tensor.name])
+                    for offset, length, payload in codec.payloads(flat[tensor.name][start:end], tensor.encoding):
+                        parts = wire.tensor_chunk_parts(tensor.name, block.block, offset, length, tensor.encoding, payload, scales[tensor.name])
                         yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts)
 
             return make

@@ -99,19 +99,20 @@ def decode_into(encoding: int, payload, scale: float, out: np.ndarray) -> None:
         raise ValueError(f"unknown encoding {encoding}")
 
 
-def chunks(tensor: str, block: int, values: np.ndarray, encoding: int, scale: float = 0.0) -> Iterator[pb.TensorChunk]:
-    """One block's values as wire chunks, lazily, each at most CHUNK_BYTES."""
+def payloads(values: np.ndarray, encoding: int) -> Iterator[Tuple[int, int, object]]:
+    """One block's values split into chunk payloads, lazily: (offset, length, payload),
+    each payload at most CHUNK_BYTES (an f32 payload is a view, see `payload_view`)."""
     per_chunk = elements_per_chunk(encoding)
     for start in range(0, len(values), per_chunk):
         part = values[start : start + per_chunk]
+        yield start, len(part), payload_view(encoding, part)
+
+
+def chunks(tensor: str, block: int, values: np.ndarray, encoding: int, scale: float = 0.0) -> Iterator[pb.TensorChunk]:
+    """One block's values as generated TensorChunk messages, lazily."""
+    for offset, length, payload in payloads(values, encoding):
         yield pb.TensorChunk(
-            tensor=tensor,
-            block=block,
-            offset=start,
-            length=len(part),
-            encoding=encoding,
-            payload=encode(encoding, part),
-            scale=scale,
+            tensor=tensor, block=block, offset=offset, length=length, encoding=encoding, payload=bytes(payload), scale=scale
         )
 
 
