@@ -3,7 +3,7 @@
 //! step: the Rust side of the Python-client benchmark
 //! (`client/python/benches/workers.py`).
 //!
-//! Usage: `sync_steps SHARDS MODEL WORKER RANK STEPS WARMUP`
+//! Usage: `sync_steps SHARDS MODEL WORKER RANK STEPS WARMUP` (`PS_LOCAL` picks the local channel mode)
 
 use std::time::Instant;
 
@@ -16,7 +16,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: sync_steps SHARDS MODEL WORKER RANK STEPS WARMUP".into());
     };
     let (rank, steps, warmup): (u32, u64, u64) = (rank.parse()?, steps.parse()?, warmup.parse()?);
-    let client = PsClient::connect(ClientConfig::new(shards.split(',').map(str::to_string).collect()))?;
+    let mut config = ClientConfig::new(shards.split(',').map(str::to_string).collect());
+    // PS_LOCAL=off|socket|segments picks how shards on this host are reached (default: segments).
+    if let Ok(mode) = std::env::var("PS_LOCAL") {
+        config.local = mode.parse()?;
+    }
+    let client = PsClient::connect(config)?;
     client.wait_ready(std::time::Duration::from_secs(60)).await?;
     let model = client.model(model).await?;
     let joined = model.join_as(worker, Some(rank)).await?;

@@ -35,6 +35,10 @@ pub struct AccessArgs {
     /// Check the shards' certificates against this name instead of each address's host.
     #[arg(long, env = "PS_TLS_DOMAIN", global = true)]
     pub tls_domain: Option<String>,
+    /// Shards on this host (server --local-dir): "segments" moves gradients and weights
+    /// through shared memory, "socket" uses gRPC over their Unix socket, "off" only the network.
+    #[arg(long, env = "PS_LOCAL", default_value_t = crate::LocalMode::Segments, global = true)]
+    pub local: crate::LocalMode,
 }
 
 /// Why the access flags cannot be used.
@@ -73,6 +77,7 @@ impl AccessArgs {
             None if self.tls_client_cert.is_some() || self.tls_domain.is_some() => return Err(AccessError::NoCa),
             None => None,
         };
+        config.local = self.local;
         Ok(())
     }
 

@@ -19,6 +19,8 @@ pub struct ClientConfig {
     pub attempts: u32,
     /// Delay before the first retry; doubles each time.
     pub retry_backoff: Duration,
+    /// How shards on this host are reached (see [`crate::LocalMode`]).
+    pub local: crate::LocalMode,
 }
 
 /// The bearer token to use: the one read from `file` if given (a mounted
@@ -42,6 +44,7 @@ impl ClientConfig {
             tls: None,
             attempts: 20,
             retry_backoff: Duration::from_millis(100),
+            local: crate::LocalMode::default(),
         }
     }
 }

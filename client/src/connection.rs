@@ -20,6 +20,7 @@ use crate::Tensors;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, ProtocolError};
 use crate::layout::Layout;
+use crate::local::{LocalMode, LocalShard, NotLocal, Reach};
 use crate::model::{ModelHandle, check_len};
 use crate::spec::{Init, ModelSpec};
 use crate::status::ShardStatus;
@@ -37,6 +38,10 @@ pub struct PsClient {
     /// The same connections, sending the admin token.
     admin: Arc<Vec<ShardStub>>,
     config: Arc<ClientConfig>,
+    /// Per shard: whether it is reached through its local channel.
+    reach: Arc<Vec<std::sync::RwLock<Reach>>>,
+    /// Held while a shard's local channel is being tried, so it is tried once.
+    discovering: Arc<Vec<tokio::sync::Mutex<()>>>,
 }
 
 fn transient(status: &Status) -> bool {
@@ -71,7 +76,13 @@ impl PsClient {
             shards.push(stub(config.auth_token.as_deref())?);
             admin.push(stub(admin_token)?);
         }
-        Ok(Self { shards: Arc::new(shards), admin: Arc::new(admin), config: Arc::new(config) })
+        Ok(Self {
+            shards: Arc::new(shards),
+            admin: Arc::new(admin),
+            reach: Arc::new((0..count).map(|_| std::sync::RwLock::default()).collect()),
+            discovering: Arc::new((0..count).map(|_| tokio::sync::Mutex::default()).collect()),
+            config: Arc::new(config),
+        })
     }
 
     /// Number of shards.
@@ -80,7 +91,83 @@ impl PsClient {
     }
 
     pub(crate) fn stub(&self, shard: usize) -> ShardStub {
-        self.shards[shard].clone()
+        match self.known_local(shard) {
+            Some(Some(local)) => local.grpc.clone(),
+            _ => self.shards[shard].clone(),
+        }
+    }
+
+    /// How this client uses shards on its host.
+    pub fn local_mode(&self) -> LocalMode {
+        self.config.local
+    }
+
+    /// How this client reaches `shard` through its local channel: None until
+    /// the first push or pull found it local (or when it is not).
+    pub fn local_channel(&self, shard: usize) -> Option<LocalMode> {
+        self.known_local(shard)
+            .flatten()
+            .map(|local| if local.segments { LocalMode::Segments } else { LocalMode::Socket })
+    }
+
+    /// What is known of a shard's local channel: not asked yet (None), or whether it is used.
+    fn known_local(&self, shard: usize) -> Option<Option<Arc<LocalShard>>> {
+        match &*self.reach[shard].read().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            Reach::Unknown => None,
+            Reach::Local(local) => Some(Some(local.clone())),
+            Reach::Remote => Some(None),
+        }
+    }
+
+    /// The shard's local channel if this client can use it, finding out on the first call.
+    pub(crate) async fn local_shard(&self, shard: usize) -> Option<Arc<LocalShard>> {
+        if self.config.local == LocalMode::Off {
+            return None;
+        }
+        if let Some(known) = self.known_local(shard) {
+            return known;
+        }
+        let _trying = self.discovering[shard].lock().await;
+        if let Some(known) = self.known_local(shard) {
+            return known;
+        }
+        let reach = match self.discover(shard).await {
+            Ok(local) => {
+                tracing::info!(shard, mode = %self.config.local, "shard reached through its local channel");
+                Reach::Local(Arc::new(local))
+            }
+            // The shard did not answer: ask again on the next call rather than settle for TCP.
+            Err(NotLocal::Rpc(status)) if transient(&status) => return None,
+            Err(reason) => {
+                tracing::debug!(shard, %reason, "shard reached over the network");
+                Reach::Remote
+            }
+        };
+        *self.reach[shard].write().unwrap_or_else(|poisoned| poisoned.into_inner()) = reach;
+        self.known_local(shard).flatten()
+    }
+
+    async fn discover(&self, shard: usize) -> Result<LocalShard, NotLocal> {
+        let status = self.shards[shard].clone().get_status(pb::GetStatusRequest::default()).await?.into_inner();
+        let count = self.shards.len();
+        let headers = |token: Option<&str>| {
+            ShardHeaders::new(token, shard, count).map_err(|_| NotLocal::Refused("the token is not printable".into()))
+        };
+        let admin_token = self.config.admin_token.as_deref().or(self.config.auth_token.as_deref());
+        LocalShard::connect(
+            status.local,
+            headers(self.config.auth_token.as_deref())?,
+            headers(admin_token)?,
+            self.config.auth_token.as_deref().or(admin_token),
+            self.config.local,
+        )
+        .await
+    }
+
+    /// Stops using a shard's local channel (it failed in a way TCP will not).
+    pub(crate) fn leave_local(&self, shard: usize, why: &str) {
+        tracing::warn!(shard, "local channel given up, back to the network: {why}");
+        *self.reach[shard].write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Reach::Remote;
     }
 
     /// Runs `call` against one shard, retrying transient failures with backoff (doubling up to 2 s).
@@ -89,7 +176,7 @@ impl PsClient {
         F: FnMut(ShardStub) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.retry_on(&self.shards[shard], shard, call).await
+        self.retry_on(false, shard, call).await
     }
 
     /// [`Self::retry`] with the admin token.
@@ -98,10 +185,10 @@ impl PsClient {
         F: FnMut(ShardStub) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.retry_on(&self.admin[shard], shard, call).await
+        self.retry_on(true, shard, call).await
     }
 
-    async fn retry_on<T, F, Fut>(&self, stub: &ShardStub, shard: usize, mut call: F) -> Result<T, ClientError>
+    async fn retry_on<T, F, Fut>(&self, admin: bool, shard: usize, mut call: F) -> Result<T, ClientError>
     where
         F: FnMut(ShardStub) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -109,7 +196,13 @@ impl PsClient {
         let mut delay = self.config.retry_backoff;
         let mut attempt = 1;
         loop {
-            match call(stub.clone()).await {
+            let stub = match (self.known_local(shard), admin) {
+                (Some(Some(local)), false) => local.grpc.clone(),
+                (Some(Some(local)), true) => local.admin.clone(),
+                (_, false) => self.shards[shard].clone(),
+                (_, true) => self.admin[shard].clone(),
+            };
+            match call(stub).await {
                 Ok(value) => return Ok(value),
                 Err(status) if transient(&status) && attempt < self.config.attempts => {
                     tracing::debug!(shard, attempt, code = ?status.code(), "retrying: {}", status.message());

@@ -17,6 +17,7 @@ use crate::Tensors;
 use crate::connection::{PsClient, ShardStub};
 use crate::error::{ClientError, ProtocolError};
 use crate::layout::{Layout, TensorInfo};
+use crate::local::{LocalShard, PushSegment, WeightsFile};
 use crate::spec::Encoding;
 
 pub(crate) fn check_len(tensor: &str, expected: u64, data: &[f32]) -> Result<(), ClientError> {
@@ -104,6 +105,10 @@ pub struct ModelHandle {
     ranks: Arc<Mutex<HashMap<String, u32>>>,
     /// The model's epoch as this handle last learned it; sent with every push and pull.
     epoch: Arc<AtomicU64>,
+    /// Per shard: the segment this handle pushes through when the shard is local.
+    push_segments: Arc<Vec<tokio::sync::Mutex<Option<PushSegment>>>>,
+    /// Per shard: the model's weights segment there, once opened.
+    weights_files: Arc<Vec<Mutex<Option<Arc<WeightsFile>>>>>,
 }
 
 impl std::fmt::Debug for ModelHandle {
@@ -119,6 +124,7 @@ impl ModelHandle {
         }
         let tensors = layout.tensor_infos()?;
         let index: HashMap<String, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let shards = client.num_shards();
         Ok(Self {
             client,
             tensors: Arc::new(tensors),
@@ -126,6 +132,8 @@ impl ModelHandle {
             pull_encoding: Encoding::F32,
             ranks: Arc::default(),
             epoch: Arc::new(AtomicU64::new(layout.epoch)),
+            push_segments: Arc::new((0..shards).map(|_| Default::default()).collect()),
+            weights_files: Arc::new((0..shards).map(|_| Default::default()).collect()),
             layout: Arc::new(layout),
         })
     }
@@ -313,55 +321,188 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
-        // Per shard, streams of whole blocks, each within the shards' per-stream limit.
-        let mut per_shard: Vec<Vec<PushStream>> = vec![Vec::new(); self.client.num_shards()];
-        let mut bytes_total = 0u64;
         for name in grads.keys() {
             if !self.index.contains_key(name) {
                 return Err(ClientError::UnknownTensor(name.clone()));
             }
         }
+        let mut scales = Vec::with_capacity(self.tensors.len());
         for tensor in self.tensors.iter() {
             let data = grads.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
             check_len(&tensor.name, tensor.len as u64, data)?;
-            let scale = if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 };
-            for block in &tensor.blocks {
-                let values = &data[block.offset as usize..(block.offset + block.length) as usize];
-                let streams = &mut per_shard[block.shard as usize];
-                let block_bytes = codec::payload_len(tensor.encoding.to_wire(), block.length);
-                match streams.last() {
-                    Some(last) if last.bytes + block_bytes <= PUSH_STREAM_BYTES as u64 => {}
-                    _ => streams.push(PushStream::default()),
-                }
-                let stream = streams.last_mut().expect("a stream was just ensured");
-                stream.bytes += block_bytes;
-                for chunk in chunk::encode_block(&tensor.name, block.block, values, tensor.encoding.to_wire(), scale) {
-                    bytes_total += chunk.payload.len() as u64;
-                    stream.chunks.push(pb::GradientChunk {
-                        model: self.name().to_string(),
-                        worker_id: worker.to_string(),
-                        step,
-                        chunk: Some(chunk),
-                        epoch: self.epoch(),
-                    });
-                }
+            scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
+        }
+        let push = PushRequest { worker, step, grads, scales: &scales };
+        let replies =
+            try_join_all(self.shards_with_blocks().into_iter().map(|shard| self.push_shard(shard, &push))).await?;
+        Ok(replies.iter().flat_map(|(replies, _)| replies).fold(
+            PushSummary { bytes: replies.iter().map(|(_, bytes)| bytes).sum(), ..Default::default() },
+            |sum, r| PushSummary {
+                accepted: sum.accepted + r.blocks_accepted,
+                duplicate: sum.duplicate + r.blocks_duplicate,
+                updated: sum.updated + r.blocks_updated,
+                bytes: sum.bytes,
+            },
+        ))
+    }
+
+    /// The shards that hold blocks of this model.
+    fn shards_with_blocks(&self) -> Vec<usize> {
+        (0..self.client.num_shards()).filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s)).collect()
+    }
+
+    /// This shard's blocks of every tensor, with the tensor's index.
+    fn blocks_on(&self, shard: usize) -> impl Iterator<Item = (usize, &crate::layout::BlockPlan)> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .flat_map(move |(at, t)| t.blocks.iter().filter(move |b| b.shard as usize == shard).map(move |b| (at, b)))
+    }
+
+    /// Pushes one shard's blocks: through a memory segment when the shard is on
+    /// this host, otherwise (or when the local channel fails) over gRPC.
+    async fn push_shard(
+        &self,
+        shard: usize,
+        push: &PushRequest<'_>,
+    ) -> Result<(Vec<pb::PushGradientsResponse>, u64), ClientError> {
+        if let Some(local) = self.client.local_shard(shard).await.filter(|local| local.segments) {
+            match self.push_local(shard, &local, push).await {
+                Ok(done) => return Ok(done),
+                Err(LocalFailure::Channel(why)) => self.client.leave_local(shard, &why),
+                Err(LocalFailure::Server(error)) => return Err(error),
             }
         }
-        let calls = per_shard.into_iter().enumerate().flat_map(|(shard, streams)| {
-            streams.into_iter().map(move |PushStream { chunks, .. }| {
-                self.client.retry(shard, move |mut stub| {
-                    let chunks = chunks.clone();
-                    async move { stub.push_gradients(tokio_stream::iter(chunks)).await.map(|r| r.into_inner()) }
-                })
+        self.push_grpc(shard, push).await
+    }
+
+    async fn push_grpc(
+        &self,
+        shard: usize,
+        push: &PushRequest<'_>,
+    ) -> Result<(Vec<pb::PushGradientsResponse>, u64), ClientError> {
+        // Streams of whole blocks, each within the shards' per-stream limit.
+        let mut streams: Vec<PushStream> = Vec::new();
+        let mut bytes_total = 0u64;
+        for (at, block) in self.blocks_on(shard) {
+            let tensor = &self.tensors[at];
+            let data = &push.grads[&tensor.name];
+            let values = &data[block.offset as usize..(block.offset + block.length) as usize];
+            let block_bytes = codec::payload_len(tensor.encoding.to_wire(), block.length);
+            match streams.last() {
+                Some(last) if last.bytes + block_bytes <= PUSH_STREAM_BYTES as u64 => {}
+                _ => streams.push(PushStream::default()),
+            }
+            let stream = streams.last_mut().expect("a stream was just ensured");
+            stream.bytes += block_bytes;
+            let encoded =
+                chunk::encode_block(&tensor.name, block.block, values, tensor.encoding.to_wire(), push.scales[at]);
+            for chunk in encoded {
+                bytes_total += chunk.payload.len() as u64;
+                stream.chunks.push(pb::GradientChunk {
+                    model: self.name().to_string(),
+                    worker_id: push.worker.to_string(),
+                    step: push.step,
+                    chunk: Some(chunk),
+                    epoch: self.epoch(),
+                });
+            }
+        }
+        let calls = streams.into_iter().map(|PushStream { chunks, .. }| {
+            self.client.retry(shard, move |mut stub| {
+                let chunks = chunks.clone();
+                async move { stub.push_gradients(tokio_stream::iter(chunks)).await.map(|r| r.into_inner()) }
             })
         });
-        let replies = try_join_all(calls).await?;
-        Ok(replies.iter().fold(PushSummary { bytes: bytes_total, ..Default::default() }, |sum, r| PushSummary {
-            accepted: sum.accepted + r.blocks_accepted,
-            duplicate: sum.duplicate + r.blocks_duplicate,
-            updated: sum.updated + r.blocks_updated,
-            bytes: sum.bytes,
-        }))
+        Ok((try_join_all(calls).await?, bytes_total))
+    }
+
+    /// Writes the shard's payloads into this handle's segment for it (made or
+    /// grown as needed), then names them in PushLocal calls.
+    async fn push_local(
+        &self,
+        shard: usize,
+        local: &LocalShard,
+        push: &PushRequest<'_>,
+    ) -> Result<(Vec<pb::PushGradientsResponse>, u64), LocalFailure> {
+        let mut held = self.push_segments[shard].lock().await;
+        let mut planned = Vec::new();
+        let mut bytes = 0u64;
+        for (at, block) in self.blocks_on(shard) {
+            let tensor = &self.tensors[at];
+            let encoding = tensor.encoding.to_wire();
+            let values = &push.grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
+            let per_chunk = chunk::elements_per_chunk(encoding);
+            for (i, part) in values.chunks(per_chunk).enumerate() {
+                let payload_bytes = codec::payload_len(encoding, part.len() as u64);
+                let header = pb::TensorChunk {
+                    tensor: tensor.name.clone(),
+                    block: block.block,
+                    offset: (i * per_chunk) as u64,
+                    length: part.len() as u64,
+                    encoding: encoding as i32,
+                    payload: Default::default(),
+                    scale: push.scales[at],
+                };
+                planned.push((pb::LocalChunk { chunk: Some(header), segment_offset: bytes, payload_bytes }, part));
+                bytes += payload_bytes;
+            }
+        }
+        if held.as_ref().is_none_or(|segment| segment.bytes < bytes) {
+            let size = bytes.next_multiple_of(1 << 20).max(1 << 20);
+            *held = Some(local.attach(size).map_err(|e| LocalFailure::Channel(e.to_string()))?);
+        }
+        let segment = held.as_ref().expect("a segment was just attached");
+        for (local_chunk, part) in &planned {
+            let at = local_chunk.segment_offset;
+            let written = match local_chunk.chunk.as_ref().map(|c| c.encoding) {
+                Some(e) if e == pb::Encoding::F32 as i32 => ps_proto::local::write_f32s(&segment.file, at, part),
+                Some(e) => {
+                    let encoding = codec::encoding_from_i32(e).map_err(|e| LocalFailure::Channel(e.to_string()))?;
+                    std::os::unix::fs::FileExt::write_all_at(&segment.file, &codec::encode(encoding, part), at)
+                }
+                None => Ok(()),
+            };
+            written.map_err(|e| LocalFailure::Channel(format!("writing the push segment: {e}")))?;
+        }
+        let mut requests: Vec<pb::LocalPushRequest> = Vec::new();
+        let mut request_bytes = 0u64;
+        for (local_chunk, _) in planned {
+            let full = requests.last().is_none_or(|r| {
+                request_bytes + local_chunk.payload_bytes > PUSH_STREAM_BYTES as u64
+                    || r.chunks.len() >= MAX_LOCAL_CHUNKS
+            });
+            if full {
+                request_bytes = 0;
+                requests.push(pb::LocalPushRequest {
+                    model: self.name().to_string(),
+                    worker_id: push.worker.to_string(),
+                    step: push.step,
+                    epoch: self.epoch(),
+                    segment: segment.id.clone(),
+                    chunks: Vec::new(),
+                });
+            }
+            request_bytes += local_chunk.payload_bytes;
+            requests.last_mut().expect("a request was just ensured").chunks.push(local_chunk);
+        }
+        let calls = requests.into_iter().map(|request| {
+            self.client.retry(shard, move |mut stub| {
+                let request = request.clone();
+                async move { stub.push_local(request).await.map(|r| r.into_inner()) }
+            })
+        });
+        match try_join_all(calls).await {
+            Ok(replies) => Ok((replies, bytes)),
+            // The shard no longer knows the segment: its socket connection broke (a restart).
+            Err(ClientError::Rpc { status, .. })
+                if status.code() == Code::NotFound && status.message().starts_with("segment '") =>
+            {
+                *held = None;
+                Err(LocalFailure::Channel(status.message().to_string()))
+            }
+            Err(error) => Err(LocalFailure::Server(error)),
+        }
     }
 
     /// Pushes one step as [`ModelHandle::push`] does, and recovers from a lost
@@ -459,12 +600,82 @@ impl ModelHandle {
             part: part as i32,
             epoch: self.epoch(),
         };
-        let shards_with_blocks: Vec<usize> = (0..self.client.num_shards())
-            .filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s))
-            .collect();
-        let parts = try_join_all(shards_with_blocks.into_iter().map(|shard| {
-            let request = request.clone();
-            self.client.retry(shard, move |mut stub| {
+        // Segments hold f32 parameters; other pulls take gRPC (over the local socket where there is one).
+        let segments_serve = part == pb::WeightPart::Parameters && self.pull_encoding.to_wire() == pb::Encoding::F32;
+        let parts = try_join_all(self.shards_with_blocks().into_iter().map(|shard| {
+            let request = &request;
+            async move {
+                if segments_serve && let Some(local) = self.client.local_shard(shard).await.filter(|l| l.segments) {
+                    let reply = self.pull_local_reply(shard, request).await?;
+                    return Ok::<_, ClientError>(ShardPull::Local { shard, local, reply });
+                }
+                Ok(ShardPull::Chunks(self.pull_chunks(shard, request).await?))
+            }
+        }))
+        .await?;
+        for info in self.tensors.iter() {
+            tensors.entry(info.name.clone()).or_default().resize(info.len, 0.0);
+        }
+        let mut read = PullInfo { version: u64::MAX, bytes: 0, checkpoint: false };
+        let mut received: HashMap<(usize, u32), u64> = HashMap::new();
+        for pulled in parts {
+            match pulled {
+                ShardPull::Chunks(chunks) => self.decode_chunks(chunks, tensors, &mut read, &mut received)?,
+                ShardPull::Local { shard, local, mut reply } => {
+                    let mut attempts = 0;
+                    loop {
+                        match self.read_local(shard, &local, &reply, tensors) {
+                            Ok(true) => {
+                                for block in &reply.blocks {
+                                    read.version = read.version.min(block.version);
+                                    read.bytes += block.length * 4;
+                                    let at = self.index[&block.tensor];
+                                    *received.entry((at, block.block)).or_default() += block.length;
+                                }
+                                read.checkpoint |= reply.checkpoint;
+                                break;
+                            }
+                            // Rewritten while read (a reader this slow is rare): ask again, then give up on it.
+                            Ok(false) if attempts < LOCAL_READ_ATTEMPTS => {
+                                attempts += 1;
+                                reply = self.pull_local_reply(shard, &request).await?;
+                            }
+                            outcome => {
+                                if let Err(LocalFailure::Channel(why)) = &outcome {
+                                    self.client.leave_local(shard, why);
+                                }
+                                if let Err(LocalFailure::Server(error)) = outcome {
+                                    return Err(error);
+                                }
+                                let chunks = self.pull_chunks(shard, &request).await?;
+                                self.decode_chunks(chunks, tensors, &mut read, &mut received)?;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (at, info) in self.tensors.iter().enumerate() {
+            for block in &info.blocks {
+                if received.get(&(at, block.block)).copied().unwrap_or(0) != block.length {
+                    return Err(ProtocolError::IncompleteBlock { tensor: info.name.clone(), block: block.block }.into());
+                }
+            }
+        }
+        if read.version == u64::MAX {
+            read.version = 0;
+        }
+        Ok(read)
+    }
+
+    async fn pull_chunks(
+        &self,
+        shard: usize,
+        request: &pb::PullWeightsRequest,
+    ) -> Result<Vec<pb::WeightChunk>, ClientError> {
+        self.client
+            .retry(shard, move |mut stub| {
                 let request = request.clone();
                 async move {
                     let mut stream = stub.pull_weights(request).await?.into_inner();
@@ -475,20 +686,93 @@ impl ModelHandle {
                     Ok(chunks)
                 }
             })
-        }))
-        .await?;
-        for info in self.tensors.iter() {
-            tensors.entry(info.name.clone()).or_default().resize(info.len, 0.0);
+            .await
+    }
+
+    async fn pull_local_reply(
+        &self,
+        shard: usize,
+        request: &pb::PullWeightsRequest,
+    ) -> Result<pb::LocalPullResponse, ClientError> {
+        let local = pb::LocalPullRequest {
+            model: request.model.clone(),
+            min_version: request.min_version,
+            timeout_ms: request.timeout_ms,
+            epoch: request.epoch,
+        };
+        self.client
+            .retry(shard, move |mut stub| {
+                let local = local.clone();
+                async move { stub.pull_local(local).await.map(|r| r.into_inner()) }
+            })
+            .await
+    }
+
+    /// Reads a shard's published blocks straight into `tensors`; false when
+    /// the shard rewrote the slot meanwhile (the values read are then torn).
+    fn read_local(
+        &self,
+        shard: usize,
+        local: &LocalShard,
+        reply: &pb::LocalPullResponse,
+        tensors: &mut Tensors,
+    ) -> Result<bool, LocalFailure> {
+        let file = {
+            let mut cached = self.weights_files[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match cached.as_ref() {
+                Some(file) if file.id == reply.segment => file.clone(),
+                _ => {
+                    let opened =
+                        Arc::new(local.open_weights(self.name()).map_err(|e| LocalFailure::Channel(e.to_string()))?);
+                    if opened.id != reply.segment {
+                        return Err(LocalFailure::Channel(format!(
+                            "the shard published segment {} but opened {}",
+                            reply.segment, opened.id
+                        )));
+                    }
+                    *cached = Some(opened.clone());
+                    opened
+                }
+            }
+        };
+        for published in &reply.blocks {
+            let Some(&at) = self.index.get(&published.tensor) else {
+                return Err(LocalFailure::Server(ClientError::UnknownTensor(published.tensor.clone())));
+            };
+            let info = &self.tensors[at];
+            let block = info
+                .blocks
+                .get(published.block as usize)
+                .filter(|b| b.shard as usize == shard && b.length == published.length);
+            let Some(block) = block else {
+                let error = ProtocolError::UnknownBlock { tensor: published.tensor.clone(), block: published.block };
+                return Err(LocalFailure::Server(error.into()));
+            };
+            let out = &mut tensors.get_mut(&info.name).expect("tensor allocated by the caller")
+                [block.offset as usize..(block.offset + block.length) as usize];
+            ps_proto::local::read_f32s(&file.file, published.offset, out)
+                .map_err(|e| LocalFailure::Channel(format!("reading the weights segment: {e}")))?;
         }
-        let mut received: HashMap<(usize, u32), u64> = HashMap::new();
-        let mut version = u64::MAX;
-        let mut bytes = 0u64;
-        let mut checkpoint = false;
-        for chunk in parts.into_iter().flatten() {
-            version = version.min(chunk.version);
-            checkpoint |= chunk.checkpoint;
+        // The values were read before the sequence number is: a rewrite that
+        // overlapped them has moved it by then.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let sequence = ps_proto::local::read_sequence(&file.file, reply.slot)
+            .map_err(|e| LocalFailure::Channel(format!("reading the weights segment: {e}")))?;
+        Ok(sequence == reply.sequence)
+    }
+
+    fn decode_chunks(
+        &self,
+        chunks: Vec<pb::WeightChunk>,
+        tensors: &mut Tensors,
+        read: &mut PullInfo,
+        received: &mut HashMap<(usize, u32), u64>,
+    ) -> Result<(), ClientError> {
+        for chunk in chunks {
+            read.version = read.version.min(chunk.version);
+            read.checkpoint |= chunk.checkpoint;
             let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
-            bytes += data.payload.len() as u64;
+            read.bytes += data.payload.len() as u64;
             let at = *self.index.get(&data.tensor).ok_or_else(|| ClientError::UnknownTensor(data.tensor.clone()))?;
             let info = &self.tensors[at];
             let block = info
@@ -506,15 +790,36 @@ impl ModelHandle {
             codec::decode_into(encoding, &data.payload, data.scale, out).map_err(ProtocolError::from)?;
             *received.entry((at, data.block)).or_default() += data.length;
         }
-        for (at, info) in self.tensors.iter().enumerate() {
-            for block in &info.blocks {
-                if received.get(&(at, block.block)).copied().unwrap_or(0) != block.length {
-                    return Err(ProtocolError::IncompleteBlock { tensor: info.name.clone(), block: block.block }.into());
-                }
-            }
-        }
-        Ok(PullInfo { version: if version == u64::MAX { 0 } else { version }, bytes, checkpoint })
+        Ok(())
     }
+}
+
+/// Chunks one local push request names at most (its message stays far below the 5 MiB limit).
+const MAX_LOCAL_CHUNKS: usize = 16_384;
+/// Times a pull asks a shard again when its slot was rewritten during the read.
+const LOCAL_READ_ATTEMPTS: u32 = 3;
+
+/// One push as every shard's part of it sees it.
+struct PushRequest<'a> {
+    worker: &'a str,
+    step: u64,
+    grads: &'a Tensors,
+    /// Per tensor: the sign1 scale (mean absolute value), else 0.
+    scales: &'a [f32],
+}
+
+/// Why the local channel could not finish a request.
+enum LocalFailure {
+    /// The channel itself failed (socket, segment): TCP will do.
+    Channel(String),
+    /// The shard refused the request; over TCP it would too.
+    Server(ClientError),
+}
+
+/// What one shard gave a pull.
+enum ShardPull {
+    Chunks(Vec<pb::WeightChunk>),
+    Local { shard: usize, local: Arc<LocalShard>, reply: pb::LocalPullResponse },
 }
 
 #[cfg(test)]

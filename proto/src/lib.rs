@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod codec;
 pub mod errors;
 pub mod layout;
+pub mod local;
 pub mod tls;
 pub mod transport;
 pub mod units;

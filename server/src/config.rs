@@ -79,6 +79,11 @@ pub struct ServerArgs {
     /// (discards the run: only after restarting every shard fresh).
     #[arg(long, env = "PS_ALLOW_FRESH_REJOIN")]
     pub allow_fresh_rejoin: bool,
+    /// Serve clients on this host through this directory: gRPC on DIR/grpc.sock and memory
+    /// segments on DIR/segments.sock (created if missing; its permissions decide who may
+    /// connect). Clients find it in GetStatus and fall back to TCP when they cannot reach it.
+    #[arg(long, env = "PS_LOCAL_DIR")]
+    pub local_dir: Option<PathBuf>,
     /// Limits on what clients can make the shard hold.
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -308,6 +313,8 @@ pub struct ServerOptions {
     pub checkpoints: CheckpointOptions,
     /// What clients may make the shard hold.
     pub limits: Limits,
+    /// The local channel's directory; none: TCP only.
+    pub local_dir: Option<PathBuf>,
 }
 
 /// Where and when checkpoints are written.
@@ -397,6 +404,7 @@ impl ServerArgs {
                 shutdown_grace: self.shutdown_grace,
                 allow_fresh_rejoin: self.allow_fresh_rejoin,
             },
+            local_dir: self.local_dir,
         };
         Ok((options, listen, metrics))
     }

@@ -117,6 +117,22 @@ pub enum ServerError {
     /// A push message without its chunk.
     #[error("push message without a chunk")]
     PushWithoutChunk,
+    /// A local push or pull on a shard that serves no local channel.
+    #[error("this shard serves no local channel (start it with --local-dir); use PushGradients and PullWeights")]
+    NoLocalChannel,
+    /// A local push naming a segment this shard does not know.
+    #[error(
+        "segment '{0}' is not attached on this shard (attach it on the segment socket; segments are forgotten when the connection that attached them closes)"
+    )]
+    UnknownSegment(String),
+    /// A local push whose segment does not hold what it names.
+    #[error("segment '{segment}': {problem}")]
+    BadSegment {
+        /// The segment id.
+        segment: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// Chunks of one push that name different models, workers or steps.
     #[error(
         "every chunk of one push must name the same model, worker and step; got ({model}, {worker}, {step}) after ({first_model}, {first_worker}, {first_step})"

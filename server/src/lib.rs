@@ -9,7 +9,8 @@
 //! - [`federated`]: the rules of federated rounds (selection, merges);
 //! - [`spec`]: what a model is, validated;
 //! - [`store`]: blocks, aggregation, membership, the models of this shard;
-//! - [`rpc`]: the gRPC service, wire conversions, chunk reassembly, auth.
+//! - [`rpc`]: the gRPC service, wire conversions, chunk reassembly, auth;
+//! - [`local`]: memory segments for clients on the shard's host.
 //!
 //! [`config`], [`error`] and [`metrics`] are shared by all of them.
 
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod federated;
 pub mod limits;
+pub mod local;
 pub mod metrics;
 pub mod optim;
 pub mod random;

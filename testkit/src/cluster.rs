@@ -1,7 +1,7 @@
 //! Shards started in this process, each with its own gRPC server on a
 //! 127.0.0.1 port, stopped when the cluster is dropped.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ps_client::{ClientConfig, PsClient};
@@ -35,7 +35,7 @@ impl Cluster {
         every: u64,
         interval: Duration,
     ) -> Self {
-        Self::start_configured(shards, lease, None, None, |index| CheckpointOptions {
+        Self::start_configured(shards, lease, None, None, None, |index| CheckpointOptions {
             dir: Some(root.join(format!("shard-{index}"))),
             every,
             interval,
@@ -48,7 +48,7 @@ impl Cluster {
 
     /// As [`Cluster::start`], requiring a bearer token when one is given (then it does not wait).
     pub async fn start_with_token(shards: usize, lease: Duration, token: Option<&str>) -> Self {
-        Self::start_configured(shards, lease, token, None, |_| CheckpointOptions::default()).await
+        Self::start_configured(shards, lease, token, None, None, |_| CheckpointOptions::default()).await
     }
 
     /// As [`Cluster::start`], serving mutual TLS with the certificates
@@ -66,7 +66,14 @@ impl Cluster {
             client_ca_pem: Some(read("ca.pem")),
             peers: ClientTls { identity: Some((read("server.pem"), read("server.key"))), ..client.clone() },
         };
-        Self::start_configured(shards, lease, None, Some((server, client)), |_| CheckpointOptions::default()).await
+        Self::start_configured(shards, lease, None, Some((server, client)), None, |_| CheckpointOptions::default())
+            .await
+    }
+
+    /// As [`Cluster::start`], each shard also serving a local channel in `root/shard-<index>`.
+    pub async fn start_local(shards: usize, lease: Duration, root: &Path) -> Self {
+        Self::start_configured(shards, lease, None, None, Some(root.to_path_buf()), |_| CheckpointOptions::default())
+            .await
     }
 
     async fn start_configured(
@@ -74,6 +81,7 @@ impl Cluster {
         lease: Duration,
         token: Option<&str>,
         tls: Option<(ServerTls, ClientTls)>,
+        local_dir: Option<PathBuf>,
         checkpoints: impl Fn(usize) -> CheckpointOptions,
     ) -> Self {
         let mut listeners = Vec::new();
@@ -94,6 +102,7 @@ impl Cluster {
                 tls: tls.as_ref().map(|(server, _)| server.clone()),
                 checkpoints: checkpoints(index),
                 limits: Default::default(),
+                local_dir: local_dir.as_ref().map(|dir| dir.join(format!("shard-{index}"))),
             };
             tokio::spawn(ps_server::serve(options, listener, async move {
                 let _ = stopped.await;

@@ -148,6 +148,9 @@ pub async fn start_shards(server_bin: &Path, count: usize, lease: Duration, log_
         let child = Command::new(server_bin)
             .args(["--shard-index", &index.to_string(), "--shards", &addrs.join(",")])
             .args(["--metrics-addr", metrics, "--lease", &humantime::format_duration(lease).to_string()])
+            // Workers on this host skip TCP: gradients and weights go through shared memory.
+            .arg("--local-dir")
+            .arg(log_dir.join(format!("shard-{index}")))
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true)
@@ -302,6 +305,16 @@ fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// The summary's words for how the workers reached the shards.
+fn transport_label(transports: &[&str]) -> String {
+    match transports {
+        ["segments"] => "local channel: shared-memory segments and a Unix socket".into(),
+        ["socket"] => "local channel: gRPC over a Unix socket".into(),
+        ["network"] | [""] => "gRPC over TCP".into(),
+        many => format!("mixed ({})", many.join(", ")),
+    }
+}
+
 fn print_summary(args: &DemoArgs, summaries: &[WorkerSummary], status: &[ps_client::ShardStatus], seconds: f64) {
     let version = status.iter().flat_map(|s| s.models.iter()).map(|m| m.min_version).min().unwrap_or(0);
     let pushed: u64 = summaries.iter().map(|s| s.bytes_pushed).sum();
@@ -321,6 +334,9 @@ fn print_summary(args: &DemoArgs, summaries: &[WorkerSummary], status: &[ps_clie
     );
     println!("  steps             {version} in {seconds:.1} s = {:.1} steps/s", version as f64 / seconds.max(1e-9));
     println!("  compression       {:?} push, {:?} pull", args.compression, args.pull_encoding);
+    let mut transports: Vec<&str> = summaries.iter().map(|s| s.transport.as_str()).collect();
+    transports.dedup();
+    println!("  transport         {} (workers to shards)", transport_label(&transports));
     println!("  optimizer state   {state} bytes on the servers");
     println!("  bytes pushed      {} (all workers)", megabytes(pushed));
     println!("  bytes pulled      {} (all workers)", megabytes(pulled));

@@ -44,12 +44,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_shards(count: int = 2):
+def start_shards(count: int = 2, local: bool = False):
+    """Shard processes; with `local`, each also serves a local channel, which workers on this host use."""
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(count)]
     logs = tempfile.mkdtemp(prefix="ps-bench-")
     processes = [
         subprocess.Popen(
-            [str(RELEASE / "server"), "--shard-index", str(i), "--shards", ",".join(addrs), "--metrics-addr", "off", "--lease", "30s"],
+            [str(RELEASE / "server"), "--shard-index", str(i), "--shards", ",".join(addrs), "--metrics-addr", "off", "--lease", "30s"]
+            + (["--local-dir", os.path.join(logs, f"shard-{i}")] if local else []),
             stdout=open(os.path.join(logs, f"shard-{i}.log"), "w"),
             stderr=subprocess.STDOUT,
         )
@@ -105,9 +107,14 @@ def python_run(addrs, params, workers, steps, warmup) -> float:
 def rust_run(addrs, params, workers, steps, warmup) -> float:
     name = f"rs-{params}"
     register(addrs, name, params, workers)
+    return sync_steps(addrs, name, workers, steps, warmup)
+
+
+def sync_steps(addrs, name: str, workers: int, steps: int, warmup: int, env=None) -> float:
+    """Median seconds per step of `workers` Rust `sync_steps` processes on a registered model."""
     example = RELEASE / "examples" / "sync_steps"
     procs = [
-        subprocess.Popen([str(example), ",".join(addrs), name, f"rs-{r}", str(r), str(steps), str(warmup)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([str(example), ",".join(addrs), name, f"rs-{r}", str(r), str(steps), str(warmup)], stdout=subprocess.PIPE, text=True, env=env)
         for r in range(workers)
     ]
     times = []
@@ -125,6 +132,7 @@ import numpy as np
 import ray
 
 params, workers, steps, warmup = (int(a) for a in sys.argv[1:5])
+optimizer = sys.argv[5] if len(sys.argv) > 5 else "adam"
 ray.init(num_cpus=workers + 1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 
 
@@ -140,6 +148,9 @@ class ParameterServer:
 
     def apply_gradients(self, *gradients):
         g = np.stack(gradients).sum(axis=0) / len(gradients)
+        if optimizer == "sgd":
+            self.w -= 1e-4 * g
+            return self.w
         self.t += 1
         lr, b1, b2, eps = 1e-4, 0.9, 0.999, 1e-8
         self.m = b1 * self.m + (1 - b1) * g
@@ -177,12 +188,12 @@ ray.shutdown()
 '''
 
 
-def ray_run(params, workers, steps, warmup) -> Optional[float]:
+def ray_run(params, workers, steps, warmup, optimizer: str = "adam") -> Optional[float]:
     try:
         import ray  # noqa: F401
     except ImportError:
         return None
-    out = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(params), str(workers), str(steps), str(warmup)], capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(params), str(workers), str(steps), str(warmup), optimizer], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
         return None
@@ -220,11 +231,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--transport", choices=["local", "tcp"], default="local", help="local: the shards serve a local channel (shared memory), which the workers use; tcp: loopback gRPC")
     args = parser.parse_args()
     sizes = [int(s) // COLUMNS * COLUMNS for s in args.sizes.split(",")]
-    addrs, shards = start_shards()
+    addrs, shards = start_shards(local=args.transport == "local")
     try:
-        print(f"{args.workers} worker processes, 2 shards, sync, AdamW, f32 pull + push; seconds per step (median of workers, {args.steps - args.warmup} steps after {args.warmup} warm-up)")
+        transport = "the shards' local channel (shared memory)" if args.transport == "local" else "loopback TCP gRPC"
+        print(f"{args.workers} worker processes, 2 shards, sync, AdamW, f32 pull + push over {transport}; seconds per step (median of workers, {args.steps - args.warmup} steps after {args.warmup} warm-up)")
         print(f"{'parameters':>12} {'python':>9} {'rust':>9} {'ray':>9} {'python/rust':>12} {'ray/python':>11}")
         for params in sizes:
             rust = rust_run(addrs, params, args.workers, args.steps, args.warmup)

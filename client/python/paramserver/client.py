@@ -9,6 +9,8 @@ transient failures, and the error kinds turned into typed exceptions.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import grpc
 import numpy as np
 
-from . import codec, wire
+from . import codec, local, wire
 from .v1 import paramserver_pb2 as pb
 from .v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -29,10 +31,12 @@ PUSH_STREAM_BYTES = 256 << 20
 
 T = TypeVar("T")
 
-_PUSH_METHOD = "/paramserver.v1.ParameterServer/PushGradients"
-_PULL_METHOD = "/paramserver.v1.ParameterServer/PullWeights"
+_PUSH_METHOD = local.PUSH_METHOD
+_PULL_METHOD = local.PULL_METHOD
 
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+_log = logging.getLogger("paramserver")
 
 
 class ServerError(Exception):
@@ -124,9 +128,17 @@ class Client:
         tls: Optional[Tls] = None,
         attempts: int = 20,
         backoff_s: float = 0.1,
+        local_mode: Optional[str] = None,
     ):
+        """`local_mode` says how shards on this host that serve a local channel
+        (server --local-dir) are reached: "segments" (shared memory and a Unix
+        socket, the default), "socket" (gRPC over the Unix socket) or "off";
+        None reads PS_LOCAL."""
         if not shards:
             raise ValueError("a client needs at least one shard address")
+        self.local_mode = local_mode or os.environ.get("PS_LOCAL", "segments")
+        if self.local_mode not in local.MODES:
+            raise ValueError(f"local_mode must be one of {local.MODES}, not {self.local_mode!r}")
         self.shards = list(shards)
         self.attempts = attempts
         self.backoff_s = backoff_s
@@ -159,6 +171,62 @@ class Client:
         count = str(len(self.shards))
         self._metadata = [self._headers(token, i, count) for i in range(len(self.shards))]
         self._admin_metadata = [self._headers(admin_token or token, i, count) for i in range(len(self.shards))]
+        self._options = options
+        self._local_token = token or admin_token
+        # Per shard: None until asked, then a LocalShard, or False for the network.
+        self._reach: List[object] = [None] * len(self.shards)
+        self._reach_lock = threading.Lock()
+
+    def local_shard(self, shard: int) -> Optional[local.LocalShard]:
+        """The shard's local channel when this client can use it (found out on the first call)."""
+        if self.local_mode == "off":
+            return None
+        with self._reach_lock:
+            known = self._reach[shard]
+            if known is not None:
+                return known or None
+            try:
+                status = self._stubs[shard].GetStatus(pb.GetStatusRequest(), metadata=self._metadata[shard], timeout=10)
+            except grpc.RpcError as error:
+                if not _transient(error):
+                    self._reach[shard] = False
+                return None  # a shard that did not answer is asked again next time
+            reach: object = False
+            if status.HasField("local"):
+                try:
+                    found = local.LocalShard(status.local, self._local_token, self._options, self.local_mode == "segments")
+                    again = found.stub.GetStatus(pb.GetStatusRequest(), metadata=self._metadata[shard], timeout=10)
+                    if again.local.instance == found.instance:
+                        reach = found
+                    else:
+                        found.close()
+                except (local.NotLocal, grpc.RpcError) as error:
+                    _log.debug("shard %d reached over the network: %s", shard, error)
+            self._reach[shard] = reach
+            return reach or None
+
+    def local_channel(self, shard: int) -> Optional[str]:
+        """"segments" or "socket" once the shard is reached through its local channel, else None."""
+        reach = self._reach[shard]
+        if not reach:
+            return None
+        return "segments" if reach.segments else "socket"
+
+    def _leave_local(self, shard: int, why: str) -> None:
+        _log.warning("shard %d: local channel given up, back to the network: %s", shard, why)
+        with self._reach_lock:
+            self._reach[shard] = False
+
+    def _stub(self, shard: int):
+        reach = self._reach[shard]
+        return reach.stub if reach else self._stubs[shard]
+
+    def _bulk(self, shard: int):
+        """The raw push and pull callables of a shard, over its Unix socket when it is local."""
+        reach = self._reach[shard]
+        if reach:
+            return reach.raw_push, reach.raw_pull
+        return self._raw_push[shard], self._raw_pull[shard]
 
     @staticmethod
     def _headers(token: Optional[str], index: int, count: str) -> List[Tuple[str, str]]:
@@ -172,6 +240,9 @@ class Client:
         self._pool.shutdown(wait=False)
         for channel in self._channels:
             channel.close()
+        for reach in self._reach:
+            if reach:
+                reach.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -187,13 +258,13 @@ class Client:
     def call(self, shard: int, method: str, request, admin: bool = False, timeout: Optional[float] = None, retry: bool = True):
         """Calls one unary RPC on one shard, retrying transient failures with backoff (doubling up to 2 s)."""
         metadata = (self._admin_metadata if admin else self._metadata)[shard]
-        stub = getattr(self._stubs[shard], method)
+        stub = getattr(self._stub(shard), method)
         return self._retry(shard, lambda: stub(request, metadata=metadata, timeout=timeout), retry)
 
     def stream(self, shard: int, method: str, messages: Callable[[], Iterable], admin: bool = False, retry: bool = True):
         """Calls one client-streaming RPC; `messages` makes a fresh iterator for every attempt."""
         metadata = (self._admin_metadata if admin else self._metadata)[shard]
-        stub = getattr(self._stubs[shard], method)
+        stub = getattr(self._stub(shard), method)
         return self._retry(shard, lambda: stub(messages(), metadata=metadata), retry)
 
     def _retry(self, shard: int, attempt: Callable[[], T], retry: bool) -> T:
@@ -312,6 +383,10 @@ class Model:
             self.tensors[block.tensor].blocks.append(block)
         self.shards_with_blocks = sorted({b.shard for b in layout.blocks})
         self._heartbeats: Dict[str, threading.Event] = {}
+        # Local channel, per shard: the push segment (fd, id, size) and the weights segment (fd, id).
+        self._push_segments: Dict[int, Tuple[int, str, int]] = {}
+        self._weights: Dict[int, Tuple[int, str]] = {}
+        self._segment_locks = {shard: threading.Lock() for shard in range(client.num_shards)}
 
     @property
     def max_grad_norm(self) -> float:
@@ -407,17 +482,69 @@ class Model:
 
         def send(shard: int, blocks) -> pb.PushGradientsResponse:
             metadata = self.client._metadata[shard]
-            return self.client._retry(shard, lambda: self.client._raw_push[shard](messages(blocks)(), metadata=metadata), True)
+            return self.client._retry(shard, lambda: self.client._bulk(shard)[0](messages(blocks)(), metadata=metadata), True)
 
-        calls = [(shard, blocks) for shard, shard_streams in streams.items() for blocks in shard_streams]
+        def send_shard(shard: int) -> List[pb.PushGradientsResponse]:
+            found = self.client.local_shard(shard)
+            if found is not None and found.segments:
+                blocks = [pair for stream in streams[shard] for pair in stream]
+                try:
+                    return self._push_local(found, shard, blocks, flat, scales, worker, step)
+                except local.NotLocal as error:
+                    self.client._leave_local(shard, str(error))
+            return list(self.client._pool.map(lambda blocks: send(shard, blocks), streams[shard]))
+
         summary = PushSummary(bytes=total)
-        if not calls:
-            return summary
-        for reply in self.client._pool.map(lambda c: send(*c), calls):
-            summary.accepted += reply.blocks_accepted
-            summary.duplicate += reply.blocks_duplicate
-            summary.updated += reply.blocks_updated
+        for replies in self.client._pool.map(send_shard, list(streams)):
+            for reply in replies:
+                summary.accepted += reply.blocks_accepted
+                summary.duplicate += reply.blocks_duplicate
+                summary.updated += reply.blocks_updated
         return summary
+
+    def _push_local(self, found: local.LocalShard, shard: int, blocks, flat, scales, worker: str, step: int) -> List[pb.PushGradientsResponse]:
+        """Writes the shard's payloads into this model's segment there and names them in PushLocal calls."""
+        with self._segment_locks[shard]:
+            planned = []
+            size = 0
+            for tensor, block in blocks:
+                start, end = codec.block_range(block)
+                for offset, length, payload in codec.payloads(flat[tensor.name][start:end], tensor.encoding):
+                    nbytes = codec.payload_len(tensor.encoding, length)
+                    header = pb.TensorChunk(
+                        tensor=tensor.name, block=block.block, offset=offset, length=length, encoding=tensor.encoding, scale=scales[tensor.name]
+                    )
+                    planned.append((pb.LocalChunk(chunk=header, segment_offset=size, payload_bytes=nbytes), payload))
+                    size += nbytes
+            segment = self._push_segments.get(shard)
+            if segment is None or segment[2] < size:
+                if segment is not None:
+                    os.close(segment[0])
+                    del self._push_segments[shard]
+                capacity = max(1 << 20, -(-size // (1 << 20)) * (1 << 20))
+                fd, segment_id = found.attach(capacity)
+                segment = self._push_segments[shard] = (fd, segment_id, capacity)
+            fd, segment_id, _ = segment
+            for local_chunk, payload in planned:
+                if os.pwrite(fd, payload, local_chunk.segment_offset) != local_chunk.payload_bytes:
+                    raise local.NotLocal("a short write into the push segment")
+            requests: List[pb.LocalPushRequest] = []
+            request_bytes = 0
+            for local_chunk, _ in planned:
+                if not requests or request_bytes + local_chunk.payload_bytes > PUSH_STREAM_BYTES or len(requests[-1].chunks) >= 16384:
+                    requests.append(pb.LocalPushRequest(model=self.name, worker_id=worker, step=step, epoch=self.epoch, segment=segment_id))
+                    request_bytes = 0
+                requests[-1].chunks.append(local_chunk)
+                request_bytes += local_chunk.payload_bytes
+            metadata = self.client._metadata[shard]
+            try:
+                return [self.client._retry(shard, lambda r=r: found.stub.PushLocal(r, metadata=metadata), True) for r in requests]
+            except ServerError as error:
+                if error.code == grpc.StatusCode.NOT_FOUND and error.message.startswith("segment '"):
+                    os.close(fd)
+                    del self._push_segments[shard]
+                    raise local.NotLocal(error.message) from None
+                raise
 
     # Pulls.
 
@@ -446,9 +573,18 @@ class Model:
         )
 
         def read(shard: int) -> int:
+            found = self.client.local_shard(shard) if encoding == codec.F32 and part == pb.WEIGHT_PART_PARAMETERS else None
+            if found is not None and found.segments:
+                try:
+                    lowest = self._pull_local(found, shard, request, flat)
+                    if lowest is not None:
+                        return lowest
+                except local.NotLocal as error:
+                    self.client._leave_local(shard, str(error))
+
             def attempt() -> int:
                 lowest = None
-                for raw in self.client._raw_pull[shard](request, metadata=self.client._metadata[shard]):
+                for raw in self.client._bulk(shard)[1](request, metadata=self.client._metadata[shard]):
                     chunk = wire.parse_weight_chunk(raw)
                     block = self._block(chunk.tensor, chunk.block)
                     if chunk.offset + chunk.length > block.length:
@@ -462,6 +598,36 @@ class Model:
 
         versions = list(self.client._pool.map(read, self.shards_with_blocks))
         return (min(versions) if versions else min_version), out
+
+    def _pull_local(self, found: local.LocalShard, shard: int, request: pb.PullWeightsRequest, flat) -> Optional[int]:
+        """Reads a shard's published blocks straight into `flat`; None when the shard kept
+        rewriting the slot while it was read (then the caller pulls over gRPC)."""
+        ask = pb.LocalPullRequest(model=self.name, min_version=request.min_version, timeout_ms=request.timeout_ms, epoch=self.epoch)
+        metadata = self.client._metadata[shard]
+        for _ in range(4):
+            reply = self.client._retry(shard, lambda: found.stub.PullLocal(ask, metadata=metadata), True)
+            with self._segment_locks[shard]:
+                weights = self._weights.get(shard)
+                if weights is None or weights[1] != reply.segment:
+                    if weights is not None:
+                        os.close(weights[0])
+                        del self._weights[shard]
+                    weights = found.open_weights(self.name)
+                    self._weights[shard] = weights
+                    if weights[1] != reply.segment:
+                        raise local.NotLocal(f"the shard published segment {reply.segment} but opened {weights[1]}")
+            fd = weights[0]
+            for published in reply.blocks:
+                block = self._block(published.tensor, published.block)
+                if block.shard != shard or block.length != published.length:
+                    raise ValueError(f"shard {shard} published tensor '{published.tensor}' block {published.block} at another place or size")
+                target = flat[published.tensor][block.offset : block.offset + block.length]
+                if os.preadv(fd, [memoryview(target).cast("B")], published.offset) != 4 * block.length:
+                    raise local.NotLocal("the weights segment ended early")
+            # The values were read before the sequence number: a rewrite that overlapped them has moved it.
+            if local.read_sequence(fd, reply.slot) == reply.sequence:
+                return min((b.version for b in reply.blocks), default=request.min_version)
+        return None
 
     # Federated rounds (README, "Writing a client in another language", step 7).
 

@@ -33,13 +33,16 @@ def free_port() -> int:
 class Shards:
     """`count` shard processes on loopback, stopped at the end of the test."""
 
-    def __init__(self, count: int, extra: List[str]):
+    def __init__(self, count: int, extra: List[str], local: bool = False):
         self.addrs = [f"127.0.0.1:{free_port()}" for _ in range(count)]
         self.logs = tempfile.mkdtemp(prefix="ps-pytest-")
+        self.local = local
         self.processes = []
         for index in range(count):
             log = open(os.path.join(self.logs, f"shard-{index}.log"), "w")
             args = [str(binary("server")), "--shard-index", str(index), "--shards", ",".join(self.addrs), "--metrics-addr", "off", *extra]
+            if local:
+                args += ["--local-dir", os.path.join(self.logs, f"shard-{index}")]
             self.processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
         self.client().wait_ready(30)
 
@@ -55,5 +58,14 @@ class Shards:
 @pytest.fixture
 def shards() -> Iterator[Shards]:
     cluster = Shards(2, ["--lease", "5s"])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["tcp", "local"])
+def any_shards(request) -> Iterator[Shards]:
+    """Two shards reached over TCP, then the same two serving a local channel
+    (the client uses its memory segments and Unix socket)."""
+    cluster = Shards(2, ["--lease", "5s"], local=request.param == "local")
     yield cluster
     cluster.stop()

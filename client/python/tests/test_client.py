@@ -15,7 +15,8 @@ def spec_with(name: str, values, optimizer, **kwargs):
     return ps.model_spec(name, values, [ps.group("all", ["*"], optimizer)], **kwargs)
 
 
-def test_register_layout_push_pull_round_trip(shards):
+def test_register_layout_push_pull_round_trip(any_shards):
+    shards = any_shards
     rng = np.random.default_rng(0)
     values = {"layer.weight": rng.standard_normal((37, 19), dtype=np.float32), "layer.bias": rng.standard_normal(19, dtype=np.float32)}
     client = shards.client()
@@ -40,6 +41,7 @@ def test_register_layout_push_pull_round_trip(shards):
     statuses = client.status("round-trip")
     assert [s.shard_index for s in statuses] == [0, 1] and statuses[0].limits.max_streams > 0
     model.leave("py-0")
+    assert [client.local_channel(s) for s in (0, 1)] == (["segments"] * 2 if shards.local else [None, None])
 
 
 def adamw_step(w, m, v, g, t, lr=0.01, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
@@ -49,7 +51,8 @@ def adamw_step(w, m, v, g, t, lr=0.01, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
     w -= lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
 
 
-def test_two_python_workers_in_sync_equal_a_local_step_on_the_mean_gradient(shards):
+def test_two_python_workers_in_sync_equal_a_local_step_on_the_mean_gradient(any_shards):
+    shards = any_shards
     rng = np.random.default_rng(1)
     values = {"w": rng.standard_normal((40, 30), dtype=np.float32), "b": rng.standard_normal(30, dtype=np.float32)}
     spec = spec_with("equivalence", values, ps.adamw(0.01, weight_decay=0.1), max_block_elements=256)
@@ -72,6 +75,8 @@ def test_two_python_workers_in_sync_equal_a_local_step_on_the_mean_gradient(shar
         assert version == step + 1
         for name in local:
             np.testing.assert_allclose(pulled[name], local[name], rtol=2e-5, atol=1e-6)
+    if shards.local:
+        assert [w.local_channel(s) for w in workers for s in (0, 1)] == ["segments"] * 4, "every push and pull went through segments"
 
 
 def test_half_precision_and_sign_encodings_round_trip_as_the_servers_read_them():
@@ -110,7 +115,8 @@ def test_bf16_and_sign_pushes_are_applied_as_the_servers_decode_them(shards):
     np.testing.assert_array_equal(pulled["h"], np.zeros(10, dtype=np.float32))
 
 
-def test_mistakes_raise_clear_exceptions_and_change_nothing(shards):
+def test_mistakes_raise_clear_exceptions_and_change_nothing(any_shards):
+    shards = any_shards
     values = {"w": np.ones((4, 3), dtype=np.float32)}
     client = shards.client()
     model = client.register(spec_with("mistakes", values, ps.sgd(0.1)), values)

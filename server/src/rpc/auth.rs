@@ -68,19 +68,29 @@ impl BearerAuth {
     }
 }
 
-impl Interceptor for BearerAuth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request.metadata().get("authorization");
-        let given = match header.map(|value| value.to_str()) {
+impl BearerAuth {
+    /// The role of a caller that sent `header` as its authorization value ("Bearer <token>").
+    pub fn check_header(&self, header: Option<&str>) -> Result<Role, Status> {
+        let given = match header {
             None => None,
-            Some(Ok(value)) => Some(
+            Some(value) => Some(
                 value
                     .strip_prefix("Bearer ")
                     .ok_or_else(|| Status::unauthenticated("the authorization header must read 'Bearer <token>'"))?,
             ),
+        };
+        self.role(given)
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let header = match request.metadata().get("authorization").map(|value| value.to_str()) {
+            None => None,
+            Some(Ok(value)) => Some(value),
             Some(Err(_)) => return Err(Status::unauthenticated("the authorization header is not printable ASCII")),
         };
-        let role = self.role(given)?;
+        let role = self.check_header(header)?;
         request.extensions_mut().insert(role);
         Ok(request)
     }

@@ -501,7 +501,8 @@ impl From<ServerError> for Status {
             ServerError::UnknownModel(_)
             | ServerError::UnknownTensor { .. }
             | ServerError::UnknownBlock { .. }
-            | ServerError::UnknownWorker { .. } => Code::NotFound,
+            | ServerError::UnknownWorker { .. }
+            | ServerError::UnknownSegment(_) => Code::NotFound,
             ServerError::WrongShard { .. }
             | ServerError::StaleStep { .. }
             | ServerError::FutureStep { .. }
@@ -515,7 +516,8 @@ impl From<ServerError> for Status {
             | ServerError::RoundCommit(_)
             | ServerError::EpochChanged { .. }
             | ServerError::NotRestored { .. }
-            | ServerError::NoCheckpointDir => Code::FailedPrecondition,
+            | ServerError::NoCheckpointDir
+            | ServerError::NoLocalChannel => Code::FailedPrecondition,
             ServerError::Recovering(_) => Code::Unavailable,
             ServerError::CheckpointPending { .. } => Code::DeadlineExceeded,
             ServerError::Checkpoint { .. } => Code::Internal,
@@ -530,6 +532,7 @@ impl From<ServerError> for Status {
             | ServerError::MissingValues { .. }
             | ServerError::EmptyPush
             | ServerError::PushWithoutChunk
+            | ServerError::BadSegment { .. }
             | ServerError::MixedPush { .. }
             | ServerError::StepWentBack { .. }
             | ServerError::NonFinite { .. }

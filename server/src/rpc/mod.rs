@@ -43,6 +43,9 @@ pub enum ServeError {
     /// The checkpoint directory cannot be used.
     #[error("checkpoint directory: {0}")]
     Checkpoints(#[from] std::io::Error),
+    /// The local channel's directory or sockets cannot be used.
+    #[error("--local-dir: {0}")]
+    Local(std::io::Error),
 }
 
 /// Serves one shard on `listener` until `shutdown` completes. With a
@@ -60,7 +63,15 @@ pub async fn serve(
     let registry = Arc::new(Registry::new(identity, options.lease));
     let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
     let limits = options.limits.clone();
-    let shard = ParameterService::new(registry, peers, durability, options.limits);
+    let mut shard = ParameterService::new(registry.clone(), peers, durability, options.limits);
+    let mut local_servers = None;
+    if let Some(dir) = &options.local_dir {
+        let (channel, grpc, segments) =
+            crate::local::LocalChannel::bind(dir, registry, gate.auth.clone()).map_err(ServeError::Local)?;
+        tracing::info!(dir = %dir.display(), "local channel: gRPC and memory segments on Unix sockets");
+        local_servers = Some((channel.clone(), grpc, tokio::spawn(channel.clone().accept(segments))));
+        shard = shard.with_local(channel);
+    }
     shard.restore_from_disk().await;
     let timer = {
         let shard = shard.clone();
@@ -89,6 +100,31 @@ pub async fn serve(
         gate,
     );
     let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
+    let configure = |builder: tonic::transport::Server| {
+        builder
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
+            .max_frame_size(Some(transport::MAX_FRAME_BYTES))
+    };
+    // The local gRPC socket serves the same service (and the same limits) as
+    // the TCP port, without TLS: the directory's permissions decide who connects.
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let local = local_servers.map(|(channel, listener, accepting)| {
+        let mut stopped = stopped_rx.clone();
+        let server = configure(tonic::transport::Server::builder())
+            .add_service(service.clone())
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            });
+        (channel, tokio::spawn(server), accepting)
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopped_tx.send(true);
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &options.tls {
         let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
@@ -97,18 +133,17 @@ pub async fn serve(
         }
         builder = builder.tls_config(config)?;
     }
-    let result = builder
-        .max_concurrent_streams(Some(limits.max_streams_per_connection))
-        .http2_keepalive_interval(keepalive)
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
-        .max_frame_size(Some(transport::MAX_FRAME_BYTES))
+    let result = configure(builder)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
         .await;
     reaper.abort();
     timer.abort();
+    if let Some((channel, server, accepting)) = local {
+        accepting.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        channel.remove_sockets();
+    }
     Ok(result?)
 }
 

@@ -23,9 +23,10 @@ use super::recovery::Durability;
 use crate::error::ServerError;
 use crate::federated::Algorithm;
 use crate::limits::{CHUNK_OVERHEAD_BYTES, Limits, ShardBounds};
+use crate::local::LocalChannel;
 use crate::metrics as m;
 use crate::spec::{Mode, ModelSpec, check_name};
-use crate::store::{BlockUpdate, Closing, DropReason, Model, Registry, WaitFailure};
+use crate::store::{Block, BlockUpdate, Closing, DropReason, Model, Registry, WaitFailure};
 
 const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Chunks a pull encodes ahead of what its client has read.
@@ -40,6 +41,8 @@ pub struct ParameterService {
     pub(super) bounds: Arc<ShardBounds>,
     /// Notified by the Shutdown RPC; `serve` stops as on SIGTERM.
     pub(super) shutdown: Arc<tokio::sync::Notify>,
+    /// The local channel, when the shard serves one.
+    pub(super) local: Option<Arc<LocalChannel>>,
 }
 
 impl ParameterService {
@@ -52,7 +55,18 @@ impl ParameterService {
             durability: Arc::new(durability),
             bounds: Arc::new(ShardBounds::new(limits)),
             shutdown: Arc::default(),
+            local: None,
         }
+    }
+
+    /// The same service, also serving `local` clients.
+    pub fn with_local(mut self, local: Arc<LocalChannel>) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    fn local(&self) -> Result<&Arc<LocalChannel>, ServerError> {
+        self.local.as_ref().ok_or(ServerError::NoLocalChannel)
     }
 
     /// The limits and what is held against them.
@@ -228,15 +242,7 @@ impl ParameterService {
             return Err(ServerError::EmptyPush.into());
         };
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
-        check_worker_name(&worker)?;
-        let model = self.registry.get(&model_name)?;
-        if model.spec.options.mode == Mode::Federated {
-            return Err(ServerError::FederatedModel(model_name).into());
-        }
-        model.check_epoch(first.epoch)?;
-        if !model.membership.is_live(&worker) {
-            return Err(model.not_a_member(&worker).into());
-        }
+        let model = self.push_target(&model_name, &worker, first.epoch)?;
         let mut assembler = Assembler::new(&model, Purpose::Gradients);
         let mut staging = self.bounds.stream_staging();
         let mut next = Some(first);
@@ -262,7 +268,7 @@ impl ParameterService {
         let committed = model.clone();
         let outcome = blocking(move || committed.commit_push(&worker, step, staged)).await??;
         drop(staging);
-        record_traffic(&model_name, traffic);
+        record_traffic(&model_name, traffic, TRANSPORT_GRPC);
         tracing::debug!(model = model_name, step, ?outcome, "push committed");
         Ok(pb::PushGradientsResponse {
             blocks_accepted: outcome.accepted,
@@ -282,11 +288,7 @@ impl ParameterService {
             Some(request.tensors.iter().map(|t| model.tensor_index(t)).collect::<Result<_, _>>()?)
         };
         let limits = &self.bounds.limits;
-        let timeout = match request.timeout_ms {
-            0 => DEFAULT_PULL_TIMEOUT,
-            ms => Duration::from_millis(ms),
-        }
-        .min(limits.max_wait);
+        let timeout = pull_wait(request.timeout_ms, limits);
         let idle = limits.stream_idle_timeout;
         let bounds = self.bounds.clone();
         let min_version = request.min_version;
@@ -336,24 +338,7 @@ impl ParameterService {
                     _ = tx.closed() => return,
                 };
                 if let Err(failure) = waited {
-                    let tensor = model.spec.tensors[block.tensor].name.clone();
-                    let error = match (failure, block.failure()) {
-                        // The retry reaches the restored copy, which answers epoch-changed.
-                        (WaitFailure::Retired, _) => ServerError::Recovering(model.name().to_string()),
-                        (WaitFailure::OptimizerFailed, Some((step, reason))) => {
-                            ServerError::OptimizerFailed { tensor, block: block.index, step, reason }
-                        }
-                        (WaitFailure::TimedOut { .. }, _) | (_, None) => ServerError::PullTimeout {
-                            tensor,
-                            block: block.index,
-                            wanted: min_version,
-                            version: match failure {
-                                WaitFailure::TimedOut { version } => version,
-                                WaitFailure::OptimizerFailed | WaitFailure::Retired => block.version(),
-                            },
-                            waited_ms: started.elapsed().as_millis() as u64,
-                        },
-                    };
+                    let error = wait_error(&model, &block, failure, min_version, started);
                     let status = Status::from(error);
                     observe::<()>("PullWeights", Err(status.clone())).ok();
                     let _ = tokio::time::timeout(idle, tx.send(Err(status))).await;
@@ -399,12 +384,130 @@ impl ParameterService {
                     }
                 }
             }
-            metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => codec::encoding_label(encoding)).increment(sent);
+            metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => codec::encoding_label(encoding), "transport" => TRANSPORT_GRPC).increment(sent);
         });
         Ok(Box::pin(tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |item| {
             let _held_until_the_response_ends = &hold;
             item
         })))
+    }
+
+    /// The model a push names, once the worker may push to it.
+    fn push_target(&self, model_name: &str, worker: &str, epoch: u64) -> Result<Arc<Model>, ServerError> {
+        check_worker_name(worker)?;
+        let model = self.registry.get(model_name)?;
+        if model.spec.options.mode == Mode::Federated {
+            return Err(ServerError::FederatedModel(model_name.to_string()));
+        }
+        model.check_epoch(epoch)?;
+        if !model.membership.is_live(worker) {
+            return Err(model.not_a_member(worker));
+        }
+        Ok(model)
+    }
+
+    async fn push_local(&self, request: pb::LocalPushRequest) -> Result<pb::PushGradientsResponse, Status> {
+        let local = self.local()?;
+        let _slot = self.bounds.streams.open("PushLocal")?;
+        let model = self.push_target(&request.model, &request.worker_id, request.epoch)?;
+        let segment = local.attached(&request.segment)?;
+        if request.chunks.is_empty() {
+            return Err(ServerError::EmptyPush.into());
+        }
+        // Everything the push will hold is counted before a byte is read.
+        let mut staging = self.bounds.stream_staging();
+        for local_chunk in &request.chunks {
+            let chunk = local_chunk.chunk.as_ref().ok_or(ServerError::PushWithoutChunk)?;
+            let bytes = local_chunk.payload_bytes;
+            if bytes > ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES as u64 {
+                return Err(ServerError::ChunkTooLarge {
+                    bytes: bytes as usize,
+                    limit: ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES,
+                }
+                .into());
+            }
+            if !chunk.payload.is_empty() {
+                return Err(ServerError::BadSegment {
+                    segment: request.segment.clone(),
+                    problem: format!(
+                        "tensor '{}' block {}: a local chunk's payload lies in the segment; its own payload must be empty",
+                        chunk.tensor, chunk.block
+                    ),
+                }
+                .into());
+            }
+            staging.take(bytes + chunk.tensor.len() as u64 + CHUNK_OVERHEAD_BYTES)?;
+        }
+        let (model_name, worker, step) = (request.model.clone(), request.worker_id.clone(), request.step);
+        let id = request.segment.clone();
+        let committed = model.clone();
+        let (outcome, traffic) = blocking(move || {
+            use rayon::prelude::*;
+            let chunks = request
+                .chunks
+                .into_par_iter()
+                .map(|local_chunk| read_local_chunk(&segment, &id, local_chunk))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut assembler = Assembler::new(&committed, Purpose::Gradients);
+            for chunk in chunks {
+                assembler.add(chunk)?;
+            }
+            let traffic = assembler.traffic().clone();
+            let staged = assembler.finish()?;
+            Ok::<_, ServerError>((committed.commit_push(&worker, step, staged)?, traffic))
+        })
+        .await??;
+        drop(staging);
+        record_traffic(&model_name, traffic, TRANSPORT_SEGMENT);
+        tracing::debug!(model = model_name, step, ?outcome, "local push committed");
+        Ok(pb::PushGradientsResponse {
+            blocks_accepted: outcome.accepted,
+            blocks_duplicate: outcome.duplicate,
+            blocks_updated: outcome.updated,
+        })
+    }
+
+    async fn pull_local(&self, request: pb::LocalPullRequest) -> Result<pb::LocalPullResponse, Status> {
+        let local = self.local()?;
+        let _slot = self.bounds.streams.open("PullLocal")?;
+        let model = self.registry.get(&request.model)?;
+        model.check_epoch(request.epoch)?;
+        let timeout = pull_wait(request.timeout_ms, &self.bounds.limits);
+        let started = Instant::now();
+        for block in model.local_blocks() {
+            let remaining = timeout.saturating_sub(started.elapsed());
+            if let Err(failure) = block.wait_for_version(request.min_version, remaining).await {
+                return Err(wait_error(&model, block, failure, request.min_version, started).into());
+            }
+        }
+        let segment = local.weights_segment(&model)?;
+        let published = model.clone();
+        let id = segment.id.clone();
+        let publication = blocking(move || segment.publish(&published))
+            .await?
+            .map_err(|e| ServerError::Internal(format!("publishing the weights of '{}': {e}", model.name())))?;
+        let checkpoint = publication.versions.iter().any(|&v| model.checkpoints.marks(v));
+        let blocks = model
+            .local_blocks()
+            .iter()
+            .zip(publication.versions.iter().zip(&publication.offsets))
+            .map(|(block, (&version, &offset))| pb::LocalBlock {
+                tensor: model.spec.tensors[block.tensor].name.clone(),
+                block: block.index,
+                version,
+                offset,
+                length: block.len as u64,
+            })
+            .collect();
+        let bytes = model.local_elements() * 4;
+        metrics::counter!(m::BYTES_SENT, "model" => model.name().to_string(), "encoding" => "f32", "transport" => TRANSPORT_SEGMENT).increment(bytes);
+        Ok(pb::LocalPullResponse {
+            segment: id,
+            slot: publication.slot,
+            sequence: publication.sequence,
+            blocks,
+            checkpoint,
+        })
     }
 
     async fn round_task(&self, request: pb::GetRoundTaskRequest) -> Result<pb::RoundTask, Status> {
@@ -498,7 +601,7 @@ impl ParameterService {
         })
         .await??;
         drop(staging);
-        record_traffic(&model_name, traffic);
+        record_traffic(&model_name, traffic, TRANSPORT_GRPC);
         tracing::debug!(model = model_name, client, round, accepted, duplicate, "round update held");
         Ok(pb::PushRoundUpdateResponse { blocks_accepted: accepted, blocks_duplicate: duplicate })
     }
@@ -541,8 +644,65 @@ impl ParameterService {
             num_shards: self.registry.num_shards(),
             models,
             limits: Some(convert::shard_limits(&self.bounds)),
+            local: self.local.as_ref().map(|local| local.advertised()),
         })
     }
+}
+
+/// Reads one chunk's payload out of a local segment. A segment that ends
+/// before the range it names is refused (it may have been truncated by its
+/// client); nothing is applied.
+fn read_local_chunk(
+    segment: &std::fs::File,
+    id: &str,
+    local_chunk: pb::LocalChunk,
+) -> Result<TensorChunk, ServerError> {
+    use std::os::unix::fs::FileExt;
+    let mut chunk = local_chunk.chunk.ok_or(ServerError::PushWithoutChunk)?;
+    let mut payload = vec![0u8; local_chunk.payload_bytes as usize];
+    segment.read_exact_at(&mut payload, local_chunk.segment_offset).map_err(|e| ServerError::BadSegment {
+        segment: id.to_string(),
+        problem: format!(
+            "tensor '{}' block {}: bytes {}..{} cannot be read ({e}); the segment may be shorter than the ranges named",
+            chunk.tensor,
+            chunk.block,
+            local_chunk.segment_offset,
+            local_chunk.segment_offset.saturating_add(local_chunk.payload_bytes)
+        ),
+    })?;
+    chunk.payload = payload.into();
+    Ok(chunk)
+}
+
+/// What a wait for `min_version` that failed tells the client.
+fn wait_error(model: &Model, block: &Block, failure: WaitFailure, min_version: u64, started: Instant) -> ServerError {
+    let tensor = model.spec.tensors[block.tensor].name.clone();
+    match (failure, block.failure()) {
+        // The retry reaches the restored copy, which answers epoch-changed.
+        (WaitFailure::Retired, _) => ServerError::Recovering(model.name().to_string()),
+        (WaitFailure::OptimizerFailed, Some((step, reason))) => {
+            ServerError::OptimizerFailed { tensor, block: block.index, step, reason }
+        }
+        (WaitFailure::TimedOut { .. }, _) | (_, None) => ServerError::PullTimeout {
+            tensor,
+            block: block.index,
+            wanted: min_version,
+            version: match failure {
+                WaitFailure::TimedOut { version } => version,
+                WaitFailure::OptimizerFailed | WaitFailure::Retired => block.version(),
+            },
+            waited_ms: started.elapsed().as_millis() as u64,
+        },
+    }
+}
+
+/// The wait a pull asked for, within the shard's ceiling.
+fn pull_wait(timeout_ms: u64, limits: &Limits) -> Duration {
+    match timeout_ms {
+        0 => DEFAULT_PULL_TIMEOUT,
+        ms => Duration::from_millis(ms),
+    }
+    .min(limits.max_wait)
 }
 
 /// What one pull response holds while it exists.
@@ -578,10 +738,20 @@ pub(super) async fn close_round(peers: &Peers, model: Arc<Model>, closing: Closi
     Ok(())
 }
 
-fn record_traffic(model: &str, traffic: std::collections::HashMap<Encoding, assemble::Traffic>) {
+/// The `transport` label of traffic over gRPC (TCP or the local Unix socket).
+const TRANSPORT_GRPC: &str = "grpc";
+/// The `transport` label of traffic through memory segments.
+const TRANSPORT_SEGMENT: &str = "segment";
+
+fn record_traffic(
+    model: &str,
+    traffic: std::collections::HashMap<Encoding, assemble::Traffic>,
+    transport: &'static str,
+) {
     for (encoding, t) in traffic {
         let label = codec::encoding_label(encoding);
-        metrics::counter!(m::BYTES_RECEIVED, "model" => model.to_string(), "encoding" => label).increment(t.wire_bytes);
+        metrics::counter!(m::BYTES_RECEIVED, "model" => model.to_string(), "encoding" => label, "transport" => transport)
+            .increment(t.wire_bytes);
         metrics::counter!(m::BYTES_RECEIVED_F32, "model" => model.to_string(), "encoding" => label)
             .increment(t.f32_bytes);
         if t.wire_bytes > 0 {
@@ -715,6 +885,20 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         request: Request<pb::PullWeightsRequest>,
     ) -> Result<Response<Self::PullWeightsStream>, Status> {
         observe("PullWeights", self.pull(request.into_inner())).map(Response::new)
+    }
+
+    async fn push_local(
+        &self,
+        request: Request<pb::LocalPushRequest>,
+    ) -> Result<Response<pb::PushGradientsResponse>, Status> {
+        observe("PushLocal", self.push_local(request.into_inner()).await).map(Response::new)
+    }
+
+    async fn pull_local(
+        &self,
+        request: Request<pb::LocalPullRequest>,
+    ) -> Result<Response<pb::LocalPullResponse>, Status> {
+        observe("PullLocal", self.pull_local(request.into_inner()).await).map(Response::new)
     }
 
     async fn get_status(

@@ -532,6 +532,7 @@ async fn shards_refuse_clients_whose_shard_list_differs() {
         tls: None,
         checkpoints: Default::default(),
         limits: Default::default(),
+        local_dir: None,
     };
     tokio::spawn(ps_server::serve(options, listener, std::future::pending()));
     let mixed = client(vec![cluster.addrs[0].clone(), rogue]);

@@ -47,6 +47,9 @@ pub struct WorkerSummary {
     /// Times the worker found the run had gone ahead without it and resumed.
     #[serde(default)]
     pub resyncs: u64,
+    /// How the shards were reached: "network", or the local channel's mode ("segments", "socket").
+    #[serde(default)]
+    pub transport: String,
 }
 
 /// The device the candle models compute on: GPU 0 with the `cuda` feature, else the CPU.
@@ -210,7 +213,18 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         bytes_pushed,
         bytes_pulled,
         resyncs,
+        transport: transport(&client),
     })
+}
+
+/// How this worker reached the shards: the local channel's mode when it reached all of them through it.
+fn transport(client: &PsClient) -> String {
+    let modes: Vec<_> = (0..client.num_shards()).map(|shard| client.local_channel(shard)).collect();
+    match modes.first() {
+        Some(Some(mode)) if modes.iter().all(|m| m == &modes[0]) => mode.to_string(),
+        _ if modes.iter().any(Option::is_some) => "mixed".into(),
+        _ => "network".into(),
+    }
 }
 
 /// After a rollback to `version`: the worker state kept there, or the current one with a warning.

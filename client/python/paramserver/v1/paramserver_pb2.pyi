@@ -819,16 +819,158 @@ class CommitRoundResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "models", "limits")
+    __slots__ = ("shard_index", "num_shards", "models", "limits", "local")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     models: _containers.RepeatedCompositeFieldContainer[ModelStatus]
     limits: ShardLimits
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., limits: _Optional[_Union[ShardLimits, _Mapping]] = ...) -> None: ...
+    local: LocalChannel
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., limits: _Optional[_Union[ShardLimits, _Mapping]] = ..., local: _Optional[_Union[LocalChannel, _Mapping]] = ...) -> None: ...
+
+class LocalChannel(_message.Message):
+    __slots__ = ("instance", "grpc_socket", "segment_socket")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    GRPC_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    grpc_socket: str
+    segment_socket: str
+    def __init__(self, instance: _Optional[str] = ..., grpc_socket: _Optional[str] = ..., segment_socket: _Optional[str] = ...) -> None: ...
+
+class SegmentRequest(_message.Message):
+    __slots__ = ("authorization", "hello", "attach", "open_weights")
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
+    OPEN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    authorization: str
+    hello: SegmentHello
+    attach: AttachSegment
+    open_weights: OpenWeights
+    def __init__(self, authorization: _Optional[str] = ..., hello: _Optional[_Union[SegmentHello, _Mapping]] = ..., attach: _Optional[_Union[AttachSegment, _Mapping]] = ..., open_weights: _Optional[_Union[OpenWeights, _Mapping]] = ...) -> None: ...
+
+class SegmentReply(_message.Message):
+    __slots__ = ("hello", "attached", "weights", "error")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    hello: SegmentHello
+    attached: SegmentAttached
+    weights: WeightsSegment
+    error: SegmentError
+    def __init__(self, hello: _Optional[_Union[SegmentHello, _Mapping]] = ..., attached: _Optional[_Union[SegmentAttached, _Mapping]] = ..., weights: _Optional[_Union[WeightsSegment, _Mapping]] = ..., error: _Optional[_Union[SegmentError, _Mapping]] = ...) -> None: ...
+
+class SegmentHello(_message.Message):
+    __slots__ = ("instance",)
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    def __init__(self, instance: _Optional[str] = ...) -> None: ...
+
+class AttachSegment(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SegmentAttached(_message.Message):
+    __slots__ = ("segment",)
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    def __init__(self, segment: _Optional[str] = ...) -> None: ...
+
+class OpenWeights(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class WeightsSegment(_message.Message):
+    __slots__ = ("model", "segment", "bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    segment: str
+    bytes: int
+    def __init__(self, model: _Optional[str] = ..., segment: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class SegmentError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LocalPushRequest(_message.Message):
+    __slots__ = ("model", "worker_id", "step", "epoch", "segment", "chunks")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    worker_id: str
+    step: int
+    epoch: int
+    segment: str
+    chunks: _containers.RepeatedCompositeFieldContainer[LocalChunk]
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., segment: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ...) -> None: ...
+
+class LocalChunk(_message.Message):
+    __slots__ = ("chunk", "segment_offset", "payload_bytes")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    chunk: TensorChunk
+    segment_offset: int
+    payload_bytes: int
+    def __init__(self, chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., segment_offset: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
+
+class LocalPullRequest(_message.Message):
+    __slots__ = ("model", "min_version", "timeout_ms", "epoch")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    min_version: int
+    timeout_ms: int
+    epoch: int
+    def __init__(self, model: _Optional[str] = ..., min_version: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class LocalPullResponse(_message.Message):
+    __slots__ = ("segment", "slot", "sequence", "blocks", "checkpoint")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    slot: int
+    sequence: int
+    blocks: _containers.RepeatedCompositeFieldContainer[LocalBlock]
+    checkpoint: bool
+    def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., sequence: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
+
+class LocalBlock(_message.Message):
+    __slots__ = ("tensor", "block", "version", "offset", "length")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    block: int
+    version: int
+    offset: int
+    length: int
+    def __init__(self, tensor: _Optional[str] = ..., block: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ShardLimits(_message.Message):
     __slots__ = ("max_models", "max_model_elements", "max_model_blocks", "min_block_elements", "memory_bytes", "max_spec_bytes", "max_stream_bytes", "max_staged_bytes", "max_streams", "max_streams_per_connection", "max_wait_ms", "stream_idle_timeout_ms", "max_stream_duration_ms", "models", "model_bytes", "staged_bytes", "open_streams", "max_sending_bytes", "sending_bytes")

@@ -119,6 +119,16 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.PushLocal = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/PushLocal',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPushRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.PushGradientsResponse.FromString,
+                _registered_method=True)
+        self.PullLocal = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/PullLocal',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -280,6 +290,27 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushLocal(self, request, context):
+        """Local channel (see "Local channel" above the messages below): pushes one
+        step's gradients whose payloads lie in a memory segment this client
+        attached on the shard's segment socket. The same rules as PushGradients
+        (all-or-nothing, idempotent per (worker, step, block), the group's
+        encodings, limits); the shard reads the payloads out of the segment
+        before it answers, so the client may reuse the segment afterwards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullLocal(self, request, context):
+        """Local channel: waits as PullWeights does, then publishes this shard's
+        blocks (f32) into its weights segment for the model, once per state of
+        the blocks however many local clients ask, and says where they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -367,6 +398,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.ShutdownRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_paramserver__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'PushLocal': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushLocal,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPushRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.PushGradientsResponse.SerializeToString,
+            ),
+            'PullLocal': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullLocal,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +869,60 @@ class ParameterServer:
             '/paramserver.v1.ParameterServer/Shutdown',
             paramserver_dot_v1_dot_paramserver__pb2.ShutdownRequest.SerializeToString,
             paramserver_dot_v1_dot_paramserver__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/PushLocal',
+            paramserver_dot_v1_dot_paramserver__pb2.LocalPushRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.PushGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullLocal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/PullLocal',
+            paramserver_dot_v1_dot_paramserver__pb2.LocalPullRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.LocalPullResponse.FromString,
             options,
             channel_credentials,
             insecure,
