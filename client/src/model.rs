@@ -606,8 +606,14 @@ impl ModelHandle {
             let request = &request;
             async move {
                 if segments_serve && let Some(local) = self.client.local_shard(shard).await.filter(|l| l.segments) {
-                    let reply = self.pull_local_reply(shard, request).await?;
-                    return Ok::<_, ClientError>(ShardPull::Local { shard, local, reply });
+                    match self.pull_local_reply(shard, request).await {
+                        Ok(reply) => return Ok::<_, ClientError>(ShardPull::Local { shard, local, reply }),
+                        // No room for the weights segment (--memory-limit): a gRPC pull needs none.
+                        Err(ClientError::Rpc { status, .. }) if status.code() == Code::ResourceExhausted => {
+                            self.client.leave_local(shard, status.message());
+                        }
+                        Err(error) => return Err(error),
+                    }
                 }
                 Ok(ShardPull::Chunks(self.pull_chunks(shard, request).await?))
             }

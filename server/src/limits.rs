@@ -251,6 +251,30 @@ impl ModelBudget {
         Ok(ModelReservation { budget: self.clone(), bytes: footprint.bytes, kept: false })
     }
 
+    /// Reserves `bytes` more for something a model holds beside its own state
+    /// (`what` says what, for the refusal), held until the guard is dropped.
+    pub fn reserve_bytes(
+        self: &Arc<Self>,
+        limits: &Limits,
+        what: &str,
+        bytes: u64,
+    ) -> Result<MemoryReservation, ServerError> {
+        let mut held = self.held.lock();
+        if held.1 + bytes > limits.memory_bytes {
+            return Err(exceeded(
+                format!(
+                    "{what} needs {} and the models here already hold up to {} of {}",
+                    human_bytes(bytes),
+                    human_bytes(held.1),
+                    human_bytes(limits.memory_bytes)
+                ),
+                "--memory-limit",
+            ));
+        }
+        held.1 += bytes;
+        Ok(MemoryReservation { budget: self.clone(), bytes })
+    }
+
     /// Counts a model restored from a checkpoint, which is kept whatever the limits say.
     pub fn record_restored(&self, footprint: Footprint) {
         let mut held = self.held.lock();
@@ -277,6 +301,19 @@ impl Drop for ModelReservation {
             held.0 -= 1;
             held.1 -= self.bytes;
         }
+    }
+}
+
+/// Memory taken from the [`ModelBudget`] outside any model's own estimate, given back when dropped.
+#[derive(Debug)]
+pub struct MemoryReservation {
+    budget: Arc<ModelBudget>,
+    bytes: u64,
+}
+
+impl Drop for MemoryReservation {
+    fn drop(&mut self) {
+        self.budget.held.lock().1 -= self.bytes;
     }
 }
 
@@ -456,6 +493,19 @@ impl StreamSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_outside_models_counts_against_the_limit_until_dropped() {
+        let limits = Limits { memory_bytes: 1000, ..Limits::default() };
+        let budget = Arc::new(ModelBudget::default());
+        let first = budget.reserve_bytes(&limits, "a segment", 600).unwrap();
+        let refused = budget.reserve_bytes(&limits, "another segment", 600).unwrap_err();
+        assert!(refused.to_string().contains("another segment"), "{refused}");
+        assert_eq!(budget.held(), (0, 600), "no model is counted");
+        drop(first);
+        assert_eq!(budget.held(), (0, 0));
+        budget.reserve_bytes(&limits, "another segment", 600).unwrap();
+    }
 
     #[test]
     fn sizes_parse_with_units() {

@@ -20,6 +20,7 @@ use ps_proto::pb::{self, segment_reply, segment_request};
 use rand::Rng;
 
 use crate::error::ServerError;
+use crate::limits::{MemoryReservation, ShardBounds};
 use crate::rpc::BearerAuth;
 use crate::store::{Model, Registry};
 
@@ -39,6 +40,7 @@ pub struct LocalChannel {
     connections: Arc<tokio::sync::Semaphore>,
     auth: BearerAuth,
     registry: Arc<Registry>,
+    bounds: Arc<ShardBounds>,
 }
 
 fn random_id() -> String {
@@ -67,6 +69,7 @@ impl LocalChannel {
         dir: &Path,
         registry: Arc<Registry>,
         auth: BearerAuth,
+        bounds: Arc<ShardBounds>,
     ) -> std::io::Result<(Arc<Self>, tokio::net::UnixListener, tokio::net::UnixListener)> {
         std::fs::create_dir_all(dir)?;
         let (grpc_path, segment_path) = wire::sockets(dir);
@@ -80,6 +83,7 @@ impl LocalChannel {
             connections: Arc::new(tokio::sync::Semaphore::new(MAX_LOCAL_CONNECTIONS)),
             auth,
             registry,
+            bounds,
         });
         Ok((channel, grpc, segments))
     }
@@ -105,7 +109,15 @@ impl LocalChannel {
     /// served on its own thread (its requests block on the socket).
     pub async fn accept(self: Arc<Self>, listener: tokio::net::UnixListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, typically: wait rather than spin.
+                    tracing::warn!(%error, "segment socket: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let Ok(permit) = self.connections.clone().try_acquire_owned() else {
                 tracing::warn!("segment socket: {MAX_LOCAL_CONNECTIONS} local clients connected; refusing another");
                 continue;
@@ -209,7 +221,12 @@ impl LocalChannel {
         {
             return Ok(segment.clone());
         }
-        let segment = Arc::new(WeightsSegment::new(model).map_err(|e| {
+        // Counted against --memory-limit like the model itself (the old segment goes first).
+        table.remove(model.name());
+        let bytes = wire::slot_offset(WEIGHT_SLOTS, wire::slot_bytes(model.local_elements()));
+        let what = format!("the weights segment of '{}' (for local pulls)", model.name());
+        let reservation = self.bounds.models.reserve_bytes(&self.bounds.limits, &what, bytes)?;
+        let segment = Arc::new(WeightsSegment::new(model, reservation).map_err(|e| {
             ServerError::Internal(format!("cannot make the weights segment of '{}': {e}", model.name()))
         })?);
         table.insert(model.name().to_string(), segment.clone());
@@ -231,6 +248,7 @@ pub struct WeightsSegment {
     offsets: Vec<u64>,
     model: std::sync::Weak<Model>,
     slots: Mutex<Vec<Slot>>,
+    _memory: MemoryReservation,
 }
 
 #[derive(Default, Clone)]
@@ -253,7 +271,7 @@ pub struct Publication {
 }
 
 impl WeightsSegment {
-    fn new(model: &Arc<Model>) -> std::io::Result<Self> {
+    fn new(model: &Arc<Model>, memory: MemoryReservation) -> std::io::Result<Self> {
         let slot_bytes = wire::slot_bytes(model.local_elements());
         let bytes = wire::slot_offset(WEIGHT_SLOTS, slot_bytes);
         let file = wire::create_segment(&format!("ps-weights-{}", model.name()), bytes)?;
@@ -271,6 +289,7 @@ impl WeightsSegment {
             offsets,
             model: Arc::downgrade(model),
             slots: Mutex::new(vec![Slot::default(); WEIGHT_SLOTS as usize]),
+            _memory: memory,
         })
     }
 

@@ -605,7 +605,12 @@ class Model:
         ask = pb.LocalPullRequest(model=self.name, min_version=request.min_version, timeout_ms=request.timeout_ms, epoch=self.epoch)
         metadata = self.client._metadata[shard]
         for _ in range(4):
-            reply = self.client._retry(shard, lambda: found.stub.PullLocal(ask, metadata=metadata), True)
+            try:
+                reply = self.client._retry(shard, lambda: found.stub.PullLocal(ask, metadata=metadata), True)
+            except ServerError as error:
+                if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise local.NotLocal(error.message) from None  # no room for the weights segment: gRPC needs none
+                raise
             with self._segment_locks[shard]:
                 weights = self._weights.get(shard)
                 if weights is None or weights[1] != reply.segment:

@@ -67,7 +67,8 @@ pub async fn serve(
     let mut local_servers = None;
     if let Some(dir) = &options.local_dir {
         let (channel, grpc, segments) =
-            crate::local::LocalChannel::bind(dir, registry, gate.auth.clone()).map_err(ServeError::Local)?;
+            crate::local::LocalChannel::bind(dir, registry, gate.auth.clone(), shard.bounds.clone())
+                .map_err(ServeError::Local)?;
         tracing::info!(dir = %dir.display(), "local channel: gRPC and memory segments on Unix sockets");
         local_servers = Some((channel.clone(), grpc, tokio::spawn(channel.clone().accept(segments))));
         shard = shard.with_local(channel);
