@@ -306,6 +306,8 @@ class ParameterServerServicer:
         """Local channel: waits as PullWeights does, then publishes this shard's
         blocks (f32) into its weights segment for the model, once per state of
         the blocks however many local clients ask, and says where they are.
+        RESOURCE_EXHAUSTED naming --memory-limit: the shard has no room for the
+        segment (3 x its f32 share of the model); pull with PullWeights instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
