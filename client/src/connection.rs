@@ -38,6 +38,8 @@ pub struct PsClient {
     /// The same connections, sending the admin token.
     admin: Arc<Vec<ShardStub>>,
     config: Arc<ClientConfig>,
+    /// The connections themselves, for the health service (outside the parameter-server API).
+    channels: Arc<Vec<Channel>>,
     /// Per shard: whether it is reached through its local channel.
     reach: Arc<Vec<std::sync::RwLock<Reach>>>,
     /// Held while a shard's local channel is being tried, so it is tried once.
@@ -61,6 +63,7 @@ impl PsClient {
         let admin_token = config.admin_token.as_deref().or(config.auth_token.as_deref());
         let mut shards = Vec::with_capacity(count);
         let mut admin = Vec::with_capacity(count);
+        let mut channels = Vec::with_capacity(count);
         for (index, addr) in config.shards.iter().enumerate() {
             let channel = ps_proto::tls::endpoint(addr, config.tls.as_ref())
                 .map_err(|e| ClientError::BadAddress { address: addr.clone(), reason: e.to_string() })?
@@ -75,10 +78,12 @@ impl PsClient {
             };
             shards.push(stub(config.auth_token.as_deref())?);
             admin.push(stub(admin_token)?);
+            channels.push(channel);
         }
         Ok(Self {
             shards: Arc::new(shards),
             admin: Arc::new(admin),
+            channels: Arc::new(channels),
             reach: Arc::new((0..count).map(|_| std::sync::RwLock::default()).collect()),
             discovering: Arc::new((0..count).map(|_| tokio::sync::Mutex::default()).collect()),
             config: Arc::new(config),
@@ -213,6 +218,23 @@ impl PsClient {
                 Err(status) => return Err(ClientError::Rpc { shard, status }),
             }
         }
+    }
+
+    /// Whether each shard's `grpc.health.v1` service reports the parameter
+    /// server as SERVING: false while it restores a checkpoint and agrees with
+    /// its peers, and once it started to stop. A shard that does not answer is an error.
+    pub async fn serving(&self) -> Result<Vec<bool>, ClientError> {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let mut serving = Vec::with_capacity(self.channels.len());
+        for (shard, channel) in self.channels.iter().enumerate() {
+            let request = HealthCheckRequest { service: ps_proto::HEALTH_SERVICE_NAME.to_string() };
+            let reply = HealthClient::new(channel.clone())
+                .check(request)
+                .await
+                .map_err(|status| ClientError::Rpc { shard, status })?;
+            serving.push(reply.into_inner().status == ServingStatus::Serving as i32);
+        }
+        Ok(serving)
     }
 
     /// Waits until every shard answers, for at most `timeout`.

@@ -52,6 +52,9 @@ impl std::fmt::Display for LocalMode {
     }
 }
 
+/// The longest wait for a reply on the segment socket.
+const SEGMENT_SOCKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 type Stub = pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
 /// A shard this client reaches on its own host.
@@ -103,6 +106,9 @@ impl LocalShard {
         let hello_auth = authorization.clone();
         let (socket, instance) = tokio::task::spawn_blocking(move || {
             let socket = UnixStream::connect(&path)?;
+            // A shard that stops answering must not hang a push or pull for ever.
+            socket.set_read_timeout(Some(SEGMENT_SOCKET_TIMEOUT))?;
+            socket.set_write_timeout(Some(SEGMENT_SOCKET_TIMEOUT))?;
             let request = pb::SegmentRequest {
                 authorization: hello_auth,
                 item: Some(segment_request::Item::Hello(pb::SegmentHello::default())),

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ps_client::PsClient;
 use ps_proto::units::human_bytes;
@@ -56,8 +55,9 @@ enum Command {
         #[arg(long)]
         model: String,
     },
-    /// Exit 0 if every shard answers within the timeout; with --metrics, if
-    /// any of these local metrics endpoints answers (a container health check).
+    /// Exit 0 once every shard's gRPC health service reports SERVING (restored
+    /// and agreed with its peers), within the timeout; with --metrics, if any of
+    /// these local metrics endpoints answers (a container health check).
     Health {
         /// How long to wait.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
@@ -85,11 +85,31 @@ async fn main() -> anyhow::Result<()> {
             anyhow::bail!("no metrics endpoint answered: {}", metrics.join(", "));
         }
         Command::Health { timeout, .. } => {
-            tokio::time::timeout(timeout, client.wait_ready(timeout))
-                .await
-                .context("timed out")?
-                .context("a shard is not healthy")?;
-            println!("ok: {} shards answer", client.num_shards());
+            // grpc.health.v1 on every shard: SERVING once restored and agreed with its peers.
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut last = String::from("no answer");
+            loop {
+                match tokio::time::timeout_at(deadline, client.serving()).await {
+                    Ok(Ok(serving)) if serving.iter().all(|&s| s) => {
+                        println!("ok: {} shards serving", client.num_shards());
+                        break;
+                    }
+                    Ok(Ok(serving)) => {
+                        let waiting: Vec<String> =
+                            serving.iter().enumerate().filter(|(_, s)| !**s).map(|(i, _)| i.to_string()).collect();
+                        last = format!(
+                            "shard(s) {} NOT_SERVING (restoring a checkpoint, or stopping)",
+                            waiting.join(", ")
+                        );
+                    }
+                    Ok(Err(error)) => last = error.to_string(),
+                    Err(_) => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!("not healthy after {timeout:?}: {last}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         Command::Status { model, json } => {
             let status = client.status(&model).await?;

@@ -23,3 +23,6 @@ pub mod pb {
 pub use pb::parameter_server_client::ParameterServerClient;
 pub use pb::parameter_server_server::{ParameterServer, ParameterServerServer};
 pub use tonic;
+
+/// The service name a shard reports in `grpc.health.v1` (beside "", the whole shard).
+pub const HEALTH_SERVICE_NAME: &str = "paramserver.v1.ParameterServer";

@@ -72,6 +72,7 @@ class LocalShard:
         self._lock = threading.Lock()
         try:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._socket.settimeout(30.0)  # a shard that stops answering must not hang a push for ever
             self._socket.connect(advertised.segment_socket)
         except OSError as error:
             raise NotLocal(f"{advertised.segment_socket}: {error}") from None

@@ -78,6 +78,11 @@ pub async fn serve(
         let shard = shard.clone();
         tokio::spawn(async move { shard.checkpoint_periodically().await })
     };
+    // grpc.health.v1: NOT_SERVING until every restored model agreed with the
+    // peers on where to continue, and again from the start of a shutdown.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readiness = tokio::spawn(report_readiness(shard.registry().clone(), health, stopping.clone()));
     let grace = options.checkpoints.shutdown_grace;
     let closing = shard.clone();
     let asked = shard.shutdown.clone();
@@ -86,6 +91,7 @@ pub async fn serve(
             _ = shutdown => {}
             _ = asked.notified() => {}
         }
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         closing.checkpoint_before_exit(grace).await;
         // Pulls waiting for a version this shard will not reach end now with
         // UNAVAILABLE, so the shutdown does not wait out their long poll and
@@ -117,6 +123,7 @@ pub async fn serve(
         let mut stopped = stopped_rx.clone();
         let server = configure(tonic::transport::Server::builder())
             .add_service(service.clone())
+            .add_service(health_service.clone())
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
             });
@@ -136,10 +143,12 @@ pub async fn serve(
     }
     let result = configure(builder)
         .add_service(service)
+        .add_service(health_service)
         .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
         .await;
     reaper.abort();
     timer.abort();
+    readiness.abort();
     if let Some((channel, server, accepting)) = local {
         accepting.abort();
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -173,6 +182,31 @@ fn incoming_without_delay(
         stream.set_nodelay(true)?;
         Ok(stream)
     })
+}
+
+/// The health service's answer for the whole shard ("") and for the
+/// parameter-server service: SERVING once no model is recovering, until the
+/// shard starts to stop. Checked every 100 ms (recovery takes seconds).
+async fn report_readiness(
+    registry: Arc<Registry>,
+    health: tonic_health::server::HealthReporter,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tonic_health::ServingStatus;
+    let mut reported = None;
+    loop {
+        let ready = !stopping.load(std::sync::atomic::Ordering::SeqCst)
+            && registry.models().iter().all(|model| !model.is_recovering());
+        if reported != Some(ready) {
+            let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+            for service in ["", ps_proto::HEALTH_SERVICE_NAME] {
+                health.set_service_status(service, status).await;
+            }
+            tracing::info!(ready, "health: {}", if ready { "SERVING" } else { "NOT_SERVING" });
+            reported = Some(ready);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Drops workers whose lease expired and stragglers past a step deadline,

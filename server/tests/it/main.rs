@@ -7,6 +7,7 @@ mod cluster;
 mod compression;
 mod fed_replay;
 mod federated;
+mod health;
 mod local_channel;
 mod membership;
 mod optim_replay;
