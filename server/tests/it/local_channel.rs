@@ -296,3 +296,35 @@ async fn a_killed_local_worker_leaves_the_shard_healthy() {
     assert_eq!(status[0].models[0].live_workers.len(), 1, "the killed worker was dropped");
     drop(weights);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_without_room_for_the_weights_segment_is_pulled_over_grpc() {
+    let dir = scratch("memory");
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = format!("127.0.0.1:{}", ps_testkit::free_port().unwrap());
+    let local_dir = dir.join("shard-0");
+    // The model's own estimate (28 B per element) fits in 3.5 MiB; its 1.2 MB weights segment does not.
+    #[rustfmt::skip]
+    let args = [
+        "--shard-index", "0", "--shards", &addr, "--metrics-addr", "off",
+        "--local-dir", local_dir.to_str().unwrap(), "--memory-limit", "3.5MiB",
+    ];
+    let server = std::path::Path::new(env!("CARGO_BIN_EXE_server"));
+    let _shard = ps_testkit::ServerProcess::spawn_logged(server, &args, &dir.join("shard-0.log")).unwrap();
+    let client = PsClient::connect(ClientConfig::new(vec![addr])).unwrap();
+    client.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let mut spec = small_spec("roomless");
+    spec.tensors = vec![tensor("w", &[1000, 100])];
+    spec.max_block_elements = 100_000;
+    let init = initial_values(&spec, 5);
+    let model = client.register(&spec, &init).await.unwrap();
+    model.join("w0").await.unwrap();
+    let grads = grads_like(&init, 2);
+    model.push("w0", 0, &grads).await.unwrap();
+    assert_eq!(client.local_channel(0), Some(LocalMode::Segments), "the push went through a segment");
+    let pulled = model.pull(1).await.unwrap();
+    for (i, (got, (w, g))) in pulled.tensors["w"].iter().zip(init["w"].iter().zip(&grads["w"])).enumerate() {
+        assert!((got - (w - 0.5 * g)).abs() <= 1e-6, "w[{i}]: {got} after the step from {w} with gradient {g}");
+    }
+    assert_eq!(client.local_channel(0), None, "the refused segment sent the client back to the network");
+}
