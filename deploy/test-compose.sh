@@ -117,6 +117,9 @@ for _ in $(seq 30); do
 done
 [ "${dropped:-none}" != none ] && [ "${dropped%.*}" -ge 1 ] || fail "Prometheus shows no dropped worker"
 say "Prometheus: min(ps_workers_expired_total)=$dropped"
+segment_bytes=$(prom 'sum(ps_bytes_received_total{transport="segment"})' || true)
+[ "${segment_bytes:-none}" != none ] && [ "${segment_bytes%.*}" -gt 0 ] || fail "no gradient came through the local channel's segments (ps_bytes_received_total{transport=\"segment\"}: ${segment_bytes:-none})"
+say "Prometheus: $(printf '%.0f' "$segment_bytes") gradient bytes came through shared-memory segments (workers and shards share the local-sockets volume)"
 
 accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --min-version "$PS_STEPS" --min-accuracy 0.9) || fail "accuracy check: $accuracy"
 say "$accuracy"

@@ -138,7 +138,7 @@ impl PsClient {
         }
         let reach = match self.discover(shard).await {
             Ok(local) => {
-                tracing::info!(shard, mode = %self.config.local, "shard reached through its local channel");
+                tracing::debug!(shard, mode = %self.config.local, "shard reached through its local channel");
                 Reach::Local(Arc::new(local))
             }
             // The shard did not answer: ask again on the next call rather than settle for TCP.

@@ -5,6 +5,8 @@ FROM scratch
 COPY rootfs/ /
 # The shards' checkpoint directory (a named volume in compose takes its owner).
 COPY --chown=10001:10001 state/ /var/lib/paramserver/
+# Where shards put their local-channel sockets (a volume shared with co-located workers).
+COPY --chown=10001:10001 state/ /run/paramserver/
 ENV PATH=/usr/local/bin
 USER 10001:10001
 EXPOSE 50051 9100 9101
