@@ -78,6 +78,14 @@ pub fn create_segment(name: &str, bytes: u64) -> io::Result<File> {
     Ok(file)
 }
 
+/// Makes a segment's mode 0444, so that a reader cannot reopen the read-only
+/// descriptor it was given (through `/proc/self/fd`) for writing; descriptors
+/// opened before, such as the writer's own, keep their access.
+pub fn forbid_reopening_for_write(segment: &File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    segment.set_permissions(std::fs::Permissions::from_mode(0o444))
+}
+
 /// The same segment, opened again read-only: what a shard hands to readers, so
 /// that writing through the descriptor they get fails.
 pub fn read_only(segment: &File) -> io::Result<File> {
@@ -213,11 +221,20 @@ mod tests {
 
     #[test]
     fn read_only_descriptors_refuse_writes() {
+        use std::os::fd::AsRawFd;
         let segment = create_segment("test", 4096).unwrap();
+        forbid_reopening_for_write(&segment).unwrap();
         write_sequence(&segment, 1, 42).unwrap();
         let reader = read_only(&segment).unwrap();
         assert_eq!(read_sequence(&reader, 1).unwrap(), 42);
         assert!(write_sequence(&reader, 1, 7).is_err());
+        let reopened = File::options().write(true).open(format!("/proc/self/fd/{}", reader.as_raw_fd()));
+        // Root passes permission checks; everyone else is held to the 0444 mode.
+        if !rustix::process::geteuid().is_root() {
+            assert!(reopened.is_err(), "a reader reopened the weights for writing");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(reader.metadata().unwrap().permissions().mode() & 0o777, 0o444);
     }
 
     #[test]

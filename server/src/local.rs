@@ -21,6 +21,7 @@ use rand::Rng;
 
 use crate::error::ServerError;
 use crate::limits::{MemoryReservation, ShardBounds};
+use crate::metrics as m;
 use crate::rpc::BearerAuth;
 use crate::store::{Model, Registry};
 
@@ -131,7 +132,9 @@ impl LocalChannel {
                 }
             };
             let spawned = std::thread::Builder::new().name("ps-segments".into()).spawn(move || {
+                metrics::gauge!(m::LOCAL_CLIENTS).increment(1.0);
                 channel.serve_connection(socket);
+                metrics::gauge!(m::LOCAL_CLIENTS).decrement(1.0);
                 drop(permit);
             });
             if let Err(error) = spawned {
@@ -166,9 +169,10 @@ impl LocalChannel {
         }
         // The client is gone: so is every segment it attached.
         let mut table = self.attached.lock();
-        for id in attached {
-            table.remove(&id);
+        for id in &attached {
+            table.remove(id);
         }
+        metrics::gauge!(m::LOCAL_SEGMENTS).decrement(attached.len() as f64);
     }
 
     fn answer(
@@ -194,6 +198,7 @@ impl LocalChannel {
                 let id = random_id();
                 self.attached.lock().insert(id.clone(), Arc::new(File::from(fd)));
                 attached.push(id.clone());
+                metrics::gauge!(m::LOCAL_SEGMENTS).increment(1.0);
                 Ok((segment_reply::Item::Attached(pb::SegmentAttached { segment: id }), None))
             }
             Some(segment_request::Item::OpenWeights(open)) => {
@@ -258,6 +263,12 @@ struct Slot {
     published: u64,
 }
 
+impl Drop for WeightsSegment {
+    fn drop(&mut self) {
+        metrics::gauge!(m::LOCAL_WEIGHTS_BYTES).decrement(self.bytes as f64);
+    }
+}
+
 /// Where a publication can be read.
 pub struct Publication {
     /// The slot.
@@ -275,12 +286,14 @@ impl WeightsSegment {
         let slot_bytes = wire::slot_bytes(model.local_elements());
         let bytes = wire::slot_offset(WEIGHT_SLOTS, slot_bytes);
         let file = wire::create_segment(&format!("ps-weights-{}", model.name()), bytes)?;
+        wire::forbid_reopening_for_write(&file)?;
         let mut offsets = Vec::with_capacity(model.local_blocks().len());
         let mut next = 0u64;
         for block in model.local_blocks() {
             offsets.push(next);
             next += block.len as u64 * 4;
         }
+        metrics::gauge!(m::LOCAL_WEIGHTS_BYTES).increment(bytes as f64);
         Ok(Self {
             id: random_id(),
             file,

@@ -16,14 +16,20 @@ use tokio::net::{TcpListener, TcpStream};
 pub const PUSHES: &str = "ps_pushes_total";
 /// Blocks received in pushes (counter; labels: model, result = accepted | duplicate).
 pub const PUSH_BLOCKS: &str = "ps_push_blocks_total";
-/// Payload bytes received in pushes (counter; labels: model, encoding).
+/// Payload bytes received in pushes (counter; labels: model, encoding, transport = grpc | segment).
 pub const BYTES_RECEIVED: &str = "ps_bytes_received_total";
 /// What the received payloads would have taken as f32 (counter; labels: model, encoding).
 pub const BYTES_RECEIVED_F32: &str = "ps_bytes_received_f32_equivalent_total";
 /// f32 bytes / wire bytes of the last push, per encoding (gauge; labels: model, encoding).
 pub const COMPRESSION_RATIO: &str = "ps_push_compression_ratio";
-/// Payload bytes sent in pulls (counter; labels: model, encoding).
+/// Payload bytes sent in pulls (counter; labels: model, encoding, transport = grpc | segment).
 pub const BYTES_SENT: &str = "ps_bytes_sent_total";
+/// Local clients connected to the segment socket (gauge).
+pub const LOCAL_CLIENTS: &str = "ps_local_clients";
+/// Push segments attached by local clients (gauge).
+pub const LOCAL_SEGMENTS: &str = "ps_local_segments";
+/// Bytes of the weights segments published for local pulls (gauge).
+pub const LOCAL_WEIGHTS_BYTES: &str = "ps_local_weights_segment_bytes";
 /// Seconds one block's optimizer step took (histogram; labels: model, group).
 pub const UPDATE_SECONDS: &str = "ps_update_seconds";
 /// Seconds from a block's first push of a step to its update (histogram; labels: model).
@@ -183,6 +189,9 @@ fn describe() {
     describe_histogram!(BARRIER_WAIT_SECONDS, Unit::Seconds, "Time from a block's first push of a step to its update");
     describe_histogram!(STALENESS, "Versions between a gradient's base and the block at apply time (async)");
     describe_gauge!(LIVE_WORKERS, "Workers with a live lease");
+    describe_gauge!(LOCAL_CLIENTS, "Local clients connected to the segment socket");
+    describe_gauge!(LOCAL_SEGMENTS, "Push segments attached by local clients");
+    describe_gauge!(LOCAL_WEIGHTS_BYTES, Unit::Bytes, "Bytes of the weights segments published for local pulls");
     describe_counter!(WORKERS_EXPIRED, "Workers dropped because their lease expired");
     describe_counter!(WORKERS_DROPPED_LATE, "Members dropped because they had not pushed a step by its deadline");
     describe_gauge!(MODEL_VERSION, "Lowest block version on this shard");
