@@ -55,7 +55,9 @@ fn transient(status: &Status) -> bool {
 
 impl PsClient {
     /// Sets up (lazy) connections to every shard; nothing is sent yet.
-    pub fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+    pub fn connect(mut config: ClientConfig) -> Result<Self, ClientError> {
+        config.shards = ps_proto::cluster::expand_shards(&config.shards)
+            .map_err(|reason| ClientError::BadAddress { address: config.shards.join(","), reason })?;
         if config.shards.is_empty() {
             return Err(ClientError::NoShards);
         }

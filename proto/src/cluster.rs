@@ -62,6 +62,38 @@ pub fn read_token_file(path: &std::path::Path) -> std::io::Result<String> {
     Ok(token)
 }
 
+/// The most shards one range in a shard list may name.
+pub const MAX_SHARDS_IN_RANGE: u32 = 4096;
+
+/// Expands the entries of a shard list that name a range of shards with a
+/// numeric brace range, inclusive at both ends as in a shell, the way a
+/// StatefulSet names its pods: `ps-{0..3}.ps:50051` is `ps-0.ps:50051` up to
+/// `ps-3.ps:50051`. Other entries stay as they are. Scaling such a list is one number.
+pub fn expand_shards(entries: &[String]) -> Result<Vec<String>, String> {
+    let mut shards = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Some(open) = entry.find('{') else {
+            shards.push(entry.clone());
+            continue;
+        };
+        let bad = || format!("'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051' (first..last, both included)");
+        let close = entry[open..].find('}').map(|i| open + i).ok_or_else(bad)?;
+        let (first, last) = entry[open + 1..close].split_once("..").ok_or_else(bad)?;
+        let (first, last): (u32, u32) = (first.parse().map_err(|_| bad())?, last.parse().map_err(|_| bad())?);
+        if first > last || last - first >= MAX_SHARDS_IN_RANGE || entry[close + 1..].contains('{') {
+            return Err(bad());
+        }
+        shards.extend((first..=last).map(|i| format!("{}{i}{}", &entry[..open], &entry[close + 1..])));
+    }
+    Ok(shards)
+}
+
+/// The ordinal at the end of a host name such as `paramserver-3`: a StatefulSet
+/// pod's index, which is its shard index.
+pub fn ordinal_of(hostname: &str) -> Option<u32> {
+    hostname.trim().rsplit_once('-').and_then(|(_, n)| n.parse().ok())
+}
+
 /// Compares two secrets in time that depends on their length only, not on
 /// where they first differ, so a caller cannot guess a token byte by byte.
 pub fn same_secret(given: &str, expected: &str) -> bool {
@@ -72,6 +104,21 @@ pub fn same_secret(given: &str, expected: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_ranges_expand_like_statefulset_pods() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            expand_shards(&list(&["ps-{0..2}.ps:50051"])).unwrap(),
+            list(&["ps-0.ps:50051", "ps-1.ps:50051", "ps-2.ps:50051"])
+        );
+        assert_eq!(expand_shards(&list(&["a:1", "b-{7..7}:2"])).unwrap(), list(&["a:1", "b-7:2"]));
+        for bad in ["ps-{3..1}:1", "ps-{0..}:1", "ps-{x..2}:1", "ps-{0..2:1", "ps-{0..9999}:1", "p-{0..1}-{0..1}:1"] {
+            assert!(expand_shards(&list(&[bad])).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(ordinal_of("paramserver-12\n"), Some(12));
+        assert_eq!(ordinal_of("paramserver"), None);
+    }
 
     #[test]
     fn token_files_lose_their_newline_and_must_not_be_empty() {

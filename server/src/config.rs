@@ -25,10 +25,12 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9100";
     about = "Parameter-server shard: stores and updates a share of every model's blocks"
 )]
 pub struct ServerArgs {
-    /// Index of this shard in --shards.
-    #[arg(long, env = "PS_SHARD_INDEX", default_value_t = 0)]
+    /// Index of this shard in --shards; "hostname" takes the number at the end of the
+    /// host name (a StatefulSet pod's ordinal, as in paramserver-3).
+    #[arg(long, env = "PS_SHARD_INDEX", default_value = "0", value_parser = parse_shard_index)]
     pub shard_index: u32,
     /// Addresses of all shards, comma-separated, in index order. Workers use the same list.
+    /// An entry such as ps-{0..3}.ps:50051 names shards 0 to 3.
     #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = DEFAULT_SHARDS)]
     pub shards: Vec<String>,
     /// Address to listen on for gRPC (default: 0.0.0.0 and the port of this shard's entry in --shards).
@@ -235,6 +237,9 @@ impl LimitArgs {
 /// A configuration that cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A shard range that cannot be expanded.
+    #[error("--shards: {0}")]
+    ShardRange(String),
     /// No shard addresses.
     #[error("--shards must name at least one shard")]
     NoShards,
@@ -351,9 +356,22 @@ fn token(
     Ok(token.filter(|t| !t.is_empty()))
 }
 
+/// A shard index, or "hostname": the ordinal at the end of this host's name.
+fn parse_shard_index(text: &str) -> Result<u32, String> {
+    if text != "hostname" {
+        return text.parse().map_err(|_| format!("'{text}' is neither a shard index nor \"hostname\""));
+    }
+    let name = std::env::var("HOSTNAME")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .map_err(|e| format!("cannot read the host name: {e}"))?;
+    ps_proto::cluster::ordinal_of(&name)
+        .ok_or_else(|| format!("host name '{}' does not end in -<number> (a StatefulSet pod's ordinal)", name.trim()))
+}
+
 impl ServerArgs {
     /// Checks the arguments and returns the serve options, the gRPC address and the metrics address.
-    pub fn resolve(self) -> Result<(ServerOptions, SocketAddr, Option<SocketAddr>), ConfigError> {
+    pub fn resolve(mut self) -> Result<(ServerOptions, SocketAddr, Option<SocketAddr>), ConfigError> {
+        self.shards = ps_proto::cluster::expand_shards(&self.shards).map_err(ConfigError::ShardRange)?;
         if self.shards.is_empty() {
             return Err(ConfigError::NoShards);
         }
@@ -430,6 +448,11 @@ mod tests {
         assert_eq!(listen.port(), 5001);
         assert!(metrics.is_none());
         assert_eq!(options.shards.len(), 2);
+        let ranged =
+            ServerArgs::try_parse_from(["server", "--shard-index", "2", "--shards", "ps-{0..3}.ps:7000"]).unwrap();
+        let (options, listen, _) = ranged.resolve().unwrap();
+        assert_eq!(options.shards.len(), 4);
+        assert_eq!((options.shards[2].as_str(), listen.port()), ("ps-2.ps:7000", 7000));
         let bad = ServerArgs::try_parse_from(["server", "--shard-index", "2", "--shards", "a:1,b:2"]).unwrap();
         assert!(bad.resolve().is_err());
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,28 @@ class PushSummary:
     bytes: int = 0
 
 
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shards(entries: Sequence[str]) -> List[str]:
+    """The shard list with ranges expanded as the servers expand them:
+    `ps-{0..3}.ps:50051` names shards 0 to 3 (a StatefulSet's pods)."""
+    shards: List[str] = []
+    for entry in entries:
+        found = _RANGE.search(entry)
+        if found is None:
+            if "{" in entry:
+                raise ValueError(f"'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051'")
+            shards.append(entry)
+            continue
+        first, last = int(found.group(1)), int(found.group(2))
+        rest = entry[found.end():]
+        if first > last or last - first >= 4096 or "{" in rest or "{" in entry[: found.start()]:
+            raise ValueError(f"'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051' (first..last, both included)")
+        shards.extend(f"{entry[: found.start()]}{i}{rest}" for i in range(first, last + 1))
+    return shards
+
+
 class Client:
     """Connections to every shard of a cluster, in the servers' `--shards` order."""
 
@@ -139,7 +162,7 @@ class Client:
         self.local_mode = local_mode or os.environ.get("PS_LOCAL", "segments")
         if self.local_mode not in local.MODES:
             raise ValueError(f"local_mode must be one of {local.MODES}, not {self.local_mode!r}")
-        self.shards = list(shards)
+        self.shards = expand_shards(shards)
         self.attempts = attempts
         self.backoff_s = backoff_s
         options = [

@@ -194,3 +194,12 @@ def test_hand_encoded_messages_equal_the_generated_ones():
     chunk = wire.parse_weight_chunk(pulled)
     assert (chunk.version, chunk.checkpoint, chunk.tensor, chunk.block, chunk.offset, chunk.length) == (9, True, "layer.weight", 3, 1024, 3)
     assert bytes(chunk.payload) == values.tobytes()
+
+
+def test_shard_ranges_expand_as_the_servers_expand_them():
+    from paramserver.client import expand_shards
+
+    assert expand_shards(["ps-{0..2}.ps:50051", "x:1"]) == ["ps-0.ps:50051", "ps-1.ps:50051", "ps-2.ps:50051", "x:1"]
+    for bad in ["ps-{3..1}:1", "ps-{0..}:1", "p-{0..1}-{0..1}:1"]:
+        with pytest.raises(ValueError):
+            expand_shards([bad])
