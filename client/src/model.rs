@@ -422,7 +422,7 @@ impl ModelHandle {
     async fn push_local(
         &self,
         shard: usize,
-        local: &LocalShard,
+        local: &Arc<LocalShard>,
         push: &PushRequest<'_>,
     ) -> Result<(Vec<pb::PushGradientsResponse>, u64), LocalFailure> {
         let mut held = self.push_segments[shard].lock().await;
@@ -450,7 +450,12 @@ impl ModelHandle {
         }
         if held.as_ref().is_none_or(|segment| segment.bytes < bytes) {
             let size = bytes.next_multiple_of(1 << 20).max(1 << 20);
-            *held = Some(local.attach(size).map_err(|e| LocalFailure::Channel(e.to_string()))?);
+            // The segment socket waits for the shard: not on the reactor.
+            let attaching = local.clone();
+            let attached = tokio::task::spawn_blocking(move || attaching.attach(size))
+                .await
+                .map_err(|e| LocalFailure::Channel(e.to_string()))?;
+            *held = Some(attached.map_err(|e| LocalFailure::Channel(e.to_string()))?);
         }
         let segment = held.as_ref().expect("a segment was just attached");
         for (local_chunk, part) in &planned {
@@ -630,7 +635,11 @@ impl ModelHandle {
                 ShardPull::Local { shard, local, mut reply } => {
                     let mut attempts = 0;
                     loop {
-                        match self.read_local(shard, &local, &reply, tensors) {
+                        let outcome = match self.weights_file(shard, &local, &reply.segment).await {
+                            Ok(file) => self.read_local(shard, &file, &reply, tensors),
+                            Err(failure) => Err(failure),
+                        };
+                        match outcome {
                             Ok(true) => {
                                 for block in &reply.blocks {
                                     read.version = read.version.min(block.version);
@@ -714,33 +723,43 @@ impl ModelHandle {
             .await
     }
 
+    /// The model's weights segment on `shard`, as the reply names it: cached,
+    /// or asked for on the segment socket (off the reactor: it waits for the shard).
+    async fn weights_file(
+        &self,
+        shard: usize,
+        local: &Arc<LocalShard>,
+        segment: &str,
+    ) -> Result<Arc<WeightsFile>, LocalFailure> {
+        let cached = || self.weights_files[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(file) = cached().as_ref().filter(|file| file.id == segment) {
+            return Ok(file.clone());
+        }
+        let (asking, model) = (local.clone(), self.name().to_string());
+        let opened = tokio::task::spawn_blocking(move || asking.open_weights(&model))
+            .await
+            .map_err(|e| LocalFailure::Channel(e.to_string()))?
+            .map_err(|e| LocalFailure::Channel(e.to_string()))?;
+        if opened.id != segment {
+            return Err(LocalFailure::Channel(format!(
+                "the shard published segment {segment} but opened {}",
+                opened.id
+            )));
+        }
+        let opened = Arc::new(opened);
+        *cached() = Some(opened.clone());
+        Ok(opened)
+    }
+
     /// Reads a shard's published blocks straight into `tensors`; false when
     /// the shard rewrote the slot meanwhile (the values read are then torn).
     fn read_local(
         &self,
         shard: usize,
-        local: &LocalShard,
+        file: &WeightsFile,
         reply: &pb::LocalPullResponse,
         tensors: &mut Tensors,
     ) -> Result<bool, LocalFailure> {
-        let file = {
-            let mut cached = self.weights_files[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            match cached.as_ref() {
-                Some(file) if file.id == reply.segment => file.clone(),
-                _ => {
-                    let opened =
-                        Arc::new(local.open_weights(self.name()).map_err(|e| LocalFailure::Channel(e.to_string()))?);
-                    if opened.id != reply.segment {
-                        return Err(LocalFailure::Channel(format!(
-                            "the shard published segment {} but opened {}",
-                            reply.segment, opened.id
-                        )));
-                    }
-                    *cached = Some(opened.clone());
-                    opened
-                }
-            }
-        };
         for published in &reply.blocks {
             let Some(&at) = self.index.get(&published.tensor) else {
                 return Err(LocalFailure::Server(ClientError::UnknownTensor(published.tensor.clone())));
