@@ -206,6 +206,22 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok((number * scale as f64) as u64)
 }
 
+/// Refuses `needed` more bytes for `what` when `held` already leaves no room under `--memory-limit`.
+fn check_memory(limits: &Limits, what: &str, needed: u64, held: u64) -> Result<(), ServerError> {
+    if held + needed > limits.memory_bytes {
+        return Err(exceeded(
+            format!(
+                "{what} needs up to {} and the models here already hold up to {} of {}",
+                human_bytes(needed),
+                human_bytes(held),
+                human_bytes(limits.memory_bytes)
+            ),
+            "--memory-limit",
+        ));
+    }
+    Ok(())
+}
+
 /// The shard-wide account of models and their estimated memory.
 #[derive(Debug, Default)]
 pub struct ModelBudget {
@@ -236,17 +252,7 @@ impl ModelBudget {
                 "--max-models",
             ));
         }
-        if bytes + footprint.bytes > limits.memory_bytes {
-            return Err(exceeded(
-                format!(
-                    "model '{name}' needs up to {} and the models here already hold up to {} of {}",
-                    human_bytes(footprint.bytes),
-                    human_bytes(bytes),
-                    human_bytes(limits.memory_bytes)
-                ),
-                "--memory-limit",
-            ));
-        }
+        check_memory(limits, &format!("model '{name}'"), footprint.bytes, bytes)?;
         *held = (models + 1, bytes + footprint.bytes);
         Ok(ModelReservation { budget: self.clone(), bytes: footprint.bytes, kept: false })
     }
@@ -260,17 +266,7 @@ impl ModelBudget {
         bytes: u64,
     ) -> Result<MemoryReservation, ServerError> {
         let mut held = self.held.lock();
-        if held.1 + bytes > limits.memory_bytes {
-            return Err(exceeded(
-                format!(
-                    "{what} needs {} and the models here already hold up to {} of {}",
-                    human_bytes(bytes),
-                    human_bytes(held.1),
-                    human_bytes(limits.memory_bytes)
-                ),
-                "--memory-limit",
-            ));
-        }
+        check_memory(limits, what, bytes, held.1)?;
         held.1 += bytes;
         Ok(MemoryReservation { budget: self.clone(), bytes })
     }
