@@ -68,7 +68,9 @@ pub const MAX_SHARDS_IN_RANGE: u32 = 4096;
 /// Expands the entries of a shard list that name a range of shards with a
 /// numeric brace range, inclusive at both ends as in a shell, the way a
 /// StatefulSet names its pods: `ps-{0..3}.ps:50051` is `ps-0.ps:50051` up to
-/// `ps-3.ps:50051`. Other entries stay as they are. Scaling such a list is one number.
+/// `ps-3.ps:50051`. `ps-{0..<4}.ps:50051` names the same four shards by their
+/// count (last excluded), so a manifest can write the replica count into it.
+/// Other entries stay as they are. Scaling such a list is one number.
 pub fn expand_shards(entries: &[String]) -> Result<Vec<String>, String> {
     let mut shards = Vec::with_capacity(entries.len());
     for entry in entries {
@@ -76,14 +78,23 @@ pub fn expand_shards(entries: &[String]) -> Result<Vec<String>, String> {
             shards.push(entry.clone());
             continue;
         };
-        let bad = || format!("'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051' (first..last, both included)");
+        let bad = || {
+            format!(
+                "'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051' (first..last, both included) \
+                 or 'ps-{{0..<4}}.ps:50051' (first..<count)"
+            )
+        };
         let close = entry[open..].find('}').map(|i| open + i).ok_or_else(bad)?;
-        let (first, last) = entry[open + 1..close].split_once("..").ok_or_else(bad)?;
-        let (first, last): (u32, u32) = (first.parse().map_err(|_| bad())?, last.parse().map_err(|_| bad())?);
-        if first > last || last - first >= MAX_SHARDS_IN_RANGE || entry[close + 1..].contains('{') {
+        let (first, end) = entry[open + 1..close].split_once("..").ok_or_else(bad)?;
+        let first: u32 = first.parse().map_err(|_| bad())?;
+        let end = match end.strip_prefix('<') {
+            Some(count) => count.parse::<u32>().map_err(|_| bad())?.checked_sub(1).ok_or_else(bad)?,
+            None => end.parse().map_err(|_| bad())?,
+        };
+        if first > end || end - first >= MAX_SHARDS_IN_RANGE || entry[close + 1..].contains('{') {
             return Err(bad());
         }
-        shards.extend((first..=last).map(|i| format!("{}{i}{}", &entry[..open], &entry[close + 1..])));
+        shards.extend((first..=end).map(|i| format!("{}{i}{}", &entry[..open], &entry[close + 1..])));
     }
     Ok(shards)
 }
@@ -113,7 +124,23 @@ mod tests {
             list(&["ps-0.ps:50051", "ps-1.ps:50051", "ps-2.ps:50051"])
         );
         assert_eq!(expand_shards(&list(&["a:1", "b-{7..7}:2"])).unwrap(), list(&["a:1", "b-7:2"]));
-        for bad in ["ps-{3..1}:1", "ps-{0..}:1", "ps-{x..2}:1", "ps-{0..2:1", "ps-{0..9999}:1", "p-{0..1}-{0..1}:1"] {
+        assert_eq!(
+            expand_shards(&list(&["ps-{0..<3}.ps:50051"])).unwrap(),
+            expand_shards(&list(&["ps-{0..2}.ps:50051"])).unwrap()
+        );
+        assert_eq!(expand_shards(&list(&["b-{7..<8}:2"])).unwrap(), list(&["b-7:2"]));
+        for bad in [
+            "ps-{0..<0}:1",
+            "ps-{2..<2}:1",
+            "ps-{0..<}:1",
+            "ps-{0..<x}:1",
+            "ps-{3..1}:1",
+            "ps-{0..}:1",
+            "ps-{x..2}:1",
+            "ps-{0..2:1",
+            "ps-{0..9999}:1",
+            "p-{0..1}-{0..1}:1",
+        ] {
             assert!(expand_shards(&list(&[bad])).is_err(), "{bad} was accepted");
         }
         assert_eq!(ordinal_of("paramserver-12\n"), Some(12));

@@ -30,7 +30,7 @@ pub struct ServerArgs {
     #[arg(long, env = "PS_SHARD_INDEX", default_value = "0", value_parser = parse_shard_index)]
     pub shard_index: u32,
     /// Addresses of all shards, comma-separated, in index order. Workers use the same list.
-    /// An entry such as ps-{0..3}.ps:50051 names shards 0 to 3.
+    /// An entry such as ps-{0..3}.ps:50051 names shards 0 to 3, and so does ps-{0..<4}.ps:50051.
     #[arg(long, env = "PS_SHARDS", value_delimiter = ',', default_value = DEFAULT_SHARDS)]
     pub shards: Vec<String>,
     /// Address to listen on for gRPC (default: 0.0.0.0 and the port of this shard's entry in --shards).

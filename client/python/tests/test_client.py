@@ -200,6 +200,7 @@ def test_shard_ranges_expand_as_the_servers_expand_them():
     from paramserver.client import expand_shards
 
     assert expand_shards(["ps-{0..2}.ps:50051", "x:1"]) == ["ps-0.ps:50051", "ps-1.ps:50051", "ps-2.ps:50051", "x:1"]
-    for bad in ["ps-{3..1}:1", "ps-{0..}:1", "p-{0..1}-{0..1}:1"]:
+    assert expand_shards(["ps-{0..<3}.ps:50051"]) == expand_shards(["ps-{0..2}.ps:50051"])
+    for bad in ["ps-{3..1}:1", "ps-{0..}:1", "p-{0..1}-{0..1}:1", "ps-{0..<0}:1", "ps-{0..<}:1"]:
         with pytest.raises(ValueError):
             expand_shards([bad])
