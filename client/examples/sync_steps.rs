@@ -141,14 +141,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             timed = Some((Instant::now(), step));
         }
         bytes_pulled += model.pull_into(&mut weights, step, Duration::ZERO).await?.1;
-        let compressed;
-        let payload = if compressor.is_stateful() {
-            compressed = compressor.prepare(grads.clone());
-            &compressed
-        } else {
-            &grads
-        };
-        match model.push_step(worker, step, payload).await? {
+        match model.push_step(worker, step, compressor.prepare(&grads)).await? {
             StepOutcome::Pushed(summary) => bytes_pushed += summary.bytes,
             // Dropped from the run (its lease expired while its link was down): follow the model.
             StepOutcome::Resync { version } | StepOutcome::RolledBack { version } => {

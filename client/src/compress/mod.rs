@@ -89,12 +89,14 @@ pub enum Compressor {
 }
 
 impl Compressor {
-    /// What to push for these gradients, updating the kept state.
-    pub fn prepare(&mut self, grads: Tensors) -> Tensors {
+    /// What to push for these gradients, updating the kept state: the
+    /// gradients themselves, or buffers the compressor keeps and reuses (no
+    /// copy of a model-sized gradient per step).
+    pub fn prepare<'a>(&'a mut self, grads: &'a Tensors) -> &'a Tensors {
         match self {
             Compressor::Plain => grads,
-            Compressor::Vote(momentum) => momentum.update(&grads).clone(),
-            Compressor::ErrorFeedback(ef) => ef.compress(&grads),
+            Compressor::Vote(momentum) => momentum.update(grads),
+            Compressor::ErrorFeedback(ef) => ef.compress(grads),
         }
     }
 
@@ -161,7 +163,7 @@ mod tests {
         let grads = [tensors(&[("w", vec![1.0, -2.0, 0.5])]), tensors(&[("w", vec![-0.3, 0.7, 2.5])])];
         let mut applied = [0.0f32; 3];
         for g in &grads {
-            let q = ef.compress(g);
+            let q = ef.compress(g).clone();
             let scale = codec::mean_abs(&q["w"]);
             for (a, q) in applied.iter_mut().zip(&q["w"]) {
                 *a += if *q < 0.0 { -scale } else { scale };
@@ -179,7 +181,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let scheme = Compression::ErrorFeedback { lr: 0.5, weight_decay: 0.0 };
         let mut ef = scheme.compressor();
-        ef.prepare(tensors(&[("a", vec![1.0, -3.0]), ("b", vec![0.25])]));
+        ef.prepare(&tensors(&[("a", vec![1.0, -3.0]), ("b", vec![0.25])]));
         ef.save(&dir, "worker-0.ef").unwrap();
         let mut restarted = scheme.compressor();
         assert!(restarted.load(&dir, "worker-0.ef").unwrap());

@@ -230,7 +230,7 @@ async fn compressed_vectors_replay_through_real_shards() {
             for (state, grads) in states.iter_mut().zip(&step.worker_grads) {
                 payloads.push(match state {
                     WorkerState::Vote(momentum) => momentum.update(grads).clone(),
-                    WorkerState::ErrorFeedback(ef) => ef.compress(grads),
+                    WorkerState::ErrorFeedback(ef) => ef.compress(grads).clone(),
                 });
             }
             let pushes = ids.iter().zip(&payloads).map(|(id, p)| model.push(id, t as u64, p));

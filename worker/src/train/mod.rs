@@ -158,8 +158,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
         let mut grads = grads;
         model.clip_to_max_norm(&mut grads);
-        let payload = compressor.prepare(grads);
-        let summary = match model.push_step(&worker, base, &payload).await? {
+        let payload = compressor.prepare(&grads);
+        let summary = match model.push_step(&worker, base, payload).await? {
             StepOutcome::Pushed(summary) => summary,
             StepOutcome::Resync { version } => {
                 // The run went ahead while this worker was away (paused past its lease):
