@@ -3,6 +3,10 @@
 //! elements per chunk, at most [`CHUNK_BYTES`] of payload, and for sign1 a
 //! multiple of 32 elements so that every chunk starts on a sign word.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
+
 use crate::codec::{self, SIGN_WORD_ELEMENTS};
 use crate::pb::{Encoding, TensorChunk};
 use crate::transport::CHUNK_BYTES;
@@ -36,6 +40,52 @@ pub fn encode_block<'a>(
     })
 }
 
+/// The wire bytes of shared f32 values: on little-endian machines the f32
+/// wire format is their memory layout, so a payload can be a view of them.
+#[cfg(target_endian = "little")]
+struct SharedF32(Arc<Vec<f32>>);
+
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for SharedF32 {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(self.0.as_slice())
+    }
+}
+
+/// As [`encode_block`], for values shared behind an `Arc` (a block's
+/// snapshot): f32 payloads are views of the values, not copies, and keep
+/// them alive until the last chunk is sent; other encodings are encoded
+/// chunk by chunk when taken.
+pub fn encode_shared_block(
+    tensor: &str,
+    block: u32,
+    values: Arc<Vec<f32>>,
+    encoding: Encoding,
+    scale: f32,
+) -> impl Iterator<Item = TensorChunk> + '_ {
+    let per_chunk = elements_per_chunk(encoding);
+    #[cfg(target_endian = "little")]
+    let shared = (encoding == Encoding::F32).then(|| Bytes::from_owner(SharedF32(values.clone())));
+    #[cfg(not(target_endian = "little"))]
+    let shared: Option<Bytes> = None;
+    (0..values.len().div_ceil(per_chunk)).map(move |i| {
+        let (start, end) = (i * per_chunk, ((i + 1) * per_chunk).min(values.len()));
+        let payload = match &shared {
+            Some(bytes) => bytes.slice(start * 4..end * 4),
+            None => codec::encode(encoding, &values[start..end]),
+        };
+        TensorChunk {
+            tensor: tensor.to_string(),
+            block,
+            offset: start as u64,
+            length: (end - start) as u64,
+            encoding: encoding as i32,
+            payload,
+            scale,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +109,23 @@ mod tests {
             assert_eq!(next, values.len() as u64);
         }
         assert_eq!(elements_per_chunk(Encoding::F32), CHUNK_BYTES / 4);
+    }
+
+    #[test]
+    fn shared_blocks_chunk_as_copied_ones_and_f32_views_the_values() {
+        for encoding in [Encoding::F32, Encoding::Bf16, Encoding::F16, Encoding::Sign1] {
+            for len in [0, 1, elements_per_chunk(encoding) * 2 + 7] {
+                let values: Vec<f32> = (0..len).map(|i| i as f32 * 0.37 - 5.0).collect();
+                let shared = Arc::new(values.clone());
+                let copied: Vec<_> = encode_block("w", 3, &values, encoding, 0.5).collect();
+                let viewed: Vec<_> = encode_shared_block("w", 3, shared.clone(), encoding, 0.5).collect();
+                assert_eq!(viewed, copied, "{encoding:?}, {len} values");
+                if encoding == Encoding::F32 && len > 0 {
+                    let start = shared.as_ptr().cast::<u8>();
+                    assert_eq!(viewed[0].payload.as_ptr(), start, "the first chunk is a view of the values");
+                    assert!(Arc::strong_count(&shared) > 1, "the chunks keep the values alive");
+                }
+            }
+        }
     }
 }

@@ -367,7 +367,7 @@ impl ParameterService {
                 let Ok((version, values)) = blocking(read).await else { return };
                 let tensor = &model.spec.tensors[block.tensor].name;
                 let checkpoint = model.checkpoints.marks(version);
-                for chunk in chunk::encode_block(tensor, block.index, &values, encoding, 0.0) {
+                for chunk in chunk::encode_shared_block(tensor, block.index, values, encoding, 0.0) {
                     sent += chunk.payload.len() as u64;
                     let message = Ok(pb::WeightChunk { version, chunk: Some(chunk), checkpoint });
                     match tokio::time::timeout(idle, tx.send(message)).await {
