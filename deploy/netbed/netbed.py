@@ -29,6 +29,7 @@ import argparse
 import atexit
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RELEASE = ROOT / "target" / "release"
+BIN = ROOT / "target" / "release"  # --bin-dir changes it
 PREFIX = "psnb"
 SUBNET = "198.18.0"  # RFC 2544's benchmarking range: no real host owns it.
 GRPC_PORT = 50051
@@ -164,13 +165,24 @@ class Bed:
         self.procs.append(proc)
         return proc
 
+    def shard_cpu_seconds(self) -> float:
+        """CPU time (user + system) the running shard processes have used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for proc in self.procs:
+            if proc.poll() is None and proc.args[4].endswith("server"):
+                # /proc/PID/stat: the fields after the command's closing parenthesis; utime and stime are 14 and 15.
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
+
     def start_shards(self, lease: str):
         for host in self.shard_hosts:
             self.start(
                 host,
                 f"shard{host.index}",
                 [
-                    str(RELEASE / "server"),
+                    str(BIN / "server"),
                     "--shard-index", str(host.index),
                     "--shards", self.shard_list,
                     "--listen", f"{host.address}:{GRPC_PORT}",
@@ -180,7 +192,7 @@ class Bed:
                 env={"RUST_LOG": "warn"},
             )
         host = self.worker_hosts[0]
-        host.run(str(RELEASE / "ctl"), "--shards", self.shard_list, "health", "--timeout", "30s")
+        host.run(str(BIN / "ctl"), "--shards", self.shard_list, "health", "--timeout", "30s")
 
     def stop_shards(self):
         for proc in self.procs:
@@ -192,12 +204,17 @@ class Bed:
     def close(self):
         self.stop_shards()
         for ns in [h.ns for h in self.hosts] + [self.bridge_ns]:
-            for pid in sh("ip", "netns", "pids", ns, check=False).split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+            remove_namespace(ns)
+
+
+def remove_namespace(ns: str):
+    """Kills what still runs in a namespace and deletes it (its veth ends go with it)."""
+    for pid in sh("ip", "netns", "pids", ns, check=False).split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sh("ip", "netns", "del", ns, check=False)
 
 
 def clean_all():
@@ -205,21 +222,16 @@ def clean_all():
     for line in sh("ip", "netns", "list", check=False).splitlines():
         ns = line.split()[0] if line.strip() else ""
         if ns.startswith(PREFIX):
-            for pid in sh("ip", "netns", "pids", ns, check=False).split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
+            remove_namespace(ns)
 
 
 def open_bed(shards: int, workers: int) -> Bed:
     if os.geteuid() != 0:
         sys.exit("netbed needs root (network namespaces, veth, tc): run it with sudo")
     for binary in ["server", "ctl", "examples/sync_steps"]:
-        if not (RELEASE / binary).exists():
+        if not (BIN / binary).exists():
             sys.exit(
-                f"missing {RELEASE / binary}: cargo build --release --bin server --bin ctl "
+                f"missing {BIN / binary}: cargo build --release --bin server --bin ctl "
                 "&& cargo build --release -p ps-client --example sync_steps"
             )
     bed = Bed(shards, workers)
@@ -241,7 +253,7 @@ def run_workers(bed: Bed, model: str, params: int, steps: int, warmup: int, push
     procs = []
     for host in hosts:
         cmd = [
-            str(RELEASE / "examples" / "sync_steps"), bed.shard_list, model, f"worker-{host.index}", str(host.index),
+            str(BIN / "examples" / "sync_steps"), bed.shard_list, model, f"worker-{host.index}", str(host.index),
             str(steps), str(warmup), "--register", str(params), "--compression", push, "--pull-encoding", pull,
             "--workers", str(len(bed.worker_hosts)),
         ]
@@ -282,10 +294,19 @@ def bench(args):
         for case in args.cases.split(","):
             push, pull, label = CASES[case]
             before = {h.ns: h.counters() for h in bed.hosts}
+            shard_cpu = bed.shard_cpu_seconds()
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.monotonic()
             procs = run_workers(bed, f"bench-{case}", params, args.steps, args.warmup, push, pull)
             done = results(procs, timeout=args.timeout)
             wall = time.monotonic() - started
+            # CPU per step of each side, over the whole run of the workers (warm-up and
+            # registration included): on one machine every process shares its cores, so a
+            # step cannot be shorter than this CPU time divided by the cores.
+            reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+            run_steps = args.steps + 1
+            worker_cpu = (reaped.ru_utime + reaped.ru_stime - children.ru_utime - children.ru_stime) / run_steps
+            shard_cpu = (bed.shard_cpu_seconds() - shard_cpu) / run_steps
             seconds = statistics.median(r["seconds_per_step"] for r in done)
             # Pushes cross a worker's upload and a shard's download once per step; weights are
             # pulled once per step and once more at the end. A sync step pulls, then pushes (the
@@ -298,23 +319,29 @@ def bench(args):
                 per_step.append(((rx1 - rx0) / rx_steps + (tx1 - tx0) / tx_steps, f"{host.role}{host.index}"))
             busiest, link = max(per_step)
             floor = busiest * 8 / parse_rate(rate)
-            row = dict(rate=rate, case=label, seconds=seconds, floor=floor, busiest_mb=busiest / 1e6, link=link, wall=wall)
+            row = dict(
+                rate=rate, case=label, seconds=seconds, floor=floor, busiest_mb=busiest / 1e6, link=link, wall=wall,
+                worker_cpu=worker_cpu, shard_cpu=shard_cpu,
+            )
             table.append(row)
             print(
                 f"  {rate:>7} {label:<36} {seconds:7.3f} s/step  wire floor {floor:7.3f} s "
-                f"({busiest / 1e6:6.1f} MB through {link}'s link)  x{seconds / floor:4.2f}",
+                f"({busiest / 1e6:6.1f} MB through {link}'s link)  x{seconds / floor:4.2f}  "
+                f"CPU s/step: workers {worker_cpu:.3f}, shards {shard_cpu:.3f}",
                 flush=True,
             )
         bed.stop_shards()
     print("\nSummary (seconds per step, median of the workers; floor = busiest link's bytes per step, both ways, / rate)")
-    print(f"| link | encodings | s/step | wire floor s | step / floor | busiest link MB/step | vs f32 |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"({os.cpu_count()} cores for every process: CPU s/step is all workers' and all shards' CPU time per step)")
+    print("| link | encodings | s/step | wire floor s | step / floor | busiest link MB/step | vs f32 | CPU s/step workers + shards |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in table:
         f32 = next((r for r in table if r["rate"] == row["rate"] and r["case"] == CASES["f32"][2]), None)
         speedup = f"{f32['seconds'] / row['seconds']:.2f}x" if f32 else "n/a"
         print(
             f"| {row['rate']} | {row['case']} | {row['seconds']:.3f} | {row['floor']:.3f} | "
-            f"{row['seconds'] / row['floor']:.2f} | {row['busiest_mb']:.1f} ({row['link']}) | {speedup} |"
+            f"{row['seconds'] / row['floor']:.2f} | {row['busiest_mb']:.1f} ({row['link']}) | {speedup} | "
+            f"{row['worker_cpu']:.2f} + {row['shard_cpu']:.2f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
@@ -322,7 +349,7 @@ def bench(args):
 
 def model_status(bed: Bed, model: str) -> list[dict]:
     """Every shard's status of `model` (`ctl status --json`, asked from a worker's namespace)."""
-    out = bed.worker_hosts[0].run(str(RELEASE / "ctl"), "--shards", bed.shard_list, "status", "--model", model, "--json")
+    out = bed.worker_hosts[0].run(str(BIN / "ctl"), "--shards", bed.shard_list, "status", "--model", model, "--json")
     return [m for shard in json.loads(out) for m in shard["models"] if m["name"] == model]
 
 
@@ -399,6 +426,9 @@ def faults(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--bin-dir", default=str(ROOT / "target" / "release"), help="where server, ctl and examples/sync_steps are (default: target/release)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="seconds per step per link rate and encoding, next to the wire floor")
     b.add_argument("--params", default="25M")
@@ -415,11 +445,16 @@ def main():
     f.add_argument("--params", default="4M", help="at least 2M, so that both shards hold blocks")
     f.add_argument("--steps", type=int, default=60)
     f.add_argument("--rate", default="1gbit")
-    f.add_argument("--lease", default="4s")
+    # A cut link loses TCP's retransmissions too, and they back off (0.2, 0.4, 0.8, 1.6 s ...):
+    # after a 2 s cut the connection resumes up to about 3 s after it began, so the lease
+    # leaves room for that and for a heartbeat period (a third of the lease).
+    f.add_argument("--lease", default="10s")
     f.add_argument("--cut", type=float, default=2.0, help="seconds shard 1's link stays cut")
     f.add_argument("--timeout", type=float, default=120)
     sub.add_parser("clean", help="remove what a killed run left behind")
     args = parser.parse_args()
+    global BIN
+    BIN = Path(args.bin_dir).resolve()
     if args.command == "clean":
         clean_all()
     else:
