@@ -185,11 +185,7 @@ impl CheckpointStore {
             }
         };
         let target = self.version_dir(&model, version);
-        if target.exists() {
-            // The same version written again (after a rollback): the new copy replaces it.
-            fs::remove_dir_all(&target).map_err(io_error(&target))?;
-        }
-        fs::rename(&partial, &target).map_err(io_error(&target))?;
+        replace_dir(&partial, &target)?;
         sync_dir(&model_dir)?;
         self.prune(&model);
         Ok(WriteReport {
@@ -460,6 +456,31 @@ impl CheckpointStore {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+/// Puts the complete directory `partial` at `target`. The same version can be
+/// written again (twice in a row, or after a rollback); then the two are
+/// swapped in one atomic exchange and the old copy, now at `partial`, is
+/// removed, so a crash at any point leaves a complete copy at `target` (removing
+/// the old one first left, when a shard was killed in between, an empty
+/// directory and no intact checkpoint of that version). A file system without
+/// the exchange falls back to remove-then-rename.
+fn replace_dir(partial: &Path, target: &Path) -> Result<(), CheckpointError> {
+    if !target.exists() {
+        return fs::rename(partial, target).map_err(io_error(target));
+    }
+    let cwd = rustix::fs::CWD;
+    match rustix::fs::renameat_with(cwd, partial, cwd, target, rustix::fs::RenameFlags::EXCHANGE) {
+        Ok(()) => {
+            fs::remove_dir_all(partial).ok();
+            Ok(())
+        }
+        Err(error) => {
+            tracing::warn!(%error, path = %target.display(), "no atomic exchange here; replacing the checkpoint by removal");
+            fs::remove_dir_all(target).map_err(io_error(target))?;
+            fs::rename(partial, target).map_err(io_error(target))
+        }
     }
 }
 

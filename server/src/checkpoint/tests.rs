@@ -197,6 +197,26 @@ fn a_torn_or_corrupt_checkpoint_falls_back_to_the_one_before() {
 }
 
 #[test]
+fn a_version_written_again_replaces_the_old_copy_whole() {
+    let (_, model) = sgd_model();
+    let dir = temp_dir("rewrite");
+    let store = CheckpointStore::new(dir.clone(), 5, 0, 1).unwrap();
+    step(&model, 0);
+    let first = model.snapshot_now().unwrap();
+    store.write(first.clone()).unwrap();
+    // Another copy of the same version with other contents (a rollback recomputed it differently).
+    let mut second = first.clone();
+    second.epoch += 1;
+    store.write(second).unwrap();
+    assert_eq!(store.versions("m"), vec![1]);
+    assert_eq!(store.load_newest("m").unwrap().epoch, first.epoch + 1);
+    let names: Vec<String> =
+        fs::read_dir(dir.join("m")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["v000000000001".to_string()], "the old copy is gone, no partial is left");
+    fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn another_shards_checkpoint_is_refused_and_old_versions_are_pruned() {
     let (_, model) = sgd_model();
     let dir = temp_dir("prune");
