@@ -226,17 +226,24 @@ impl PsClient {
     /// server as SERVING: false while it restores a checkpoint and agrees with
     /// its peers, and once it started to stop. A shard that does not answer is an error.
     pub async fn serving(&self) -> Result<Vec<bool>, ClientError> {
-        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
         let mut serving = Vec::with_capacity(self.channels.len());
-        for (shard, channel) in self.channels.iter().enumerate() {
-            let request = HealthCheckRequest { service: ps_proto::HEALTH_SERVICE_NAME.to_string() };
-            let reply = HealthClient::new(channel.clone())
-                .check(request)
-                .await
-                .map_err(|status| ClientError::Rpc { shard, status })?;
-            serving.push(reply.into_inner().status == ServingStatus::Serving as i32);
+        for shard in 0..self.channels.len() {
+            serving.push(self.shard_serving(shard).await?);
         }
         Ok(serving)
+    }
+
+    /// Whether one shard's gRPC health service reports SERVING.
+    pub async fn shard_serving(&self, shard: usize) -> Result<bool, ClientError> {
+        use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+        let channel =
+            self.channels.get(shard).ok_or(ClientError::NoSuchShard { shard, shards: self.channels.len() })?;
+        let request = HealthCheckRequest { service: ps_proto::HEALTH_SERVICE_NAME.to_string() };
+        let reply = HealthClient::new(channel.clone())
+            .check(request)
+            .await
+            .map_err(|status| ClientError::Rpc { shard, status })?;
+        Ok(reply.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// Waits until every shard answers, for at most `timeout`.

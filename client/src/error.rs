@@ -27,6 +27,14 @@ pub enum ClientError {
         /// How many shards the client was given.
         client: usize,
     },
+    /// A shard index past the end of the shard list.
+    #[error("configuration: there is no shard {shard}: the shard list has {shards}")]
+    NoSuchShard {
+        /// The index asked for.
+        shard: usize,
+        /// How many shards the list has.
+        shards: usize,
+    },
     /// A shard answered with an error (after retries, if it was transient).
     #[error("shard {shard}: {} ({:?})", status.message(), status.code())]
     Rpc {

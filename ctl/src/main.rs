@@ -62,6 +62,10 @@ enum Command {
         /// How long to wait.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Only this shard: an index, "hostname" (the ordinal at the end of the host
+        /// name), or "self" (this container's PS_SHARD_INDEX: a shard's own health check).
+        #[arg(long, conflicts_with = "metrics")]
+        shard: Option<String>,
         /// Metrics addresses (host:port) to try instead of the shards.
         #[arg(long, value_delimiter = ',')]
         metrics: Vec<String>,
@@ -75,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     config.attempts = 2;
     let client = PsClient::connect(config)?;
     match cli.command {
-        Command::Health { timeout, metrics } if !metrics.is_empty() => {
+        Command::Health { timeout, metrics, .. } if !metrics.is_empty() => {
             for addr in &metrics {
                 if let Ok(Ok(true)) = tokio::time::timeout(timeout, metrics_answer(addr)).await {
                     println!("ok: {addr}/metrics answers");
@@ -84,19 +88,34 @@ async fn main() -> anyhow::Result<()> {
             }
             anyhow::bail!("no metrics endpoint answered: {}", metrics.join(", "));
         }
-        Command::Health { timeout, .. } => {
-            // grpc.health.v1 on every shard: SERVING once restored and agreed with its peers.
+        Command::Health { timeout, shard, .. } => {
+            // grpc.health.v1: SERVING once restored and agreed with its peers.
+            let only = shard.as_deref().map(health_shard).transpose()?;
+            let shards: Vec<usize> = match only {
+                Some(shard) => vec![shard],
+                None => (0..client.num_shards()).collect(),
+            };
             let deadline = tokio::time::Instant::now() + timeout;
             let mut last = String::from("no answer");
             loop {
-                match tokio::time::timeout_at(deadline, client.serving()).await {
+                let asked = async {
+                    let mut serving = Vec::with_capacity(shards.len());
+                    for &shard in &shards {
+                        serving.push(client.shard_serving(shard).await?);
+                    }
+                    Ok::<_, ps_client::ClientError>(serving)
+                };
+                match tokio::time::timeout_at(deadline, asked).await {
                     Ok(Ok(serving)) if serving.iter().all(|&s| s) => {
-                        println!("ok: {} shards serving", client.num_shards());
+                        match only {
+                            Some(shard) => println!("ok: shard {shard} serving"),
+                            None => println!("ok: {} shards serving", client.num_shards()),
+                        }
                         break;
                     }
                     Ok(Ok(serving)) => {
                         let waiting: Vec<String> =
-                            serving.iter().enumerate().filter(|(_, s)| !**s).map(|(i, _)| i.to_string()).collect();
+                            shards.iter().zip(&serving).filter(|(_, s)| !**s).map(|(i, _)| i.to_string()).collect();
                         last = format!(
                             "shard(s) {} NOT_SERVING (restoring a checkpoint, or stopping)",
                             waiting.join(", ")
@@ -270,4 +289,16 @@ fn limits_json(l: &ps_client::status::ShardLimits) -> serde_json::Value {
         "max_stream_duration_ms": l.max_stream_duration_ms,
         "models": l.models, "model_bytes": l.model_bytes, "staged_bytes": l.staged_bytes, "open_streams": l.open_streams,
     })
+}
+
+/// The shard `ctl health --shard` names: an index, "hostname", or "self" for PS_SHARD_INDEX.
+fn health_shard(given: &str) -> anyhow::Result<usize> {
+    let text = if given == "self" {
+        std::env::var("PS_SHARD_INDEX")
+            .map_err(|_| anyhow::anyhow!("--shard self reads PS_SHARD_INDEX, which is not set here"))?
+    } else {
+        given.to_string()
+    };
+    let index = ps_proto::cluster::parse_shard_index(&text).map_err(|e| anyhow::anyhow!("--shard {given}: {e}"))?;
+    Ok(index as usize)
 }

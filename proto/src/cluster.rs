@@ -99,6 +99,19 @@ pub fn expand_shards(entries: &[String]) -> Result<Vec<String>, String> {
     Ok(shards)
 }
 
+/// A shard index as `--shard-index` takes it: a number, or "hostname" for the
+/// number at the end of this host's name (a StatefulSet pod's ordinal).
+pub fn parse_shard_index(text: &str) -> Result<u32, String> {
+    if text != "hostname" {
+        return text.parse().map_err(|_| format!("'{text}' is neither a shard index nor \"hostname\""));
+    }
+    let name = std::env::var("HOSTNAME")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .map_err(|e| format!("cannot read the host name: {e}"))?;
+    ordinal_of(&name)
+        .ok_or_else(|| format!("host name '{}' does not end in -<number> (a StatefulSet pod's ordinal)", name.trim()))
+}
+
 /// The ordinal at the end of a host name such as `paramserver-3`: a StatefulSet
 /// pod's index, which is its shard index.
 pub fn ordinal_of(hostname: &str) -> Option<u32> {

@@ -27,7 +27,7 @@ pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9100";
 pub struct ServerArgs {
     /// Index of this shard in --shards; "hostname" takes the number at the end of the
     /// host name (a StatefulSet pod's ordinal, as in paramserver-3).
-    #[arg(long, env = "PS_SHARD_INDEX", default_value = "0", value_parser = parse_shard_index)]
+    #[arg(long, env = "PS_SHARD_INDEX", default_value = "0", value_parser = ps_proto::cluster::parse_shard_index)]
     pub shard_index: u32,
     /// Addresses of all shards, comma-separated, in index order. Workers use the same list.
     /// An entry such as ps-{0..3}.ps:50051 names shards 0 to 3, and so does ps-{0..<4}.ps:50051.
@@ -357,17 +357,6 @@ fn token(
 }
 
 /// A shard index, or "hostname": the ordinal at the end of this host's name.
-fn parse_shard_index(text: &str) -> Result<u32, String> {
-    if text != "hostname" {
-        return text.parse().map_err(|_| format!("'{text}' is neither a shard index nor \"hostname\""));
-    }
-    let name = std::env::var("HOSTNAME")
-        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
-        .map_err(|e| format!("cannot read the host name: {e}"))?;
-    ps_proto::cluster::ordinal_of(&name)
-        .ok_or_else(|| format!("host name '{}' does not end in -<number> (a StatefulSet pod's ordinal)", name.trim()))
-}
-
 impl ServerArgs {
     /// Checks the arguments and returns the serve options, the gRPC address and the metrics address.
     pub fn resolve(mut self) -> Result<(ServerOptions, SocketAddr, Option<SocketAddr>), ConfigError> {

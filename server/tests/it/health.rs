@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ps_client::{ClientConfig, PsClient};
+use ps_client::{ClientConfig, ClientError, PsClient};
 use ps_testkit::{ServerProcess, free_port};
 
 use crate::cluster::*;
@@ -61,6 +61,9 @@ async fn health_is_not_serving_while_a_restarted_shard_waits_for_its_peers() {
         assert_eq!(alone.serving().await.unwrap(), vec![false], "a shard that is still recovering is not ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // One shard asked alone (`ctl health --shard`), and a shard the list does not have.
+    assert!(!alone.shard_serving(0).await.unwrap());
+    assert!(matches!(alone.shard_serving(1).await, Err(ClientError::NoSuchShard { shard: 1, shards: 1 })));
     // Its peer returns: they agree on the checkpoint, and both serve.
     shards.push(start(1, &addrs, &root));
     wait_for(&client, &[true, true], Duration::from_secs(60)).await;
