@@ -3,6 +3,7 @@
 //! elements per chunk, at most [`CHUNK_BYTES`] of payload, and for sign1 a
 //! multiple of 32 elements so that every chunk starts on a sign word.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +19,26 @@ pub fn elements_per_chunk(encoding: Encoding) -> usize {
     (CHUNK_BYTES as u64 / word_bytes * SIGN_WORD_ELEMENTS) as usize
 }
 
+/// The element ranges of a block's chunks: whole elements, at most
+/// [`CHUNK_BYTES`] of payload each.
+fn chunk_ranges(len: usize, encoding: Encoding) -> impl Iterator<Item = Range<usize>> {
+    let per_chunk = elements_per_chunk(encoding);
+    (0..len.div_ceil(per_chunk)).map(move |i| i * per_chunk..((i + 1) * per_chunk).min(len))
+}
+
+/// One chunk of `tensor`'s `block`: the elements of `range`, encoded as `payload`.
+fn chunk(tensor: &str, block: u32, range: Range<usize>, encoding: Encoding, payload: Bytes, scale: f32) -> TensorChunk {
+    TensorChunk {
+        tensor: tensor.to_string(),
+        block,
+        offset: range.start as u64,
+        length: range.len() as u64,
+        encoding: encoding as i32,
+        payload,
+        scale,
+    }
+}
+
 /// Encodes the values of one block as chunks, lazily: each chunk is encoded
 /// when it is taken, so no buffer the size of the block is made and a stream
 /// can send the first chunk while the rest are still plain floats.
@@ -28,15 +49,9 @@ pub fn encode_block<'a>(
     encoding: Encoding,
     scale: f32,
 ) -> impl Iterator<Item = TensorChunk> + 'a {
-    let per_chunk = elements_per_chunk(encoding);
-    values.chunks(per_chunk).enumerate().map(move |(i, part)| TensorChunk {
-        tensor: tensor.to_string(),
-        block,
-        offset: (i * per_chunk) as u64,
-        length: part.len() as u64,
-        encoding: encoding as i32,
-        payload: codec::encode(encoding, part),
-        scale,
+    chunk_ranges(values.len(), encoding).map(move |range| {
+        let payload = codec::encode(encoding, &values[range.clone()]);
+        chunk(tensor, block, range, encoding, payload, scale)
     })
 }
 
@@ -63,26 +78,16 @@ pub fn encode_shared_block(
     encoding: Encoding,
     scale: f32,
 ) -> impl Iterator<Item = TensorChunk> + '_ {
-    let per_chunk = elements_per_chunk(encoding);
     #[cfg(target_endian = "little")]
     let shared = (encoding == Encoding::F32).then(|| Bytes::from_owner(SharedF32(values.clone())));
     #[cfg(not(target_endian = "little"))]
     let shared: Option<Bytes> = None;
-    (0..values.len().div_ceil(per_chunk)).map(move |i| {
-        let (start, end) = (i * per_chunk, ((i + 1) * per_chunk).min(values.len()));
+    chunk_ranges(values.len(), encoding).map(move |range| {
         let payload = match &shared {
-            Some(bytes) => bytes.slice(start * 4..end * 4),
-            None => codec::encode(encoding, &values[start..end]),
+            Some(bytes) => bytes.slice(range.start * 4..range.end * 4),
+            None => codec::encode(encoding, &values[range.clone()]),
         };
-        TensorChunk {
-            tensor: tensor.to_string(),
-            block,
-            offset: start as u64,
-            length: (end - start) as u64,
-            encoding: encoding as i32,
-            payload,
-            scale,
-        }
+        chunk(tensor, block, range, encoding, payload, scale)
     })
 }
 
