@@ -108,6 +108,7 @@ class Bed:
     workers: int
     run_id: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
     procs: list = field(default_factory=list)
+    shard_procs: list = field(default_factory=list)
     logs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ps-netbed-")))
     rate: str = ""
 
@@ -152,11 +153,12 @@ class Bed:
         """Cuts or restores a host's cable at the bridge: its packets are lost, its own stack sees nothing."""
         sh("ip", "netns", "exec", self.bridge_ns, "ip", "link", "set", host.bridge_port, "up" if up else "down")
 
-    def start(self, host: Host, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    def start(self, host: Host, name: str, cmd: list[str], env: dict | None = None, capture: bool = False):
+        """Starts `cmd` in `host`'s namespace, logging to NAME.log; `capture` pipes its stdout back instead."""
         log = open(self.logs / f"{name}.log", "w")
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.ns, *cmd],
-            stdout=subprocess.PIPE if name.startswith("worker") else log,
+            stdout=subprocess.PIPE if capture else log,
             stderr=log,
             text=True,
             env=dict(os.environ, **(env or {})),
@@ -169,8 +171,8 @@ class Bed:
         """CPU time (user + system) the running shard processes have used so far."""
         ticks = os.sysconf("SC_CLK_TCK")
         total = 0
-        for proc in self.procs:
-            if proc.poll() is None and proc.args[4].endswith("server"):
+        for proc in self.shard_procs:
+            if proc.poll() is None:
                 # /proc/PID/stat: the fields after the command's closing parenthesis; utime and stime are 14 and 15.
                 fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += int(fields[11]) + int(fields[12])
@@ -178,7 +180,7 @@ class Bed:
 
     def start_shards(self, lease: str):
         for host in self.shard_hosts:
-            self.start(
+            self.shard_procs.append(self.start(
                 host,
                 f"shard{host.index}",
                 [
@@ -190,19 +192,21 @@ class Bed:
                     "--lease", lease,
                 ],
                 env={"RUST_LOG": "warn"},
-            )
+            ))
         host = self.worker_hosts[0]
         host.run(str(BIN / "ctl"), "--shards", self.shard_list, "health", "--timeout", "30s")
 
-    def stop_shards(self):
+    def stop_all(self):
+        """Kills every process this bed started (shards, and workers still running)."""
         for proc in self.procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
+        self.shard_procs.clear()
 
     def close(self):
-        self.stop_shards()
+        self.stop_all()
         for ns in [h.ns for h in self.hosts] + [self.bridge_ns]:
             remove_namespace(ns)
 
@@ -257,7 +261,7 @@ def run_workers(bed: Bed, model: str, params: int, steps: int, warmup: int, push
             str(steps), str(warmup), "--register", str(params), "--compression", push, "--pull-encoding", pull,
             "--workers", str(len(bed.worker_hosts)),
         ]
-        procs.append(bed.start(host, f"worker{host.index}-{model}", cmd, env={"PS_LOCAL": "off", "RUST_LOG": "warn"}))
+        procs.append(bed.start(host, f"worker{host.index}-{model}", cmd, env={"PS_LOCAL": "off", "RUST_LOG": "warn"}, capture=True))
     return procs
 
 
@@ -330,7 +334,7 @@ def bench(args):
                 f"CPU s/step: workers {worker_cpu:.3f}, shards {shard_cpu:.3f}",
                 flush=True,
             )
-        bed.stop_shards()
+        bed.stop_all()
     print("\nSummary (seconds per step, median of the workers; floor = busiest link's bytes per step, both ways, / rate)")
     print(f"({os.cpu_count()} cores for every process: CPU s/step is all workers' and all shards' CPU time per step)")
     print("| link | encodings | s/step | wire floor s | step / floor | busiest link MB/step | vs f32 | CPU s/step workers + shards |")
