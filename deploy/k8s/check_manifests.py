@@ -34,6 +34,7 @@ exits 1 when anything failed, 2 when it cannot run (binaries missing).
 """
 
 import argparse
+import importlib.util
 import os
 import queue
 import re
@@ -45,6 +46,7 @@ import threading
 import time
 
 import yaml
+from pathlib import Path
 
 # The service name the shards report next to "" in grpc.health.v1
 # (HEALTH_SERVICE_NAME in proto/src/lib.rs).
@@ -165,24 +167,17 @@ def parse_duration_s(text):
     return total if matched else None
 
 
-def expand_shards(entries):
-    """The binaries' expansion of a shard list (proto/src/cluster.rs):
-    `ps-{0..3}.ps:1` (both ends) and `ps-{0..<4}.ps:1` (first..<count)."""
-    shards = []
-    for entry in entries:
-        entry = entry.strip()
-        if "{" not in entry:
-            shards.append(entry)
-            continue
-        match = re.fullmatch(r"([^{}]*)\{(\d+)\.\.(<?)(\d+)\}([^{}]*)", entry)
-        if not match:
-            raise ValueError(f"'{entry}' is not a shard range like ps-{{0..3}}.ps:50051 or ps-{{0..<4}}.ps:50051")
-        head, first, exclusive, end, tail = match.groups()
-        first, end = int(first), int(end) - (1 if exclusive else 0)
-        if end < first:
-            raise ValueError(f"'{entry}' names no shard")
-        shards.extend(f"{head}{i}{tail}" for i in range(first, end + 1))
-    return shards
+def load_expand_shards():
+    """The Python client's shard-list expansion (the servers' rules), loaded
+    from its file alone: the package itself needs grpc and numpy."""
+    path = Path(__file__).resolve().parents[2] / "client" / "python" / "paramserver" / "shards.py"
+    spec = importlib.util.spec_from_file_location("paramserver_shards", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.expand_shards
+
+
+expand_shards = load_expand_shards()
 
 
 def port_of(address):

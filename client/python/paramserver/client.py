@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import grpc
 import numpy as np
 
 from . import codec, local, wire
+from .shards import expand_shards
 from .v1 import paramserver_pb2 as pb
 from .v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -116,32 +116,6 @@ class PushSummary:
     duplicate: int = 0
     updated: int = 0
     bytes: int = 0
-
-
-_RANGE = re.compile(r"\{(\d+)\.\.(<?)(\d+)\}")
-
-
-def expand_shards(entries: Sequence[str]) -> List[str]:
-    """The shard list with ranges expanded as the servers expand them:
-    `ps-{0..3}.ps:50051` names shards 0 to 3 (a StatefulSet's pods), and so
-    does `ps-{0..<4}.ps:50051` (first..<count)."""
-    shards: List[str] = []
-    for entry in entries:
-        found = _RANGE.search(entry)
-        if found is None:
-            if "{" in entry:
-                raise ValueError(f"'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051' or 'ps-{{0..<4}}.ps:50051'")
-            shards.append(entry)
-            continue
-        first, last = int(found.group(1)), int(found.group(3)) - (1 if found.group(2) else 0)
-        rest = entry[found.end():]
-        if first > last or last - first >= 4096 or "{" in rest or "{" in entry[: found.start()]:
-            raise ValueError(
-                f"'{entry}': a shard range reads like 'ps-{{0..3}}.ps:50051' (first..last, both included)"
-                " or 'ps-{{0..<4}}.ps:50051' (first..<count)"
-            )
-        shards.extend(f"{entry[: found.start()]}{i}{rest}" for i in range(first, last + 1))
-    return shards
 
 
 class Client:
