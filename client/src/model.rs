@@ -383,38 +383,64 @@ impl ModelHandle {
     ) -> Result<(Vec<pb::PushGradientsResponse>, u64), ClientError> {
         // Streams of whole blocks, each within the shards' per-stream limit.
         let mut streams: Vec<PushStream> = Vec::new();
-        let mut bytes_total = 0u64;
         for (at, block) in self.blocks_on(shard) {
-            let tensor = &self.tensors[at];
-            let data = &push.grads[&tensor.name];
-            let values = &data[block.offset as usize..(block.offset + block.length) as usize];
-            let block_bytes = codec::payload_len(tensor.encoding.to_wire(), block.length);
+            let block_bytes = codec::payload_len(self.tensors[at].encoding.to_wire(), block.length);
             match streams.last() {
                 Some(last) if last.bytes + block_bytes <= PUSH_STREAM_BYTES as u64 => {}
                 _ => streams.push(PushStream::default()),
             }
             let stream = streams.last_mut().expect("a stream was just ensured");
             stream.bytes += block_bytes;
+            stream.blocks.push((at, block));
+        }
+        let bytes_total = streams.iter().map(|s| s.bytes).sum();
+        let calls = streams.iter().map(|stream| {
+            self.client.retry(shard, move |mut stub| async move {
+                // Chunks are encoded as the stream takes them, so the first is on
+                // the wire while the rest are still the caller's floats, and no
+                // copy of the whole push is ever held. A retry encodes them again.
+                let (sender, receiver) = tokio::sync::mpsc::channel(PUSH_CHUNKS_AHEAD);
+                let call = stub.push_gradients(tokio_stream::wrappers::ReceiverStream::new(receiver));
+                let feed = self.feed_push(stream, push, sender);
+                tokio::pin!(call, feed);
+                // A call that ends first (the server refused the push part-way)
+                // ends the feeding with it, whether or not its stream was dropped.
+                let reply = tokio::select! {
+                    reply = &mut call => reply,
+                    () = &mut feed => call.await,
+                };
+                reply.map(|r| r.into_inner())
+            })
+        });
+        Ok((try_join_all(calls).await?, bytes_total))
+    }
+
+    /// Encodes one push stream's blocks chunk by chunk into `sender`; stops
+    /// early when the call ended (the server answered or the stream broke).
+    async fn feed_push(
+        &self,
+        stream: &PushStream<'_>,
+        push: &PushRequest<'_>,
+        sender: tokio::sync::mpsc::Sender<pb::GradientChunk>,
+    ) {
+        for &(at, block) in &stream.blocks {
+            let tensor = &self.tensors[at];
+            let values = &push.grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
             let encoded =
                 chunk::encode_block(&tensor.name, block.block, values, tensor.encoding.to_wire(), push.scales[at]);
             for chunk in encoded {
-                bytes_total += chunk.payload.len() as u64;
-                stream.chunks.push(pb::GradientChunk {
+                let message = pb::GradientChunk {
                     model: self.name().to_string(),
                     worker_id: push.worker.to_string(),
                     step: push.step,
                     chunk: Some(chunk),
                     epoch: self.epoch(),
-                });
+                };
+                if sender.send(message).await.is_err() {
+                    return;
+                }
             }
         }
-        let calls = streams.into_iter().map(|PushStream { chunks, .. }| {
-            self.client.retry(shard, move |mut stub| {
-                let chunks = chunks.clone();
-                async move { stub.push_gradients(tokio_stream::iter(chunks)).await.map(|r| r.into_inner()) }
-            })
-        });
-        Ok((try_join_all(calls).await?, bytes_total))
     }
 
     /// Writes the shard's payloads into this handle's segment for it (made or
@@ -878,9 +904,12 @@ mod tests {
     }
 }
 
-/// The chunks of one push stream and their payload bytes.
-#[derive(Clone, Default)]
-struct PushStream {
-    chunks: Vec<pb::GradientChunk>,
+/// The blocks of one push stream (with their tensor's index) and their payload bytes.
+#[derive(Default)]
+struct PushStream<'a> {
+    blocks: Vec<(usize, &'a crate::layout::BlockPlan)>,
     bytes: u64,
 }
+
+/// Encoded chunks a push stream keeps ready ahead of the one being sent.
+const PUSH_CHUNKS_AHEAD: usize = 2;

@@ -290,6 +290,15 @@ async fn a_shard_survives_what_an_adversarial_client_does() {
     expect_code(push.reply.await.unwrap(), Code::ResourceExhausted, "--max-stream-bytes", "one open push stream");
     drop(push.feed);
 
+    // 1b. The Rust client's own push of 16 MiB per shard, refused part-way by the
+    // same limit: the call ends with the shard's answer instead of waiting to feed
+    // chunks that nobody reads any more.
+    let whole: Tensors = [("w".to_string(), vec![0.5f32; 8 << 20])].into_iter().collect();
+    let refused = tokio::time::timeout(Duration::from_secs(30), big.push("attacker", 0, &whole))
+        .await
+        .expect("a push the shard refused part-way returns");
+    client_code(refused, Code::ResourceExhausted, "--max-stream-bytes", "a client push over the stream limit");
+
     // 2. Several open push streams of 6 MiB each: the shard holds at most --max-staged-bytes (24 MiB).
     let mut open = Vec::new();
     for _ in 0..3 {
