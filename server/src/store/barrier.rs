@@ -278,9 +278,12 @@ impl Model {
         let gradient = match accumulated {
             Accumulated::Sum(mut sum) => {
                 // One or two values: the mean is exact up to its one rounding, whatever the order.
-                let scale = 1.0 / contributors.len() as f32;
-                for g in sum.iter_mut() {
-                    *g *= scale;
+                // The mean of one push is that push: no pass over it.
+                if contributors.len() > 1 {
+                    let scale = 1.0 / contributors.len() as f32;
+                    for g in sum.iter_mut() {
+                        *g *= scale;
+                    }
                 }
                 sum
             }
