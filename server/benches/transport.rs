@@ -53,6 +53,15 @@ async fn main() {
         model.pull_into(&mut weights, 1, Duration::ZERO).await.unwrap();
         models.push((model, weights));
     }
+    // A second model that two workers train: the first push of a step is only
+    // staged (the step waits for the second), so timing it measures the
+    // transport and the aggregation without the optimizer.
+    let paired_spec = ModelSpec { name: "paired".into(), ..spec.clone() };
+    let paired = plain.client().register(&paired_spec, &Tensors::new()).await.unwrap();
+    for worker in ["first", "second"] {
+        paired.join(worker).await.unwrap();
+    }
+    let mut staged_times = Vec::new();
 
     let mut times: [(Vec<Duration>, Vec<Duration>); 3] = Default::default();
     for round in 0..rounds as u64 {
@@ -67,6 +76,12 @@ async fn main() {
             times[i].1.push(start.elapsed());
             assert_eq!(pulled as usize, bytes);
         }
+        let start = Instant::now();
+        let staged = paired.push("first", round, &grads).await.unwrap();
+        staged_times.push(start.elapsed());
+        assert_eq!(staged.updated, 0, "the step waits for the second worker");
+        let completed = paired.push("second", round, &grads).await.unwrap();
+        assert!(completed.updated > 0);
         let tcp = raw_tcp(1, bytes, bytes).await;
         times[2].0.push(tcp.up);
         times[2].1.push(tcp.down);
@@ -93,7 +108,13 @@ async fn main() {
             (tp + tl).as_secs_f64() / (push + pull).as_secs_f64()
         )
     };
+    let staged = best(&staged_times);
+    println!("{:<28} {:>10.0}", "gRPC push, staged (no SGD)", rate(bytes, staged));
     println!("ratio gRPC / raw TCP: {}", ratio(gp, gl));
+    println!(
+        "ratio gRPC staged push / raw TCP push: {:.2} (the transport and aggregation without the update)",
+        tp.as_secs_f64() / staged.as_secs_f64()
+    );
     println!("ratio gRPC+TLS / raw TCP: {}", ratio(sp, sl));
     println!("TLS / plaintext gRPC push+pull time: {:.2}", (sp + sl).as_secs_f64() / (gp + gl).as_secs_f64());
 }
