@@ -633,69 +633,25 @@ impl ModelHandle {
         };
         // Segments hold f32 parameters; other pulls take gRPC (over the local socket where there is one).
         let segments_serve = part == pb::WeightPart::Parameters && self.pull_encoding.to_wire() == pb::Encoding::F32;
-        let parts = try_join_all(self.shards_with_blocks().into_iter().map(|shard| {
-            let request = &request;
-            async move {
-                if segments_serve && let Some(local) = self.client.local_shard(shard).await.filter(|l| l.segments) {
-                    match self.pull_local_reply(shard, request).await {
-                        Ok(reply) => return Ok::<_, ClientError>(ShardPull::Local { shard, local, reply }),
-                        // No room for the weights segment (--memory-limit): a gRPC pull needs none.
-                        Err(ClientError::Rpc { status, .. }) if status.code() == Code::ResourceExhausted => {
-                            self.client.leave_local(shard, status.message());
-                        }
-                        Err(error) => return Err(error),
-                    }
-                }
-                Ok(ShardPull::Chunks(self.pull_chunks(shard, request).await?))
-            }
-        }))
-        .await?;
         for info in self.tensors.iter() {
             tensors.entry(info.name.clone()).or_default().resize(info.len, 0.0);
         }
+        // Every shard writes its own blocks' slices as its chunks arrive, so
+        // decoding overlaps receiving and no received chunk is kept.
+        let mut slices = self.slices_by_shard(tensors);
+        let reads = try_join_all(self.shards_with_blocks().into_iter().map(|shard| {
+            let slices = std::mem::take(&mut slices[shard]);
+            let request = &request;
+            async move { self.pull_shard(shard, request, slices, segments_serve).await }
+        }))
+        .await?;
         let mut read = PullInfo { version: u64::MAX, bytes: 0, checkpoint: false };
         let mut received: HashMap<(usize, u32), u64> = HashMap::new();
-        for pulled in parts {
-            match pulled {
-                ShardPull::Chunks(chunks) => self.decode_chunks(chunks, tensors, &mut read, &mut received)?,
-                ShardPull::Local { shard, local, mut reply } => {
-                    let mut attempts = 0;
-                    loop {
-                        let outcome = match self.weights_file(shard, &local, &reply.segment).await {
-                            Ok(file) => self.read_local(shard, &file, &reply, tensors),
-                            Err(failure) => Err(failure),
-                        };
-                        match outcome {
-                            Ok(true) => {
-                                for block in &reply.blocks {
-                                    read.version = read.version.min(block.version);
-                                    read.bytes += block.length * 4;
-                                    let at = self.index[&block.tensor];
-                                    *received.entry((at, block.block)).or_default() += block.length;
-                                }
-                                read.checkpoint |= reply.checkpoint;
-                                break;
-                            }
-                            // Rewritten while read (a reader this slow is rare): ask again, then give up on it.
-                            Ok(false) if attempts < LOCAL_READ_ATTEMPTS => {
-                                attempts += 1;
-                                reply = self.pull_local_reply(shard, &request).await?;
-                            }
-                            outcome => {
-                                if let Err(LocalFailure::Channel(why)) = &outcome {
-                                    self.client.leave_local(shard, why);
-                                }
-                                if let Err(LocalFailure::Server(error)) = outcome {
-                                    return Err(error);
-                                }
-                                let chunks = self.pull_chunks(shard, &request).await?;
-                                self.decode_chunks(chunks, tensors, &mut read, &mut received)?;
-                                break;
-                            }
-                        }
-                    }
-                }
-            }
+        for shard in reads {
+            read.version = read.version.min(shard.version);
+            read.bytes += shard.bytes;
+            read.checkpoint |= shard.checkpoint;
+            received.extend(shard.received);
         }
         for (at, info) in self.tensors.iter().enumerate() {
             for block in &info.blocks {
@@ -710,24 +666,129 @@ impl ModelHandle {
         Ok(read)
     }
 
-    async fn pull_chunks(
+    /// The caller's tensors (sized to the layout) cut into one slice per
+    /// block, grouped by the shard that serves the block. A block the layout
+    /// places outside its tensor gets no slice, so its data is refused.
+    fn slices_by_shard<'t>(&self, tensors: &'t mut Tensors) -> Vec<BlockSlices<'t>> {
+        let mut by_shard: Vec<BlockSlices<'t>> = (0..self.client.num_shards()).map(|_| HashMap::new()).collect();
+        for (name, values) in tensors.iter_mut() {
+            let Some(&at) = self.index.get(name) else { continue };
+            let mut blocks: Vec<&crate::layout::BlockPlan> = self.tensors[at].blocks.iter().collect();
+            blocks.sort_by_key(|b| b.offset);
+            let mut rest: &'t mut [f32] = values.as_mut_slice();
+            let mut cut_at = 0u64;
+            for block in blocks {
+                let (Some(skip), Some(end)) =
+                    (block.offset.checked_sub(cut_at), block.offset.checked_add(block.length))
+                else {
+                    continue;
+                };
+                if end - cut_at > rest.len() as u64 || block.shard as usize >= by_shard.len() {
+                    continue;
+                }
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip as usize);
+                let (mine, tail) = tail.split_at_mut(block.length as usize);
+                rest = tail;
+                cut_at = end;
+                by_shard[block.shard as usize].insert((at, block.block), mine);
+            }
+        }
+        by_shard
+    }
+
+    /// Reads one shard's blocks: from its weights segment when it is on this
+    /// host and serves f32, otherwise (or when the local channel fails) over gRPC.
+    async fn pull_shard(
         &self,
         shard: usize,
         request: &pb::PullWeightsRequest,
-    ) -> Result<Vec<pb::WeightChunk>, ClientError> {
+        mut slices: BlockSlices<'_>,
+        segments_serve: bool,
+    ) -> Result<ShardRead, ClientError> {
+        if segments_serve && let Some(local) = self.client.local_shard(shard).await.filter(|l| l.segments) {
+            match self.pull_local_reply(shard, request).await {
+                Ok(reply) => return self.read_local_shard(shard, &local, reply, request, &mut slices).await,
+                // No room for the weights segment (--memory-limit): a gRPC pull needs none.
+                Err(ClientError::Rpc { status, .. }) if status.code() == Code::ResourceExhausted => {
+                    self.client.leave_local(shard, status.message());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        self.pull_chunks_into(shard, request, &mut slices).await
+    }
+
+    /// Copies the blocks a local pull reply names out of the shard's weights
+    /// segment; asks again when they were rewritten while read, and falls
+    /// back to gRPC when the segment cannot be read.
+    async fn read_local_shard(
+        &self,
+        shard: usize,
+        local: &Arc<LocalShard>,
+        mut reply: pb::LocalPullResponse,
+        request: &pb::PullWeightsRequest,
+        slices: &mut BlockSlices<'_>,
+    ) -> Result<ShardRead, ClientError> {
+        let mut attempts = 0;
+        loop {
+            let outcome = match self.weights_file(shard, local, &reply.segment).await {
+                Ok(file) => self.read_local(shard, &file, &reply, slices),
+                Err(failure) => Err(failure),
+            };
+            match outcome {
+                Ok(true) => {
+                    let mut read = ShardRead { checkpoint: reply.checkpoint, ..ShardRead::default() };
+                    for block in &reply.blocks {
+                        read.version = read.version.min(block.version);
+                        read.bytes += block.length * 4;
+                        let at = self.index[&block.tensor];
+                        *read.received.entry((at, block.block)).or_default() += block.length;
+                    }
+                    return Ok(read);
+                }
+                // Rewritten while read (a reader this slow is rare): ask again, then give up on it.
+                Ok(false) if attempts < LOCAL_READ_ATTEMPTS => {
+                    attempts += 1;
+                    reply = self.pull_local_reply(shard, request).await?;
+                }
+                outcome => {
+                    if let Err(LocalFailure::Channel(why)) = &outcome {
+                        self.client.leave_local(shard, why);
+                    }
+                    if let Err(LocalFailure::Server(error)) = outcome {
+                        return Err(error);
+                    }
+                    return self.pull_chunks_into(shard, request, slices).await;
+                }
+            }
+        }
+    }
+
+    /// Streams one shard's blocks over gRPC, decoding each chunk into its
+    /// block's slice as it arrives. A retried stream starts its count over.
+    async fn pull_chunks_into(
+        &self,
+        shard: usize,
+        request: &pb::PullWeightsRequest,
+        slices: &mut BlockSlices<'_>,
+    ) -> Result<ShardRead, ClientError> {
+        let slices = &tokio::sync::Mutex::new(slices);
         self.client
             .retry(shard, move |mut stub| {
                 let request = request.clone();
                 async move {
+                    let mut slices = slices.lock().await;
+                    let mut read = ShardRead::default();
                     let mut stream = stub.pull_weights(request).await?.into_inner();
-                    let mut chunks = Vec::new();
                     while let Some(chunk) = stream.message().await? {
-                        chunks.push(chunk);
+                        if let Err(error) = self.decode_chunk(chunk, &mut slices, &mut read) {
+                            return Ok(Err(error));
+                        }
                     }
-                    Ok(chunks)
+                    Ok(Ok(read))
                 }
             })
-            .await
+            .await?
     }
 
     async fn pull_local_reply(
@@ -784,7 +845,7 @@ impl ModelHandle {
         shard: usize,
         file: &WeightsFile,
         reply: &pb::LocalPullResponse,
-        tensors: &mut Tensors,
+        slices: &mut BlockSlices<'_>,
     ) -> Result<bool, LocalFailure> {
         for published in &reply.blocks {
             let Some(&at) = self.index.get(&published.tensor) else {
@@ -795,12 +856,11 @@ impl ModelHandle {
                 .blocks
                 .get(published.block as usize)
                 .filter(|b| b.shard as usize == shard && b.length == published.length);
-            let Some(block) = block else {
+            let out = block.and_then(|block| slices.get_mut(&(at, block.block)));
+            let Some(out) = out else {
                 let error = ProtocolError::UnknownBlock { tensor: published.tensor.clone(), block: published.block };
                 return Err(LocalFailure::Server(error.into()));
             };
-            let out = &mut tensors.get_mut(&info.name).expect("tensor allocated by the caller")
-                [block.offset as usize..(block.offset + block.length) as usize];
             ps_proto::local::read_f32s(&file.file, published.offset, out)
                 .map_err(|e| LocalFailure::Channel(format!("reading the weights segment: {e}")))?;
         }
@@ -812,35 +872,29 @@ impl ModelHandle {
         Ok(sequence == reply.sequence)
     }
 
-    fn decode_chunks(
+    /// Checks one received chunk against the layout and decodes it into its block's slice.
+    fn decode_chunk(
         &self,
-        chunks: Vec<pb::WeightChunk>,
-        tensors: &mut Tensors,
-        read: &mut PullInfo,
-        received: &mut HashMap<(usize, u32), u64>,
+        chunk: pb::WeightChunk,
+        slices: &mut BlockSlices<'_>,
+        read: &mut ShardRead,
     ) -> Result<(), ClientError> {
-        for chunk in chunks {
-            read.version = read.version.min(chunk.version);
-            read.checkpoint |= chunk.checkpoint;
-            let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
-            read.bytes += data.payload.len() as u64;
-            let at = *self.index.get(&data.tensor).ok_or_else(|| ClientError::UnknownTensor(data.tensor.clone()))?;
-            let info = &self.tensors[at];
-            let block = info
-                .blocks
-                .get(data.block as usize)
-                .ok_or_else(|| ProtocolError::UnknownBlock { tensor: data.tensor.clone(), block: data.block })?;
-            let end = data.offset.saturating_add(data.length);
-            if end > block.length {
-                return Err(ProtocolError::PastEnd { tensor: data.tensor, block: data.block }.into());
-            }
-            let start = (block.offset + data.offset) as usize;
-            let encoding = codec::encoding_from_i32(data.encoding).map_err(ProtocolError::from)?;
-            let out = &mut tensors.get_mut(&data.tensor).expect("tensor allocated above")
-                [start..start + data.length as usize];
-            codec::decode_into(encoding, &data.payload, data.scale, out).map_err(ProtocolError::from)?;
-            *received.entry((at, data.block)).or_default() += data.length;
+        read.version = read.version.min(chunk.version);
+        read.checkpoint |= chunk.checkpoint;
+        let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
+        read.bytes += data.payload.len() as u64;
+        let at = *self.index.get(&data.tensor).ok_or_else(|| ClientError::UnknownTensor(data.tensor.clone()))?;
+        let Some(out) = slices.get_mut(&(at, data.block)) else {
+            return Err(ProtocolError::UnknownBlock { tensor: data.tensor, block: data.block }.into());
+        };
+        let end = data.offset.saturating_add(data.length);
+        if end > out.len() as u64 {
+            return Err(ProtocolError::PastEnd { tensor: data.tensor, block: data.block }.into());
         }
+        let encoding = codec::encoding_from_i32(data.encoding).map_err(ProtocolError::from)?;
+        codec::decode_into(encoding, &data.payload, data.scale, &mut out[data.offset as usize..end as usize])
+            .map_err(ProtocolError::from)?;
+        *read.received.entry((at, data.block)).or_default() += data.length;
         Ok(())
     }
 }
@@ -868,9 +922,25 @@ enum LocalFailure {
 }
 
 /// What one shard gave a pull.
-enum ShardPull {
-    Chunks(Vec<pb::WeightChunk>),
-    Local { shard: usize, local: Arc<LocalShard>, reply: pb::LocalPullResponse },
+/// The caller's tensors as one slice per block (tensor index, block), for one shard's blocks.
+type BlockSlices<'t> = HashMap<(usize, u32), &'t mut [f32]>;
+
+/// What one shard's part of a pull read.
+struct ShardRead {
+    /// Lowest version among its blocks.
+    version: u64,
+    /// Payload bytes.
+    bytes: u64,
+    /// Whether it marked the version as checkpointed.
+    checkpoint: bool,
+    /// Elements received per (tensor index, block).
+    received: HashMap<(usize, u32), u64>,
+}
+
+impl Default for ShardRead {
+    fn default() -> Self {
+        Self { version: u64::MAX, bytes: 0, checkpoint: false, received: HashMap::new() }
+    }
 }
 
 #[cfg(test)]
@@ -901,6 +971,56 @@ mod tests {
         let mut unlimited: Tensors = [("w".to_string(), vec![30.0f32, 40.0])].into_iter().collect();
         handle(0.0).clip_to_max_norm(&mut unlimited);
         assert_eq!(unlimited["w"], vec![30.0, 40.0]);
+    }
+
+    fn placement(tensor: &str, block: u32, shard: u32, row_start: u64, rows: u64, cols: u64) -> pb::BlockPlacement {
+        pb::BlockPlacement {
+            tensor: tensor.into(),
+            block,
+            shard,
+            row_start,
+            rows,
+            offset: row_start * cols,
+            length: rows * cols,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pull_cuts_the_tensors_into_one_slice_per_block_of_each_shard() {
+        let shards = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let client = PsClient::connect(ClientConfig::new(shards.clone())).unwrap();
+        let layout = pb::Layout {
+            model: "m".into(),
+            shards,
+            tensors: vec![
+                pb::TensorLayout { name: "a".into(), shape: vec![4, 3], group: "g".into() },
+                pb::TensorLayout { name: "b".into(), shape: vec![2], group: "g".into() },
+            ],
+            blocks: vec![placement("a", 0, 0, 0, 2, 3), placement("a", 1, 1, 2, 2, 3), placement("b", 0, 1, 0, 1, 2)],
+            ..Default::default()
+        };
+        let model = ModelHandle::new(client, layout.try_into().unwrap()).unwrap();
+        let mut tensors: Tensors =
+            [("a".to_string(), vec![0.0; 12]), ("b".to_string(), vec![0.0; 2]), ("extra".to_string(), vec![7.0])]
+                .into_iter()
+                .collect();
+        let mut slices = model.slices_by_shard(&mut tensors);
+        let lengths = |shard: &BlockSlices<'_>| {
+            let mut l: Vec<_> = shard.iter().map(|(key, slice)| (*key, slice.len())).collect();
+            l.sort();
+            l
+        };
+        assert_eq!(lengths(&slices[0]), vec![((0, 0), 6)]);
+        assert_eq!(lengths(&slices[1]), vec![((0, 1), 6), ((1, 0), 2)]);
+        for (shard, blocks) in slices.iter_mut().enumerate() {
+            for ((tensor, block), slice) in blocks.iter_mut() {
+                slice.fill((100 * shard + 10 * tensor + *block as usize) as f32);
+            }
+        }
+        drop(slices);
+        assert_eq!(tensors["a"], [0.0; 6].into_iter().chain([101.0; 6]).collect::<Vec<f32>>());
+        assert_eq!(tensors["b"], vec![110.0, 110.0]);
+        assert_eq!(tensors["extra"], vec![7.0], "a tensor the model does not have is left alone");
     }
 }
 
