@@ -10,9 +10,7 @@ use std::time::Duration;
 use futures::future::try_join_all;
 use ps_proto::cluster::ShardHeaders;
 use ps_proto::pb::{self, Encoding};
-use ps_proto::transport::MAX_MESSAGE_BYTES;
 use ps_proto::{chunk, layout};
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -24,12 +22,10 @@ use crate::local::{LocalMode, LocalShard, NotLocal, Reach};
 use crate::model::{ModelHandle, check_len};
 use crate::spec::{Init, ModelSpec};
 use crate::status::ShardStatus;
+pub(crate) use crate::stub::ShardStub;
 
 /// The longest pause between two attempts of one RPC.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(2);
-
-pub(crate) type ShardStub =
-    pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
 /// A connection to every shard of a cluster.
 #[derive(Clone)]
@@ -72,11 +68,7 @@ impl PsClient {
                 .connect_lazy();
             let stub = |token: Option<&str>| {
                 let headers = ShardHeaders::new(token, index, count).map_err(|_| ClientError::BadToken)?;
-                Ok::<_, ClientError>(
-                    pb::parameter_server_client::ParameterServerClient::with_interceptor(channel.clone(), headers)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                )
+                Ok::<_, ClientError>(ShardStub::new(channel.clone(), headers))
             };
             shards.push(stub(config.auth_token.as_deref())?);
             admin.push(stub(admin_token)?);

@@ -42,6 +42,7 @@ pub mod resume;
 pub mod spec;
 pub mod state_file;
 pub mod status;
+mod stub;
 
 use std::collections::BTreeMap;
 

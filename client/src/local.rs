@@ -14,8 +14,6 @@ use std::sync::Arc;
 use ps_proto::cluster::ShardHeaders;
 use ps_proto::local as wire;
 use ps_proto::pb::{self, segment_reply, segment_request};
-use ps_proto::transport::MAX_MESSAGE_BYTES;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How a client uses the local channel of shards on its host.
@@ -55,7 +53,7 @@ impl std::fmt::Display for LocalMode {
 /// The longest wait for a reply on the segment socket.
 const SEGMENT_SOCKET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-type Stub = pb::parameter_server_client::ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
+type Stub = crate::stub::ShardStub;
 
 /// A shard this client reaches on its own host.
 pub(crate) struct LocalShard {
@@ -85,9 +83,7 @@ pub(crate) enum NotLocal {
 }
 
 fn stub(channel: Channel, headers: ShardHeaders) -> Stub {
-    pb::parameter_server_client::ParameterServerClient::with_interceptor(channel, headers)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    Stub::new(channel, headers)
 }
 
 impl LocalShard {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::future::try_join_all;
 use ps_proto::transport::PUSH_STREAM_BYTES;
-use ps_proto::{chunk, codec, errors, pb};
+use ps_proto::{chunk, codec, errors, pb, push_frame};
 use tonic::{Code, Status};
 
 use crate::Tensors;
@@ -396,47 +396,42 @@ impl ModelHandle {
         let bytes_total = streams.iter().map(|s| s.bytes).sum();
         let calls = streams.iter().map(|stream| {
             self.client.retry(shard, move |mut stub| async move {
-                // Chunks are encoded as the stream takes them, so the first is on
-                // the wire while the rest are still the caller's floats, and no
-                // copy of the whole push is ever held. A retry encodes them again.
+                // Chunks are framed (`push_frame`: one copy, from the caller's
+                // floats) as the stream takes them, so the first is on the wire
+                // while the rest are still floats, and no copy of the whole push
+                // is ever held. A retry frames them again.
                 let (sender, receiver) = tokio::sync::mpsc::channel(PUSH_CHUNKS_AHEAD);
-                let call = stub.push_gradients(tokio_stream::wrappers::ReceiverStream::new(receiver));
+                let call = stub.push_frames(tokio_stream::wrappers::ReceiverStream::new(receiver));
                 let feed = self.feed_push(stream, push, sender);
                 tokio::pin!(call, feed);
                 // A call that ends first (the server refused the push part-way)
                 // ends the feeding with it, whether or not its stream was dropped.
-                let reply = tokio::select! {
+                tokio::select! {
                     reply = &mut call => reply,
                     () = &mut feed => call.await,
-                };
-                reply.map(|r| r.into_inner())
+                }
             })
         });
         Ok((try_join_all(calls).await?, bytes_total))
     }
 
-    /// Encodes one push stream's blocks chunk by chunk into `sender`; stops
+    /// Frames one push stream's blocks chunk by chunk into `sender`; stops
     /// early when the call ended (the server answered or the stream broke).
     async fn feed_push(
         &self,
         stream: &PushStream<'_>,
         push: &PushRequest<'_>,
-        sender: tokio::sync::mpsc::Sender<pb::GradientChunk>,
+        sender: tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) {
+        let header =
+            push_frame::PushHeader { model: self.name(), worker: push.worker, step: push.step, epoch: self.epoch() };
         for &(at, block) in &stream.blocks {
             let tensor = &self.tensors[at];
             let values = &push.grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
-            let encoded =
-                chunk::encode_block(&tensor.name, block.block, values, tensor.encoding.to_wire(), push.scales[at]);
-            for chunk in encoded {
-                let message = pb::GradientChunk {
-                    model: self.name().to_string(),
-                    worker_id: push.worker.to_string(),
-                    step: push.step,
-                    chunk: Some(chunk),
-                    epoch: self.epoch(),
-                };
-                if sender.send(message).await.is_err() {
+            let encoding = tensor.encoding.to_wire();
+            for frame in push_frame::block_frames(header, &tensor.name, block.block, values, encoding, push.scales[at])
+            {
+                if sender.send(frame).await.is_err() {
                     return;
                 }
             }

@@ -21,7 +21,7 @@ pub fn elements_per_chunk(encoding: Encoding) -> usize {
 
 /// The element ranges of a block's chunks: whole elements, at most
 /// [`CHUNK_BYTES`] of payload each.
-fn chunk_ranges(len: usize, encoding: Encoding) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn chunk_ranges(len: usize, encoding: Encoding) -> impl Iterator<Item = Range<usize>> {
     let per_chunk = elements_per_chunk(encoding);
     (0..len.div_ceil(per_chunk)).map(move |i| i * per_chunk..((i + 1) * per_chunk).min(len))
 }

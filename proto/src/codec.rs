@@ -3,7 +3,7 @@
 //! on the wire whoever wrote it. The loops are plain slice loops the compiler
 //! can vectorize.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use half::{bf16, f16};
 
 use crate::pb::Encoding;
@@ -108,34 +108,34 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
 /// Encodes values in `encoding`. For sign1 only the signs are written (bit set
 /// for x < 0, so -0.0 and NaN count as positive); the scale travels in the chunk.
 pub fn encode(encoding: Encoding, values: &[f32]) -> Bytes {
+    if encoding == Encoding::F32 {
+        return encode_f32(values);
+    }
+    let mut out = Vec::with_capacity(payload_len(encoding, values.len() as u64) as usize);
+    encode_into(encoding, values, &mut out);
+    Bytes::from(out)
+}
+
+/// As [`encode`], appending the payload to `out` (exactly
+/// [`payload_len`] bytes) instead of allocating it.
+pub fn encode_into(encoding: Encoding, values: &[f32], out: &mut impl BufMut) {
     match encoding {
-        Encoding::F32 => encode_f32(values),
-        Encoding::Bf16 => {
-            let mut out = Vec::with_capacity(values.len() * 2);
-            for value in values {
-                out.extend_from_slice(&bf16::from_f32(*value).to_le_bytes());
-            }
-            Bytes::from(out)
-        }
-        Encoding::F16 => {
-            let mut out = Vec::with_capacity(values.len() * 2);
-            for value in values {
-                out.extend_from_slice(&f16::from_f32(*value).to_le_bytes());
-            }
-            Bytes::from(out)
-        }
+        #[cfg(target_endian = "little")]
+        Encoding::F32 => out.put_slice(bytemuck::cast_slice::<f32, u8>(values)),
+        #[cfg(not(target_endian = "little"))]
+        Encoding::F32 => values.iter().for_each(|v| out.put_slice(&v.to_le_bytes())),
+        Encoding::Bf16 => values.iter().for_each(|v| out.put_slice(&bf16::from_f32(*v).to_le_bytes())),
+        Encoding::F16 => values.iter().for_each(|v| out.put_slice(&f16::from_f32(*v).to_le_bytes())),
         Encoding::Sign1 => {
-            let mut out = Vec::with_capacity(payload_len(encoding, values.len() as u64) as usize);
             let words = values.chunks_exact(SIGN_WORD_ELEMENTS as usize);
             let tail = words.remainder();
             // Whole words have a fixed length, so this inner loop unrolls and vectorizes.
             for group in words {
-                out.extend_from_slice(&pack_signs(group).to_le_bytes());
+                out.put_slice(&pack_signs(group).to_le_bytes());
             }
             if !tail.is_empty() {
-                out.extend_from_slice(&pack_signs(tail).to_le_bytes());
+                out.put_slice(&pack_signs(tail).to_le_bytes());
             }
-            Bytes::from(out)
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod errors;
 pub mod layout;
 pub mod local;
+pub mod push_frame;
 pub mod tls;
 pub mod transport;
 pub mod units;
