@@ -600,6 +600,8 @@ impl ModelHandle {
     /// Pulls into `tensors`, reusing its buffers (a training loop avoids
     /// allocating the model's size every step). Tensors missing from the map
     /// are added; returns the lowest block version and the payload bytes.
+    /// Chunks are decoded as they arrive, so after an error the tensors may
+    /// hold part of the newer values: pull again before using them.
     pub async fn pull_into(
         &self,
         tensors: &mut Tensors,
