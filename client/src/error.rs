@@ -107,6 +107,17 @@ pub enum ProtocolError {
     /// Layout blocks of a tensor that are not listed in order.
     #[error("layout blocks of '{0}' out of order")]
     LayoutOrder(String),
+    /// A layout block that does not follow the one before it within its
+    /// tensor, or that names a shard the layout does not list.
+    #[error(
+        "layout block {block} of '{tensor}' does not continue its tensor's blocks within its elements on a listed shard"
+    )]
+    LayoutBlock {
+        /// The tensor.
+        tensor: String,
+        /// The block.
+        block: u32,
+    },
     /// A weight message without its chunk.
     #[error("weight message without a chunk")]
     MissingChunk,

@@ -162,8 +162,60 @@ impl Layout {
             if block.block as usize != info.blocks.len() {
                 return Err(ProtocolError::LayoutOrder(info.name.clone()).into());
             }
+            // Blocks tile their tensor from element 0, one after another, on a
+            // listed shard: pulls cut the caller's tensors along them.
+            let start = info.blocks.last().map_or(0, |b| b.offset + b.length);
+            let fits = block.offset.checked_add(block.length).is_some_and(|end| end <= info.len as u64);
+            if block.offset != start || !fits || block.shard as usize >= self.shards.len() {
+                return Err(ProtocolError::LayoutBlock { tensor: info.name.clone(), block: block.block }.into());
+            }
             info.blocks.push(block.clone());
         }
         Ok(tensors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(blocks: &[(u32, u32, u64, u64)]) -> Layout {
+        pb::Layout {
+            model: "m".into(),
+            shards: vec!["a:1".into(), "b:1".into()],
+            tensors: vec![pb::TensorLayout { name: "w".into(), shape: vec![4, 3], group: "g".into() }],
+            blocks: blocks
+                .iter()
+                .map(|&(block, shard, offset, length)| pb::BlockPlacement {
+                    tensor: "w".into(),
+                    block,
+                    shard,
+                    row_start: offset / 3,
+                    rows: length / 3,
+                    offset,
+                    length,
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .try_into()
+        .unwrap()
+    }
+
+    #[test]
+    fn blocks_must_tile_their_tensor_on_listed_shards() {
+        let infos = layout(&[(0, 0, 0, 6), (1, 1, 6, 6)]).tensor_infos().unwrap();
+        assert_eq!(infos[0].blocks.len(), 2);
+        for (case, blocks) in [
+            ("a gap", vec![(0, 0, 0, 3), (1, 1, 6, 6)]),
+            ("an overlap", vec![(0, 0, 0, 6), (1, 1, 3, 6)]),
+            ("a first block not at 0", vec![(0, 0, 3, 6)]),
+            ("past the tensor's end", vec![(0, 0, 0, 6), (1, 1, 6, 9)]),
+            ("a length that overflows", vec![(0, 0, 0, u64::MAX)]),
+            ("a shard past the list", vec![(0, 2, 0, 12)]),
+        ] {
+            let error = layout(&blocks).tensor_infos().map(|_| ()).unwrap_err();
+            assert!(matches!(error, ClientError::Protocol(ProtocolError::LayoutBlock { .. })), "{case}: {error}");
+        }
     }
 }

@@ -664,29 +664,16 @@ impl ModelHandle {
     }
 
     /// The caller's tensors (sized to the layout) cut into one slice per
-    /// block, grouped by the shard that serves the block. A block the layout
-    /// places outside its tensor gets no slice, so its data is refused.
+    /// block, grouped by the shard that serves the block.
     fn slices_by_shard<'t>(&self, tensors: &'t mut Tensors) -> Vec<BlockSlices<'t>> {
         let mut by_shard: Vec<BlockSlices<'t>> = (0..self.client.num_shards()).map(|_| HashMap::new()).collect();
         for (name, values) in tensors.iter_mut() {
             let Some(&at) = self.index.get(name) else { continue };
-            let mut blocks: Vec<&crate::layout::BlockPlan> = self.tensors[at].blocks.iter().collect();
-            blocks.sort_by_key(|b| b.offset);
+            // The blocks tile the tensor in order on listed shards (`Layout::tensor_infos` checked it).
             let mut rest: &'t mut [f32] = values.as_mut_slice();
-            let mut cut_at = 0u64;
-            for block in blocks {
-                let (Some(skip), Some(end)) =
-                    (block.offset.checked_sub(cut_at), block.offset.checked_add(block.length))
-                else {
-                    continue;
-                };
-                if end - cut_at > rest.len() as u64 || block.shard as usize >= by_shard.len() {
-                    continue;
-                }
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(skip as usize);
-                let (mine, tail) = tail.split_at_mut(block.length as usize);
+            for block in &self.tensors[at].blocks {
+                let (mine, tail) = std::mem::take(&mut rest).split_at_mut(block.length as usize);
                 rest = tail;
-                cut_at = end;
                 by_shard[block.shard as usize].insert((at, block.block), mine);
             }
         }
@@ -729,7 +716,7 @@ impl ModelHandle {
         let mut attempts = 0;
         loop {
             let outcome = match self.weights_file(shard, local, &reply.segment).await {
-                Ok(file) => self.read_local(shard, &file, &reply, slices),
+                Ok(file) => self.read_local(&file, &reply, slices),
                 Err(failure) => Err(failure),
             };
             match outcome {
@@ -769,6 +756,8 @@ impl ModelHandle {
         request: &pb::PullWeightsRequest,
         slices: &mut BlockSlices<'_>,
     ) -> Result<ShardRead, ClientError> {
+        // Each attempt of the retry borrows the slices in turn; the closure
+        // that makes the attempts can only lend them through a lock.
         let slices = &tokio::sync::Mutex::new(slices);
         self.client
             .retry(shard, move |mut stub| {
@@ -835,11 +824,10 @@ impl ModelHandle {
         Ok(opened)
     }
 
-    /// Reads a shard's published blocks straight into `tensors`; false when
+    /// Reads a shard's published blocks straight into their slices; false when
     /// the shard rewrote the slot meanwhile (the values read are then torn).
     fn read_local(
         &self,
-        shard: usize,
         file: &WeightsFile,
         reply: &pb::LocalPullResponse,
         slices: &mut BlockSlices<'_>,
@@ -848,12 +836,8 @@ impl ModelHandle {
             let Some(&at) = self.index.get(&published.tensor) else {
                 return Err(LocalFailure::Server(ClientError::UnknownTensor(published.tensor.clone())));
             };
-            let info = &self.tensors[at];
-            let block = info
-                .blocks
-                .get(published.block as usize)
-                .filter(|b| b.shard as usize == shard && b.length == published.length);
-            let out = block.and_then(|block| slices.get_mut(&(at, block.block)));
+            // Only this shard's blocks have a slice here.
+            let out = slices.get_mut(&(at, published.block)).filter(|out| out.len() as u64 == published.length);
             let Some(out) = out else {
                 let error = ProtocolError::UnknownBlock { tensor: published.tensor.clone(), block: published.block };
                 return Err(LocalFailure::Server(error.into()));
@@ -918,7 +902,6 @@ enum LocalFailure {
     Server(ClientError),
 }
 
-/// What one shard gave a pull.
 /// The caller's tensors as one slice per block (tensor index, block), for one shard's blocks.
 type BlockSlices<'t> = HashMap<(usize, u32), &'t mut [f32]>;
 
