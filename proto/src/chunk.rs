@@ -27,7 +27,14 @@ pub(crate) fn chunk_ranges(len: usize, encoding: Encoding) -> impl Iterator<Item
 }
 
 /// One chunk of `tensor`'s `block`: the elements of `range`, encoded as `payload`.
-fn chunk(tensor: &str, block: u32, range: Range<usize>, encoding: Encoding, payload: Bytes, scale: f32) -> TensorChunk {
+pub(crate) fn chunk(
+    tensor: &str,
+    block: u32,
+    range: Range<usize>,
+    encoding: Encoding,
+    payload: Bytes,
+    scale: f32,
+) -> TensorChunk {
     TensorChunk {
         tensor: tensor.to_string(),
         block,

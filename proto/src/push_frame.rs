@@ -6,8 +6,6 @@
 //! bytes are the same protobuf a generated encoder would accept: fields may come
 //! in any order, so the nested chunk and its payload simply come last.
 
-use std::ops::Range;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
@@ -46,31 +44,16 @@ pub fn block_frames<'a>(
     encoding: Encoding,
     scale: f32,
 ) -> impl Iterator<Item = Bytes> + 'a {
-    chunk::chunk_ranges(values.len(), encoding)
-        .map(move |range| frame(header, tensor, block, range.clone(), &values[range], encoding, scale))
+    chunk::chunk_ranges(values.len(), encoding).map(move |range| {
+        let payload = &values[range.clone()];
+        frame(header, chunk::chunk(tensor, block, range, encoding, Bytes::new(), scale), encoding, payload)
+    })
 }
 
 /// One chunk as a gRPC frame: the prefix, the `GradientChunk` without its
-/// chunk, the `TensorChunk` without its payload, then the payload.
-fn frame(
-    header: PushHeader<'_>,
-    tensor: &str,
-    block: u32,
-    range: Range<usize>,
-    values: &[f32],
-    encoding: Encoding,
-    scale: f32,
-) -> Bytes {
+/// chunk, `chunk_head` (its payload still empty), then `values` in `encoding` as its payload.
+fn frame(header: PushHeader<'_>, chunk_head: pb::TensorChunk, encoding: Encoding, values: &[f32]) -> Bytes {
     let payload_len = codec::payload_len(encoding, values.len() as u64) as usize;
-    let chunk_head = pb::TensorChunk {
-        tensor: tensor.to_string(),
-        block,
-        offset: range.start as u64,
-        length: range.len() as u64,
-        encoding: encoding as i32,
-        payload: Bytes::new(),
-        scale,
-    };
     let chunk_len =
         chunk_head.encoded_len() + key_len(PAYLOAD_FIELD) + encoded_len_varint(payload_len as u64) + payload_len;
     let message_head = pb::GradientChunk {
