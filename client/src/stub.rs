@@ -21,9 +21,6 @@ use tonic::{Code, Status};
 type HeadedChannel = InterceptedService<Channel, ShardHeaders>;
 type Generated = pb::parameter_server_client::ParameterServerClient<HeadedChannel>;
 
-/// The HTTP/2 path of `PushGradients`.
-const PUSH_PATH: &str = "/paramserver.v1.ParameterServer/PushGradients";
-
 /// A shard's generated stub (through `Deref`) and the channel beneath it.
 #[derive(Clone)]
 pub(crate) struct ShardStub {
@@ -51,7 +48,7 @@ impl ShardStub {
         let body = StreamBody::new(frames.map(|frame| Ok::<_, std::convert::Infallible>(Frame::data(frame))));
         let request = http::Request::builder()
             .method(http::Method::POST)
-            .uri(PUSH_PATH)
+            .uri(ps_proto::PUSH_GRADIENTS_PATH)
             .version(http::Version::HTTP_2)
             .header(http::header::CONTENT_TYPE, "application/grpc")
             .header(http::header::TE, "trailers")

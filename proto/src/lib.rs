@@ -27,3 +27,6 @@ pub use tonic;
 
 /// The service name a shard reports in `grpc.health.v1` (beside "", the whole shard).
 pub const HEALTH_SERVICE_NAME: &str = "paramserver.v1.ParameterServer";
+
+/// The HTTP/2 path of `PushGradients`, which the Rust client frames and the shard reads by hand.
+pub const PUSH_GRADIENTS_PATH: &str = "/paramserver.v1.ParameterServer/PushGradients";

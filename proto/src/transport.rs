@@ -31,8 +31,10 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// HTTP/2 flow-control window of one connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
-/// Largest HTTP/2 frame the server accepts.
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+/// Largest HTTP/2 frame either side accepts: more than a chunk message
+/// ([`CHUNK_BYTES`] of payload and its header), so a message sent as one DATA
+/// frame arrives as one, and the shard reads it where h2 put it, without a copy.
+pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 
 /// Largest number of tensors one model may have.
 pub const MAX_TENSORS: usize = 100_000;

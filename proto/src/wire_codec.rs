@@ -19,7 +19,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
@@ -79,6 +79,12 @@ impl<U: Message + Default> Decoder for HeldDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         Ok(Some(decode_held(buf)?))
     }
+}
+
+/// Decodes one whole message that was read out of the HTTP/2 body by hand, as
+/// the module docs say: a large one keeps its `bytes` fields as slices of `message`.
+pub fn decode_message<U: Message + Default>(mut message: Bytes) -> Result<U, Status> {
+    decode_held(&mut message)
 }
 
 /// Decodes one whole message from `buf` as the module docs say.

@@ -8,6 +8,7 @@ mod auth;
 pub mod convert;
 mod identity;
 mod peers;
+mod push_route;
 mod recovery;
 mod service;
 
@@ -100,12 +101,10 @@ pub async fn serve(
             model.retire();
         }
     };
-    let service = InterceptedService::new(
-        ParameterServerServer::new(shard)
-            .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(transport::MAX_MESSAGE_BYTES),
-        gate,
-    );
+    let generated = ParameterServerServer::new(shard.clone())
+        .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(transport::MAX_MESSAGE_BYTES);
+    let service = InterceptedService::new(push_route::PushRoute::new(generated, shard), gate);
     let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
     let configure = |builder: tonic::transport::Server| {
         builder

@@ -81,7 +81,7 @@ impl ParameterService {
 }
 
 /// Counts and logs a failed RPC, passing the result through.
-fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+pub(super) fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
     if let Err(status) = &result {
         metrics::counter!(m::RPC_ERRORS, "method" => method, "code" => format!("{:?}", status.code())).increment(1);
         tracing::warn!(method, code = ?status.code(), message = status.message(), "request rejected");
@@ -119,8 +119,13 @@ impl StreamClock {
 
     /// The stream's next message, or an error once it idled or lasted too long.
     async fn next<T>(&self, stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
+        self.within(stream.message()).await
+    }
+
+    /// What `next` gives (the next message), or an error once the stream idled or lasted too long.
+    async fn within<T>(&self, next: impl Future<Output = Result<Option<T>, Status>>) -> Result<Option<T>, Status> {
         let left = self.total.saturating_sub(self.started.elapsed());
-        match tokio::time::timeout(self.idle.min(left), stream.message()).await {
+        match tokio::time::timeout(self.idle.min(left), next).await {
             Ok(Ok(message)) => Ok(message),
             Ok(Err(status)) => Err(too_large_is_exhausted(status)),
             Err(_) if left <= self.idle => Err(ServerError::StreamTimeout(format!(
@@ -134,6 +139,19 @@ impl StreamClock {
             ))
             .into()),
         }
+    }
+}
+
+/// Where a push's messages come from: tonic's stream (the generated method)
+/// or the request body read by hand (`push_route`, what the shard serves).
+pub(super) trait PushMessages: Send {
+    /// The next message, `None` once the client closed the stream.
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<pb::GradientChunk>, Status>> + Send;
+}
+
+impl PushMessages for Streaming<pb::GradientChunk> {
+    async fn next_chunk(&mut self) -> Result<Option<pb::GradientChunk>, Status> {
+        self.message().await
     }
 }
 
@@ -234,11 +252,11 @@ impl ParameterService {
         Ok(pb::RegisterModelResponse { created, layout: Some(layout) })
     }
 
-    async fn push(&self, request: Request<Streaming<pb::GradientChunk>>) -> Result<pb::PushGradientsResponse, Status> {
+    /// Takes one worker's push, reading its messages from `stream`.
+    pub(super) async fn push(&self, mut stream: impl PushMessages) -> Result<pb::PushGradientsResponse, Status> {
         let _slot = self.bounds.streams.open("PushGradients")?;
         let clock = StreamClock::start("PushGradients", &self.bounds.limits);
-        let mut stream = request.into_inner();
-        let Some(first) = clock.next(&mut stream).await? else {
+        let Some(first) = clock.within(stream.next_chunk()).await? else {
             return Err(ServerError::EmptyPush.into());
         };
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
@@ -261,7 +279,7 @@ impl ParameterService {
             let chunk = message.chunk.ok_or(ServerError::PushWithoutChunk)?;
             staging.take(held_bytes(&chunk))?;
             assembler.add(chunk)?;
-            next = clock.next(&mut stream).await?;
+            next = clock.within(stream.next_chunk()).await?;
         }
         let traffic = assembler.traffic().clone();
         let staged = assembler.finish()?;
@@ -875,7 +893,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         &self,
         request: Request<Streaming<pb::GradientChunk>>,
     ) -> Result<Response<pb::PushGradientsResponse>, Status> {
-        observe("PushGradients", self.push(request).await).map(Response::new)
+        observe("PushGradients", self.push(request.into_inner()).await).map(Response::new)
     }
 
     type PullWeightsStream = WeightStream;
