@@ -23,7 +23,7 @@ use rustix::net::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
+use crate::transport::{CLIENT_MAX_FRAME_BYTES, CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 
 /// Name of the gRPC socket in a shard's local directory.
 pub const GRPC_SOCKET: &str = "grpc.sock";
@@ -167,7 +167,7 @@ pub fn unix_channel(path: PathBuf) -> Channel {
     Endpoint::from_static("http://local.invalid")
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(CLIENT_MAX_FRAME_BYTES))
         .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }

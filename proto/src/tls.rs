@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::transport::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
+use crate::transport::{CLIENT_MAX_FRAME_BYTES, CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 
 /// PEM material of a TLS client.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub fn endpoint(address: &str, tls: Option<&ClientTls>) -> Result<Endpoint, TlsS
         .map_err(|e| bad(e.to_string()))?
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(CLIENT_MAX_FRAME_BYTES))
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5));
     if let Some(tls) = tls {

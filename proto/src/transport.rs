@@ -31,10 +31,14 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// HTTP/2 flow-control window of one connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
-/// Largest HTTP/2 frame either side accepts: more than a chunk message
-/// ([`CHUNK_BYTES`] of payload and its header), so a message sent as one DATA
-/// frame arrives as one, and the shard reads it where h2 put it, without a copy.
-pub const MAX_FRAME_BYTES: u32 = 4 << 20;
+/// Largest HTTP/2 frame a shard accepts: more than a chunk message
+/// ([`CHUNK_BYTES`] of payload and its header), so a push message sent as one
+/// DATA frame arrives as one, and the shard reads it where h2 put it, without a copy.
+pub const SHARD_MAX_FRAME_BYTES: u32 = 4 << 20;
+
+/// Largest HTTP/2 frame a client accepts (pulls are copied into tonic's
+/// message buffer whatever the frame size, so larger frames buy nothing there).
+pub const CLIENT_MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Largest number of tensors one model may have.
 pub const MAX_TENSORS: usize = 100_000;

@@ -113,7 +113,7 @@ pub async fn serve(
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .initial_stream_window_size(Some(transport::STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(transport::CONNECTION_WINDOW_BYTES))
-            .max_frame_size(Some(transport::MAX_FRAME_BYTES))
+            .max_frame_size(Some(transport::SHARD_MAX_FRAME_BYTES))
     };
     // The local gRPC socket serves the same service (and the same limits) as
     // the TCP port, without TLS: the directory's permissions decide who connects.

@@ -8,7 +8,7 @@
 //! a slice of the frame h2 read from the socket); only a message split across
 //! frames is copied, once, into a buffer of its exact size. The Rust client
 //! sends each message as one DATA frame and the shard allows frames larger
-//! than a message (`transport::MAX_FRAME_BYTES`), so splits are rare.
+//! than a message (`transport::SHARD_MAX_FRAME_BYTES`), so splits are rare.
 //!
 //! The token and shard headers are checked before, by the same interceptor as
 //! every method. Everything else the generated path checks is checked here
