@@ -253,6 +253,28 @@ async fn open_push(stub: &pb::parameter_server_client::ParameterServerClient<Cha
     OpenPush { feed, reply }
 }
 
+/// Sends `body` as the whole HTTP/2 body of one `PushGradients` call (gRPC
+/// prefixes included, as the test wrote them), with `grpc-encoding` if given.
+async fn raw_push_body(mut channel: Channel, encoding: Option<&'static str>, body: Vec<Bytes>) -> Result<(), Status> {
+    use ps_proto::tonic::codegen::Service;
+    let frames = body.into_iter().map(|b| Ok::<_, std::convert::Infallible>(http_body::Frame::data(b)));
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(ps_proto::PUSH_GRADIENTS_PATH)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    if let Some(encoding) = encoding {
+        request = request.header("grpc-encoding", encoding);
+    }
+    let body = ps_proto::tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)));
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| Status::from_error(e.into()))?;
+    let response = channel.call(request.body(body).unwrap()).await.map_err(|e| Status::from_error(e.into()))?;
+    match Status::from_header_map(response.headers()) {
+        Some(status) if status.code() != Code::Ok => Err(status),
+        _ => Ok(()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_survives_what_an_adversarial_client_does() {
     let shards = Shards::start();
@@ -298,6 +320,38 @@ async fn a_shard_survives_what_an_adversarial_client_does() {
         .await
         .expect("a push the shard refused part-way returns");
     client_code(refused, Code::ResourceExhausted, "--max-stream-bytes", "a client push over the stream limit");
+
+    // 1c. Push bodies the generated encoder never sends (the shard reads pushes by
+    // hand): each is refused with its code before anything is staged.
+    let message = gradient("big", "attacker", "w", on_shard0[0], 0, &[0.5; 4]).encode_to_vec();
+    let framed = |flag: u8, declared: u32, body: &[u8]| {
+        let mut frame = vec![flag];
+        frame.extend_from_slice(&declared.to_be_bytes());
+        frame.extend_from_slice(body);
+        Bytes::from(frame)
+    };
+    let whole = framed(0, message.len() as u32, &message);
+    let cases = [
+        ("a gzip push", Some("gzip"), vec![whole.clone()], Code::Unimplemented, "compressed with `gzip`"),
+        (
+            "a message flagged compressed",
+            None,
+            vec![framed(1, message.len() as u32, &message)],
+            Code::Unimplemented,
+            "marked compressed",
+        ),
+        ("a 64 MiB prefix", None, vec![framed(0, 64 << 20, &message)], Code::ResourceExhausted, "over the limit"),
+        (
+            "a stream cut inside a message",
+            None,
+            vec![whole.slice(..whole.len() - 3)],
+            Code::InvalidArgument,
+            "ended inside a message",
+        ),
+    ];
+    for (case, encoding, body, code, says) in cases {
+        expect_code(raw_push_body(shards.channel(0).await, encoding, body).await, code, says, case);
+    }
 
     // 2. Several open push streams of 6 MiB each: the shard holds at most --max-staged-bytes (24 MiB).
     let mut open = Vec::new();
