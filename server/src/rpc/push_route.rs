@@ -16,6 +16,10 @@
 //! message size limit (read from the 5-byte prefix, before a byte of the
 //! message is buffered), the protobuf encoding and the decoded-size rule of
 //! `wire_codec`. Every other method goes to the generated service unchanged.
+//!
+//! A payload kept in place holds on to h2's read buffer, as it held on to
+//! tonic's message buffer before; `wire_codec`'s rules (small or padded
+//! messages are copied out) bound what a held chunk can pin either way.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
