@@ -19,7 +19,18 @@ const CHUNK_FIELD: u32 = 4;
 /// `TensorChunk.payload`.
 const PAYLOAD_FIELD: u32 = 6;
 /// The gRPC message prefix: a compression flag and a big-endian length.
-const PREFIX_BYTES: usize = 5;
+pub const PREFIX_BYTES: usize = 5;
+
+/// `message` behind its gRPC prefix (uncompressed), as one frame of a stream.
+pub fn prefixed(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(PREFIX_BYTES + len);
+    out.put_u8(0);
+    // Every message of this API is far below 4 GiB (the largest is MAX_MESSAGE_BYTES).
+    out.put_u32(len as u32);
+    message.encode_raw(&mut out);
+    out.freeze()
+}
 
 /// What every chunk of one push stream repeats.
 #[derive(Clone, Copy, Debug)]

@@ -28,19 +28,16 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::{BodyExt, StreamBody};
-use prost::Message;
 use ps_proto::pb;
-use ps_proto::transport::{MAX_CHUNK_PAYLOAD_BYTES, MAX_MESSAGE_BYTES};
+use ps_proto::push_frame::{self, PREFIX_BYTES};
+use ps_proto::transport::MAX_MESSAGE_BYTES;
 use ps_proto::wire_codec;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
-use super::service::{ParameterService, PushMessages};
-
-/// Bytes of the gRPC prefix in front of every message: a compression flag and a big-endian length.
-const PREFIX_BYTES: usize = 5;
+use super::service::{ParameterService, PushMessages, message_too_large};
 
 /// The shard's service with `PushGradients` read by hand (see the module docs).
 #[derive(Clone)]
@@ -104,13 +101,9 @@ fn compression(headers: &http::HeaderMap) -> Result<(), Status> {
 
 /// The reply to a push that was taken: one message, then an OK status in the trailers.
 fn reply_response(reply: &pb::PushGradientsResponse) -> http::Response<Body> {
-    let mut message = BytesMut::with_capacity(PREFIX_BYTES + reply.encoded_len());
-    message.put_u8(0);
-    message.put_u32(reply.encoded_len() as u32);
-    reply.encode(&mut message).expect("the buffer was sized for the message");
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-    let frames = [Frame::data(message.freeze()), Frame::trailers(trailers)];
+    let frames = [Frame::data(push_frame::prefixed(reply)), Frame::trailers(trailers)];
     let body = StreamBody::new(tokio_stream::iter(frames.map(Ok::<_, Infallible>)));
     let mut response = http::Response::new(Body::new(body));
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
@@ -188,9 +181,8 @@ where
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         if len > MAX_MESSAGE_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "a push message of {len} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes; a message carries one \
-                 chunk of at most {MAX_CHUNK_PAYLOAD_BYTES} bytes of payload"
+            return Err(message_too_large(&format!(
+                "a push message of {len} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes"
             )));
         }
         if self.buffered < PREFIX_BYTES + len {
@@ -267,10 +259,7 @@ mod tests {
     }
 
     fn framed(message: &pb::GradientChunk) -> Vec<u8> {
-        let mut wire = vec![0u8];
-        wire.extend_from_slice(&(message.encoded_len() as u32).to_be_bytes());
-        wire.extend_from_slice(&message.encode_to_vec());
-        wire
+        push_frame::prefixed(message).to_vec()
     }
 
     fn message(step: u64, payload_len: usize) -> pb::GradientChunk {

@@ -158,13 +158,17 @@ impl PushMessages for Streaming<pb::GradientChunk> {
 /// tonic refuses an oversized message with OUT_OF_RANGE; it is a size limit, so say so.
 fn too_large_is_exhausted(status: Status) -> Status {
     if status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large") {
-        return Status::resource_exhausted(format!(
-            "{}; a message carries one chunk of at most {} bytes of payload",
-            status.message(),
-            ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES
-        ));
+        return message_too_large(status.message());
     }
     status
+}
+
+/// A message over the size limit, as `what` describes it, and what a message may carry.
+pub(super) fn message_too_large(what: &str) -> Status {
+    Status::resource_exhausted(format!(
+        "{what}; a message carries one chunk of at most {} bytes of payload",
+        ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES
+    ))
 }
 
 impl ParameterService {
