@@ -4,7 +4,7 @@ use std::time::Duration;
 use super::*;
 use crate::optim::tests::{modes, pseudo_random};
 use crate::optim::{LrSchedule, OptimizerConfig, SgdConfig};
-use crate::spec::{Aggregation, GroupDef, InitRule, Mode, ModelOptions, ModelSpec, TensorInput};
+use crate::spec::{Aggregation, GroupDef, InitRule, ModelOptions, ModelSpec, TensorInput};
 use crate::store::{DecodedGradient as Grad, Model};
 
 fn temp_dir(label: &str) -> PathBuf {
@@ -33,15 +33,7 @@ fn try_spec(optimizer: OptimizerConfig) -> Result<ModelSpec, crate::error::Serve
     };
     let tensor = |name: &str, shape: Vec<u64>| TensorInput { name: name.into(), shape, init: InitRule::Constant(0.5) };
     let tensors = vec![tensor("a.weight", vec![6, 4]), tensor("b.weight", vec![6, 4]), tensor("c.weight", vec![4, 6])];
-    let options = ModelOptions {
-        mode: Mode::Sync,
-        max_block_elements: 0,
-        max_grad_norm: 0.0,
-        min_workers: 0,
-        step_deadline: None,
-        quorum: 1,
-        max_workers: 0,
-    };
+    let options = ModelOptions::sync();
     ModelSpec::new("m".into(), tensors, vec![group], options, Vec::new())
 }
 

@@ -181,6 +181,22 @@ pub struct ModelOptions {
     pub max_workers: u32,
 }
 
+impl ModelOptions {
+    /// Sync mode with every other setting left at its default: what unit tests build models with.
+    #[cfg(test)]
+    pub fn sync() -> Self {
+        Self {
+            mode: Mode::Sync,
+            max_block_elements: 0,
+            max_grad_norm: 0.0,
+            min_workers: 0,
+            step_deadline: None,
+            quorum: 1,
+            max_workers: 0,
+        }
+    }
+}
+
 /// A validated model spec.
 #[derive(Clone, Debug)]
 pub struct ModelSpec {

@@ -405,15 +405,7 @@ mod tests {
             projectable_patterns: Vec::new(),
         };
         let tensor = TensorInput { name: "w".into(), shape: vec![4], init: InitRule::Constant(1.0) };
-        let options = ModelOptions {
-            mode: Mode::Sync,
-            max_block_elements: 0,
-            max_grad_norm: 0.0,
-            min_workers: 0,
-            step_deadline: None,
-            quorum: 1,
-            max_workers: 0,
-        };
+        let options = ModelOptions::sync();
         let spec = ModelSpec::new("m".into(), vec![tensor], vec![group], options, Vec::new()).unwrap();
         Model::new(spec, 0, 1, Duration::from_secs(60))
     }
