@@ -362,8 +362,17 @@ async fn a_shard_survives_what_an_adversarial_client_does() {
         }
         open.push(push);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(shards.limits(0).await.staged_bytes >= 18 << 20, "three streams hold their chunks");
+    // The shard copies each chunk as it reads it: wait until all nine are in (a fixed
+    // sleep is too short for a debug build on a loaded machine).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let staged = shards.limits(0).await.staged_bytes;
+        if staged >= 18 << 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three streams hold their chunks: only {staged} bytes staged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let fourth = open_push(&stub).await;
     for (block, offset) in [(on_shard0[2], 0), (on_shard0[2], 1 << 19), (on_shard0[3], 0)] {
         if fourth.feed.send(gradient("big", "attacker", "w", block, offset, &half)).await.is_err() {
