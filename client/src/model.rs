@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures::future::try_join_all;
 use ps_proto::transport::PUSH_STREAM_BYTES;
-use ps_proto::{chunk, codec, errors, pb, push_frame};
+use ps_proto::{chunk, codec, errors, frame, pb};
 use tonic::{Code, Status};
 
 use crate::Tensors;
@@ -396,12 +396,12 @@ impl ModelHandle {
         let bytes_total = streams.iter().map(|s| s.bytes).sum();
         let calls = streams.iter().map(|stream| {
             self.client.retry(shard, move |mut stub| async move {
-                // Chunks are framed (`push_frame`: one copy, from the caller's
+                // Chunks are framed (`frame`: one copy, from the caller's
                 // floats) as the stream takes them, so the first is on the wire
                 // while the rest are still floats, and no copy of the whole push
                 // is ever held. A retry frames them again.
                 let (sender, receiver) = tokio::sync::mpsc::channel(PUSH_CHUNKS_AHEAD);
-                let call = stub.push_frames(tokio_stream::wrappers::ReceiverStream::new(receiver));
+                let call = stub.frames(tokio_stream::wrappers::ReceiverStream::new(receiver));
                 let feed = self.feed_push(stream, push, sender);
                 tokio::pin!(call, feed);
                 // A call that ends first (the server refused the push part-way)
@@ -424,13 +424,12 @@ impl ModelHandle {
         sender: tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) {
         let header =
-            push_frame::PushHeader { model: self.name(), worker: push.worker, step: push.step, epoch: self.epoch() };
+            frame::PushHeader { model: self.name(), worker: push.worker, step: push.step, epoch: self.epoch() };
         for &(at, block) in &stream.blocks {
             let tensor = &self.tensors[at];
             let values = &push.grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
             let encoding = tensor.encoding.to_wire();
-            for frame in push_frame::block_frames(header, &tensor.name, block.block, values, encoding, push.scales[at])
-            {
+            for frame in frame::block_frames(header, &tensor.name, block.block, values, encoding, push.scales[at]) {
                 if sender.send(frame).await.is_err() {
                     return;
                 }
@@ -765,8 +764,8 @@ impl ModelHandle {
                 async move {
                     let mut slices = slices.lock().await;
                     let mut read = ShardRead::default();
-                    let mut stream = stub.pull_weights(request).await?.into_inner();
-                    while let Some(chunk) = stream.message().await? {
+                    let mut stream = stub.pull_weights_by_hand(&request).await?;
+                    while let Some(chunk) = stream.message::<pb::WeightChunk>().await? {
                         if let Err(error) = self.decode_chunk(chunk, &mut slices, &mut read) {
                             return Ok(Err(error));
                         }

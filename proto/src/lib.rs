@@ -7,9 +7,10 @@ pub mod chunk;
 pub mod cluster;
 pub mod codec;
 pub mod errors;
+pub mod frame;
 pub mod layout;
 pub mod local;
-pub mod push_frame;
+pub mod message_reader;
 pub mod tls;
 pub mod transport;
 pub mod units;
@@ -30,3 +31,6 @@ pub const HEALTH_SERVICE_NAME: &str = "paramserver.v1.ParameterServer";
 
 /// The HTTP/2 path of `PushGradients`, which the Rust client frames and the shard reads by hand.
 pub const PUSH_GRADIENTS_PATH: &str = "/paramserver.v1.ParameterServer/PushGradients";
+
+/// The HTTP/2 path of `PullWeights`, whose responses the shard frames by hand.
+pub const PULL_WEIGHTS_PATH: &str = "/paramserver.v1.ParameterServer/PullWeights";

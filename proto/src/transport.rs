@@ -36,9 +36,10 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 /// DATA frame arrives as one, and the shard reads it where h2 put it, without a copy.
 pub const SHARD_MAX_FRAME_BYTES: u32 = 4 << 20;
 
-/// Largest HTTP/2 frame a client accepts (pulls are copied into tonic's
-/// message buffer whatever the frame size, so larger frames buy nothing there).
-pub const CLIENT_MAX_FRAME_BYTES: u32 = 1 << 20;
+/// Largest HTTP/2 frame a client accepts: as for a shard, more than a chunk,
+/// so a pulled payload (which the shard sends as a DATA frame of its own)
+/// arrives in one frame and the client decodes it where h2 put it.
+pub const CLIENT_MAX_FRAME_BYTES: u32 = 4 << 20;
 
 /// Largest number of tensors one model may have.
 pub const MAX_TENSORS: usize = 100_000;

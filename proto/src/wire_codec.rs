@@ -19,7 +19,7 @@
 
 use std::marker::PhantomData;
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use prost::Message;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
@@ -82,18 +82,25 @@ impl<U: Message + Default> Decoder for HeldDecoder<U> {
 }
 
 /// Decodes one whole message that was read out of the HTTP/2 body by hand, as
-/// the module docs say: a large one keeps its `bytes` fields as slices of `message`.
-pub fn decode_message<U: Message + Default>(mut message: Bytes) -> Result<U, Status> {
+/// the module docs say: a large one keeps its `bytes` fields as slices of
+/// `message` (of one of its pieces, for `message_reader::MessagePieces`).
+pub fn decode_message<U: Message + Default>(mut message: impl Buf) -> Result<U, Status> {
     decode_held(&mut message)
 }
 
 /// Decodes one whole message from `buf` as the module docs say.
 fn decode_held<U: Message + Default>(buf: &mut impl Buf) -> Result<U, Status> {
     let wire_len = buf.remaining();
-    if wire_len < ZERO_COPY_MIN_BYTES && buf.chunk().len() == wire_len {
-        let message = U::decode(buf.chunk()).map_err(malformed)?;
-        buf.advance(wire_len);
-        return Ok(message);
+    if wire_len < ZERO_COPY_MIN_BYTES {
+        if buf.chunk().len() == wire_len {
+            let message = U::decode(buf.chunk()).map_err(malformed)?;
+            buf.advance(wire_len);
+            return Ok(message);
+        }
+        // In several pieces: joined first, so no field is a slice of a piece.
+        let mut joined = vec![0u8; wire_len];
+        buf.copy_to_slice(&mut joined);
+        return U::decode(joined.as_slice()).map_err(malformed);
     }
     let message = U::decode(buf).map_err(malformed)?;
     if wire_len.saturating_sub(message.encoded_len()) > UNKNOWN_BYTES_ALLOWANCE {

@@ -6,9 +6,9 @@
 mod assemble;
 mod auth;
 pub mod convert;
+mod hand_route;
 mod identity;
 mod peers;
-mod push_route;
 mod recovery;
 mod service;
 
@@ -104,7 +104,7 @@ pub async fn serve(
     let generated = ParameterServerServer::new(shard.clone())
         .max_decoding_message_size(transport::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(transport::MAX_MESSAGE_BYTES);
-    let service = InterceptedService::new(push_route::PushRoute::new(generated, shard), gate);
+    let service = InterceptedService::new(hand_route::HandRoute::new(generated, shard), gate);
     let keepalive = (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval);
     let configure = |builder: tonic::transport::Server| {
         builder

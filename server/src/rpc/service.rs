@@ -143,7 +143,7 @@ impl StreamClock {
 }
 
 /// Where a push's messages come from: tonic's stream (the generated method)
-/// or the request body read by hand (`push_route`, what the shard serves).
+/// or the request body read by hand (`hand_route`, what the shard serves).
 pub(super) trait PushMessages: Send {
     /// The next message, `None` once the client closed the stream.
     fn next_chunk(&mut self) -> impl Future<Output = Result<Option<pb::GradientChunk>, Status>> + Send;
@@ -299,7 +299,7 @@ impl ParameterService {
         })
     }
 
-    fn pull(&self, request: pb::PullWeightsRequest) -> Result<WeightStream, Status> {
+    pub(super) fn pull(&self, request: pb::PullWeightsRequest) -> Result<WeightStream, Status> {
         tracing::debug!(model = request.model, min_version = request.min_version, "pull");
         let slot = self.bounds.streams.open("PullWeights")?;
         let model = self.registry.get(&request.model)?;
@@ -783,7 +783,7 @@ fn record_traffic(
     }
 }
 
-type WeightStream = Pin<Box<dyn Stream<Item = Result<pb::WeightChunk, Status>> + Send>>;
+pub(super) type WeightStream = Pin<Box<dyn Stream<Item = Result<pb::WeightChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::parameter_server_server::ParameterServer for ParameterService {

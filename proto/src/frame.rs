@@ -1,10 +1,19 @@
-//! Push messages framed by hand. tonic's generated path copies every payload
-//! twice on the way out (encoding it into a `Bytes`, then protobuf-framing that
-//! into its send buffer, which grows into fresh pages for every chunk); here the
-//! gRPC message prefix, the `GradientChunk` fields and the payload are written
-//! straight from the caller's floats into one buffer of the exact size. The
-//! bytes are the same protobuf a generated encoder would accept: fields may come
-//! in any order, so the nested chunk and its payload simply come last.
+//! gRPC messages framed by hand, for the two bulk methods.
+//!
+//! Pushes: tonic's generated path copies every payload twice on the way out
+//! (encoding it into a `Bytes`, then protobuf-framing that into its send
+//! buffer, which grows into fresh pages for every chunk); here the gRPC message
+//! prefix, the `GradientChunk` fields and the payload are written straight from
+//! the caller's floats into one buffer of the exact size.
+//!
+//! Pulls: the shard's payloads are already views of a block's snapshot, and
+//! tonic would copy each into its send buffer behind the other fields; here the
+//! prefix and every field but the payload go into a small head, and the payload
+//! follows as the view it is ([`weight_chunk_pieces`]), so HTTP/2 writes it to
+//! the socket from where it lies.
+//!
+//! Both give the same protobuf a generated decoder accepts: fields may come in
+//! any order, so the nested chunk and its payload simply come last.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
@@ -16,6 +25,8 @@ use crate::pb::{self, Encoding};
 
 /// `GradientChunk.chunk`.
 const CHUNK_FIELD: u32 = 4;
+/// `WeightChunk.chunk`.
+const WEIGHT_CHUNK_FIELD: u32 = 2;
 /// `TensorChunk.payload`.
 const PAYLOAD_FIELD: u32 = 6;
 /// The gRPC message prefix: a compression flag and a big-endian length.
@@ -65,8 +76,6 @@ pub fn block_frames<'a>(
 /// chunk, `chunk_head` (its payload still empty), then `values` in `encoding` as its payload.
 fn frame(header: PushHeader<'_>, chunk_head: pb::TensorChunk, encoding: Encoding, values: &[f32]) -> Bytes {
     let payload_len = codec::payload_len(encoding, values.len() as u64) as usize;
-    let chunk_len =
-        chunk_head.encoded_len() + key_len(PAYLOAD_FIELD) + encoded_len_varint(payload_len as u64) + payload_len;
     let message_head = pb::GradientChunk {
         model: header.model.to_string(),
         worker_id: header.worker.to_string(),
@@ -74,21 +83,55 @@ fn frame(header: PushHeader<'_>, chunk_head: pb::TensorChunk, encoding: Encoding
         chunk: None,
         epoch: header.epoch,
     };
+    let (mut out, message_len) = head_before_payload(&message_head, CHUNK_FIELD, &chunk_head, payload_len, true);
+    codec::encode_into(encoding, values, &mut out);
+    debug_assert_eq!(out.len(), PREFIX_BYTES + message_len);
+    out.freeze()
+}
+
+/// A pull's `WeightChunk` as its gRPC frame in two pieces: the prefix and
+/// every field but the chunk's payload, then the payload itself, untouched
+/// (empty when there is none). Sent one after the other, they are the message.
+pub fn weight_chunk_pieces(mut message: pb::WeightChunk) -> (Bytes, Bytes) {
+    let Some(mut chunk_head) = message.chunk.take() else { return (prefixed(&message), Bytes::new()) };
+    let payload = std::mem::take(&mut chunk_head.payload);
+    let (head, message_len) = head_before_payload(&message, WEIGHT_CHUNK_FIELD, &chunk_head, payload.len(), false);
+    debug_assert_eq!(head.len() + payload.len(), PREFIX_BYTES + message_len);
+    (head.freeze(), payload)
+}
+
+/// The gRPC prefix and `message_head`, whose field `chunk_field` is
+/// `chunk_head` followed by a payload of `payload_len` bytes, written up to
+/// where the payload's bytes go (with room for them if `room_for_payload`);
+/// and the message's length. An empty payload is left out, as proto3 does.
+fn head_before_payload(
+    message_head: &impl Message,
+    chunk_field: u32,
+    chunk_head: &pb::TensorChunk,
+    payload_len: usize,
+    room_for_payload: bool,
+) -> (BytesMut, usize) {
+    let payload_field_len = match payload_len {
+        0 => 0,
+        len => key_len(PAYLOAD_FIELD) + encoded_len_varint(len as u64) + len,
+    };
+    let chunk_len = chunk_head.encoded_len() + payload_field_len;
     let message_len =
-        message_head.encoded_len() + key_len(CHUNK_FIELD) + encoded_len_varint(chunk_len as u64) + chunk_len;
-    let mut out = BytesMut::with_capacity(PREFIX_BYTES + message_len);
+        message_head.encoded_len() + key_len(chunk_field) + encoded_len_varint(chunk_len as u64) + chunk_len;
+    let room = if room_for_payload { 0 } else { payload_len };
+    let mut out = BytesMut::with_capacity(PREFIX_BYTES + message_len - room);
     out.put_u8(0);
     // Chunks are at most CHUNK_BYTES of payload, far below 4 GiB.
     out.put_u32(message_len as u32);
     message_head.encode_raw(&mut out);
-    encode_key(CHUNK_FIELD, WireType::LengthDelimited, &mut out);
+    encode_key(chunk_field, WireType::LengthDelimited, &mut out);
     encode_varint(chunk_len as u64, &mut out);
     chunk_head.encode_raw(&mut out);
-    encode_key(PAYLOAD_FIELD, WireType::LengthDelimited, &mut out);
-    encode_varint(payload_len as u64, &mut out);
-    codec::encode_into(encoding, values, &mut out);
-    debug_assert_eq!(out.len(), PREFIX_BYTES + message_len);
-    out.freeze()
+    if payload_len > 0 {
+        encode_key(PAYLOAD_FIELD, WireType::LengthDelimited, &mut out);
+        encode_varint(payload_len as u64, &mut out);
+    }
+    (out, message_len)
 }
 
 #[cfg(test)]
@@ -139,5 +182,42 @@ mod tests {
         let mut values = [0.0f32; 2];
         codec::decode_into(Encoding::F32, &chunk.payload, 0.0, &mut values).unwrap();
         assert_eq!(values, [1.0, -2.0]);
+    }
+
+    #[test]
+    fn weight_chunk_pieces_joined_are_the_message() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * -0.125).collect();
+        let full = |payload: Bytes, length: u64| pb::WeightChunk {
+            version: 77,
+            chunk: Some(pb::TensorChunk {
+                tensor: "layer.3.weight".into(),
+                block: 5,
+                offset: 1 << 20,
+                length,
+                encoding: Encoding::F32 as i32,
+                payload,
+                scale: 0.0,
+            }),
+            checkpoint: true,
+        };
+        let cases = [
+            full(codec::encode_f32(&values), values.len() as u64),
+            full(Bytes::new(), 0),
+            pb::WeightChunk { version: 3, chunk: None, checkpoint: false },
+            pb::WeightChunk::default(),
+        ];
+        for message in cases {
+            let payload_at = message.chunk.as_ref().map(|c| c.payload.as_ptr());
+            let (head, payload) = weight_chunk_pieces(message.clone());
+            if !payload.is_empty() {
+                assert_eq!(Some(payload.as_ptr()), payload_at, "the payload is handed on, not copied");
+            }
+            let wire = [&head[..], &payload[..]].concat();
+            assert_eq!(wire[0], 0, "not compressed");
+            let len = u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize;
+            assert_eq!(len, wire.len() - PREFIX_BYTES, "the prefix gives the message length");
+            assert_eq!(pb::WeightChunk::decode(&wire[PREFIX_BYTES..]).unwrap(), message);
+            assert_eq!(len, message.encoded_len(), "as long as the generated encoding");
+        }
     }
 }
