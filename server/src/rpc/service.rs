@@ -893,6 +893,8 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         observe("LeaveWorker", result.await.map_err(Status::from)).map(Response::new)
     }
 
+    // A shard serves PushGradients and PullWeights through `hand_route`, so these two
+    // are not reached there; the generated trait needs them, and they run the same code.
     async fn push_gradients(
         &self,
         request: Request<Streaming<pb::GradientChunk>>,
