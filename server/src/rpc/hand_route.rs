@@ -98,11 +98,14 @@ where
                 });
             }
             let opened = match compression(&parts.headers, "pull request") {
-                Ok(()) => match MessageReader::new(body, "pull request").next_message().await {
-                    Ok(Some(message)) => wire_codec::decode_message(message).and_then(|request| shard.pull(request)),
-                    Ok(None) => Err(Status::invalid_argument("the PullWeights call carried no request message")),
-                    Err(status) => Err(status),
-                },
+                Ok(()) => {
+                    let mut reader = MessageReader::new(body, "pull request");
+                    let next = async {
+                        let message = reader.next_message().await?;
+                        message.map(wire_codec::decode_message).transpose()
+                    };
+                    shard.pull_request(next).await.and_then(|request| shard.pull(request))
+                }
                 Err(status) => Err(status),
             };
             Ok(match observe("PullWeights", opened) {

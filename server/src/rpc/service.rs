@@ -299,6 +299,18 @@ impl ParameterService {
         })
     }
 
+    /// A pull's request as `next` reads it, within the stream time limits, so a
+    /// client that opens a pull and never sends its request holds nothing for long.
+    pub(super) async fn pull_request(
+        &self,
+        next: impl Future<Output = Result<Option<pb::PullWeightsRequest>, Status>>,
+    ) -> Result<pb::PullWeightsRequest, Status> {
+        StreamClock::start("PullWeights", &self.bounds.limits)
+            .within(next)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the PullWeights call carried no request message"))
+    }
+
     pub(super) fn pull(&self, request: pb::PullWeightsRequest) -> Result<WeightStream, Status> {
         tracing::debug!(model = request.model, min_version = request.min_version, "pull");
         let slot = self.bounds.streams.open("PullWeights")?;

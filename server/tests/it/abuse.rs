@@ -428,6 +428,15 @@ async fn a_shard_survives_what_an_adversarial_client_does() {
     println!("padded chunks: shard RSS grew {} MiB for 120 MiB of padding", grown >> 20);
     assert!(grown < 48 << 20, "120 padded chunks pinned {} MiB", grown >> 20);
     expect_code(padded.await.unwrap(), Code::DeadlineExceeded, "--stream-idle-timeout", "padded stream left open");
+
+    // 4b. A pull whose request never comes: cut like any idle stream.
+    let mut grpc = ps_proto::tonic::client::Grpc::new(shards.channel(owner).await);
+    grpc.ready().await.unwrap();
+    let (_silent, rx) = mpsc::channel::<Bytes>(1);
+    let path =
+        ps_proto::tonic::codegen::http::uri::PathAndQuery::from_static("/paramserver.v1.ParameterServer/PullWeights");
+    let silent = grpc.client_streaming(Request::new(ReceiverStream::new(rx)), path, RawCodec).await;
+    expect_code(silent, Code::DeadlineExceeded, "--stream-idle-timeout", "a pull whose request never comes");
     drop(feed);
 
     // 5. 16 pulls of the big model that the client never reads.
