@@ -169,13 +169,6 @@ pub struct MessagePieces {
     remaining: usize,
 }
 
-impl MessagePieces {
-    /// How many pieces the message came in.
-    pub fn piece_count(&self) -> usize {
-        self.pieces.len()
-    }
-}
-
 impl Buf for MessagePieces {
     fn remaining(&self) -> usize {
         self.remaining
@@ -295,7 +288,7 @@ mod tests {
         let payload_at = payload.as_ptr();
         let mut reader = MessageReader::new(body(vec![head, payload]), "pull");
         let pieces = reader.next_message().await.unwrap().unwrap();
-        assert_eq!(pieces.piece_count(), 2);
+        assert_eq!(pieces.pieces.len(), 2);
         let read: pb::WeightChunk = decode_message(pieces).unwrap();
         assert_eq!(read, weights);
         assert_eq!(read.chunk.unwrap().payload.as_ptr(), payload_at, "the pulled payload was copied");

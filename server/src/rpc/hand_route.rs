@@ -87,33 +87,38 @@ where
         let (parts, body) = request.into_parts();
         let shard = self.shard.clone();
         Box::pin(async move {
-            if push {
-                let result = match compression(&parts.headers, "push") {
-                    Ok(()) => shard.push(MessageReader::new(body, "push")).await,
-                    Err(status) => Err(status),
-                };
-                return Ok(match observe("PushGradients", result) {
+            Ok(if push {
+                match observe("PushGradients", serve_push(&shard, &parts.headers, body).await) {
                     Ok(reply) => reply_response(&reply),
                     Err(status) => status.into_http(),
-                });
-            }
-            let opened = match compression(&parts.headers, "pull request") {
-                Ok(()) => {
-                    let mut reader = MessageReader::new(body, "pull request");
-                    let next = async {
-                        let message = reader.next_message().await?;
-                        message.map(wire_codec::decode_message).transpose()
-                    };
-                    shard.pull_request(next).await.and_then(|request| shard.pull(request))
                 }
-                Err(status) => Err(status),
-            };
-            Ok(match observe("PullWeights", opened) {
-                Ok(chunks) => grpc_response(Body::new(WeightFrames { chunks, payload: None, ended: false })),
-                Err(status) => status.into_http(),
+            } else {
+                match observe("PullWeights", open_pull(&shard, &parts.headers, body).await) {
+                    Ok(chunks) => grpc_response(Body::new(WeightFrames { chunks, payload: None, ended: false })),
+                    Err(status) => status.into_http(),
+                }
             })
         })
     }
+}
+
+/// Takes one push read from `body`.
+async fn serve_push(
+    shard: &ParameterService,
+    headers: &http::HeaderMap,
+    body: Body,
+) -> Result<pb::PushGradientsResponse, Status> {
+    compression(headers, "push")?;
+    shard.push(MessageReader::new(body, "push")).await
+}
+
+/// Reads a pull's request from `body` and opens the pull.
+async fn open_pull(shard: &ParameterService, headers: &http::HeaderMap, body: Body) -> Result<WeightStream, Status> {
+    compression(headers, "pull request")?;
+    let mut reader = MessageReader::new(body, "pull request");
+    let next = async { reader.next_message().await?.map(wire_codec::decode_message).transpose() };
+    let request = shard.pull_request(next).await?;
+    shard.pull(request)
 }
 
 /// Refuses compressed messages as the generated service does: this shard accepts none.

@@ -362,8 +362,8 @@ async fn a_shard_survives_what_an_adversarial_client_does() {
         }
         open.push(push);
     }
-    // The shard copies each chunk as it reads it: wait until all nine are in (a fixed
-    // sleep is too short for a debug build on a loaded machine).
+    // Wait until all nine chunks are staged (a fixed sleep is too short for a debug
+    // build on a loaded machine).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let staged = shards.limits(0).await.staged_bytes;
@@ -433,8 +433,7 @@ async fn a_shard_survives_what_an_adversarial_client_does() {
     let mut grpc = ps_proto::tonic::client::Grpc::new(shards.channel(owner).await);
     grpc.ready().await.unwrap();
     let (_silent, rx) = mpsc::channel::<Bytes>(1);
-    let path =
-        ps_proto::tonic::codegen::http::uri::PathAndQuery::from_static("/paramserver.v1.ParameterServer/PullWeights");
+    let path = ps_proto::tonic::codegen::http::uri::PathAndQuery::from_static(ps_proto::PULL_WEIGHTS_PATH);
     let silent = grpc.client_streaming(Request::new(ReceiverStream::new(rx)), path, RawCodec).await;
     expect_code(silent, Code::DeadlineExceeded, "--stream-idle-timeout", "a pull whose request never comes");
     drop(feed);
