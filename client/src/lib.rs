@@ -25,6 +25,9 @@
 //! let weights = model.pull(0).await?;
 //! // ... compute gradients with the same names and lengths as weights.tensors ...
 //! model.push("worker-0", 0, &weights.tensors).await?;
+//! // A trainer with fresh gradients every step can hand them over instead:
+//! // f32 tensors then go to the socket without being copied into messages.
+//! model.push_owned("worker-0", 1, weights.tensors).await?;
 //! # Ok(()) }
 //! ```
 

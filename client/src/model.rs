@@ -321,6 +321,32 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
+        self.push_shared(worker, step, grads, None).await
+    }
+
+    /// Pushes as [`ModelHandle::push`] does, taking the gradients: over gRPC,
+    /// tensors sent as f32 go to the socket from where they lie instead of
+    /// being copied into each message first. For a trainer that makes fresh
+    /// gradients every step; they are freed when the push is done (unless the
+    /// caller keeps a clone of the `Arc`).
+    pub async fn push_owned(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: impl Into<Arc<Tensors>>,
+    ) -> Result<PushSummary, ClientError> {
+        let grads = grads.into();
+        self.push_shared(worker, step, &grads, Some(&grads)).await
+    }
+
+    /// A push of `grads`; `owned` is the same gradients when the push may send their memory as it is.
+    async fn push_shared(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: &Tensors,
+        owned: Option<&Arc<Tensors>>,
+    ) -> Result<PushSummary, ClientError> {
         for name in grads.keys() {
             if !self.index.contains_key(name) {
                 return Err(ClientError::UnknownTensor(name.clone()));
@@ -332,7 +358,7 @@ impl ModelHandle {
             check_len(&tensor.name, tensor.len as u64, data)?;
             scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
         }
-        let push = PushRequest { worker, step, grads, scales: &scales };
+        let push = PushRequest { worker, step, grads, owned, scales: &scales };
         let replies =
             try_join_all(self.shards_with_blocks().into_iter().map(|shard| self.push_shard(shard, &push))).await?;
         Ok(replies.iter().flat_map(|(replies, _)| replies).fold(
@@ -427,9 +453,24 @@ impl ModelHandle {
             frame::PushHeader { model: self.name(), worker: push.worker, step: push.step, epoch: self.epoch() };
         for &(at, block) in &stream.blocks {
             let tensor = &self.tensors[at];
-            let values = &push.grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
+            let range = block.offset as usize..(block.offset + block.length) as usize;
             let encoding = tensor.encoding.to_wire();
-            for frame in frame::block_frames(header, &tensor.name, block.block, values, encoding, push.scales[at]) {
+            let frames: Box<dyn Iterator<Item = bytes::Bytes> + Send + '_> = match push.owned {
+                // f32 on the wire is the memory layout here: the values go out as they lie.
+                Some(grads) if encoding == pb::Encoding::F32 && cfg!(target_endian = "little") => {
+                    let values = bytes::Bytes::from_owner(PushedValues {
+                        grads: grads.clone(),
+                        tensor: tensor.name.clone(),
+                        range,
+                    });
+                    Box::new(frame::f32_block_pieces(header, &tensor.name, block.block, values))
+                }
+                _ => {
+                    let values = &push.grads[&tensor.name][range];
+                    Box::new(frame::block_frames(header, &tensor.name, block.block, values, encoding, push.scales[at]))
+                }
+            };
+            for frame in frames {
                 if sender.send(frame).await.is_err() {
                     return;
                 }
@@ -537,9 +578,31 @@ impl ModelHandle {
     /// push that step). The worker's compression state is the caller's and is
     /// kept as it is.
     pub async fn push_step(&self, worker: &str, step: u64, grads: &Tensors) -> Result<StepOutcome, ClientError> {
+        self.push_step_shared(worker, step, grads, None).await
+    }
+
+    /// [`ModelHandle::push_step`], taking the gradients as [`ModelHandle::push_owned`] does.
+    pub async fn push_step_owned(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: impl Into<Arc<Tensors>>,
+    ) -> Result<StepOutcome, ClientError> {
+        let grads = grads.into();
+        self.push_step_shared(worker, step, &grads, Some(&grads)).await
+    }
+
+    /// [`ModelHandle::push_step`] of `grads`; `owned` as for [`ModelHandle::push_shared`].
+    async fn push_step_shared(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: &Tensors,
+        owned: Option<&Arc<Tensors>>,
+    ) -> Result<StepOutcome, ClientError> {
         let mut rejoined = false;
         loop {
-            match self.push(worker, step, grads).await {
+            match self.push_shared(worker, step, grads, owned).await {
                 Ok(summary) => return Ok(StepOutcome::Pushed(summary)),
                 Err(error) if error.kind() == Some(errors::UNKNOWN_WORKER) && !rejoined => {
                     tracing::warn!(
@@ -889,8 +952,25 @@ struct PushRequest<'a> {
     worker: &'a str,
     step: u64,
     grads: &'a Tensors,
+    /// The same gradients, when the push owns them and may send them from where they lie.
+    owned: Option<&'a Arc<Tensors>>,
     /// Per tensor: the sign1 scale (mean absolute value), else 0.
     scales: &'a [f32],
+}
+
+/// One block of a push's own gradients as bytes, alive as long as a frame that sends them.
+struct PushedValues {
+    grads: Arc<Tensors>,
+    tensor: String,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for PushedValues {
+    fn as_ref(&self) -> &[u8] {
+        // The push checked every tensor's name and length before it framed any.
+        let values = self.grads.get(&self.tensor).and_then(|values| values.get(self.range.clone()));
+        bytemuck::cast_slice(values.unwrap_or_default())
+    }
 }
 
 /// Why the local channel could not finish a request.

@@ -72,18 +72,44 @@ pub fn block_frames<'a>(
     })
 }
 
-/// One chunk as a gRPC frame: the prefix, the `GradientChunk` without its
-/// chunk, `chunk_head` (its payload still empty), then `values` in `encoding` as its payload.
-fn frame(header: PushHeader<'_>, chunk_head: pb::TensorChunk, encoding: Encoding, values: &[f32]) -> Bytes {
-    let payload_len = codec::payload_len(encoding, values.len() as u64) as usize;
-    let message_head = pb::GradientChunk {
+/// One block's f32 values, given as their little-endian bytes (on a
+/// little-endian machine, a view of the caller's floats), as the gRPC frames of
+/// its chunks in pieces: each chunk's head (the prefix and every field but the
+/// payload), then its payload, a slice of `values`. Nothing is copied, so HTTP/2
+/// writes the values to the socket from where they lie.
+pub fn f32_block_pieces<'a>(
+    header: PushHeader<'a>,
+    tensor: &'a str,
+    block: u32,
+    values: Bytes,
+) -> impl Iterator<Item = Bytes> + 'a {
+    chunk::chunk_ranges(values.len() / 4, Encoding::F32).flat_map(move |range| {
+        let payload = values.slice(4 * range.start..4 * range.end);
+        let chunk_head = chunk::chunk(tensor, block, range, Encoding::F32, Bytes::new(), 0.0);
+        let (head, message_len) =
+            head_before_payload(&message_head(header), CHUNK_FIELD, &chunk_head, payload.len(), false);
+        debug_assert_eq!(head.len() + payload.len(), PREFIX_BYTES + message_len);
+        [head.freeze(), payload]
+    })
+}
+
+/// The `GradientChunk` of a push without its chunk.
+fn message_head(header: PushHeader<'_>) -> pb::GradientChunk {
+    pb::GradientChunk {
         model: header.model.to_string(),
         worker_id: header.worker.to_string(),
         step: header.step,
         chunk: None,
         epoch: header.epoch,
-    };
-    let (mut out, message_len) = head_before_payload(&message_head, CHUNK_FIELD, &chunk_head, payload_len, true);
+    }
+}
+
+/// One chunk as a gRPC frame: the prefix, the `GradientChunk` without its
+/// chunk, `chunk_head` (its payload still empty), then `values` in `encoding` as its payload.
+fn frame(header: PushHeader<'_>, chunk_head: pb::TensorChunk, encoding: Encoding, values: &[f32]) -> Bytes {
+    let payload_len = codec::payload_len(encoding, values.len() as u64) as usize;
+    let (mut out, message_len) =
+        head_before_payload(&message_head(header), CHUNK_FIELD, &chunk_head, payload_len, true);
     codec::encode_into(encoding, values, &mut out);
     debug_assert_eq!(out.len(), PREFIX_BYTES + message_len);
     out.freeze()
@@ -169,6 +195,24 @@ mod tests {
                 assert_eq!(&decoded, expected, "{encoding:?}");
             }
         }
+    }
+
+    #[test]
+    fn f32_pieces_joined_are_the_frames_and_keep_the_values_in_place() {
+        let values: Vec<f32> = (0..(1 << 20) + 333).map(|i| (i % 977) as f32 * -0.5).collect();
+        let bytes = codec::encode_f32(&values);
+        let pieces: Vec<Bytes> = f32_block_pieces(header(), "w", 4, bytes.clone()).collect();
+        let frames: Vec<Bytes> = block_frames(header(), "w", 4, &values, Encoding::F32, 0.0).collect();
+        assert!(frames.len() > 1, "several chunks");
+        assert_eq!(pieces.len(), 2 * frames.len(), "a head and a payload per chunk");
+        let mut at = bytes.as_ptr() as usize;
+        for (pair, frame) in pieces.chunks(2).zip(&frames) {
+            assert_eq!(pair[1].as_ptr() as usize, at, "the payload is a slice of the values, in order");
+            at += pair[1].len();
+            assert_eq!([&pair[0][..], &pair[1][..]].concat(), &frame[..]);
+        }
+        let empty: Vec<Bytes> = f32_block_pieces(header(), "w", 0, Bytes::new()).collect();
+        assert!(empty.is_empty());
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! `PushGradients` is read straight from the HTTP/2 request body. tonic's
 //! generated path copies every DATA frame into one growing message buffer
 //! before it decodes a message, so each pushed byte is copied once more on the
-//! shard than it has to be. Here a message that arrived whole in one DATA
-//! frame is decoded in place (its payload stays a slice of the frame h2 read
-//! from the socket); only a message split across frames is copied, once, into
-//! a buffer of its exact size. The Rust client sends each message as one DATA
-//! frame and the shard allows frames larger than a message
-//! (`transport::SHARD_MAX_FRAME_BYTES`), so splits are rare.
+//! shard than it has to be. Here a message is read as the pieces of the DATA
+//! frames it arrived in (`ps_proto::message_reader`), and a payload that lies
+//! in one piece stays a slice of the frame h2 read from the socket; only a
+//! payload split across frames is copied, once, into a buffer of its exact
+//! size. The Rust client sends each message as one DATA frame, or a chunk's
+//! head and its payload as two (`push_owned`), and the shard allows frames
+//! larger than a payload (`transport::SHARD_MAX_FRAME_BYTES`), so splits are rare.
 //!
 //! `PullWeights` responses are framed by hand. tonic's generated path encodes
 //! every message into its send buffer, copying each payload (a view of the

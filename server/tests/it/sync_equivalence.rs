@@ -29,6 +29,47 @@ async fn sync_steps_equal_local_steps_on_the_mean_gradient() {
     check_sync_equivalence(&cluster.client()).await;
 }
 
+/// A push that hands over its gradients (f32 tensors sent from where they lie,
+/// each chunk's head and payload in frames of their own) trains exactly as one
+/// that lends them (copied into each message), in every number encoding, with
+/// blocks of several chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_and_borrowed_pushes_train_alike_bit_for_bit() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    for encoding in [spec::Encoding::F32, spec::Encoding::Bf16] {
+        let models = ["lent", "owned"].map(|how| {
+            // Two blocks (of at most 2^20 values, whole rows): the first two chunks of f32, the second one.
+            let tensors = vec![tensor("big", &[1500, 1000]), tensor("small", &[33])];
+            let mut all = group("all", &["*"], Optimizer::sgd(0.1));
+            all.push_encodings = vec![encoding];
+            ModelSpec::new(format!("{how}-{encoding:?}"), tensors, vec![all])
+        });
+        let init = initial_values(&models[0], 5);
+        let lent = client.register(&models[0], &init).await.unwrap();
+        let owned = client.register(&models[1], &init).await.unwrap();
+        for model in [&lent, &owned] {
+            model.join("a").await.unwrap();
+            model.join("b").await.unwrap();
+        }
+        let blocks = lent.layout().blocks.len() as u32;
+        for step in 0..3 {
+            let (ga, gb) = (grads_like(&init, 2 * step + 1), grads_like(&init, 2 * step + 2));
+            let (ra, rb) = futures::join!(lent.push("a", step, &ga), lent.push("b", step, &gb));
+            assert_eq!(ra.unwrap().updated + rb.unwrap().updated, blocks, "{encoding:?}: the step ran on every block");
+            let bytes = ga.values().map(|v| v.len()).sum::<usize>();
+            let (ra, rb) = futures::join!(owned.push_owned("a", step, ga), owned.push_owned("b", step, gb));
+            let (ra, rb) = (ra.unwrap(), rb.unwrap());
+            assert_eq!(ra.updated + rb.updated, blocks, "{encoding:?}: the step ran on every block");
+            let width = if encoding == spec::Encoding::F32 { 4 } else { 2 };
+            assert_eq!(ra.bytes as usize, width * bytes, "{encoding:?}: the push's payload bytes");
+        }
+        let (want, got) = (lent.pull(3).await.unwrap(), owned.pull(3).await.unwrap());
+        assert_eq!(bits(&got.tensors), bits(&want.tensors), "{encoding:?}");
+        assert_ne!(bits(&got.tensors), bits(&init), "{encoding:?}: the steps changed the weights");
+    }
+}
+
 /// Three workers push four sync steps through `client` (two shards); every
 /// pulled version must equal the local AdamW / Nesterov step on the mean gradient.
 pub async fn check_sync_equivalence(client: &ps_client::PsClient) {

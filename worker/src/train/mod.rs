@@ -158,8 +158,14 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
         let mut grads = grads;
         model.clip_to_max_norm(&mut grads);
-        let payload = compressor.prepare(&grads);
-        let summary = match model.push_step(&worker, base, payload).await? {
+        // Without compression the gradients themselves are pushed: handed over, so
+        // over gRPC their f32 values go out from where they lie, uncopied.
+        let pushed_step = if compressor.is_stateful() {
+            model.push_step(&worker, base, compressor.prepare(&grads)).await?
+        } else {
+            model.push_step_owned(&worker, base, grads).await?
+        };
+        let summary = match pushed_step {
             StepOutcome::Pushed(summary) => summary,
             StepOutcome::Resync { version } => {
                 // The run went ahead while this worker was away (paused past its lease):
