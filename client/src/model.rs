@@ -321,7 +321,7 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
-        self.push_shared(worker, step, grads, None).await
+        self.push_gradients(worker, step, Gradients::Lent(grads)).await
     }
 
     /// Pushes as [`ModelHandle::push`] does, taking the gradients: over gRPC,
@@ -335,18 +335,17 @@ impl ModelHandle {
         step: u64,
         grads: impl Into<Arc<Tensors>>,
     ) -> Result<PushSummary, ClientError> {
-        let grads = grads.into();
-        self.push_shared(worker, step, &grads, Some(&grads)).await
+        self.push_gradients(worker, step, Gradients::Owned(&grads.into())).await
     }
 
-    /// A push of `grads`; `owned` is the same gradients when the push may send their memory as it is.
-    async fn push_shared(
+    /// The push behind [`ModelHandle::push`] and [`ModelHandle::push_owned`].
+    async fn push_gradients(
         &self,
         worker: &str,
         step: u64,
-        grads: &Tensors,
-        owned: Option<&Arc<Tensors>>,
+        gradients: Gradients<'_>,
     ) -> Result<PushSummary, ClientError> {
+        let grads = gradients.tensors();
         for name in grads.keys() {
             if !self.index.contains_key(name) {
                 return Err(ClientError::UnknownTensor(name.clone()));
@@ -358,7 +357,7 @@ impl ModelHandle {
             check_len(&tensor.name, tensor.len as u64, data)?;
             scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
         }
-        let push = PushRequest { worker, step, grads, owned, scales: &scales };
+        let push = PushRequest { worker, step, gradients, scales: &scales };
         let replies =
             try_join_all(self.shards_with_blocks().into_iter().map(|shard| self.push_shard(shard, &push))).await?;
         Ok(replies.iter().flat_map(|(replies, _)| replies).fold(
@@ -423,9 +422,10 @@ impl ModelHandle {
         let calls = streams.iter().map(|stream| {
             self.client.retry(shard, move |mut stub| async move {
                 // Chunks are framed (`frame`: one copy, from the caller's
-                // floats) as the stream takes them, so the first is on the wire
-                // while the rest are still floats, and no copy of the whole push
-                // is ever held. A retry frames them again.
+                // floats, or none for f32 gradients handed over) as the stream
+                // takes them, so the first is on the wire while the rest are
+                // still floats, and no copy of the whole push is ever held. A
+                // retry frames them again.
                 let (sender, receiver) = tokio::sync::mpsc::channel(PUSH_CHUNKS_AHEAD);
                 let call = stub.frames(tokio_stream::wrappers::ReceiverStream::new(receiver));
                 let feed = self.feed_push(stream, push, sender);
@@ -455,9 +455,9 @@ impl ModelHandle {
             let tensor = &self.tensors[at];
             let range = block.offset as usize..(block.offset + block.length) as usize;
             let encoding = tensor.encoding.to_wire();
-            let frames: Box<dyn Iterator<Item = bytes::Bytes> + Send + '_> = match push.owned {
+            let frames: Box<dyn Iterator<Item = bytes::Bytes> + Send + '_> = match push.gradients {
                 // f32 on the wire is the memory layout here: the values go out as they lie.
-                Some(grads) if encoding == pb::Encoding::F32 && cfg!(target_endian = "little") => {
+                Gradients::Owned(grads) if encoding == pb::Encoding::F32 && cfg!(target_endian = "little") => {
                     let values = bytes::Bytes::from_owner(PushedValues {
                         grads: grads.clone(),
                         tensor: tensor.name.clone(),
@@ -466,7 +466,7 @@ impl ModelHandle {
                     Box::new(frame::f32_block_pieces(header, &tensor.name, block.block, values))
                 }
                 _ => {
-                    let values = &push.grads[&tensor.name][range];
+                    let values = &push.gradients.tensors()[&tensor.name][range];
                     Box::new(frame::block_frames(header, &tensor.name, block.block, values, encoding, push.scales[at]))
                 }
             };
@@ -492,7 +492,8 @@ impl ModelHandle {
         for (at, block) in self.blocks_on(shard) {
             let tensor = &self.tensors[at];
             let encoding = tensor.encoding.to_wire();
-            let values = &push.grads[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
+            let values =
+                &push.gradients.tensors()[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
             let per_chunk = chunk::elements_per_chunk(encoding);
             for (i, part) in values.chunks(per_chunk).enumerate() {
                 let payload_bytes = codec::payload_len(encoding, part.len() as u64);
@@ -578,7 +579,7 @@ impl ModelHandle {
     /// push that step). The worker's compression state is the caller's and is
     /// kept as it is.
     pub async fn push_step(&self, worker: &str, step: u64, grads: &Tensors) -> Result<StepOutcome, ClientError> {
-        self.push_step_shared(worker, step, grads, None).await
+        self.push_step_gradients(worker, step, Gradients::Lent(grads)).await
     }
 
     /// [`ModelHandle::push_step`], taking the gradients as [`ModelHandle::push_owned`] does.
@@ -588,21 +589,19 @@ impl ModelHandle {
         step: u64,
         grads: impl Into<Arc<Tensors>>,
     ) -> Result<StepOutcome, ClientError> {
-        let grads = grads.into();
-        self.push_step_shared(worker, step, &grads, Some(&grads)).await
+        self.push_step_gradients(worker, step, Gradients::Owned(&grads.into())).await
     }
 
-    /// [`ModelHandle::push_step`] of `grads`; `owned` as for [`ModelHandle::push_shared`].
-    async fn push_step_shared(
+    /// The step behind [`ModelHandle::push_step`] and [`ModelHandle::push_step_owned`].
+    async fn push_step_gradients(
         &self,
         worker: &str,
         step: u64,
-        grads: &Tensors,
-        owned: Option<&Arc<Tensors>>,
+        gradients: Gradients<'_>,
     ) -> Result<StepOutcome, ClientError> {
         let mut rejoined = false;
         loop {
-            match self.push_shared(worker, step, grads, owned).await {
+            match self.push_gradients(worker, step, gradients).await {
                 Ok(summary) => return Ok(StepOutcome::Pushed(summary)),
                 Err(error) if error.kind() == Some(errors::UNKNOWN_WORKER) && !rejoined => {
                     tracing::warn!(
@@ -951,11 +950,26 @@ const LOCAL_READ_ATTEMPTS: u32 = 3;
 struct PushRequest<'a> {
     worker: &'a str,
     step: u64,
-    grads: &'a Tensors,
-    /// The same gradients, when the push owns them and may send them from where they lie.
-    owned: Option<&'a Arc<Tensors>>,
+    gradients: Gradients<'a>,
     /// Per tensor: the sign1 scale (mean absolute value), else 0.
     scales: &'a [f32],
+}
+
+/// A push's gradients: lent by the caller (copied into each message), or
+/// handed over (f32 tensors then go out from where they lie).
+#[derive(Clone, Copy)]
+enum Gradients<'a> {
+    Lent(&'a Tensors),
+    Owned(&'a Arc<Tensors>),
+}
+
+impl<'a> Gradients<'a> {
+    fn tensors(self) -> &'a Tensors {
+        match self {
+            Gradients::Lent(tensors) => tensors,
+            Gradients::Owned(tensors) => tensors,
+        }
+    }
 }
 
 /// One block of a push's own gradients as bytes, alive as long as a frame that sends them.
