@@ -73,11 +73,16 @@ async fn main() {
     }
 
     let mut times: [(Vec<Duration>, Vec<Duration>); 3] = Default::default();
-    // Round 0 is a warm-up whose timings are dropped: its first push took
-    // 0.2-0.6 s where later ones took 0.1 s (the process's memory grows to its
-    // working size there), which no steady training loop sees.
+    // Round 0 is a warm-up whose timings are dropped (and its push printed): in
+    // seven of ten runs its push took 0.23-0.75 s where later ones took about
+    // 0.1 s, a one-off after setup that no steady training loop sees.
     for round in 0..=rounds as u64 {
         if round == 1 {
+            println!(
+                "warm-up round (not counted): gRPC push {:.0} ms, pull {:.0} ms",
+                times[0].0[0].as_secs_f64() * 1e3,
+                times[0].1[0].as_secs_f64() * 1e3
+            );
             for (push, pull) in &mut times {
                 push.clear();
                 pull.clear();
