@@ -1,6 +1,8 @@
 //! Push + pull of a 64M-parameter (256 MB f32) model over loopback gRPC,
 //! plaintext and with mutual TLS, against raw loopback TCP moving the same
-//! bytes in the same run.
+//! bytes in the same run, twice: from and into one 2 MiB buffer that stays in
+//! the cache, and from and into buffers as large as the model, as any
+//! transfer of a model must read and write its bytes.
 //!
 //! Pushes hand their gradients over (`push_owned`), as a trainer that makes
 //! fresh gradients every step does; one more row times `push(&grads)`, which
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ps_client::Tensors;
 use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
-use ps_testkit::{Cluster, env_or, make_ca, raw_tcp};
+use ps_testkit::{Cluster, RawBuffers, RawTcp, env_or, make_ca};
 
 // The same allocator as the binaries: it keeps freed blocks for reuse instead
 // of returning them to the kernel, which then has to fault and zero fresh pages.
@@ -72,10 +74,13 @@ async fn main() {
         models.push((model, weights));
     }
 
-    let mut times: [(Vec<Duration>, Vec<Duration>); 3] = Default::default();
-    // Round 0 is a warm-up whose timings are dropped (and its push printed): in
-    // seven of ten runs its push took 0.23-0.75 s where later ones took about
-    // 0.1 s, a one-off after setup that no steady training loop sees.
+    // gRPC, gRPC over TLS, raw TCP from cached buffers, raw TCP from model-sized ones.
+    let mut times: [(Vec<Duration>, Vec<Duration>); 4] = Default::default();
+    let mut cached_tcp = RawTcp::new(1, bytes, bytes, RawBuffers::Cached);
+    let mut whole_tcp = RawTcp::new(1, bytes, bytes, RawBuffers::WholeTransfer);
+    // Round 0 is a warm-up whose timings are dropped (and its push printed): its
+    // push often takes several times longer, faulting in memory the process
+    // has not used yet, which on a virtual machine can cost 10 us a page.
     for round in 0..=rounds as u64 {
         if round == 1 {
             println!(
@@ -113,71 +118,85 @@ async fn main() {
         let start = Instant::now();
         lent.push("bench", step, &grads).await.unwrap();
         lent_times.push(start.elapsed());
-        let tcp = raw_tcp(1, bytes, bytes).await;
-        times[2].0.push(tcp.up);
-        times[2].1.push(tcp.down);
+        for (i, raw) in [(2, &mut cached_tcp), (3, &mut whole_tcp)] {
+            let tcp = raw.measure().await;
+            times[i].0.push(tcp.up);
+            times[i].1.push(tcp.down);
+        }
     }
     // Each round's own ratio pairs timings taken seconds apart, so a load that
     // comes and goes on this shared machine moves both sides of it alike.
-    let mut per_round: Vec<f64> = (0..rounds)
-        .map(|r| {
-            let raw = times[2].0[r] + times[2].1[r];
-            raw.as_secs_f64() / (times[0].0[r] + times[0].1[r]).as_secs_f64()
-        })
-        .collect();
+    let round_ratios = |baseline: usize| -> Vec<f64> {
+        (0..rounds)
+            .map(|r| {
+                let raw = times[baseline].0[r] + times[baseline].1[r];
+                raw.as_secs_f64() / (times[0].0[r] + times[0].1[r]).as_secs_f64()
+            })
+            .collect()
+    };
+    let (cached_rounds, whole_rounds) = (round_ratios(2), round_ratios(3));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    for (r, ratio) in per_round.iter().enumerate() {
+    for r in 0..rounds {
         println!(
-            "round {r}: gRPC push {:.0} ms, pull {:.0} ms; raw TCP {:.0} / {:.0} ms; ratio {ratio:.2}",
+            "round {r}: gRPC push {:.0} ms, pull {:.0} ms; raw TCP cached {:.0} / {:.0} ms, model-sized {:.0} / {:.0} ms; ratio {:.2} / {:.2}",
             ms(times[0].0[r]),
             ms(times[0].1[r]),
             ms(times[2].0[r]),
-            ms(times[2].1[r])
+            ms(times[2].1[r]),
+            ms(times[3].0[r]),
+            ms(times[3].1[r]),
+            cached_rounds[r],
+            whole_rounds[r]
         );
     }
-    per_round.sort_by(f64::total_cmp);
-    let median = (per_round[(rounds - 1) / 2] + per_round[rounds / 2]) / 2.0;
     std::fs::remove_dir_all(&certs).ok();
     let best = |v: &[Duration]| *v.iter().min().unwrap();
-    let [(gp, gl), (sp, sl), (tp, tl)] = times.map(|(push, pull)| (best(&push), best(&pull)));
-    println!("{:<28} {:>10} {:>10} {:>12}", "best of rounds", "push MB/s", "pull MB/s", "push+pull");
-    for (label, push, pull) in
-        [("raw loopback TCP", tp, tl), ("gRPC push (+SGD) / pull", gp, gl), ("gRPC over mutual TLS", sp, sl)]
-    {
+    let [(gp, gl), (sp, sl), (tp, tl), (wp, wl)] = times.map(|(push, pull)| (best(&push), best(&pull)));
+    println!("{:<34} {:>10} {:>10} {:>12}", "best of rounds", "push MB/s", "pull MB/s", "push+pull");
+    for (label, push, pull) in [
+        ("raw loopback TCP, cached buffers", tp, tl),
+        ("raw loopback TCP, model-sized", wp, wl),
+        ("gRPC push (+SGD) / pull", gp, gl),
+        ("gRPC over mutual TLS", sp, sl),
+    ] {
         println!(
-            "{label:<28} {:>10.0} {:>10.0} {:>10.0} MB/s",
+            "{label:<34} {:>10.0} {:>10.0} {:>10.0} MB/s",
             rate(bytes, push),
             rate(bytes, pull),
             rate(2 * bytes, push + pull)
         );
     }
-    let ratio = |push: Duration, pull: Duration| {
+    let ratio = |(raw_push, raw_pull): (Duration, Duration), push: Duration, pull: Duration| {
         format!(
             "push {:.2}, pull {:.2}, push+pull {:.2}",
-            tp.as_secs_f64() / push.as_secs_f64(),
-            tl.as_secs_f64() / pull.as_secs_f64(),
-            (tp + tl).as_secs_f64() / (push + pull).as_secs_f64()
+            raw_push.as_secs_f64() / push.as_secs_f64(),
+            raw_pull.as_secs_f64() / pull.as_secs_f64(),
+            (raw_push + raw_pull).as_secs_f64() / (push + pull).as_secs_f64()
         )
     };
     let staged = best(&staged_times);
     let lent_best = best(&lent_times);
-    println!("{:<28} {:>10.0}", "gRPC push, staged (no SGD)", rate(bytes, staged));
-    println!("{:<28} {:>10.0}", "gRPC push, lent (+SGD)", rate(bytes, lent_best));
-    println!("ratio gRPC / raw TCP: {}", ratio(gp, gl));
+    println!("{:<34} {:>10.0}", "gRPC push, staged (no SGD)", rate(bytes, staged));
+    println!("{:<34} {:>10.0}", "gRPC push, lent (+SGD)", rate(bytes, lent_best));
+    for (label, raw, mut per_round) in [("cached", (tp, tl), cached_rounds), ("model-sized", (wp, wl), whole_rounds)] {
+        println!("against raw TCP with {label} buffers:");
+        println!("  ratio gRPC / raw TCP: {}", ratio(raw, gp, gl));
+        per_round.sort_by(f64::total_cmp);
+        println!(
+            "  ratio gRPC / raw TCP push+pull, round by round: median {:.2} (lowest {:.2}, highest {:.2}, {rounds} rounds)",
+            (per_round[(rounds - 1) / 2] + per_round[rounds / 2]) / 2.0,
+            per_round[0],
+            per_round[rounds - 1]
+        );
+        println!("  ratio gRPC+TLS / raw TCP: {}", ratio(raw, sp, sl));
+    }
     println!(
-        "ratio gRPC push of lent gradients / raw TCP push: {:.2} (each value copied into its message first)",
+        "ratio gRPC push of lent gradients / raw TCP push (cached): {:.2} (each value copied into its message first)",
         tp.as_secs_f64() / lent_best.as_secs_f64()
     );
     println!(
-        "ratio gRPC staged push / raw TCP push: {:.2} (the transport and aggregation without the update)",
+        "ratio gRPC staged push / raw TCP push (cached): {:.2} (the transport and aggregation without the update)",
         tp.as_secs_f64() / staged.as_secs_f64()
     );
-    println!(
-        "ratio gRPC / raw TCP push+pull, round by round: median {:.2} (lowest {:.2}, highest {:.2}, {rounds} rounds)",
-        median,
-        per_round[0],
-        per_round[rounds - 1]
-    );
-    println!("ratio gRPC+TLS / raw TCP: {}", ratio(sp, sl));
     println!("TLS / plaintext gRPC push+pull time: {:.2}", (sp + sl).as_secs_f64() / (gp + gl).as_secs_f64());
 }

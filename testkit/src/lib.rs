@@ -9,7 +9,7 @@ mod raw_tcp;
 
 pub use cluster::Cluster;
 pub use process::{ServerProcess, free_port};
-pub use raw_tcp::{RawTcpTimes, raw_tcp};
+pub use raw_tcp::{RawBuffers, RawTcp, RawTcpTimes, raw_tcp};
 
 /// Deterministic pseudo-random values in [-1, 1), kept away from 0 (a zero
 /// gradient hides sign and scaling bugs).
