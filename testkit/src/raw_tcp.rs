@@ -30,40 +30,46 @@ pub struct RawTcpTimes {
     pub down: Duration,
 }
 
-/// The memory one direction of one connection sends from and receives into.
-struct Buffers {
-    source: Vec<u8>,
-    destination: Vec<u8>,
-}
+/// The memory one direction of one connection sends from or receives into.
+struct Buffer(Vec<u8>);
 
-impl Buffers {
+impl Buffer {
+    /// A buffer for moving `bytes`, filled with `fill`: written, not just
+    /// allocated, so that no page is faulted in while the clock runs.
     fn new(kind: RawBuffers, bytes: usize, fill: u8) -> Self {
         let len = match kind {
             RawBuffers::Cached => BUFFER.min(bytes.max(1)),
             RawBuffers::WholeTransfer => bytes.max(1),
         };
-        // Written, not just allocated, so that no page is faulted in while the clock runs.
-        Buffers { source: vec![fill; len], destination: vec![1; len] }
+        Buffer(vec![fill; len])
     }
 
+    /// Sends `bytes` from the buffer, from its start again each time it runs out.
     async fn send(&self, socket: &mut TcpStream, bytes: usize) {
         let mut sent = 0;
         while sent < bytes {
-            let at = sent % self.source.len();
-            let n = BUFFER.min(bytes - sent).min(self.source.len() - at);
-            socket.write_all(&self.source[at..at + n]).await.expect("raw TCP send");
+            let at = sent % self.0.len();
+            let n = BUFFER.min(bytes - sent).min(self.0.len() - at);
+            socket.write_all(&self.0[at..at + n]).await.expect("raw TCP send");
             sent += n;
         }
     }
 
+    /// Receives `bytes` into the buffer, from its start again each time it is full.
     async fn receive(&mut self, socket: &mut TcpStream, bytes: usize) {
         let mut received = 0;
         while received < bytes {
-            let at = received % self.destination.len();
-            let n = BUFFER.min(bytes - received).min(self.destination.len() - at);
-            received += socket.read(&mut self.destination[at..at + n]).await.expect("raw TCP receive");
+            let at = received % self.0.len();
+            let n = BUFFER.min(bytes - received).min(self.0.len() - at);
+            received += socket.read(&mut self.0[at..at + n]).await.expect("raw TCP receive");
         }
     }
+}
+
+/// One end of a connection: it sends its `up` or `down` bytes and receives the other.
+struct End {
+    sends: Buffer,
+    receives: Buffer,
 }
 
 /// On each of `streams` loopback connections, sends `up` bytes to a peer,
@@ -81,25 +87,23 @@ pub async fn raw_tcp(streams: usize, up: usize, down: usize) -> RawTcpTimes {
 pub struct RawTcp {
     up: usize,
     down: usize,
-    /// Per connection: (client sends, client receives, peer receives, peer sends).
-    buffers: Vec<(Buffers, Buffers, Buffers, Buffers)>,
+    /// Per connection: the end that connects (and sends `up` first), and its peer.
+    connections: Vec<(End, End)>,
 }
 
 impl RawTcp {
     /// `streams` connections, each sending `up` bytes and receiving `down`
     /// bytes per [`measure`](Self::measure), with buffers chosen by `kind`.
     pub fn new(streams: usize, up: usize, down: usize, kind: RawBuffers) -> Self {
-        let buffers = (0..streams)
+        // Receiving buffers start as 1s, so a test can tell the bytes that landed.
+        let connections = (0..streams)
             .map(|_| {
-                (
-                    Buffers::new(kind, up, 3),
-                    Buffers::new(kind, down, 0),
-                    Buffers::new(kind, up, 0),
-                    Buffers::new(kind, down, 7),
-                )
+                let client = End { sends: Buffer::new(kind, up, 3), receives: Buffer::new(kind, down, 1) };
+                let peer = End { sends: Buffer::new(kind, down, 7), receives: Buffer::new(kind, up, 1) };
+                (client, peer)
             })
             .collect();
-        RawTcp { up, down, buffers }
+        RawTcp { up, down, connections }
     }
 
     /// Moves the bytes once over fresh connections and times both directions.
@@ -107,45 +111,38 @@ impl RawTcp {
         let (up, down) = (self.up, self.down);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding a loopback port");
         let addr = listener.local_addr().expect("a bound address");
-        let (mut client_side, mut peer_side) = (Vec::new(), Vec::new());
-        for (sending, receiving, peer_receiving, peer_sending) in self.buffers.drain(..) {
-            client_side.push((sending, receiving));
-            peer_side.push((peer_receiving, peer_sending));
-        }
-        let peer = tokio::spawn(async move {
-            let mut peers = Vec::new();
-            for (mut receiving, sending) in peer_side {
+        // The ends move into the tasks that use them and come back when they are done.
+        let (clients, peers): (Vec<End>, Vec<End>) = self.connections.drain(..).unzip();
+        let accepting = tokio::spawn(async move {
+            let mut serving = Vec::new();
+            for mut peer in peers {
                 let (mut socket, _) = listener.accept().await.expect("accepting");
-                peers.push(tokio::spawn(async move {
+                serving.push(tokio::spawn(async move {
                     socket.set_nodelay(true).expect("nodelay");
-                    receiving.receive(&mut socket, up).await;
+                    peer.receives.receive(&mut socket, up).await;
                     socket.write_all(&[1]).await.expect("acknowledging");
-                    sending.send(&mut socket, down).await;
-                    (receiving, sending)
+                    peer.sends.send(&mut socket, down).await;
+                    peer
                 }));
             }
-            join_all(peers).await.into_iter().map(|joined| joined.expect("raw TCP peer")).collect::<Vec<_>>()
+            join_all(serving).await.into_iter().map(|joined| joined.expect("raw TCP peer")).collect::<Vec<_>>()
         });
         let start = Instant::now();
-        let connections = client_side.into_iter().map(|(sending, mut receiving)| async move {
+        let connecting = clients.into_iter().map(|mut client| async move {
             let mut socket = TcpStream::connect(addr).await.expect("connecting");
             socket.set_nodelay(true).expect("nodelay");
-            sending.send(&mut socket, up).await;
+            client.sends.send(&mut socket, up).await;
             let mut ack = [0u8; 1];
             socket.read_exact(&mut ack).await.expect("acknowledgement");
             let acknowledged = start.elapsed();
-            receiving.receive(&mut socket, down).await;
-            (acknowledged, sending, receiving)
+            client.receives.receive(&mut socket, down).await;
+            (acknowledged, client)
         });
-        let finished = join_all(connections).await;
+        let finished = join_all(connecting).await;
         let total = start.elapsed();
-        let peer_side = peer.await.expect("raw TCP peer");
-        let mut up_time = Duration::ZERO;
-        for ((acknowledged, sending, receiving), (peer_receiving, peer_sending)) in finished.into_iter().zip(peer_side)
-        {
-            up_time = up_time.max(acknowledged);
-            self.buffers.push((sending, receiving, peer_receiving, peer_sending));
-        }
+        let peers = accepting.await.expect("raw TCP peer");
+        let up_time = finished.iter().map(|(acknowledged, _)| *acknowledged).max().unwrap_or_default();
+        self.connections = finished.into_iter().map(|(_, client)| client).zip(peers).collect();
         RawTcpTimes { up: up_time, down: total.saturating_sub(up_time) }
     }
 }
@@ -163,13 +160,14 @@ mod tests {
             for _ in 0..2 {
                 raw.measure().await;
             }
-            assert_eq!(raw.buffers.len(), 2, "{kind:?}: every connection's buffers come back");
-            for (_, client_received, peer_received, _) in &raw.buffers {
+            assert_eq!(raw.connections.len(), 2, "{kind:?}: every connection's buffers come back");
+            for (client, peer) in &raw.connections {
+                let (peer_received, client_received) = (&peer.receives.0, &client.receives.0);
                 // The client sends 3s and the peer 7s; receiving buffers start as 1s.
-                assert!(peer_received.destination.iter().all(|&b| b == 3), "{kind:?}: up");
-                assert!(client_received.destination.iter().all(|&b| b == 7), "{kind:?}: down");
+                assert!(peer_received.iter().all(|&b| b == 3), "{kind:?}: up");
+                assert!(client_received.iter().all(|&b| b == 7), "{kind:?}: down");
                 if kind == RawBuffers::WholeTransfer {
-                    assert_eq!((peer_received.destination.len(), client_received.destination.len()), (up, down));
+                    assert_eq!((peer_received.len(), client_received.len()), (up, down));
                 }
             }
         }
