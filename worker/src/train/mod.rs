@@ -158,12 +158,13 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
         let mut grads = grads;
         model.clip_to_max_norm(&mut grads);
-        // Without compression the gradients themselves are pushed: handed over, so
-        // over gRPC their f32 values go out from where they lie, uncopied.
-        let pushed_step = if compressor.is_stateful() {
-            model.push_step(&worker, base, compressor.prepare(&grads)).await?
-        } else {
+        // A plain compressor pushes the gradients themselves: handed over, so over
+        // gRPC their f32 values go out from where they lie, uncopied. The others
+        // push buffers they keep for the next step, which can only be lent.
+        let pushed_step = if matches!(compressor, Compressor::Plain) {
             model.push_step_owned(&worker, base, grads).await?
+        } else {
+            model.push_step(&worker, base, compressor.prepare(&grads)).await?
         };
         let summary = match pushed_step {
             StepOutcome::Pushed(summary) => summary,
