@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use ps_client::compress::Compression;
-use ps_client::spec::{Encoding, GroupConfig, Init, ModelSpec, Optimizer, StepContract, TensorSpec};
+use ps_client::spec::{Encoding, GroupConfig, Init, ModelSpec, OptimizerConfig, StepContract, TensorSpec};
 use ps_client::{ClientConfig, PsClient, StepOutcome, Tensors};
 
 const USAGE: &str = "usage: sync_steps SHARDS MODEL WORKER RANK STEPS WARMUP \
@@ -70,7 +70,7 @@ fn options(flags: &[String]) -> Result<Options, Box<dyn std::error::Error>> {
 
 fn spec(name: &str, params: u64, options: &Options) -> ModelSpec {
     let rows = params.div_ceil(COLUMNS).max(1);
-    let group = options.compression.configure(GroupConfig::new("all", &["*"], Optimizer::sgd(LR)));
+    let group = options.compression.configure(GroupConfig::new("all", &["*"], OptimizerConfig::sgd(LR as f32)));
     ModelSpec {
         contract: StepContract { min_workers: options.workers, ..Default::default() },
         ..ModelSpec::new(name, vec![TensorSpec::new("w", &[rows, COLUMNS], Init::Zeros)], vec![group])

@@ -101,6 +101,9 @@ pub enum ProtocolError {
     /// A payload that does not decode.
     #[error(transparent)]
     Codec(#[from] ps_proto::codec::CodecError),
+    /// A setting the servers reported that the API does not accept.
+    #[error("the servers reported {0}")]
+    Spec(#[from] ps_proto::api::SpecError),
     /// A layout block that names a tensor the layout does not list.
     #[error("layout names unknown tensor '{0}'")]
     LayoutTensor(String),

@@ -7,8 +7,7 @@ pub use ps_proto::layout::BlockPlan;
 use ps_proto::{codec, pb};
 
 use crate::error::{ClientError, ProtocolError};
-use crate::federated::RoundConfig;
-use crate::spec::{Aggregation, Encoding, Mode};
+use crate::spec::{Aggregation, Encoding, Mode, RoundConfig, SpecError};
 
 /// One tensor as the layout describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +57,7 @@ pub struct Layout {
 }
 
 fn encoding(value: i32) -> Result<Encoding, ClientError> {
-    Ok(Encoding::from_wire(codec::encoding_from_i32(value).map_err(ProtocolError::from)?))
+    Ok(codec::encoding_from_i32(value).map_err(ProtocolError::from)?)
 }
 
 impl TryFrom<pb::Layout> for Layout {
@@ -82,13 +81,15 @@ impl TryFrom<pb::Layout> for Layout {
                 Ok(GroupLayout {
                     name: g.name.clone(),
                     push_encodings,
-                    aggregation: Aggregation::from_wire(g.aggregation()),
+                    aggregation: Aggregation::try_from(g.aggregation).map_err(|_| {
+                        ProtocolError::Spec(SpecError(format!("unknown aggregation {}", g.aggregation)))
+                    })?,
                 })
             })
             .collect::<Result<_, ClientError>>()?;
         let tensors =
             wire.tensors.into_iter().map(|t| TensorLayout { name: t.name, shape: t.shape, group: t.group }).collect();
-        let mode = Mode::from_wire(wire.mode, wire.staleness);
+        let mode = Mode::from_wire(wire.mode, wire.staleness).map_err(ProtocolError::from)?;
         Ok(Layout {
             model: wire.model,
             shards: wire.shards,
@@ -97,7 +98,7 @@ impl TryFrom<pb::Layout> for Layout {
             mode,
             groups,
             max_grad_norm: wire.max_grad_norm,
-            federated: wire.federated.as_ref().map(RoundConfig::from_wire),
+            federated: wire.federated.as_ref().map(RoundConfig::from_wire).transpose().map_err(ProtocolError::from)?,
             epoch: wire.epoch,
             checkpoint_every: wire.checkpoint_every,
         })

@@ -3,22 +3,23 @@
 //! and retries transient failures; pushes are idempotent on the server
 //! (keyed by worker, step and block), so a retry never counts twice.
 //!
-//! Modules: [`spec`] (the model a client registers, in its own types),
-//! [`layout`] and [`status`] (what the servers report), [`compress`]
-//! (compression presets and the worker-side state they keep), [`federated`]
-//! (round tasks, deltas, the local step rules and client state), [`resume`]
-//! (worker state kept at checkpointed versions, for rollbacks), and the
-//! connection ([`PsClient`]) and model ([`ModelHandle`]) handles.
+//! Modules: [`spec`] (the model a client registers: the API's own types,
+//! from `ps_proto::api`), [`layout`] and [`status`] (what the servers
+//! report), [`compress`] (compression presets and the worker-side state they
+//! keep), [`federated`] (round tasks, deltas, the local step rules and client
+//! state), [`resume`] (worker state kept at checkpointed versions, for
+//! rollbacks), the connections to the shards ([`Shards`]), and the client
+//! ([`PsClient`]) and model ([`ModelHandle`]) handles built on them.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), ps_client::ClientError> {
-//! use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+//! use ps_client::spec::{GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 //! use ps_client::{ClientConfig, PsClient, Tensors};
 //! let client = PsClient::connect(ClientConfig::new(vec!["127.0.0.1:50051".into()]))?;
 //! let spec = ModelSpec::new(
 //!     "mlp",
 //!     vec![TensorSpec::new("fc.weight", &[10, 64], Init::Normal { mean: 0.0, std: 0.1, seed: 1 })],
-//!     vec![GroupConfig::new("all", &["*"], Optimizer::adamw(1e-3))],
+//!     vec![GroupConfig::new("all", &["*"], OptimizerConfig::adamw(1e-3))],
 //! );
 //! let model = client.register(&spec, &Tensors::new()).await?;
 //! model.join("worker-0").await?;
@@ -42,10 +43,14 @@ pub mod layout;
 mod local;
 mod model;
 pub mod resume;
-pub mod spec;
+mod shards;
 pub mod state_file;
 pub mod status;
 mod stub;
+
+/// The model a client registers, in the API's own types (one definition,
+/// shared with the shards: `ps_proto::api`).
+pub use ps_proto::api as spec;
 
 use std::collections::BTreeMap;
 
@@ -55,6 +60,7 @@ pub use error::{ClientError, ProtocolError};
 pub use layout::{Layout, TensorInfo};
 pub use local::LocalMode;
 pub use model::{Joined, ModelHandle, PullInfo, PushSummary, StepOutcome, Weights};
+pub use shards::Shards;
 pub use spec::{Encoding, ModelSpec};
 pub use status::ShardStatus;
 

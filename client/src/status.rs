@@ -113,7 +113,7 @@ impl From<pb::GetStatusResponse> for ShardStatus {
                 .into_iter()
                 .map(|m| ModelStatus {
                     name: m.name,
-                    mode: Mode::from_wire(m.mode, m.staleness),
+                    mode: Mode::from_wire(m.mode, m.staleness).unwrap_or_default(),
                     min_version: m.min_version,
                     max_version: m.max_version,
                     blocks: m.blocks,

@@ -3,6 +3,7 @@
 //! function, the cluster-identity metadata and the transport settings. Both sides must agree on all of these, so they live in
 //! exactly one place.
 
+pub mod api;
 pub mod chunk;
 pub mod cluster;
 pub mod codec;

@@ -21,7 +21,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_client::spec::{GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_client::{ClientConfig, PsClient, Tensors};
 use ps_testkit::{ServerProcess, free_port};
 
@@ -33,7 +33,7 @@ fn spec(layers: usize) -> ModelSpec {
         .map(|i| TensorSpec::new(format!("layers.{i}.weight"), &[SIDE, SIDE], Init::Zeros))
         .chain(std::iter::once(TensorSpec::new("norm.weight", &[SIDE], Init::Zeros)))
         .collect();
-    ModelSpec::new(MODEL, tensors, vec![GroupConfig::new("all", &["*"], Optimizer::adamw(1e-3))])
+    ModelSpec::new(MODEL, tensors, vec![GroupConfig::new("all", &["*"], OptimizerConfig::adamw(1e-3))])
 }
 
 /// Writes `bytes` to a fresh file through the same 4 MiB buffer the checkpoint writer uses, then fsyncs: seconds.

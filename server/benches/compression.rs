@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use ps_client::spec::{Aggregation, Encoding, GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_client::spec::{Aggregation, Encoding, GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_client::{ClientConfig, PsClient, Tensors};
 use ps_testkit::{Cluster, env_or, raw_tcp};
 
@@ -21,7 +21,7 @@ fn spec(name: &str, rows: usize, cols: usize, encoding: Encoding, aggregation: A
     let group = GroupConfig {
         push_encodings: vec![encoding],
         aggregation,
-        ..GroupConfig::new("all", &["*"], Optimizer::sgd(1e-6))
+        ..GroupConfig::new("all", &["*"], OptimizerConfig::sgd(1e-6))
     };
     ModelSpec::new(name, vec![TensorSpec::new("w", &[rows as u64, cols as u64], Init::Zeros)], vec![group])
 }

@@ -12,8 +12,9 @@
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
-use ps_client::federated::{Algorithm, ClientState, RoundConfig, RoundOutcome, train_round};
-use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_client::federated::{ClientState, RoundOutcome, train_round};
+use ps_client::spec::{Algorithm, RoundConfig};
+use ps_client::spec::{GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_client::{ModelHandle, Tensors};
 use ps_testkit::{Cluster, env_or, raw_tcp};
 
@@ -70,11 +71,11 @@ async fn main() {
         let cols = 1024;
         let rows = params.div_ceil(cols);
         let mut config = RoundConfig::new(Algorithm::FedAvg, CLIENTS, 0.1);
-        config.rounds = rounds as u64 + 1;
+        config.rounds = Some(rounds as u64 + 1);
         let spec = ModelSpec::new(
             format!("fed-bench-{index}"),
             vec![TensorSpec::new("w", &[rows as u64, cols as u64], Init::Zeros)],
-            vec![GroupConfig::new("all", &["*"], Optimizer::sgd(1.0))],
+            vec![GroupConfig::new("all", &["*"], OptimizerConfig::sgd(1.0))],
         )
         .with_rounds(config);
         let model = cluster.client().register(&spec, &Tensors::new()).await.expect("registering");

@@ -10,7 +10,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ps_client::spec::{self, FrugalMode, GroupConfig, Init, ModelSpec, Optimizer, Projection, TensorSpec};
+use ps_client::spec::{
+    self, BlockOrder, FrugalMode, GroupConfig, IndexRule, Init, ModelSpec, OptimizerConfig, Projection, TensorSpec,
+};
 use ps_client::{ClientConfig, PsClient, Tensors};
 use ps_testkit::{ServerProcess, free_port};
 
@@ -19,7 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const SIDE: u64 = 2048;
 
-fn spec(layers: usize, optimizer: Optimizer) -> ModelSpec {
+fn spec(layers: usize, optimizer: OptimizerConfig) -> ModelSpec {
     let mut tensors: Vec<TensorSpec> = (0..layers)
         .map(|i| {
             let name = format!("layers.{}.{}.weight", i / 2, if i % 2 == 0 { "attn.q_proj" } else { "mlp.up_proj" });
@@ -34,17 +36,22 @@ fn spec(layers: usize, optimizer: Optimizer) -> ModelSpec {
 async fn main() {
     let layers: usize = std::env::var("PS_BENCH_LAYERS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
     let modes = [
-        ("AdamW", Optimizer::adamw(1e-3)),
+        ("AdamW", OptimizerConfig::adamw(1e-3)),
         (
             "FRUGAL rho=0.25 block",
-            Optimizer::Frugal(spec::Frugal { lr: 1e-3, density: 0.25, mode: FrugalMode::Block, ..Default::default() }),
+            OptimizerConfig::Frugal(spec::FrugalConfig {
+                lr: 1e-3,
+                density: 0.25,
+                mode: FrugalMode::Block { order: BlockOrder::Descending },
+                ..Default::default()
+            }),
         ),
         (
             "AdamSNSM r=128 (index)",
-            Optimizer::SubspaceMomentum(spec::SubspaceMomentum {
+            OptimizerConfig::SubspaceMomentum(spec::SubspaceMomentumConfig {
                 lr: 1e-2,
                 rank: 128,
-                projection: Projection::Uniform,
+                projection: Projection::Index(IndexRule::Uniform),
                 adaptive: true,
                 correct_bias: true,
                 ..Default::default()
@@ -95,7 +102,7 @@ async fn main() {
 }
 
 /// One fresh shard process: (idle RSS, RSS after registering, RSS after a step, state bytes, parameters).
-async fn measure(layers: usize, optimizer: Optimizer, decommit: bool) -> (u64, u64, u64, u64, u64) {
+async fn measure(layers: usize, optimizer: OptimizerConfig, decommit: bool) -> (u64, u64, u64, u64, u64) {
     {
         let addr = format!("127.0.0.1:{}", free_port().unwrap());
         let env: &[(&str, &str)] =

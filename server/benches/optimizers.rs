@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ps_server::optim::{
     AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, OptimizerConfig, Projection,
-    SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig, build,
 };
 use rayon::prelude::*;
 
@@ -144,7 +144,7 @@ fn main() {
                 matrix: true,
                 projectable: Some(GroupPosition { index: 0, count: 1 }),
             };
-            let mut optimizers: Vec<_> = (0..blocks).map(|_| config.build(&slice)).collect();
+            let mut optimizers: Vec<_> = (0..blocks).map(|_| build(&config, &slice)).collect();
             let mut params: Vec<Vec<f32>> = (0..blocks).map(|_| vec![0.1f32; rows * side]).collect();
             let g = &grad[..rows * side];
             let mut step = |t: u64| {

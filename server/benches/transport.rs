@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use ps_client::Tensors;
-use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_client::spec::{GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_testkit::{Cluster, RawBuffers, RawTcp, env_or, make_ca};
 
 // The same allocator as the binaries: it keeps freed blocks for reuse instead
@@ -45,7 +45,7 @@ async fn main() {
     let spec = ModelSpec::new(
         "bench",
         vec![TensorSpec::new("w", &[rows as u64, cols as u64], Init::Zeros)],
-        vec![GroupConfig::new("all", &["*"], Optimizer::sgd(1e-6))],
+        vec![GroupConfig::new("all", &["*"], OptimizerConfig::sgd(1e-6))],
     );
     let grads: Tensors = [("w".to_string(), vec![0.5f32; rows * cols])].into_iter().collect();
     // A second model that two workers train: the first push of a step is only

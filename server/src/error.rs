@@ -2,6 +2,7 @@
 //! each variant with a message a user can act on. The gRPC code of each
 //! variant is assigned in exactly one place, `rpc::convert`.
 
+use ps_proto::api::SpecError;
 use ps_proto::codec::CodecError;
 
 use crate::spec::NameError;
@@ -521,4 +522,11 @@ pub enum ChunkProblem {
         /// Elements of the block.
         len: u64,
     },
+}
+
+/// A value the API refuses is a malformed spec.
+impl From<SpecError> for ServerError {
+    fn from(error: SpecError) -> Self {
+        ServerError::InvalidSpec(error.0)
+    }
 }

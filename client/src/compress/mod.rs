@@ -12,7 +12,7 @@ pub use error_feedback::ErrorFeedback;
 pub use sign_momentum::SignMomentum;
 
 use crate::Tensors;
-use crate::spec::{Aggregation, Encoding, GroupConfig, Optimizer, Sgd};
+use crate::spec::{Aggregation, Encoding, GroupConfig, OptimizerConfig, SgdConfig};
 use crate::state_file::{load_into, save_tensors};
 
 /// How gradients travel to the servers.
@@ -52,7 +52,9 @@ impl Compression {
     /// Sets the group's push encodings and aggregation for this scheme; the
     /// sign schemes also replace its optimizer with the server step they need.
     pub fn configure(&self, group: GroupConfig) -> GroupConfig {
-        let sign_step = |lr, weight_decay| Optimizer::Sgd(Sgd { lr, weight_decay, ..Default::default() });
+        let sign_step = |lr: f64, weight_decay: f64| {
+            OptimizerConfig::Sgd(SgdConfig { lr: lr as f32, weight_decay: weight_decay as f32, ..Default::default() })
+        };
         let (optimizer, push_encodings, aggregation) = match *self {
             Compression::None => (group.optimizer, vec![Encoding::F32], Aggregation::Mean),
             Compression::Bf16 => (group.optimizer, vec![Encoding::Bf16, Encoding::F32], Aggregation::Mean),
@@ -195,15 +197,15 @@ mod tests {
 
     #[test]
     fn presets_set_both_halves() {
-        let group = GroupConfig::new("all", &["*"], Optimizer::adamw(0.01));
+        let group = GroupConfig::new("all", &["*"], OptimizerConfig::adamw(0.01));
         let vote = Compression::SignumVote { lr: 0.002, momentum: 0.9, weight_decay: 0.0 };
         let configured = vote.configure(group.clone());
         assert_eq!(configured.push_encodings, vec![Encoding::Sign1]);
         assert_eq!(configured.aggregation, Aggregation::MajorityVote);
-        assert_eq!(configured.optimizer, Optimizer::sgd(0.002));
+        assert_eq!(configured.optimizer, OptimizerConfig::sgd(0.002));
         assert!(matches!(vote.compressor(), Compressor::Vote(_)));
         let ef = Compression::ErrorFeedback { lr: 0.3, weight_decay: 0.0 }.configure(group.clone());
-        assert_eq!((ef.optimizer, ef.aggregation), (Optimizer::sgd(1.0), Aggregation::Mean));
+        assert_eq!((ef.optimizer, ef.aggregation), (OptimizerConfig::sgd(1.0), Aggregation::Mean));
         let bf16 = Compression::Bf16.configure(group.clone());
         assert_eq!((bf16.optimizer, bf16.push_encodings), (group.optimizer, vec![Encoding::Bf16, Encoding::F32]));
         assert!(!Compression::None.compressor().is_stateful());

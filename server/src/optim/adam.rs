@@ -4,30 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
-
-/// Hyperparameters of Adam / AdamW.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdamWConfig {
-    /// Learning rate η.
-    pub lr: f32,
-    /// First-moment decay β1.
-    pub beta1: f32,
-    /// Second-moment decay β2.
-    pub beta2: f32,
-    /// ε added to the bias-corrected root of `v`.
-    pub eps: f32,
-    /// Weight decay λ.
-    pub weight_decay: f32,
-    /// Decoupled decay (AdamW) if true, L2 decay added to the gradient (Adam) if false.
-    pub decoupled: bool,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: true }
-    }
-}
+use super::{AdamWConfig, Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// Adam's moments and its own step counter, shared with FRUGAL's state-full part.
 /// The moments are shared with a checkpoint being written (no copy is made to

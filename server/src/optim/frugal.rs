@@ -7,7 +7,10 @@
 use super::adam::Moments;
 use super::linalg::{self, Dims, Side, round_half_even, sign0};
 use super::projector::{IndexChoice, Projector, ProjectorShape};
-use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext, invalid};
+use super::{
+    BlockOrder, FrugalConfig, FrugalMode, InactiveRule, Optimizer, OptimizerState, StateError, StateReader,
+    StepContext, invalid,
+};
 use crate::random::{SplitMix, name_hash};
 
 /// Name parts that make a 2-D tensor projectable under FRUGAL's default rule.
@@ -29,100 +32,6 @@ pub const PROJECTABLE_NAMES: &[&str] = &[
 /// FRUGAL's default rule (algorithms.md §0): 2-D weights of attention and MLP blocks.
 pub fn projectable_by_name(name: &str, shape: &[u64]) -> bool {
     shape.len() >= 2 && PROJECTABLE_NAMES.iter().any(|n| name.contains(n))
-}
-
-/// How the state-full subspace is chosen.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FrugalMode {
-    /// Whole tensors: round(ρ·N) of the group's N projectable tensors are active.
-    Block {
-        /// Order of the moving window of active tensors.
-        order: BlockOrder,
-    },
-    /// k = floor(ρ·n) random columns of each tensor.
-    Columns,
-    /// Top singular subspace of the gradient, rank round(ρ·n) (m ≥ n, right) or round(ρ·m) (left).
-    Svd,
-}
-
-/// Which tensors are active in each period of block mode.
-#[derive(Clone, Debug, PartialEq)]
-pub enum BlockOrder {
-    /// A window of consecutive tensors moving forward.
-    Ascending,
-    /// A window moving backward, starting from the last tensor (the C4 scripts' choice).
-    Descending,
-    /// A uniformly random subset each period (seeded).
-    Random,
-}
-
-/// The rule for the state-free part.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InactiveRule {
-    /// `sign0` of the residual.
-    SignSgd,
-    /// The residual itself.
-    Sgd,
-    /// Nothing.
-    Frozen,
-}
-
-/// Hyperparameters of FRUGAL for one projectable tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct FrugalConfig {
-    /// Learning rate η.
-    pub lr: f32,
-    /// Adam β1.
-    pub beta1: f32,
-    /// Adam β2.
-    pub beta2: f32,
-    /// Adam ε (PyTorch placement).
-    pub eps: f32,
-    /// Multiplicative decay before the update, on every projectable tensor.
-    pub weight_decay: f32,
-    /// ρ: the state-full fraction.
-    pub density: f32,
-    /// Re-selection period T.
-    pub update_gap: u64,
-    /// Scales η for both parts.
-    pub proj_lr_scale: f32,
-    /// Further scales η for the state-free part.
-    pub inactive_lr_scale: f32,
-    /// The state-free rule.
-    pub inactive_rule: InactiveRule,
-    /// Restart Adam at every re-selection.
-    pub reset_statistics: bool,
-    /// How the subspace is chosen.
-    pub mode: FrugalMode,
-    /// Seed of random selections.
-    pub seed: u64,
-    /// Injected selections, one entry per period (the last repeats): active
-    /// tensor positions (block) or this tensor's columns (columns).
-    pub schedule: Option<Vec<Vec<usize>>>,
-}
-
-/// Block FRUGAL with a quarter of the tensors state-full, the window moving
-/// backward, and signSGD on the rest. The wire takes β1, β2, ε, the update gap
-/// and the lr scales from here when they are zero; lr has no default there.
-impl Default for FrugalConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            density: 0.25,
-            update_gap: 200,
-            proj_lr_scale: 1.0,
-            inactive_lr_scale: 1.0,
-            inactive_rule: InactiveRule::SignSgd,
-            reset_statistics: true,
-            mode: FrugalMode::Block { order: BlockOrder::Descending },
-            seed: 0,
-            schedule: None,
-        }
-    }
 }
 
 /// Where a tensor sits among its group's projectable tensors (block mode counts tensors).

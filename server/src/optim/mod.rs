@@ -10,23 +10,24 @@ mod adam;
 mod frugal;
 pub mod linalg;
 mod projector;
-mod schedule;
 mod sgd;
 mod sign;
 mod subset_norm;
 mod subspace;
 
-pub use adam::{AdamW, AdamWConfig, Moments};
-pub use frugal::{
-    BlockOrder, Frugal, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, PROJECTABLE_NAMES, projectable_by_name,
-};
+pub use adam::{AdamW, Moments};
+pub use frugal::{Frugal, GroupPosition, PROJECTABLE_NAMES, projectable_by_name};
 pub use linalg::Dims;
 pub use projector::Projector;
-pub use schedule::LrSchedule;
-pub use sgd::{Sgd, SgdConfig};
-pub use sign::{LION_DEFAULT_BETA2, Sign, SignConfig};
-pub use subset_norm::{SubsetNorm, SubsetNormConfig, Subsets};
-pub use subspace::{IndexRule, Projection, SubspaceMomentum, SubspaceMomentumConfig};
+/// The configurations these update rules run with are the API's own values.
+pub use ps_proto::api::{
+    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2, LrSchedule,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+};
+pub use sgd::Sgd;
+pub use sign::Sign;
+pub use subset_norm::SubsetNorm;
+pub use subspace::SubspaceMomentum;
 
 /// Per-step inputs that are the same for every block of a group.
 #[derive(Clone, Copy, Debug)]
@@ -205,199 +206,37 @@ pub struct SliceInfo<'a> {
     pub projectable: Option<GroupPosition>,
 }
 
-/// Which optimizer a parameter group uses, with its hyperparameters.
-#[derive(Clone, Debug, PartialEq)]
-pub enum OptimizerConfig {
-    /// SGD with optional (Nesterov) momentum.
-    Sgd(SgdConfig),
-    /// Adam / AdamW.
-    AdamW(AdamWConfig),
-    /// AdaGrad-Norm, AdaGradSN, AdamSN.
-    SubsetNorm(SubsetNormConfig),
-    /// SGD-SM, AdamSNSM.
-    SubspaceMomentum(SubspaceMomentumConfig),
-    /// FRUGAL (projectable tensors; the others get AdamW with the same hyperparameters).
-    Frugal(FrugalConfig),
-    /// signSGD, Signum, Lion.
-    Sign(SignConfig),
-}
-
-/// Invalid hyperparameters.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), ConfigError> {
-    if ok { Ok(()) } else { Err(ConfigError(what())) }
-}
-
-fn check_lr(lr: f32) -> Result<(), ConfigError> {
-    check(lr.is_finite() && lr > 0.0, || format!("lr must be a finite number > 0, got {lr}"))
-}
-
-fn check_unit(name: &str, value: f32) -> Result<(), ConfigError> {
-    check((0.0..1.0).contains(&value), || format!("{name} must be in [0, 1), got {value}"))
-}
-
-fn check_non_negative(name: &str, value: f32) -> Result<(), ConfigError> {
-    check(value.is_finite() && value >= 0.0, || format!("{name} must be a finite number >= 0, got {value}"))
-}
-
-fn check_eps(eps: f32) -> Result<(), ConfigError> {
-    check(eps.is_finite() && eps >= 0.0, || format!("eps must be >= 0, got {eps}"))
-}
-
-impl OptimizerConfig {
-    /// Whether the update needs the whole tensor in one slice (row/column statistics, SVDs, per-tensor selections).
-    pub fn needs_whole_tensor(&self) -> bool {
-        match self {
-            OptimizerConfig::SubsetNorm(c) => c.subsets != Subsets::Coordinates,
-            OptimizerConfig::SubspaceMomentum(_) | OptimizerConfig::Frugal(_) => true,
-            OptimizerConfig::Sgd(_) | OptimizerConfig::AdamW(_) | OptimizerConfig::Sign(_) => false,
+/// Creates the optimizer of `config` for one slice.
+pub fn build(config: &OptimizerConfig, slice: &SliceInfo) -> Box<dyn Optimizer> {
+    let len = slice.dims.rows * slice.dims.cols;
+    match config {
+        OptimizerConfig::Sgd(c) => Box::new(Sgd::new(c.clone(), len)),
+        OptimizerConfig::AdamW(c) => Box::new(AdamW::new(c.clone(), len)),
+        OptimizerConfig::SubsetNorm(c) => Box::new(SubsetNorm::new(c.clone(), slice.dims, slice.matrix)),
+        OptimizerConfig::SubspaceMomentum(c) if slice.matrix => {
+            Box::new(SubspaceMomentum::new(c.clone(), slice.dims, slice.name))
         }
-    }
-
-    /// Rejects hyperparameters the update rule cannot use.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        match self {
-            OptimizerConfig::Sgd(c) => {
-                check_lr(c.lr)?;
-                check_non_negative("momentum", c.momentum)?;
-                check_non_negative("weight_decay", c.weight_decay)?;
-                check_unit("dampening", c.dampening)?;
-                check(!c.nesterov || (c.momentum > 0.0 && c.dampening == 0.0), || {
-                    "nesterov needs momentum > 0 and dampening = 0".to_string()
-                })
-            }
-            OptimizerConfig::AdamW(c) => {
-                check_lr(c.lr)?;
-                check_unit("beta1", c.beta1)?;
-                check_unit("beta2", c.beta2)?;
-                check(c.eps.is_finite() && c.eps > 0.0, || format!("eps must be > 0, got {}", c.eps))?;
-                check_non_negative("weight_decay", c.weight_decay)
-            }
-            OptimizerConfig::SubsetNorm(c) => {
-                check_lr(c.lr)?;
-                check_unit("beta1", c.beta1)?;
-                check(c.beta2 > 0.0 && c.beta2 <= 1.0, || format!("beta2 must be in (0, 1], got {}", c.beta2))?;
-                check_eps(c.eps)?;
-                check_non_negative("weight_decay", c.weight_decay)?;
-                check_non_negative("initial_accumulator", c.initial_accumulator)?;
-                check(c.eps > 0.0 || c.initial_accumulator > 0.0 || c.subsets == Subsets::Whole, || {
-                    "eps = 0 divides by zero on a subset whose gradient is zero; use eps > 0".into()
-                })
-            }
-            OptimizerConfig::SubspaceMomentum(c) => {
-                check_lr(c.lr)?;
-                check_unit("beta1", c.beta1)?;
-                check(c.beta2 > 0.0 && c.beta2 <= 1.0, || format!("beta2 must be in (0, 1], got {}", c.beta2))?;
-                check_eps(c.eps)?;
-                check(c.rank > 0, || "rank must be > 0".into())?;
-                check(c.update_gap > 0, || "update_gap must be > 0".into())?;
-                check_non_negative("weight_decay", c.weight_decay)
-            }
-            OptimizerConfig::Frugal(c) => {
-                check_lr(c.lr)?;
-                check_unit("beta1", c.beta1)?;
-                check_unit("beta2", c.beta2)?;
-                check(c.eps.is_finite() && c.eps > 0.0, || format!("eps must be > 0, got {}", c.eps))?;
-                check((0.0..=1.0).contains(&c.density), || format!("density must be in [0, 1], got {}", c.density))?;
-                check(c.update_gap > 0, || "update_gap must be > 0".into())?;
-                check_non_negative("weight_decay", c.weight_decay)?;
-                check_non_negative("proj_lr_scale", c.proj_lr_scale)?;
-                check_non_negative("inactive_lr_scale", c.inactive_lr_scale)?;
-                // A full-rank SVD leaves only rounding noise, which sign() would blow up to ±η.
-                check(
-                    !(c.mode == FrugalMode::Svd && c.density >= 1.0 && c.inactive_rule == InactiveRule::SignSgd),
-                    || {
-                        "FRUGAL svd with density 1 and the sign rule steps on rounding noise; lower density or use sgd"
-                            .into()
-                    },
-                )
-            }
-            OptimizerConfig::Sign(c) => {
-                check_lr(c.lr)?;
-                check_unit("beta1", c.beta1)?;
-                check_unit("beta2", c.beta2)?;
-                check_non_negative("weight_decay", c.weight_decay)
-            }
+        OptimizerConfig::SubspaceMomentum(c) => {
+            // 1-D tensors keep the full momentum (the whole vector is the subspace).
+            let full =
+                SubspaceMomentumConfig { rank: len, projection: Projection::Index(IndexRule::TopK), ..c.clone() };
+            Box::new(SubspaceMomentum::new(full, slice.dims, slice.name))
         }
-    }
-
-    /// Creates the optimizer for one slice.
-    pub fn build(&self, slice: &SliceInfo) -> Box<dyn Optimizer> {
-        let len = slice.dims.rows * slice.dims.cols;
-        match self {
-            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(c.clone(), len)),
-            OptimizerConfig::AdamW(c) => Box::new(AdamW::new(c.clone(), len)),
-            OptimizerConfig::SubsetNorm(c) => Box::new(SubsetNorm::new(c.clone(), slice.dims, slice.matrix)),
-            OptimizerConfig::SubspaceMomentum(c) if slice.matrix => {
-                Box::new(SubspaceMomentum::new(c.clone(), slice.dims, slice.name))
-            }
-            OptimizerConfig::SubspaceMomentum(c) => {
-                // 1-D tensors keep the full momentum (the whole vector is the subspace).
-                let full =
-                    SubspaceMomentumConfig { rank: len, projection: Projection::Index(IndexRule::TopK), ..c.clone() };
-                Box::new(SubspaceMomentum::new(full, slice.dims, slice.name))
-            }
-            OptimizerConfig::Frugal(c) => match slice.projectable {
-                Some(position) => Box::new(Frugal::new(c.clone(), slice.dims, position, slice.name)),
-                None => Box::new(AdamW::new(
-                    AdamWConfig {
-                        lr: c.lr,
-                        beta1: c.beta1,
-                        beta2: c.beta2,
-                        eps: c.eps,
-                        weight_decay: c.weight_decay,
-                        decoupled: true,
-                    },
-                    len,
-                )),
-            },
-            OptimizerConfig::Sign(c) => Box::new(Sign::new(c.clone(), len)),
-        }
-    }
-
-    /// Short mode name, used as a metric label.
-    pub fn mode(&self) -> &'static str {
-        match self {
-            OptimizerConfig::Sgd(_) => "sgd",
-            OptimizerConfig::AdamW(c) if c.decoupled => "adamw",
-            OptimizerConfig::AdamW(_) => "adam_l2",
-            OptimizerConfig::SubsetNorm(c) if c.subsets == Subsets::Whole => "adagrad_norm",
-            OptimizerConfig::SubsetNorm(c) if c.beta2 >= 1.0 => "adagrad_sn",
-            OptimizerConfig::SubsetNorm(_) => "adam_sn",
-            OptimizerConfig::SubspaceMomentum(c) if c.adaptive => "adam_sn_sm",
-            OptimizerConfig::SubspaceMomentum(_) => "sgd_sm",
-            OptimizerConfig::Frugal(c) => match c.mode {
-                FrugalMode::Block { .. } => "frugal_block",
-                FrugalMode::Columns => "frugal_columns",
-                FrugalMode::Svd => "frugal_svd",
-            },
-            OptimizerConfig::Sign(c) if c.lion => "lion",
-            OptimizerConfig::Sign(c) if c.beta1 > 0.0 => "signum",
-            OptimizerConfig::Sign(_) => "signsgd",
-        }
-    }
-
-    /// Human-readable description with the hyperparameters.
-    pub fn describe(&self) -> String {
-        match self {
-            OptimizerConfig::Sgd(c) => format!(
-                "sgd(lr={}, momentum={}, dampening={}, nesterov={}, weight_decay={})",
-                c.lr, c.momentum, c.dampening, c.nesterov, c.weight_decay
-            ),
-            OptimizerConfig::AdamW(c) => format!(
-                "{}(lr={}, betas=({}, {}), eps={}, weight_decay={})",
-                self.mode(),
-                c.lr,
-                c.beta1,
-                c.beta2,
-                c.eps,
-                c.weight_decay
-            ),
-            other => format!("{}({other:?})", self.mode()),
-        }
+        OptimizerConfig::Frugal(c) => match slice.projectable {
+            Some(position) => Box::new(Frugal::new(c.clone(), slice.dims, position, slice.name)),
+            None => Box::new(AdamW::new(
+                AdamWConfig {
+                    lr: c.lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: c.weight_decay,
+                    decoupled: true,
+                },
+                len,
+            )),
+        },
+        OptimizerConfig::Sign(c) => Box::new(Sign::new(c.clone(), len)),
     }
 }
 
@@ -522,7 +361,7 @@ pub(crate) mod tests {
     /// A fresh instance stepped `steps` times, with its parameters.
     fn stepped(config: &OptimizerConfig, slice: &SliceInfo, steps: u64) -> (Box<dyn Optimizer>, Vec<f32>) {
         let len = slice.dims.rows * slice.dims.cols;
-        let mut optimizer = config.build(slice);
+        let mut optimizer = build(config, slice);
         let mut param = pseudo_random(0, len);
         for t in 1..=steps {
             optimizer.step(&mut param, &pseudo_random(t, len), &ctx(t));
@@ -562,7 +401,7 @@ pub(crate) mod tests {
             config.validate().unwrap_or_else(|e| panic!("{label}: {e}"));
             let (mut original, mut param) = stepped(&config, &slice, 3);
             let saved = original.export_state();
-            let mut restored = config.build(&slice);
+            let mut restored = build(&config, &slice);
             if saved.buffers.values().any(|b| b.iter().any(|&x| x != 0.0)) {
                 assert_ne!(restored.export_state(), saved, "{label}: three steps left no state to restore");
             }
@@ -582,8 +421,8 @@ pub(crate) mod tests {
     #[test]
     fn fresh_state_round_trips() {
         for (label, config, slice) in modes() {
-            let fresh = config.build(&slice).export_state();
-            let mut other = config.build(&slice);
+            let fresh = build(&config, &slice).export_state();
+            let mut other = build(&config, &slice);
             other.import_state(&fresh).unwrap_or_else(|e| panic!("{label}: {e}"));
             assert_eq!(other.export_state(), fresh, "{label}");
         }
@@ -632,7 +471,7 @@ pub(crate) mod tests {
     fn states_of_another_shape_or_mode_are_rejected() {
         let adamw = OptimizerConfig::AdamW(AdamWConfig::default());
         let (from_6x4, _) = stepped(&adamw, &slice(MATRIX), 2);
-        let mut small = adamw.build(&slice(Dims { rows: 3, cols: 4 }));
+        let mut small = build(&adamw, &slice(Dims { rows: 3, cols: 4 }));
         let error = small.import_state(&from_6x4.export_state()).unwrap_err();
         assert_eq!(error, StateError::WrongLength { field: "m".into(), expected: 12, actual: 24 });
 
@@ -643,20 +482,20 @@ pub(crate) mod tests {
             ..Default::default()
         });
         let (lion, _) = stepped(&lion, &slice(MATRIX), 2);
-        let mut signsgd = OptimizerConfig::Sign(SignConfig::default()).build(&slice(MATRIX));
+        let mut signsgd = build(&OptimizerConfig::Sign(SignConfig::default()), &slice(MATRIX));
         assert_eq!(invalid_field(signsgd.import_state(&lion.export_state())), "momentum");
 
         let svd = SubspaceMomentumConfig { rank: 2, update_gap: 3, projection: Projection::Svd, ..Default::default() };
         let (svd, _) = stepped(&OptimizerConfig::SubspaceMomentum(svd), &slice(MATRIX), 2);
         let topk = SubspaceMomentumConfig { rank: 2, update_gap: 3, ..Default::default() };
-        let mut topk = OptimizerConfig::SubspaceMomentum(topk).build(&slice(MATRIX));
+        let mut topk = build(&OptimizerConfig::SubspaceMomentum(topk), &slice(MATRIX));
         assert_eq!(invalid_field(topk.import_state(&svd.export_state())), "projector_kind");
 
         let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() });
         let (sgd, _) = stepped(&sgd, &slice(MATRIX), 1);
         let mut state = sgd.export_state();
         state.integers.insert("buffer_started".into(), vec![2]);
-        let mut fresh = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() }).build(&slice(MATRIX));
+        let mut fresh = build(&OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() }), &slice(MATRIX));
         assert_eq!(invalid_field(fresh.import_state(&state)), "buffer_started");
     }
 
@@ -666,7 +505,7 @@ pub(crate) mod tests {
             OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig { rank: 2, update_gap: 3, ..Default::default() });
         let (stepped, _) = stepped(&config, &slice(MATRIX), 1);
         let saved = stepped.export_state();
-        let mut fresh = config.build(&slice(MATRIX));
+        let mut fresh = build(&config, &slice(MATRIX));
         for indices in [vec![1, 6], vec![3, 1], vec![2, 2]] {
             let mut bad = saved.clone();
             bad.integers.insert("projector_indices".into(), indices.clone());
@@ -675,7 +514,7 @@ pub(crate) mod tests {
         let mut bad = saved.clone();
         bad.integers.insert("selections".into(), vec![0]);
         assert_eq!(invalid_field(fresh.import_state(&bad)), "selections");
-        assert_eq!(fresh.export_state(), config.build(&slice(MATRIX)).export_state());
+        assert_eq!(fresh.export_state(), build(&config, &slice(MATRIX)).export_state());
     }
 
     #[test]

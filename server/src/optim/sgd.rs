@@ -1,29 +1,7 @@
 //! SGD with optional heavy-ball or Nesterov momentum, following torch.optim.SGD:
 //! `d = g + λw; b = μb + (1-τ)d (b = d on the first step); d = d + μb (Nesterov) or b; w -= η d`.
 
-use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
-
-/// Hyperparameters of SGD.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SgdConfig {
-    /// Learning rate η.
-    pub lr: f32,
-    /// Momentum μ; 0 keeps no state.
-    pub momentum: f32,
-    /// Dampening τ of the momentum.
-    pub dampening: f32,
-    /// Nesterov momentum.
-    pub nesterov: bool,
-    /// L2 weight decay λ, added to the gradient.
-    pub weight_decay: f32,
-}
-
-/// Plain SGD at lr 1e-3 (the wire has no default lr: zero is rejected).
-impl Default for SgdConfig {
-    fn default() -> Self {
-        Self { lr: 1e-3, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
-    }
-}
+use super::{Optimizer, OptimizerState, SgdConfig, StateError, StateReader, StepContext};
 
 /// SGD state for one slice: the momentum buffer, if momentum is on.
 pub struct Sgd {

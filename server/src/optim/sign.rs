@@ -2,33 +2,7 @@
 //! Signum (one momentum buffer) and Lion (one momentum buffer).
 
 use super::linalg::sign0;
-use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
-
-/// Hyperparameters of signSGD (β = 0), Signum and Lion.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SignConfig {
-    /// Learning rate η.
-    pub lr: f32,
-    /// Signum momentum β (0: signSGD); Lion's β1, which interpolates the update.
-    pub beta1: f32,
-    /// Lion's β2, the decay of its momentum buffer (unused by Signum).
-    pub beta2: f32,
-    /// Weight decay λ: added to the sign for signSGD/Signum, decoupled for Lion.
-    pub weight_decay: f32,
-    /// Lion's rule if true, Signum's if false.
-    pub lion: bool,
-}
-
-/// Lion's β2 when the wire API leaves it at zero (the Lion paper's choice).
-pub const LION_DEFAULT_BETA2: f32 = 0.99;
-
-/// signSGD at lr 1e-3. β2 stays 0 because only Lion reads it; a Lion config
-/// whose β2 is zero on the wire gets [`LION_DEFAULT_BETA2`] instead.
-impl Default for SignConfig {
-    fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.0, beta2: 0.0, weight_decay: 0.0, lion: false }
-    }
-}
+use super::{Optimizer, OptimizerState, SignConfig, StateError, StateReader, StepContext};
 
 /// signSGD / Signum / Lion state for one slice.
 pub struct Sign {

@@ -4,64 +4,7 @@
 //! AdaGradSN / AdamSN (state `max(m, n)` floats for an m×n matrix).
 
 use super::linalg::Dims;
-use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext};
-
-/// How the coordinates of a tensor are grouped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Subsets {
-    /// Rows if `m >= n`, else columns; coordinate-wise for 1-D tensors.
-    Heuristic,
-    /// One subset per row (state `(m, 1)`).
-    Rows,
-    /// One subset per column (state `(1, n)`).
-    Columns,
-    /// One subset per coordinate (plain Adam / AdaGrad).
-    Coordinates,
-    /// The whole tensor is one subset (AdaGrad-Norm).
-    Whole,
-    /// Contiguous row-major chunks of `k` coordinates; a negative `-c` means
-    /// `k = floor(sqrt(numel) / c)`; `k` falls back to the largest divisor of numel.
-    Chunks(i64),
-}
-
-/// Hyperparameters of the Subset-Norm family.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SubsetNormConfig {
-    /// Learning rate η.
-    pub lr: f32,
-    /// Momentum β1; 0 keeps no momentum (AdaGradSN, RMSPropSN).
-    pub beta1: f32,
-    /// β2 < 1: exponential average (AdamSN); 1: plain sum (AdaGradSN).
-    pub beta2: f32,
-    /// ε added to the root (HF placement).
-    pub eps: f32,
-    /// Multiply η by sqrt(1-β2^t)/(1-β1^t).
-    pub correct_bias: bool,
-    /// Decoupled decay applied after the step, on the new weights.
-    pub weight_decay: f32,
-    /// How coordinates are grouped.
-    pub subsets: Subsets,
-    /// AdaGrad-Norm's initial accumulator b0².
-    pub initial_accumulator: f32,
-}
-
-/// AdaGradSN (β2 = 1, no momentum) over the heuristic subsets at lr 1e-3. The
-/// wire takes β2 from here when it is zero; a usable config also needs ε > 0
-/// or an initial accumulator.
-impl Default for SubsetNormConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.0,
-            beta2: 1.0,
-            eps: 0.0,
-            correct_bias: false,
-            weight_decay: 0.0,
-            subsets: Subsets::Heuristic,
-            initial_accumulator: 0.0,
-        }
-    }
-}
+use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext, SubsetNormConfig, Subsets};
 
 /// Maps each coordinate to its subset.
 #[derive(Clone, Copy, Debug)]

@@ -6,80 +6,12 @@
 
 use super::linalg::{self, Dims, Side};
 use super::projector::{IndexChoice, Projector, ProjectorShape};
-use super::subset_norm::{SubsetAccumulator, SubsetMap, Subsets, subset_norm_alpha};
-use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext, invalid};
+use super::subset_norm::{SubsetAccumulator, SubsetMap, subset_norm_alpha};
+use super::{
+    IndexRule, Optimizer, OptimizerState, Projection, StateError, StateReader, StepContext, SubspaceMomentumConfig,
+    invalid,
+};
 use crate::random::{SplitMix, name_hash};
-
-/// How the kept rows or columns are chosen.
-#[derive(Clone, Debug, PartialEq)]
-pub enum IndexRule {
-    /// Uniformly at random (seeded).
-    Uniform,
-    /// The rows or columns with the largest L2 norm.
-    TopK,
-    /// Given: the k-th re-selection uses entry k (the last one repeats).
-    Schedule(Vec<Vec<usize>>),
-}
-
-/// Which projector spans the subspace.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Projection {
-    /// Whole rows (m ≥ n) or columns (m < n).
-    Index(IndexRule),
-    /// Top singular vectors of the gradient: right factor if m ≥ n, else left.
-    Svd,
-}
-
-/// Hyperparameters of SGD-SM and AdamSNSM.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SubspaceMomentumConfig {
-    /// Learning rate η.
-    pub lr: f32,
-    /// Momentum β1 of the subspace momentum.
-    pub beta1: f32,
-    /// β2 of the Subset-Norm denominator (AdamSNSM).
-    pub beta2: f32,
-    /// ε of the denominator (AdamSNSM).
-    pub eps: f32,
-    /// Subspace rank r.
-    pub rank: usize,
-    /// Re-selection period T.
-    pub update_gap: u64,
-    /// The projector.
-    pub projection: Projection,
-    /// AdamSNSM if true (SN denominator and bias factor), SGD-SM if false.
-    pub adaptive: bool,
-    /// SN subsets of the denominator (AdamSNSM).
-    pub subsets: Subsets,
-    /// Bias factor sqrt(1-β2^t)/(1-β1^t) on the whole update (AdamSNSM).
-    pub correct_bias: bool,
-    /// Decoupled decay after the step.
-    pub weight_decay: f32,
-    /// Seed of random selections.
-    pub seed: u64,
-}
-
-/// SGD-SM with a rank-8 top-k row/column subspace re-chosen every 200 steps.
-/// The wire takes β1, β2, ε and the update gap from here when they are zero;
-/// lr and rank have no default there.
-impl Default for SubspaceMomentumConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-6,
-            rank: 8,
-            update_gap: 200,
-            projection: Projection::Index(IndexRule::TopK),
-            adaptive: false,
-            subsets: Subsets::Heuristic,
-            correct_bias: false,
-            weight_decay: 0.0,
-            seed: 0,
-        }
-    }
-}
 
 /// SM state for one matrix.
 pub struct SubspaceMomentum {

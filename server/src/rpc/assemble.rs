@@ -12,8 +12,8 @@ use ps_proto::transport::MAX_CHUNK_PAYLOAD_BYTES;
 use rayon::prelude::*;
 
 use crate::error::{ChunkProblem, ServerError};
-use crate::spec::InitRule;
 use crate::store::{Block, BlockGradient, Model};
+use ps_proto::api::Init;
 
 struct Part {
     offset: usize,
@@ -86,7 +86,7 @@ impl<'a> Assembler<'a> {
         codec::check_payload(encoding, chunk.length, &chunk.payload).map_err(bad)?;
         codec::check_scale(encoding, chunk.scale).map_err(bad)?;
         let block = self.model.block(&chunk.tensor, chunk.block)?;
-        if self.purpose == Purpose::Weights && self.model.spec.tensors[block.tensor].init != InitRule::Provided {
+        if self.purpose == Purpose::Weights && self.model.spec.tensors[block.tensor].init != Init::Provided {
             return Err(ServerError::ValuesNotProvided { tensor: chunk.tensor.clone() });
         }
         let key = (block.tensor, block.index);

@@ -46,7 +46,8 @@ use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
-use super::service::{ParameterService, PushMessages, WeightStream, observe};
+use super::service::{ParameterService, observe};
+use super::streams::{PushMessages, WeightStream};
 
 /// The shard's service with `PushGradients` and `PullWeights` served by hand (see the module docs).
 #[derive(Clone)]

@@ -1,16 +1,24 @@
-//! The gRPC face of a shard: the `paramserver.v1` service, the conversions
-//! between wire messages and the store's types, chunk reassembly, auth, and
-//! the loop that serves it all with the transport settings of `ps_proto`.
-//! No optimizer math lives here; heavy work goes to the blocking pool.
+//! The gRPC face of a shard: the `paramserver.v1` service (`service`
+//! dispatches each RPC to the file of its family), the conversions between
+//! wire messages and the store's types, chunk reassembly, auth, the local
+//! channel for clients on the shard's host, and the loop that serves it all
+//! with the transport settings of `ps_proto`, beside the lease reaper and the
+//! health reports. No optimizer math lives here; heavy work goes to the
+//! blocking pool.
 
+mod admin;
 mod assemble;
-mod auth;
+pub(crate) mod auth;
 pub mod convert;
 mod hand_route;
 mod identity;
-mod peers;
-mod recovery;
+pub mod local;
+mod membership;
+mod registration;
+mod rounds;
 mod service;
+mod streams;
+mod training;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,11 +36,12 @@ use tonic::{Request, Status};
 
 pub use auth::{BearerAuth, Role};
 pub use identity::ShardCheck;
-pub use peers::Peers;
-pub use recovery::Durability;
 pub use service::ParameterService;
 
 use crate::config::ServerOptions;
+use crate::durability::Durability;
+use crate::limits::ShardBounds;
+use crate::peers::Peers;
 use crate::store::{DropReason, Registry, ShardIdentity};
 
 /// Why a shard could not serve.
@@ -60,24 +69,25 @@ pub async fn serve(
     let identity = ShardIdentity { index: options.shard_index, addresses: options.shards.clone() };
     let gate = Gate { auth: BearerAuth::new(&options.tokens), shard: ShardCheck::new(&identity) };
     let peers = Peers::new(&identity, options.tokens.for_peers(), options.tls.as_ref().map(|tls| &tls.peers));
-    let durability = Durability::new(&options.checkpoints, identity.index, identity.addresses.len() as u32)?;
     let registry = Arc::new(Registry::new(identity, options.lease));
-    let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
     let limits = options.limits.clone();
-    let mut shard = ParameterService::new(registry.clone(), peers, durability, options.limits);
+    let bounds = Arc::new(ShardBounds::new(options.limits));
+    let durability = Durability::new(&options.checkpoints, registry.clone(), peers.clone(), bounds.clone())?;
+    let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
+    let mut shard = ParameterService::new(registry.clone(), peers, durability.clone(), bounds);
     let mut local_servers = None;
     if let Some(dir) = &options.local_dir {
         let (channel, grpc, segments) =
-            crate::local::LocalChannel::bind(dir, registry, gate.auth.clone(), shard.bounds.clone())
+            local::LocalChannel::bind(dir, registry, gate.auth.clone(), shard.bounds.clone())
                 .map_err(ServeError::Local)?;
         tracing::info!(dir = %dir.display(), "local channel: gRPC and memory segments on Unix sockets");
         local_servers = Some((channel.clone(), grpc, tokio::spawn(channel.clone().accept(segments))));
         shard = shard.with_local(channel);
     }
-    shard.restore_from_disk().await;
+    durability.restore_from_disk().await;
     let timer = {
-        let shard = shard.clone();
-        tokio::spawn(async move { shard.checkpoint_periodically().await })
+        let durability = durability.clone();
+        tokio::spawn(async move { durability.checkpoint_periodically().await })
     };
     // grpc.health.v1: NOT_SERVING until every restored model agreed with the
     // peers on where to continue, and again from the start of a shutdown.
@@ -85,7 +95,8 @@ pub async fn serve(
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readiness = tokio::spawn(report_readiness(shard.registry().clone(), health, stopping.clone()));
     let grace = options.checkpoints.shutdown_grace;
-    let closing = shard.clone();
+    let closing = durability.clone();
+    let registry = shard.registry().clone();
     let asked = shard.shutdown.clone();
     let shutdown = async move {
         tokio::select! {
@@ -97,7 +108,7 @@ pub async fn serve(
         // Pulls waiting for a version this shard will not reach end now with
         // UNAVAILABLE, so the shutdown does not wait out their long poll and
         // clients retry against the restarted shard.
-        for model in closing.registry().models() {
+        for model in registry.models() {
             model.retire();
         }
     };
@@ -219,7 +230,7 @@ async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
         added.as_mut().enable();
         let models = registry.models();
         let deadlines = models.iter().filter_map(|m| {
-            m.spec.options.step_deadline.or_else(|| m.spec.federated.as_ref().and_then(|r| r.deadline))
+            m.spec.options.contract.step_deadline.or_else(|| m.spec.federated.as_ref().and_then(|r| r.deadline))
         });
         let shortest = deadlines.fold(registry.lease, Duration::min);
         let period = (shortest / 4).max(Duration::from_millis(5));
@@ -237,7 +248,7 @@ async fn expire_leases(registry: Arc<Registry>, peers: Peers) {
             .await;
             let (expired, late, due) = checked.unwrap_or_default();
             if let Some(closing) = due
-                && let Err(error) = service::close_round(&peers, model, closing).await
+                && let Err(error) = rounds::close_round(&peers, model, closing).await
             {
                 tracing::error!(model = name, %error, "could not apply a round closed at its deadline");
             }

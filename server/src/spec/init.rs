@@ -2,17 +2,17 @@
 //! index) instead of drawing from a stream, so every shard computes the same
 //! values for its blocks whatever the layout, and a restarted shard too.
 
-use super::InitRule;
 use crate::random::{mix64, name_hash};
+use ps_proto::api::Init;
 
 /// Fills `out` with the initial values of elements `offset..offset + out.len()`
 /// of a tensor. Random rules hash (seed, tensor name, element index), so every
 /// shard computes the same values whatever the layout.
-pub fn fill_initial(rule: &InitRule, tensor: &str, offset: u64, out: &mut [f32]) {
+pub fn fill_initial(rule: &Init, tensor: &str, offset: u64, out: &mut [f32]) {
     match *rule {
-        InitRule::Zeros | InitRule::Provided => out.fill(0.0),
-        InitRule::Constant(value) => out.fill(value),
-        InitRule::Normal { mean, std, seed } => {
+        Init::Zeros | Init::Provided => out.fill(0.0),
+        Init::Constant(value) => out.fill(value),
+        Init::Normal { mean, std, seed } => {
             let key = stream_key(seed, tensor);
             for (i, value) in out.iter_mut().enumerate() {
                 let index = offset + i as u64;
@@ -23,7 +23,7 @@ pub fn fill_initial(rule: &InitRule, tensor: &str, offset: u64, out: &mut [f32])
                 *value = mean + std * z as f32;
             }
         }
-        InitRule::Uniform { center, half_width, seed } => {
+        Init::Uniform { center, half_width, seed } => {
             let key = stream_key(seed, tensor);
             for (i, value) in out.iter_mut().enumerate() {
                 let u = unit_interval(mix64(key ^ (offset + i as u64)));
@@ -48,7 +48,7 @@ mod tests {
 
     #[test]
     fn random_init_does_not_depend_on_the_split() {
-        let rule = InitRule::Normal { mean: 0.0, std: 1.0, seed: 7 };
+        let rule = Init::Normal { mean: 0.0, std: 1.0, seed: 7 };
         let mut whole = vec![0.0; 1000];
         fill_initial(&rule, "w", 0, &mut whole);
         let mut tail = vec![0.0; 400];
@@ -60,7 +60,7 @@ mod tests {
         let mut other = vec![0.0; 1000];
         fill_initial(&rule, "v", 0, &mut other);
         assert_ne!(whole, other);
-        let uniform = InitRule::Uniform { center: 1.0, half_width: 0.5, seed: 1 };
+        let uniform = Init::Uniform { center: 1.0, half_width: 0.5, seed: 1 };
         fill_initial(&uniform, "u", 0, &mut whole);
         assert!(whole.iter().all(|x| (0.5..1.5).contains(x)));
     }

@@ -4,20 +4,26 @@
 //! synchronous and may be heavy; the RPC layer calls it from the blocking
 //! pool, never from a reactor thread. Nothing here knows gRPC.
 
-mod barrier;
 mod block;
 mod membership;
 mod model;
 mod registry;
-mod rounds;
-mod snapshot;
 
-pub use barrier::PushOutcome;
 #[cfg(test)]
 pub use block::DecodedGradient;
 pub use block::{Block, BlockGradient, WaitFailure};
 pub use membership::{JoinError, MAX_RANK, Membership};
-pub use model::{DropReason, GroupStats, Model};
+pub use model::PushOutcome;
+pub use model::{
+    BlockSnapshot, BlockUpdate, CheckpointPlan, CheckpointSink, Closing, DropReason, GroupStats, Model, ModelSnapshot,
+    RoundStats, Rounds, WriteReport,
+};
 pub use registry::{Registry, ShardIdentity};
-pub use rounds::{BlockUpdate, Closing, RoundStats, Rounds, Task};
-pub use snapshot::{BlockSnapshot, CheckpointPlan, CheckpointSink, ModelSnapshot, WriteReport};
+
+/// Runs `work` on the blocking pool, off the reactor: how the async layers
+/// call into the store (and anything else heavy).
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, crate::error::ServerError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| crate::error::ServerError::Internal(e.to_string()))
+}

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ps_client::spec::{GroupConfig, Init, Mode, ModelSpec, Optimizer, TensorSpec};
+use ps_client::spec::{GroupConfig, Init, Mode, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_client::{ModelHandle, Tensors};
 pub use ps_testkit::{Cluster, values};
 
@@ -11,12 +11,12 @@ pub fn tensor(name: &str, shape: &[u64]) -> TensorSpec {
     TensorSpec::new(name, shape, Init::Provided)
 }
 
-pub fn group(name: &str, patterns: &[&str], optimizer: Optimizer) -> GroupConfig {
+pub fn group(name: &str, patterns: &[&str], optimizer: OptimizerConfig) -> GroupConfig {
     GroupConfig::new(name, patterns, optimizer)
 }
 
-pub fn sgd(lr: f64) -> Optimizer {
-    Optimizer::sgd(lr)
+pub fn sgd(lr: f32) -> OptimizerConfig {
+    OptimizerConfig::sgd(lr)
 }
 
 /// Provided initial values for every tensor of `spec`.

@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ps_client::federated::{Algorithm, ClientState, HPool, Participation, RoundConfig, RoundOutcome, train_round};
-use ps_client::spec::{GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_client::federated::{ClientState, RoundOutcome, train_round};
+use ps_client::spec::{Algorithm, HPool, RoundConfig, Selection};
+use ps_client::spec::{GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_client::{ModelHandle, Tensors};
 use serde_json::Value;
 
@@ -55,19 +56,20 @@ fn config_of(case: &Value, clients: u32) -> RoundConfig {
         .map(|r| r["selected"].as_array().expect("selected").iter().map(|c| c.as_u64().unwrap() as u32).collect())
         .collect::<Vec<Vec<u32>>>();
     let mut config = RoundConfig::new(algorithm, clients, number(hyper, "lr"));
-    config.participation = Participation::Schedule(cohorts.clone());
-    config.local_steps = number(hyper, "local_steps_K") as u32;
+    config.selection = Selection::Schedule(cohorts.clone());
+    config.client.local_steps = number(hyper, "local_steps_K") as u32;
     config.lr_decay = number(hyper, "lr_decay_per_round");
-    config.weight_decay = number(hyper, "weight_decay");
-    config.clip_norm = number(hyper, "clip_max_norm");
-    config.rounds = cohorts.len() as u64;
+    config.client.weight_decay = number(hyper, "weight_decay");
+    config.client.clip_norm = number(hyper, "clip_max_norm");
+    config.rounds = Some(cohorts.len() as u64);
     match algorithm {
-        Algorithm::FedProx => config.mu = number(hyper, "mu"),
+        Algorithm::FedProx => config.client.mu = number(hyper, "mu"),
         Algorithm::FedSpeed => {
-            config.mu = number(hyper, "lamb");
-            config.rho = number(hyper, "rho");
-            config.alpha = number(hyper, "alpha");
-            config.unnormalized_ascent = !hyper["normalize_perturbation"].as_bool().expect("normalize_perturbation");
+            config.client.mu = number(hyper, "lamb");
+            config.client.rho = number(hyper, "rho");
+            config.client.alpha = number(hyper, "alpha");
+            config.client.unnormalized_ascent =
+                !hyper["normalize_perturbation"].as_bool().expect("normalize_perturbation");
             config.pool = match hyper["h_average"].as_str() {
                 Some("all") => HPool::AllClients,
                 Some("selected") => HPool::Participants,
@@ -99,7 +101,7 @@ async fn replay(name: &str, case: &Value) {
         ..ModelSpec::new(
             name,
             vec![TensorSpec::new("x", &[initial.len() as u64], Init::Provided)],
-            vec![GroupConfig::new("server", &["*"], Optimizer::sgd(global_lr))],
+            vec![GroupConfig::new("server", &["*"], OptimizerConfig::sgd(global_lr as f32))],
         )
     }
     .with_rounds(config.clone());
@@ -124,7 +126,7 @@ async fn replay(name: &str, case: &Value) {
             let state = states.get_mut(&client).unwrap();
             let mut local_model = None;
             let outcome = train_round(&model, task, state, |w, local| {
-                for _ in 0..task.config.local_steps {
+                for _ in 0..task.config.client.local_steps {
                     let g1: Tensors = [("x".to_string(), client_data.gradient(&w["x"]))].into_iter().collect();
                     let gradient = if task.config.algorithm == Algorithm::FedSpeed {
                         let perturbed = local.ascent_point(w, &g1);
@@ -160,7 +162,7 @@ async fn replay(name: &str, case: &Value) {
         assert_close(name, &format!("round {round} server model"), &server.tensors["x"], &want, rtol, atol);
         check_state(name, round, round_case, &model, &states, &config, rtol, atol).await;
     }
-    let done = model.next_task(0, config.rounds).await.expect("the last task");
+    let done = model.next_task(0, config.rounds.expect("a fixed number of rounds")).await.expect("the last task");
     assert!(done.finished, "{name}: the run ends after its rounds");
 }
 

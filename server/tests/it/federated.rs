@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use ps_client::federated::{
-    Algorithm, ClientState, LocalRound, Participation, RoundConfig, RoundOutcome, RoundUpdate, train_round,
-};
-use ps_client::spec::{Encoding, GroupConfig, Init, ModelSpec, Optimizer, TensorSpec};
+use ps_client::federated::{ClientState, LocalRound, RoundOutcome, RoundUpdate, train_round};
+use ps_client::spec::{Algorithm, RoundConfig, Selection};
+use ps_client::spec::{Encoding, GroupConfig, Init, ModelSpec, OptimizerConfig, TensorSpec};
 use ps_client::{ClientError, ModelHandle, Tensors};
 use ps_proto::{chunk, errors, pb};
 use tonic::Code;
@@ -23,7 +22,7 @@ fn spec(name: &str, config: RoundConfig) -> ModelSpec {
         ..ModelSpec::new(
             name,
             vec![TensorSpec::new("w", &[LEN as u64], Init::Constant(1.0))],
-            vec![GroupConfig::new("all", &["*"], Optimizer::sgd(1.0))],
+            vec![GroupConfig::new("all", &["*"], OptimizerConfig::sgd(1.0))],
         )
     }
     .with_rounds(config)
@@ -31,7 +30,7 @@ fn spec(name: &str, config: RoundConfig) -> ModelSpec {
 
 fn fedavg(clients: u32, deadline_ms: u64, quorum: u32) -> RoundConfig {
     let mut config = RoundConfig::new(Algorithm::FedAvg, clients, 0.1);
-    config.round_deadline = (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms));
+    config.deadline = (deadline_ms > 0).then(|| Duration::from_millis(deadline_ms));
     config.quorum = quorum;
     config
 }
@@ -152,8 +151,7 @@ async fn a_restarted_client_resumes_from_its_state_dir() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
     let dir = std::env::temp_dir().join(format!("ps-fed-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let config =
-        RoundConfig { participation: Participation::Fraction(1.0), ..RoundConfig::new(Algorithm::Scaffold, 2, 0.1) };
+    let config = RoundConfig { selection: Selection::Bernoulli(1.0), ..RoundConfig::new(Algorithm::Scaffold, 2, 0.1) };
     let model = cluster.client().register(&spec("resume", config), &Tensors::new()).await.unwrap();
     let mut states = vec![ClientState::load(&dir, 0).unwrap(), ClientState::load(&dir, 1).unwrap()];
     // Round 1, normally.
@@ -210,7 +208,7 @@ async fn a_restarted_client_resumes_from_its_state_dir() {
 async fn malformed_round_requests_get_clear_statuses_and_change_nothing() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
     let client = cluster.client();
-    let schedule = RoundConfig { participation: Participation::Schedule(vec![vec![0, 1]]), ..fedavg(3, 0, 1) };
+    let schedule = RoundConfig { selection: Selection::Schedule(vec![vec![0, 1]]), ..fedavg(3, 0, 1) };
     let model = client.register(&spec("malformed", schedule), &Tensors::new()).await.unwrap();
     let code = |e: &ClientError| match e {
         ClientError::Rpc { status, .. } => status.code(),

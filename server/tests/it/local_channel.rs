@@ -227,7 +227,7 @@ async fn bad_local_requests_are_refused_and_change_nothing() {
     let grads = grads_like(&init, 1);
     model.push("w0", 0, &grads).await.unwrap();
     assert_eq!(model.pull(1).await.unwrap().version, 1);
-    assert_eq!(model.client().local_channel(0), Some(LocalMode::Segments));
+    assert_eq!(model.shards().local_channel(0), Some(LocalMode::Segments));
     // A shard without a local channel says so.
     let tcp = Cluster::start(1, Duration::from_secs(30)).await;
     let status = tcp
@@ -291,7 +291,7 @@ async fn a_killed_local_worker_leaves_the_shard_healthy() {
         model.push("survivor", step, &grads_like(&init, step + 1)).await.unwrap();
         assert_eq!(model.pull(step + 1).await.unwrap().version, step + 1);
     }
-    assert_eq!(model.client().local_channel(0), Some(LocalMode::Segments));
+    assert_eq!(model.shards().local_channel(0), Some(LocalMode::Segments));
     let status = cluster.client().status("killed").await.unwrap();
     assert_eq!(status[0].models[0].live_workers.len(), 1, "the killed worker was dropped");
     drop(weights);

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use ps_server::optim::{
-    AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, Optimizer,
+    self, AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, Optimizer,
     OptimizerConfig, Projection, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 use serde_json::Value;
@@ -129,6 +129,7 @@ fn configs(algorithm: &str, hp: &Value, names: &[String]) -> Option<Vec<Optimize
                 reset_statistics: hp["reset_statistics"].as_bool().unwrap(),
                 mode: mode.clone(),
                 seed: 0,
+                projectable_patterns: Vec::new(),
                 schedule: None,
             };
             Some(
@@ -276,12 +277,15 @@ fn every_optimizer_vector_replays_through_the_server_optimizers() {
                     let rows = shape.first().copied().unwrap_or(1);
                     let cols = shape.iter().skip(1).product::<usize>();
                     let position = projectable.iter().position(|p| *p == name);
-                    config.build(&SliceInfo {
-                        name,
-                        dims: Dims { rows, cols },
-                        matrix: shape.len() >= 2,
-                        projectable: position.map(|index| GroupPosition { index, count: projectable.len() }),
-                    })
+                    optim::build(
+                        config,
+                        &SliceInfo {
+                            name,
+                            dims: Dims { rows, cols },
+                            matrix: shape.len() >= 2,
+                            projectable: position.map(|index| GroupPosition { index, count: projectable.len() }),
+                        },
+                    )
                 })
                 .collect();
             let mut state_fields = 0;

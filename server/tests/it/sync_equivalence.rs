@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use ps_client::Tensors;
-use ps_client::spec::{self, FrugalMode, Mode, ModelSpec, Optimizer, Projection};
+use ps_client::spec::{self, BlockOrder, FrugalMode, Mode, ModelSpec, OptimizerConfig, Projection};
 use ps_proto::pb;
-use ps_server::optim::{AdamWConfig, Dims, OptimizerConfig, SgdConfig, SliceInfo, StepContext};
+use ps_server::optim::{self, AdamWConfig, Dims, SgdConfig, SliceInfo, StepContext};
 
 use crate::cluster::*;
 
@@ -41,7 +41,7 @@ async fn owned_and_borrowed_pushes_train_alike_bit_for_bit() {
         let models = ["lent", "owned"].map(|how| {
             // Two blocks (of at most 2^20 values, whole rows): the first two chunks of f32, the second one.
             let tensors = vec![tensor("big", &[1500, 1000]), tensor("small", &[33])];
-            let mut all = group("all", &["*"], Optimizer::sgd(0.1));
+            let mut all = group("all", &["*"], OptimizerConfig::sgd(0.1));
             all.push_encodings = vec![encoding];
             ModelSpec::new(format!("{how}-{encoding:?}"), tensors, vec![all])
         });
@@ -81,29 +81,8 @@ pub async fn check_sync_equivalence(client: &ps_client::PsClient) {
             "equivalence",
             vec![tensor("layer.weight", &[37, 19]), tensor("layer.bias", &[19]), tensor("head.weight", &[5, 37])],
             vec![
-                group(
-                    "matrices",
-                    &["*.weight"],
-                    Optimizer::AdamW(spec::AdamW {
-                        lr: 0.01,
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                        weight_decay: 0.1,
-                        l2_decay: false,
-                    }),
-                ),
-                group(
-                    "biases",
-                    &["*"],
-                    Optimizer::Sgd(spec::Sgd {
-                        lr: 0.05,
-                        momentum: 0.9,
-                        nesterov: true,
-                        weight_decay: 0.01,
-                        ..Default::default()
-                    }),
-                ),
+                group("matrices", &["*.weight"], OptimizerConfig::AdamW(adamw.clone())),
+                group("biases", &["*"], OptimizerConfig::Sgd(nesterov.clone())),
             ],
         )
     };
@@ -127,7 +106,7 @@ pub async fn check_sync_equivalence(client: &ps_client::PsClient) {
             } else {
                 OptimizerConfig::Sgd(nesterov.clone())
             };
-            (t.name.clone(), config.build(&slice(&t.name, len)))
+            (t.name.clone(), optim::build(&config, &slice(&t.name, len)))
         })
         .collect();
 
@@ -185,16 +164,16 @@ async fn async_mode_applies_each_push_and_reports_the_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
-    let frugal = spec::Frugal {
+    let frugal = spec::FrugalConfig {
         lr: 0.01,
         weight_decay: 0.01,
         density: 0.5,
         update_gap: 2,
         inactive_lr_scale: 0.5,
-        mode: FrugalMode::Block,
+        mode: FrugalMode::Block { order: BlockOrder::Descending },
         ..Default::default()
     };
-    let sn_sm = spec::SubspaceMomentum {
+    let sn_sm = spec::SubspaceMomentumConfig {
         lr: 0.02,
         rank: 2,
         update_gap: 2,
@@ -216,8 +195,8 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
                 tensor("head.weight", &[10, 16]),
             ],
             vec![
-                group("sm", &["head.*"], Optimizer::SubspaceMomentum(sn_sm)),
-                group("frugal", &["*"], Optimizer::Frugal(frugal)),
+                group("sm", &["head.*"], OptimizerConfig::SubspaceMomentum(sn_sm)),
+                group("frugal", &["*"], OptimizerConfig::Frugal(frugal)),
             ],
         )
     };
@@ -239,12 +218,15 @@ async fn memory_saving_modes_run_on_whole_tensors_as_they_do_locally() {
         .map(|t| {
             let rows = t.shape[0] as usize;
             let cols = t.shape.iter().skip(1).product::<u64>() as usize;
-            validated.groups[t.group].optimizer.build(&SliceInfo {
-                name: &t.name,
-                dims: Dims { rows, cols },
-                matrix: t.shape.len() >= 2,
-                projectable: t.projectable,
-            })
+            optim::build(
+                &validated.groups[t.group].optimizer,
+                &SliceInfo {
+                    name: &t.name,
+                    dims: Dims { rows, cols },
+                    matrix: t.shape.len() >= 2,
+                    projectable: t.projectable,
+                },
+            )
         })
         .collect();
     let projectable = validated.tensors.iter().filter(|t| t.projectable.is_some()).count();

@@ -204,11 +204,13 @@ async fn bad_pushes_are_rejected_and_change_nothing() {
 }
 
 /// Subspace-Momentum with an injected index schedule, written as the wire's lists.
-fn sm_with_schedule(schedule: Vec<proto::IndexList>) -> ps_client::spec::Optimizer {
-    ps_client::spec::Optimizer::SubspaceMomentum(ps_client::spec::SubspaceMomentum {
+fn sm_with_schedule(schedule: Vec<proto::IndexList>) -> ps_client::spec::OptimizerConfig {
+    use ps_client::spec::{IndexRule, OptimizerConfig, Projection, SubspaceMomentumConfig};
+    let schedule = schedule.into_iter().map(|l| l.indices.into_iter().map(|i| i as usize).collect()).collect();
+    OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig {
         lr: 0.1,
         rank: 2,
-        indices_schedule: schedule.into_iter().map(|l| l.indices).collect(),
+        projection: Projection::Index(IndexRule::Schedule(schedule)),
         ..Default::default()
     })
 }
@@ -293,14 +295,14 @@ async fn client_checks_and_other_rpcs_fail_cleanly() {
         ),
         (
             Box::new(|s: &mut proto::ModelSpec| {
-                let frugal = ps_client::spec::Frugal {
+                let frugal = ps_client::spec::FrugalConfig {
                     lr: 0.1,
                     density: 0.5,
                     projectable_patterns: vec!["w".into()],
-                    schedule: vec![vec![0], vec![1]],
+                    schedule: Some(vec![vec![0], vec![1]]),
                     ..Default::default()
                 };
-                s.groups[0].optimizer = Some((&ps_client::spec::Optimizer::Frugal(frugal)).into());
+                s.groups[0].optimizer = Some((&ps_client::spec::OptimizerConfig::Frugal(frugal)).into());
             }),
             "FRUGAL schedule (1 projectable tensors) entry 1 has index 1",
         ),

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use anyhow::bail;
 use ps_client::Tensors;
-use ps_client::federated::{Algorithm, LocalRound, RoundTask};
+use ps_client::federated::LocalRound;
+use ps_client::spec::{Algorithm, RoundTask};
 
 use crate::data::{self, Batches};
 use crate::task::mlp::{Mlp, MlpTask};
@@ -100,12 +101,12 @@ impl ClientData {
 /// Local minibatch steps of a round: `local_steps` if set, else `local_epochs`
 /// passes over `examples` in batches of `batch_size` (0: all of them).
 pub fn steps_of(task: &RoundTask, examples: usize) -> u64 {
-    let config = &task.config;
-    if config.local_steps > 0 {
-        return u64::from(config.local_steps);
+    let rule = &task.config.client;
+    if rule.local_steps > 0 {
+        return u64::from(rule.local_steps);
     }
-    let batch = if config.batch_size == 0 { examples } else { config.batch_size as usize }.clamp(1, examples.max(1));
-    u64::from(config.local_epochs.max(1)) * examples.div_ceil(batch) as u64
+    let batch = if rule.batch_size == 0 { examples } else { rule.batch_size as usize }.clamp(1, examples.max(1));
+    u64::from(rule.local_epochs.max(1)) * examples.div_ceil(batch) as u64
 }
 
 /// Trains `w` in place for one round of `client` with the round's rule;
@@ -120,7 +121,7 @@ pub fn local_train(
     local: &mut LocalRound,
 ) -> anyhow::Result<f32> {
     let examples = data.train_len();
-    let batch = if task.config.batch_size == 0 { examples } else { task.config.batch_size as usize };
+    let batch = if task.config.client.batch_size == 0 { examples } else { task.config.client.batch_size as usize };
     let batch_seed = seed ^ (u64::from(client) << 32) ^ task.round.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut batches = Batches::new(examples, batch, batch_seed);
     let steps = steps_of(task, examples);

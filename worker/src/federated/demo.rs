@@ -42,8 +42,8 @@ pub async fn follow_rounds(
     data: &ClientData,
     mut each: impl FnMut(u64, f32, f32),
 ) -> anyhow::Result<RoundCurve> {
-    let rounds = model.layout().federated.as_ref().map(|c| c.rounds).context("the model is not federated")?;
-    anyhow::ensure!(rounds > 0, "a followed run needs a fixed number of rounds");
+    let config = model.layout().federated.as_ref().context("the model is not federated")?;
+    let rounds = config.rounds.context("a followed run needs a fixed number of rounds")?;
     let mut curve = RoundCurve::default();
     for round in 1..=rounds {
         // The model after round r is version r, which round r + 1 trains.
@@ -140,7 +140,7 @@ pub async fn run(args: DemoArgs, algorithm: AlgorithmArg) -> anyhow::Result<Roun
     );
     let model = wait_for_model(&shards.client, &run.model_name()).await?;
     let started = Instant::now();
-    let rounds = model.layout().federated.as_ref().map_or(args.rounds, |c| c.rounds);
+    let rounds = model.layout().federated.as_ref().and_then(|c| c.rounds).unwrap_or(args.rounds);
     let progress = ProgressBar::new(rounds);
     progress.set_style(
         ProgressStyle::with_template("[{bar:40}] round {pos}/{len}, {msg} ({elapsed}, eta {eta})")?

@@ -7,7 +7,6 @@
 
 pub mod clients;
 pub mod demo;
-pub mod experiment;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ps_client::federated::{
-    Algorithm, ClientState, HPool, Participation, RoundConfig, RoundOutcome, RoundTask, train_round,
+use ps_client::federated::{ClientState, RoundOutcome, train_round};
+use ps_client::spec::{
+    Algorithm, ClientRule, Encoding, GroupConfig, HPool, ModelSpec, OptimizerConfig, RoundConfig, RoundTask, Selection,
 };
-use ps_client::spec::{Encoding, GroupConfig, ModelSpec, Optimizer};
 use ps_client::{ModelHandle, PsClient, Tensors};
 use serde::{Deserialize, Serialize};
 
@@ -168,27 +167,30 @@ impl RunArgs {
     /// The round configuration.
     pub fn round_config(&self) -> RoundConfig {
         let mut config = RoundConfig::new(self.algorithm.algorithm(), self.clients, self.lr);
-        config.participation = match self.cohort {
-            Some(n) => Participation::Cohort(n),
-            None => Participation::Fraction(self.participation),
+        config.selection = match self.cohort {
+            Some(n) => Selection::Cohort(n),
+            None => Selection::Bernoulli(self.participation),
         };
         config.seed = self.seed;
-        config.local_epochs = self.local_epochs;
-        config.local_steps = self.local_steps.unwrap_or(0);
-        config.batch_size = self.batch_size;
         config.lr_decay = self.lr_decay;
-        config.clip_norm = self.clip;
-        config.weight_decay = self.weight_decay;
-        config.mu =
-            if matches!(self.algorithm, AlgorithmArg::Fedprox | AlgorithmArg::Fedspeed) { self.mu } else { 0.0 };
-        if self.algorithm == AlgorithmArg::Fedspeed {
-            config.rho = self.rho;
-            config.alpha = self.alpha;
-            config.pool = if self.participants_pool { HPool::Participants } else { HPool::AllClients };
+        let fedspeed = self.algorithm == AlgorithmArg::Fedspeed;
+        config.client = ClientRule {
+            local_epochs: self.local_epochs.max(1),
+            local_steps: self.local_steps.unwrap_or(0),
+            batch_size: self.batch_size,
+            clip_norm: self.clip,
+            weight_decay: self.weight_decay,
+            mu: if matches!(self.algorithm, AlgorithmArg::Fedprox | AlgorithmArg::Fedspeed) { self.mu } else { 0.0 },
+            rho: if fedspeed { self.rho } else { 0.0 },
+            alpha: if fedspeed { self.alpha } else { 1.0 },
+            unnormalized_ascent: false,
+        };
+        if fedspeed && self.participants_pool {
+            config.pool = HPool::Participants;
         }
-        config.round_deadline = (!self.round_deadline.is_zero()).then_some(self.round_deadline);
+        config.deadline = (!self.round_deadline.is_zero()).then_some(self.round_deadline);
         config.quorum = self.quorum;
-        config.rounds = self.rounds;
+        config.rounds = (self.rounds > 0).then_some(self.rounds);
         config
     }
 
@@ -201,7 +203,7 @@ impl RunArgs {
         };
         let group = GroupConfig {
             push_encodings: vec![encoding],
-            ..GroupConfig::new("all", &["*"], Optimizer::sgd(self.server_lr))
+            ..GroupConfig::new("all", &["*"], OptimizerConfig::sgd(self.server_lr as f32))
         };
         ModelSpec::new(self.model_name(), self.task.tensor_specs(self.seed), vec![group])
             .with_rounds(self.round_config())

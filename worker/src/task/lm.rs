@@ -35,11 +35,11 @@ pub struct LmShape {
 /// The default model: about 117k parameters.
 pub const SHAPE: LmShape = LmShape { width: 64, heads: 4, layers: 2, context: 64 };
 
-fn normal(std: f64, seed: u64) -> Init {
+fn normal(std: f32, seed: u64) -> Init {
     Init::Normal { mean: 0.0, std, seed }
 }
 
-fn constant(value: f64) -> Init {
+fn constant(value: f32) -> Init {
     Init::Constant(value)
 }
 

@@ -32,7 +32,8 @@ impl MlpTask {
     pub fn tensor_specs(self, seed: u64) -> Vec<TensorSpec> {
         let mut specs = Vec::new();
         for (i, (fan_in, fan_out)) in self.layers().into_iter().enumerate() {
-            let bound = 1.0 / (fan_in as f64).sqrt();
+            // Computed in f64 and rounded once, as the shards have always received it.
+            let bound = (1.0 / (fan_in as f64).sqrt()) as f32;
             let init = |salt: u64| Init::Uniform { center: 0.0, half_width: bound, seed: seed ^ salt };
             specs.push(TensorSpec::new(format!("fc{}.weight", i + 1), &[fan_out as u64, fan_in as u64], init(1)));
             specs.push(TensorSpec::new(format!("fc{}.bias", i + 1), &[fan_out as u64], init(2)));

@@ -5,8 +5,9 @@
 use ps_client::Encoding;
 use ps_client::compress::Compression;
 use ps_client::spec::{
-    AdamW, Frugal, FrugalMode, GroupConfig, Mode, ModelSpec, Optimizer, Projection, Schedule, Sgd, Sign, StepContract,
-    SubsetKind, SubsetNorm, SubspaceMomentum,
+    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GroupConfig, IndexRule, LrSchedule, Mode, ModelSpec,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, StepContract, SubsetNormConfig, Subsets,
+    SubspaceMomentumConfig,
 };
 
 use super::args::{CompressionArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
@@ -33,13 +34,14 @@ pub fn pull_encoding(arg: PullEncoding) -> Encoding {
     }
 }
 
-fn optimizer(args: &TrainArgs) -> Optimizer {
-    let (lr, weight_decay) = (args.lr, args.weight_decay);
+fn optimizer(args: &TrainArgs) -> OptimizerConfig {
+    // Hyperparameters are f32 on the shards, as the weights are.
+    let (lr, weight_decay) = (args.lr as f32, args.weight_decay as f32);
     let frugal = |mode| {
-        Optimizer::Frugal(Frugal {
+        OptimizerConfig::Frugal(FrugalConfig {
             lr,
             weight_decay,
-            density: args.density,
+            density: args.density as f32,
             update_gap: args.update_gap,
             mode,
             projectable_patterns: args.projectable.clone(),
@@ -47,8 +49,8 @@ fn optimizer(args: &TrainArgs) -> Optimizer {
             ..Default::default()
         })
     };
-    let subset_norm = |beta1: f64, beta2: f64, subsets| {
-        Optimizer::SubsetNorm(SubsetNorm {
+    let subset_norm = |beta1: f32, beta2: f32, subsets| {
+        OptimizerConfig::SubsetNorm(SubsetNormConfig {
             lr,
             beta1,
             beta2,
@@ -60,9 +62,9 @@ fn optimizer(args: &TrainArgs) -> Optimizer {
         })
     };
     let subspace = |adaptive, projection| {
-        Optimizer::SubspaceMomentum(SubspaceMomentum {
+        OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig {
             lr,
-            rank: args.subspace_rank,
+            rank: args.subspace_rank as usize,
             update_gap: args.update_gap,
             projection,
             adaptive,
@@ -72,32 +74,35 @@ fn optimizer(args: &TrainArgs) -> Optimizer {
             ..Default::default()
         })
     };
-    let sign = |beta1, lion| Optimizer::Sign(Sign { lr, beta1, weight_decay, lion, ..Default::default() });
+    let sign = |beta1, lion| OptimizerConfig::Sign(SignConfig { lr, beta1, weight_decay, lion, ..Default::default() });
+    let momentum = args.momentum as f32;
     match args.optimizer {
-        OptimizerArg::Adamw => Optimizer::AdamW(AdamW { lr, weight_decay, ..Default::default() }),
-        OptimizerArg::Adam => Optimizer::AdamW(AdamW { lr, weight_decay, l2_decay: true, ..Default::default() }),
-        OptimizerArg::Sgd => Optimizer::Sgd(Sgd { lr, momentum: args.momentum, weight_decay, ..Default::default() }),
-        OptimizerArg::AdagradNorm => subset_norm(0.0, 1.0, SubsetKind::Whole),
-        OptimizerArg::AdagradSn => subset_norm(0.0, 1.0, SubsetKind::Heuristic),
-        OptimizerArg::AdamSn => subset_norm(0.9, 0.999, SubsetKind::Heuristic),
-        OptimizerArg::SgdSm => subspace(false, Projection::TopK),
+        OptimizerArg::Adamw => OptimizerConfig::AdamW(AdamWConfig { lr, weight_decay, ..Default::default() }),
+        OptimizerArg::Adam => {
+            OptimizerConfig::AdamW(AdamWConfig { lr, weight_decay, decoupled: false, ..Default::default() })
+        }
+        OptimizerArg::Sgd => OptimizerConfig::Sgd(SgdConfig { lr, momentum, weight_decay, ..Default::default() }),
+        OptimizerArg::AdagradNorm => subset_norm(0.0, 1.0, Subsets::Whole),
+        OptimizerArg::AdagradSn => subset_norm(0.0, 1.0, Subsets::Heuristic),
+        OptimizerArg::AdamSn => subset_norm(0.9, 0.999, Subsets::Heuristic),
+        OptimizerArg::SgdSm => subspace(false, Projection::Index(IndexRule::TopK)),
         OptimizerArg::AdamSnSm => subspace(true, Projection::Svd),
-        OptimizerArg::Frugal => frugal(FrugalMode::Block),
+        OptimizerArg::Frugal => frugal(FrugalMode::Block { order: BlockOrder::Descending }),
         OptimizerArg::FrugalColumns => frugal(FrugalMode::Columns),
         OptimizerArg::FrugalSvd => frugal(FrugalMode::Svd),
         OptimizerArg::Signsgd => sign(0.0, false),
-        OptimizerArg::Signum => sign(args.momentum, false),
+        OptimizerArg::Signum => sign(momentum, false),
         OptimizerArg::Lion => sign(0.9, true),
     }
 }
 
-fn schedule(args: &TrainArgs) -> Schedule {
+fn schedule(args: &TrainArgs) -> LrSchedule {
     let warmup = args.warmup.unwrap_or(args.steps / 10);
     match args.schedule {
-        ScheduleArg::Constant => Schedule::Constant,
-        ScheduleArg::Cosine => Schedule::WarmupCosine { warmup, total: args.steps, min_factor: 0.1 },
+        ScheduleArg::Constant => LrSchedule::Constant,
+        ScheduleArg::Cosine => LrSchedule::WarmupCosine { warmup, total: args.steps, min_factor: 0.1 },
         ScheduleArg::Wsd => {
-            Schedule::WarmupStableDecay { warmup, total: args.steps, decay: args.steps / 5, min_factor: 0.0 }
+            LrSchedule::WarmupStableDecay { warmup, total: args.steps, decay: args.steps / 5, min_factor: 0.0 }
         }
     }
 }
@@ -116,12 +121,9 @@ pub fn mode(args: &TrainArgs) -> Mode {
 /// chosen optimizer, schedule and compression preset.
 pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
     let group = GroupConfig { schedule: schedule(args), ..GroupConfig::new("all", &["*"], optimizer(args)) };
+    let name = args.model.clone().unwrap_or_else(|| args.task.model_name().to_string());
     ModelSpec {
-        name: args.model.clone().unwrap_or_else(|| args.task.model_name().to_string()),
-        tensors: args.task.tensor_specs(args.seed),
-        groups: vec![compression.configure(group)],
         mode: mode(args),
-        max_block_elements: 0,
         max_grad_norm: args.max_grad_norm,
         contract: StepContract {
             // The servers hold step 0 until this many workers pushed it, whatever joins first.
@@ -133,6 +135,6 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
             quorum: args.quorum,
             max_workers: 0,
         },
-        federated: None,
+        ..ModelSpec::new(name, args.task.tensor_specs(args.seed), vec![compression.configure(group)])
     }
 }

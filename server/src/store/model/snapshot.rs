@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
-use super::block::{Block, BlockState};
-use super::model::Model;
+use super::Model;
 use crate::error::ServerError;
 use crate::optim::OptimizerState;
+use crate::store::block::{Block, BlockState};
 
 /// One block as it was at the snapshot's version.
 #[derive(Clone, Debug, PartialEq)]

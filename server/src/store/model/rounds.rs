@@ -16,11 +16,11 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 use tokio::sync::watch;
 
-use super::block::{Block, RoundUpdate};
-use super::model::Model;
+use super::Model;
 use crate::error::ServerError;
-use crate::federated::{ClientUpdate, RoundConfig, left_out, pseudo_gradient};
+use crate::federated::{self, ClientUpdate, RoundConfig, RoundTask, left_out, pseudo_gradient};
 use crate::metrics as m;
+use crate::store::block::{Block, RoundUpdate};
 
 /// The round state of a federated model on this shard.
 pub struct Rounds {
@@ -42,23 +42,6 @@ struct RoundState {
     closing: bool,
     /// The last round that included each client.
     last_included: HashMap<u32, u64>,
-}
-
-/// What a client is told to do next.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Task {
-    /// The round the task is about.
-    pub round: u64,
-    /// Whether the client trains in it.
-    pub selected: bool,
-    /// The run is over.
-    pub finished: bool,
-    /// Clients selected.
-    pub cohort_size: u32,
-    /// The round's client learning rate.
-    pub lr: f64,
-    /// The last round that included the client (0: none).
-    pub last_included_round: u64,
 }
 
 /// One client's decoded update of one block: delta and optional control part.
@@ -97,7 +80,7 @@ pub struct RoundStats {
 impl Rounds {
     /// Round 1 open, for a model registered on shard `shard`.
     pub fn new(config: RoundConfig, shard: u32) -> Self {
-        let cohort = config.cohort(1);
+        let cohort = federated::cohort(&config, 1);
         Self {
             config,
             coordinator: shard == 0,
@@ -126,7 +109,7 @@ impl Rounds {
     pub fn restore(&self, version: u64, last_included: &[(u32, u64)]) {
         let mut state = self.state.lock();
         state.round = version + 1;
-        state.cohort = self.config.cohort(state.round);
+        state.cohort = federated::cohort(&self.config, state.round);
         state.opened = Instant::now();
         state.completed.clear();
         state.closing = false;
@@ -162,16 +145,17 @@ impl Rounds {
         self.coordinator
     }
 
-    fn task_now(&self, state: &RoundState, client: u32) -> Task {
+    fn task_now(&self, state: &RoundState, client: u32) -> RoundTask {
         let applied = state.round - 1;
         let finished = self.config.finished(applied);
-        Task {
+        RoundTask {
             round: if finished { applied } else { state.round },
             selected: !finished && state.cohort.binary_search(&client).is_ok(),
             finished,
             cohort_size: state.cohort.len() as u32,
             lr: self.config.lr(state.round),
             last_included_round: state.last_included.get(&client).copied().unwrap_or(0),
+            config: self.config.clone(),
         }
     }
 }
@@ -195,7 +179,7 @@ impl Model {
 
     /// Waits until a round after `after_round` is open (or the run is over)
     /// and tells `client` what to do in it.
-    pub async fn round_task(&self, client: u32, after_round: u64, timeout: Duration) -> Result<Task, ServerError> {
+    pub async fn round_task(&self, client: u32, after_round: u64, timeout: Duration) -> Result<RoundTask, ServerError> {
         let rounds = self.rounds()?;
         self.check_client(rounds, client)?;
         let mut open = rounds.open.subscribe();
@@ -380,7 +364,7 @@ impl Model {
             .record(state.opened.elapsed().as_secs_f64());
         metrics::counter!(m::FED_CONTRIBUTIONS, "model" => model.clone()).increment(clients.len() as u64);
         state.round = round + 1;
-        state.cohort = rounds.config.cohort(state.round);
+        state.cohort = federated::cohort(&rounds.config, state.round);
         state.opened = Instant::now();
         state.completed.clear();
         state.closing = false;

@@ -12,11 +12,11 @@ use anyhow::Context;
 use ps_client::Tensors;
 use ps_client::federated::ClientState;
 
-use super::clients::{ClientData, Partition};
-use super::demo::{RoundCurve, follow_rounds};
-use super::{AlgorithmArg, Client, RunArgs, run_clients};
+use super::ExperimentArgs;
 use crate::demo::{log_dir, server_binary, start_shards, value_name};
-use crate::experiment::ExperimentArgs;
+use crate::federated::clients::{ClientData, Partition};
+use crate::federated::demo::{RoundCurve, follow_rounds};
+use crate::federated::{AlgorithmArg, Client, RunArgs, run_clients};
 
 const METHODS: [AlgorithmArg; 4] =
     [AlgorithmArg::Fedavg, AlgorithmArg::Fedprox, AlgorithmArg::Scaffold, AlgorithmArg::Fedspeed];

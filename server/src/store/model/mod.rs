@@ -1,7 +1,13 @@
 //! One registered model on one shard: the layout, this shard's blocks and
 //! how to find them, the membership, registration-time values, and the numbers
-//! the status RPC and the gauges report. How pushes become updates is in
-//! `barrier.rs`.
+//! the status RPC and the gauges report. Its other parts are children of this
+//! folder: how pushes become updates (`barrier`), federated rounds
+//! (`rounds`), and which versions are checkpointed and how blocks are copied
+//! at them (`snapshot`).
+
+mod barrier;
+mod rounds;
+mod snapshot;
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -12,14 +18,17 @@ use std::time::Duration;
 use ps_proto::layout::{self, BlockPlan};
 use rayon::prelude::*;
 
+pub use self::barrier::PushOutcome;
+pub use self::rounds::{BlockUpdate, Closing, RoundStats, Rounds};
+pub use self::snapshot::{BlockSnapshot, CheckpointPlan, CheckpointSink, ModelSnapshot, WriteReport};
 use super::block::Block;
 use super::membership::Membership;
-use super::rounds::Rounds;
-use super::snapshot::CheckpointPlan;
 use crate::error::ServerError;
 use crate::metrics as m;
-use crate::optim::{Dims, SliceInfo};
-use crate::spec::{InitRule, ModelSpec, fill_initial};
+use crate::optim::{self, Dims, SliceInfo};
+use ps_proto::api::Init;
+
+use crate::spec::{ModelSpec, fill_initial};
 
 /// Why a worker was dropped from a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,12 +101,15 @@ impl Model {
                 let group = &spec.groups[tensor.group];
                 let mut params = vec![0.0; b.length as usize];
                 fill_initial(&tensor.init, &tensor.name, b.offset, &mut params);
-                let optimizer = group.optimizer.build(&SliceInfo {
-                    name: &tensor.name,
-                    dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
-                    matrix: tensor.shape.len() >= 2,
-                    projectable: tensor.projectable,
-                });
+                let optimizer = optim::build(
+                    &group.optimizer,
+                    &SliceInfo {
+                        name: &tensor.name,
+                        dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
+                        matrix: tensor.shape.len() >= 2,
+                        projectable: tensor.projectable,
+                    },
+                );
                 let block = Block::new(b.tensor, b.block, tensor.group, params, optimizer);
                 if let Some(rounds) = &spec.federated {
                     block.lock().global = vec![0.0; rounds.global_state_len(b.length as usize)];
@@ -107,7 +119,7 @@ impl Model {
             .collect();
         let local = local_order.iter().map(|b| ((b.tensor, b.index), b.clone())).collect();
         let tensor_index = spec.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        let cap = (spec.options.max_workers > 0).then_some(spec.options.max_workers as usize);
+        let cap = (spec.options.contract.max_workers > 0).then_some(spec.options.contract.max_workers as usize);
         let membership = Membership::new(lease, cap);
         let rounds = spec.federated.clone().map(|config| Rounds::new(config, shard));
         let model = Self {
@@ -252,9 +264,11 @@ impl Model {
     /// checking that every PROVIDED block of this shard got its values.
     pub fn install_initial_values(&self, values: Vec<(Arc<Block>, Vec<f32>)>) -> Result<(), ServerError> {
         let provided: HashSet<(usize, u32)> = values.iter().map(|(b, _)| (b.tensor, b.index)).collect();
-        if let Some(missing) = self.local_order.iter().find(|b| {
-            self.spec.tensors[b.tensor].init == InitRule::Provided && !provided.contains(&(b.tensor, b.index))
-        }) {
+        if let Some(missing) = self
+            .local_order
+            .iter()
+            .find(|b| self.spec.tensors[b.tensor].init == Init::Provided && !provided.contains(&(b.tensor, b.index)))
+        {
             return Err(ServerError::MissingValues {
                 tensor: self.spec.tensors[missing.tensor].name.clone(),
                 block: missing.index,

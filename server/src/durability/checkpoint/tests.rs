@@ -3,8 +3,10 @@ use std::time::Duration;
 
 use super::*;
 use crate::optim::tests::{modes, pseudo_random};
-use crate::optim::{LrSchedule, OptimizerConfig, SgdConfig};
-use crate::spec::{Aggregation, GroupDef, InitRule, ModelOptions, ModelSpec, TensorInput};
+use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
+
+use crate::optim::{OptimizerConfig, SgdConfig};
+use crate::spec::ModelSpec;
 use crate::store::{DecodedGradient as Grad, Model};
 
 fn temp_dir(label: &str) -> PathBuf {
@@ -20,21 +22,13 @@ fn spec(optimizer: OptimizerConfig) -> ModelSpec {
     try_spec(optimizer).unwrap()
 }
 
-fn try_spec(optimizer: OptimizerConfig) -> Result<ModelSpec, crate::error::ServerError> {
-    let projectable = matches!(optimizer, OptimizerConfig::Frugal(_));
-    let group = GroupDef {
-        name: "all".into(),
-        patterns: vec!["*".into()],
-        optimizer,
-        push_encodings: Vec::new(),
-        aggregation: Aggregation::Mean,
-        schedule: LrSchedule::Constant,
-        projectable_patterns: if projectable { vec!["*".into()] } else { Vec::new() },
-    };
-    let tensor = |name: &str, shape: Vec<u64>| TensorInput { name: name.into(), shape, init: InitRule::Constant(0.5) };
-    let tensors = vec![tensor("a.weight", vec![6, 4]), tensor("b.weight", vec![6, 4]), tensor("c.weight", vec![4, 6])];
-    let options = ModelOptions::sync();
-    ModelSpec::new("m".into(), tensors, vec![group], options, Vec::new())
+fn try_spec(mut optimizer: OptimizerConfig) -> Result<ModelSpec, crate::error::ServerError> {
+    if let OptimizerConfig::Frugal(c) = &mut optimizer {
+        c.projectable_patterns = vec!["*".into()];
+    }
+    let tensor = |name: &str, shape: &[u64]| TensorSpec::new(name, shape, Init::Constant(0.5));
+    let tensors = vec![tensor("a.weight", &[6, 4]), tensor("b.weight", &[6, 4]), tensor("c.weight", &[4, 6])];
+    ModelSpec::new(api::ModelSpec::new("m", tensors, vec![GroupConfig::new("all", &["*"], optimizer)]), Vec::new())
 }
 
 fn model(spec: &ModelSpec) -> Model {

@@ -14,12 +14,12 @@ use std::time::Instant;
 use ps_proto::codec;
 use rayon::prelude::*;
 
-use super::block::{Accumulated, Block, BlockGradient, BlockState, FailedStep, PendingStep};
-use super::model::{DropReason, Model};
+use super::{DropReason, Model};
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::optim::StepContext;
-use crate::spec::{Aggregation, Mode};
+use crate::store::block::{Accumulated, Block, BlockGradient, BlockState, FailedStep, PendingStep};
+use ps_proto::api::{Aggregation, Mode};
 
 enum Disposition {
     Accept,
@@ -119,13 +119,15 @@ impl Model {
         }
         let has_pushed = |contributors: &[String]| contributors.iter().any(|w| w == worker);
         let counted = match self.spec.options.mode {
-            Mode::Sync | Mode::BoundedStaleness(_) if step >= version => {
+            Mode::Sync | Mode::BoundedStaleness { .. } if step >= version => {
                 state.pending.get(&step).is_some_and(|p| has_pushed(&p.contributors))
             }
-            Mode::Sync | Mode::BoundedStaleness(_) if step + 1 == version && has_pushed(&state.last_contributors) => {
+            Mode::Sync | Mode::BoundedStaleness { .. }
+                if step + 1 == version && has_pushed(&state.last_contributors) =>
+            {
                 true
             }
-            Mode::Sync | Mode::BoundedStaleness(_) => {
+            Mode::Sync | Mode::BoundedStaleness { .. } => {
                 return Err(ServerError::StaleStep { tensor: tensor(), block: block.index, step, version });
             }
             Mode::Federated => return Err(ServerError::FederatedModel(self.spec.name.clone())),
@@ -168,7 +170,7 @@ impl Model {
                     outcome.updated = 1;
                 }
             }
-            Mode::Sync | Mode::BoundedStaleness(_) => {
+            Mode::Sync | Mode::BoundedStaleness { .. } => {
                 let expected = self.expected_pushes(step, live);
                 match state.pending.get_mut(&step) {
                     Some(pending) => {
@@ -215,11 +217,11 @@ impl Model {
     /// and completes the steps that waited only for them. Returns the ids
     /// dropped. Locks every block: call it from the blocking pool.
     pub fn drop_stragglers(&self) -> Vec<String> {
-        let Some(deadline) = self.spec.options.step_deadline else { return Vec::new() };
+        let Some(deadline) = self.spec.options.contract.step_deadline else { return Vec::new() };
         let live = self.live_ids();
         let needed = |version: u64| {
-            let quorum = self.spec.options.quorum as usize;
-            if version == 0 { quorum.max(self.spec.options.min_workers as usize) } else { quorum }
+            let quorum = self.spec.options.contract.quorum as usize;
+            if version == 0 { quorum.max(self.spec.options.contract.min_workers as usize) } else { quorum }
         };
         let mut late = BTreeSet::new();
         for block in &self.local_order {
@@ -256,7 +258,7 @@ impl Model {
     /// How many pushes `step` waits for: the live members, and for step 0 at
     /// least the spec's minimum.
     fn expected_pushes(&self, step: u64, live: &[String]) -> usize {
-        let minimum = if step == 0 { self.spec.options.min_workers as usize } else { 0 };
+        let minimum = if step == 0 { self.spec.options.contract.min_workers as usize } else { 0 };
         live.len().max(minimum)
     }
 
@@ -266,7 +268,7 @@ impl Model {
         }
         let Some(pending) = state.pending.get(&state.version) else { return false };
         live.iter().all(|w| pending.contributors.contains(w))
-            && (state.version > 0 || pending.contributors.len() >= self.spec.options.min_workers as usize)
+            && (state.version > 0 || pending.contributors.len() >= self.spec.options.contract.min_workers as usize)
     }
 
     /// Averages (or votes) the step's pushes and runs the optimizer once;
@@ -367,9 +369,11 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
+
     use super::*;
-    use crate::optim::{LrSchedule, Optimizer, OptimizerConfig, OptimizerState, SgdConfig, StateError};
-    use crate::spec::{GroupDef, InitRule, ModelOptions, ModelSpec, TensorInput};
+    use crate::optim::{Optimizer, OptimizerConfig, OptimizerState, StateError};
+    use crate::spec::ModelSpec;
     use crate::store::{DecodedGradient, WaitFailure};
 
     /// An optimizer that fails, as a bug in one would.
@@ -394,19 +398,9 @@ mod tests {
     }
 
     fn model() -> Model {
-        let sgd = OptimizerConfig::Sgd(SgdConfig { lr: 0.1, ..Default::default() });
-        let group = GroupDef {
-            name: "all".into(),
-            patterns: vec!["*".into()],
-            optimizer: sgd,
-            push_encodings: Vec::new(),
-            aggregation: Aggregation::Mean,
-            schedule: LrSchedule::Constant,
-            projectable_patterns: Vec::new(),
-        };
-        let tensor = TensorInput { name: "w".into(), shape: vec![4], init: InitRule::Constant(1.0) };
-        let options = ModelOptions::sync();
-        let spec = ModelSpec::new("m".into(), vec![tensor], vec![group], options, Vec::new()).unwrap();
+        let group = GroupConfig::new("all", &["*"], OptimizerConfig::sgd(0.1));
+        let tensor = TensorSpec::new("w", &[4], Init::Constant(1.0));
+        let spec = ModelSpec::new(api::ModelSpec::new("m", vec![tensor], vec![group]), Vec::new()).unwrap();
         Model::new(spec, 0, 1, Duration::from_secs(60))
     }
 

@@ -22,7 +22,7 @@ use rand::Rng;
 use crate::error::ServerError;
 use crate::limits::{MemoryReservation, ShardBounds};
 use crate::metrics as m;
-use crate::rpc::BearerAuth;
+use crate::rpc::auth::BearerAuth;
 use crate::store::{Model, Registry};
 
 /// Local clients connected to the segment socket at once, each served by its own thread.

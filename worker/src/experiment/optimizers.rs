@@ -1,52 +1,15 @@
-//! `worker experiment`: the optimizer comparison on the character-level
-//! language model. Each mode trains the same model on the same data for the
-//! same steps through real shard and worker processes (the demo launcher),
-//! and the results are written to a Markdown file.
+//! The optimizer comparison on the character-level language model. Each mode
+//! trains the same model on the same data for the same steps through real
+//! shard and worker processes (the demo launcher), and the results are
+//! written to a Markdown file.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
-
+use super::ExperimentArgs;
 use crate::demo::{self, DemoArgs};
 use crate::task::TaskKind;
 use crate::train::{CompressionArg, ModeArg, OptimizerArg, PullEncoding};
-
-/// Options of the experiment.
-#[derive(Args, Debug, Clone)]
-pub struct ExperimentArgs {
-    /// Steps per run.
-    #[arg(long, default_value_t = 1200)]
-    pub steps: u64,
-    /// Workers per run.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
-    /// Server shards per run.
-    #[arg(long, default_value_t = 2)]
-    pub shards: usize,
-    /// Sequences of 64 bytes per worker per step.
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Where to write the results.
-    #[arg(long, default_value = "results/optimizers.md")]
-    pub out: PathBuf,
-    /// Only the modes whose label contains one of these (default: all).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Directory holding the `server` binary (default: next to this executable).
-    #[arg(long, env = "PS_BIN_DIR")]
-    pub bin_dir: Option<PathBuf>,
-    /// Compare the federated methods on non-IID digits instead; writes results/federated.md.
-    #[arg(long)]
-    pub federated: bool,
-    /// Federated: rounds per run.
-    #[arg(long, default_value_t = 100)]
-    pub rounds: u64,
-    /// Federated: seeds per setting (results are averaged over them).
-    #[arg(long, default_value_t = 3)]
-    pub seeds: u64,
-}
 
 struct Mode {
     label: &'static str,
@@ -79,9 +42,6 @@ const MODES: &[Mode] = &[
 
 /// Runs every mode and writes the results table.
 pub async fn run(args: ExperimentArgs) -> anyhow::Result<()> {
-    if args.federated {
-        return crate::federated::experiment::run(args).await;
-    }
     let mut rows = Vec::new();
     for mode in MODES.iter().filter(|m| args.only.is_empty() || args.only.iter().any(|o| m.label.contains(o.as_str())))
     {

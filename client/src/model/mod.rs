@@ -1,0 +1,270 @@
+//! A registered model as a worker uses it, one concern per file: membership
+//! with leases (`membership`), pushes routed block by block to their shards
+//! (`push`), pulls into reusable buffers (`pull`), and the local channel's
+//! shared-memory path for both (`local`). This file holds the handle and the
+//! values its calls return.
+
+mod local;
+mod membership;
+mod pull;
+mod push;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::try_join_all;
+use ps_proto::layout::BlockPlan;
+use tonic::Status;
+
+use crate::Tensors;
+use crate::error::ClientError;
+use crate::layout::{Layout, TensorInfo};
+use crate::local::{PushSegment, WeightsFile};
+use crate::shards::Shards;
+use crate::spec::Encoding;
+use crate::stub::ShardStub;
+
+/// Checks that `data` has the `expected` elements of `tensor`.
+pub(crate) fn check_len(tensor: &str, expected: u64, data: &[f32]) -> Result<(), ClientError> {
+    if data.len() as u64 != expected {
+        return Err(ClientError::WrongLength { tensor: tensor.to_string(), expected, actual: data.len() as u64 });
+    }
+    Ok(())
+}
+
+/// Weights read from the servers.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    /// Lowest block version among the blocks read.
+    pub version: u64,
+    /// The tensors.
+    pub tensors: Tensors,
+    /// Payload bytes received.
+    pub bytes: u64,
+    /// The servers checkpoint this version: a worker with state of its own
+    /// (error-feedback residual, data position) saves it now, before computing
+    /// the step at this version, to restore it if the model is rolled back here.
+    pub checkpoint: bool,
+}
+
+/// What joining a model returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Joined {
+    /// The lowest block version: the step to start from.
+    pub version: u64,
+    /// The rank shard 0 assigned (smallest free among current members).
+    pub rank: u32,
+}
+
+/// What a push did, summed over shards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PushSummary {
+    /// Blocks counted.
+    pub accepted: u32,
+    /// Blocks that were already counted (retries).
+    pub duplicate: u32,
+    /// Blocks whose update this push completed.
+    pub updated: u32,
+    /// Payload bytes sent.
+    pub bytes: u64,
+}
+
+/// What [`ModelHandle::push_step`] did.
+#[derive(Clone, Copy, Debug)]
+pub enum StepOutcome {
+    /// The push was taken (possibly after joining again).
+    Pushed(PushSummary),
+    /// The step went ahead without this worker; continue from `version`.
+    Resync {
+        /// The version to pull and push next.
+        version: u64,
+    },
+    /// The model was rolled back to its checkpoint at `version` (a shard
+    /// restarted): restore the worker state saved there, then continue from it.
+    RolledBack {
+        /// The version to pull and push next.
+        version: u64,
+    },
+}
+
+/// What a pull read, beside the values.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PullInfo {
+    /// Lowest block version among the blocks read.
+    pub version: u64,
+    /// Payload bytes received.
+    pub bytes: u64,
+    /// Whether a shard marked the version as checkpointed.
+    pub checkpoint: bool,
+}
+
+/// A registered model: its layout and the operations of a worker on it.
+#[derive(Clone)]
+pub struct ModelHandle {
+    shards: Shards,
+    layout: Arc<Layout>,
+    tensors: Arc<Vec<TensorInfo>>,
+    index: Arc<HashMap<String, usize>>,
+    pull_encoding: Encoding,
+    /// The rank each worker of this handle joined with, so a rejoin asks for it again.
+    ranks: Arc<Mutex<HashMap<String, u32>>>,
+    /// The model's epoch as this handle last learned it; sent with every push and pull.
+    epoch: Arc<AtomicU64>,
+    /// Per shard: the segment this handle pushes through when the shard is local.
+    push_segments: Arc<Vec<tokio::sync::Mutex<Option<PushSegment>>>>,
+    /// Per shard: the model's weights segment there, once opened.
+    weights_files: Arc<Vec<Mutex<Option<Arc<WeightsFile>>>>>,
+}
+
+impl std::fmt::Debug for ModelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelHandle").field("model", &self.layout.model).field("shards", &self.layout.shards).finish()
+    }
+}
+
+impl ModelHandle {
+    pub(crate) fn new(shards: Shards, layout: Layout) -> Result<Self, ClientError> {
+        if layout.shards.len() != shards.num_shards() {
+            return Err(ClientError::ShardCountMismatch { servers: layout.shards, client: shards.num_shards() });
+        }
+        let tensors = layout.tensor_infos()?;
+        let index: HashMap<String, usize> = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let count = shards.num_shards();
+        Ok(Self {
+            shards,
+            tensors: Arc::new(tensors),
+            index: Arc::new(index),
+            pull_encoding: Encoding::F32,
+            ranks: Arc::default(),
+            epoch: Arc::new(AtomicU64::new(layout.epoch)),
+            push_segments: Arc::new((0..count).map(|_| Default::default()).collect()),
+            weights_files: Arc::new((0..count).map(|_| Default::default()).collect()),
+            layout: Arc::new(layout),
+        })
+    }
+
+    /// The same model, pulling weights in `encoding` (f32, bf16 or f16): half
+    /// the bytes for workers that compute in half precision.
+    pub fn with_pull_encoding(mut self, encoding: Encoding) -> Self {
+        self.pull_encoding = encoding;
+        self
+    }
+
+    /// The model's epoch as this handle knows it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// If `error` says the model was rolled back, adopts the new epoch and
+    /// returns the version to continue from (after restoring the worker state
+    /// saved there).
+    pub fn rolled_back(&self, error: &ClientError) -> Option<u64> {
+        let (epoch, version) = error.rollback()?;
+        self.epoch.fetch_max(epoch, Ordering::AcqRel);
+        tracing::warn!(
+            model = self.name(),
+            epoch,
+            version,
+            "the model was rolled back to a checkpoint; resuming there"
+        );
+        Some(version)
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.layout.model
+    }
+
+    /// The layout as the servers reported it.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The tensors in spec order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The connections this model was opened with.
+    pub fn shards(&self) -> &Shards {
+        &self.shards
+    }
+
+    pub(super) async fn on_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<T>, ClientError>
+    where
+        F: Fn(ShardStub) -> Fut + Clone,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        try_join_all((0..self.shards.num_shards()).map(|shard| self.shards.retry(shard, call.clone()))).await
+    }
+
+    /// The shards that hold blocks of this model.
+    pub(super) fn shards_with_blocks(&self) -> Vec<usize> {
+        (0..self.shards.num_shards()).filter(|&s| self.layout.blocks.iter().any(|b| b.shard as usize == s)).collect()
+    }
+
+    /// This shard's blocks of every tensor, with the tensor's index.
+    pub(super) fn blocks_on(&self, shard: usize) -> impl Iterator<Item = (usize, &BlockPlan)> {
+        self.tensors
+            .iter()
+            .enumerate()
+            .flat_map(move |(at, t)| t.blocks.iter().filter(move |b| b.shard as usize == shard).map(move |b| (at, b)))
+    }
+}
+
+/// One push as every shard's part of it sees it.
+pub(super) struct PushRequest<'a> {
+    pub(super) worker: &'a str,
+    pub(super) step: u64,
+    pub(super) gradients: Gradients<'a>,
+    /// Per tensor: the sign1 scale (mean absolute value), else 0.
+    pub(super) scales: &'a [f32],
+}
+
+/// A push's gradients: lent by the caller (copied into each message), or
+/// handed over (f32 tensors then go out from where they lie).
+#[derive(Clone, Copy)]
+pub(super) enum Gradients<'a> {
+    Lent(&'a Tensors),
+    Owned(&'a Arc<Tensors>),
+}
+
+impl<'a> Gradients<'a> {
+    pub(super) fn tensors(self) -> &'a Tensors {
+        match self {
+            Gradients::Lent(tensors) => tensors,
+            Gradients::Owned(tensors) => tensors,
+        }
+    }
+}
+
+/// Why the local channel could not finish a request.
+pub(super) enum LocalFailure {
+    /// The channel itself failed (socket, segment): TCP will do.
+    Channel(String),
+    /// The shard refused the request; over TCP it would too.
+    Server(ClientError),
+}
+
+/// The caller's tensors as one slice per block (tensor index, block), for one shard's blocks.
+pub(super) type BlockSlices<'t> = HashMap<(usize, u32), &'t mut [f32]>;
+
+/// What one shard's part of a pull read.
+pub(super) struct ShardRead {
+    /// Lowest version among its blocks.
+    pub(super) version: u64,
+    /// Payload bytes.
+    pub(super) bytes: u64,
+    /// Whether it marked the version as checkpointed.
+    pub(super) checkpoint: bool,
+    /// Elements received per (tensor index, block).
+    pub(super) received: HashMap<(usize, u32), u64>,
+}
+
+impl Default for ShardRead {
+    fn default() -> Self {
+        Self { version: u64::MAX, bytes: 0, checkpoint: false, received: HashMap::new() }
+    }
+}
