@@ -4,6 +4,7 @@
 //! benchmarks compare gRPC against in the same run.
 
 mod cluster;
+pub mod house;
 mod process;
 mod raw_tcp;
 
