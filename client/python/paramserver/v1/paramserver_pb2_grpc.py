@@ -139,7 +139,10 @@ class ParameterServerServicer:
         messages carry initial values for tensors whose init rule is PROVIDED
         (only for the blocks this shard owns). Nothing is stored unless the whole
         stream is valid. Registering an identical spec again is not an error
-        (created = false), so every worker may register the model it trains.
+        (created = false), so every worker may register the model it trains. Two
+        specs are identical when they mean the same model: a field left at zero
+        and the default it stands for are the same, and hyperparameters and init
+        values are compared as f32, the precision the shards use them at.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
