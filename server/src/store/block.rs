@@ -92,6 +92,7 @@ pub(super) struct FailedStep {
 pub(super) struct PendingStep {
     pub(super) accumulated: Accumulated,
     pub(super) contributors: Vec<String>,
+    /// When its first push arrived, on the shard's running time (`clock`).
     pub(super) started: Instant,
 }
 

@@ -2,12 +2,16 @@
 //! last heartbeat is younger than the lease; the sync barrier waits for live
 //! workers only, so a dead worker can never hang a step. Ranks (which share
 //! of the data a worker trains) are unique among members: a worker may ask
-//! for one, or gets the smallest free one, in O(log n).
+//! for one, or gets the smallest free one, in O(log n). Lease ages are
+//! measured on the shard's running time (`clock`), so a shard that was
+//! stopped does not hold its own pause against its workers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+use super::clock;
 
 /// The largest rank a worker may ask for (ranks index data shares).
 pub const MAX_RANK: u32 = 1 << 20;
@@ -112,7 +116,7 @@ impl Membership {
             if let Some(asked) = asked.filter(|a| *a != held) {
                 return Err(JoinError::RankChanged { worker: worker.to_string(), held, asked });
             }
-            members.last_seen.insert(worker.to_string(), Instant::now());
+            members.last_seen.insert(worker.to_string(), clock::now());
             return Ok(held);
         }
         if let Some(max) = self.max_members.filter(|max| members.ranks.len() >= *max) {
@@ -127,13 +131,13 @@ impl Membership {
             None => members.smallest_free_rank(),
         };
         members.take(worker, rank);
-        members.last_seen.insert(worker.to_string(), Instant::now());
+        members.last_seen.insert(worker.to_string(), clock::now());
         Ok(rank)
     }
 
     /// Renews a live worker's lease; false if it is not a live member.
     pub fn heartbeat(&self, worker: &str) -> bool {
-        let now = Instant::now();
+        let now = clock::now();
         match self.members.lock().last_seen.get_mut(worker) {
             Some(seen) if now.duration_since(*seen) < self.lease => {
                 *seen = now;
@@ -152,12 +156,12 @@ impl Membership {
 
     /// Whether a worker is a member with an unexpired lease.
     pub fn is_live(&self, worker: &str) -> bool {
-        self.members.lock().last_seen.get(worker).is_some_and(|seen| seen.elapsed() < self.lease)
+        self.members.lock().last_seen.get(worker).is_some_and(|seen| clock::since(*seen) < self.lease)
     }
 
     /// Live workers and the time since their last heartbeat, sorted by id.
     pub fn live(&self) -> Vec<(String, Duration)> {
-        let now = Instant::now();
+        let now = clock::now();
         let mut live: Vec<_> = self
             .members
             .lock()
@@ -177,7 +181,7 @@ impl Membership {
 
     /// Removes members whose lease has expired and returns their ids.
     pub fn expire(&self) -> Vec<String> {
-        let now = Instant::now();
+        let now = clock::now();
         let mut members = self.members.lock();
         let mut expired = Vec::new();
         members.last_seen.retain(|id, seen| {

@@ -5,6 +5,7 @@
 //! pool, never from a reactor thread. Nothing here knows gRPC.
 
 mod block;
+pub mod clock;
 mod membership;
 mod model;
 mod registry;

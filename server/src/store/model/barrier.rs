@@ -19,6 +19,7 @@ use crate::error::ServerError;
 use crate::metrics as m;
 use crate::optim::StepContext;
 use crate::store::block::{Accumulated, Block, BlockGradient, BlockState, FailedStep, PendingStep};
+use crate::store::clock;
 use ps_proto::api::{Aggregation, Mode};
 
 enum Disposition {
@@ -198,7 +199,7 @@ impl Model {
                                 Accumulated::Votes(votes)
                             }
                         };
-                        let started = Instant::now();
+                        let started = clock::now();
                         state
                             .pending
                             .insert(step, PendingStep { accumulated, contributors: vec![worker.to_string()], started });
@@ -228,7 +229,7 @@ impl Model {
             let state = block.lock();
             // Only the step at the block's version can complete; later ones wait for it.
             let Some(pending) = state.pending.get(&state.version) else { continue };
-            if pending.started.elapsed() >= deadline && pending.contributors.len() >= needed(state.version) {
+            if clock::since(pending.started) >= deadline && pending.contributors.len() >= needed(state.version) {
                 late.extend(live.iter().filter(|w| !pending.contributors.contains(w)).cloned());
             }
         }
@@ -276,7 +277,7 @@ impl Model {
     fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
         let PendingStep { accumulated, contributors, started } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
-            .record(started.elapsed().as_secs_f64());
+            .record(clock::since(started).as_secs_f64());
         let gradient = match accumulated {
             Accumulated::Sum(mut sum) => {
                 // One or two values: the mean is exact up to its one rounding, whatever the order.

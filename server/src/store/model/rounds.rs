@@ -21,6 +21,7 @@ use crate::error::ServerError;
 use crate::federated::{self, ClientUpdate, RoundConfig, RoundTask, left_out, pseudo_gradient};
 use crate::metrics as m;
 use crate::store::block::{Block, RoundUpdate};
+use crate::store::clock;
 
 /// The round state of a federated model on this shard.
 pub struct Rounds {
@@ -87,7 +88,7 @@ impl Rounds {
             state: Mutex::new(RoundState {
                 round: 1,
                 cohort,
-                opened: Instant::now(),
+                opened: clock::now(),
                 completed: BTreeSet::new(),
                 closing: false,
                 last_included: HashMap::new(),
@@ -110,7 +111,7 @@ impl Rounds {
         let mut state = self.state.lock();
         state.round = version + 1;
         state.cohort = federated::cohort(&self.config, state.round);
-        state.opened = Instant::now();
+        state.opened = clock::now();
         state.completed.clear();
         state.closing = false;
         state.last_included = last_included.iter().copied().collect();
@@ -307,7 +308,7 @@ impl Model {
         let rounds = self.rounds.as_ref().filter(|r| r.coordinator)?;
         let deadline = rounds.config.deadline?;
         let mut state = rounds.state.lock();
-        if state.closing || state.opened.elapsed() < deadline || rounds.config.finished(state.round - 1) {
+        if state.closing || clock::since(state.opened) < deadline || rounds.config.finished(state.round - 1) {
             return None;
         }
         let model = self.spec.name.clone();
@@ -321,7 +322,7 @@ impl Model {
                 quorum = rounds.config.quorum,
                 "round deadline passed below the quorum; waiting another deadline"
             );
-            state.opened = Instant::now();
+            state.opened = clock::now();
             return None;
         }
         state.closing = true;
@@ -361,11 +362,11 @@ impl Model {
         }
         let model = self.spec.name.clone();
         metrics::histogram!(m::FED_ROUND_SECONDS, "model" => model.clone())
-            .record(state.opened.elapsed().as_secs_f64());
+            .record(clock::since(state.opened).as_secs_f64());
         metrics::counter!(m::FED_CONTRIBUTIONS, "model" => model.clone()).increment(clients.len() as u64);
         state.round = round + 1;
         state.cohort = federated::cohort(&rounds.config, state.round);
-        state.opened = Instant::now();
+        state.opened = clock::now();
         state.completed.clear();
         state.closing = false;
         metrics::gauge!(m::FED_ROUND, "model" => model.clone()).set(state.round as f64);
