@@ -53,6 +53,10 @@ pub struct ModelStatus {
     pub checkpoint_version: u64,
     /// The shard is restoring the model after a restart.
     pub recovering: bool,
+    /// The newest checkpoint every shard holds, as this shard learned it (0: none yet).
+    pub common_checkpoint_version: u64,
+    /// Why this shard's newest checkpoint write failed (empty while they succeed).
+    pub checkpoint_error: String,
 }
 
 /// A federated model's rounds on one shard.
@@ -153,6 +157,8 @@ impl From<pb::GetStatusResponse> for ShardStatus {
                     }),
                     epoch: m.epoch,
                     checkpoint_version: m.checkpoint_version,
+                    common_checkpoint_version: m.common_checkpoint_version,
+                    checkpoint_error: m.checkpoint_error,
                     recovering: m.recovering,
                 })
                 .collect(),

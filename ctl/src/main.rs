@@ -151,6 +151,8 @@ async fn main() -> anyhow::Result<()> {
                                 "pushes": m.pushes,
                                 "epoch": m.epoch,
                                 "checkpoint_version": m.checkpoint_version,
+                                "common_checkpoint_version": m.common_checkpoint_version,
+                                "checkpoint_error": m.checkpoint_error,
                                 "recovering": m.recovering,
                                 "federated": m.federated.as_ref().map(|f| serde_json::json!({
                                     "algorithm": f.algorithm, "round": f.round, "cohort_size": f.cohort_size,
@@ -199,6 +201,17 @@ async fn main() -> anyhow::Result<()> {
                             m.workers_expired,
                             m.workers_dropped_late
                         );
+                        if m.common_checkpoint_version > 0 || !m.checkpoint_error.is_empty() {
+                            println!(
+                                "    checkpoints: every shard holds version {}{}",
+                                m.common_checkpoint_version,
+                                if m.checkpoint_error.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("; this shard's newest write FAILED ({})", m.checkpoint_error)
+                                }
+                            );
+                        }
                         if let Some(f) = &m.federated {
                             println!(
                                 "    federated {}: round {} ({}), {} of {} clients in, {} stragglers dropped, {} deadlines extended, {} state bytes, {} bytes of updates held",

@@ -74,6 +74,10 @@ pub const CHECKPOINTS: &str = "ps_checkpoints_total";
 pub const CHECKPOINT_SECONDS: &str = "ps_checkpoint_write_seconds";
 /// Version of the newest checkpoint written (gauge; labels: model).
 pub const CHECKPOINT_VERSION: &str = "ps_checkpoint_version";
+/// The newest checkpoint version every shard holds, as this shard learned it (gauge; labels: model).
+pub const CHECKPOINT_COMMON_VERSION: &str = "ps_checkpoint_common_version";
+/// 1 while this shard's newest checkpoint write failed, else 0 (gauge; labels: model).
+pub const CHECKPOINT_FAILING: &str = "ps_checkpoint_failing";
 /// The model's epoch: one more after each rollback to a checkpoint (gauge; labels: model).
 pub const EPOCH: &str = "ps_model_epoch";
 /// Rollbacks to a checkpoint (counter; labels: model).
@@ -210,6 +214,14 @@ fn describe() {
     describe_counter!(CHECKPOINTS, "Checkpoints written or failed");
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write one checkpoint");
     describe_gauge!(CHECKPOINT_VERSION, "Version of the newest checkpoint written");
+    describe_gauge!(
+        CHECKPOINT_COMMON_VERSION,
+        "Newest checkpoint version every shard holds: where a recovery goes back to"
+    );
+    describe_gauge!(
+        CHECKPOINT_FAILING,
+        "1 while this shard's newest checkpoint write failed (a full or read-only disk)"
+    );
     describe_gauge!(EPOCH, "The model's epoch (one more after each rollback to a checkpoint)");
     describe_counter!(ROLLBACKS, "Rollbacks of the model to a checkpoint");
 }

@@ -4,6 +4,7 @@
 //! learns from its pulls that it must save its own state there. Also the
 //! timer of shard 0 and the last checkpoint on SIGTERM.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +12,15 @@ use ps_proto::pb;
 
 use super::{Durability, checkpoint_error};
 use crate::error::ServerError;
+use crate::metrics as m;
 use crate::store::{Model, blocking};
 
 /// Attempts to pick a checkpoint version the run has not passed yet.
 const SCHEDULE_ATTEMPTS: u32 = 5;
 /// Waiting for a requested checkpoint, when the request gives no timeout.
 const DEFAULT_CHECKPOINT_WAIT: Duration = Duration::from_secs(60);
+/// How often a shard learns which checkpoint versions every shard holds.
+pub const COMMON_CHECK: Duration = Duration::from_secs(2);
 
 impl Durability {
     /// The Checkpoint RPC: schedules the version a peer chose, or chooses one for the cluster.
@@ -183,6 +187,66 @@ impl Durability {
                     at = model.version_range().0,
                     "the run did not reach the last checkpoint within the shutdown grace; the previous one stands"
                 ),
+            }
+        }
+    }
+
+    /// Keeps `version` of `model` on disk as the newest version every shard
+    /// holds (letting go of the one kept before), and reports it.
+    pub(super) fn hold_common(&self, model: &Model, version: u64) {
+        if let Some(store) = &self.store {
+            store.protect(model.name(), version);
+        }
+        model.checkpoints.set_common(version);
+        metrics::gauge!(m::CHECKPOINT_COMMON_VERSION, "model" => model.name().to_string()).set(version as f64);
+    }
+
+    /// Every shard, every [`COMMON_CHECK`]: the newest checkpoint version every
+    /// shard holds, which this shard then keeps whatever `--checkpoint-keep`
+    /// says (a shard whose writes failed for a while, then crashed, must still
+    /// find a version its peers hold), reported in the status and metrics;
+    /// and a warning when this shard's writes start or stop failing.
+    pub async fn keep_common_checkpoints(&self) {
+        let Some(store) = self.store.clone() else { return };
+        let mut reported: HashMap<String, Option<u64>> = HashMap::new();
+        loop {
+            tokio::time::sleep(COMMON_CHECK).await;
+            for model in self.registry.models() {
+                let name = model.name().to_string();
+                let failing = model.checkpoints.failing();
+                let seen = reported.entry(name.clone()).or_default();
+                match (&failing, *seen) {
+                    (Some((version, reason)), before) if before != Some(*version) => tracing::error!(
+                        model = name,
+                        version,
+                        reason,
+                        common = model.checkpoints.common(),
+                        "checkpoint writes are failing on this shard; training goes on, and a recovery would go \
+                         back to the newest version every shard holds (`common`)"
+                    ),
+                    (None, Some(_)) => tracing::info!(model = name, "checkpoint writes succeed again"),
+                    _ => {}
+                }
+                *seen = failing.as_ref().map(|(version, _)| *version);
+                metrics::gauge!(m::CHECKPOINT_FAILING, "model" => name.clone())
+                    .set(f64::from(u8::from(failing.is_some())));
+                if model.is_recovering() {
+                    continue;
+                }
+                let listing = store.clone();
+                let own_name = name.clone();
+                let mut common = blocking(move || listing.versions(&own_name)).await.unwrap_or_default();
+                let mut everyone = true;
+                for (_, answer) in self.peers.list_checkpoints(&name).await {
+                    match answer {
+                        Ok(held) => common.retain(|v| held.versions.contains(v)),
+                        // A peer that is away: keep what is kept now.
+                        Err(_) => everyone = false,
+                    }
+                }
+                if let (true, Some(&newest)) = (everyone, common.last()) {
+                    self.hold_common(&model, newest);
+                }
             }
         }
     }

@@ -124,6 +124,12 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
         epoch: model.epoch(),
         checkpoint_version: model.checkpoints.newest_written().map_or(0, |r| r.version),
         recovering: model.is_recovering(),
+        common_checkpoint_version: model.checkpoints.common(),
+        checkpoint_error: model
+            .checkpoints
+            .failing()
+            .map(|(version, reason)| format!("version {version}: {reason}"))
+            .unwrap_or_default(),
     }
 }
 

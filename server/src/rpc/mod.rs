@@ -89,6 +89,10 @@ pub async fn serve(
         let durability = durability.clone();
         tokio::spawn(async move { durability.checkpoint_periodically().await })
     };
+    let common = {
+        let durability = durability.clone();
+        tokio::spawn(async move { durability.keep_common_checkpoints().await })
+    };
     // grpc.health.v1: NOT_SERVING until every restored model agreed with the
     // peers on where to continue, and again from the start of a shutdown.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -158,6 +162,7 @@ pub async fn serve(
         .await;
     reaper.abort();
     timer.abort();
+    common.abort();
     readiness.abort();
     if let Some((channel, server, accepting)) = local {
         accepting.abort();

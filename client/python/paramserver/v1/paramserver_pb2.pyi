@@ -671,7 +671,7 @@ class GroupStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[int] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "mode", "min_version", "max_version", "blocks", "parameters", "live_workers", "groups", "pushes", "workers_expired", "workers_dropped_late", "staleness", "federated", "epoch", "checkpoint_version", "recovering")
+    __slots__ = ("name", "mode", "min_version", "max_version", "blocks", "parameters", "live_workers", "groups", "pushes", "workers_expired", "workers_dropped_late", "staleness", "federated", "epoch", "checkpoint_version", "recovering", "common_checkpoint_version", "checkpoint_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -688,6 +688,8 @@ class ModelStatus(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RECOVERING_FIELD_NUMBER: _ClassVar[int]
+    COMMON_CHECKPOINT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     mode: ConsistencyMode
     min_version: int
@@ -704,7 +706,9 @@ class ModelStatus(_message.Message):
     epoch: int
     checkpoint_version: int
     recovering: bool
-    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., blocks: _Optional[int] = ..., parameters: _Optional[int] = ..., live_workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., pushes: _Optional[int] = ..., workers_expired: _Optional[int] = ..., workers_dropped_late: _Optional[int] = ..., staleness: _Optional[int] = ..., federated: _Optional[_Union[FederatedStatus, _Mapping]] = ..., epoch: _Optional[int] = ..., checkpoint_version: _Optional[int] = ..., recovering: _Optional[bool] = ...) -> None: ...
+    common_checkpoint_version: int
+    checkpoint_error: str
+    def __init__(self, name: _Optional[str] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., blocks: _Optional[int] = ..., parameters: _Optional[int] = ..., live_workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., pushes: _Optional[int] = ..., workers_expired: _Optional[int] = ..., workers_dropped_late: _Optional[int] = ..., staleness: _Optional[int] = ..., federated: _Optional[_Union[FederatedStatus, _Mapping]] = ..., epoch: _Optional[int] = ..., checkpoint_version: _Optional[int] = ..., recovering: _Optional[bool] = ..., common_checkpoint_version: _Optional[int] = ..., checkpoint_error: _Optional[str] = ...) -> None: ...
 
 class FederatedStatus(_message.Message):
     __slots__ = ("algorithm", "round", "cohort_size", "contributions", "stragglers_dropped", "rounds_extended", "server_state_bytes", "staged_bytes", "finished")

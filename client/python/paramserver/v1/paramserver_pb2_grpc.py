@@ -184,6 +184,8 @@ class ParameterServerServicer:
         """Removes a worker at once, so no barrier waits for its lease to expire.
         A shard that drops a worker (lease expired, step deadline missed) sends
         it to every peer too, so a drop on one shard is a drop on all of them.
+        A worker leaves on every shard; unknown-worker from one of them means a
+        peer's drop got there first: carry on with the others.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -143,13 +143,29 @@ pub struct CheckpointStore {
     keep: usize,
     shard: u32,
     num_shards: u32,
+    /// Per model, the newest version every shard holds: the one recovery
+    /// point of the cluster, kept whatever `keep` says.
+    protected: Arc<parking_lot::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 impl CheckpointStore {
     /// Checkpoints of shard `shard` of `num_shards` under `root`, keeping the newest `keep` per model.
     pub fn new(root: PathBuf, keep: usize, shard: u32, num_shards: u32) -> Result<Self, CheckpointError> {
         fs::create_dir_all(&root).map_err(io_error(&root))?;
-        Ok(Self { root, keep: keep.max(1), shard, num_shards })
+        Ok(Self { root, keep: keep.max(1), shard, num_shards, protected: Arc::default() })
+    }
+
+    /// Keeps `version` of `model` from pruning: the newest version every shard
+    /// holds, so a shard whose own writes went on (or failed) still shares a
+    /// recovery point with the others. The version protected before is let go;
+    /// until a version is protected, the oldest one on disk is kept.
+    pub fn protect(&self, model: &str, version: u64) {
+        self.protected.lock().insert(model.to_string(), version);
+    }
+
+    /// The version of `model` kept for the cluster, if one is known.
+    pub fn protected(&self, model: &str) -> Option<u64> {
+        self.protected.lock().get(model).copied()
     }
 
     /// The directory checkpoints go to.
@@ -261,7 +277,10 @@ impl CheckpointStore {
     fn prune(&self, model: &str) {
         let versions = self.listed(model);
         let dir = self.model_dir(model);
-        for version in versions.iter().rev().skip(self.keep) {
+        // Until the shards have agreed on a newer one, the oldest version stays:
+        // at first it is version 0 (or the restored one), which every shard holds.
+        let protected = self.protected(model).or_else(|| versions.first().copied());
+        for version in versions.iter().rev().skip(self.keep).filter(|v| Some(**v) != protected) {
             let path = self.version_dir(model, *version);
             if let Err(error) = fs::remove_dir_all(&path) {
                 tracing::warn!(path = %path.display(), %error, "could not remove an old checkpoint");

@@ -207,6 +207,8 @@ fn another_shards_checkpoint_is_refused_and_old_versions_are_pruned() {
     let (_, model) = sgd_model();
     let dir = temp_dir("prune");
     let store = CheckpointStore::new(dir.clone(), 2, 0, 1).unwrap();
+    // Version 3 is the one the shards hold in common by the time it is written.
+    store.protect("m", 3);
     for t in 0..4 {
         step(&model, t);
         store.write(model.snapshot_now().unwrap()).unwrap();
@@ -241,6 +243,33 @@ async fn a_write_for_a_model_that_was_rolled_back_meanwhile_is_discarded() {
     let result = plan.wait_written(1, Duration::from_secs(10)).await.unwrap();
     assert!(result.unwrap_err().contains("rolled back"));
     assert_eq!(store.versions("m"), vec![0]);
+    fs::remove_dir_all(dir).ok();
+}
+
+/// One full disk and one crash must not lose the run: a shard keeps the
+/// newest version every shard holds whatever `keep` says, and until the
+/// shards have agreed on one, its oldest version (0, which all write first).
+#[test]
+fn the_version_every_shard_holds_is_kept_past_the_newest_k() {
+    let (_, model) = sgd_model();
+    let dir = temp_dir("common");
+    let store = CheckpointStore::new(dir.clone(), 2, 0, 1).unwrap();
+    for t in 0..4 {
+        step(&model, t);
+        store.write(model.snapshot_now().unwrap()).unwrap();
+    }
+    assert_eq!(store.versions("m"), vec![1, 3, 4], "no common version known yet: the oldest stays");
+    // The peers confirm 3; then another shard's writes fail and this one writes on.
+    store.protect("m", 3);
+    for t in 4..8 {
+        step(&model, t);
+        store.write(model.snapshot_now().unwrap()).unwrap();
+    }
+    assert_eq!(store.versions("m"), vec![3, 7, 8], "the common version is kept, the newest two beside it");
+    store.protect("m", 8);
+    step(&model, 8);
+    store.write(model.snapshot_now().unwrap()).unwrap();
+    assert_eq!(store.versions("m"), vec![8, 9], "a newer common version lets the older one go");
     fs::remove_dir_all(dir).ok();
 }
 

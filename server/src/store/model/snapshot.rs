@@ -118,6 +118,8 @@ pub struct CheckpointPlan {
     /// Set once a version outside the multiples of `every` was scheduled or found on disk; until
     /// then every block update and pull decides without taking the lock.
     irregular: AtomicBool,
+    /// The newest version every shard holds, as this shard last learned it.
+    common: AtomicU64,
 }
 
 impl CheckpointPlan {
@@ -132,6 +134,7 @@ impl CheckpointPlan {
             held_up_nanos: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             irregular: AtomicBool::new(false),
+            common: AtomicU64::new(0),
         }
     }
 
@@ -197,6 +200,25 @@ impl CheckpointPlan {
     /// The newest version written successfully in this process.
     pub fn newest_written(&self) -> Option<WriteReport> {
         self.state.lock().written.values().rev().find_map(|r| r.as_ref().ok().cloned())
+    }
+
+    /// The newest write, if it failed: its version and why (a full disk, a
+    /// read-only one). Cleared by the next write that succeeds.
+    pub fn failing(&self) -> Option<(u64, String)> {
+        match self.state.lock().written.last_key_value() {
+            Some((version, Err(reason))) => Some((*version, reason.clone())),
+            _ => None,
+        }
+    }
+
+    /// Records the newest version every shard holds, as this shard last learned it.
+    pub fn set_common(&self, version: u64) {
+        self.common.store(version, Ordering::Release);
+    }
+
+    /// The newest version every shard holds, as this shard last learned it (0: none yet).
+    pub fn common(&self) -> u64 {
+        self.common.load(Ordering::Acquire)
     }
 
     /// Marks the plan's model as replaced by a rollback.
