@@ -134,14 +134,19 @@ impl PsClient {
 
     /// Status of every shard, in shard order (`model` empty: all models).
     pub async fn status(&self, model: &str) -> Result<Vec<ShardStatus>, ClientError> {
+        try_join_all((0..self.num_shards()).map(|shard| self.shard_status(shard, model))).await
+    }
+
+    /// Status of one shard (`model` empty: all its models).
+    pub async fn shard_status(&self, shard: usize, model: &str) -> Result<ShardStatus, ClientError> {
+        if shard >= self.num_shards() {
+            return Err(ClientError::NoSuchShard { shard, shards: self.num_shards() });
+        }
         let request = pb::GetStatusRequest { model: model.to_string() };
-        try_join_all((0..self.num_shards()).map(|shard| {
+        self.retry(shard, move |mut stub| {
             let request = request.clone();
-            self.retry(shard, move |mut stub| {
-                let request = request.clone();
-                async move { stub.get_status(request).await.map(|r| r.into_inner().into()) }
-            })
-        }))
+            async move { stub.get_status(request).await.map(|r| r.into_inner().into()) }
+        })
         .await
     }
 

@@ -51,6 +51,8 @@ mod stub;
 /// The model a client registers, in the API's own types (one definition,
 /// shared with the shards: `ps_proto::api`).
 pub use ps_proto::api as spec;
+/// The machine-readable error kinds of [`ClientError::kind`].
+pub use ps_proto::errors;
 
 use std::collections::BTreeMap;
 

@@ -209,6 +209,10 @@ pub struct Batches {
     position: usize,
     batch: usize,
     rng: Rng,
+    /// Minibatches handed out so far.
+    taken: u64,
+    /// What the order started from, to go back to an earlier minibatch.
+    seed: u64,
 }
 
 impl Batches {
@@ -217,7 +221,21 @@ impl Batches {
         let mut rng = Rng::new(seed);
         let mut order: Vec<usize> = (0..len).collect();
         rng.shuffle(&mut order);
-        Self { order, position: 0, batch: batch.clamp(1, len.max(1)), rng }
+        Self { order, position: 0, batch: batch.clamp(1, len.max(1)), rng, taken: 0, seed }
+    }
+
+    /// Minibatch number `index` of this order (the first is 0), whatever was
+    /// taken before: a sync worker takes minibatch `t` for step `t`, so a
+    /// restarted worker, or one rolled back to a checkpoint, trains on exactly
+    /// the data it would have without the interruption.
+    pub fn at(&mut self, index: u64) -> Vec<usize> {
+        if index < self.taken {
+            *self = Self::new(self.order.len(), self.batch, self.seed);
+        }
+        while self.taken < index {
+            self.next_batch();
+        }
+        self.next_batch()
     }
 
     /// The next minibatch's indices.
@@ -228,6 +246,7 @@ impl Batches {
         }
         let batch = self.order[self.position..self.position + self.batch].to_vec();
         self.position += self.batch;
+        self.taken += 1;
         batch
     }
 }
@@ -235,6 +254,16 @@ impl Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_minibatch_by_index_is_the_one_taken_in_order_whatever_came_before() {
+        let mut in_order = Batches::new(50, 8, 3);
+        let sequence: Vec<Vec<usize>> = (0..20).map(|_| in_order.next_batch()).collect();
+        let mut jumping = Batches::new(50, 8, 3);
+        for index in [7u64, 8, 15, 2, 19, 0, 11] {
+            assert_eq!(jumping.at(index), sequence[index as usize], "minibatch {index}");
+        }
+    }
 
     #[test]
     fn digits_load_with_all_classes() {

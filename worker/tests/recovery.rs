@@ -35,16 +35,22 @@ struct Run {
     servers: Vec<Option<ServerProcess>>,
     workers: Vec<Child>,
     runtime: tokio::runtime::Runtime,
+    /// The shards' worker lease.
+    lease: &'static str,
 }
 
 impl Run {
     fn start(label: &str) -> Self {
+        Self::start_with_lease(label, "10s")
+    }
+
+    fn start_with_lease(label: &str, lease: &'static str) -> Self {
         let dir = std::env::temp_dir().join(format!("ps-recovery-{label}-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
         std::fs::create_dir_all(&dir).unwrap();
         let shards = format!("127.0.0.1:{},127.0.0.1:{}", free_port().unwrap(), free_port().unwrap());
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let mut run = Self { dir, shards, servers: Vec::new(), workers: Vec::new(), runtime };
+        let mut run = Self { dir, shards, servers: Vec::new(), workers: Vec::new(), runtime, lease };
         for index in 0..2 {
             let server = run.spawn_server(index, true);
             run.servers.push(Some(server));
@@ -55,7 +61,8 @@ impl Run {
     fn spawn_server(&self, index: usize, with_checkpoints: bool) -> ServerProcess {
         let checkpoints = self.dir.join(format!("checkpoints-{index}"));
         let index_arg = index.to_string();
-        let mut args = vec!["--shard-index", &index_arg, "--shards", &self.shards, "--metrics-addr", "off"];
+        let mut args =
+            vec!["--shard-index", &index_arg, "--shards", &self.shards, "--metrics-addr", "off", "--lease", self.lease];
         let checkpoint_dir = checkpoints.to_string_lossy().to_string();
         if with_checkpoints {
             args.extend(["--checkpoint-dir", &checkpoint_dir, "--checkpoint-every", "5"]);
@@ -66,18 +73,46 @@ impl Run {
 
     fn start_workers(&mut self, extra: &[&str]) {
         for rank in 0..3 {
-            let log = std::fs::File::create(self.dir.join(format!("worker-{rank}.log"))).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_worker"))
-                .args(["train", "--shards", &self.shards, "--world-size", "3", "--rank", &rank.to_string()])
-                .args(["--worker-id", &format!("worker-{rank}"), "--steps", &STEPS.to_string(), "--seed", "7"])
-                .args(extra)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("starting a worker");
+            self.start_worker(rank, extra);
+        }
+    }
+
+    /// Worker `rank` (with that rank and id), its log appended to.
+    fn start_worker(&mut self, rank: usize, extra: &[&str]) {
+        let rank_arg = rank.to_string();
+        let id = format!("worker-{rank}");
+        let args = [&["--rank", &rank_arg, "--worker-id", &id][..], extra].concat();
+        let child = self.worker_command(&args, &format!("worker-{rank}.log"));
+        if rank < self.workers.len() {
+            self.workers[rank] = child;
+        } else {
             self.workers.push(child);
         }
+    }
+
+    /// Three identical replicas, as a compose service or a restarted set of
+    /// containers starts them: no rank, ids of their own (`generation` tells
+    /// restarts apart).
+    fn start_replicas(&mut self, generation: u32) {
+        self.workers.clear();
+        for i in 0..3 {
+            let id = format!("replica-{generation}-{i}");
+            let child = self.worker_command(&["--worker-id", &id], &format!("worker-{i}.log"));
+            self.workers.push(child);
+        }
+    }
+
+    fn worker_command(&self, args: &[&str], log: &str) -> Child {
+        let log = std::fs::File::options().create(true).append(true).open(self.dir.join(log)).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["train", "--shards", &self.shards, "--world-size", "3", "--steps", &STEPS.to_string()])
+            .args(["--seed", "7"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting a worker")
     }
 
     fn client(&self) -> PsClient {
@@ -157,6 +192,12 @@ impl Run {
     }
 }
 
+/// Sends `name` (STOP, CONT) to process `pid`.
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().expect("kill");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
 /// The uninterrupted run's final weights.
 fn uninterrupted(label: &str, extra: &[&str]) -> Vec<(String, Vec<u32>)> {
     let mut run = Run::start(label);
@@ -183,6 +224,26 @@ fn interrupted(label: &str, extra: &[&str], signal: &str, at: u64) -> (Vec<(Stri
     run.servers[1] = Some(run.spawn_server(1, true));
     run.finish_workers();
     (run.final_bits(), run)
+}
+
+/// Every weight of `bits` equals the reference's, bit for bit.
+fn assert_same_bits(label: &str, bits: &[(String, Vec<u32>)], reference: &[(String, Vec<u32>)], logs: &str) {
+    assert_eq!(bits.len(), reference.len());
+    for ((name, got), (_, want)) in bits.iter().zip(reference) {
+        let differing = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differing,
+            0,
+            "{label}: {differing} of {} weights of '{name}' differ from the uninterrupted run; logs in {logs}",
+            got.len()
+        );
+    }
+}
+
+/// Workers dropped (lease or deadline) on each shard, as their status says.
+fn drops(run: &Run) -> Vec<u64> {
+    let status = run.runtime.block_on(run.client().status(MODEL)).unwrap();
+    status.iter().map(|s| s.models.iter().map(|m| m.workers_expired + m.workers_dropped_late).sum()).collect()
 }
 
 fn assert_recovered(label: &str, extra: &[&str], signal: &str) {
@@ -289,5 +350,130 @@ fn a_federated_run_survives_a_shard_kill_with_the_same_final_model() {
             run.dir.display()
         );
     }
+    run.cleanup();
+}
+
+/// A shard that does not run for twice the lease (SIGSTOP: a stalled machine,
+/// a paused VM) must not hold that time against its workers: when it
+/// resumes, no worker is dropped and the run ends as if nothing happened.
+#[test]
+fn a_shard_stopped_past_the_lease_drops_no_worker_and_the_weights_match() {
+    let reference = uninterrupted("pause-reference", &[]);
+    let mut run = Run::start_with_lease("pause", "1s");
+    run.start_workers(&[]);
+    run.wait_for_version(17);
+    let shard = run.servers[1].as_ref().unwrap();
+    shard.signal("STOP").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    shard.signal("CONT").unwrap();
+    run.finish_workers();
+    assert_same_bits("pause", &run.final_bits(), &reference, &run.dir.display().to_string());
+    assert_eq!(drops(&run), vec![0, 0], "no shard dropped a worker; logs in {}", run.dir.display());
+    assert!(run.log("shard-1.log").contains("did not run for a while"), "{}", run.log("shard-1.log"));
+    run.cleanup();
+}
+
+/// A worker killed and started again with the same rank trains on the data
+/// it would have: the run ends bit-identical to an uninterrupted one. It is
+/// killed between steps (worker 0 is held with SIGSTOP, well inside the
+/// lease, so worker 1 has pushed its step to both shards and waits): a worker
+/// killed between its pushes of one step to two shards cannot redo that step
+/// exactly, and says so (a documented limit).
+#[test]
+fn a_worker_killed_and_restarted_trains_the_data_it_would_have() {
+    let reference = uninterrupted("worker-kill-reference", &[]);
+    let mut run = Run::start("worker-kill");
+    run.start_workers(&[]);
+    run.wait_for_version(23);
+    let held = run.workers[0].id();
+    signal(held, "STOP");
+    std::thread::sleep(Duration::from_millis(500));
+    run.workers[1].kill().unwrap();
+    run.workers[1].wait().unwrap();
+    run.start_worker(1, &[]);
+    signal(held, "CONT");
+    run.finish_workers();
+    assert_same_bits("worker-kill", &run.final_bits(), &reference, &run.dir.display().to_string());
+    assert!(!run.log("worker-1.log").contains("no longer bit-identical"), "{}", run.log("worker-1.log"));
+    run.cleanup();
+}
+
+/// `docker-compose down` then `up` (volumes kept), or every shard and worker
+/// killed and the same commands run again: the shards restore members that
+/// are gone, so the new replicas (no rank, new ids) wait for their leases to
+/// lapse, take their ranks, and the run resumes and ends as if uninterrupted.
+/// Run once more after it finished, the same commands say so and exit 0.
+#[test]
+fn the_same_commands_after_a_whole_cluster_restart_resume_the_run_and_then_find_it_finished() {
+    let reference = {
+        let mut run = Run::start_with_lease("restart-all-reference", "2s");
+        run.start_replicas(0);
+        run.finish_workers();
+        let bits = run.final_bits();
+        run.cleanup();
+        bits
+    };
+    let mut run = Run::start_with_lease("restart-all", "2s");
+    run.start_replicas(0);
+    run.wait_for_version(21);
+    for child in &mut run.workers {
+        child.kill().ok();
+        child.wait().ok();
+    }
+    for index in 0..2 {
+        let mut shard = run.servers[index].take().unwrap();
+        shard.signal("KILL").unwrap();
+        shard.wait_exit(Duration::from_secs(30)).unwrap();
+    }
+    for index in 0..2 {
+        run.servers[index] = Some(run.spawn_server(index, true));
+    }
+    run.start_replicas(1);
+    run.finish_workers();
+    assert_same_bits("restart-all", &run.final_bits(), &reference, &run.dir.display().to_string());
+    // The run is over, and the shards are stopped and started again: the
+    // same commands find it finished.
+    for index in 0..2 {
+        let mut shard = run.servers[index].take().unwrap();
+        shard.signal("TERM").unwrap();
+        shard.wait_exit(Duration::from_secs(30)).unwrap();
+    }
+    for index in 0..2 {
+        run.servers[index] = Some(run.spawn_server(index, true));
+    }
+    run.start_replicas(2);
+    run.finish_workers();
+    assert!(run.log("worker-0.log").contains("the run is finished"), "{}", run.log("worker-0.log"));
+    run.cleanup();
+}
+
+/// A shard whose checkpoint writes fail for a while (its directory unusable,
+/// as a full disk makes it) while the other keeps writing and pruning, then
+/// killed and restarted: the other shard kept the newest version both hold,
+/// so the run goes back there and ends bit-identical.
+#[test]
+fn a_shard_whose_writes_failed_then_crashed_finds_the_version_every_shard_kept() {
+    let reference = uninterrupted("full-disk-reference", &[]);
+    let mut run = Run::start("full-disk");
+    run.start_workers(&[]);
+    run.wait_for_version(12);
+    // Shard 1's model directory becomes a plain file: every write fails there.
+    let model_dir = run.dir.join("checkpoints-1").join(MODEL);
+    let aside = run.dir.join("checkpoints-1-aside");
+    std::fs::rename(&model_dir, &aside).unwrap();
+    std::fs::write(&model_dir, b"not a directory").unwrap();
+    // Shard 0 writes on: with --checkpoint-keep 3 its versions before this point are pruned.
+    run.wait_for_version(40);
+    let status = run.runtime.block_on(run.client().status(MODEL)).unwrap();
+    assert!(!status[1].models[0].checkpoint_error.is_empty(), "the failed write shows in the status: {status:?}");
+    let mut shard = run.servers[1].take().unwrap();
+    shard.signal("KILL").unwrap();
+    shard.wait_exit(Duration::from_secs(30)).unwrap();
+    std::fs::remove_file(&model_dir).unwrap();
+    std::fs::rename(&aside, &model_dir).unwrap();
+    run.servers[1] = Some(run.spawn_server(1, true));
+    run.finish_workers();
+    assert!(run.log("shard-1.log").contains("recovered: every shard continues"), "{}", run.log("shard-1.log"));
+    assert_same_bits("full-disk", &run.final_bits(), &reference, &run.dir.display().to_string());
     run.cleanup();
 }

@@ -430,8 +430,16 @@ class Model:
         stop = self._heartbeats.pop(worker, None)
         if stop:
             stop.set()
+        first_error = None
         for shard in range(self.client.num_shards):
-            self.client.call(shard, "LeaveWorker", pb.LeaveWorkerRequest(model=self.name, worker_id=worker))
+            try:
+                self.client.call(shard, "LeaveWorker", pb.LeaveWorkerRequest(model=self.name, worker_id=worker))
+            except ServerError as error:
+                # unknown-worker: a peer's drop got there first. Either way, go on to the other shards.
+                if error.kind != "unknown-worker" and first_error is None:
+                    first_error = error
+        if first_error is not None:
+            raise first_error
 
     # Pushes.
 

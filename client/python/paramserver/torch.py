@@ -102,9 +102,12 @@ class AttachedModule:
             for push in pushes:
                 push.result()
         except RolledBack as rolled:
-            # A shard restarted and the model went back to a checkpoint: continue from there.
+            # A shard restarted and the model went back to a checkpoint: continue from there,
+            # or from the lowest version over the shards if the run went on while this
+            # worker was away (one shard may be a step past another that waits for it).
             self.model.epoch = rolled.epoch
-            self.version = rolled.resume_version
+            joined = self.model.join(self.worker, self.rank)
+            self.version = min(rolled.resume_version, joined.version)
             self._pull(self.version)
             return self.version
         except ServerError as error:

@@ -68,7 +68,7 @@ impl ModelHandle {
         let info = self
             .pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, pb::WeightPart::Parameters)
             .await?;
-        Ok(Weights { version: info.version, tensors, bytes: info.bytes, checkpoint: info.checkpoint })
+        Ok(Weights::read(tensors, info))
     }
 
     /// SCAFFOLD: the server control variate c as of `round` (beside the model it trains).
@@ -76,7 +76,7 @@ impl ModelHandle {
         let mut tensors = Tensors::new();
         let part = pb::WeightPart::ControlVariate;
         let info = self.pull_part_into(&mut tensors, round.saturating_sub(1), Duration::ZERO, part).await?;
-        Ok(Weights { version: info.version, tensors, bytes: info.bytes, checkpoint: info.checkpoint })
+        Ok(Weights::read(tensors, info))
     }
 
     /// Pushes `client`'s update for `round` to every shard, each block in its

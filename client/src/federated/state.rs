@@ -33,6 +33,8 @@ pub struct ClientState {
 const CORRECTION_HISTORY: usize = 8;
 
 const PENDING_PREFIX: &str = "pending:";
+const HISTORY_PREFIX: &str = "history:";
+const FROM_START: &str = "history_from_start";
 
 impl ClientState {
     /// A fresh state, kept only in memory.
@@ -47,27 +49,44 @@ impl ClientState {
         let mut state = Self { client, path: Some(path.clone()), history_from_start: true, ..Default::default() };
         if let Some((tensors, counters)) = state_file::load_with_counters(&path)? {
             state.round_done = counters.get("round_done").copied().unwrap_or(0);
-            // What came before the saved state is not known.
-            state.history_from_start = state.round_done == 0;
-            let (pending, correction): (Tensors, Tensors) =
-                tensors.into_iter().partition(|(n, _)| n.starts_with(PENDING_PREFIX));
-            state.correction = correction;
-            state.pending = counters.get("pending_round").map(|&round| {
-                let tensors = pending.into_iter().map(|(n, v)| (n[PENDING_PREFIX.len()..].to_string(), v)).collect();
-                (round, tensors)
-            });
+            // Files from before the history was saved: what came before them is not known.
+            state.history_from_start =
+                counters.get(FROM_START).map_or(state.round_done == 0, |&from_start| from_start == 1);
+            let mut pending = Tensors::new();
+            for (name, values) in tensors {
+                if let Some(tensor) = name.strip_prefix(PENDING_PREFIX) {
+                    pending.insert(tensor.to_string(), values);
+                } else if let Some((round, tensor)) = name
+                    .strip_prefix(HISTORY_PREFIX)
+                    .and_then(|rest| rest.split_once(':'))
+                    .and_then(|(round, tensor)| Some((round.parse::<u64>().ok()?, tensor)))
+                {
+                    state.history.entry(round).or_default().insert(tensor.to_string(), values);
+                } else {
+                    state.correction.insert(name, values);
+                }
+            }
+            state.pending = counters.get("pending_round").map(|&round| (round, pending));
         }
         Ok(state)
     }
 
-    /// Writes the state to its file (a no-op for an in-memory state).
+    /// Writes the state to its file (a no-op for an in-memory state): the
+    /// correction, a pending update's, and the corrections of the last rounds
+    /// that changed it, so a restarted client can still go back to one.
     pub fn save(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
         let mut tensors = self.correction.clone();
-        let mut counters: Counters = [("round_done".to_string(), self.round_done)].into_iter().collect();
+        let mut counters: Counters =
+            [("round_done".to_string(), self.round_done), (FROM_START.to_string(), u64::from(self.history_from_start))]
+                .into_iter()
+                .collect();
         if let Some((round, pending)) = &self.pending {
             counters.insert("pending_round".into(), *round);
             tensors.extend(pending.iter().map(|(n, v)| (format!("{PENDING_PREFIX}{n}"), v.clone())));
+        }
+        for (round, correction) in &self.history {
+            tensors.extend(correction.iter().map(|(n, v)| (format!("{HISTORY_PREFIX}{round}:{n}"), v.clone())));
         }
         state_file::save_with_counters(path, &tensors, &counters)
     }
@@ -138,5 +157,38 @@ impl ClientState {
         self.pending = None;
         self.round_done = self.round_done.max(round);
         self.save()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn correction(value: f32) -> Tensors {
+        [("w".to_string(), vec![value; 3])].into_iter().collect()
+    }
+
+    /// A client process restarted after the shards went back to a checkpoint
+    /// rewinds to the correction it had there, as a live one does.
+    #[test]
+    fn a_reloaded_state_rewinds_as_the_live_one_would() {
+        let dir = std::env::temp_dir().join(format!("ps-client-state-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        let mut live = ClientState::load(&dir, 3).unwrap();
+        for round in [2u64, 4, 5] {
+            live.stage(round, correction(round as f32)).unwrap();
+            live.commit().unwrap();
+        }
+        live.stage(6, correction(6.0)).unwrap();
+        let mut reloaded = ClientState::load(&dir, 3).unwrap();
+        assert_eq!((reloaded.round_done, reloaded.correction.clone()), (5, correction(5.0)));
+        assert_eq!(reloaded.pending, Some((6, correction(6.0))));
+        assert!(reloaded.rewind(4).unwrap(), "round 4's correction is in the saved history");
+        assert!(live.rewind(4).unwrap());
+        assert_eq!(reloaded.correction, correction(4.0));
+        assert_eq!((reloaded.round_done, reloaded.pending.clone()), (live.round_done, live.pending.clone()));
+        assert!(reloaded.rewind(1).unwrap(), "before every counted round: the fresh state");
+        assert!(reloaded.correction.is_empty());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

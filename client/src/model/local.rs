@@ -135,6 +135,7 @@ impl ModelHandle {
                     let mut read = ShardRead { checkpoint: reply.checkpoint, ..ShardRead::default() };
                     for block in &reply.blocks {
                         read.version = read.version.min(block.version);
+                        read.newest = read.newest.max(block.version);
                         read.bytes += block.length * 4;
                         let at = self.index[&block.tensor];
                         *read.received.entry((at, block.block)).or_default() += block.length;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::future::try_join_all;
-use ps_proto::pb;
+use ps_proto::{errors, pb};
 use tonic::Code;
 
 use super::{Joined, ModelHandle};
@@ -118,16 +118,31 @@ impl ModelHandle {
         })
     }
 
-    /// Leaves the model on every shard, so no barrier waits for this worker.
+    /// Leaves the model on every shard, so no barrier waits for this worker;
+    /// the rank it held is forgotten here too.
     pub async fn leave(&self, worker: &str) -> Result<(), ClientError> {
         let request = pb::LeaveWorkerRequest {
             model: self.name().to_string(),
             worker_id: worker.to_string(),
             reason: pb::LeaveReason::Left as i32,
         };
+        // Its rank is no longer its own: a later join takes whatever is free.
+        self.ranks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(worker);
         self.on_every_shard(|mut stub| {
             let request = request.clone();
-            async move { stub.leave_worker(request).await.map(|r| r.into_inner()) }
+            async move {
+                match stub.leave_worker(request).await {
+                    Ok(_) => Ok(()),
+                    // Not a member there (any more): a peer's drop got there first, or the lease lapsed.
+                    Err(status)
+                        if status.metadata().get(errors::ERROR_KIND_HEADER).and_then(|k| k.to_str().ok())
+                            == Some(errors::UNKNOWN_WORKER) =>
+                    {
+                        Ok(())
+                    }
+                    Err(status) => Err(status),
+                }
+            }
         })
         .await?;
         Ok(())

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::future::try_join_all;
+use futures::future::join_all;
 use ps_proto::layout::BlockPlan;
 use tonic::Status;
 
@@ -39,6 +39,10 @@ pub(crate) fn check_len(tensor: &str, expected: u64, data: &[f32]) -> Result<(),
 pub struct Weights {
     /// Lowest block version among the blocks read.
     pub version: u64,
+    /// Highest block version among the blocks read: equal to `version` when
+    /// every block was read at one version (a pull returns blocks that moved
+    /// past the version asked for as they are now).
+    pub newest: u64,
     /// The tensors.
     pub tensors: Tensors,
     /// Payload bytes received.
@@ -47,6 +51,13 @@ pub struct Weights {
     /// (error-feedback residual, data position) saves it now, before computing
     /// the step at this version, to restore it if the model is rolled back here.
     pub checkpoint: bool,
+}
+
+impl Weights {
+    /// The tensors a pull filled, with what it read.
+    pub(crate) fn read(tensors: Tensors, info: PullInfo) -> Self {
+        Self { version: info.version, newest: info.newest, tensors, bytes: info.bytes, checkpoint: info.checkpoint }
+    }
 }
 
 /// What joining a model returned.
@@ -94,6 +105,8 @@ pub enum StepOutcome {
 pub struct PullInfo {
     /// Lowest block version among the blocks read.
     pub version: u64,
+    /// Highest block version among the blocks read.
+    pub newest: u64,
     /// Payload bytes received.
     pub bytes: u64,
     /// Whether a shard marked the version as checkpointed.
@@ -172,6 +185,17 @@ impl ModelHandle {
         Some(version)
     }
 
+    /// As [`ModelHandle::rolled_back`], for a member `worker`: the version to
+    /// continue from is the lowest over the shards now (joining again reports
+    /// it and renews the membership). Right after the rollback that is the
+    /// checkpoint's version; a worker that was away while the run went on
+    /// resumes where the run is, never past a shard whose step now waits for it.
+    pub async fn resume_after_rollback(&self, worker: &str, error: &ClientError) -> Result<Option<u64>, ClientError> {
+        let Some(reported) = self.rolled_back(error) else { return Ok(None) };
+        let lowest = self.join(worker).await?.version;
+        Ok(Some(reported.min(lowest)))
+    }
+
     /// The model's name.
     pub fn name(&self) -> &str {
         &self.layout.model
@@ -192,12 +216,18 @@ impl ModelHandle {
         &self.shards
     }
 
+    /// Runs `call` on every shard (each with the client's retries) to its end,
+    /// even where another shard failed: a call that changes membership must
+    /// reach every shard it can. Returns the first error, if any.
     pub(super) async fn on_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<T>, ClientError>
     where
         F: Fn(ShardStub) -> Fut + Clone,
         Fut: Future<Output = Result<T, Status>>,
     {
-        try_join_all((0..self.shards.num_shards()).map(|shard| self.shards.retry(shard, call.clone()))).await
+        join_all((0..self.shards.num_shards()).map(|shard| self.shards.retry(shard, call.clone())))
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// The shards that hold blocks of this model.
@@ -255,6 +285,8 @@ pub(super) type BlockSlices<'t> = HashMap<(usize, u32), &'t mut [f32]>;
 pub(super) struct ShardRead {
     /// Lowest version among its blocks.
     pub(super) version: u64,
+    /// Highest version among its blocks.
+    pub(super) newest: u64,
     /// Payload bytes.
     pub(super) bytes: u64,
     /// Whether it marked the version as checkpointed.
@@ -265,6 +297,6 @@ pub(super) struct ShardRead {
 
 impl Default for ShardRead {
     fn default() -> Self {
-        Self { version: u64::MAX, bytes: 0, checkpoint: false, received: HashMap::new() }
+        Self { version: u64::MAX, newest: 0, bytes: 0, checkpoint: false, received: HashMap::new() }
     }
 }

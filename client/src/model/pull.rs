@@ -24,7 +24,7 @@ impl ModelHandle {
     pub async fn pull_with_timeout(&self, min_version: u64, timeout: Duration) -> Result<Weights, ClientError> {
         let mut tensors = Tensors::new();
         let info = self.pull_part_into(&mut tensors, min_version, timeout, pb::WeightPart::Parameters).await?;
-        Ok(Weights { version: info.version, tensors, bytes: info.bytes, checkpoint: info.checkpoint })
+        Ok(Weights::read(tensors, info))
     }
 
     /// Pulls into `tensors`, reusing its buffers (a training loop avoids
@@ -72,10 +72,11 @@ impl ModelHandle {
             async move { self.pull_shard(shard, request, slices, segments_serve).await }
         }))
         .await?;
-        let mut read = PullInfo { version: u64::MAX, bytes: 0, checkpoint: false };
+        let mut read = PullInfo { version: u64::MAX, newest: 0, bytes: 0, checkpoint: false };
         let mut received: HashMap<(usize, u32), u64> = HashMap::new();
         for shard in reads {
             read.version = read.version.min(shard.version);
+            read.newest = read.newest.max(shard.newest);
             read.bytes += shard.bytes;
             read.checkpoint |= shard.checkpoint;
             received.extend(shard.received);
@@ -169,6 +170,7 @@ impl ModelHandle {
         read: &mut ShardRead,
     ) -> Result<(), ClientError> {
         read.version = read.version.min(chunk.version);
+        read.newest = read.newest.max(chunk.version);
         read.checkpoint |= chunk.checkpoint;
         let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
         read.bytes += data.payload.len() as u64;

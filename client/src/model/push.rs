@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use ps_proto::transport::PUSH_STREAM_BYTES;
 use ps_proto::{codec, errors, frame, pb};
 
@@ -58,8 +58,31 @@ impl ModelHandle {
             scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
         }
         let push = PushRequest { worker, step, gradients, scales: &scales };
-        let replies =
-            try_join_all(self.shards_with_blocks().into_iter().map(|shard| self.push_shard(shard, &push))).await?;
+        // Every shard's push runs to its end even when another shard refuses
+        // its part: a shard that takes it must get all of it. Cut short, a push
+        // that one shard refuses at once (its step went ahead) would never
+        // reach a shard still waiting for it, and the worker would resync
+        // there again and again.
+        let outcomes = join_all(self.shards_with_blocks().into_iter().map(|shard| self.push_shard(shard, &push))).await;
+        let mut replies = Vec::with_capacity(outcomes.len());
+        let mut refused: Option<ClientError> = None;
+        for outcome in outcomes {
+            match outcome {
+                Ok(reply) => replies.push(reply),
+                // A rollback decides what comes next, whatever the other shards said.
+                Err(error)
+                    if refused
+                        .as_ref()
+                        .is_none_or(|first| first.rollback().is_none() && error.rollback().is_some()) =>
+                {
+                    refused = Some(error);
+                }
+                Err(_) => {}
+            }
+        }
+        if let Some(error) = refused {
+            return Err(error);
+        }
         Ok(replies.iter().flat_map(|(replies, _)| replies).fold(
             PushSummary { bytes: replies.iter().map(|(_, bytes)| bytes).sum(), ..Default::default() },
             |sum, r| PushSummary {
@@ -217,7 +240,7 @@ impl ModelHandle {
                     );
                     return Ok(StepOutcome::Resync { version });
                 }
-                Err(error) => match self.rolled_back(&error) {
+                Err(error) => match self.resume_after_rollback(worker, &error).await? {
                     Some(version) => return Ok(StepOutcome::RolledBack { version }),
                     None => return Err(error),
                 },

@@ -76,6 +76,28 @@ async fn leaving_completes_the_step_at_once() {
     assert_eq!(pulled.version, 1);
 }
 
+/// Found by the chaos harness (replicas waiting for a rank after a whole
+/// restart): a leave that one shard answers "not a member" (a peer's drop got
+/// there first) must still reach every other shard. Cut short there, the
+/// worker stayed a member of the other shard with its old rank, and its next
+/// join was refused ("a member with rank 3, not 4").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_reaches_every_shard_where_one_no_longer_counts_the_worker() {
+    let cluster = Cluster::start(2, Duration::from_secs(60)).await;
+    let (model, _) = register_small(&cluster, "leave-all").await;
+    let mut raw1 = cluster.raw(1).await;
+    let request = ps_proto::pb::JoinWorkerRequest { model: "leave-all".into(), worker_id: "b".into(), rank: None };
+    raw1.join_worker(request).await.unwrap();
+    model.leave("b").await.unwrap();
+    let status = cluster.client().status("leave-all").await.unwrap();
+    for (shard, reported) in status.iter().enumerate() {
+        assert!(reported.models[0].live_workers.is_empty(), "shard {shard} still counts 'b': {status:?}");
+    }
+    // Joining again gets one rank on every shard.
+    let joined = model.join("b").await.unwrap();
+    assert_eq!(joined.rank, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_joiner_starts_at_the_current_step_when_a_shard_holds_no_block() {
     let cluster = Cluster::start(2, Duration::from_secs(60)).await;

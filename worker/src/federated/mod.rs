@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use self::clients::{ClientData, Partition};
 use crate::task::{TaskKind, Trainable};
+use crate::train::join_with_a_rank;
 
 /// The federated methods, as flags spell them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -319,9 +320,12 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
     let started = Instant::now();
     let mut summary = FederatedSummary { clients: clients.iter().map(|c| c.id).collect(), ..Default::default() };
     loop {
-        // Ask for every client's task first: a round closes as soon as its last selected client completes.
-        let mut tasks: Vec<RoundTask> = Vec::with_capacity(clients.len());
-        for client in clients.iter() {
+        // Ask for the tasks of every client that is not ahead first: a round
+        // closes as soon as its last selected client completes.
+        let asking = furthest_behind(clients.iter().map(|c| c.state.round_done));
+        let mut tasks: Vec<RoundTask> = Vec::with_capacity(asking.len());
+        for &at in &asking {
+            let client = &clients[at];
             match model.next_task(client.id, client.state.round_done).await {
                 Ok(task) => tasks.push(task),
                 Err(error) => {
@@ -330,7 +334,7 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
                 }
             }
         }
-        if tasks.len() < clients.len() {
+        if tasks.len() < asking.len() {
             continue;
         }
         if tasks.iter().all(|t| t.finished) {
@@ -338,7 +342,8 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
             break;
         }
         let mut losses = Vec::new();
-        for (client, task) in clients.iter_mut().zip(&tasks) {
+        for (&at, task) in asking.iter().zip(&tasks) {
+            let client = &mut clients[at];
             if task.finished {
                 continue;
             }
@@ -391,6 +396,17 @@ pub async fn run_clients(model: &ModelHandle, clients: &mut [Client], seed: u64)
     Ok(summary)
 }
 
+/// The positions of the clients whose last handled round is the oldest. A
+/// process that stopped part-way through a round restarts with some of its
+/// clients a round ahead (their update was counted and saved, the others'
+/// not); asking for an ahead client's next round first would wait for a round
+/// that is waiting for the clients behind it in the same process.
+fn furthest_behind(rounds_done: impl Iterator<Item = u64>) -> Vec<usize> {
+    let rounds: Vec<u64> = rounds_done.collect();
+    let oldest = rounds.iter().copied().min().unwrap_or(0);
+    rounds.iter().enumerate().filter(|(_, done)| **done == oldest).map(|(at, _)| at).collect()
+}
+
 /// If `error` says the model was rolled back to a checkpoint, rewinds every
 /// client to it (each asks for the round after it next); any other error is returned.
 fn rewind_after_rollback(
@@ -424,7 +440,10 @@ pub async fn run(args: FederatedArgs) -> anyhow::Result<FederatedSummary> {
             None => {
                 // Identical replicas (compose, an indexed job without an index) get a rank from the shards.
                 let worker = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("clients-{}", std::process::id()));
-                let joined = model.join(&worker).await.context("asking the shards for a rank")?;
+                let world = args.world_size as usize;
+                let joined = join_with_a_rank(&model, &worker, None, world, args.start_timeout, |_| false)
+                    .await
+                    .context("asking the shards for a rank")?;
                 model.spawn_heartbeat(&worker);
                 joined.rank
             }
@@ -452,6 +471,41 @@ pub async fn run(args: FederatedArgs) -> anyhow::Result<FederatedSummary> {
         }
         clients.push(Client { id, data: data.client(id)?, state });
     }
+    rewind_to_the_model(&model, &mut clients).await?;
     tracing::info!(clients = ?ids, model = model.name(), "federated clients started");
     run_clients(&model, &mut clients, args.run.seed).await
+}
+
+/// Clients that handled rounds the model no longer has (the shards went back
+/// to a checkpoint while this process was down, as after a restart of the
+/// whole cluster) rewind to the model's round first, as a live client does
+/// when it learns of the rollback; their saved history makes it exact.
+async fn rewind_to_the_model(model: &ModelHandle, clients: &mut [Client]) -> anyhow::Result<()> {
+    let Some(first) = clients.iter().find(|c| c.state.round_done > 0) else { return Ok(()) };
+    // The task after round 0 is the round open now (or the last one, when the run is over).
+    let now = model.next_task(first.id, 0).await?;
+    let applied = if now.finished { now.round } else { now.round.saturating_sub(1) };
+    for client in clients.iter_mut().filter(|c| c.state.round_done > applied) {
+        let exact = client.state.rewind(applied)?;
+        tracing::warn!(
+            client = client.id,
+            round = applied,
+            exact,
+            "the model is behind this client's saved state (rolled back while it was down): rewound to it"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_a_round_ahead_wait_for_the_others() {
+        assert_eq!(furthest_behind([6u64, 5, 5].into_iter()), vec![1, 2]);
+        assert_eq!(furthest_behind([4u64, 4, 4].into_iter()), vec![0, 1, 2]);
+        assert_eq!(furthest_behind([7u64, 9, 8].into_iter()), vec![0]);
+        assert!(furthest_behind(std::iter::empty()).is_empty());
+    }
 }

@@ -196,6 +196,12 @@ pub struct TrainArgs {
     /// Print a machine-readable `SUMMARY {json}` line at the end.
     #[arg(long)]
     pub summary_line: bool,
+    /// Log every pulled version with the model's epoch and a hash of the
+    /// weights (`pulled version=V newest=N epoch=E hash=H`, N the highest
+    /// block version read), so a checker can tell whether a version was ever
+    /// served with two contents.
+    #[arg(long)]
+    pub trace_pulls: bool,
 }
 
 /// Options of `worker evaluate`.

@@ -14,7 +14,7 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use ps_client::compress::Compressor;
 use ps_client::resume::ResumePoints;
-use ps_client::{PsClient, StepOutcome, Tensors};
+use ps_client::{Joined, ModelHandle, PsClient, StepOutcome, Tensors};
 use serde::{Deserialize, Serialize};
 
 use self::telemetry::{BYTES_PULLED, BYTES_PUSHED, LOSS, STEP_SECONDS, STEPS};
@@ -87,22 +87,28 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             tracing::info!(worker, dir = %dir.display(), "restored the compression state");
         }
     }
-    // An explicit --rank is asked for on every shard, so no other worker is given it.
-    let joined = model.join_as(&worker, args.rank.map(|r| u32::try_from(r).unwrap_or(u32::MAX))).await?;
+    let joined = join_within_world(&model, &worker, &args).await?;
     let heartbeat = model.spawn_heartbeat(&worker);
-    let rank = args.rank.unwrap_or(joined.rank as usize);
-    if rank >= args.world_size {
-        model.leave(&worker).await.ok();
-        anyhow::bail!(
-            "rank {rank} is not below --world-size {}: more workers than the data is split for",
-            args.world_size
+    let rank = joined.rank as usize;
+    let start = joined.version;
+    let finished = args.mode != ModeArg::Async && start >= args.steps;
+    if finished {
+        tracing::info!(
+            worker,
+            model = model.name(),
+            version = start,
+            steps = args.steps,
+            "the run is finished: the model is already at --steps; nothing left to train"
         );
     }
     let device = device()?;
     tracing::info!(?device, "computing on {}", if device.is_cuda() { "GPU 0 (CUDA)" } else { "the CPU" });
-    let task = crate::task::load(args.task, rank, args.world_size, device)?;
-    let start = joined.version;
-    wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout).await?;
+    // A finished run only evaluates, whatever rank the worker was given.
+    let task = crate::task::load(args.task, rank.min(args.world_size - 1), args.world_size, device)?;
+    if !finished {
+        wait_for_workers(&client, model.name(), args.min_workers.unwrap_or(args.world_size), args.start_timeout)
+            .await?;
+    }
     tracing::info!(worker, rank, model = model.name(), start, steps = args.steps, "training");
 
     let progress = ProgressBar::new(args.steps).with_position(start.min(args.steps));
@@ -119,89 +125,139 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     let started = Instant::now();
     let mut step = start;
     let (mut pushed, mut resyncs) = (0, 0);
-    // The worker's own state (residual or momentum, data position) at checkpointed versions.
-    let mut points: ResumePoints<(Compressor, Batches)> = ResumePoints::default();
-    while step < args.steps {
-        let step_started = Instant::now();
-        let weights = match model.pull(mode.pull_version(step)).await {
-            Ok(weights) => weights,
-            Err(error) => {
-                let version = model.rolled_back(&error).ok_or(error)?;
-                if version == step {
-                    // Rolled back to the version being pulled: the state now is the state there.
-                    tracing::info!(
-                        worker,
-                        version,
-                        "rolled back to the version being pulled; the worker state is that version's"
-                    );
-                    points.rewind(version);
-                } else {
-                    restore_after_rollback(&mut points, version, &mut compressor, &mut batches, &worker);
+    // The compression state (residual or momentum) at checkpointed versions.
+    let mut points: ResumePoints<Compressor> = ResumePoints::default();
+    // The run's steps, then its final weights; a rollback found at the end
+    // (the shards restarted after the last step) sends the worker back to
+    // train from the version rolled back to.
+    let final_weights = loop {
+        while step < args.steps {
+            let step_started = Instant::now();
+            let weights = match model.pull(mode.pull_version(step)).await {
+                Ok(weights) => weights,
+                Err(error) => {
+                    let Some(version) = model.resume_after_rollback(&worker, &error).await? else {
+                        return Err(error.into());
+                    };
+                    if version == step {
+                        // Rolled back to the version being pulled: the state now is the state there.
+                        tracing::info!(
+                            worker,
+                            version,
+                            "rolled back to the version being pulled; the worker state is that version's"
+                        );
+                        points.rewind(version);
+                    } else {
+                        restore_after_rollback(&mut points, version, &mut compressor, &worker);
+                    }
+                    resyncs += 1;
+                    step = version;
+                    continue;
                 }
+            };
+            if sync {
+                points.record(&weights, step == start, || compressor.clone());
+                if weights.newest > weights.version {
+                    // Only this worker's own push of the step can have moved a shard
+                    // on: it reached some shards before this process restarted (or
+                    // before its lease lapsed). The shards that still wait for it get
+                    // a gradient of these weights, which the others already updated.
+                    tracing::warn!(
+                        worker,
+                        version = weights.version,
+                        newest = weights.newest,
+                        "some shards applied this step already (this worker's earlier push reached them): \
+                         redoing it from their updated weights, so the run is no longer bit-identical to an \
+                         uninterrupted one"
+                    );
+                }
+            }
+            if args.trace_pulls {
+                let hash = format!("{:016x}", weights_hash(&weights.tensors));
+                tracing::info!(
+                    version = weights.version,
+                    newest = weights.newest,
+                    epoch = model.epoch(),
+                    hash,
+                    "pulled"
+                );
+            }
+            let weights_bytes = weights.bytes;
+            bytes_pulled += weights.bytes;
+            if !sync && weights.version >= args.steps {
+                break;
+            }
+            let base = if sync { step } else { weights.version };
+            // Sync steps train minibatch `step`, so the data of a step does not
+            // depend on restarts or rollbacks; async workers take them in turn.
+            let batch = if sync { batches.at(step) } else { batches.next_batch() };
+            let computing = task.clone();
+            let (loss, grads) =
+                tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
+            let mut grads = grads;
+            model.clip_to_max_norm(&mut grads);
+            // A plain compressor pushes the gradients themselves: handed over, so over
+            // gRPC their f32 values go out from where they lie, uncopied. The others
+            // push buffers they keep for the next step, which can only be lent.
+            let pushed_step = if matches!(compressor, Compressor::Plain) {
+                model.push_step_owned(&worker, base, grads).await?
+            } else {
+                model.push_step(&worker, base, compressor.prepare(&grads)).await?
+            };
+            let summary = match pushed_step {
+                StepOutcome::Pushed(summary) => summary,
+                StepOutcome::Resync { version } => {
+                    // The run went ahead while this worker was away (paused past its lease):
+                    // drop this step's gradient and continue from where the model is.
+                    tracing::info!(worker, from = base, to = version, "resuming at the current version");
+                    resyncs += 1;
+                    step = version;
+                    continue;
+                }
+                StepOutcome::RolledBack { version } => {
+                    restore_after_rollback(&mut points, version, &mut compressor, &worker);
+                    resyncs += 1;
+                    step = version;
+                    continue;
+                }
+            };
+            ::metrics::counter!(STEPS).increment(1);
+            ::metrics::gauge!(LOSS).set(f64::from(loss));
+            ::metrics::counter!(BYTES_PUSHED).increment(summary.bytes);
+            ::metrics::counter!(BYTES_PULLED).increment(weights_bytes);
+            ::metrics::histogram!(STEP_SECONDS).record(step_started.elapsed().as_secs_f64());
+            if let Some(dir) = &args.state_dir {
+                // A file write with fsync: tell the runtime this thread blocks for a while.
+                tokio::task::block_in_place(|| compressor.save(dir, &worker))
+                    .with_context(|| format!("saving the compression state in {}", dir.display()))?;
+            }
+            bytes_pushed += summary.bytes;
+            losses.push(loss);
+            pushed += 1;
+            step = if sync { step + 1 } else { base + 1 };
+            progress.set_position(step.min(args.steps));
+            progress.set_message(format!("loss {loss:.4}"));
+        }
+        match model.pull(if sync { args.steps } else { 0 }).await {
+            Ok(weights) => break weights,
+            Err(error) => {
+                let Some(version) = model.resume_after_rollback(&worker, &error).await? else {
+                    return Err(error.into());
+                };
+                anyhow::ensure!(
+                    version >= args.steps || rank < args.world_size,
+                    "the run was rolled back to version {version}, below --steps {}, but this worker joined the \
+                     finished run with rank {rank}, outside --world-size {}: start it again to take a rank",
+                    args.steps,
+                    args.world_size
+                );
+                restore_after_rollback(&mut points, version, &mut compressor, &worker);
                 resyncs += 1;
                 step = version;
-                continue;
             }
-        };
-        if sync {
-            points.record(&weights, step == start, || (compressor.clone(), batches.clone()));
         }
-        let weights_bytes = weights.bytes;
-        bytes_pulled += weights.bytes;
-        if !sync && weights.version >= args.steps {
-            break;
-        }
-        let base = if sync { step } else { weights.version };
-        let batch = batches.next_batch();
-        let computing = task.clone();
-        let (loss, grads) =
-            tokio::task::spawn_blocking(move || computing.loss_and_grads(&weights.tensors, &batch)).await??;
-        let mut grads = grads;
-        model.clip_to_max_norm(&mut grads);
-        // A plain compressor pushes the gradients themselves: handed over, so over
-        // gRPC their f32 values go out from where they lie, uncopied. The others
-        // push buffers they keep for the next step, which can only be lent.
-        let pushed_step = if matches!(compressor, Compressor::Plain) {
-            model.push_step_owned(&worker, base, grads).await?
-        } else {
-            model.push_step(&worker, base, compressor.prepare(&grads)).await?
-        };
-        let summary = match pushed_step {
-            StepOutcome::Pushed(summary) => summary,
-            StepOutcome::Resync { version } => {
-                // The run went ahead while this worker was away (paused past its lease):
-                // drop this step's gradient and continue from where the model is.
-                tracing::info!(worker, from = base, to = version, "resuming at the current version");
-                resyncs += 1;
-                step = version;
-                continue;
-            }
-            StepOutcome::RolledBack { version } => {
-                restore_after_rollback(&mut points, version, &mut compressor, &mut batches, &worker);
-                resyncs += 1;
-                step = version;
-                continue;
-            }
-        };
-        ::metrics::counter!(STEPS).increment(1);
-        ::metrics::gauge!(LOSS).set(f64::from(loss));
-        ::metrics::counter!(BYTES_PUSHED).increment(summary.bytes);
-        ::metrics::counter!(BYTES_PULLED).increment(weights_bytes);
-        ::metrics::histogram!(STEP_SECONDS).record(step_started.elapsed().as_secs_f64());
-        if let Some(dir) = &args.state_dir {
-            // A file write with fsync: tell the runtime this thread blocks for a while.
-            tokio::task::block_in_place(|| compressor.save(dir, &worker))
-                .with_context(|| format!("saving the compression state in {}", dir.display()))?;
-        }
-        bytes_pushed += summary.bytes;
-        losses.push(loss);
-        pushed += 1;
-        step = if sync { step + 1 } else { base + 1 };
-        progress.set_position(step.min(args.steps));
-        progress.set_message(format!("loss {loss:.4}"));
-    }
+    };
     let seconds = started.elapsed().as_secs_f64();
-    let final_weights = model.pull(if sync { args.steps } else { 0 }).await?;
     bytes_pulled += final_weights.bytes;
     let evaluation = task.evaluate(&final_weights.tensors)?;
     heartbeat.abort();
@@ -234,19 +290,82 @@ fn transport(client: &PsClient) -> String {
     }
 }
 
-/// After a rollback to `version`: the worker state kept there, or the current one with a warning.
+/// Joins the model with a rank below `--world-size`; a finished run needs none.
+async fn join_within_world(model: &ModelHandle, worker: &str, args: &TrainArgs) -> anyhow::Result<Joined> {
+    let asked = args.rank.map(|r| u32::try_from(r).unwrap_or(u32::MAX));
+    let finished = |version: u64| args.mode != ModeArg::Async && version >= args.steps;
+    join_with_a_rank(model, worker, asked, args.world_size, args.start_timeout, finished).await
+}
+
+/// Joins `model` as `worker` with a rank below `world_size`. Ranks still held
+/// by members a restarted run restored from its checkpoint (or by a worker
+/// this one replaces) free up when their leases lapse, so until `timeout` a
+/// worker waits for one: an explicit rank (`asked`) until no other member
+/// holds it, a worker without one until the shards give it one below the
+/// world size. A join at a version where `finished` holds needs no rank.
+pub(crate) async fn join_with_a_rank(
+    model: &ModelHandle,
+    worker: &str,
+    asked: Option<u32>,
+    world_size: usize,
+    timeout: Duration,
+    finished: impl Fn(u64) -> bool,
+) -> anyhow::Result<Joined> {
+    let deadline = Instant::now() + timeout;
+    let mut told = false;
+    loop {
+        let joined = match model.join_as(worker, asked).await {
+            Ok(joined) => joined,
+            Err(error) if error.kind() == Some(ps_client::errors::RANK_TAKEN) && Instant::now() < deadline => {
+                // Shard 0 may have given this worker the rank another shard still
+                // sees held: let go of it everywhere before asking again.
+                model.leave(worker).await.ok();
+                if !told {
+                    tracing::warn!(worker, %error, "waiting for the rank's holder to leave or its lease to lapse");
+                    told = true;
+                }
+                tokio::time::sleep(RANK_RETRY).await;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if (joined.rank as usize) < world_size || finished(joined.version) {
+            return Ok(joined);
+        }
+        model.leave(worker).await.ok();
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "rank {} is not below --world-size {world_size} after waiting {timeout:?} (--start-timeout): more \
+             workers than the data is split for",
+            joined.rank,
+        );
+        if !told {
+            tracing::warn!(
+                worker,
+                rank = joined.rank,
+                world_size,
+                "the ranks below --world-size are held (by a restored run's members until their leases lapse); waiting for one"
+            );
+            told = true;
+        }
+        tokio::time::sleep(RANK_RETRY).await;
+    }
+}
+
+/// Pause between attempts to get a rank below the world size.
+const RANK_RETRY: Duration = Duration::from_millis(500);
+
+/// After a rollback to `version`: the compression state kept there, or the current one with a warning.
 fn restore_after_rollback(
-    points: &mut ResumePoints<(Compressor, Batches)>,
+    points: &mut ResumePoints<Compressor>,
     version: u64,
     compressor: &mut Compressor,
-    batches: &mut Batches,
     worker: &str,
 ) {
     match points.rewind(version) {
-        Some((c, b)) => {
+        Some(kept) => {
             tracing::info!(worker, version, "restored the worker state saved at the checkpoint");
-            *compressor = c;
-            *batches = b;
+            *compressor = kept;
         }
         None => tracing::warn!(
             worker,
@@ -254,6 +373,21 @@ fn restore_after_rollback(
             "no worker state saved at the checkpoint version (the worker started later); continuing with the current one"
         ),
     }
+}
+
+/// FNV-1a over every weight's bits, tensors in name order: one number that
+/// differs when any weight does.
+fn weights_hash(tensors: &Tensors) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for (name, values) in tensors {
+        for byte in name.bytes() {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        for value in values {
+            hash = (hash ^ u64::from(value.to_bits())).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 async fn wait_for_workers(client: &PsClient, model: &str, wanted: usize, timeout: Duration) -> anyhow::Result<()> {
