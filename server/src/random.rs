@@ -3,6 +3,7 @@
 //! restart draws the same numbers from the same seed and name.
 
 /// A deterministic generator (SplitMix64) for seeded, reproducible selections.
+#[derive(Clone, Debug)]
 pub struct SplitMix(u64);
 
 impl SplitMix {

@@ -1,8 +1,10 @@
 //! The harness every test and benchmark of the project shares, so none of
 //! them rebuilds its own: a cluster of shards inside this process on loopback
-//! ports, shards as separate `server` processes, and the raw-TCP baseline the
-//! benchmarks compare gRPC against in the same run.
+//! ports, shards as separate `server` processes, the raw-TCP baseline the
+//! benchmarks compare gRPC against in the same run, the chaos harness
+//! ([`chaos`]) and the checks of the repository's shape ([`house`]).
 
+pub mod chaos;
 mod cluster;
 pub mod house;
 mod process;
