@@ -64,19 +64,28 @@ pub fn run(schedule: &Schedule, with_faults: bool, binaries: &Binaries, base: &P
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("a runtime");
     let workload = schedule.workload.clone();
     let faults: Vec<Fault> = if with_faults { schedule.faults.clone() } else { Vec::new() };
-    let addrs: Vec<String> =
-        (0..workload.shards).map(|_| format!("127.0.0.1:{}", free_port().expect("a free port"))).collect();
     let links = faults.iter().any(|f| matches!(f.kind, FaultKind::LinkCut { .. } | FaultKind::LinkSlow { .. }));
-    let proxies: Vec<LinkProxy> = if links {
-        runtime.block_on(async {
-            let mut proxies = Vec::new();
-            for addr in &addrs {
-                proxies.push(LinkProxy::start(addr.parse().expect("a loopback address")).await.expect("a proxy"));
-            }
-            proxies
-        })
-    } else {
-        Vec::new()
+    // The shards' ports are free when chosen, not held: a proxy listening on an
+    // ephemeral port may be given one of them, so choose again until none is.
+    let (addrs, proxies) = loop {
+        let addrs: Vec<String> =
+            (0..workload.shards).map(|_| format!("127.0.0.1:{}", free_port().expect("a free port"))).collect();
+        let proxies: Vec<LinkProxy> = if links {
+            runtime.block_on(async {
+                let mut proxies = Vec::new();
+                for addr in &addrs {
+                    proxies.push(LinkProxy::start(addr.parse().expect("a loopback address")).await.expect("a proxy"));
+                }
+                proxies
+            })
+        } else {
+            Vec::new()
+        };
+        let taken = |addr: &String| proxies.iter().any(|p| p.addr.to_string() == *addr);
+        let distinct = addrs.iter().collect::<std::collections::BTreeSet<_>>().len() == addrs.len();
+        if distinct && !addrs.iter().any(taken) {
+            break (addrs, proxies);
+        }
     };
     let client_addrs = if links { proxies.iter().map(|p| p.addr.to_string()).collect() } else { addrs.clone() };
     let disk_faults = faults.iter().any(|f| matches!(f.kind, FaultKind::DiskFull { .. } | FaultKind::ReadOnly { .. }));
