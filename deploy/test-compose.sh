@@ -2,8 +2,10 @@
 # End-to-end test of the compose deployment on the local Docker engine:
 # builds the images, starts 2 shards, 3 workers and Prometheus, kills shard 1
 # with SIGKILL in the middle of a sync run and starts it again (it restores its
-# checkpoint and every shard rolls back to it), stops one worker, and checks that the run
-# completes, the final accuracy, what Prometheus scraped, and that `down -v`
+# checkpoint and every shard rolls back to it), stops the whole deployment and
+# starts it again (the run resumes), stops one worker, and checks that the run
+# completes, the final accuracy, that starting it again on the finished run ends
+# every worker with 0, what Prometheus scraped, and that `down -v`
 # leaves nothing; then runs the same deployment with PS_MODE=federated, over
 # mutual TLS (deploy/tls/make-ca.sh, docker-compose.tls.yml) with separate
 # worker and admin tokens.
@@ -78,6 +80,25 @@ shard1_log=$(docker logs "$shard1" 2>&1)
 grep -q "recovered: every shard continues" <<<"$shard1_log" || fail "shard 1 logged no recovery"
 say "shard 1 restarted and recovered: $(grep 'rolling every shard back' <<<"$shard1_log" | tail -n 1 | sed 's/.*model=/model=/')"
 
+# The whole deployment stopped and started again with the same command, volumes
+# kept: the shards restore their checkpoints with the old workers as members, whose
+# ranks free as their leases lapse; the new worker replicas (no --rank) wait for
+# them and the run goes on.
+before=$(status_value 'min(m["min_version"] for x in s for m in x["models"])')
+say "docker-compose down (volumes kept) at version $before, then the same up again"
+dc down >/dev/null 2>&1 || fail "compose down"
+dc up -d --scale worker=$WORKERS >/dev/null 2>&1 || { dc up -d --scale worker=$WORKERS; fail "compose up again"; }
+for _ in $(seq 240); do
+  version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])' || true)
+  live=$(status_value 'min(len(m["live_workers"]) for x in s for m in x["models"])' || true)
+  epochs=$(status_value 'sorted(set(m["epoch"] for x in s for m in x["models"]))' || true)
+  [ "${live:-0}" = "$WORKERS" ] && [ "${version:-0}" -ge $((before + 100)) ] && break
+  sleep 0.5
+done
+[ "${version:-0}" -ge $((before + 100)) ] || fail "the run did not resume after down and up (version ${version:-none}, live ${live:-0}, epochs ${epochs:-none}); worker logs: $(dc logs --tail 5 worker 2>&1 | tail -n 6)"
+[ "${live:-0}" = "$WORKERS" ] || fail "only ${live:-0} of $WORKERS new workers train after down and up"
+say "resumed after down and up: version $version with $live new workers (epochs $epochs)"
+
 say "checking what Prometheus scraped"
 for _ in $(seq 60); do
   shards_up=$(prom 'count(up{job="shard"} == 1)' || true)
@@ -123,6 +144,15 @@ say "Prometheus: $(printf '%.0f' "$segment_bytes") gradient bytes came through s
 
 accuracy=$(dc exec -T shard0 worker evaluate --shards "$shards" --min-version "$PS_STEPS" --min-accuracy 0.9) || fail "accuracy check: $accuracy"
 say "$accuracy"
+
+# A finished run started again: the workers find it finished, say so and exit 0.
+say "the same up once more on the finished run"
+dc up -d --scale worker=$WORKERS >/dev/null 2>&1 || fail "compose up on the finished run"
+for container in $(dc ps -aq worker); do
+  code=$(timeout 300 docker wait "$container") || fail "worker ${container:0:12} did not end on the finished run"
+  [ "$code" = 0 ] || fail "worker ${container:0:12} exited with $code on the finished run: $(docker logs --tail 5 "$container" 2>&1)"
+done
+say "every worker found the run finished and exited 0: $(docker logs "$(dc ps -aq worker | head -n 1)" 2>&1 | grep -o 'the run is finished[^"]*' | head -n 1)"
 
 say "docker-compose down -v"
 dc down -v --remove-orphans >/dev/null 2>&1

@@ -167,7 +167,15 @@ impl Peers {
         &self,
         model: &str,
     ) -> Vec<(u32, Result<pb::ListCheckpointsResponse, tonic::Status>)> {
-        let request = pb::ListCheckpointsRequest { model: model.to_string() };
+        self.list_checkpoints_with(pb::ListCheckpointsRequest { model: model.to_string(), ..Default::default() }).await
+    }
+
+    /// Asks every peer for its checkpoints of a model, with a pin or a commit
+    /// of the cluster's recovery point (see `ListCheckpointsRequest`).
+    pub async fn list_checkpoints_with(
+        &self,
+        request: pb::ListCheckpointsRequest,
+    ) -> Vec<(u32, Result<pb::ListCheckpointsResponse, tonic::Status>)> {
         self.ask_all(|mut stub| {
             let request = request.clone();
             async move { stub.list_checkpoints(request).await }

@@ -453,27 +453,45 @@ fn the_same_commands_after_a_whole_cluster_restart_resume_the_run_and_then_find_
 /// so the run goes back there and ends bit-identical.
 #[test]
 fn a_shard_whose_writes_failed_then_crashed_finds_the_version_every_shard_kept() {
-    let reference = uninterrupted("full-disk-reference", &[]);
-    let mut run = Run::start("full-disk");
+    writes_fail_then_the_other_shard_crashes("full-disk", 1, 1);
+}
+
+/// Found by the chaos harness: shard 0 (which decides the recovery point)
+/// cannot write while shard 1 writes on, then shard 1 crashes. When each shard
+/// chose the version it kept from its own look at the others, 2 s apart, the
+/// two could keep different versions and prune the other's: no version was
+/// left on both, and the run stopped. A version is now pinned on every shard
+/// before any shard lets the older one go.
+#[test]
+fn shard_0_failing_its_writes_and_shard_1_crashing_still_leave_a_version_both_hold() {
+    writes_fail_then_the_other_shard_crashes("full-disk-0", 0, 1);
+}
+
+/// Shard `failing`'s checkpoint writes fail from version 12 to 40, then shard
+/// `crashing` is killed and restarted: the run recovers and ends bit-identical.
+fn writes_fail_then_the_other_shard_crashes(label: &str, failing: usize, crashing: usize) {
+    let reference = uninterrupted(&format!("{label}-reference"), &[]);
+    let mut run = Run::start(label);
     run.start_workers(&[]);
     run.wait_for_version(12);
-    // Shard 1's model directory becomes a plain file: every write fails there.
-    let model_dir = run.dir.join("checkpoints-1").join(MODEL);
-    let aside = run.dir.join("checkpoints-1-aside");
+    // The shard's model directory becomes a plain file: every write fails there.
+    let model_dir = run.dir.join(format!("checkpoints-{failing}")).join(MODEL);
+    let aside = run.dir.join(format!("checkpoints-{failing}-aside"));
     std::fs::rename(&model_dir, &aside).unwrap();
     std::fs::write(&model_dir, b"not a directory").unwrap();
-    // Shard 0 writes on: with --checkpoint-keep 3 its versions before this point are pruned.
+    // The other shard writes on: with --checkpoint-keep 3 its versions before this point are pruned.
     run.wait_for_version(40);
     let status = run.runtime.block_on(run.client().status(MODEL)).unwrap();
-    assert!(!status[1].models[0].checkpoint_error.is_empty(), "the failed write shows in the status: {status:?}");
-    let mut shard = run.servers[1].take().unwrap();
+    assert!(!status[failing].models[0].checkpoint_error.is_empty(), "the failed write shows in the status: {status:?}");
+    let mut shard = run.servers[crashing].take().unwrap();
     shard.signal("KILL").unwrap();
     shard.wait_exit(Duration::from_secs(30)).unwrap();
     std::fs::remove_file(&model_dir).unwrap();
     std::fs::rename(&aside, &model_dir).unwrap();
-    run.servers[1] = Some(run.spawn_server(1, true));
+    run.servers[crashing] = Some(run.spawn_server(crashing, true));
     run.finish_workers();
-    assert!(run.log("shard-1.log").contains("recovered: every shard continues"), "{}", run.log("shard-1.log"));
-    assert_same_bits("full-disk", &run.final_bits(), &reference, &run.dir.display().to_string());
+    let log = run.log(&format!("shard-{crashing}.log"));
+    assert!(log.contains("recovered: every shard continues"), "{log}");
+    assert_same_bits(label, &run.final_bits(), &reference, &run.dir.display().to_string());
     run.cleanup();
 }

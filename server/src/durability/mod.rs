@@ -146,7 +146,15 @@ impl Durability {
     }
 
     /// What this shard holds of a model, for a peer that is recovering or scheduling.
-    pub fn checkpoints_held(&self, name: &str) -> pb::ListCheckpointsResponse {
+    pub fn checkpoints_held(&self, request: &pb::ListCheckpointsRequest) -> pb::ListCheckpointsResponse {
+        let name = request.model.as_str();
+        let pinned = match (&self.store, request.pin) {
+            (Some(store), Some(version)) => store.pin(name, version),
+            _ => false,
+        };
+        if let (Ok(model), Some(version)) = (self.registry.get(name), request.commit) {
+            self.commit_common(&model, version, false);
+        }
         let versions = self.store.as_ref().map(|s| s.versions(name)).unwrap_or_default();
         match self.registry.get(name) {
             Ok(model) => {
@@ -159,9 +167,10 @@ impl Durability {
                     max_version,
                     live_workers: model.membership.live().len() as u32,
                     holds_blocks: !model.local_blocks().is_empty(),
+                    pinned,
                 }
             }
-            Err(_) => pb::ListCheckpointsResponse { versions, ..Default::default() },
+            Err(_) => pb::ListCheckpointsResponse { versions, pinned, ..Default::default() },
         }
     }
 

@@ -87,7 +87,7 @@ impl Durability {
         if current.is_recovering() && (from, to) == (request.version, request.version) {
             // Restored at start from exactly this checkpoint, and nothing applied since: no second read.
             current.resume_as(request.epoch.max(current.epoch()));
-            self.hold_common(&current, from);
+            self.commit_common(&current, from, true);
             metrics::gauge!(m::EPOCH, "model" => request.model.clone()).set(current.epoch() as f64);
             return Ok(pb::RollbackResponse { epoch: current.epoch(), version: from });
         }
@@ -109,7 +109,7 @@ impl Durability {
         // Every shard holds the version it rolled back to: until they all hold
         // a newer one, it is the recovery point, however many checkpoints
         // follow here (a peer whose writes fail may hold none of them).
-        self.hold_common(&model, version);
+        self.commit_common(&model, version, true);
         // Checkpoints past the version belong to the abandoned run: a later recovery must not pick them.
         let (store, name) = (self.store()?.clone(), request.model.clone());
         blocking(move || store.discard_after(&name, version)).await?;

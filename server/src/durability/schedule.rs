@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ps_proto::pb;
 
+use super::checkpoint::CheckpointStore;
 use super::{Durability, checkpoint_error};
 use crate::error::ServerError;
 use crate::metrics as m;
@@ -98,7 +99,8 @@ impl Durability {
         for _ in 0..SCHEDULE_ATTEMPTS {
             let durability = self.clone();
             let own_name = name.clone();
-            let mut views = vec![blocking(move || durability.checkpoints_held(&own_name)).await?];
+            let own = pb::ListCheckpointsRequest { model: own_name, ..Default::default() };
+            let mut views = vec![blocking(move || durability.checkpoints_held(&own)).await?];
             for (peer, answer) in self.peers.list_checkpoints(&name).await {
                 views.push(answer.map_err(|status| ServerError::PeerUnavailable {
                     shard: peer,
@@ -191,21 +193,60 @@ impl Durability {
         }
     }
 
-    /// Keeps `version` of `model` on disk as the newest version every shard
-    /// holds (letting go of the one kept before), and reports it.
-    pub(super) fn hold_common(&self, model: &Model, version: u64) {
+    /// Keeps `version` of `model` on disk as the cluster's recovery point
+    /// (letting go of the versions pinned before it; after a rollback to it,
+    /// of every other pin), and reports it.
+    pub(super) fn commit_common(&self, model: &Model, version: u64, rolled_back: bool) {
         if let Some(store) = &self.store {
-            store.protect(model.name(), version);
+            store.commit(model.name(), version, rolled_back);
+            if let Some(committed) = store.committed(model.name()) {
+                model.checkpoints.set_common(committed);
+                metrics::gauge!(m::CHECKPOINT_COMMON_VERSION, "model" => model.name().to_string())
+                    .set(committed as f64);
+            }
         }
-        model.checkpoints.set_common(version);
-        metrics::gauge!(m::CHECKPOINT_COMMON_VERSION, "model" => model.name().to_string()).set(version as f64);
     }
 
-    /// Every shard, every [`COMMON_CHECK`]: the newest checkpoint version every
-    /// shard holds, which this shard then keeps whatever `--checkpoint-keep`
-    /// says (a shard whose writes failed for a while, then crashed, must still
-    /// find a version its peers hold), reported in the status and metrics;
-    /// and a warning when this shard's writes start or stop failing.
+    /// Shard 0: the newest version every shard holds becomes the cluster's
+    /// recovery point in two phases, so some version is kept on every shard at
+    /// every moment whatever `--checkpoint-keep` says (a shard whose writes
+    /// failed for a while, then crashed, must still find a version its peers
+    /// hold): every shard pins it if it still holds it, and only when all did,
+    /// each is told it is committed and lets the older pins go. A shard that
+    /// missed the commit keeps the pin, and a later commit releases it.
+    async fn commit_newest_common(&self, store: &CheckpointStore, model: &Model) {
+        let name = model.name().to_string();
+        let (listing, own_name) = (store.clone(), name.clone());
+        let mut common = blocking(move || listing.versions(&own_name)).await.unwrap_or_default();
+        for (_, answer) in self.peers.list_checkpoints(&name).await {
+            match answer {
+                Ok(held) => common.retain(|v| held.versions.contains(v)),
+                // A peer that is away: keep what is kept now.
+                Err(_) => return,
+            }
+        }
+        let Some(&newest) = common.last() else { return };
+        if store.committed(&name).is_some_and(|committed| committed >= newest) {
+            return;
+        }
+        let (pinning, own_name) = (store.clone(), name.clone());
+        if !blocking(move || pinning.pin(&own_name, newest)).await.unwrap_or(false) {
+            return;
+        }
+        let pin = pb::ListCheckpointsRequest { model: name.clone(), pin: Some(newest), commit: None };
+        let answers = self.peers.list_checkpoints_with(pin).await;
+        if !answers.iter().all(|(_, answer)| answer.as_ref().is_ok_and(|held| held.pinned)) {
+            return; // a peer pruned it meanwhile, or is away: a newer one next time
+        }
+        self.commit_common(model, newest, false);
+        let commit = pb::ListCheckpointsRequest { model: name, pin: None, commit: Some(newest) };
+        self.peers.list_checkpoints_with(commit).await;
+    }
+
+    /// Every shard, every [`COMMON_CHECK`]: a warning when this shard's
+    /// writes start or stop failing, the failing gauge; on shard 0, the
+    /// cluster's recovery point moved to the newest version every shard holds
+    /// ([`Durability::commit_newest_common`]).
     pub async fn keep_common_checkpoints(&self) {
         let Some(store) = self.store.clone() else { return };
         let mut reported: HashMap<String, Option<u64>> = HashMap::new();
@@ -230,23 +271,10 @@ impl Durability {
                 *seen = failing.as_ref().map(|(version, _)| *version);
                 metrics::gauge!(m::CHECKPOINT_FAILING, "model" => name.clone())
                     .set(f64::from(u8::from(failing.is_some())));
-                if model.is_recovering() {
+                if model.is_recovering() || self.registry.identity.index != 0 {
                     continue;
                 }
-                let listing = store.clone();
-                let own_name = name.clone();
-                let mut common = blocking(move || listing.versions(&own_name)).await.unwrap_or_default();
-                let mut everyone = true;
-                for (_, answer) in self.peers.list_checkpoints(&name).await {
-                    match answer {
-                        Ok(held) => common.retain(|v| held.versions.contains(v)),
-                        // A peer that is away: keep what is kept now.
-                        Err(_) => everyone = false,
-                    }
-                }
-                if let (true, Some(&newest)) = (everyone, common.last()) {
-                    self.hold_common(&model, newest);
-                }
+                self.commit_newest_common(&store, &model).await;
             }
         }
     }

@@ -203,7 +203,7 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         let call = async move {
             require_admin(&request, "ListCheckpoints")?;
             let durability = self.durability.clone();
-            blocking(move || durability.checkpoints_held(&request.into_inner().model)).await.map_err(Status::from)
+            blocking(move || durability.checkpoints_held(&request.into_inner())).await.map_err(Status::from)
         };
         observe("ListCheckpoints", call.await).map(Response::new)
     }

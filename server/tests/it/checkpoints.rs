@@ -136,7 +136,7 @@ async fn the_version_rolled_back_to_is_kept_while_a_peer_writes_nothing() {
     std::fs::rename(&aside, &dir).unwrap();
     let mut held = Vec::new();
     for shard in 0..2 {
-        let request = pb::ListCheckpointsRequest { model: "kept".into() };
+        let request = pb::ListCheckpointsRequest { model: "kept".into(), ..Default::default() };
         held.push(cluster.raw(shard).await.list_checkpoints(request).await.unwrap().into_inner().versions);
     }
     assert!(held[0].contains(&40) && held[0].len() <= 4, "shard 0 keeps its newest 3 and one more: {held:?}");

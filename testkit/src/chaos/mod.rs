@@ -225,9 +225,13 @@ pub fn run(config: &Config, mut log: impl FnMut(&str)) -> Report {
         for event in &outcome.events {
             log(&format!("    {event}"));
         }
-        log(&format!("  logs in {}", outcome.dir.display()));
+        // Moved aside: the shrinking runs the same seed in the run's own directory.
+        let kept = outcome.dir.with_file_name(format!("{}-failed", schedule.seed));
+        std::fs::remove_dir_all(&kept).ok();
+        let dir = if std::fs::rename(&outcome.dir, &kept).is_ok() { kept } else { outcome.dir };
+        log(&format!("  logs in {}", dir.display()));
         let shrunk = if config.shrink { shrink(&schedule, &reference, config, &mut log) } else { None };
-        report.failures.push(Failure { schedule, violations, shrunk, dir: outcome.dir });
+        report.failures.push(Failure { schedule, violations, shrunk, dir });
     }
     report.elapsed = started.elapsed();
     report
@@ -258,6 +262,7 @@ fn shrink(
             log(&format!("  shrinking: without fault {} ({} left)", kept[i], candidate.faults.len()));
             let (outcome, violations) = attempt(&candidate, reference, config);
             let still_fails = !violations.is_empty();
+            log(if still_fails { "    still fails" } else { "    held" });
             if !config.keep_logs {
                 std::fs::remove_dir_all(&outcome.dir).ok();
             }

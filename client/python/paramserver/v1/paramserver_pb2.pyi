@@ -1055,13 +1055,17 @@ class CheckpointResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., write_seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., copy_seconds: _Optional[float] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "pin", "commit")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PIN_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    pin: int
+    commit: int
+    def __init__(self, model: _Optional[str] = ..., pin: _Optional[int] = ..., commit: _Optional[int] = ...) -> None: ...
 
 class ListCheckpointsResponse(_message.Message):
-    __slots__ = ("has_model", "versions", "epoch", "version", "max_version", "live_workers", "holds_blocks")
+    __slots__ = ("has_model", "versions", "epoch", "version", "max_version", "live_workers", "holds_blocks", "pinned")
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -1069,6 +1073,7 @@ class ListCheckpointsResponse(_message.Message):
     MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     HOLDS_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     has_model: bool
     versions: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
@@ -1076,7 +1081,8 @@ class ListCheckpointsResponse(_message.Message):
     max_version: int
     live_workers: int
     holds_blocks: bool
-    def __init__(self, has_model: _Optional[bool] = ..., versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., max_version: _Optional[int] = ..., live_workers: _Optional[int] = ..., holds_blocks: _Optional[bool] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, has_model: _Optional[bool] = ..., versions: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., max_version: _Optional[int] = ..., live_workers: _Optional[int] = ..., holds_blocks: _Optional[bool] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("model", "version", "epoch")

@@ -10,7 +10,7 @@
 
 pub mod format;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -143,29 +143,65 @@ pub struct CheckpointStore {
     keep: usize,
     shard: u32,
     num_shards: u32,
-    /// Per model, the newest version every shard holds: the one recovery
-    /// point of the cluster, kept whatever `keep` says.
-    protected: Arc<parking_lot::Mutex<std::collections::HashMap<String, u64>>>,
+    /// Per model, the versions kept for the cluster whatever `keep` says.
+    pins: Arc<parking_lot::Mutex<std::collections::HashMap<String, Pins>>>,
+}
+
+/// The versions of one model kept for the cluster. Shard 0 asks every shard
+/// to pin the newest version they all hold, and only once every shard has
+/// pinned it tells them it is committed, which lets the older pins go: so at
+/// every moment some version is pinned on every shard, however the shards'
+/// own writes and pruning interleave (a shard whose writes fail stops at an
+/// old version, which the others pruned long ago unless pinned).
+#[derive(Debug, Default)]
+struct Pins {
+    /// Pinned versions: the committed one and any asked for since.
+    held: BTreeSet<u64>,
+    /// The newest version every shard is known to have pinned. Until one is,
+    /// the oldest version on disk is kept too (at first version 0 or the
+    /// restored one, which every shard holds).
+    committed: Option<u64>,
+    /// Versions being deleted by a prune, which can no longer be pinned.
+    doomed: BTreeSet<u64>,
 }
 
 impl CheckpointStore {
     /// Checkpoints of shard `shard` of `num_shards` under `root`, keeping the newest `keep` per model.
     pub fn new(root: PathBuf, keep: usize, shard: u32, num_shards: u32) -> Result<Self, CheckpointError> {
         fs::create_dir_all(&root).map_err(io_error(&root))?;
-        Ok(Self { root, keep: keep.max(1), shard, num_shards, protected: Arc::default() })
+        Ok(Self { root, keep: keep.max(1), shard, num_shards, pins: Arc::default() })
     }
 
-    /// Keeps `version` of `model` from pruning: the newest version every shard
-    /// holds, so a shard whose own writes went on (or failed) still shares a
-    /// recovery point with the others. The version protected before is let go;
-    /// until a version is protected, the oldest one on disk is kept.
-    pub fn protect(&self, model: &str, version: u64) {
-        self.protected.lock().insert(model.to_string(), version);
+    /// Keeps `version` of `model` from pruning if it is on disk and not being
+    /// deleted (checked under the same lock as pruning); true if it is pinned.
+    pub fn pin(&self, model: &str, version: u64) -> bool {
+        let mut pins = self.pins.lock();
+        let entry = pins.entry(model.to_string()).or_default();
+        if entry.doomed.contains(&version) || !self.listed(model).contains(&version) {
+            return false;
+        }
+        entry.held.insert(version);
+        true
     }
 
-    /// The version of `model` kept for the cluster, if one is known.
-    pub fn protected(&self, model: &str) -> Option<u64> {
-        self.protected.lock().get(model).copied()
+    /// Records that every shard has pinned `version` (or, after a rollback to
+    /// it, holds it): it is the cluster's recovery point, and the pins of older
+    /// versions are let go. After a rollback it may be older than the committed
+    /// one; the versions past it are gone, and so are their pins.
+    pub fn commit(&self, model: &str, version: u64, rolled_back: bool) {
+        let mut pins = self.pins.lock();
+        let entry = pins.entry(model.to_string()).or_default();
+        if !rolled_back && entry.committed.is_some_and(|committed| committed > version) {
+            return; // a late message of an older commit
+        }
+        entry.held.insert(version);
+        entry.held.retain(|&v| if rolled_back { v == version } else { v >= version });
+        entry.committed = Some(version);
+    }
+
+    /// The version of `model` committed as the cluster's recovery point, if one is.
+    pub fn committed(&self, model: &str) -> Option<u64> {
+        self.pins.lock().get(model).and_then(|p| p.committed)
     }
 
     /// The directory checkpoints go to.
@@ -275,16 +311,32 @@ impl CheckpointStore {
     }
 
     fn prune(&self, model: &str) {
-        let versions = self.listed(model);
         let dir = self.model_dir(model);
-        // Until the shards have agreed on a newer one, the oldest version stays:
-        // at first it is version 0 (or the restored one), which every shard holds.
-        let protected = self.protected(model).or_else(|| versions.first().copied());
-        for version in versions.iter().rev().skip(self.keep).filter(|v| Some(**v) != protected) {
+        // Chosen under the pins' lock and marked, so no pin lands on a version
+        // being deleted; deleted outside it, so a pin never waits on the disk.
+        let doomed: Vec<u64> = {
+            let mut pins = self.pins.lock();
+            let entry = pins.entry(model.to_string()).or_default();
+            let versions = self.listed(model);
+            let oldest = if entry.committed.is_none() { versions.first().copied() } else { None };
+            let doomed: Vec<u64> = versions
+                .iter()
+                .rev()
+                .skip(self.keep)
+                .filter(|v| !entry.held.contains(v) && Some(**v) != oldest)
+                .copied()
+                .collect();
+            entry.doomed.extend(&doomed);
+            doomed
+        };
+        for version in &doomed {
             let path = self.version_dir(model, *version);
             if let Err(error) = fs::remove_dir_all(&path) {
                 tracing::warn!(path = %path.display(), %error, "could not remove an old checkpoint");
             }
+        }
+        if let Some(entry) = self.pins.lock().get_mut(model) {
+            entry.doomed.retain(|v| !doomed.contains(v));
         }
         // Leftovers of writes that a crash interrupted.
         if let Ok(read) = fs::read_dir(&dir) {

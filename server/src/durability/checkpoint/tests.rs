@@ -208,7 +208,7 @@ fn another_shards_checkpoint_is_refused_and_old_versions_are_pruned() {
     let dir = temp_dir("prune");
     let store = CheckpointStore::new(dir.clone(), 2, 0, 1).unwrap();
     // Version 3 is the one the shards hold in common by the time it is written.
-    store.protect("m", 3);
+    store.commit("m", 3, false);
     for t in 0..4 {
         step(&model, t);
         store.write(model.snapshot_now().unwrap()).unwrap();
@@ -247,29 +247,46 @@ async fn a_write_for_a_model_that_was_rolled_back_meanwhile_is_discarded() {
 }
 
 /// One full disk and one crash must not lose the run: a shard keeps the
-/// newest version every shard holds whatever `keep` says, and until the
-/// shards have agreed on one, its oldest version (0, which all write first).
+/// versions pinned for the cluster whatever `keep` says, and until one is
+/// committed (pinned on every shard), its oldest version (0, which all write first).
 #[test]
-fn the_version_every_shard_holds_is_kept_past_the_newest_k() {
+fn pinned_versions_are_kept_past_the_newest_k_until_a_newer_one_is_committed() {
     let (_, model) = sgd_model();
     let dir = temp_dir("common");
     let store = CheckpointStore::new(dir.clone(), 2, 0, 1).unwrap();
-    for t in 0..4 {
-        step(&model, t);
-        store.write(model.snapshot_now().unwrap()).unwrap();
-    }
+    let write_through = |steps: std::ops::Range<u64>| {
+        for t in steps {
+            step(&model, t);
+            store.write(model.snapshot_now().unwrap()).unwrap();
+        }
+    };
+    write_through(0..4);
     assert_eq!(store.versions("m"), vec![1, 3, 4], "no common version known yet: the oldest stays");
-    // The peers confirm 3; then another shard's writes fail and this one writes on.
-    store.protect("m", 3);
-    for t in 4..8 {
-        step(&model, t);
-        store.write(model.snapshot_now().unwrap()).unwrap();
-    }
-    assert_eq!(store.versions("m"), vec![3, 7, 8], "the common version is kept, the newest two beside it");
-    store.protect("m", 8);
-    step(&model, 8);
-    store.write(model.snapshot_now().unwrap()).unwrap();
-    assert_eq!(store.versions("m"), vec![8, 9], "a newer common version lets the older one go");
+    // Shard 0 asks to pin 3, which is on disk, and 2, which is not.
+    assert!(store.pin("m", 3));
+    assert!(!store.pin("m", 2), "a version no longer on disk cannot be pinned");
+    // Another shard's writes fail from here on, and this one writes on.
+    write_through(4..8);
+    assert_eq!(store.versions("m"), vec![1, 3, 7, 8], "pinned, not yet committed: the oldest stays too");
+    store.commit("m", 3, false);
+    write_through(8..9);
+    assert_eq!(store.versions("m"), vec![3, 8, 9], "the committed version is kept, the newest two beside it");
+    // A newer version pinned, then a late message of an older commit: nothing is let go.
+    assert!(store.pin("m", 9));
+    store.commit("m", 1, false);
+    assert_eq!(store.committed("m"), Some(3));
+    write_through(9..11);
+    assert_eq!(store.versions("m"), vec![3, 9, 10, 11]);
+    store.commit("m", 9, false);
+    write_through(11..12);
+    assert_eq!(store.versions("m"), vec![9, 11, 12], "a newer committed version lets the older one go");
+    // A rollback to 9: what came after is discarded, and so are the pins past it.
+    assert!(store.pin("m", 12));
+    store.discard_after("m", 9);
+    store.commit("m", 9, true);
+    assert_eq!(store.versions("m"), vec![9]);
+    write_through(12..15);
+    assert_eq!(store.versions("m"), vec![9, 14, 15], "the version rolled back to is kept, no other pin is");
     fs::remove_dir_all(dir).ok();
 }
 
