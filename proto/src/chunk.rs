@@ -16,6 +16,9 @@ use crate::transport::CHUNK_BYTES;
 pub fn elements_per_chunk(encoding: Encoding) -> usize {
     // Bytes per sign word, so that sign1 (4 bytes per 32 elements) comes out whole words.
     let word_bytes = codec::payload_len(encoding, SIGN_WORD_ELEMENTS);
+    if word_bytes == 0 {
+        return usize::MAX; // no payload: a block is one chunk
+    }
     (CHUNK_BYTES as u64 / word_bytes * SIGN_WORD_ELEMENTS) as usize
 }
 
@@ -23,7 +26,7 @@ pub fn elements_per_chunk(encoding: Encoding) -> usize {
 /// [`CHUNK_BYTES`] of payload each.
 pub(crate) fn chunk_ranges(len: usize, encoding: Encoding) -> impl Iterator<Item = Range<usize>> {
     let per_chunk = elements_per_chunk(encoding);
-    (0..len.div_ceil(per_chunk)).map(move |i| i * per_chunk..((i + 1) * per_chunk).min(len))
+    (0..len.div_ceil(per_chunk)).map(move |i| i * per_chunk..(i + 1).saturating_mul(per_chunk).min(len))
 }
 
 /// One chunk of `tensor`'s `block`: the elements of `range`, encoded as `payload`.
@@ -60,6 +63,13 @@ pub fn encode_block<'a>(
         let payload = codec::encode(encoding, &values[range.clone()]);
         chunk(tensor, block, range, encoding, payload, scale)
     })
+}
+
+/// The one chunk that says a push has no gradient for a block of `len`
+/// elements ([`Encoding::NoGradient`]: a frozen parameter, or one the step did
+/// not use).
+pub fn no_gradient(tensor: &str, block: u32, len: usize) -> TensorChunk {
+    chunk(tensor, block, 0..len, Encoding::NoGradient, Bytes::new(), 0.0)
 }
 
 /// The wire bytes of shared f32 values: on little-endian machines the f32

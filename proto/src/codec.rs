@@ -1,5 +1,6 @@
 //! Chunk payload codecs: f32, bf16 and f16 (round to nearest even), and 1-bit
-//! signs with one f32 scale. Both sides use these, so a value means the same
+//! signs with one f32 scale, and the marker of a push without a gradient
+//! (no payload; it decodes to zeros and casts no vote). Both sides use these, so a value means the same
 //! on the wire whoever wrote it. The loops are plain slice loops the compiler
 //! can vectorize.
 
@@ -15,7 +16,7 @@ pub const SIGN_WORD_ELEMENTS: u64 = 32;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CodecError {
     /// The encoding number is not one this build knows.
-    #[error("unknown encoding {0}; known: f32 (0), bf16 (1), f16 (2), sign1 (3)")]
+    #[error("unknown encoding {0}; known: f32 (0), bf16 (1), f16 (2), sign1 (3), no-gradient (4)")]
     UnknownEncoding(i32),
     /// The payload length does not match the element count.
     #[error("payload has {actual} bytes but {elements} elements in {encoding} need {expected}")]
@@ -52,6 +53,7 @@ pub fn encoding_label(encoding: Encoding) -> &'static str {
         Encoding::Bf16 => "bf16",
         Encoding::F16 => "f16",
         Encoding::Sign1 => "sign1",
+        Encoding::NoGradient => "no-gradient",
     }
 }
 
@@ -61,6 +63,7 @@ pub fn payload_len(encoding: Encoding, elements: u64) -> u64 {
         Encoding::F32 => elements.saturating_mul(4),
         Encoding::Bf16 | Encoding::F16 => elements.saturating_mul(2),
         Encoding::Sign1 => elements.div_ceil(SIGN_WORD_ELEMENTS).saturating_mul(4),
+        Encoding::NoGradient => 0,
     }
 }
 
@@ -137,6 +140,7 @@ pub fn encode_into(encoding: Encoding, values: &[f32], out: &mut impl BufMut) {
                 out.put_slice(&pack_signs(tail).to_le_bytes());
             }
         }
+        Encoding::NoGradient => {}
     }
 }
 
@@ -188,6 +192,9 @@ fn for_each_value<T>(
                 }
             }
         }
+        // Zeros, also when added: -0.0 + 0.0 is +0.0 whichever comes first, so a sum
+        // does not depend on where in the step's pushes this one arrives.
+        Encoding::NoGradient => out.iter_mut().for_each(|slot| apply(slot, 0.0)),
     }
     Ok(())
 }
@@ -214,7 +221,7 @@ pub fn first_non_finite(encoding: Encoding, payload: &[u8]) -> Option<usize> {
         Encoding::F32 => first_all_ones_exponent::<4>(payload, 0x7f80_0000, u32::from_le_bytes),
         Encoding::Bf16 => first_all_ones_exponent::<2>(payload, 0x7f80, |b| u32::from(u16::from_le_bytes(b))),
         Encoding::F16 => first_all_ones_exponent::<2>(payload, 0x7c00, |b| u32::from(u16::from_le_bytes(b))),
-        Encoding::Sign1 => None,
+        Encoding::Sign1 | Encoding::NoGradient => None,
     }
 }
 
@@ -237,6 +244,9 @@ pub fn add_decoded_wide(encoding: Encoding, payload: &[u8], scale: f32, out: &mu
 
 /// Adds +1 or -1 per element of a sign1 payload to small integer vote counters.
 pub fn add_sign_votes(encoding: Encoding, payload: &[u8], votes: &mut [i16]) -> Result<(), CodecError> {
+    if encoding == Encoding::NoGradient {
+        return Ok(()); // no gradient, no vote
+    }
     if encoding != Encoding::Sign1 {
         return Err(CodecError::NotSigns(encoding_label(encoding)));
     }
@@ -280,6 +290,31 @@ mod tests {
         assert_eq!(first_non_finite(Encoding::F16, &encode(Encoding::F16, &[1.0, 1e6])), Some(1));
         assert_eq!(first_non_finite(Encoding::F32, &encode(Encoding::F32, &[f32::MAX, f32::MIN_POSITIVE])), None);
         assert_eq!(first_non_finite(Encoding::Sign1, &encode(Encoding::Sign1, &[f32::NAN; 40])), None);
+    }
+
+    #[test]
+    fn a_push_without_a_gradient_is_zeros_whatever_the_order_and_casts_no_vote() {
+        assert_eq!(payload_len(Encoding::NoGradient, 1000), 0);
+        assert!(encode(Encoding::NoGradient, &[1.0, 2.0]).is_empty());
+        let mut out = vec![7.0f32; 3];
+        decode_into(Encoding::NoGradient, &[], 0.0, &mut out).unwrap();
+        assert_eq!(out, [0.0; 3]);
+        // -0.0 then nothing, or nothing then -0.0: the same bits either way.
+        let mut first = vec![-0.0f32, 1.5];
+        add_decoded(Encoding::NoGradient, &[], 0.0, &mut first).unwrap();
+        let mut second = vec![0.0f32; 2];
+        add_decoded(Encoding::F32, &encode(Encoding::F32, &[-0.0, 1.5]), 0.0, &mut second).unwrap();
+        assert_eq!(
+            first.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            second.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let mut votes = vec![2i16, -1];
+        add_sign_votes(Encoding::NoGradient, &[], &mut votes).unwrap();
+        assert_eq!(votes, [2, -1]);
+        assert_eq!(
+            decode_into(Encoding::NoGradient, &[0, 0, 0, 0], 0.0, &mut [0.0]),
+            Err(CodecError::LengthMismatch { encoding: "no-gradient", elements: 1, expected: 0, actual: 4 })
+        );
     }
 
     fn round_trip(encoding: Encoding, values: &[f32], scale: f32) -> Vec<f32> {

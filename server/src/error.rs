@@ -446,6 +446,28 @@ pub enum ChunkProblem {
         /// The block.
         at: String,
     },
+    /// A no-gradient chunk where only values belong (initial values, round updates).
+    #[error("{at} has no-gradient (ENCODING_NO_GRADIENT), which only a gradient push may send; {what} carry values")]
+    NoGradientNotHere {
+        /// The block.
+        at: String,
+        /// What the stream carries.
+        what: &'static str,
+    },
+    /// A no-gradient chunk that is not the whole block.
+    #[error(
+        "a no-gradient chunk covers the whole block: {at} got one for elements {offset}..{end} of {len}; send one chunk with offset 0 and length {len}"
+    )]
+    PartialNoGradient {
+        /// The block.
+        at: String,
+        /// Its first element.
+        offset: u64,
+        /// One past its last element.
+        end: u64,
+        /// Elements of the block.
+        len: u64,
+    },
     /// The group does not accept this encoding.
     #[error("encoding {encoding} is not allowed for {at} (group '{group}' accepts: {allowed})")]
     EncodingNotAllowed {

@@ -32,6 +32,8 @@ pub const LOCAL_SEGMENTS: &str = "ps_local_segments";
 pub const LOCAL_WEIGHTS_BYTES: &str = "ps_local_weights_segment_bytes";
 /// Seconds one block's optimizer step took (histogram; labels: model, group).
 pub const UPDATE_SECONDS: &str = "ps_update_seconds";
+/// Block steps that no push had a gradient for, which left the block as it was (counter; labels: model).
+pub const SKIPPED_BLOCK_STEPS: &str = "ps_skipped_block_steps_total";
 /// Seconds from a block's first push of a step to its update (histogram; labels: model).
 pub const BARRIER_WAIT_SECONDS: &str = "ps_barrier_wait_seconds";
 /// Versions between a gradient's base and the block at apply time, async mode (histogram; labels: model).
@@ -191,6 +193,10 @@ fn describe() {
     describe_counter!(BYTES_SENT, Unit::Bytes, "Payload bytes sent in pulls");
     describe_histogram!(UPDATE_SECONDS, Unit::Seconds, "Time of one block's optimizer step");
     describe_histogram!(BARRIER_WAIT_SECONDS, Unit::Seconds, "Time from a block's first push of a step to its update");
+    describe_counter!(
+        SKIPPED_BLOCK_STEPS,
+        "Block steps no push had a gradient for (weights and optimizer state left as they were)"
+    );
     describe_histogram!(STALENESS, "Versions between a gradient's base and the block at apply time (async)");
     describe_gauge!(LIVE_WORKERS, "Workers with a live lease");
     describe_gauge!(LOCAL_CLIENTS, "Local clients connected to the segment socket");

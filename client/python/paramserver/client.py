@@ -443,30 +443,35 @@ class Model:
 
     # Pushes.
 
-    def _check_grads(self, grads: Mapping[str, object]) -> Dict[str, np.ndarray]:
+    def _check_grads(self, grads: Mapping[str, object]) -> Dict[str, Optional[np.ndarray]]:
         unknown = set(grads) - set(self.tensors)
         if unknown:
             raise KeyError(f"model '{self.name}' has no tensor {sorted(unknown)[0]!r}")
         missing = set(self.tensors) - set(grads)
         if missing:
             raise KeyError(f"a push needs every tensor; missing {sorted(missing)}")
-        return {name: _flat(name, grads[name], self.tensors[name].shape) for name in self.tensors}
+        return {name: None if grads[name] is None else _flat(name, grads[name], self.tensors[name].shape) for name in self.tensors}
 
     def push(self, worker: str, step: int, grads: Mapping[str, object]) -> PushSummary:
         """Pushes one step's gradients of every tensor to the shards that own them,
-        in each group's first push encoding. A failed push may be retried as is."""
+        in each group's first push encoding; None for a tensor without a gradient
+        this step (see `push_tensors`). A failed push may be retried as is."""
         return self.push_tensors(worker, step, self._check_grads(grads))
 
-    def push_tensors(self, worker: str, step: int, flat: Mapping[str, np.ndarray]) -> PushSummary:
+    def push_tensors(self, worker: str, step: int, flat: Mapping[str, Optional[np.ndarray]]) -> PushSummary:
         """Pushes some tensors (flat f32, whole) of one step: their blocks are a valid part of the step.
-        The PyTorch integration pushes buckets of tensors this way as backward produces them."""
+        The PyTorch integration pushes buckets of tensors this way as backward produces them.
+        A tensor given as None has no gradient in this step (frozen, or unused by the step's
+        forward pass): its blocks are pushed as ENCODING_NO_GRADIENT, which leaves them as they
+        are when no worker of the step has a gradient for them, as torch.optim does."""
         streams: Dict[int, List[List[Tuple[_Tensor, pb.BlockPlacement]]]] = {}
         sizes: Dict[int, int] = {}
         total = 0
         for name, values in flat.items():
             tensor = self.tensors[name]
+            encoding = codec.NO_GRADIENT if values is None else tensor.encoding
             for block in tensor.blocks:
-                nbytes = codec.payload_len(tensor.encoding, block.length)
+                nbytes = codec.payload_len(encoding, block.length)
                 shard_streams = streams.setdefault(block.shard, [])
                 if not shard_streams or sizes[block.shard] + nbytes > PUSH_STREAM_BYTES:
                     shard_streams.append([])
@@ -475,13 +480,17 @@ class Model:
                 sizes[block.shard] += nbytes
                 total += nbytes
         scales = {
-            name: (codec.mean_abs(values) if self.tensors[name].encoding == codec.SIGN1 else 0.0)
+            name: (codec.mean_abs(values) if values is not None and self.tensors[name].encoding == codec.SIGN1 else 0.0)
             for name, values in flat.items()
         }
 
         def messages(blocks: List[Tuple[_Tensor, pb.BlockPlacement]]) -> Callable[[], Iterator[bytes]]:
             def make() -> Iterator[bytes]:
                 for tensor, block in blocks:
+                    if flat[tensor.name] is None:
+                        parts = wire.tensor_chunk_parts(tensor.name, block.block, 0, block.length, codec.NO_GRADIENT, b"", 0.0)
+                        yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts)
+                        continue
                     start, end = codec.block_range(block)
                     for offset, length, payload in codec.payloads(flat[tensor.name][start:end], tensor.encoding):
                         parts = wire.tensor_chunk_parts(tensor.name, block.block, offset, length, tensor.encoding, payload, scales[tensor.name])
@@ -517,6 +526,10 @@ class Model:
             planned = []
             size = 0
             for tensor, block in blocks:
+                if flat[tensor.name] is None:
+                    header = pb.TensorChunk(tensor=tensor.name, block=block.block, offset=0, length=block.length, encoding=codec.NO_GRADIENT)
+                    planned.append((pb.LocalChunk(chunk=header, segment_offset=size, payload_bytes=0), b""))
+                    continue
                 start, end = codec.block_range(block)
                 for offset, length, payload in codec.payloads(flat[tensor.name][start:end], tensor.encoding):
                     nbytes = codec.payload_len(tensor.encoding, length)
@@ -535,7 +548,7 @@ class Model:
                 segment = self._push_segments[shard] = (fd, segment_id, capacity)
             fd, segment_id, _ = segment
             for local_chunk, payload in planned:
-                if os.pwrite(fd, payload, local_chunk.segment_offset) != local_chunk.payload_bytes:
+                if local_chunk.payload_bytes and os.pwrite(fd, payload, local_chunk.segment_offset) != local_chunk.payload_bytes:
                     raise local.NotLocal("a short write into the push segment")
             requests: List[pb.LocalPushRequest] = []
             request_bytes = 0
@@ -694,12 +707,14 @@ class Model:
         except (KeyError, IndexError):
             raise ValueError(f"a shard sent tensor '{tensor}' block {index}, which the layout does not have") from None
 
-    def clip(self, grads: Dict[str, np.ndarray]) -> float:
-        """Scales `grads` in place so their global L2 norm is at most max_grad_norm; returns the norm before."""
-        norm = float(np.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64))) for g in grads.values())))
+    def clip(self, grads: Mapping[str, Optional[np.ndarray]]) -> float:
+        """Scales `grads` in place so their global L2 norm is at most max_grad_norm (None: no
+        gradient, left out); returns the norm before."""
+        present = [g for g in grads.values() if g is not None]
+        norm = float(np.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64))) for g in present)))
         limit = self.max_grad_norm
         if limit > 0 and norm > limit:
             scale = np.float32(limit / (norm + 1e-6))  # as the Rust client and torch clip
-            for g in grads.values():
+            for g in present:
                 g *= scale
         return norm

@@ -6,6 +6,8 @@
 - sign1: one bit per element, 32 elements per little-endian u32 word, bit i of
   a word for element i, set for a negative value; every element decodes to
   +-scale (one finite scale >= 0 per block). Sign chunks start at multiples of 32.
+- no-gradient: pushes only, no payload: the worker has no gradient for the
+  block this step (one chunk for the whole block).
 
 Chunks carry at most CHUNK_BYTES of payload (the servers refuse more than 4 MiB).
 """
@@ -27,8 +29,9 @@ F32 = pb.ENCODING_F32
 BF16 = pb.ENCODING_BF16
 F16 = pb.ENCODING_F16
 SIGN1 = pb.ENCODING_SIGN1
+NO_GRADIENT = pb.ENCODING_NO_GRADIENT
 
-_NAMES = {F32: "f32", BF16: "bf16", F16: "f16", SIGN1: "sign1"}
+_NAMES = {F32: "f32", BF16: "bf16", F16: "f16", SIGN1: "sign1", NO_GRADIENT: "no-gradient"}
 
 
 def encoding_name(encoding: int) -> str:
@@ -44,6 +47,8 @@ def payload_len(encoding: int, elements: int) -> int:
         return 2 * elements
     if encoding == SIGN1:
         return 4 * ((elements + SIGN_WORD_ELEMENTS - 1) // SIGN_WORD_ELEMENTS)
+    if encoding == NO_GRADIENT:
+        return 0
     raise ValueError(f"unknown encoding {encoding}")
 
 

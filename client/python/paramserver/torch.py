@@ -16,13 +16,35 @@ of some tensors' blocks is a valid part of a step). With the spec's
 `max_grad_norm` set, clipping needs the whole gradient's norm first, so the
 gradients are pushed after backward instead. Parameters may live on the CPU or
 a CUDA device; a CPU float32 parameter is pulled into in place.
+
+Frozen parameters (`requires_grad_(False)`, as in partial fine-tuning) are
+held by the shards and pulled like the others, but get no hook and are pushed
+as "no gradient", so the shards never change them; a trainable parameter that
+the step's forward pass did not reach (its `.grad` is None) is pushed the same
+way, and the shards leave it (weights and optimizer state) as torch.optim
+would, unless another worker of the step has a gradient for it (then the mean
+counts this worker's part as zeros, as DDP's all-reduce does).
+
+Gradient accumulation works as with DDP: several `backward()` calls before
+`step()` push the sum their gradients leave in `.grad`, once. Run all but the
+last micro-batch inside `worker.no_sync()` (DDP's name for it), or attach with
+`accumulation_steps=N`; either way only the last backward overlaps its pushes
+with the computation, and the earlier ones cost nothing but autograd's own
+accumulation. A second backward that reaches a tensor already pushed in this
+step cannot be added to it any more, and raises.
+
+    for i, (x, y) in enumerate(micro_batches):
+        with worker.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            (loss_fn(net(x), y) / len(micro_batches)).backward()
+    worker.step()
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Set
 
 import numpy as np
 import torch
@@ -33,7 +55,18 @@ from .client import Model, RolledBack, ServerError
 class AttachedModule:
     """A torch module trained through the parameter server; see the module docs."""
 
-    def __init__(self, module: torch.nn.Module, model: Model, worker: str, rank: Optional[int] = None, bucket_bytes: int = 4 << 20, overlap: bool = True):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        model: Model,
+        worker: str,
+        rank: Optional[int] = None,
+        bucket_bytes: int = 4 << 20,
+        overlap: bool = True,
+        accumulation_steps: int = 1,
+    ):
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
         self.module = module
         self.model = model
         self.worker = worker
@@ -48,27 +81,59 @@ class AttachedModule:
         self.bucket_bytes = bucket_bytes
         # Clipping needs every gradient before any is sent.
         self.overlap = overlap and model.max_grad_norm <= 0
-        self._grads: Dict[str, np.ndarray] = {}
+        self.accumulation_steps = accumulation_steps
+        self._grads: Dict[str, Optional[np.ndarray]] = {}
+        # Per tensor, the backward passes of this step that reached it; and the tensors already pushed.
+        self._backwards: Dict[str, int] = {}
+        self._sent: Set[str] = set()
+        self._no_sync = False
         self._bucket: List[str] = []
         self._bucket_size = 0
         self._pushes: List[Future] = []
         self._lock = threading.Lock()
         self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"push-{worker}")
-        self._hooks = [param.register_hook(self._hook(name)) for name, param in self.params.items()]
+        # A frozen parameter has no gradient to hook; it is pulled, and pushed as "no gradient".
+        self._hooks = [param.register_hook(self._hook(name, param)) for name, param in self.params.items() if param.requires_grad]
         joined = model.join(worker, rank)
         self.rank = joined.rank
         model.start_heartbeat(worker, joined.lease_s)
         self.version = joined.version
         self._pull(self.version)
 
-    def _hook(self, name: str):
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside leave their gradients in `.grad` (autograd adds them up)
+        and push nothing; the first backward after it pushes the sum. As DDP's `no_sync`."""
+        previous, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = previous
+
+    def _hook(self, name: str, param: torch.nn.Parameter):
         def on_gradient(grad: torch.Tensor) -> None:
-            host = grad.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
+            with self._lock:
+                if self._no_sync:
+                    return
+                if name in self._sent:
+                    raise RuntimeError(
+                        f"a second backward() reached '{name}' after its gradient was pushed for step {self.version}: "
+                        "run all but the last micro-batch inside worker.no_sync(), or attach with accumulation_steps=N"
+                    )
+                seen = self._backwards.get(name, 0) + 1
+                self._backwards[name] = seen
+                if seen < self.accumulation_steps:
+                    return  # autograd adds this one to .grad; the last micro-batch pushes the sum
+            # The hook runs before autograd adds `grad` to `.grad`, which holds the earlier
+            # micro-batches: their sum is what torch.optim would step on (the same addition).
+            total = grad if param.grad is None else param.grad + grad
+            host = total.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
             with self._lock:
                 self._grads[name] = host
                 if not self.overlap:
                     return
                 self._bucket.append(name)
+                self._sent.add(name)
                 self._bucket_size += host.nbytes
                 if self._bucket_size >= self.bucket_bytes:
                     self._send_bucket()
@@ -82,13 +147,18 @@ class AttachedModule:
             self._pushes.append(self._sender.submit(self.model.push_tensors, self.worker, self.version, part))
 
     def step(self) -> int:
-        """Pushes what backward left unsent (zeros for parameters without a gradient),
-        waits for every push of the step, pulls the next version into the parameters
-        and clears their gradients. Returns the version now in the parameters."""
+        """Pushes what backward left unsent (the sum in `.grad` where the last micro-batch
+        did not reach a tensor; "no gradient" for frozen parameters and those whose `.grad`
+        is None), waits for every push of the step, pulls the next version into the
+        parameters and clears their gradients. Returns the version now in the parameters."""
         with self._lock:
             for name, tensor in self.model.tensors.items():
                 if name not in self._grads:
-                    self._grads[name] = np.zeros(tensor.size, dtype=np.float32)
+                    grad = self.params[name].grad
+                    if grad is None:
+                        self._grads[name] = None
+                    else:
+                        self._grads[name] = grad.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
                     self._bucket.append(name)
             if self.overlap:
                 self._send_bucket()
@@ -98,6 +168,8 @@ class AttachedModule:
                 self._send_bucket()
             pushes, self._pushes = self._pushes, []
             self._grads = {}
+            self._backwards = {}
+            self._sent = set()
         try:
             for push in pushes:
                 push.result()
@@ -144,7 +216,16 @@ class AttachedModule:
         self.model.leave(self.worker)
 
 
-def attach(module: torch.nn.Module, model: Model, worker: str, rank: Optional[int] = None, bucket_bytes: int = 4 << 20, overlap: bool = True) -> AttachedModule:
+def attach(
+    module: torch.nn.Module,
+    model: Model,
+    worker: str,
+    rank: Optional[int] = None,
+    bucket_bytes: int = 4 << 20,
+    overlap: bool = True,
+    accumulation_steps: int = 1,
+) -> AttachedModule:
     """Joins `model` as `worker`, loads its current weights into `module`, and
-    streams the module's gradients on every backward (see the module docs)."""
-    return AttachedModule(module, model, worker, rank, bucket_bytes, overlap)
+    streams the module's gradients on every backward, or on every
+    `accumulation_steps`-th (see the module docs)."""
+    return AttachedModule(module, model, worker, rank, bucket_bytes, overlap, accumulation_steps)

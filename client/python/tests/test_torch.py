@@ -4,6 +4,8 @@ model together with a Rust worker."""
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +72,148 @@ def test_a_torch_worker_and_a_rust_worker_train_the_digits_model_past_90_percent
     )
     print(evaluated.stdout)
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+
+
+def _adamw_pair(name: str, shards, overlap_bytes: int = 1024, **attach):
+    """A digits MLP attached to a fresh AdamW model, and a copy with torch's AdamW."""
+    torch.manual_seed(0)
+    net = digits_torch.DigitsMlp()
+    values = ps.arrays_of(net)
+    spec = ps.model_spec(name, values, [ps.group("all", ["*"], ps.adamw(0.01, weight_decay=0.1))], max_block_elements=512)
+    worker = pst.attach(net, shards.client().register(spec, values), "torch-0", bucket_bytes=overlap_bytes, **attach)
+    reference = digits_torch.DigitsMlp()
+    reference.load_state_dict(net.state_dict())
+    return net, worker, reference, torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+
+
+def _assert_same_weights(net, reference, atol=2e-6):
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 4])
+@pytest.mark.parametrize("how", ["no_sync", "accumulation_steps"])
+def test_accumulated_micro_batches_push_their_sum_once_as_torch_steps_on_it(shards, micro_batches, how):
+    attach = {"accumulation_steps": micro_batches} if how == "accumulation_steps" else {}
+    net, worker, reference, local = _adamw_pair(f"accumulate-{how}-{micro_batches}", shards, **attach)
+    x, y = digits_torch.digits(0, 1)
+    size = 64 // micro_batches
+    for step in range(5):
+        for i in range(micro_batches):
+            batch = slice(64 * step + size * i, 64 * step + size * (i + 1))
+            last = i == micro_batches - 1
+            quiet = worker.no_sync() if how == "no_sync" and not last else contextlib.nullcontext()
+            with quiet:
+                (torch.nn.functional.cross_entropy(net(x[batch]), y[batch]) / micro_batches).backward()
+            if last:
+                assert len(worker._pushes) >= 2, "the last backward pushed buckets while it ran"
+            else:
+                assert not worker._pushes, "a micro-batch before the last pushed nothing"
+        assert worker.step() == step + 1
+        local.zero_grad()
+        for i in range(micro_batches):
+            batch = slice(64 * step + size * i, 64 * step + size * (i + 1))
+            (torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]) / micro_batches).backward()
+        local.step()
+        _assert_same_weights(net, reference)
+    worker.close()
+
+
+def test_a_second_backward_after_its_push_says_how_to_accumulate(shards):
+    net, worker, _, _ = _adamw_pair("accumulate-refused", shards)
+    x, y = digits_torch.digits(0, 1)
+    torch.nn.functional.cross_entropy(net(x[:32]), y[:32]).backward()
+    with pytest.raises(RuntimeError, match="no_sync"):
+        torch.nn.functional.cross_entropy(net(x[32:64]), y[32:64]).backward()
+    worker.close()
+
+
+def test_frozen_parameters_are_held_and_never_changed_and_the_rest_trains_as_torch(shards):
+    # fc1 frozen, as partial fine-tuning does; AdamW's weight decay would move it if it were stepped.
+    torch.manual_seed(0)
+    net = digits_torch.DigitsMlp()
+    net.fc1.requires_grad_(False)
+    values = ps.arrays_of(net)
+    spec = ps.model_spec("frozen-fc1", values, [ps.group("all", ["*"], ps.adamw(0.01, weight_decay=0.1))], max_block_elements=512)
+    worker = pst.attach(net, shards.client().register(spec, values), "torch-0", bucket_bytes=1024)
+    reference = digits_torch.DigitsMlp()
+    reference.load_state_dict(net.state_dict())
+    reference.fc1.requires_grad_(False)
+    local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+    frozen = {name: p.detach().clone() for name, p in net.named_parameters() if name.startswith("fc1")}
+    x, y = digits_torch.digits(0, 1)
+    for step in range(5):
+        batch = slice(32 * step, 32 * (step + 1))
+        torch.nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+        assert worker.step() == step + 1
+        local.zero_grad()
+        torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]).backward()
+        local.step()
+        _assert_same_weights(net, reference)
+    for name, p in net.named_parameters():
+        if name in frozen:
+            assert torch.equal(p.detach(), frozen[name]), f"{name} is frozen and stays bit for bit"
+    # The shards hold the frozen tensors: a fresh pull has them, unchanged.
+    _, pulled = worker.model.pull(5)
+    np.testing.assert_array_equal(pulled["fc1.weight"].reshape(-1), frozen["fc1.weight"].numpy().reshape(-1))
+    worker.close()
+
+
+class TwoHeads(torch.nn.Module):
+    """A trunk and two heads, of which a step may use one: the other gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(64, 32)
+        self.even = torch.nn.Linear(32, 10)
+        self.odd = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor, head: str) -> torch.Tensor:
+        return getattr(self, head)(torch.relu(self.trunk(x)))
+
+
+def test_a_parameter_without_a_gradient_is_left_as_torch_leaves_it_and_counts_as_zeros_beside_one_with(shards):
+    """Two workers; each step each worker uses one head. Where both use the same head,
+    the other head has no gradient anywhere and is left alone (weights, moments and
+    Adam's step count, as torch.optim skips it); where they use different heads, each
+    head's mean counts the other worker's part as zeros (as DDP's all-reduce with
+    find_unused_parameters does)."""
+    torch.manual_seed(1)
+    nets = [TwoHeads() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    values = ps.arrays_of(nets[0])
+    spec = ps.model_spec("two-heads", values, [ps.group("all", ["*"], ps.adamw(0.01, weight_decay=0.1))], max_block_elements=256)
+    client = shards.client()
+    model = client.register(spec, values)
+    workers = [pst.attach(nets[0], model, "torch-0", rank=0, bucket_bytes=512)]
+    workers.append(pst.attach(nets[1], client.model("two-heads"), "torch-1", rank=1, bucket_bytes=512))
+    reference = TwoHeads()
+    reference.load_state_dict(nets[0].state_dict())
+    local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+    x, y = digits_torch.digits(0, 1)
+    heads = [("even", "even"), ("odd", "even"), ("odd", "odd"), ("even", "even"), ("even", "odd"), ("odd", "odd")]
+    for step, pair in enumerate(heads):
+        batches = [slice(64 * step + 32 * r, 64 * step + 32 * (r + 1)) for r in range(2)]
+        # The reference: every worker's gradient, the mean over both workers with zeros
+        # for a head one of them did not use, None where neither did.
+        parts = []
+        for rank, head in enumerate(pair):
+            reference.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(reference(x[batches[rank]], head), y[batches[rank]]).backward()
+            parts.append({n: (None if p.grad is None else p.grad.clone()) for n, p in reference.named_parameters()})
+        for name, p in reference.named_parameters():
+            got = [part[name] for part in parts if part[name] is not None]
+            p.grad = None if not got else sum(got[1:], got[0]) / 2 if len(got) == 2 else got[0] / 2
+        local.step()
+        # The same through the shards: each worker in its own thread, as two processes would.
+        def run(rank: int) -> int:
+            loss = torch.nn.functional.cross_entropy(nets[rank](x[batches[rank]], pair[rank]), y[batches[rank]])
+            loss.backward()
+            return workers[rank].step()
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(run, range(2))) == [step + 1, step + 1]
+        for net in nets:
+            _assert_same_weights(net, reference)
+    for worker in workers:
+        worker.close()

@@ -108,6 +108,11 @@ impl GroupConfig {
             if !seen.insert(*encoding) {
                 return refuse(format!("lists encoding {} twice", codec::encoding_label(*encoding)));
             }
+            if *encoding == Encoding::NoGradient {
+                return refuse(
+                    "lists ENCODING_NO_GRADIENT, which is not a way to send values: every group accepts it for a block without a gradient",
+                );
+            }
         }
         if self.aggregation == Aggregation::MajorityVote {
             if self.push_encodings != [Encoding::Sign1] {
@@ -363,6 +368,9 @@ mod tests {
         let mut twice = GroupConfig::new("g", &["*"], OptimizerConfig::sgd(0.1));
         twice.push_encodings = vec![Encoding::F16, Encoding::F16];
         assert!(twice.check(Mode::Sync).unwrap_err().0.contains("lists encoding f16 twice"));
+        let mut nothing = GroupConfig::new("g", &["*"], OptimizerConfig::sgd(0.1));
+        nothing.push_encodings = vec![Encoding::F32, Encoding::NoGradient];
+        assert!(nothing.check(Mode::Sync).unwrap_err().0.contains("every group accepts it"));
         let mut rounds = spec();
         rounds.federated = Some(RoundConfig::new(Algorithm::FedAvg, 4, 0.1));
         assert!(ModelSpec::from_wire(&(&rounds).into()).unwrap_err().0.contains("only accepted with"));

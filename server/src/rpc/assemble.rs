@@ -45,12 +45,15 @@ pub struct Assembler<'a> {
     purpose: Purpose,
 }
 
-/// What the chunks are: gradients follow their group's encodings; weights
-/// (initial values) are plain numbers in f32, bf16 or f16.
+/// What the chunks are: gradients follow their group's encodings (and may
+/// say a block has none); round updates follow them too; weights (initial
+/// values) are plain numbers in f32, bf16 or f16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
     /// A gradient push.
     Gradients,
+    /// A federated client's delta or control part.
+    RoundUpdates,
     /// Initial weights at registration.
     Weights,
 }
@@ -104,7 +107,24 @@ impl<'a> Assembler<'a> {
         if self.purpose == Purpose::Weights && encoding == Encoding::Sign1 {
             return problem(ChunkProblem::SignsAsValues { at: at() });
         }
-        if self.purpose == Purpose::Gradients && !group.push_encodings.contains(&encoding) {
+        if encoding == Encoding::NoGradient {
+            let what = match self.purpose {
+                Purpose::Gradients => None,
+                Purpose::RoundUpdates => Some("round updates"),
+                Purpose::Weights => Some("initial values"),
+            };
+            if let Some(what) = what {
+                return problem(ChunkProblem::NoGradientNotHere { at: at(), what });
+            }
+            if chunk.offset != 0 || chunk.length != len {
+                return problem(ChunkProblem::PartialNoGradient {
+                    at: at(),
+                    offset: chunk.offset,
+                    end: chunk.offset.saturating_add(chunk.length),
+                    len,
+                });
+            }
+        } else if self.purpose != Purpose::Weights && !group.push_encodings.contains(&encoding) {
             return problem(ChunkProblem::EncodingNotAllowed {
                 at: at(),
                 encoding: codec::encoding_label(encoding),
@@ -142,9 +162,11 @@ impl<'a> Assembler<'a> {
             });
         }
         progress.received += chunk.length;
-        let traffic = self.traffic.entry(encoding).or_default();
-        traffic.wire_bytes += chunk.payload.len() as u64;
-        traffic.f32_bytes += chunk.length * 4;
+        if encoding != Encoding::NoGradient {
+            let traffic = self.traffic.entry(encoding).or_default();
+            traffic.wire_bytes += chunk.payload.len() as u64;
+            traffic.f32_bytes += chunk.length * 4;
+        }
         progress.staged.parts.push(Part {
             offset: chunk.offset as usize,
             length: chunk.length as usize,
@@ -188,6 +210,10 @@ impl StagedBlock {
 impl BlockGradient for StagedBlock {
     fn block(&self) -> &Arc<Block> {
         &self.block
+    }
+
+    fn has_gradient(&self) -> bool {
+        self.parts.first().is_none_or(|part| part.encoding != Encoding::NoGradient)
     }
 
     fn first_non_finite(&self) -> Option<u64> {

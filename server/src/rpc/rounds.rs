@@ -44,8 +44,8 @@ impl ParameterService {
         let model = self.registry.get(&model_name)?;
         model.rounds()?;
         model.check_epoch(first.epoch)?;
-        let mut deltas = Assembler::new(&model, Purpose::Gradients);
-        let mut controls = Assembler::new(&model, Purpose::Gradients);
+        let mut deltas = Assembler::new(&model, Purpose::RoundUpdates);
+        let mut controls = Assembler::new(&model, Purpose::RoundUpdates);
         let mut staging = self.bounds.stream_staging();
         let mut next = Some(first);
         while let Some(message) = next {

@@ -50,6 +50,9 @@ pub(super) struct BlockState {
     /// hold it without the lock; an update copies it only if one still does.
     pub(super) params: Arc<Vec<f32>>,
     pub(super) version: u64,
+    /// Sync steps that left the block as it was (no push had a gradient for
+    /// it); the optimizer counts `version - skipped_steps` updates.
+    pub(super) skipped_steps: u64,
     pub(super) optimizer: Box<dyn Optimizer>,
     /// Steps being collected, by step: only the block's version in sync mode,
     /// up to `staleness` steps beyond it in bounded-staleness mode.
@@ -94,6 +97,8 @@ pub(super) struct PendingStep {
     pub(super) contributors: Vec<String>,
     /// When its first push arrived, on the shard's running time (`clock`).
     pub(super) started: Instant,
+    /// Whether any push had a gradient for the block (not `ENCODING_NO_GRADIENT`).
+    pub(super) any_gradient: bool,
 }
 
 /// What a sync step accumulates, so that the step never depends on the order
@@ -124,6 +129,11 @@ pub trait BlockGradient: Send + Sync {
     fn block(&self) -> &Arc<Block>;
     /// The first element (within the block) that decodes to NaN or ±inf, if any.
     fn first_non_finite(&self) -> Option<u64>;
+    /// False when the push says the worker has no gradient for the block in
+    /// this step (`ENCODING_NO_GRADIENT`); it then decodes to zeros.
+    fn has_gradient(&self) -> bool {
+        true
+    }
     /// Overwrites `out` (the block's length) with the gradient.
     fn write_into(&self, out: &mut [f32]);
     /// Adds the gradient to `out` (the block's length).
@@ -151,6 +161,7 @@ impl Block {
             state: Mutex::new(BlockState {
                 params: Arc::new(params),
                 version: 0,
+                skipped_steps: 0,
                 optimizer,
                 pending: BTreeMap::new(),
                 last_contributors: Vec::new(),
@@ -269,4 +280,55 @@ impl BlockGradient for DecodedGradient {
         out.iter_mut().zip(&self.1).for_each(|(o, g)| *o += f64::from(*g));
     }
     fn add_votes(&self, _: &mut [i16]) {}
+}
+
+/// A push that says it has no gradient for the block (`ENCODING_NO_GRADIENT`), for tests of the store.
+#[cfg(test)]
+pub struct NoGradient(pub Arc<Block>);
+
+#[cfg(test)]
+impl BlockGradient for NoGradient {
+    fn block(&self) -> &Arc<Block> {
+        &self.0
+    }
+    fn first_non_finite(&self) -> Option<u64> {
+        None
+    }
+    fn has_gradient(&self) -> bool {
+        false
+    }
+    fn write_into(&self, out: &mut [f32]) {
+        out.fill(0.0);
+    }
+    fn add_into(&self, out: &mut [f32]) {
+        out.iter_mut().for_each(|o| *o += 0.0);
+    }
+    fn add_into_wide(&self, _: &mut [f64]) {}
+    fn add_votes(&self, _: &mut [i16]) {}
+}
+
+/// Pushes of different kinds in one test push.
+#[cfg(test)]
+impl BlockGradient for Box<dyn BlockGradient> {
+    fn block(&self) -> &Arc<Block> {
+        (**self).block()
+    }
+    fn first_non_finite(&self) -> Option<u64> {
+        (**self).first_non_finite()
+    }
+    fn has_gradient(&self) -> bool {
+        (**self).has_gradient()
+    }
+    fn write_into(&self, out: &mut [f32]) {
+        (**self).write_into(out)
+    }
+    fn add_into(&self, out: &mut [f32]) {
+        (**self).add_into(out)
+    }
+    fn add_into_wide(&self, out: &mut [f64]) {
+        (**self).add_into_wide(out)
+    }
+    fn add_votes(&self, votes: &mut [i16]) {
+        (**self).add_votes(votes)
+    }
 }

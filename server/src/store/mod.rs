@@ -10,9 +10,9 @@ mod membership;
 mod model;
 mod registry;
 
-#[cfg(test)]
-pub use block::DecodedGradient;
 pub use block::{Block, BlockGradient, WaitFailure};
+#[cfg(test)]
+pub use block::{DecodedGradient, NoGradient};
 pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::PushOutcome;
 pub use model::{

@@ -402,6 +402,7 @@ async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
     model.join("w").await.unwrap();
     model.join("other").await.unwrap();
     let signs = |offset, n: usize, scale| encoded("w", 0, offset, Sign1, &vec![-1.0; n], scale);
+    let no_gradient = |offset, length| TensorChunk { offset, length, ..ps_proto::chunk::no_gradient("b", 0, 10) };
     let mut long = signs(0, 60, 1.0);
     long.payload = bytes::Bytes::from(vec![0u8; 12]);
     let cases: Vec<(&str, Vec<TensorChunk>, &str)> = vec![
@@ -413,6 +414,17 @@ async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
         ("f16 where f32 and bf16 are allowed", vec![encoded("b", 0, 0, F16, &[0.5; 10], 0.0)], "accepts: f32, bf16"),
         ("misaligned sign1 chunk", vec![signs(0, 16, 1.0), signs(16, 44, 1.0)], "multiple of 32"),
         ("scale changes within a block", vec![signs(0, 32, 1.0), signs(32, 28, 2.0)], "same encoding and scale"),
+        ("no gradient for part of a block", vec![no_gradient(0, 5)], "send one chunk with offset 0 and length 10"),
+        (
+            "no gradient after values",
+            vec![encoded("b", 0, 0, F32, &[0.5; 4], 0.0), no_gradient(0, 10)],
+            "same encoding",
+        ),
+        (
+            "no gradient with a payload",
+            vec![TensorChunk { payload: Bytes::from(vec![0u8; 4]), ..no_gradient(0, 10) }],
+            "need 0",
+        ),
     ];
     let before = observe(&cluster, &model).await;
     let mut raw = cluster.raw(0).await;
@@ -442,6 +454,12 @@ async fn bad_encoded_payloads_are_rejected_and_change_nothing() {
         assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
     }
     let request = proto::PullWeightsRequest { model: "wire".into(), encoding: Sign1 as i32, ..Default::default() };
+    assert_eq!(raw.pull_weights(request).await.unwrap_err().code(), Code::InvalidArgument);
+    let request = proto::PullWeightsRequest {
+        model: "wire".into(),
+        encoding: proto::Encoding::NoGradient as i32,
+        ..Default::default()
+    };
     assert_eq!(raw.pull_weights(request).await.unwrap_err().code(), Code::InvalidArgument);
 }
 

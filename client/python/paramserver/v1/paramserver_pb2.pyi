@@ -21,6 +21,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_BF16: _ClassVar[Encoding]
     ENCODING_F16: _ClassVar[Encoding]
     ENCODING_SIGN1: _ClassVar[Encoding]
+    ENCODING_NO_GRADIENT: _ClassVar[Encoding]
 
 class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -110,6 +111,7 @@ ENCODING_F32: Encoding
 ENCODING_BF16: Encoding
 ENCODING_F16: Encoding
 ENCODING_SIGN1: Encoding
+ENCODING_NO_GRADIENT: Encoding
 AGGREGATION_MEAN: Aggregation
 AGGREGATION_MAJORITY_VOTE: Aggregation
 INIT_KIND_ZEROS: InitKind

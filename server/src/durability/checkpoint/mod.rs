@@ -74,6 +74,9 @@ struct BlockEntry {
     tensor: String,
     block: u32,
     version: u64,
+    /// Absent in checkpoints written before steps could be skipped: none were.
+    #[serde(default)]
+    skipped_steps: u64,
     last_contributors: Vec<String>,
     async_steps: Vec<(String, u64)>,
     buffers: Vec<String>,
@@ -261,6 +264,7 @@ impl CheckpointStore {
                 tensor: block.tensor.clone(),
                 block: block.block,
                 version: block.version,
+                skipped_steps: block.skipped_steps,
                 last_contributors: block.last_contributors.clone(),
                 async_steps: block.async_steps.clone(),
                 buffers: block.optimizer.buffers.keys().cloned().collect(),
@@ -452,6 +456,7 @@ impl CheckpointStore {
                 tensor: entry.tensor.clone(),
                 block: entry.block,
                 version: entry.version,
+                skipped_steps: entry.skipped_steps,
                 params: Arc::default(),
                 optimizer: OptimizerState::default(),
                 global: Vec::new(),

@@ -7,7 +7,7 @@ use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
 
 use crate::optim::{OptimizerConfig, SgdConfig};
 use crate::spec::ModelSpec;
-use crate::store::{DecodedGradient as Grad, Model};
+use crate::store::{BlockGradient, DecodedGradient as Grad, Model, NoGradient};
 
 fn temp_dir(label: &str) -> PathBuf {
     let dir =
@@ -37,12 +37,20 @@ fn model(spec: &ModelSpec) -> Model {
     model
 }
 
+/// One step of pseudo-random gradients; at step 1 the first block has none, so the
+/// optimizer's count of its updates falls one behind the version (and must be restored).
 fn step(model: &Model, t: u64) {
-    let grads = model
+    let grads: Vec<Box<dyn BlockGradient>> = model
         .local_blocks()
         .iter()
         .enumerate()
-        .map(|(i, b)| Grad(b.clone(), pseudo_random(t * 16 + i as u64, b.len)))
+        .map(|(i, b)| -> Box<dyn BlockGradient> {
+            if t == 1 && i == 0 {
+                Box::new(NoGradient(b.clone()))
+            } else {
+                Box::new(Grad(b.clone(), pseudo_random(t * 16 + i as u64, b.len)))
+            }
+        })
         .collect();
     model.commit_push("w", t, grads).unwrap();
 }

@@ -3,7 +3,10 @@
 //! once every live worker has pushed, so a dead worker never hangs a step
 //! once its lease expires. Async: each push is applied on arrival and its
 //! staleness recorded. A push is identified by (worker, step, block), so a
-//! retry is acknowledged and never counted twice.
+//! retry is acknowledged and never counted twice. A push may say it has no
+//! gradient for a block (a frozen parameter, one the step did not use): it
+//! counts as zeros in the mean, and a step none of whose pushes had a
+//! gradient leaves the block as it was, as torch.optim skips such a parameter.
 
 use std::collections::BTreeSet;
 use std::panic::{self, AssertUnwindSafe};
@@ -165,6 +168,9 @@ impl Model {
                 let staleness = state.version - step;
                 metrics::histogram!(m::STALENESS, "model" => self.spec.name.clone()).record(staleness as f64);
                 state.last_async_step.insert(worker.to_string(), step);
+                if !gradient.has_gradient() {
+                    return outcome;
+                }
                 let mut grad = vec![0.0; block.len];
                 gradient.write_into(&mut grad);
                 if self.update(block, &mut state, grad) {
@@ -185,6 +191,7 @@ impl Model {
                             Accumulated::Votes(votes) => gradient.add_votes(votes),
                         }
                         pending.contributors.push(worker.to_string());
+                        pending.any_gradient |= gradient.has_gradient();
                     }
                     None => {
                         let accumulated = match self.spec.groups[block.group].aggregation {
@@ -200,9 +207,13 @@ impl Model {
                             }
                         };
                         let started = clock::now();
-                        state
-                            .pending
-                            .insert(step, PendingStep { accumulated, contributors: vec![worker.to_string()], started });
+                        let pending = PendingStep {
+                            accumulated,
+                            contributors: vec![worker.to_string()],
+                            started,
+                            any_gradient: gradient.has_gradient(),
+                        };
+                        state.pending.insert(step, pending);
                     }
                 }
                 if self.try_complete(block, &mut state, live) {
@@ -275,9 +286,14 @@ impl Model {
     /// Averages (or votes) the step's pushes and runs the optimizer once;
     /// false if the update failed.
     fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
-        let PendingStep { accumulated, contributors, started } = pending;
+        let PendingStep { accumulated, contributors, started, any_gradient } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(clock::since(started).as_secs_f64());
+        if !any_gradient {
+            state.last_contributors = contributors;
+            self.skip(block, state);
+            return true;
+        }
         let gradient = match accumulated {
             Accumulated::Sum(mut sum) => {
                 // One or two values: the mean is exact up to its one rounding, whatever the order.
@@ -310,9 +326,12 @@ impl Model {
     /// gradient is kept, the block stops taking pushes, and the shard serves on.
     pub(super) fn update(&self, block: &Block, state: &mut BlockState, grad: Vec<f32>) -> bool {
         let started = Instant::now();
-        let t = state.version + 1;
         let group = &self.spec.groups[block.group];
-        let ctx = StepContext { t, lr_scale: group.schedule.factor(t) };
+        // The schedule follows the run's steps; the optimizer's count, the block's updates.
+        let ctx = StepContext {
+            t: state.version + 1 - state.skipped_steps,
+            lr_scale: group.schedule.factor(state.version + 1),
+        };
         let BlockState { params, optimizer, .. } = state;
         // A checkpoint still writing the weights or moments of the last version keeps its copy.
         let shared_params = Arc::get_mut(params).is_none();
@@ -350,6 +369,16 @@ impl Model {
         true
     }
 
+    /// A step in which no worker had a gradient for the block: its weights and
+    /// optimizer state stay as they are, and only its version advances.
+    fn skip(&self, block: &Block, state: &mut BlockState) {
+        state.version += 1;
+        state.skipped_steps += 1;
+        block.announce(state.version);
+        self.capture(block, state);
+        metrics::counter!(m::SKIPPED_BLOCK_STEPS, "model" => self.spec.name.clone()).increment(1);
+    }
+
     /// Re-checks every pending sync step against the current live workers.
     pub fn complete_ready_steps(&self) -> u32 {
         let live = self.live_ids();
@@ -375,7 +404,7 @@ mod tests {
     use super::*;
     use crate::optim::{Optimizer, OptimizerConfig, OptimizerState, StateError};
     use crate::spec::ModelSpec;
-    use crate::store::{DecodedGradient, WaitFailure};
+    use crate::store::{DecodedGradient, NoGradient, WaitFailure};
 
     /// An optimizer that fails, as a bug in one would.
     struct Failing;
@@ -396,6 +425,65 @@ mod tests {
         fn import_state(&mut self, _: &OptimizerState) -> Result<(), StateError> {
             Ok(())
         }
+    }
+
+    /// Pushes of one step from several workers, some without a gradient.
+    enum Pushed {
+        Values(Vec<f32>),
+        Nothing,
+    }
+
+    fn push_step(model: &Model, block: &Arc<Block>, step: u64, pushes: Vec<(&str, Pushed)>) {
+        for (worker, pushed) in pushes {
+            match pushed {
+                Pushed::Values(values) => {
+                    model.commit_push(worker, step, vec![DecodedGradient(block.clone(), values)]).unwrap();
+                }
+                Pushed::Nothing => {
+                    model.commit_push(worker, step, vec![NoGradient(block.clone())]).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_without_any_gradient_leaves_the_block_and_adam_counts_only_its_updates() {
+        let group = GroupConfig::new("all", &["*"], OptimizerConfig::adamw(0.1));
+        let tensor = TensorSpec::new("w", &[4], Init::Constant(1.0));
+        let spec = ModelSpec::new(api::ModelSpec::new("m", vec![tensor], vec![group]), Vec::new()).unwrap();
+        let model = Model::new(spec, 0, 1, Duration::from_secs(60));
+        model.membership.join("a", None).unwrap();
+        model.membership.join("b", None).unwrap();
+        let block = model.local_blocks()[0].clone();
+        // As torch.optim would: step 1 on (g + 0) / 2, nothing at step 2, step 3 with t = 2.
+        let mut expected = vec![1.0f32; 4];
+        let mut adam = crate::optim::build(
+            &OptimizerConfig::adamw(0.1),
+            &crate::optim::SliceInfo {
+                name: "w",
+                dims: crate::optim::Dims { rows: 4, cols: 1 },
+                matrix: false,
+                projectable: None,
+            },
+        );
+        let g = vec![0.5, -1.0, 2.0, 0.25];
+        push_step(&model, &block, 0, vec![("a", Pushed::Values(g.clone())), ("b", Pushed::Nothing)]);
+        let half: Vec<f32> = g.iter().map(|v| v * 0.5).collect();
+        adam.step(&mut expected, &half, &StepContext { t: 1, lr_scale: 1.0 });
+        assert_eq!(block.snapshot(), (1, Arc::new(expected.clone())), "the missing part counts as zeros");
+        let state_before = block.lock().optimizer.export_state();
+        push_step(&model, &block, 1, vec![("b", Pushed::Nothing), ("a", Pushed::Nothing)]);
+        assert_eq!(block.snapshot(), (2, Arc::new(expected.clone())), "no gradient anywhere: weights kept");
+        assert_eq!(block.lock().optimizer.export_state(), state_before, "and the moments too");
+        push_step(&model, &block, 2, vec![("a", Pushed::Values(g.clone())), ("b", Pushed::Values(g.clone()))]);
+        adam.step(&mut expected, &g, &StepContext { t: 2, lr_scale: 1.0 });
+        let (version, params) = block.snapshot();
+        assert_eq!(version, 3);
+        assert_eq!(
+            params.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "the third step is the block's second update"
+        );
     }
 
     fn model() -> Model {

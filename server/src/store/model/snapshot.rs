@@ -30,6 +30,8 @@ pub struct BlockSnapshot {
     pub block: u32,
     /// Updates applied to the block.
     pub version: u64,
+    /// Steps of those that no push had a gradient for (they left the block as it was).
+    pub skipped_steps: u64,
     /// The weights (shared with the block until its next update).
     pub params: Arc<Vec<f32>>,
     /// The optimizer's state.
@@ -284,6 +286,7 @@ impl Model {
             tensor: self.spec.tensors[block.tensor].name.clone(),
             block: block.index,
             version: state.version,
+            skipped_steps: state.skipped_steps,
             params: state.params.clone(),
             optimizer: state.optimizer.export_state(),
             global: state.global.clone(),
@@ -403,6 +406,7 @@ impl Model {
             Arc::make_mut(&mut state.params).copy_from_slice(&saved.params);
             state.global.copy_from_slice(&saved.global);
             state.version = saved.version;
+            state.skipped_steps = saved.skipped_steps;
             state.last_contributors = saved.last_contributors.clone();
             state.last_async_step = saved.async_steps.iter().cloned().collect();
             block.announce(saved.version);
