@@ -35,11 +35,17 @@ pub struct Shards {
     discovering: Arc<Vec<tokio::sync::Mutex<()>>>,
 }
 
+/// Failures worth retrying: the shard is away or busy, or the connection broke
+/// under the call. A shard that stops (SIGTERM) or dies resets the streams it
+/// had open, which tonic reports as INTERNAL "h2 protocol error: ..."; that is
+/// the transport, not the shard's own INTERNAL (an optimizer failure, which
+/// must not be retried). Pushes and pulls are safe to repeat.
 fn transient(status: &Status) -> bool {
     let busy =
         || status.metadata().get(ps_proto::errors::ERROR_KIND_HEADER).is_some_and(|k| k == ps_proto::errors::BUSY);
     matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
         || (status.code() == Code::ResourceExhausted && busy())
+        || (status.code() == Code::Internal && status.message().starts_with("h2 protocol error"))
 }
 
 impl Shards {
@@ -252,5 +258,21 @@ impl Shards {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the chaos harness: a worker whose pull was open when its shard
+    /// stopped on SIGTERM got "h2 protocol error: http2 error" (INTERNAL) and exited.
+    #[test]
+    fn a_reset_stream_is_retried_and_the_shards_own_internal_error_is_not() {
+        assert!(transient(&Status::internal("h2 protocol error: http2 error")));
+        assert!(transient(&Status::unavailable("tcp connect error")));
+        assert!(!transient(&Status::internal("the optimizer failed on tensor 'w' block 0 at step 3: panic")));
+        assert!(!transient(&Status::resource_exhausted("model 'm' has its max_workers")));
+        assert!(!transient(&Status::invalid_argument("wrong shape")));
     }
 }

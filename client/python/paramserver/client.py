@@ -72,6 +72,11 @@ def _error(shard: int, error: grpc.RpcError) -> ServerError:
 def _transient(error: grpc.RpcError) -> bool:
     if error.code() in _TRANSIENT:
         return True
+    # A shard that stops or dies resets its open streams: INTERNAL from the transport
+    # (gRPC core says "RST_STREAM"), not the shard's own INTERNAL, which is never retried.
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.INTERNAL and ("RST_STREAM" in details or details.startswith("h2 protocol error")):
+        return True
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return any(k == "ps-error" and v == "busy" for k, v in (error.trailing_metadata() or ()))
     return False
