@@ -44,8 +44,13 @@ pub enum ClientError {
         status: Status,
     },
     /// A tensor the model has is missing from the argument.
-    #[error("tensor '{0}' is missing: pass every tensor of the model")]
+    #[error(
+        "tensor '{0}' is missing: pass every tensor of the model (one without a gradient this step goes in push_partial's no_gradient)"
+    )]
     MissingTensor(String),
+    /// A tensor given both a gradient and as having none.
+    #[error("tensor '{0}' has a gradient and is also named as having none; pass it in one of the two")]
+    GradientAndNoGradient(String),
     /// A tensor the model does not have.
     #[error("the model has no tensor '{0}'")]
     UnknownTensor(String),

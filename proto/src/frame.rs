@@ -72,6 +72,12 @@ pub fn block_frames<'a>(
     })
 }
 
+/// The one gRPC frame that says a push has no gradient for a block of `len`
+/// elements ([`chunk::no_gradient`]).
+pub fn no_gradient_frame(header: PushHeader<'_>, tensor: &str, block: u32, len: usize) -> Bytes {
+    frame(header, chunk::no_gradient(tensor, block, len), Encoding::NoGradient, &[])
+}
+
 /// One block's f32 values, given as their little-endian bytes (on a
 /// little-endian machine, a view of the caller's floats), as the gRPC frames of
 /// its chunks in pieces: each chunk's head (the prefix and every field but the

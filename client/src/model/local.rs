@@ -32,7 +32,13 @@ impl ModelHandle {
         let mut bytes = 0u64;
         for (at, block) in self.blocks_on(shard) {
             let tensor = &self.tensors[at];
-            let encoding = tensor.encoding;
+            let encoding = push.encoding(tensor);
+            if encoding == pb::Encoding::NoGradient {
+                let header = ps_proto::chunk::no_gradient(&tensor.name, block.block, block.length as usize);
+                let empty: &[f32] = &[];
+                planned.push((pb::LocalChunk { chunk: Some(header), segment_offset: bytes, payload_bytes: 0 }, empty));
+                continue;
+            }
             let values =
                 &push.gradients.tensors()[&tensor.name][block.offset as usize..(block.offset + block.length) as usize];
             let per_chunk = chunk::elements_per_chunk(encoding);

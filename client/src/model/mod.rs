@@ -9,7 +9,7 @@ mod membership;
 mod pull;
 mod push;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -251,6 +251,15 @@ pub(super) struct PushRequest<'a> {
     pub(super) gradients: Gradients<'a>,
     /// Per tensor: the sign1 scale (mean absolute value), else 0.
     pub(super) scales: &'a [f32],
+    /// Tensors pushed as "no gradient" (`ENCODING_NO_GRADIENT`), absent from `gradients`.
+    pub(super) no_gradient: &'a BTreeSet<String>,
+}
+
+impl PushRequest<'_> {
+    /// How tensor `at` goes on the wire in this push.
+    pub(super) fn encoding(&self, tensor: &TensorInfo) -> Encoding {
+        if self.no_gradient.contains(&tensor.name) { Encoding::NoGradient } else { tensor.encoding }
+    }
 }
 
 /// A push's gradients: lent by the caller (copied into each message), or

@@ -3,6 +3,7 @@
 //! channel where a shard is on this host); the recovery of a lost lease; and
 //! the global-norm clipping the spec asks for.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use futures::future::{join_all, try_join_all};
@@ -21,7 +22,23 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
-        self.push_gradients(worker, step, Gradients::Lent(grads)).await
+        self.push_gradients(worker, step, Gradients::Lent(grads), &BTreeSet::new()).await
+    }
+
+    /// Pushes as [`ModelHandle::push`] does, but the tensors named in
+    /// `no_gradient` (and absent from `grads`) have no gradient this step: a
+    /// frozen parameter, or one the step did not use. They go as
+    /// `ENCODING_NO_GRADIENT`: the step's mean counts them as zeros, and a
+    /// block no worker of the step had a gradient for keeps its weights and
+    /// optimizer state, as torch.optim leaves a parameter whose `grad` is None.
+    pub async fn push_partial(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: &Tensors,
+        no_gradient: &BTreeSet<String>,
+    ) -> Result<PushSummary, ClientError> {
+        self.push_gradients(worker, step, Gradients::Lent(grads), no_gradient).await
     }
 
     /// Pushes as [`ModelHandle::push`] does, taking the gradients: over gRPC,
@@ -35,7 +52,7 @@ impl ModelHandle {
         step: u64,
         grads: impl Into<Arc<Tensors>>,
     ) -> Result<PushSummary, ClientError> {
-        self.push_gradients(worker, step, Gradients::Owned(&grads.into())).await
+        self.push_gradients(worker, step, Gradients::Owned(&grads.into()), &BTreeSet::new()).await
     }
 
     /// The push behind [`ModelHandle::push`] and [`ModelHandle::push_owned`].
@@ -44,20 +61,28 @@ impl ModelHandle {
         worker: &str,
         step: u64,
         gradients: Gradients<'_>,
+        no_gradient: &BTreeSet<String>,
     ) -> Result<PushSummary, ClientError> {
         let grads = gradients.tensors();
-        for name in grads.keys() {
+        for name in grads.keys().chain(no_gradient) {
             if !self.index.contains_key(name) {
                 return Err(ClientError::UnknownTensor(name.clone()));
             }
         }
+        if let Some(both) = no_gradient.iter().find(|name| grads.contains_key(*name)) {
+            return Err(ClientError::GradientAndNoGradient(both.clone()));
+        }
         let mut scales = Vec::with_capacity(self.tensors.len());
         for tensor in self.tensors.iter() {
+            if no_gradient.contains(&tensor.name) {
+                scales.push(0.0);
+                continue;
+            }
             let data = grads.get(&tensor.name).ok_or_else(|| ClientError::MissingTensor(tensor.name.clone()))?;
             check_len(&tensor.name, tensor.len as u64, data)?;
             scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
         }
-        let push = PushRequest { worker, step, gradients, scales: &scales };
+        let push = PushRequest { worker, step, gradients, scales: &scales, no_gradient };
         // Every shard's push runs to its end even when another shard refuses
         // its part: a shard that takes it must get all of it. Cut short, a push
         // that one shard refuses at once (its step went ahead) would never
@@ -119,7 +144,7 @@ impl ModelHandle {
         // Streams of whole blocks, each within the shards' per-stream limit.
         let mut streams: Vec<PushStream> = Vec::new();
         for (at, block) in self.blocks_on(shard) {
-            let block_bytes = codec::payload_len(self.tensors[at].encoding, block.length);
+            let block_bytes = codec::payload_len(push.encoding(&self.tensors[at]), block.length);
             match streams.last() {
                 Some(last) if last.bytes + block_bytes <= PUSH_STREAM_BYTES as u64 => {}
                 _ => streams.push(PushStream::default()),
@@ -164,8 +189,11 @@ impl ModelHandle {
         for &(at, block) in &stream.blocks {
             let tensor = &self.tensors[at];
             let range = block.offset as usize..(block.offset + block.length) as usize;
-            let encoding = tensor.encoding;
+            let encoding = push.encoding(tensor);
             let frames: Box<dyn Iterator<Item = bytes::Bytes> + Send + '_> = match push.gradients {
+                _ if encoding == pb::Encoding::NoGradient => {
+                    Box::new(std::iter::once(frame::no_gradient_frame(header, &tensor.name, block.block, range.len())))
+                }
                 // f32 on the wire is the memory layout here: the values go out as they lie.
                 Gradients::Owned(grads) if encoding == pb::Encoding::F32 && cfg!(target_endian = "little") => {
                     let values = bytes::Bytes::from_owner(PushedValues {
@@ -195,7 +223,19 @@ impl ModelHandle {
     /// push that step). The worker's compression state is the caller's and is
     /// kept as it is.
     pub async fn push_step(&self, worker: &str, step: u64, grads: &Tensors) -> Result<StepOutcome, ClientError> {
-        self.push_step_gradients(worker, step, Gradients::Lent(grads)).await
+        self.push_step_gradients(worker, step, Gradients::Lent(grads), &BTreeSet::new()).await
+    }
+
+    /// [`ModelHandle::push_step`] with tensors that have no gradient this step
+    /// (see [`ModelHandle::push_partial`]).
+    pub async fn push_step_partial(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: &Tensors,
+        no_gradient: &BTreeSet<String>,
+    ) -> Result<StepOutcome, ClientError> {
+        self.push_step_gradients(worker, step, Gradients::Lent(grads), no_gradient).await
     }
 
     /// [`ModelHandle::push_step`], taking the gradients as [`ModelHandle::push_owned`] does.
@@ -205,7 +245,7 @@ impl ModelHandle {
         step: u64,
         grads: impl Into<Arc<Tensors>>,
     ) -> Result<StepOutcome, ClientError> {
-        self.push_step_gradients(worker, step, Gradients::Owned(&grads.into())).await
+        self.push_step_gradients(worker, step, Gradients::Owned(&grads.into()), &BTreeSet::new()).await
     }
 
     /// The step behind [`ModelHandle::push_step`] and [`ModelHandle::push_step_owned`].
@@ -214,10 +254,11 @@ impl ModelHandle {
         worker: &str,
         step: u64,
         gradients: Gradients<'_>,
+        no_gradient: &BTreeSet<String>,
     ) -> Result<StepOutcome, ClientError> {
         let mut rejoined = false;
         loop {
-            match self.push_gradients(worker, step, gradients).await {
+            match self.push_gradients(worker, step, gradients, no_gradient).await {
                 Ok(summary) => return Ok(StepOutcome::Pushed(summary)),
                 Err(error) if error.kind() == Some(errors::UNKNOWN_WORKER) && !rejoined => {
                     tracing::warn!(

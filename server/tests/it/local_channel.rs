@@ -17,7 +17,7 @@ use ps_proto::pb::{self, segment_reply, segment_request};
 use tonic::Code;
 
 use crate::cluster::*;
-use crate::sync_equivalence::check_sync_equivalence;
+use crate::sync_equivalence::{check_pushes_without_a_gradient, check_sync_equivalence};
 
 fn scratch(label: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ps-local-{label}-{}", std::process::id()));
@@ -46,6 +46,15 @@ async fn sync_steps_through_memory_segments_equal_local_steps() {
     let client = client_with(&cluster, LocalMode::Socket);
     check_sync_equivalence(&client).await;
     assert_eq!(client.local_channel(1), Some(LocalMode::Socket));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_without_a_gradient_go_through_memory_segments_too() {
+    let dir = scratch("no-gradient");
+    let cluster = Cluster::start_local(2, Duration::from_secs(30), &dir).await;
+    let client = cluster.client();
+    check_pushes_without_a_gradient(&client, "no-gradient-local").await;
+    assert_eq!(client.local_channel(0), Some(LocalMode::Segments), "shard 0 was reached locally");
 }
 
 /// Runs `steps` sync steps of three workers, each through its own client, and

@@ -326,3 +326,66 @@ async fn bounded_staleness_zero_is_sync() {
     let (sync, ssp) = (models[0].pull(3).await.unwrap(), models[1].pull(3).await.unwrap());
     assert_eq!(bits(&sync.tensors), bits(&ssp.tensors));
 }
+
+/// Pushes with tensors that have no gradient (`ModelHandle::push_partial`),
+/// as the PyTorch client sends frozen and unused parameters: where neither
+/// worker has a gradient for `b`, AdamW (with weight decay, which a push of
+/// zeros would apply) leaves it bit for bit; where one has, the mean counts
+/// the other's part as zeros. Over TCP and through memory segments alike.
+pub async fn check_pushes_without_a_gradient(client: &ps_client::PsClient, name: &str) {
+    let mut spec = small_spec(name);
+    spec.groups = vec![group(
+        "all",
+        &["*"],
+        OptimizerConfig::AdamW(AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() }),
+    )];
+    let init = initial_values(&spec, 4);
+    let model = client.register(&spec, &init).await.unwrap();
+    for worker in ["a", "b"] {
+        model.join(worker).await.unwrap();
+    }
+    let only_w = |seed| Tensors::from([("w".to_string(), grads_like(&init, seed)["w"].clone())]);
+    let no_b = std::collections::BTreeSet::from(["b".to_string()]);
+    // Mistakes the client sees itself.
+    let both = model.push_partial("a", 0, &grads_like(&init, 1), &no_b).await.unwrap_err();
+    assert!(both.to_string().contains("has a gradient and is also named as having none"), "{both}");
+    let unknown = std::collections::BTreeSet::from(["nope".to_string()]);
+    let error = model.push_partial("a", 0, &only_w(1), &unknown).await.unwrap_err();
+    assert!(error.to_string().contains("no tensor 'nope'"), "{error}");
+    // Step 0: nobody has a gradient for b.
+    let (first, second) = (only_w(1), only_w(2));
+    let pushes = [model.push_partial("a", 0, &first, &no_b), model.push_partial("b", 0, &second, &no_b)];
+    for summary in join_all(pushes).await {
+        summary.unwrap();
+    }
+    let after = model.pull(1).await.unwrap();
+    assert_eq!(bits(&after.tensors)["b"], bits(&init)["b"], "b had no gradient anywhere: left bit for bit");
+    assert_ne!(after.tensors["w"], init["w"], "w was stepped");
+    // Step 1: a has one for b, b has none: b steps on a's gradient over 2, its first update (t = 1).
+    let mut local = optim::build(
+        &OptimizerConfig::AdamW(AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() }),
+        &SliceInfo { name: "b", dims: Dims { rows: 10, cols: 1 }, matrix: false, projectable: None },
+    );
+    let g = grads_like(&init, 3)["b"].clone();
+    let none = std::collections::BTreeSet::new();
+    let (first, second) = (grads_like(&init, 3), only_w(4));
+    let pushes = [model.push_partial("a", 1, &first, &none), model.push_partial("b", 1, &second, &no_b)];
+    for summary in join_all(pushes).await {
+        summary.unwrap();
+    }
+    let mut expected = init["b"].clone();
+    let half: Vec<f32> = g.iter().map(|v| (v + 0.0) * 0.5).collect();
+    local.step(&mut expected, &half, &StepContext { t: 1, lr_scale: 1.0 });
+    let stepped = model.pull(2).await.unwrap();
+    assert_eq!(
+        bits(&Tensors::from([("b".to_string(), stepped.tensors["b"].clone())]))["b"],
+        bits(&Tensors::from([("b".to_string(), expected)]))["b"],
+        "b's first update, on the mean with zeros for the worker without a gradient"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_without_a_gradient_leave_a_tensor_or_count_as_zeros() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    check_pushes_without_a_gradient(&cluster.client(), "no-gradient").await;
+}
