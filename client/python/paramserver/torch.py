@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional, Set
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -83,9 +83,8 @@ class AttachedModule:
         self.overlap = overlap and model.max_grad_norm <= 0
         self.accumulation_steps = accumulation_steps
         self._grads: Dict[str, Optional[np.ndarray]] = {}
-        # Per tensor, the backward passes of this step that reached it; and the tensors already pushed.
+        # Per tensor, the backward passes of this step that reached it.
         self._backwards: Dict[str, int] = {}
-        self._sent: Set[str] = set()
         self._no_sync = False
         self._bucket: List[str] = []
         self._bucket_size = 0
@@ -115,7 +114,8 @@ class AttachedModule:
             with self._lock:
                 if self._no_sync:
                     return
-                if name in self._sent:
+                # With overlap, a gradient the hooks kept is already bucketed for sending.
+                if self.overlap and name in self._grads:
                     raise RuntimeError(
                         f"a second backward() reached '{name}' after its gradient was pushed for step {self.version}: "
                         "run all but the last micro-batch inside worker.no_sync(), or attach with accumulation_steps=N"
@@ -126,14 +126,12 @@ class AttachedModule:
                     return  # autograd adds this one to .grad; the last micro-batch pushes the sum
             # The hook runs before autograd adds `grad` to `.grad`, which holds the earlier
             # micro-batches: their sum is what torch.optim would step on (the same addition).
-            total = grad if param.grad is None else param.grad + grad
-            host = total.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
+            host = _host(grad if param.grad is None else param.grad + grad)
             with self._lock:
                 self._grads[name] = host
                 if not self.overlap:
                     return
                 self._bucket.append(name)
-                self._sent.add(name)
                 self._bucket_size += host.nbytes
                 if self._bucket_size >= self.bucket_bytes:
                     self._send_bucket()
@@ -155,10 +153,7 @@ class AttachedModule:
             for name, tensor in self.model.tensors.items():
                 if name not in self._grads:
                     grad = self.params[name].grad
-                    if grad is None:
-                        self._grads[name] = None
-                    else:
-                        self._grads[name] = grad.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
+                    self._grads[name] = None if grad is None else _host(grad)
                     self._bucket.append(name)
             if self.overlap:
                 self._send_bucket()
@@ -169,7 +164,6 @@ class AttachedModule:
             pushes, self._pushes = self._pushes, []
             self._grads = {}
             self._backwards = {}
-            self._sent = set()
         try:
             for push in pushes:
                 push.result()
@@ -216,16 +210,14 @@ class AttachedModule:
         self.model.leave(self.worker)
 
 
-def attach(
-    module: torch.nn.Module,
-    model: Model,
-    worker: str,
-    rank: Optional[int] = None,
-    bucket_bytes: int = 4 << 20,
-    overlap: bool = True,
-    accumulation_steps: int = 1,
-) -> AttachedModule:
+def _host(gradient: torch.Tensor) -> np.ndarray:
+    """A gradient as a flat float32 array of its own on the host."""
+    return gradient.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1).copy()
+
+
+def attach(module: torch.nn.Module, model: Model, worker: str, **options) -> AttachedModule:
     """Joins `model` as `worker`, loads its current weights into `module`, and
     streams the module's gradients on every backward, or on every
-    `accumulation_steps`-th (see the module docs)."""
-    return AttachedModule(module, model, worker, rank, bucket_bytes, overlap, accumulation_steps)
+    `accumulation_steps`-th. Options as `AttachedModule` takes them: `rank`,
+    `bucket_bytes`, `overlap`, `accumulation_steps` (see the module docs)."""
+    return AttachedModule(module, model, worker, **options)

@@ -217,3 +217,32 @@ def test_a_parameter_without_a_gradient_is_left_as_torch_leaves_it_and_counts_as
             _assert_same_weights(net, reference)
     for worker in workers:
         worker.close()
+
+
+def test_a_script_that_clips_and_accumulates_steps_as_torch_does(shards):
+    """max_grad_norm set (so gradients go after backward) and two micro-batches
+    without no_sync(): the sum is clipped and stepped once, as a one-process script
+    that accumulates, calls clip_grad_norm_ and steps AdamW does."""
+    torch.manual_seed(0)
+    net = digits_torch.DigitsMlp()
+    values = ps.arrays_of(net)
+    adamw = ps.adamw(0.01, weight_decay=0.1)
+    spec = ps.model_spec("clip-accumulate", values, [ps.group("all", ["*"], adamw)], max_block_elements=512, max_grad_norm=0.1)
+    worker = pst.attach(net, shards.client().register(spec, values), "torch-0")
+    reference = digits_torch.DigitsMlp()
+    reference.load_state_dict(net.state_dict())
+    local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+    x, y = digits_torch.digits(0, 1)
+    for step in range(4):
+        for half in range(2):
+            batch = slice(64 * step + 32 * half, 64 * step + 32 * (half + 1))
+            (torch.nn.functional.cross_entropy(net(x[batch]), y[batch]) / 2).backward()
+            (torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]) / 2).backward()
+        assert not worker._pushes, "with clipping nothing goes before step()"
+        assert worker.step() == step + 1
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        assert norm > 0.1, "the clip is active"
+        local.step()
+        local.zero_grad()
+        _assert_same_weights(net, reference)
+    worker.close()

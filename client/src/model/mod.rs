@@ -256,7 +256,7 @@ pub(super) struct PushRequest<'a> {
 }
 
 impl PushRequest<'_> {
-    /// How tensor `at` goes on the wire in this push.
+    /// How `tensor` goes on the wire in this push: its group's encoding, or none at all.
     pub(super) fn encoding(&self, tensor: &TensorInfo) -> Encoding {
         if self.no_gradient.contains(&tensor.name) { Encoding::NoGradient } else { tensor.encoding }
     }

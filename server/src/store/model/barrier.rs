@@ -361,9 +361,7 @@ impl Model {
             block.mark_failed();
             return false;
         }
-        state.version += 1;
-        block.announce(state.version);
-        self.capture(block, state);
+        self.advance(block, state);
         metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());
         true
@@ -372,11 +370,17 @@ impl Model {
     /// A step in which no worker had a gradient for the block: its weights and
     /// optimizer state stay as they are, and only its version advances.
     fn skip(&self, block: &Block, state: &mut BlockState) {
-        state.version += 1;
         state.skipped_steps += 1;
+        self.advance(block, state);
+        metrics::counter!(m::SKIPPED_BLOCK_STEPS, "model" => self.spec.name.clone()).increment(1);
+    }
+
+    /// The block is at its next version: pulls waiting for it are woken and a
+    /// checkpoint of that version gets its copy.
+    fn advance(&self, block: &Block, state: &mut BlockState) {
+        state.version += 1;
         block.announce(state.version);
         self.capture(block, state);
-        metrics::counter!(m::SKIPPED_BLOCK_STEPS, "model" => self.spec.name.clone()).increment(1);
     }
 
     /// Re-checks every pending sync step against the current live workers.
