@@ -61,6 +61,8 @@ pub(super) struct Cluster {
     pub(super) started: Instant,
     /// Every process the run started, to find any left behind.
     pub(super) spawned: Vec<u32>,
+    /// Per shard: the processes started for it.
+    pub(super) shard_starts: Vec<u32>,
 }
 
 /// A shard's checkpoint directory on a tmpfs of its own (root only).
@@ -163,12 +165,21 @@ impl Cluster {
         self.dir.join(format!("checkpoints-{index}"))
     }
 
+    /// Starts shard `index` unless its slot already holds a process: faults
+    /// overlap, and a shard a whole-cluster restart brought back must not be
+    /// started twice when the fault that killed it first restarts it too (the
+    /// second process found the first's sockets served and exited, and
+    /// replacing the slot killed the first: shard 0 was gone for good).
     pub(super) fn start_shard(&mut self, index: usize) {
+        if self.shards[index].is_some() {
+            return;
+        }
         let args = self.shard_args(index);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let log = self.dir.join(format!("shard-{index}.log"));
         let process = ServerProcess::spawn_logged(&self.binaries.server, &args, &log).expect("starting a shard");
         self.spawned.push(process.pid());
+        self.shard_starts[index] += 1;
         self.shards[index] = Some(process);
     }
 
@@ -212,7 +223,11 @@ impl Cluster {
         command
     }
 
+    /// Starts worker slot `slot` unless it already holds a process (as for shards).
     pub(super) fn start_worker(&mut self, slot: usize) {
+        if self.workers[slot].is_some() {
+            return;
+        }
         let log = std::fs::File::options()
             .create(true)
             .append(true)

@@ -34,8 +34,10 @@ pub(super) fn inject(fault: &Fault, shared: &Shared, runtime: &tokio::runtime::H
             let status = child.wait().ok();
             sleep(*down_ms);
             let mut cluster = lock();
-            // A worker that had already finished stays finished.
-            if status.is_some_and(|s| s.success()) {
+            if cluster.workers[slot].is_some() {
+                // A whole-cluster restart brought this slot back meanwhile.
+            } else if status.is_some_and(|s| s.success()) {
+                // A worker that had already finished stays finished.
                 cluster.exits[slot] = status;
             } else {
                 cluster.start_worker(slot);
@@ -122,6 +124,10 @@ pub(super) fn inject(fault: &Fault, shared: &Shared, runtime: &tokio::runtime::H
             restart_shards(shared, &(0..count).collect::<Vec<_>>(), runtime);
             let mut cluster = lock();
             for slot in restart {
+                if cluster.workers[slot].is_some() {
+                    // Restarted meanwhile by the fault that had killed it.
+                    continue;
+                }
                 cluster.replicas[slot] += 1;
                 cluster.exits[slot] = None;
                 cluster.start_worker(slot);

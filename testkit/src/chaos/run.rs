@@ -45,6 +45,8 @@ pub struct Outcome {
     pub inexact: bool,
     /// Per restart of shards: the time until every shard served again.
     pub recoveries: Vec<Duration>,
+    /// Per shard: the processes started for it (the first start and every restart).
+    pub shard_starts: Vec<u32>,
     /// The index of every fault injected (one whose moment came before the run ended).
     pub injected: Vec<usize>,
     /// What was done when, for the report.
@@ -106,6 +108,7 @@ pub fn run(schedule: &Schedule, with_faults: bool, binaries: &Binaries, base: &P
         recoveries: Vec::new(),
         started: Instant::now(),
         spawned: Vec::new(),
+        shard_starts: vec![0; workload.shards],
     };
     if disk_faults {
         for index in 0..workload.shards {
@@ -233,6 +236,7 @@ pub fn run(schedule: &Schedule, with_faults: bool, binaries: &Binaries, base: &P
         strays,
         inexact,
         recoveries: cluster.recoveries.clone(),
+        shard_starts: cluster.shard_starts.clone(),
         injected,
         events: cluster.events.clone(),
         dir,
