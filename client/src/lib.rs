@@ -61,7 +61,7 @@ pub use connection::PsClient;
 pub use error::{ClientError, ProtocolError};
 pub use layout::{Layout, TensorInfo};
 pub use local::LocalMode;
-pub use model::{Joined, ModelHandle, PullInfo, PushSummary, StepOutcome, Weights};
+pub use model::{Joined, ModelHandle, PullInfo, PushOptions, PushSummary, StepOutcome, Weights};
 pub use shards::Shards;
 pub use spec::{Encoding, ModelSpec};
 pub use status::ShardStatus;

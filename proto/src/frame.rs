@@ -54,6 +54,8 @@ pub struct PushHeader<'a> {
     pub step: u64,
     /// The model's epoch the worker knows.
     pub epoch: u64,
+    /// The step's learning-rate scale, if the worker sets one.
+    pub lr_scale: Option<f64>,
 }
 
 /// One block's values as the gRPC frames (prefix and message) of its chunks,
@@ -107,6 +109,7 @@ fn message_head(header: PushHeader<'_>) -> pb::GradientChunk {
         step: header.step,
         chunk: None,
         epoch: header.epoch,
+        lr_scale: header.lr_scale,
     }
 }
 
@@ -171,7 +174,7 @@ mod tests {
     use super::*;
 
     fn header() -> PushHeader<'static> {
-        PushHeader { model: "lm", worker: "worker-7", step: 1234, epoch: 3 }
+        PushHeader { model: "lm", worker: "worker-7", step: 1234, epoch: 3, lr_scale: Some(0.25) }
     }
 
     #[test]
@@ -188,6 +191,7 @@ mod tests {
                     step: 1234,
                     chunk: Some(chunk),
                     epoch: 3,
+                    lr_scale: Some(0.25),
                 })
                 .collect();
             // A sign1 chunk holds 16 Mi elements: this block is one chunk there.
@@ -223,7 +227,7 @@ mod tests {
 
     #[test]
     fn empty_names_and_zero_fields_still_frame_exactly() {
-        let header = PushHeader { model: "", worker: "", step: 0, epoch: 0 };
+        let header = PushHeader { model: "", worker: "", step: 0, epoch: 0, lr_scale: None };
         let frames: Vec<Bytes> = block_frames(header, "", 0, &[1.0, -2.0], Encoding::F32, 0.0).collect();
         assert_eq!(frames.len(), 1);
         let decoded = pb::GradientChunk::decode(&frames[0][PREFIX_BYTES..]).unwrap();

@@ -152,6 +152,37 @@ pub enum ServerError {
         /// This chunk's step.
         step: u64,
     },
+    /// A learning-rate scale that is negative, not finite, or too large.
+    #[error(
+        "lr_scale {0} is not allowed; it multiplies the step's learning rate and must be finite, from 0 to 1e6 (leave it unset for 1)"
+    )]
+    BadLrScale(f64),
+    /// Chunks of one push that carry different learning-rate scales.
+    #[error("every chunk of one push must carry the same lr_scale; got {got:?} after {first:?}")]
+    MixedLrScale {
+        /// The first chunk's scale.
+        first: Option<f64>,
+        /// This chunk's scale.
+        got: Option<f64>,
+    },
+    /// A push whose learning-rate scale differs from the one its step's first push carried.
+    #[error(
+        "worker '{worker}' pushed step {step} of tensor '{tensor}' block {block} with lr_scale {pushed}, but the step's first push carried {first}; every worker must set the same scale for a step (derive it from the step number, as a scheduler stepped once per step does); nothing was applied"
+    )]
+    LrScaleMismatch {
+        /// Worker id.
+        worker: String,
+        /// Tensor name.
+        tensor: String,
+        /// Block index.
+        block: u32,
+        /// Step pushed.
+        step: u64,
+        /// The scale this push carried.
+        pushed: f64,
+        /// The scale of the step's first push.
+        first: f64,
+    },
     /// An async worker whose steps go backwards.
     #[error(
         "worker '{worker}' pushed step {step} for tensor '{tensor}' block {block} after step {last}; steps of one worker must not go back"

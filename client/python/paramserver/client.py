@@ -457,13 +457,15 @@ class Model:
             raise KeyError(f"a push needs every tensor; missing {sorted(missing)}")
         return {name: None if grads[name] is None else _flat(name, grads[name], self.tensors[name].shape) for name in self.tensors}
 
-    def push(self, worker: str, step: int, grads: Mapping[str, object]) -> PushSummary:
+    def push(self, worker: str, step: int, grads: Mapping[str, object], lr_scale: Optional[float] = None) -> PushSummary:
         """Pushes one step's gradients of every tensor to the shards that own them,
         in each group's first push encoding; None for a tensor without a gradient
-        this step (see `push_tensors`). A failed push may be retried as is."""
-        return self.push_tensors(worker, step, self._check_grads(grads))
+        this step (see `push_tensors`). `lr_scale` multiplies the learning rate of
+        this step's update (every worker of a step must give the same; None is 1).
+        A failed push may be retried as is."""
+        return self.push_tensors(worker, step, self._check_grads(grads), lr_scale)
 
-    def push_tensors(self, worker: str, step: int, flat: Mapping[str, Optional[np.ndarray]]) -> PushSummary:
+    def push_tensors(self, worker: str, step: int, flat: Mapping[str, Optional[np.ndarray]], lr_scale: Optional[float] = None) -> PushSummary:
         """Pushes some tensors (flat f32, whole) of one step: their blocks are a valid part of the step.
         The PyTorch integration pushes buckets of tensors this way as backward produces them.
         A tensor given as None has no gradient in this step (frozen, or unused by the step's
@@ -494,12 +496,12 @@ class Model:
                 for tensor, block in blocks:
                     if flat[tensor.name] is None:
                         parts = wire.tensor_chunk_parts(tensor.name, block.block, 0, block.length, codec.NO_GRADIENT, b"", 0.0)
-                        yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts)
+                        yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts, lr_scale)
                         continue
                     start, end = codec.block_range(block)
                     for offset, length, payload in codec.payloads(flat[tensor.name][start:end], tensor.encoding):
                         parts = wire.tensor_chunk_parts(tensor.name, block.block, offset, length, tensor.encoding, payload, scales[tensor.name])
-                        yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts)
+                        yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts, lr_scale)
 
             return make
 
@@ -512,7 +514,7 @@ class Model:
             if found is not None and found.segments:
                 blocks = [pair for stream in streams[shard] for pair in stream]
                 try:
-                    return self._push_local(found, shard, blocks, flat, scales, worker, step)
+                    return self._push_local(found, shard, blocks, flat, scales, worker, step, lr_scale)
                 except local.NotLocal as error:
                     self.client._leave_local(shard, str(error))
             return list(self.client._pool.map(lambda blocks: send(shard, blocks), streams[shard]))
@@ -525,7 +527,7 @@ class Model:
                 summary.updated += reply.blocks_updated
         return summary
 
-    def _push_local(self, found: local.LocalShard, shard: int, blocks, flat, scales, worker: str, step: int) -> List[pb.PushGradientsResponse]:
+    def _push_local(self, found: local.LocalShard, shard: int, blocks, flat, scales, worker: str, step: int, lr_scale: Optional[float]) -> List[pb.PushGradientsResponse]:
         """Writes the shard's payloads into this model's segment there and names them in PushLocal calls."""
         with self._segment_locks[shard]:
             planned = []
@@ -559,7 +561,7 @@ class Model:
             request_bytes = 0
             for local_chunk, _ in planned:
                 if not requests or request_bytes + local_chunk.payload_bytes > PUSH_STREAM_BYTES or len(requests[-1].chunks) >= 16384:
-                    requests.append(pb.LocalPushRequest(model=self.name, worker_id=worker, step=step, epoch=self.epoch, segment=segment_id))
+                    requests.append(pb.LocalPushRequest(model=self.name, worker_id=worker, step=step, epoch=self.epoch, segment=segment_id, lr_scale=lr_scale))
                     request_bytes = 0
                 requests[-1].chunks.append(local_chunk)
                 request_bytes += local_chunk.payload_bytes

@@ -37,6 +37,28 @@ step cannot be added to it any more, and raises.
         with worker.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
             (loss_fn(net(x), y) / len(micro_batches)).backward()
     worker.step()
+
+The learning rate stays in the script's hands: every push carries a scale on
+the lr of the model's spec, which the shards multiply into that step's update
+(the same for every group, as a scheduler with one factor). Give it as a
+function of the step, which is LambdaLR's lambda (`scheduler.step()` once per
+`worker.step()` calls it with the step number):
+
+    worker = attach(net, model, "w0", lr_lambda=lambda step: min(1.0, step / 100))
+
+or drive `worker.optimizer` (with `lr=` the spec's lr) with any
+`torch.optim.lr_scheduler`, which then sets its lr as it would a torch
+optimizer's (OneCycleLR, CosineAnnealingLR, ReduceLROnPlateau ...):
+
+    worker = attach(net, model, "w0", lr=3e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(worker.optimizer, max_lr=3e-4, total_steps=1000)
+    ...; worker.step(); scheduler.step()
+
+Every worker of a step must push the same scale (the shards refuse a push
+whose scale differs from the step's first), so each worker runs the same
+schedule. A function of the step follows a rollback or a resync by itself; a
+scheduler does not go back with the model, so after one the scales of the
+steps redone may differ from the first time (the run goes on, not bit-identically).
 """
 
 from __future__ import annotations
@@ -44,12 +66,33 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from .client import Model, RolledBack, ServerError
+
+
+class LearningRate(torch.optim.Optimizer):
+    """Stands in for the script's optimizer so that a `torch.optim.lr_scheduler`
+    can drive the learning rate: it holds `lr` in `param_groups[0]` and updates
+    nothing itself (the shards do). The pushed scale is its lr over `base_lr`."""
+
+    def __init__(self, base_lr: float):
+        if not base_lr > 0:
+            raise ValueError(f"lr must be the positive lr of the model's spec, got {base_lr}")
+        # torch.optim wants parameters to hold; an empty tensor stands for the model's.
+        super().__init__([torch.zeros(0, requires_grad=True)], {"lr": base_lr})
+        self.base_lr = base_lr
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - the shards apply the update
+        return None
+
+    def scale(self) -> float:
+        """The current lr over the base lr: the scale the next push carries."""
+        return self.param_groups[0]["lr"] / self.base_lr
 
 
 class AttachedModule:
@@ -64,9 +107,15 @@ class AttachedModule:
         bucket_bytes: int = 4 << 20,
         overlap: bool = True,
         accumulation_steps: int = 1,
+        lr: Optional[float] = None,
+        lr_lambda: Optional[Callable[[int], float]] = None,
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
+        if lr is not None and lr_lambda is not None:
+            raise ValueError("give lr (to drive worker.optimizer with a scheduler) or lr_lambda (a function of the step), not both")
+        self.lr_lambda = lr_lambda
+        self.optimizer: Optional[LearningRate] = None if lr is None else LearningRate(lr)
         self.module = module
         self.model = model
         self.worker = worker
@@ -142,7 +191,15 @@ class AttachedModule:
         names, self._bucket, self._bucket_size = self._bucket, [], 0
         if names:
             part = {n: self._grads[n] for n in names}
-            self._pushes.append(self._sender.submit(self.model.push_tensors, self.worker, self.version, part))
+            self._pushes.append(self._sender.submit(self.model.push_tensors, self.worker, self.version, part, self.lr_scale()))
+
+    def lr_scale(self) -> Optional[float]:
+        """The learning-rate scale of the step being pushed (None: the spec's lr as it is)."""
+        if self.lr_lambda is not None:
+            return float(self.lr_lambda(self.version))
+        if self.optimizer is not None:
+            return self.optimizer.scale()
+        return None
 
     def step(self) -> int:
         """Pushes what backward left unsent (the sum in `.grad` where the last micro-batch
@@ -164,6 +221,9 @@ class AttachedModule:
             pushes, self._pushes = self._pushes, []
             self._grads = {}
             self._backwards = {}
+        if self.optimizer is not None:
+            # A scheduler counts the optimizer's steps (and warns when it is stepped before one).
+            self.optimizer.step()
         try:
             for push in pushes:
                 push.result()
@@ -219,5 +279,6 @@ def attach(module: torch.nn.Module, model: Model, worker: str, **options) -> Att
     """Joins `model` as `worker`, loads its current weights into `module`, and
     streams the module's gradients on every backward, or on every
     `accumulation_steps`-th. Options as `AttachedModule` takes them: `rank`,
-    `bucket_bytes`, `overlap`, `accumulation_steps` (see the module docs)."""
+    `bucket_bytes`, `overlap`, `accumulation_steps`, `lr` or `lr_lambda` (see
+    the module docs)."""
     return AttachedModule(module, model, worker, **options)

@@ -13,9 +13,10 @@ tests check them against the generated classes.
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 _FLOAT = struct.Struct("<f")
+_DOUBLE = struct.Struct("<d")
 
 
 def _varint(value: int) -> bytes:
@@ -51,11 +52,13 @@ def tensor_chunk_parts(tensor: str, block: int, offset: int, length: int, encodi
     return [head + _key(6, 2) + _varint(size), payload, tail]
 
 
-def gradient_chunk(model: str, worker: str, step: int, epoch: int, chunk_parts: List) -> bytes:
+def gradient_chunk(model: str, worker: str, step: int, epoch: int, chunk_parts: List, lr_scale: Optional[float] = None) -> bytes:
     """An encoded GradientChunk around an encoded TensorChunk, joined in one copy."""
     chunk_len = sum(memoryview(p).nbytes for p in chunk_parts)
     head = _text(1, model) + _text(2, worker) + _uint(3, step) + _key(4, 2) + _varint(chunk_len)
-    return b"".join([head, *chunk_parts, _uint(5, epoch)])
+    # An optional field: present (even when 0) whenever it is set.
+    scale = b"" if lr_scale is None else _key(6, 1) + _DOUBLE.pack(lr_scale)
+    return b"".join([head, *chunk_parts, _uint(5, epoch), scale])
 
 
 class PulledChunk(NamedTuple):

@@ -188,6 +188,11 @@ def test_hand_encoded_messages_equal_the_generated_ones():
         chunk=ps.pb.TensorChunk(tensor="layer.weight", block=3, offset=1024, length=3, encoding=codec.F32, payload=values.tobytes()),
     )
     assert ps.pb.GradientChunk.FromString(wire.gradient_chunk("m", "w", 7, 2, parts)) == generated
+    for lr_scale in (0.0, 0.375):
+        scaled = ps.pb.GradientChunk.FromString(wire.gradient_chunk("m", "w", 7, 2, parts, lr_scale))
+        assert scaled.HasField("lr_scale") and scaled.lr_scale == lr_scale
+        generated.lr_scale = lr_scale
+        assert scaled == generated
     signs = wire.tensor_chunk_parts("t", 0, 0, 3, codec.SIGN1, codec.encode(codec.SIGN1, values), 0.5)
     assert ps.pb.GradientChunk.FromString(wire.gradient_chunk("m", "w", 0, 0, signs)).chunk.scale == 0.5
     pulled = ps.pb.WeightChunk(version=9, checkpoint=True, chunk=generated.chunk).SerializeToString()

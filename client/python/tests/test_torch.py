@@ -246,3 +246,88 @@ def test_a_script_that_clips_and_accumulates_steps_as_torch_does(shards):
         local.zero_grad()
         _assert_same_weights(net, reference)
     worker.close()
+
+
+def _warmup_then_halve(step: int) -> float:
+    """LambdaLR's factor: a warmup from 0 (so the first update has lr 0), then halving every 3 steps."""
+    return min(1.0, step / 2) * 0.5 ** (step // 3)
+
+
+@pytest.mark.parametrize("how", ["lr_lambda", "one_cycle"])
+def test_the_learning_rate_follows_the_scripts_schedule_as_torch_does(shards, how):
+    """Two workers, AdamW on the shards, and the lr driven by the script: a LambdaLR
+    factor given as `lr_lambda`, or OneCycleLR stepping `worker.optimizer`. The
+    reference is one process on both half-batches with torch's AdamW and the same
+    scheduler on it."""
+    torch.manual_seed(2)
+    nets = [digits_torch.DigitsMlp() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    values = ps.arrays_of(nets[0])
+    spec = ps.model_spec(f"lr-{how}", values, [ps.group("all", ["*"], ps.adamw(0.01, weight_decay=0.1))], max_block_elements=512)
+    client = shards.client()
+    models = [client.register(spec, values), client.model(f"lr-{how}")]
+    reference = digits_torch.DigitsMlp()
+    reference.load_state_dict(nets[0].state_dict())
+    local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+
+    def one_cycle(optimizer):
+        # The shards follow the lr; a scheduler that also cycles Adam's betas is not followed there.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8, cycle_momentum=False)
+
+    if how == "lr_lambda":
+        workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r, bucket_bytes=1024, lr_lambda=_warmup_then_halve) for r in range(2)]
+        schedulers = [None, None]
+        local_scheduler = torch.optim.lr_scheduler.LambdaLR(local, _warmup_then_halve)
+    else:
+        workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r, bucket_bytes=1024, lr=0.01) for r in range(2)]
+        schedulers = [one_cycle(w.optimizer) for w in workers]
+        local_scheduler = one_cycle(local)
+    x, y = digits_torch.digits(0, 1)
+    for step in range(8):
+        batches = [slice(64 * step + 32 * r, 64 * step + 32 * (r + 1)) for r in range(2)]
+        local.zero_grad()
+        for batch in batches:
+            (torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]) / 2).backward()
+        local.step()
+        local_scheduler.step()
+
+        def run(rank: int) -> int:
+            torch.nn.functional.cross_entropy(nets[rank](x[batches[rank]]), y[batches[rank]]).backward()
+            version = workers[rank].step()
+            if schedulers[rank] is not None:
+                schedulers[rank].step()
+            return version
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(run, range(2))) == [step + 1, step + 1]
+        for net in nets:
+            _assert_same_weights(net, reference)
+        if step == 0 and how == "lr_lambda":
+            for name, p in nets[0].named_parameters():
+                np.testing.assert_array_equal(p.detach().numpy(), values[name], err_msg=f"lr 0 moved {name}")
+    for worker in workers:
+        worker.close()
+
+
+def test_workers_whose_learning_rates_differ_are_told_so(shards):
+    torch.manual_seed(3)
+    net = digits_torch.DigitsMlp()
+    values = ps.arrays_of(net)
+    spec = ps.model_spec("lr-mismatch", values, [ps.group("all", ["*"], ps.sgd(0.1))], max_block_elements=512)
+    client = shards.client()
+    model = client.register(spec, values)
+    model.join("raw-0", 0)
+    worker = pst.attach(net, client.model("lr-mismatch"), "torch-1", rank=1, overlap=False, lr_lambda=lambda step: 0.5)
+    # The first worker's push opens step 0 with scale 1 on every shard.
+    model.push("raw-0", 0, {name: np.zeros(t.shape, np.float32) for name, t in model.tensors.items()}, lr_scale=1.0)
+    x, y = digits_torch.digits(0, 1)
+    torch.nn.functional.cross_entropy(net(x[:32]), y[:32]).backward()
+    with pytest.raises(ps.ServerError) as refused:
+        worker.step()
+    assert "first push carried 1" in refused.value.message and "same scale" in refused.value.message, refused.value.message
+    # Nothing of it was applied: the step is still open, and the same push with the agreed scale completes it.
+    worker.lr_lambda = lambda step: 1.0
+    torch.nn.functional.cross_entropy(net(x[:32]), y[:32]).backward()
+    assert worker.step() == 1
+    worker.close()
+    model.leave("raw-0")

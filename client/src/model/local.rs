@@ -95,6 +95,7 @@ impl ModelHandle {
                     epoch: self.epoch(),
                     segment: segment.id.clone(),
                     chunks: Vec::new(),
+                    lr_scale: push.lr_scale,
                 });
             }
             request_bytes += local_chunk.payload_bytes;

@@ -253,6 +253,22 @@ pub(super) struct PushRequest<'a> {
     pub(super) scales: &'a [f32],
     /// Tensors pushed as "no gradient" (`ENCODING_NO_GRADIENT`), absent from `gradients`.
     pub(super) no_gradient: &'a BTreeSet<String>,
+    /// The step's learning-rate scale (`GradientChunk.lr_scale`), if set.
+    pub(super) lr_scale: Option<f64>,
+}
+
+/// What a push may say beyond its gradients.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PushOptions {
+    /// Tensors with no gradient this step (a frozen parameter, or one the step
+    /// did not use), pushed as `ENCODING_NO_GRADIENT` and absent from the
+    /// gradients: the step's mean counts them as zeros, and a block no worker
+    /// of the step had a gradient for keeps its weights and optimizer state.
+    pub no_gradient: BTreeSet<String>,
+    /// Multiplies the learning rate of this step's update (the group's lr and
+    /// schedule factor), as a torch lr_scheduler sets the lr; `None` is 1.
+    /// Every worker of a sync step must push the same scale.
+    pub lr_scale: Option<f64>,
 }
 
 impl PushRequest<'_> {

@@ -10,7 +10,7 @@ use futures::future::{join_all, try_join_all};
 use ps_proto::transport::PUSH_STREAM_BYTES;
 use ps_proto::{codec, errors, frame, pb};
 
-use super::{Gradients, LocalFailure, ModelHandle, PushRequest, PushSummary, StepOutcome, check_len};
+use super::{Gradients, LocalFailure, ModelHandle, PushOptions, PushRequest, PushSummary, StepOutcome, check_len};
 use crate::Tensors;
 use crate::error::ClientError;
 use crate::spec::Encoding;
@@ -22,7 +22,19 @@ impl ModelHandle {
     /// failures are retried; the server ignores blocks it already counted, so
     /// a retry is safe.
     pub async fn push(&self, worker: &str, step: u64, grads: &Tensors) -> Result<PushSummary, ClientError> {
-        self.push_gradients(worker, step, Gradients::Lent(grads), &BTreeSet::new()).await
+        self.push_gradients(worker, step, Gradients::Lent(grads), &PushOptions::default()).await
+    }
+
+    /// Pushes as [`ModelHandle::push`] does, with [`PushOptions`]: tensors
+    /// without a gradient this step, and the step's learning-rate scale.
+    pub async fn push_with(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: &Tensors,
+        options: &PushOptions,
+    ) -> Result<PushSummary, ClientError> {
+        self.push_gradients(worker, step, Gradients::Lent(grads), options).await
     }
 
     /// Pushes as [`ModelHandle::push`] does, but the tensors named in
@@ -38,7 +50,8 @@ impl ModelHandle {
         grads: &Tensors,
         no_gradient: &BTreeSet<String>,
     ) -> Result<PushSummary, ClientError> {
-        self.push_gradients(worker, step, Gradients::Lent(grads), no_gradient).await
+        let options = PushOptions { no_gradient: no_gradient.clone(), ..PushOptions::default() };
+        self.push_gradients(worker, step, Gradients::Lent(grads), &options).await
     }
 
     /// Pushes as [`ModelHandle::push`] does, taking the gradients: over gRPC,
@@ -52,7 +65,7 @@ impl ModelHandle {
         step: u64,
         grads: impl Into<Arc<Tensors>>,
     ) -> Result<PushSummary, ClientError> {
-        self.push_gradients(worker, step, Gradients::Owned(&grads.into()), &BTreeSet::new()).await
+        self.push_gradients(worker, step, Gradients::Owned(&grads.into()), &PushOptions::default()).await
     }
 
     /// The push behind [`ModelHandle::push`] and [`ModelHandle::push_owned`].
@@ -61,8 +74,9 @@ impl ModelHandle {
         worker: &str,
         step: u64,
         gradients: Gradients<'_>,
-        no_gradient: &BTreeSet<String>,
+        options: &PushOptions,
     ) -> Result<PushSummary, ClientError> {
+        let no_gradient = &options.no_gradient;
         let grads = gradients.tensors();
         for name in grads.keys().chain(no_gradient) {
             if !self.index.contains_key(name) {
@@ -82,7 +96,7 @@ impl ModelHandle {
             check_len(&tensor.name, tensor.len as u64, data)?;
             scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
         }
-        let push = PushRequest { worker, step, gradients, scales: &scales, no_gradient };
+        let push = PushRequest { worker, step, gradients, scales: &scales, no_gradient, lr_scale: options.lr_scale };
         // Every shard's push runs to its end even when another shard refuses
         // its part: a shard that takes it must get all of it. Cut short, a push
         // that one shard refuses at once (its step went ahead) would never
@@ -184,8 +198,13 @@ impl ModelHandle {
         push: &PushRequest<'_>,
         sender: tokio::sync::mpsc::Sender<bytes::Bytes>,
     ) {
-        let header =
-            frame::PushHeader { model: self.name(), worker: push.worker, step: push.step, epoch: self.epoch() };
+        let header = frame::PushHeader {
+            model: self.name(),
+            worker: push.worker,
+            step: push.step,
+            epoch: self.epoch(),
+            lr_scale: push.lr_scale,
+        };
         for &(at, block) in &stream.blocks {
             let tensor = &self.tensors[at];
             let range = block.offset as usize..(block.offset + block.length) as usize;
@@ -223,7 +242,18 @@ impl ModelHandle {
     /// push that step). The worker's compression state is the caller's and is
     /// kept as it is.
     pub async fn push_step(&self, worker: &str, step: u64, grads: &Tensors) -> Result<StepOutcome, ClientError> {
-        self.push_step_gradients(worker, step, Gradients::Lent(grads), &BTreeSet::new()).await
+        self.push_step_gradients(worker, step, Gradients::Lent(grads), &PushOptions::default()).await
+    }
+
+    /// [`ModelHandle::push_step`] with [`PushOptions`].
+    pub async fn push_step_with(
+        &self,
+        worker: &str,
+        step: u64,
+        grads: &Tensors,
+        options: &PushOptions,
+    ) -> Result<StepOutcome, ClientError> {
+        self.push_step_gradients(worker, step, Gradients::Lent(grads), options).await
     }
 
     /// [`ModelHandle::push_step`] with tensors that have no gradient this step
@@ -235,7 +265,8 @@ impl ModelHandle {
         grads: &Tensors,
         no_gradient: &BTreeSet<String>,
     ) -> Result<StepOutcome, ClientError> {
-        self.push_step_gradients(worker, step, Gradients::Lent(grads), no_gradient).await
+        let options = PushOptions { no_gradient: no_gradient.clone(), ..PushOptions::default() };
+        self.push_step_gradients(worker, step, Gradients::Lent(grads), &options).await
     }
 
     /// [`ModelHandle::push_step`], taking the gradients as [`ModelHandle::push_owned`] does.
@@ -245,7 +276,7 @@ impl ModelHandle {
         step: u64,
         grads: impl Into<Arc<Tensors>>,
     ) -> Result<StepOutcome, ClientError> {
-        self.push_step_gradients(worker, step, Gradients::Owned(&grads.into()), &BTreeSet::new()).await
+        self.push_step_gradients(worker, step, Gradients::Owned(&grads.into()), &PushOptions::default()).await
     }
 
     /// The step behind [`ModelHandle::push_step`] and [`ModelHandle::push_step_owned`].
@@ -254,11 +285,11 @@ impl ModelHandle {
         worker: &str,
         step: u64,
         gradients: Gradients<'_>,
-        no_gradient: &BTreeSet<String>,
+        options: &PushOptions,
     ) -> Result<StepOutcome, ClientError> {
         let mut rejoined = false;
         loop {
-            match self.push_gradients(worker, step, gradients, no_gradient).await {
+            match self.push_gradients(worker, step, gradients, options).await {
                 Ok(summary) => return Ok(StepOutcome::Pushed(summary)),
                 Err(error) if error.kind() == Some(errors::UNKNOWN_WORKER) && !rejoined => {
                     tracing::warn!(

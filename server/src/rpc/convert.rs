@@ -181,6 +181,9 @@ impl From<ServerError> for Status {
             | ServerError::PushWithoutChunk
             | ServerError::BadSegment { .. }
             | ServerError::MixedPush { .. }
+            | ServerError::BadLrScale(_)
+            | ServerError::MixedLrScale { .. }
+            | ServerError::LrScaleMismatch { .. }
             | ServerError::StepWentBack { .. }
             | ServerError::NonFinite { .. }
             | ServerError::PullEncoding(_)

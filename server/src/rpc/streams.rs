@@ -164,3 +164,16 @@ pub(super) fn record_traffic(
         }
     }
 }
+
+/// The learning-rate scale a push carries, checked: unset means 1.
+pub(super) fn lr_scale(value: Option<f64>) -> Result<f64, ServerError> {
+    match value {
+        None => Ok(1.0),
+        Some(scale) if scale.is_finite() && (0.0..=MAX_LR_SCALE).contains(&scale) => Ok(scale),
+        Some(scale) => Err(ServerError::BadLrScale(scale)),
+    }
+}
+
+/// The largest learning-rate scale a push may carry: far above any schedule's
+/// factor, low enough that a mistaken one (a step count, a raw lr) is caught.
+const MAX_LR_SCALE: f64 = 1e6;

@@ -16,8 +16,8 @@ use tonic::Status;
 use super::assemble::{Assembler, Purpose};
 use super::service::{ParameterService, observe};
 use super::streams::{
-    PushMessages, StreamClock, TRANSPORT_GRPC, WeightStream, check_worker_name, held_bytes, pull_wait, record_traffic,
-    wait_error,
+    PushMessages, StreamClock, TRANSPORT_GRPC, WeightStream, check_worker_name, held_bytes, lr_scale, pull_wait,
+    record_traffic, wait_error,
 };
 use crate::error::ServerError;
 use crate::metrics as m;
@@ -35,6 +35,8 @@ impl ParameterService {
             return Err(ServerError::EmptyPush.into());
         };
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
+        let first_lr_scale = first.lr_scale;
+        let scale = lr_scale(first_lr_scale)?;
         let model = self.push_target(&model_name, &worker, first.epoch)?;
         let mut assembler = Assembler::new(&model, Purpose::Gradients);
         let mut staging = self.bounds.stream_staging();
@@ -51,6 +53,9 @@ impl ParameterService {
                 }
                 .into());
             }
+            if message.lr_scale.map(f64::to_bits) != first_lr_scale.map(f64::to_bits) {
+                return Err(ServerError::MixedLrScale { first: first_lr_scale, got: message.lr_scale }.into());
+            }
             let chunk = message.chunk.ok_or(ServerError::PushWithoutChunk)?;
             staging.take(held_bytes(&chunk))?;
             assembler.add(chunk)?;
@@ -59,7 +64,7 @@ impl ParameterService {
         let traffic = assembler.traffic().clone();
         let staged = assembler.finish()?;
         let committed = model.clone();
-        let outcome = blocking(move || committed.commit_push(&worker, step, staged)).await??;
+        let outcome = blocking(move || committed.commit_push(&worker, step, scale, staged)).await??;
         drop(staging);
         record_traffic(&model_name, traffic, TRANSPORT_GRPC);
         tracing::debug!(model = model_name, step, ?outcome, "push committed");

@@ -99,6 +99,8 @@ pub(super) struct PendingStep {
     pub(super) started: Instant,
     /// Whether any push had a gradient for the block (not `ENCODING_NO_GRADIENT`).
     pub(super) any_gradient: bool,
+    /// The learning-rate scale every push of the step carries (1 when none does).
+    pub(super) lr_scale: f64,
 }
 
 /// What a sync step accumulates, so that the step never depends on the order

@@ -228,6 +228,7 @@ fn gradient(model: &str, worker: &str, tensor: &str, block: u32, offset: u64, va
         worker_id: worker.into(),
         step: 0,
         epoch: 0,
+        lr_scale: None,
         chunk: Some(pb::TensorChunk {
             tensor: tensor.into(),
             block,

@@ -206,6 +206,7 @@ async fn a_request_of_another_epoch_is_refused_with_the_point_to_resume_from() {
                 step: 1,
                 chunk: Some(chunk),
                 epoch: 2,
+                lr_scale: None,
             })
             .collect();
     let status = raw.push_gradients(tokio_stream::iter(chunks)).await.unwrap_err();

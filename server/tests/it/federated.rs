@@ -236,8 +236,14 @@ async fn malformed_round_requests_get_clear_statuses_and_change_nothing() {
     let mut shard1 = cluster.raw(1).await;
     let missing = pb::CommitRoundRequest { model: "malformed".into(), round: 1, clients: vec![0] };
     assert_eq!(shard1.commit_round(missing).await.unwrap_err().code(), Code::FailedPrecondition);
-    let gradient_push =
-        pb::GradientChunk { model: "malformed".into(), worker_id: "w".into(), step: 0, chunk: None, epoch: 0 };
+    let gradient_push = pb::GradientChunk {
+        model: "malformed".into(),
+        worker_id: "w".into(),
+        step: 0,
+        chunk: None,
+        epoch: 0,
+        lr_scale: None,
+    };
     let refused = shard0.push_gradients(tokio_stream::iter(vec![gradient_push])).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("is federated"), "{refused:?}");

@@ -166,6 +166,7 @@ async fn bad_local_requests_are_refused_and_change_nothing() {
         epoch: 0,
         segment: segment.into(),
         chunks,
+        lr_scale: None,
     };
     let good = || local_chunk(&tensor, block.block, len, 0);
     let cases: Vec<(&str, pb::LocalPushRequest, Code, &str)> = vec![

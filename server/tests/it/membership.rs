@@ -295,6 +295,7 @@ async fn a_worker_dropped_on_one_shard_is_dropped_on_every_shard() {
                     step: 0,
                     chunk: Some(chunk),
                     epoch: 0,
+                    lr_scale: None,
                 });
             }
         }

@@ -25,7 +25,7 @@ fn chunk(tensor: &str, block: u32, offset: u64, values: &[f32]) -> TensorChunk {
 }
 
 fn message(model: &str, worker: &str, step: u64, chunk: TensorChunk) -> GradientChunk {
-    GradientChunk { model: model.into(), worker_id: worker.into(), step, chunk: Some(chunk), epoch: 0 }
+    GradientChunk { model: model.into(), worker_id: worker.into(), step, chunk: Some(chunk), epoch: 0, lr_scale: None }
 }
 
 /// Everything observable about the model: weights (as bits) and per-shard status counters.
@@ -161,6 +161,24 @@ async fn bad_pushes_are_rejected_and_change_nothing() {
             says: "exceeds the limit",
         },
     ];
+    let scaled = |scale: Option<f64>, offset: u64, n: usize| GradientChunk {
+        lr_scale: scale,
+        ..message("strict", "w", 0, ok(offset, n))
+    };
+    for (what, scale) in [("negative lr_scale", -0.5), ("NaN lr_scale", f64::NAN), ("huge lr_scale", 1e7)] {
+        cases.push(Case {
+            what,
+            messages: vec![scaled(Some(scale), 0, 30)],
+            code: Code::InvalidArgument,
+            says: "must be finite, from 0 to 1e6",
+        });
+    }
+    cases.push(Case {
+        what: "mixed lr_scale",
+        messages: vec![scaled(Some(0.5), 0, 10), scaled(None, 10, 20)],
+        code: Code::InvalidArgument,
+        says: "the same lr_scale",
+    });
     if let Some(second) = local {
         // A valid first block followed by a bad one: the valid block must not be applied either.
         let rows = model.layout().block("w", second).unwrap().length as usize;
@@ -188,11 +206,18 @@ async fn bad_pushes_are_rejected_and_change_nothing() {
         );
         assert_eq!(observe(&cluster, &model).await, before, "{} changed state", case.what);
     }
-    // After all that, a real step still counts "w" exactly once per worker.
+    // After all that, a real step still counts "w" exactly once per worker;
+    // its learning-rate scale must be the one the step's first push carried.
     let grads = grads_like(&init, 4);
-    let first = model.push("w", 0, &grads).await.unwrap();
+    let half = ps_client::PushOptions { lr_scale: Some(0.5), ..Default::default() };
+    let first = model.push_with("w", 0, &grads, &half).await.unwrap();
     assert_eq!(first.duplicate, 0, "no bad push was half-applied");
-    model.push("other", 0, &grads).await.unwrap();
+    let before = observe(&cluster, &model).await;
+    let unscaled = model.push("other", 0, &grads).await.unwrap_err();
+    assert_eq!(unscaled.status().unwrap().code(), Code::InvalidArgument);
+    assert!(unscaled.to_string().contains("first push carried 0.5"), "{unscaled}");
+    assert_eq!(observe(&cluster, &model).await, before, "a push with another scale changed state");
+    model.push_with("other", 0, &grads, &half).await.unwrap();
     assert_eq!(model.pull(1).await.unwrap().version, 1);
     // Stale: a newcomer pushing the step that is already done.
     model.join("late").await.unwrap();

@@ -593,18 +593,20 @@ class LeaveWorkerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GradientChunk(_message.Message):
-    __slots__ = ("model", "worker_id", "step", "chunk", "epoch")
+    __slots__ = ("model", "worker_id", "step", "chunk", "epoch", "lr_scale")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
     model: str
     worker_id: str
     step: int
     chunk: TensorChunk
     epoch: int
-    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    lr_scale: float
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., epoch: _Optional[int] = ..., lr_scale: _Optional[float] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
     __slots__ = ("blocks_accepted", "blocks_duplicate", "blocks_updated")
@@ -913,20 +915,22 @@ class SegmentError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LocalPushRequest(_message.Message):
-    __slots__ = ("model", "worker_id", "step", "epoch", "segment", "chunks")
+    __slots__ = ("model", "worker_id", "step", "epoch", "segment", "chunks", "lr_scale")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
     model: str
     worker_id: str
     step: int
     epoch: int
     segment: str
     chunks: _containers.RepeatedCompositeFieldContainer[LocalChunk]
-    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., segment: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ...) -> None: ...
+    lr_scale: float
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., segment: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[LocalChunk, _Mapping]]] = ..., lr_scale: _Optional[float] = ...) -> None: ...
 
 class LocalChunk(_message.Message):
     __slots__ = ("chunk", "segment_offset", "payload_bytes")

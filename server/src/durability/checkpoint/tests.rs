@@ -52,7 +52,7 @@ fn step(model: &Model, t: u64) {
             }
         })
         .collect();
-    model.commit_push("w", t, grads).unwrap();
+    model.commit_push("w", t, 1.0, grads).unwrap();
 }
 
 fn bits_of(model: &Model) -> Vec<(u64, Vec<u32>, crate::optim::OptimizerState)> {
@@ -367,13 +367,13 @@ fn blocks_are_copied_at_the_checkpoint_version_and_scheduled_versions_are_marked
 /// One sync step pushed by "w" alone (the only member left).
 fn model_pair_step_one(model: &Model, t: u64) {
     let grads = model.local_blocks().iter().map(|b| Grad(b.clone(), pseudo_random(t, b.len))).collect();
-    model.commit_push("w", t, grads).unwrap();
+    model.commit_push("w", t, 1.0, grads).unwrap();
 }
 
 /// One sync step with both members pushing.
 fn model_pair_step(model: &Model, t: u64) {
     for worker in ["w", "v"] {
         let grads = model.local_blocks().iter().map(|b| Grad(b.clone(), pseudo_random(t, b.len))).collect();
-        model.commit_push(worker, t, grads).unwrap();
+        model.commit_push(worker, t, 1.0, grads).unwrap();
     }
 }

@@ -14,7 +14,7 @@ use tonic::Status;
 pub use self::channel::{LocalChannel, MAX_LOCAL_CONNECTIONS, MAX_SEGMENTS_PER_CONNECTION};
 use super::assemble::{Assembler, Purpose};
 use super::service::ParameterService;
-use super::streams::{TRANSPORT_SEGMENT, pull_wait, record_traffic, wait_error};
+use super::streams::{TRANSPORT_SEGMENT, lr_scale, pull_wait, record_traffic, wait_error};
 use crate::error::ServerError;
 use crate::limits::CHUNK_OVERHEAD_BYTES;
 use crate::metrics as m;
@@ -57,6 +57,7 @@ impl ParameterService {
             staging.take(bytes + chunk.tensor.len() as u64 + CHUNK_OVERHEAD_BYTES)?;
         }
         let (model_name, worker, step) = (request.model.clone(), request.worker_id.clone(), request.step);
+        let scale = lr_scale(request.lr_scale)?;
         let id = request.segment.clone();
         let committed = model.clone();
         let (outcome, traffic) = blocking(move || {
@@ -72,7 +73,7 @@ impl ParameterService {
             }
             let traffic = assembler.traffic().clone();
             let staged = assembler.finish()?;
-            Ok::<_, ServerError>((committed.commit_push(&worker, step, staged)?, traffic))
+            Ok::<_, ServerError>((committed.commit_push(&worker, step, scale, staged)?, traffic))
         })
         .await??;
         drop(staging);

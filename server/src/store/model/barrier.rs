@@ -45,10 +45,14 @@ impl Model {
     /// Commits one worker's push for `step`: all blocks are checked first, so
     /// an invalid push changes nothing; then every accepted block is added to
     /// its step, and blocks whose barrier is complete are updated, in parallel.
+    /// `lr_scale` multiplies the step's learning rate (1 when the push carried
+    /// none); in sync and bounded-staleness mode every push of a step must carry
+    /// the same one.
     pub fn commit_push<G: BlockGradient>(
         &self,
         worker: &str,
         step: u64,
+        lr_scale: f64,
         blocks: Vec<G>,
     ) -> Result<PushOutcome, ServerError> {
         if self.spec.options.mode == Mode::Federated {
@@ -61,7 +65,7 @@ impl Model {
         }
         for gradient in &blocks {
             let block = gradient.block();
-            self.classify(block, &block.lock(), worker, step)?;
+            self.classify(block, &block.lock(), worker, step, lr_scale)?;
         }
         // Scanned before anything is added, so one bad value leaves every block as it was.
         if let Some((block, index)) =
@@ -71,14 +75,14 @@ impl Model {
         }
         let live = self.live_ids();
         let touched: Vec<_> = blocks.iter().map(|g| g.block().clone()).collect();
-        let outcome = blocks.into_par_iter().map(|gradient| self.apply_one(&gradient, worker, step, &live)).reduce(
-            PushOutcome::default,
-            |a, b| PushOutcome {
+        let outcome = blocks
+            .into_par_iter()
+            .map(|gradient| self.apply_one(&gradient, worker, step, lr_scale, &live))
+            .reduce(PushOutcome::default, |a, b| PushOutcome {
                 accepted: a.accepted + b.accepted,
                 duplicate: a.duplicate + b.duplicate,
                 updated: a.updated + b.updated,
-            },
-        );
+            });
         self.pushes.fetch_add(1, Ordering::Relaxed);
         let model = self.spec.name.clone();
         metrics::counter!(m::PUSHES, "model" => model.clone()).increment(1);
@@ -106,7 +110,14 @@ impl Model {
         self.membership.live().into_iter().map(|(id, _)| id).collect()
     }
 
-    fn classify(&self, block: &Block, state: &BlockState, worker: &str, step: u64) -> Result<Disposition, ServerError> {
+    fn classify(
+        &self,
+        block: &Block,
+        state: &BlockState,
+        worker: &str,
+        step: u64,
+        lr_scale: f64,
+    ) -> Result<Disposition, ServerError> {
         let tensor = || self.spec.tensors[block.tensor].name.clone();
         if let Some(failed) = &state.failed {
             return Err(ServerError::OptimizerFailed {
@@ -123,9 +134,21 @@ impl Model {
         }
         let has_pushed = |contributors: &[String]| contributors.iter().any(|w| w == worker);
         let counted = match self.spec.options.mode {
-            Mode::Sync | Mode::BoundedStaleness { .. } if step >= version => {
-                state.pending.get(&step).is_some_and(|p| has_pushed(&p.contributors))
-            }
+            Mode::Sync | Mode::BoundedStaleness { .. } if step >= version => match state.pending.get(&step) {
+                Some(pending) if has_pushed(&pending.contributors) => true,
+                // Compared bit for bit: the update must not depend on which push came first.
+                Some(pending) if pending.lr_scale.to_bits() != lr_scale.to_bits() => {
+                    return Err(ServerError::LrScaleMismatch {
+                        worker: worker.to_string(),
+                        tensor: tensor(),
+                        block: block.index,
+                        step,
+                        pushed: lr_scale,
+                        first: pending.lr_scale,
+                    });
+                }
+                _ => false,
+            },
             Mode::Sync | Mode::BoundedStaleness { .. }
                 if step + 1 == version && has_pushed(&state.last_contributors) =>
             {
@@ -152,12 +175,19 @@ impl Model {
         Ok(if counted { Disposition::Duplicate } else { Disposition::Accept })
     }
 
-    fn apply_one(&self, gradient: &impl BlockGradient, worker: &str, step: u64, live: &[String]) -> PushOutcome {
+    fn apply_one(
+        &self,
+        gradient: &impl BlockGradient,
+        worker: &str,
+        step: u64,
+        lr_scale: f64,
+        live: &[String],
+    ) -> PushOutcome {
         let block = gradient.block();
         let mut state = block.lock();
         // Re-check under the lock: between the check and now, an expired lease
         // may have completed this step without us; then the gradient is not counted.
-        match self.classify(block, &state, worker, step) {
+        match self.classify(block, &state, worker, step, lr_scale) {
             Ok(Disposition::Accept) => {}
             Ok(Disposition::Duplicate) | Err(_) => return PushOutcome { duplicate: 1, ..Default::default() },
         }
@@ -173,7 +203,7 @@ impl Model {
                 }
                 let mut grad = vec![0.0; block.len];
                 gradient.write_into(&mut grad);
-                if self.update(block, &mut state, grad) {
+                if self.update(block, &mut state, grad, lr_scale) {
                     outcome.updated = 1;
                 }
             }
@@ -212,6 +242,7 @@ impl Model {
                             contributors: vec![worker.to_string()],
                             started,
                             any_gradient: gradient.has_gradient(),
+                            lr_scale,
                         };
                         state.pending.insert(step, pending);
                     }
@@ -286,7 +317,7 @@ impl Model {
     /// Averages (or votes) the step's pushes and runs the optimizer once;
     /// false if the update failed.
     fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
-        let PendingStep { accumulated, contributors, started, any_gradient } = pending;
+        let PendingStep { accumulated, contributors, started, any_gradient, lr_scale } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(clock::since(started).as_secs_f64());
         if !any_gradient {
@@ -318,19 +349,22 @@ impl Model {
         };
         // Set before the update, so a checkpoint taken at the new version holds them.
         state.last_contributors = contributors;
-        self.update(block, state, gradient)
+        self.update(block, state, gradient, lr_scale)
     }
 
     /// Runs the optimizer once. No input is known to make one panic (every
     /// selection is validated at registration), but if one does, the step's
     /// gradient is kept, the block stops taking pushes, and the shard serves on.
-    pub(super) fn update(&self, block: &Block, state: &mut BlockState, grad: Vec<f32>) -> bool {
+    /// `lr_scale` is the push's own factor on top of the group's schedule.
+    pub(super) fn update(&self, block: &Block, state: &mut BlockState, grad: Vec<f32>, lr_scale: f64) -> bool {
         let started = Instant::now();
         let group = &self.spec.groups[block.group];
         // The schedule follows the run's steps; the optimizer's count, the block's updates.
+        let scheduled = group.schedule.factor(state.version + 1);
         let ctx = StepContext {
             t: state.version + 1 - state.skipped_steps,
-            lr_scale: group.schedule.factor(state.version + 1),
+            // Exact for the default scale of 1: the schedule's factor as it is.
+            lr_scale: (f64::from(scheduled) * lr_scale) as f32,
         };
         let BlockState { params, optimizer, .. } = state;
         // A checkpoint still writing the weights or moments of the last version keeps its copy.
@@ -441,10 +475,10 @@ mod tests {
         for (worker, pushed) in pushes {
             match pushed {
                 Pushed::Values(values) => {
-                    model.commit_push(worker, step, vec![DecodedGradient(block.clone(), values)]).unwrap();
+                    model.commit_push(worker, step, 1.0, vec![DecodedGradient(block.clone(), values)]).unwrap();
                 }
                 Pushed::Nothing => {
-                    model.commit_push(worker, step, vec![NoGradient(block.clone())]).unwrap();
+                    model.commit_push(worker, step, 1.0, vec![NoGradient(block.clone())]).unwrap();
                 }
             }
         }
@@ -504,16 +538,16 @@ mod tests {
         block.replace_optimizer(Box::new(Failing));
         model.membership.join("a", None).unwrap();
         model.membership.join("b", None).unwrap();
-        model.commit_push("a", 0, vec![DecodedGradient(block.clone(), vec![1.0, 2.0, 3.0, 4.0])]).unwrap();
+        model.commit_push("a", 0, 1.0, vec![DecodedGradient(block.clone(), vec![1.0, 2.0, 3.0, 4.0])]).unwrap();
         let failed =
-            model.commit_push("b", 0, vec![DecodedGradient(block.clone(), vec![3.0, 2.0, 1.0, 0.0])]).unwrap_err();
+            model.commit_push("b", 0, 1.0, vec![DecodedGradient(block.clone(), vec![3.0, 2.0, 1.0, 0.0])]).unwrap_err();
         assert!(matches!(failed, ServerError::OptimizerFailed { step: 0, .. }), "{failed}");
         assert!(failed.to_string().contains("index out of range in a test optimizer"), "{failed}");
         // Nothing was lost or half-applied: the mean gradient is kept, the weights and version untouched.
         assert_eq!(block.failed_gradient(), Some(vec![2.0, 2.0, 2.0, 2.0]));
         assert_eq!(block.snapshot(), (0, Arc::new(vec![1.0; 4])));
         // Later pushes and waiting pulls are told at once instead of hanging.
-        let again = model.commit_push("a", 0, vec![DecodedGradient(block.clone(), vec![0.0; 4])]).unwrap_err();
+        let again = model.commit_push("a", 0, 1.0, vec![DecodedGradient(block.clone(), vec![0.0; 4])]).unwrap_err();
         assert!(matches!(again, ServerError::OptimizerFailed { .. }), "{again}");
         let waited = block.wait_for_version(1, Duration::from_secs(30)).await;
         assert_eq!(waited, Err(WaitFailure::OptimizerFailed));
@@ -531,7 +565,7 @@ mod tests {
             let block = model.local_blocks()[0].clone();
             for i in order {
                 let (worker, value) = pushes[i];
-                model.commit_push(worker, 0, vec![DecodedGradient(block.clone(), vec![value; 4])]).unwrap();
+                model.commit_push(worker, 0, 1.0, vec![DecodedGradient(block.clone(), vec![value; 4])]).unwrap();
             }
             block.snapshot().1.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
         };
@@ -541,5 +575,27 @@ mod tests {
         }
         // The step used the exact mean 1/3 (lr 0.1 from 1.0), not the 0 an f32 sum gives in some orders.
         assert_eq!(first[0], (1.0f32 - 0.1 * (1.0 / 3.0)).to_bits());
+    }
+
+    #[test]
+    fn a_pushed_lr_scale_multiplies_the_step_and_every_push_of_it_must_agree() {
+        let model = model();
+        model.membership.join("a", None).unwrap();
+        model.membership.join("b", None).unwrap();
+        let block = model.local_blocks()[0].clone();
+        let g = vec![1.0f32, -2.0, 0.5, 4.0];
+        model.commit_push("a", 0, 0.5, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
+        let refused = model.commit_push("b", 0, 0.25, vec![DecodedGradient(block.clone(), g.clone())]).unwrap_err();
+        assert!(matches!(refused, ServerError::LrScaleMismatch { step: 0, .. }), "{refused}");
+        assert!(refused.to_string().contains("first push carried 0.5"), "{refused}");
+        assert_eq!(block.snapshot(), (0, Arc::new(vec![1.0; 4])), "the refused push changed nothing");
+        model.commit_push("b", 0, 0.5, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
+        let lr = (f64::from(0.1f32) * 0.5) as f32;
+        let expected: Vec<f32> = g.iter().map(|v| 1.0 - lr * v).collect();
+        assert_eq!(block.snapshot(), (1, Arc::new(expected.clone())), "SGD with lr 0.1 x 0.5");
+        // A scale of 0 (a warmup's first step) is an update with lr 0, as torch's would be.
+        model.commit_push("a", 1, 0.0, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
+        model.commit_push("b", 1, 0.0, vec![DecodedGradient(block.clone(), g)]).unwrap();
+        assert_eq!(block.snapshot(), (2, Arc::new(expected)));
     }
 }

@@ -393,7 +393,7 @@ impl Model {
         let mut global = std::mem::take(&mut state.global);
         pseudo_gradient(&rounds.config, &updates, &mut global, &mut gradient);
         state.global = global;
-        self.update(block, &mut state, gradient)
+        self.update(block, &mut state, gradient, 1.0)
     }
 
     /// The numbers of the status RPC. Locks every block: call it off the reactor.
