@@ -183,6 +183,30 @@ pub enum ServerError {
         /// The scale of the step's first push.
         first: f64,
     },
+    /// A part of a step's norm from a shard that holds no part of it, or not a sum of squares.
+    #[error(
+        "shard {shard} sent a part of step {step}'s gradient norm of model '{model}' that does not fit: it holds no blocks of the norm, or the value is not a finite sum of squares"
+    )]
+    BadNormPart {
+        /// The model.
+        model: String,
+        /// The sending shard.
+        shard: u32,
+        /// The step.
+        step: u64,
+    },
+    /// A part of a step's norm for a step no block of this shard can be at yet.
+    #[error(
+        "a part of step {step}'s gradient norm of model '{model}' came before this shard could take it (its blocks are at version {version} at most); send it again later"
+    )]
+    FutureNormPart {
+        /// The model.
+        model: String,
+        /// The step.
+        step: u64,
+        /// This shard's highest block version.
+        version: u64,
+    },
     /// An async worker whose steps go backwards.
     #[error(
         "worker '{worker}' pushed step {step} for tensor '{tensor}' block {block} after step {last}; steps of one worker must not go back"

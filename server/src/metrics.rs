@@ -34,6 +34,10 @@ pub const LOCAL_WEIGHTS_BYTES: &str = "ps_local_weights_segment_bytes";
 pub const UPDATE_SECONDS: &str = "ps_update_seconds";
 /// Block steps that no push had a gradient for, which left the block as it was (counter; labels: model).
 pub const SKIPPED_BLOCK_STEPS: &str = "ps_skipped_block_steps_total";
+/// The L2 norm of the last step's mean gradient over the whole model, `GRAD_CLIP_MEAN` only (gauge; labels: model).
+pub const GRAD_NORM: &str = "ps_grad_norm";
+/// Steps whose mean gradient was scaled down to `max_grad_norm` (counter; labels: model).
+pub const CLIPPED_STEPS: &str = "ps_clipped_steps_total";
 /// Seconds from a block's first push of a step to its update (histogram; labels: model).
 pub const BARRIER_WAIT_SECONDS: &str = "ps_barrier_wait_seconds";
 /// Versions between a gradient's base and the block at apply time, async mode (histogram; labels: model).
@@ -197,6 +201,8 @@ fn describe() {
         SKIPPED_BLOCK_STEPS,
         "Block steps no push had a gradient for (weights and optimizer state left as they were)"
     );
+    describe_gauge!(GRAD_NORM, "L2 norm of the last step's mean gradient over the whole model (GRAD_CLIP_MEAN)");
+    describe_counter!(CLIPPED_STEPS, "Steps whose mean gradient was scaled down to max_grad_norm");
     describe_histogram!(STALENESS, "Versions between a gradient's base and the block at apply time (async)");
     describe_gauge!(LIVE_WORKERS, "Workers with a live lease");
     describe_gauge!(LOCAL_CLIENTS, "Local clients connected to the segment socket");

@@ -19,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::error::ServerError;
-use crate::store::{Closing, DropReason, ShardIdentity};
+use crate::store::{Closing, DropReason, NormPart, ShardIdentity};
 
 /// How often shard 0 asks a peer again that has not opened the round yet (20 ms apart).
 const FUTURE_ROUND_ATTEMPTS: u32 = 250;
@@ -141,6 +141,49 @@ impl Peers {
                         Err(status) => {
                             tracing::warn!(peer, round = request.round, code = ?status.code(), "round commit not applied by the peer yet: {}", status.message());
                         }
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_COMMIT_BACKOFF);
+                }
+            });
+        }
+    }
+
+    /// Sends this shard's part of a step's norm to every peer that takes part
+    /// in it, retrying each until it is taken, without waiting. A peer in
+    /// another epoch (a rollback: the step is redone) ends the retries, and so
+    /// does `current` turning false (this shard's copy of the model was rolled
+    /// back or removed).
+    pub fn share_norm(&self, part: &NormPart, to: &[u32], current: impl Fn() -> bool + Clone + Send + 'static) {
+        for (peer, stub) in self.stubs.iter().filter(|(peer, _)| to.contains(peer)) {
+            let (mut stub, peer, current) = (stub.clone(), *peer, current.clone());
+            let request = pb::StepNormRequest {
+                model: part.model.clone(),
+                epoch: part.epoch,
+                step: part.step,
+                shard: part.shard,
+                sum_of_squares: part.sum_of_squares,
+            };
+            tokio::spawn(async move {
+                let mut pause = Duration::from_millis(5);
+                let mut attempts = 0u32;
+                while current() {
+                    let status = match stub.share_step_norm(request.clone()).await {
+                        Ok(_) => return,
+                        Err(status) => status,
+                    };
+                    // A peer without the model (restarted, restoring) gets it back or forces a rollback.
+                    if status
+                        .metadata()
+                        .get(ps_proto::errors::ERROR_KIND_HEADER)
+                        .is_some_and(|k| k == ps_proto::errors::EPOCH_CHANGED)
+                    {
+                        return;
+                    }
+                    attempts += 1;
+                    // A peer that is restarting or recovering is expected; say so only if it lasts.
+                    if attempts == 20 {
+                        tracing::warn!(peer, model = request.model, step = request.step, code = ?status.code(), "the peer has not taken this shard's part of the step's gradient norm yet; still trying: {}", status.message());
                     }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(MAX_COMMIT_BACKOFF);

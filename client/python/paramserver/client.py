@@ -396,7 +396,8 @@ class Model:
 
     @property
     def max_grad_norm(self) -> float:
-        """The spec's global gradient-norm clip (0: none), which clients apply before pushing."""
+        """The global norm this client clips its own gradient to before pushing (0: none);
+        with the default GRAD_CLIP_MEAN in sync mode the shards clip the mean instead."""
         return self.layout.max_grad_norm
 
     # Membership.

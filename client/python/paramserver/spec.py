@@ -82,11 +82,16 @@ def model_spec(
     step_deadline_ms: int = 0,
     quorum: int = 0,
     max_workers: int = 0,
+    grad_clip: str = "mean",
 ) -> pb.ModelSpec:
     """A model spec; `tensors` maps names to shapes or to arrays of initial values
-    (pass the same arrays to `Client.register`)."""
+    (pass the same arrays to `Client.register`). `max_grad_norm` clips each step's
+    mean gradient on the shards (`grad_clip="mean"`, as `clip_grad_norm_` after DDP's
+    all-reduce) or each worker's own gradient before it is pushed (`"per-worker"`)."""
     if mode not in _MODES:
         raise ValueError(f"unknown mode {mode!r}; use sync, async or bounded-staleness")
+    if grad_clip not in _GRAD_CLIPS:
+        raise ValueError(f"unknown grad_clip {grad_clip!r}; use mean or per-worker")
     return pb.ModelSpec(
         name=name,
         tensors=[tensor(n, source) for n, source in tensors.items()],
@@ -99,7 +104,11 @@ def model_spec(
         step_deadline_ms=step_deadline_ms,
         quorum=quorum,
         max_workers=max_workers,
+        grad_clip=_GRAD_CLIPS[grad_clip],
     )
+
+
+_GRAD_CLIPS = {"mean": pb.GRAD_CLIP_MEAN, "per-worker": pb.GRAD_CLIP_PER_WORKER}
 
 
 def arrays_of(module) -> Dict[str, np.ndarray]:

@@ -12,9 +12,11 @@ the shards after every step.
 Each parameter gets a hook (as DDP's buckets do): its gradient is copied to
 the host as soon as autograd computes it, gathered into buckets of about
 `bucket_bytes`, and each full bucket is pushed in a background thread (a push
-of some tensors' blocks is a valid part of a step). With the spec's
-`max_grad_norm` set, clipping needs the whole gradient's norm first, so the
-gradients are pushed after backward instead. Parameters may live on the CPU or
+of some tensors' blocks is a valid part of a step). The spec's
+`max_grad_norm` clips the mean gradient on the shards, as `clip_grad_norm_`
+after DDP's all-reduce does, so the pushes still overlap backward; only with
+`grad_clip="per-worker"` (each worker clips its own gradient, which needs its
+whole norm first) are the gradients pushed after backward instead. Parameters may live on the CPU or
 a CUDA device; a CPU float32 parameter is pulled into in place.
 
 Frozen parameters (`requires_grad_(False)`, as in partial fine-tuning) are
@@ -128,7 +130,7 @@ class AttachedModule:
             if tuple(param.shape) != model.tensors[name].shape:
                 raise ValueError(f"parameter '{name}' has shape {tuple(param.shape)}, the model's tensor {model.tensors[name].shape}")
         self.bucket_bytes = bucket_bytes
-        # Clipping needs every gradient before any is sent.
+        # Clipping its own gradient needs every tensor before any is sent.
         self.overlap = overlap and model.max_grad_norm <= 0
         self.accumulation_steps = accumulation_steps
         self._grads: Dict[str, Optional[np.ndarray]] = {}

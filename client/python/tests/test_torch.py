@@ -91,6 +91,23 @@ def _assert_same_weights(net, reference, atol=2e-6):
         np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=0, atol=atol, err_msg=name)
 
 
+def _step_together(workers, nets, reference, step: int, loss_of, after=None) -> None:
+    """Each worker's backward and step in a thread of its own, as separate processes would
+    run them (a sync step waits for every worker), then every copy equals the reference."""
+
+    def run(rank: int) -> int:
+        loss_of(rank).backward()
+        version = workers[rank].step()
+        if after is not None:
+            after(rank)
+        return version
+
+    with ThreadPoolExecutor(len(workers)) as pool:
+        assert list(pool.map(run, range(len(workers)))) == [step + 1] * len(workers)
+    for net in nets:
+        _assert_same_weights(net, reference)
+
+
 @pytest.mark.parametrize("micro_batches", [2, 4])
 @pytest.mark.parametrize("how", ["no_sync", "accumulation_steps"])
 def test_accumulated_micro_batches_push_their_sum_once_as_torch_steps_on_it(shards, micro_batches, how):
@@ -205,30 +222,27 @@ def test_a_parameter_without_a_gradient_is_left_as_torch_leaves_it_and_counts_as
             got = [part[name] for part in parts if part[name] is not None]
             p.grad = None if not got else sum(got[1:], got[0]) / 2 if len(got) == 2 else got[0] / 2
         local.step()
-        # The same through the shards: each worker in its own thread, as two processes would.
-        def run(rank: int) -> int:
-            loss = torch.nn.functional.cross_entropy(nets[rank](x[batches[rank]], pair[rank]), y[batches[rank]])
-            loss.backward()
-            return workers[rank].step()
-
-        with ThreadPoolExecutor(2) as pool:
-            assert list(pool.map(run, range(2))) == [step + 1, step + 1]
-        for net in nets:
-            _assert_same_weights(net, reference)
+        # The same through the shards.
+        _step_together(workers, nets, reference, step, lambda r: torch.nn.functional.cross_entropy(nets[r](x[batches[r]], pair[r]), y[batches[r]]))
     for worker in workers:
         worker.close()
 
 
-def test_a_script_that_clips_and_accumulates_steps_as_torch_does(shards):
-    """max_grad_norm set (so gradients go after backward) and two micro-batches
-    without no_sync(): the sum is clipped and stepped once, as a one-process script
-    that accumulates, calls clip_grad_norm_ and steps AdamW does."""
+@pytest.mark.parametrize("grad_clip", ["mean", "per-worker"])
+def test_a_script_that_clips_and_accumulates_steps_as_torch_does(shards, grad_clip):
+    """max_grad_norm set and two micro-batches: the sum is clipped and stepped once,
+    as a one-process script that accumulates, calls clip_grad_norm_ and steps AdamW
+    does. The shards clip it (the pushes overlap the last backward, so the worker
+    says it accumulates), or the worker does (it pushes after backward, so it may
+    just call backward twice)."""
     torch.manual_seed(0)
     net = digits_torch.DigitsMlp()
     values = ps.arrays_of(net)
     adamw = ps.adamw(0.01, weight_decay=0.1)
-    spec = ps.model_spec("clip-accumulate", values, [ps.group("all", ["*"], adamw)], max_block_elements=512, max_grad_norm=0.1)
-    worker = pst.attach(net, shards.client().register(spec, values), "torch-0")
+    spec = ps.model_spec(f"clip-accumulate-{grad_clip}", values, [ps.group("all", ["*"], adamw)], max_block_elements=512, max_grad_norm=0.1, grad_clip=grad_clip)
+    attach = {"accumulation_steps": 2} if grad_clip == "mean" else {}
+    worker = pst.attach(net, shards.client().register(spec, values), "torch-0", bucket_bytes=1024, **attach)
+    assert worker.overlap == (grad_clip == "mean")
     reference = digits_torch.DigitsMlp()
     reference.load_state_dict(net.state_dict())
     local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
@@ -238,7 +252,7 @@ def test_a_script_that_clips_and_accumulates_steps_as_torch_does(shards):
             batch = slice(64 * step + 32 * half, 64 * step + 32 * (half + 1))
             (torch.nn.functional.cross_entropy(net(x[batch]), y[batch]) / 2).backward()
             (torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]) / 2).backward()
-        assert not worker._pushes, "with clipping nothing goes before step()"
+        assert bool(worker._pushes) == (grad_clip == "mean"), "only the shards' clipping lets pushes overlap backward"
         assert worker.step() == step + 1
         norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
         assert norm > 0.1, "the clip is active"
@@ -246,6 +260,45 @@ def test_a_script_that_clips_and_accumulates_steps_as_torch_does(shards):
         local.zero_grad()
         _assert_same_weights(net, reference)
     worker.close()
+
+
+@pytest.mark.parametrize("grad_clip", ["mean", "per-worker"])
+def test_two_workers_clip_the_mean_gradient_as_ddp_does_or_each_their_own(shards, grad_clip):
+    """Two workers on two shards, AdamW, max_grad_norm 0.1. The default clips the
+    step's mean by its norm over every tensor of both shards, as `clip_grad_norm_`
+    after DDP's all-reduce; "per-worker" clips each worker's gradient before the mean."""
+    torch.manual_seed(4)
+    nets = [digits_torch.DigitsMlp() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    values = ps.arrays_of(nets[0])
+    name = f"clip-two-{grad_clip}"
+    spec = ps.model_spec(name, values, [ps.group("all", ["*"], ps.adamw(0.01, weight_decay=0.1))], max_block_elements=512, max_grad_norm=0.1, grad_clip=grad_clip)
+    client = shards.client()
+    models = [client.register(spec, values), client.model(name)]
+    assert len({b.shard for t in models[0].tensors.values() for b in t.blocks}) == 2, "the model spans both shards"
+    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r, bucket_bytes=1024) for r in range(2)]
+    reference = digits_torch.DigitsMlp()
+    reference.load_state_dict(nets[0].state_dict())
+    local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+    x, y = digits_torch.digits(0, 1)
+    for step in range(6):
+        batches = [slice(64 * step + 32 * r, 64 * step + 32 * (r + 1)) for r in range(2)]
+        parts = []
+        for batch in batches:
+            local.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]).backward()
+            if grad_clip == "per-worker":
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+            parts.append([p.grad.clone() for p in reference.parameters()])
+        for p, a, b in zip(reference.parameters(), *parts):
+            p.grad = (a + b) / 2
+        if grad_clip == "mean":
+            assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1) > 0.1, "the clip is active"
+        local.step()
+
+        _step_together(workers, nets, reference, step, lambda r: torch.nn.functional.cross_entropy(nets[r](x[batches[r]]), y[batches[r]]))
+    for worker in workers:
+        worker.close()
 
 
 def _warmup_then_halve(step: int) -> float:
@@ -291,17 +344,11 @@ def test_the_learning_rate_follows_the_scripts_schedule_as_torch_does(shards, ho
         local.step()
         local_scheduler.step()
 
-        def run(rank: int) -> int:
-            torch.nn.functional.cross_entropy(nets[rank](x[batches[rank]]), y[batches[rank]]).backward()
-            version = workers[rank].step()
-            if schedulers[rank] is not None:
-                schedulers[rank].step()
-            return version
-
-        with ThreadPoolExecutor(2) as pool:
-            assert list(pool.map(run, range(2))) == [step + 1, step + 1]
-        for net in nets:
-            _assert_same_weights(net, reference)
+        _step_together(
+            workers, nets, reference, step,
+            lambda r: torch.nn.functional.cross_entropy(nets[r](x[batches[r]]), y[batches[r]]),
+            after=lambda r: schedulers[r] is not None and schedulers[r].step(),
+        )
         if step == 0 and how == "lr_lambda":
             for name, p in nets[0].named_parameters():
                 np.testing.assert_array_equal(p.detach().numpy(), values[name], err_msg=f"lr 0 moved {name}")

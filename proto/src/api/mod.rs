@@ -27,7 +27,7 @@ pub use optimizer::{
 };
 pub use rounds::{Algorithm, ClientRule, HPool, MAX_CLIENTS, RoundConfig, RoundTask, Selection};
 pub use schedule::LrSchedule;
-pub use spec::{GroupConfig, ModelSpec, TensorSpec};
+pub use spec::{GradClip, GroupConfig, ModelSpec, TensorSpec};
 
 pub use crate::pb::{Aggregation, Encoding};
 

@@ -151,6 +151,36 @@ impl From<&GroupConfig> for pb::ParamGroup {
     }
 }
 
+/// Which gradient `max_grad_norm` clips (`GradClip` on the wire).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GradClip {
+    /// The shards clip each step's mean gradient by its norm over the whole
+    /// model (sync and bounded staleness; async falls back to the workers).
+    #[default]
+    Mean,
+    /// Each worker clips its own gradient before pushing.
+    PerWorker,
+}
+
+impl GradClip {
+    /// The wire value's meaning.
+    pub fn from_wire(value: i32) -> Result<Self, SpecError> {
+        match pb::GradClip::try_from(value) {
+            Ok(pb::GradClip::Mean) => Ok(Self::Mean),
+            Ok(pb::GradClip::PerWorker) => Ok(Self::PerWorker),
+            Err(_) => refuse(format!("unknown grad_clip {value}; use GRAD_CLIP_MEAN or GRAD_CLIP_PER_WORKER")),
+        }
+    }
+
+    /// The wire value.
+    pub fn to_wire(self) -> pb::GradClip {
+        match self {
+            Self::Mean => pb::GradClip::Mean,
+            Self::PerWorker => pb::GradClip::PerWorker,
+        }
+    }
+}
+
 /// Everything the shards need to hold a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
@@ -164,8 +194,10 @@ pub struct ModelSpec {
     pub mode: Mode,
     /// Largest block in elements (at most 16 Mi).
     pub max_block_elements: u64,
-    /// Global gradient-norm clipping the workers apply (0: off).
+    /// Global gradient-norm clipping (0: off), of the gradient `grad_clip` says.
     pub max_grad_norm: f64,
+    /// Which gradient `max_grad_norm` clips.
+    pub grad_clip: GradClip,
     /// Who a step waits for and who may join.
     pub contract: StepContract,
     /// Federated mode: the round configuration (set with [`ModelSpec::with_rounds`]).
@@ -183,8 +215,26 @@ impl ModelSpec {
             mode: Mode::Sync,
             max_block_elements: DEFAULT_MAX_BLOCK_ELEMENTS,
             max_grad_norm: 0.0,
+            grad_clip: GradClip::Mean,
             contract: StepContract::default(),
             federated: None,
+        }
+    }
+
+    /// The norm each worker clips its own gradient to before pushing (0: none):
+    /// with [`GradClip::PerWorker`], and in async mode, where no step has a mean.
+    pub fn worker_max_grad_norm(&self) -> f64 {
+        match (self.grad_clip, self.mode) {
+            (GradClip::PerWorker, _) | (GradClip::Mean, Mode::Async) => self.max_grad_norm,
+            _ => 0.0,
+        }
+    }
+
+    /// The norm the shards clip each step's mean gradient to (0: none).
+    pub fn shard_max_grad_norm(&self) -> f64 {
+        match (self.grad_clip, self.mode) {
+            (GradClip::Mean, Mode::Sync | Mode::BoundedStaleness { .. }) => self.max_grad_norm,
+            _ => 0.0,
         }
     }
 
@@ -230,6 +280,7 @@ impl ModelSpec {
                 wire.max_block_elements
             },
             max_grad_norm: wire.max_grad_norm,
+            grad_clip: GradClip::from_wire(wire.grad_clip)?,
             contract: StepContract::from_wire(wire),
             federated,
         };
@@ -292,6 +343,7 @@ impl From<&ModelSpec> for pb::ModelSpec {
             staleness,
             max_block_elements: spec.max_block_elements,
             max_grad_norm: spec.max_grad_norm,
+            grad_clip: spec.grad_clip.to_wire() as i32,
             min_workers: spec.contract.min_workers,
             step_deadline_ms: spec.contract.step_deadline_ms(),
             quorum: spec.contract.quorum,
@@ -321,6 +373,7 @@ mod tests {
         spec.contract =
             StepContract { min_workers: 2, step_deadline: Some(Duration::from_millis(300)), quorum: 2, max_workers: 4 };
         spec.max_grad_norm = 1.0;
+        spec.grad_clip = GradClip::PerWorker;
         spec
     }
 

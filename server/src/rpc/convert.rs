@@ -58,6 +58,7 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
         blocks: plan.iter().map(|b| b.to_wire(&spec.tensors[b.tensor].name)).collect(),
         mode: mode as i32,
         max_grad_norm: spec.options.max_grad_norm,
+        shard_max_grad_norm: spec.options.shard_max_grad_norm,
         staleness,
         federated: spec.federated.as_ref().map(pb::FederatedConfig::from),
         // Set for registered models by `model_layout`.
@@ -164,7 +165,8 @@ impl From<ServerError> for Status {
             | ServerError::EpochChanged { .. }
             | ServerError::NotRestored { .. }
             | ServerError::NoCheckpointDir
-            | ServerError::NoLocalChannel => Code::FailedPrecondition,
+            | ServerError::NoLocalChannel
+            | ServerError::FutureNormPart { .. } => Code::FailedPrecondition,
             ServerError::Recovering(_) => Code::Unavailable,
             ServerError::CheckpointPending { .. } => Code::DeadlineExceeded,
             ServerError::Checkpoint { .. } => Code::Internal,
@@ -182,6 +184,7 @@ impl From<ServerError> for Status {
             | ServerError::BadSegment { .. }
             | ServerError::MixedPush { .. }
             | ServerError::BadLrScale(_)
+            | ServerError::BadNormPart { .. }
             | ServerError::MixedLrScale { .. }
             | ServerError::LrScaleMismatch { .. }
             | ServerError::StepWentBack { .. }

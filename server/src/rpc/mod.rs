@@ -74,6 +74,7 @@ pub async fn serve(
     let bounds = Arc::new(ShardBounds::new(options.limits));
     let durability = Durability::new(&options.checkpoints, registry.clone(), peers.clone(), bounds.clone())?;
     let reaper = tokio::spawn(expire_leases(registry.clone(), peers.clone()));
+    let norms = tokio::spawn(send_norm_parts(registry.clone(), peers.clone()));
     let mut shard = ParameterService::new(registry.clone(), peers, durability.clone(), bounds);
     let mut local_servers = None;
     if let Some(dir) = &options.local_dir {
@@ -161,6 +162,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming_without_delay(listener), shutdown)
         .await;
     reaper.abort();
+    norms.abort();
     timer.abort();
     common.abort();
     readiness.abort();
@@ -170,6 +172,21 @@ pub async fn serve(
         channel.remove_sockets();
     }
     Ok(result?)
+}
+
+/// Sends each part of a step's gradient norm this shard's models make
+/// (`GRAD_CLIP_MEAN`) to the peers that take part in it.
+async fn send_norm_parts(registry: Arc<Registry>, peers: Peers) {
+    let Some(mut parts) = registry.take_norm_parts() else { return };
+    while let Some(part) = parts.recv().await {
+        let Ok(model) = registry.get(&part.model) else { continue };
+        let to: Vec<u32> = model.norm_shards().iter().copied().filter(|&s| s != part.shard).collect();
+        // Retries stop once this copy of the model is no longer the one served at that epoch.
+        let (registry, name, epoch) = (registry.clone(), part.model.clone(), part.epoch);
+        let current =
+            move || registry.get(&name).is_ok_and(|m| Arc::ptr_eq(&m, &model) && m.epoch() == epoch && !m.is_retired());
+        peers.share_norm(&part, &to, current);
+    }
 }
 
 /// What every request passes before it reaches the service: the token first

@@ -216,6 +216,22 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         observe("Rollback", call.await).map(Response::new)
     }
 
+    async fn share_step_norm(
+        &self,
+        request: Request<pb::StepNormRequest>,
+    ) -> Result<Response<pb::StepNormResponse>, Status> {
+        let call = async move {
+            require_admin(&request, "ShareStepNorm")?;
+            let part = request.into_inner();
+            let model = self.registry.get(&part.model)?;
+            model.check_epoch(part.epoch)?;
+            let updated = blocking(move || model.receive_norm(part.step, part.shard, part.sum_of_squares)).await??;
+            tracing::trace!(updated, "a peer's part of a step's norm");
+            Ok(pb::StepNormResponse {})
+        };
+        observe("ShareStepNorm", call.await).map(Response::new)
+    }
+
     async fn shutdown(&self, request: Request<pb::ShutdownRequest>) -> Result<Response<pb::ShutdownResponse>, Status> {
         observe("Shutdown", require_admin(&request, "Shutdown"))?;
         self.stop();

@@ -55,8 +55,10 @@ pub struct ModelOptions {
     pub mode: Mode,
     /// Largest block, in elements.
     pub max_block_elements: u64,
-    /// Clipping norm the workers apply (0: off).
+    /// Clipping norm the workers apply to their own gradients (0: off).
     pub max_grad_norm: f64,
+    /// Clipping norm the shards apply to each step's mean gradient (0: off).
+    pub shard_max_grad_norm: f64,
     /// Who a step waits for and who may join.
     pub contract: StepContract,
 }
@@ -142,13 +144,15 @@ impl ModelSpec {
     /// when two registrations mean the same model.
     pub fn new(spec: api::ModelSpec, fingerprint: Vec<u8>) -> Result<Self, ServerError> {
         spec.check()?;
+        let (max_grad_norm, shard_max_grad_norm) = (spec.worker_max_grad_norm(), spec.shard_max_grad_norm());
         let api::ModelSpec {
             name,
             tensors: inputs,
             groups,
             mode,
             max_block_elements,
-            max_grad_norm,
+            max_grad_norm: _,
+            grad_clip: _,
             contract,
             federated,
         } = spec;
@@ -205,7 +209,7 @@ impl ModelSpec {
             }
         }
         check_selections(&groups, &tensors)?;
-        let options = ModelOptions { mode, max_block_elements, max_grad_norm, contract };
+        let options = ModelOptions { mode, max_block_elements, max_grad_norm, shard_max_grad_norm, contract };
         Ok(Self { name, tensors, groups, options, fingerprint, federated })
     }
 

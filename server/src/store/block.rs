@@ -61,6 +61,8 @@ pub(super) struct BlockState {
     pub(super) last_contributors: Vec<String>,
     /// Async mode: the last step each worker pushed.
     pub(super) last_async_step: HashMap<String, u64>,
+    /// A complete sync step waiting for the model's gradient norm (`GRAD_CLIP_MEAN`).
+    pub(super) awaiting: Option<AwaitingNorm>,
     /// A step whose update failed, with its gradient kept.
     pub(super) failed: Option<FailedStep>,
     /// Federated mode: the open round's client updates received, by client id.
@@ -80,6 +82,16 @@ impl RoundUpdate {
     pub(super) fn bytes(&self) -> usize {
         4 * (self.delta.len() + self.control.as_ref().map_or(0, Vec::len))
     }
+}
+
+/// A complete step's mean gradient, held until the norm over every shard's
+/// blocks is known (see `model::clip`).
+pub(super) struct AwaitingNorm {
+    pub(super) step: u64,
+    /// None when no push of the step had a gradient for the block: the step is skipped.
+    pub(super) gradient: Option<Vec<f32>>,
+    pub(super) lr_scale: f64,
+    pub(super) contributors: Vec<String>,
 }
 
 /// A step whose optimizer update panicked. Its mean gradient is kept (a
@@ -168,6 +180,7 @@ impl Block {
                 pending: BTreeMap::new(),
                 last_contributors: Vec::new(),
                 last_async_step: HashMap::new(),
+                awaiting: None,
                 failed: None,
                 round_updates: BTreeMap::new(),
                 global: Vec::new(),

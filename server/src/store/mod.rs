@@ -17,7 +17,7 @@ pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::PushOutcome;
 pub use model::{
     BlockSnapshot, BlockUpdate, CheckpointPlan, CheckpointSink, Closing, DropReason, GroupStats, Model, ModelSnapshot,
-    RoundStats, Rounds, WriteReport,
+    NormPart, RoundStats, Rounds, WriteReport,
 };
 pub use registry::{Registry, ShardIdentity};
 

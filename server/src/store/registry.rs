@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use super::model::Model;
+use super::model::{Model, NormPart};
 use crate::error::ServerError;
 use crate::spec::ModelSpec;
 
@@ -29,12 +29,30 @@ pub struct Registry {
     /// Woken when a model is added, so the reaper can shorten its period at once
     /// for a model with a short step deadline instead of polling for new models.
     added: tokio::sync::Notify,
+    /// Every model's parts of its steps' norms, for the peers (`GRAD_CLIP_MEAN`).
+    norm_outbox: tokio::sync::mpsc::UnboundedSender<NormPart>,
+    /// Its other end, taken once by the task that sends them.
+    norm_parts: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<NormPart>>>,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new(identity: ShardIdentity, lease: Duration) -> Self {
-        Self { identity, lease, models: RwLock::new(HashMap::new()), added: tokio::sync::Notify::new() }
+        let (norm_outbox, norm_parts) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            identity,
+            lease,
+            models: RwLock::new(HashMap::new()),
+            added: tokio::sync::Notify::new(),
+            norm_outbox,
+            norm_parts: parking_lot::Mutex::new(Some(norm_parts)),
+        }
+    }
+
+    /// The parts of the steps' norms this shard's models send to the peers;
+    /// `None` once taken (one task sends them).
+    pub fn take_norm_parts(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<NormPart>> {
+        self.norm_parts.lock().take()
     }
 
     /// Number of shards in the cluster.
@@ -66,6 +84,7 @@ impl Registry {
                 Err(ServerError::SpecConflict(model.name().to_string()))
             };
         }
+        model.set_outbox(self.norm_outbox.clone());
         let model = Arc::new(model);
         models.insert(model.name().to_string(), model.clone());
         self.added.notify_waiters();
@@ -74,6 +93,7 @@ impl Registry {
 
     /// Puts `model` in place of the model of the same name (a rollback), returning it shared.
     pub fn replace(&self, model: Model) -> Arc<Model> {
+        model.set_outbox(self.norm_outbox.clone());
         let model = Arc::new(model);
         self.models.write().insert(model.name().to_string(), model.clone());
         self.added.notify_waiters();

@@ -37,6 +37,7 @@ pub fn small_spec(name: &str) -> ModelSpec {
         mode: Mode::Sync,
         max_block_elements: 32,
         max_grad_norm: 0.0,
+        grad_clip: Default::default(),
         contract: Default::default(),
         federated: None,
     }

@@ -198,6 +198,7 @@ fn spec(case: &Case) -> ModelSpec {
         // One row per block, so the model spans both shards.
         max_block_elements: 6,
         max_grad_norm: 0.0,
+        grad_clip: Default::default(),
         contract: Default::default(),
         federated: None,
     }

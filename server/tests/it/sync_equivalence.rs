@@ -389,3 +389,53 @@ async fn pushes_without_a_gradient_leave_a_tensor_or_count_as_zeros() {
     let cluster = Cluster::start(2, Duration::from_secs(30)).await;
     check_pushes_without_a_gradient(&cluster.client(), "no-gradient").await;
 }
+
+/// GRAD_CLIP_MEAN: two workers, the model's blocks on both shards; each step's
+/// mean gradient is clipped by its norm over every block of both shards (each
+/// shard's part exchanged with the other), as one process clips the mean.
+/// SGD with lr 1 makes the update the clipped mean itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shards_clip_the_mean_gradient_by_its_norm_over_every_shard() {
+    let cluster = Cluster::start(2, Duration::from_secs(30)).await;
+    let client = cluster.client();
+    let max_norm = 0.5;
+    let mut spec = small_spec("clip-mean");
+    spec.groups = vec![group("all", &["*"], sgd(1.0))];
+    spec.max_grad_norm = max_norm;
+    let init = initial_values(&spec, 3);
+    let model = client.register(&spec, &init).await.unwrap();
+    let shards: std::collections::BTreeSet<u32> = model.layout().blocks.iter().map(|b| b.shard).collect();
+    assert_eq!(shards.len(), 2, "the model spans both shards");
+    let mut raw = cluster.raw(0).await;
+    let layout = raw.get_layout(pb::GetLayoutRequest { model: "clip-mean".into() }).await.unwrap().into_inner();
+    assert_eq!((layout.max_grad_norm, layout.shard_max_grad_norm), (0.0, max_norm), "the shards clip, not the clients");
+    model.join("a").await.unwrap();
+    model.join("b").await.unwrap();
+    let mut expected = init.clone();
+    for step in 0..3 {
+        let (ga, gb) = (grads_like(&init, 2 * step + 1), grads_like(&init, 2 * step + 2));
+        let mean: Tensors =
+            ga.iter().map(|(n, a)| (n.clone(), a.iter().zip(&gb[n]).map(|(x, y)| (x + y) * 0.5).collect())).collect();
+        let norm = mean.values().flatten().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt();
+        assert!(norm > max_norm, "step {step}: the clip is active (norm {norm})");
+        let factor = (max_norm / (norm + 1e-6)) as f32;
+        for (name, values) in expected.iter_mut() {
+            for (w, g) in values.iter_mut().zip(&mean[name]) {
+                *w -= g * factor;
+            }
+        }
+        let (ra, rb) = futures::join!(model.push("a", step, &ga), model.push("b", step, &gb));
+        ra.unwrap();
+        rb.unwrap();
+        let pulled = model.pull(step + 1).await.unwrap();
+        for (name, want) in &expected {
+            assert_close(name, step, &pulled.tensors[name], want);
+        }
+    }
+    // Each worker clipping its own gradient is the named alternative, and the clients' to do.
+    let mut own = small_spec("clip-own");
+    own.max_grad_norm = max_norm;
+    own.grad_clip = spec::GradClip::PerWorker;
+    let own = client.register(&own, &initial_values(&own, 3)).await.unwrap();
+    assert_eq!(own.layout().max_grad_norm, max_norm);
+}

@@ -22,6 +22,15 @@ pub enum ModeArg {
     Federated,
 }
 
+/// Which gradient --max-grad-norm clips, as a command-line value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GradClipArg {
+    /// Each step's mean gradient, by the shards (as clip_grad_norm_ after DDP's all-reduce).
+    Mean,
+    /// Each worker's own gradient before it is pushed.
+    PerWorker,
+}
+
 /// Optimizer, as a command-line value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OptimizerArg {
@@ -177,9 +186,13 @@ pub struct TrainArgs {
     /// Warm-up steps of the schedule (default: 10% of --steps).
     #[arg(long, env = "PS_WARMUP")]
     pub warmup: Option<u64>,
-    /// Clip each worker's gradient to this global L2 norm (0: off).
+    /// Clip gradients to this global L2 norm (0: off); --grad-clip says which.
     #[arg(long, env = "PS_MAX_GRAD_NORM", default_value_t = 0.0)]
     pub max_grad_norm: f64,
+    /// Which gradient --max-grad-norm clips: each step's mean (on the shards;
+    /// async mode clips each push) or each worker's own.
+    #[arg(long, env = "PS_GRAD_CLIP", value_enum, default_value = "mean")]
+    pub grad_clip: GradClipArg,
     /// Gradient compression on the wire.
     #[arg(long, env = "PS_COMPRESSION", value_enum, default_value = "none")]
     pub compression: CompressionArg,

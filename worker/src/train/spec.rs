@@ -5,12 +5,12 @@
 use ps_client::Encoding;
 use ps_client::compress::Compression;
 use ps_client::spec::{
-    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GroupConfig, IndexRule, LrSchedule, Mode, ModelSpec,
+    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GradClip, GroupConfig, IndexRule, LrSchedule, Mode, ModelSpec,
     OptimizerConfig, Projection, SgdConfig, SignConfig, StepContract, SubsetNormConfig, Subsets,
     SubspaceMomentumConfig,
 };
 
-use super::args::{CompressionArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
+use super::args::{CompressionArg, GradClipArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
 
 /// The compression preset `--compression` names, with the run's rates.
 pub fn compression(args: &TrainArgs) -> Compression {
@@ -125,6 +125,10 @@ pub fn model_spec(args: &TrainArgs, compression: Compression) -> ModelSpec {
     ModelSpec {
         mode: mode(args),
         max_grad_norm: args.max_grad_norm,
+        grad_clip: match args.grad_clip {
+            GradClipArg::Mean => GradClip::Mean,
+            GradClipArg::PerWorker => GradClip::PerWorker,
+        },
         contract: StepContract {
             // The servers hold step 0 until this many workers pushed it, whatever joins first.
             min_workers: match args.mode {

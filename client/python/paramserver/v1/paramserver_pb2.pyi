@@ -75,6 +75,11 @@ class ScheduleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCHEDULE_KIND_WARMUP_COSINE: _ClassVar[ScheduleKind]
     SCHEDULE_KIND_WARMUP_STABLE_DECAY: _ClassVar[ScheduleKind]
 
+class GradClip(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRAD_CLIP_MEAN: _ClassVar[GradClip]
+    GRAD_CLIP_PER_WORKER: _ClassVar[GradClip]
+
 class FederatedAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FEDERATED_ALGORITHM_FEDAVG: _ClassVar[FederatedAlgorithm]
@@ -140,6 +145,8 @@ INACTIVE_RULE_NONE: InactiveRule
 SCHEDULE_KIND_CONSTANT: ScheduleKind
 SCHEDULE_KIND_WARMUP_COSINE: ScheduleKind
 SCHEDULE_KIND_WARMUP_STABLE_DECAY: ScheduleKind
+GRAD_CLIP_MEAN: GradClip
+GRAD_CLIP_PER_WORKER: GradClip
 FEDERATED_ALGORITHM_FEDAVG: FederatedAlgorithm
 FEDERATED_ALGORITHM_FEDPROX: FederatedAlgorithm
 FEDERATED_ALGORITHM_SCAFFOLD: FederatedAlgorithm
@@ -361,7 +368,7 @@ class LrSchedule(_message.Message):
     def __init__(self, kind: _Optional[_Union[ScheduleKind, str]] = ..., warmup_steps: _Optional[int] = ..., total_steps: _Optional[int] = ..., decay_steps: _Optional[int] = ..., min_factor: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "tensors", "groups", "mode", "max_block_elements", "max_grad_norm", "min_workers", "step_deadline_ms", "quorum", "staleness", "max_workers", "federated")
+    __slots__ = ("name", "tensors", "groups", "mode", "max_block_elements", "max_grad_norm", "min_workers", "step_deadline_ms", "quorum", "staleness", "max_workers", "federated", "grad_clip")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +381,7 @@ class ModelSpec(_message.Message):
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
     FEDERATED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_CLIP_FIELD_NUMBER: _ClassVar[int]
     name: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
@@ -386,7 +394,8 @@ class ModelSpec(_message.Message):
     staleness: int
     max_workers: int
     federated: FederatedConfig
-    def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., max_block_elements: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., min_workers: _Optional[int] = ..., step_deadline_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness: _Optional[int] = ..., max_workers: _Optional[int] = ..., federated: _Optional[_Union[FederatedConfig, _Mapping]] = ...) -> None: ...
+    grad_clip: GradClip
+    def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., max_block_elements: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., min_workers: _Optional[int] = ..., step_deadline_ms: _Optional[int] = ..., quorum: _Optional[int] = ..., staleness: _Optional[int] = ..., max_workers: _Optional[int] = ..., federated: _Optional[_Union[FederatedConfig, _Mapping]] = ..., grad_clip: _Optional[_Union[GradClip, str]] = ...) -> None: ...
 
 class FederatedConfig(_message.Message):
     __slots__ = ("algorithm", "clients", "participation", "cohort_size", "cohort_schedule", "seed", "local_epochs", "local_steps", "batch_size", "client_lr", "lr_decay", "clip_norm", "weight_decay", "mu", "rho", "alpha", "unnormalized_ascent", "pool", "round_deadline_ms", "quorum", "rounds")
@@ -519,7 +528,7 @@ class BlockPlacement(_message.Message):
     def __init__(self, tensor: _Optional[str] = ..., block: _Optional[int] = ..., shard: _Optional[int] = ..., row_start: _Optional[int] = ..., rows: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Layout(_message.Message):
-    __slots__ = ("model", "shards", "tensors", "blocks", "mode", "groups", "max_grad_norm", "staleness", "federated", "epoch", "checkpoint_every")
+    __slots__ = ("model", "shards", "tensors", "blocks", "mode", "groups", "max_grad_norm", "staleness", "federated", "epoch", "checkpoint_every", "shard_max_grad_norm")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -531,6 +540,7 @@ class Layout(_message.Message):
     FEDERATED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     model: str
     shards: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
@@ -542,7 +552,8 @@ class Layout(_message.Message):
     federated: FederatedConfig
     epoch: int
     checkpoint_every: int
-    def __init__(self, model: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockPlacement, _Mapping]]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., groups: _Optional[_Iterable[_Union[GroupLayout, _Mapping]]] = ..., max_grad_norm: _Optional[float] = ..., staleness: _Optional[int] = ..., federated: _Optional[_Union[FederatedConfig, _Mapping]] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
+    shard_max_grad_norm: float
+    def __init__(self, model: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., blocks: _Optional[_Iterable[_Union[BlockPlacement, _Mapping]]] = ..., mode: _Optional[_Union[ConsistencyMode, str]] = ..., groups: _Optional[_Iterable[_Union[GroupLayout, _Mapping]]] = ..., max_grad_norm: _Optional[float] = ..., staleness: _Optional[int] = ..., federated: _Optional[_Union[FederatedConfig, _Mapping]] = ..., epoch: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., shard_max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class JoinWorkerRequest(_message.Message):
     __slots__ = ("model", "worker_id", "rank")
@@ -1107,3 +1118,21 @@ class RollbackResponse(_message.Message):
     epoch: int
     version: int
     def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class StepNormRequest(_message.Message):
+    __slots__ = ("model", "epoch", "step", "shard", "sum_of_squares")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SUM_OF_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    epoch: int
+    step: int
+    shard: int
+    sum_of_squares: float
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., sum_of_squares: _Optional[float] = ...) -> None: ...
+
+class StepNormResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -114,6 +114,11 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.ShareStepNorm = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/ShareStepNorm',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.StepNormRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.StepNormResponse.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/paramserver.v1.ParameterServer/Shutdown',
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.ShutdownRequest.SerializeToString,
@@ -287,6 +292,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareStepNorm(self, request, context):
+        """Between shards (clients never call it): this shard's sum of squares of
+        its blocks' mean gradients of a step (GRAD_CLIP_MEAN). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Stops this shard as SIGTERM does: a last checkpoint at one version on
         every shard (with --checkpoint-dir), then the shard exits. Admin only.
@@ -400,6 +413,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.RollbackRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_paramserver__pb2.RollbackResponse.SerializeToString,
+            ),
+            'ShareStepNorm': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareStepNorm,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.StepNormRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.StepNormResponse.SerializeToString,
             ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
@@ -849,6 +867,33 @@ class ParameterServer:
             '/paramserver.v1.ParameterServer/Rollback',
             paramserver_dot_v1_dot_paramserver__pb2.RollbackRequest.SerializeToString,
             paramserver_dot_v1_dot_paramserver__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareStepNorm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/ShareStepNorm',
+            paramserver_dot_v1_dot_paramserver__pb2.StepNormRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.StepNormResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ use super::{DropReason, Model};
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::optim::StepContext;
-use crate::store::block::{Accumulated, Block, BlockGradient, BlockState, FailedStep, PendingStep};
+use crate::store::block::{Accumulated, AwaitingNorm, Block, BlockGradient, BlockState, FailedStep, PendingStep};
 use crate::store::clock;
 use ps_proto::api::{Aggregation, Mode};
 
@@ -75,7 +75,7 @@ impl Model {
         }
         let live = self.live_ids();
         let touched: Vec<_> = blocks.iter().map(|g| g.block().clone()).collect();
-        let outcome = blocks
+        let mut outcome = blocks
             .into_par_iter()
             .map(|gradient| self.apply_one(&gradient, worker, step, lr_scale, &live))
             .reduce(PushOutcome::default, |a, b| PushOutcome {
@@ -94,6 +94,8 @@ impl Model {
             self.publish_version();
             self.flush_checkpoints();
         }
+        // This push may have completed this shard's part of a step's norm, and the peers' were in.
+        outcome.updated += self.apply_ready_norms();
         // This push completed a step whose update failed: say so rather than let the worker wait.
         if let Some((block, (step, reason))) = touched.iter().find_map(|b| b.failure().map(|f| (b, f))) {
             return Err(ServerError::OptimizerFailed {
@@ -106,7 +108,7 @@ impl Model {
         Ok(outcome)
     }
 
-    fn live_ids(&self) -> Vec<String> {
+    pub(super) fn live_ids(&self) -> Vec<String> {
         self.membership.live().into_iter().map(|(id, _)| id).collect()
     }
 
@@ -134,6 +136,18 @@ impl Model {
         }
         let has_pushed = |contributors: &[String]| contributors.iter().any(|w| w == worker);
         let counted = match self.spec.options.mode {
+            // Complete and waiting for the norm: a retry, or a worker the step went ahead without.
+            Mode::Sync | Mode::BoundedStaleness { .. } if state.awaiting.as_ref().is_some_and(|a| a.step == step) => {
+                if !state.awaiting.as_ref().is_some_and(|a| has_pushed(&a.contributors)) {
+                    return Err(ServerError::StaleStep {
+                        tensor: tensor(),
+                        block: block.index,
+                        step,
+                        version: step + 1,
+                    });
+                }
+                true
+            }
             Mode::Sync | Mode::BoundedStaleness { .. } if step >= version => match state.pending.get(&step) {
                 Some(pending) if has_pushed(&pending.contributors) => true,
                 // Compared bit for bit: the update must not depend on which push came first.
@@ -286,10 +300,16 @@ impl Model {
     /// Runs the update of every step, from the block's version on, whose
     /// pushes are complete (every live worker pushed it, and step 0's minimum);
     /// true if at least one ran.
-    fn try_complete(&self, block: &Block, state: &mut BlockState, live: &[String]) -> bool {
+    pub(super) fn try_complete(&self, block: &Block, state: &mut BlockState, live: &[String]) -> bool {
         let mut ran = false;
         while self.step_ready(state, live) {
             let Some(pending) = state.pending.remove(&state.version) else { break };
+            if self.clips_mean(block) {
+                // The update waits for the norm over every shard (`clip`).
+                let awaiting = self.complete_mean(state.version, pending);
+                self.await_norm(block, state, awaiting);
+                break;
+            }
             if !self.apply_step(block, state, pending) {
                 break;
             }
@@ -306,7 +326,7 @@ impl Model {
     }
 
     fn step_ready(&self, state: &BlockState, live: &[String]) -> bool {
-        if state.failed.is_some() {
+        if state.failed.is_some() || state.awaiting.is_some() {
             return false;
         }
         let Some(pending) = state.pending.get(&state.version) else { return false };
@@ -317,13 +337,25 @@ impl Model {
     /// Averages (or votes) the step's pushes and runs the optimizer once;
     /// false if the update failed.
     fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
+        let AwaitingNorm { gradient, lr_scale, contributors, .. } = self.complete_mean(state.version, pending);
+        // Set before the update, so a checkpoint taken at the new version holds them.
+        state.last_contributors = contributors;
+        match gradient {
+            Some(gradient) => self.update(block, state, gradient, lr_scale),
+            None => {
+                self.skip(block, state);
+                true
+            }
+        }
+    }
+
+    /// The step's mean (or vote), None when no push had a gradient.
+    fn complete_mean(&self, step: u64, pending: PendingStep) -> AwaitingNorm {
         let PendingStep { accumulated, contributors, started, any_gradient, lr_scale } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(clock::since(started).as_secs_f64());
         if !any_gradient {
-            state.last_contributors = contributors;
-            self.skip(block, state);
-            return true;
+            return AwaitingNorm { step, gradient: None, lr_scale, contributors };
         }
         let gradient = match accumulated {
             Accumulated::Sum(mut sum) => {
@@ -347,9 +379,7 @@ impl Model {
                 signs
             }
         };
-        // Set before the update, so a checkpoint taken at the new version holds them.
-        state.last_contributors = contributors;
-        self.update(block, state, gradient, lr_scale)
+        AwaitingNorm { step, gradient: Some(gradient), lr_scale, contributors }
     }
 
     /// Runs the optimizer once. No input is known to make one panic (every
@@ -403,7 +433,7 @@ impl Model {
 
     /// A step in which no worker had a gradient for the block: its weights and
     /// optimizer state stay as they are, and only its version advances.
-    fn skip(&self, block: &Block, state: &mut BlockState) {
+    pub(super) fn skip(&self, block: &Block, state: &mut BlockState) {
         state.skipped_steps += 1;
         self.advance(block, state);
         metrics::counter!(m::SKIPPED_BLOCK_STEPS, "model" => self.spec.name.clone()).increment(1);
@@ -420,9 +450,10 @@ impl Model {
     /// Re-checks every pending sync step against the current live workers.
     pub fn complete_ready_steps(&self) -> u32 {
         let live = self.live_ids();
-        let updated =
+        let mut updated =
             self.local_order.par_iter().filter(|block| self.try_complete(block, &mut block.lock(), &live)).count()
                 as u32;
+        updated += self.apply_ready_norms();
         if updated > 0 {
             self.publish_version();
             self.flush_checkpoints();

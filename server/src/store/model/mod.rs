@@ -6,19 +6,21 @@
 //! at them (`snapshot`).
 
 mod barrier;
+mod clip;
 mod rounds;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ps_proto::layout::{self, BlockPlan};
 use rayon::prelude::*;
 
 pub use self::barrier::PushOutcome;
+pub use self::clip::NormPart;
 pub use self::rounds::{BlockUpdate, Closing, RoundStats, Rounds};
 pub use self::snapshot::{BlockSnapshot, CheckpointPlan, CheckpointSink, ModelSnapshot, WriteReport};
 use super::block::Block;
@@ -79,6 +81,14 @@ pub struct Model {
     pub(super) pushes: AtomicU64,
     workers_expired: AtomicU64,
     pub(super) workers_dropped_late: AtomicU64,
+    /// `GRAD_CLIP_MEAN`: the parts of the steps' norms heard so far.
+    norms: parking_lot::Mutex<clip::NormExchange>,
+    /// Where this shard's parts of the norms go to be sent to the peers (set by the registry).
+    outbox: OnceLock<tokio::sync::mpsc::UnboundedSender<NormPart>>,
+    /// The shards whose blocks take part in the norm, in index order.
+    norm_shards: Vec<u32>,
+    /// The local blocks that take part in the norm.
+    norm_blocks: usize,
 }
 
 impl Model {
@@ -122,6 +132,9 @@ impl Model {
         let cap = (spec.options.contract.max_workers > 0).then_some(spec.options.contract.max_workers as usize);
         let membership = Membership::new(lease, cap);
         let rounds = spec.federated.clone().map(|config| Rounds::new(config, shard));
+        let norm_shards = clip::norm_shards(&spec, &plan);
+        let norm_blocks =
+            local_order.iter().filter(|b| spec.groups[b.group].aggregation == ps_proto::api::Aggregation::Mean).count();
         let model = Self {
             spec,
             plan,
@@ -141,6 +154,10 @@ impl Model {
             pushes: AtomicU64::new(0),
             workers_expired: AtomicU64::new(0),
             workers_dropped_late: AtomicU64::new(0),
+            norms: parking_lot::Mutex::default(),
+            outbox: OnceLock::new(),
+            norm_shards,
+            norm_blocks,
         };
         model.publish_gauges();
         model
@@ -151,6 +168,11 @@ impl Model {
         self.epoch = AtomicU64::new(epoch);
         self.checkpoints = checkpoints;
         self
+    }
+
+    /// Gives the model the channel its parts of the steps' norms leave through (once).
+    pub fn set_outbox(&self, outbox: tokio::sync::mpsc::UnboundedSender<NormPart>) {
+        let _ = self.outbox.set(outbox);
     }
 
     /// The model's epoch: 1 at registration, one more after each rollback to a checkpoint.
