@@ -418,18 +418,26 @@ class Model:
             self.client.call(shard, "Heartbeat", pb.HeartbeatRequest(model=self.name, worker_id=worker))
 
     def start_heartbeat(self, worker: str, lease_s: float) -> None:
-        """Heartbeats in a background thread, every third of the lease, until `leave` (a daemon thread)."""
+        """Heartbeats every shard every third of the lease, each shard in a daemon thread of its own
+        (a shard that is down does not hold up the others' beats), until `leave`."""
         stop = threading.Event()
         self._heartbeats[worker] = stop
+        period = lease_s / 3
+        request = pb.HeartbeatRequest(model=self.name, worker_id=worker)
 
-        def beat() -> None:
-            while not stop.wait(lease_s / 3):
+        def beat(shard: int) -> None:
+            pause, retry = period, 0.1
+            while not stop.wait(pause):
                 try:
-                    self.heartbeat(worker)
-                except ServerError:
-                    pass  # the next push rejoins if the lease was lost
+                    self.client.call(shard, "Heartbeat", request, timeout=period, retry=False)
+                    pause, retry = period, 0.1
+                except (ServerError, grpc.RpcError):
+                    # Soon, not a whole period later: a beat lost to a short cut and the next one
+                    # lost to another would cost the lease. The next push rejoins if it was lost.
+                    pause, retry = min(retry, period / 4), retry * 2
 
-        threading.Thread(target=beat, name=f"heartbeat-{worker}", daemon=True).start()
+        for shard in range(self.client.num_shards):
+            threading.Thread(target=beat, args=(shard,), name=f"heartbeat-{worker}-{shard}", daemon=True).start()
 
     def leave(self, worker: str) -> None:
         """Stops the heartbeats and leaves every shard, so no step waits for the lease to run out."""

@@ -10,6 +10,9 @@ use tonic::Code;
 use super::{Joined, ModelHandle};
 use crate::error::ClientError;
 
+/// The first pause before a failed heartbeat is tried again; it doubles up to a quarter of the period.
+const HEARTBEAT_RETRY: Duration = Duration::from_millis(100);
+
 impl ModelHandle {
     /// Joins the worker on every shard with the smallest free rank (or the rank
     /// it held before, when it rejoins); see [`ModelHandle::join_as`].
@@ -105,12 +108,24 @@ impl ModelHandle {
                 let (model, worker) = (&model, &worker);
                 async move {
                     let mut period = Duration::from_secs(1);
+                    let mut retry = HEARTBEAT_RETRY;
                     loop {
-                        match model.heartbeat_shard(shard, worker, false).await {
-                            Ok(lease) => period = (lease / 3).max(Duration::from_millis(10)),
-                            Err(error) => tracing::warn!(worker, shard, %error, "heartbeat failed"),
-                        }
-                        tokio::time::sleep(period).await;
+                        let pause = match model.heartbeat_shard(shard, worker, false).await {
+                            Ok(lease) => {
+                                period = (lease / 3).max(Duration::from_millis(10));
+                                retry = HEARTBEAT_RETRY;
+                                period
+                            }
+                            Err(error) => {
+                                tracing::warn!(worker, shard, %error, "heartbeat failed; trying again shortly");
+                                // Not a whole period later: a beat lost to a short cut and the next
+                                // one lost to another would cost the lease (the chaos soak found it).
+                                let pause = retry.min(period / 4);
+                                retry *= 2;
+                                pause
+                            }
+                        };
+                        tokio::time::sleep(pause).await;
                     }
                 }
             });
