@@ -60,7 +60,7 @@ mod tests {
     use crate::Tensors;
 
     fn pulled(version: u64, checkpoint: bool) -> Weights {
-        Weights { version, newest: version, tensors: Tensors::new(), bytes: 0, checkpoint }
+        Weights { version, newest: version, tensors: Tensors::new(), bytes: 0, checkpoint, overflow_steps: 0 }
     }
 
     #[test]

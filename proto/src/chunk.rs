@@ -69,7 +69,13 @@ pub fn encode_block<'a>(
 /// elements ([`Encoding::NoGradient`]: a frozen parameter, or one the step did
 /// not use).
 pub fn no_gradient(tensor: &str, block: u32, len: usize) -> TensorChunk {
-    chunk(tensor, block, 0..len, Encoding::NoGradient, Bytes::new(), 0.0)
+    without_values(tensor, block, len, Encoding::NoGradient)
+}
+
+/// The one chunk of a block of `len` elements in an encoding that carries no
+/// values ([`Encoding::carries_no_values`]: no gradient, or an overflow).
+pub fn without_values(tensor: &str, block: u32, len: usize, encoding: Encoding) -> TensorChunk {
+    chunk(tensor, block, 0..len, encoding, Bytes::new(), 0.0)
 }
 
 /// The wire bytes of shared f32 values: on little-endian machines the f32

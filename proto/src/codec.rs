@@ -41,6 +41,14 @@ pub enum CodecError {
 /// A decoder that writes or accumulates a payload (with its scale) into an f32 slice.
 pub type DecodeFn<T> = fn(Encoding, &[u8], f32, &mut [T]) -> Result<(), CodecError>;
 
+impl Encoding {
+    /// The push encodings that carry no values, only what the worker says of
+    /// the block this step: it has no gradient, or its gradient overflowed.
+    pub fn carries_no_values(self) -> bool {
+        matches!(self, Encoding::NoGradient | Encoding::Overflow)
+    }
+}
+
 /// Resolves a wire encoding number.
 pub fn encoding_from_i32(value: i32) -> Result<Encoding, CodecError> {
     Encoding::try_from(value).map_err(|_| CodecError::UnknownEncoding(value))
@@ -54,6 +62,7 @@ pub fn encoding_label(encoding: Encoding) -> &'static str {
         Encoding::F16 => "f16",
         Encoding::Sign1 => "sign1",
         Encoding::NoGradient => "no-gradient",
+        Encoding::Overflow => "overflow",
     }
 }
 
@@ -63,7 +72,7 @@ pub fn payload_len(encoding: Encoding, elements: u64) -> u64 {
         Encoding::F32 => elements.saturating_mul(4),
         Encoding::Bf16 | Encoding::F16 => elements.saturating_mul(2),
         Encoding::Sign1 => elements.div_ceil(SIGN_WORD_ELEMENTS).saturating_mul(4),
-        Encoding::NoGradient => 0,
+        Encoding::NoGradient | Encoding::Overflow => 0,
     }
 }
 
@@ -140,7 +149,7 @@ pub fn encode_into(encoding: Encoding, values: &[f32], out: &mut impl BufMut) {
                 out.put_slice(&pack_signs(tail).to_le_bytes());
             }
         }
-        Encoding::NoGradient => {}
+        Encoding::NoGradient | Encoding::Overflow => {}
     }
 }
 
@@ -194,7 +203,7 @@ fn for_each_value<T>(
         }
         // Zeros, also when added: -0.0 + 0.0 is +0.0 whichever comes first, so a sum
         // does not depend on where in the step's pushes this one arrives.
-        Encoding::NoGradient => out.iter_mut().for_each(|slot| apply(slot, 0.0)),
+        Encoding::NoGradient | Encoding::Overflow => out.iter_mut().for_each(|slot| apply(slot, 0.0)),
     }
     Ok(())
 }
@@ -221,7 +230,7 @@ pub fn first_non_finite(encoding: Encoding, payload: &[u8]) -> Option<usize> {
         Encoding::F32 => first_all_ones_exponent::<4>(payload, 0x7f80_0000, u32::from_le_bytes),
         Encoding::Bf16 => first_all_ones_exponent::<2>(payload, 0x7f80, |b| u32::from(u16::from_le_bytes(b))),
         Encoding::F16 => first_all_ones_exponent::<2>(payload, 0x7c00, |b| u32::from(u16::from_le_bytes(b))),
-        Encoding::Sign1 | Encoding::NoGradient => None,
+        Encoding::Sign1 | Encoding::NoGradient | Encoding::Overflow => None,
     }
 }
 
@@ -244,7 +253,7 @@ pub fn add_decoded_wide(encoding: Encoding, payload: &[u8], scale: f32, out: &mu
 
 /// Adds +1 or -1 per element of a sign1 payload to small integer vote counters.
 pub fn add_sign_votes(encoding: Encoding, payload: &[u8], votes: &mut [i16]) -> Result<(), CodecError> {
-    if encoding == Encoding::NoGradient {
+    if encoding.carries_no_values() {
         return Ok(()); // no gradient, no vote
     }
     if encoding != Encoding::Sign1 {

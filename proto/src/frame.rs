@@ -77,7 +77,12 @@ pub fn block_frames<'a>(
 /// The one gRPC frame that says a push has no gradient for a block of `len`
 /// elements ([`chunk::no_gradient`]).
 pub fn no_gradient_frame(header: PushHeader<'_>, tensor: &str, block: u32, len: usize) -> Bytes {
-    frame(header, chunk::no_gradient(tensor, block, len), Encoding::NoGradient, &[])
+    without_values_frame(header, tensor, block, len, Encoding::NoGradient)
+}
+
+/// The one gRPC frame of a block in an encoding that carries no values ([`chunk::without_values`]).
+pub fn without_values_frame(header: PushHeader<'_>, tensor: &str, block: u32, len: usize, encoding: Encoding) -> Bytes {
+    frame(header, chunk::without_values(tensor, block, len, encoding), encoding, &[])
 }
 
 /// One block's f32 values, given as their little-endian bytes (on a
@@ -253,11 +258,12 @@ mod tests {
                 scale: 0.0,
             }),
             checkpoint: true,
+            overflow_steps: 3,
         };
         let cases = [
             full(codec::encode_f32(&values), values.len() as u64),
             full(Bytes::new(), 0),
-            pb::WeightChunk { version: 3, chunk: None, checkpoint: false },
+            pb::WeightChunk { version: 3, chunk: None, checkpoint: false, overflow_steps: 0 },
             pb::WeightChunk::default(),
         ];
         for message in cases {

@@ -283,7 +283,7 @@ mod tests {
         assert!(at > base && at < base + len, "the payload was copied");
 
         // A pull's chunk as the shard sends it: a head frame, then the payload as a frame of its own.
-        let weights = pb::WeightChunk { version: 4, chunk: sent.chunk.clone(), checkpoint: false };
+        let weights = pb::WeightChunk { version: 4, chunk: sent.chunk.clone(), checkpoint: false, overflow_steps: 2 };
         let (head, payload) = frame::weight_chunk_pieces(weights.clone());
         let payload_at = payload.as_ptr();
         let mut reader = MessageReader::new(body(vec![head, payload]), "pull");

@@ -502,7 +502,9 @@ pub enum ChunkProblem {
         at: String,
     },
     /// A no-gradient chunk where only values belong (initial values, round updates).
-    #[error("{at} has no-gradient (ENCODING_NO_GRADIENT), which only a gradient push may send; {what} carry values")]
+    #[error(
+        "{at} has no values (ENCODING_NO_GRADIENT or ENCODING_OVERFLOW), which only a gradient push may send; {what} carry values"
+    )]
     NoGradientNotHere {
         /// The block.
         at: String,
@@ -511,7 +513,7 @@ pub enum ChunkProblem {
     },
     /// A no-gradient chunk that is not the whole block.
     #[error(
-        "a no-gradient chunk covers the whole block: {at} got one for elements {offset}..{end} of {len}; send one chunk with offset 0 and length {len}"
+        "a no-gradient or overflow chunk covers the whole block: {at} got one for elements {offset}..{end} of {len}; send one chunk with offset 0 and length {len}"
     )]
     PartialNoGradient {
         /// The block.

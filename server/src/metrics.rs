@@ -38,6 +38,8 @@ pub const SKIPPED_BLOCK_STEPS: &str = "ps_skipped_block_steps_total";
 pub const GRAD_NORM: &str = "ps_grad_norm";
 /// Steps whose mean gradient was scaled down to `max_grad_norm` (counter; labels: model).
 pub const CLIPPED_STEPS: &str = "ps_clipped_steps_total";
+/// Block steps skipped because a worker's gradient overflowed (`ENCODING_OVERFLOW`; counter; labels: model).
+pub const OVERFLOW_BLOCK_STEPS: &str = "ps_overflow_block_steps_total";
 /// Seconds from a block's first push of a step to its update (histogram; labels: model).
 pub const BARRIER_WAIT_SECONDS: &str = "ps_barrier_wait_seconds";
 /// Versions between a gradient's base and the block at apply time, async mode (histogram; labels: model).
@@ -203,6 +205,10 @@ fn describe() {
     );
     describe_gauge!(GRAD_NORM, "L2 norm of the last step's mean gradient over the whole model (GRAD_CLIP_MEAN)");
     describe_counter!(CLIPPED_STEPS, "Steps whose mean gradient was scaled down to max_grad_norm");
+    describe_counter!(
+        OVERFLOW_BLOCK_STEPS,
+        "Block steps skipped because a worker's gradient overflowed (mixed precision's loss scale)"
+    );
     describe_histogram!(STALENESS, "Versions between a gradient's base and the block at apply time (async)");
     describe_gauge!(LIVE_WORKERS, "Workers with a live lease");
     describe_gauge!(LOCAL_CLIENTS, "Local clients connected to the segment socket");

@@ -392,6 +392,8 @@ class Model:
         # Local channel, per shard: the push segment (fd, id, size) and the weights segment (fd, id).
         self._push_segments: Dict[int, Tuple[int, str, int]] = {}
         self._weights: Dict[int, Tuple[int, str]] = {}
+        # Steps of the model skipped because a worker's gradient overflowed, as of the last pull.
+        self.overflow_steps = 0
         self._segment_locks = {shard: threading.Lock() for shard in range(client.num_shards)}
 
     @property
@@ -474,7 +476,15 @@ class Model:
         A failed push may be retried as is."""
         return self.push_tensors(worker, step, self._check_grads(grads), lr_scale)
 
-    def push_tensors(self, worker: str, step: int, flat: Mapping[str, Optional[np.ndarray]], lr_scale: Optional[float] = None) -> PushSummary:
+    def push_overflow(self, worker: str, step: int, lr_scale: Optional[float] = None) -> PushSummary:
+        """Says this worker's gradient of `step` holds inf or NaN (mixed precision's loss scale
+        overflowed): every block is pushed as ENCODING_OVERFLOW, and the shards skip the step for
+        every worker, as GradScaler skips optimizer.step(). The next pull's `overflow_steps` grows."""
+        return self.push_tensors(worker, step, {name: None for name in self.tensors}, lr_scale, overflow=True)
+
+    def push_tensors(
+        self, worker: str, step: int, flat: Mapping[str, Optional[np.ndarray]], lr_scale: Optional[float] = None, overflow: bool = False
+    ) -> PushSummary:
         """Pushes some tensors (flat f32, whole) of one step: their blocks are a valid part of the step.
         The PyTorch integration pushes buckets of tensors this way as backward produces them.
         A tensor given as None has no gradient in this step (frozen, or unused by the step's
@@ -485,7 +495,7 @@ class Model:
         total = 0
         for name, values in flat.items():
             tensor = self.tensors[name]
-            encoding = codec.NO_GRADIENT if values is None else tensor.encoding
+            encoding = (codec.OVERFLOW if overflow else codec.NO_GRADIENT) if values is None else tensor.encoding
             for block in tensor.blocks:
                 nbytes = codec.payload_len(encoding, block.length)
                 shard_streams = streams.setdefault(block.shard, [])
@@ -500,11 +510,14 @@ class Model:
             for name, values in flat.items()
         }
 
+        # What a block without values goes as: no gradient, or the step's overflow.
+        empty = codec.OVERFLOW if overflow else codec.NO_GRADIENT
+
         def messages(blocks: List[Tuple[_Tensor, pb.BlockPlacement]]) -> Callable[[], Iterator[bytes]]:
             def make() -> Iterator[bytes]:
                 for tensor, block in blocks:
                     if flat[tensor.name] is None:
-                        parts = wire.tensor_chunk_parts(tensor.name, block.block, 0, block.length, codec.NO_GRADIENT, b"", 0.0)
+                        parts = wire.tensor_chunk_parts(tensor.name, block.block, 0, block.length, empty, b"", 0.0)
                         yield wire.gradient_chunk(self.name, worker, step, self.epoch, parts, lr_scale)
                         continue
                     start, end = codec.block_range(block)
@@ -523,7 +536,7 @@ class Model:
             if found is not None and found.segments:
                 blocks = [pair for stream in streams[shard] for pair in stream]
                 try:
-                    return self._push_local(found, shard, blocks, flat, scales, worker, step, lr_scale)
+                    return self._push_local(found, shard, blocks, flat, scales, worker, step, lr_scale, empty)
                 except local.NotLocal as error:
                     self.client._leave_local(shard, str(error))
             return list(self.client._pool.map(lambda blocks: send(shard, blocks), streams[shard]))
@@ -536,14 +549,16 @@ class Model:
                 summary.updated += reply.blocks_updated
         return summary
 
-    def _push_local(self, found: local.LocalShard, shard: int, blocks, flat, scales, worker: str, step: int, lr_scale: Optional[float]) -> List[pb.PushGradientsResponse]:
+    def _push_local(
+        self, found: local.LocalShard, shard: int, blocks, flat, scales, worker: str, step: int, lr_scale: Optional[float], empty: int
+    ) -> List[pb.PushGradientsResponse]:
         """Writes the shard's payloads into this model's segment there and names them in PushLocal calls."""
         with self._segment_locks[shard]:
             planned = []
             size = 0
             for tensor, block in blocks:
                 if flat[tensor.name] is None:
-                    header = pb.TensorChunk(tensor=tensor.name, block=block.block, offset=0, length=block.length, encoding=codec.NO_GRADIENT)
+                    header = pb.TensorChunk(tensor=tensor.name, block=block.block, offset=0, length=block.length, encoding=empty)
                     planned.append((pb.LocalChunk(chunk=header, segment_offset=size, payload_bytes=0), b""))
                     continue
                 start, end = codec.block_range(block)
@@ -609,12 +624,13 @@ class Model:
         request = pb.PullWeightsRequest(
             model=self.name, min_version=min_version, timeout_ms=int(timeout_s * 1000), encoding=encoding, epoch=self.epoch, part=part
         )
+        overflows: List[int] = []  # each block's count of overflow skips, from every shard's thread
 
         def read(shard: int) -> int:
             found = self.client.local_shard(shard) if encoding == codec.F32 and part == pb.WEIGHT_PART_PARAMETERS else None
             if found is not None and found.segments:
                 try:
-                    lowest = self._pull_local(found, shard, request, flat)
+                    lowest = self._pull_local(found, shard, request, flat, overflows)
                     if lowest is not None:
                         return lowest
                 except local.NotLocal as error:
@@ -630,14 +646,17 @@ class Model:
                     start = block.offset + chunk.offset
                     codec.decode_into(chunk.encoding, chunk.payload, chunk.scale, flat[chunk.tensor][start : start + chunk.length])
                     lowest = chunk.version if lowest is None else min(lowest, chunk.version)
+                    overflows.append(chunk.overflow_steps)
                 return lowest if lowest is not None else min_version
 
             return self.client._retry(shard, attempt, True)
 
         versions = list(self.client._pool.map(read, self.shards_with_blocks))
+        if part == pb.WEIGHT_PART_PARAMETERS and overflows:
+            self.overflow_steps = max(overflows)
         return (min(versions) if versions else min_version), out
 
-    def _pull_local(self, found: local.LocalShard, shard: int, request: pb.PullWeightsRequest, flat) -> Optional[int]:
+    def _pull_local(self, found: local.LocalShard, shard: int, request: pb.PullWeightsRequest, flat, overflows: List[int]) -> Optional[int]:
         """Reads a shard's published blocks straight into `flat`; None when the shard kept
         rewriting the slot while it was read (then the caller pulls over gRPC)."""
         ask = pb.LocalPullRequest(model=self.name, min_version=request.min_version, timeout_ms=request.timeout_ms, epoch=self.epoch)
@@ -669,6 +688,7 @@ class Model:
                     raise local.NotLocal("the weights segment ended early")
             # The values were read before the sequence number: a rewrite that overlapped them has moved it.
             if local.read_sequence(fd, reply.slot) == reply.sequence:
+                overflows.extend(b.overflow_steps for b in reply.blocks)
                 return min((b.version for b in reply.blocks), default=request.min_version)
         return None
 

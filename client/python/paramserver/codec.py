@@ -30,8 +30,9 @@ BF16 = pb.ENCODING_BF16
 F16 = pb.ENCODING_F16
 SIGN1 = pb.ENCODING_SIGN1
 NO_GRADIENT = pb.ENCODING_NO_GRADIENT
+OVERFLOW = pb.ENCODING_OVERFLOW
 
-_NAMES = {F32: "f32", BF16: "bf16", F16: "f16", SIGN1: "sign1", NO_GRADIENT: "no-gradient"}
+_NAMES = {F32: "f32", BF16: "bf16", F16: "f16", SIGN1: "sign1", NO_GRADIENT: "no-gradient", OVERFLOW: "overflow"}
 
 
 def encoding_name(encoding: int) -> str:
@@ -47,7 +48,7 @@ def payload_len(encoding: int, elements: int) -> int:
         return 2 * elements
     if encoding == SIGN1:
         return 4 * ((elements + SIGN_WORD_ELEMENTS - 1) // SIGN_WORD_ELEMENTS)
-    if encoding == NO_GRADIENT:
+    if encoding in (NO_GRADIENT, OVERFLOW):
         return 0
     raise ValueError(f"unknown encoding {encoding}")
 

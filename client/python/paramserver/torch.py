@@ -56,6 +56,25 @@ optimizer's (OneCycleLR, CosineAnnealingLR, ReduceLROnPlateau ...):
     scheduler = torch.optim.lr_scheduler.OneCycleLR(worker.optimizer, max_lr=3e-4, total_steps=1000)
     ...; worker.step(); scheduler.step()
 
+Mixed precision: with `torch.autocast` in bf16 nothing changes. With a loss
+scale (`torch.cuda.amp.GradScaler`, float16), attach with `scaler=scaler` and
+leave `scaler.step()` and `scaler.update()` out: `worker.step()` unscales the
+gradients (as `scaler.unscale_` does), and when any of them holds inf or NaN it
+pushes "overflow" instead, which makes the shards skip the step for every
+worker (as GradScaler skips `optimizer.step()`, and as DDP's all-reduce spreads
+one rank's inf to all). Each worker reads from its next pull whether the step
+was skipped and moves its scale as `scaler.update()` would (backoff on a skip,
+growth after `growth_interval` clean steps), so every worker keeps the same
+scale. The gradients are then pushed after backward (the decision needs all
+of them).
+
+    scaler = torch.cuda.amp.GradScaler()
+    worker = attach(net, model, "w0", scaler=scaler)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = loss_fn(net(x), y)
+    scaler.scale(loss).backward()
+    worker.step()
+
 Every worker of a step must push the same scale (the shards refuse a push
 whose scale differs from the step's first), so each worker runs the same
 schedule. A function of the step follows a rollback or a resync by itself; a
@@ -111,12 +130,17 @@ class AttachedModule:
         accumulation_steps: int = 1,
         lr: Optional[float] = None,
         lr_lambda: Optional[Callable[[int], float]] = None,
+        scaler=None,
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
         if lr is not None and lr_lambda is not None:
             raise ValueError("give lr (to drive worker.optimizer with a scheduler) or lr_lambda (a function of the step), not both")
         self.lr_lambda = lr_lambda
+        # A loss scaler (GradScaler's public methods): unscale, skip on overflow, move the scale.
+        self.scaler = scaler
+        self._growth_tracker = 0
+        self._overflow_seen = 0
         self.optimizer: Optional[LearningRate] = None if lr is None else LearningRate(lr)
         self.module = module
         self.model = model
@@ -130,8 +154,8 @@ class AttachedModule:
             if tuple(param.shape) != model.tensors[name].shape:
                 raise ValueError(f"parameter '{name}' has shape {tuple(param.shape)}, the model's tensor {model.tensors[name].shape}")
         self.bucket_bytes = bucket_bytes
-        # Clipping its own gradient needs every tensor before any is sent.
-        self.overlap = overlap and model.max_grad_norm <= 0
+        # Clipping its own gradient, or looking for an overflow, needs every tensor before any is sent.
+        self.overlap = overlap and model.max_grad_norm <= 0 and scaler is None
         self.accumulation_steps = accumulation_steps
         self._grads: Dict[str, Optional[np.ndarray]] = {}
         # Per tensor, the backward passes of this step that reached it.
@@ -149,6 +173,7 @@ class AttachedModule:
         model.start_heartbeat(worker, joined.lease_s)
         self.version = joined.version
         self._pull(self.version)
+        self._overflow_seen = self.model.overflow_steps
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -216,6 +241,9 @@ class AttachedModule:
                     self._bucket.append(name)
             if self.overlap:
                 self._send_bucket()
+            elif self.scaler is not None and not self._unscale():
+                self._bucket = []
+                self._pushes.append(self._sender.submit(self.model.push_overflow, self.worker, self.version, self.lr_scale()))
             else:
                 self.model.clip(self._grads)
                 self._bucket = list(self._grads)
@@ -237,6 +265,7 @@ class AttachedModule:
             joined = self.model.join(self.worker, self.rank)
             self.version = min(rolled.resume_version, joined.version)
             self._pull(self.version)
+            self._overflow_seen = self.model.overflow_steps
             return self.version
         except ServerError as error:
             if error.kind not in ("stale-step", "unknown-worker"):
@@ -246,10 +275,39 @@ class AttachedModule:
             self.model.start_heartbeat(self.worker, joined.lease_s)
             self.version = joined.version
             self._pull(self.version)
+            self._overflow_seen = self.model.overflow_steps
             return self.version
         self.version += 1
         self._pull(self.version)
+        if self.scaler is not None:
+            self._update_scale(skipped=self.model.overflow_steps > self._overflow_seen)
+        self._overflow_seen = self.model.overflow_steps
         return self.version
+
+    def _unscale(self) -> bool:
+        """Divides the gradients by the loss scale in place, as `GradScaler.unscale_` does
+        (times the f32 reciprocal); False if any of them holds inf or NaN."""
+        inverse = np.float32(1.0 / float(self.scaler.get_scale()))
+        finite = True
+        for grad in self._grads.values():
+            if grad is not None:
+                grad *= inverse
+                finite = finite and bool(np.isfinite(grad).all())
+        return finite
+
+    def _update_scale(self, skipped: bool) -> None:
+        """`GradScaler.update()`'s rule, on what the shards said of the step: back off after a
+        skipped step, grow after `growth_interval` clean ones in a row."""
+        scale = float(self.scaler.get_scale())
+        if skipped:
+            scale *= self.scaler.get_backoff_factor()
+            self._growth_tracker = 0
+        else:
+            self._growth_tracker += 1
+            if self._growth_tracker == self.scaler.get_growth_interval():
+                scale *= self.scaler.get_growth_factor()
+                self._growth_tracker = 0
+        self.scaler.update(scale)
 
     def _pull(self, version: int) -> None:
         in_place = {
@@ -281,6 +339,6 @@ def attach(module: torch.nn.Module, model: Model, worker: str, **options) -> Att
     """Joins `model` as `worker`, loads its current weights into `module`, and
     streams the module's gradients on every backward, or on every
     `accumulation_steps`-th. Options as `AttachedModule` takes them: `rank`,
-    `bucket_bytes`, `overlap`, `accumulation_steps`, `lr` or `lr_lambda` (see
-    the module docs)."""
+    `bucket_bytes`, `overlap`, `accumulation_steps`, `lr` or `lr_lambda`,
+    `scaler` (see the module docs)."""
     return AttachedModule(module, model, worker, **options)

@@ -73,6 +73,7 @@ class PulledChunk(NamedTuple):
     encoding: int
     payload: memoryview
     scale: float
+    overflow_steps: int = 0
 
 
 def _read_varint(data: memoryview, at: int):
@@ -104,7 +105,7 @@ def _skip(data: memoryview, at: int, wire_type: int) -> int:
 def parse_weight_chunk(raw: bytes) -> PulledChunk:
     """Parses an encoded WeightChunk without copying its payload."""
     data = memoryview(raw)
-    version, checkpoint, at, end = 0, False, 0, len(data)
+    version, checkpoint, overflow_steps, at, end = 0, False, 0, 0, len(data)
     fields = {1: "", 2: 0, 3: 0, 4: 0, 5: 0, 7: 0.0}
     payload = data[0:0]
     while at < end:
@@ -115,6 +116,8 @@ def parse_weight_chunk(raw: bytes) -> PulledChunk:
         elif field == 3 and wire_type == 0:
             value, at = _read_varint(data, at)
             checkpoint = bool(value)
+        elif field == 4 and wire_type == 0:
+            overflow_steps, at = _read_varint(data, at)
         elif field == 2 and wire_type == 2:
             length, at = _read_varint(data, at)
             inner_end = at + length
@@ -137,4 +140,4 @@ def parse_weight_chunk(raw: bytes) -> PulledChunk:
                     at = _skip(data, at, inner_type)
         else:
             at = _skip(data, at, wire_type)
-    return PulledChunk(version, checkpoint, fields[1], fields[2], fields[3], fields[4], fields[5], payload, fields[7])
+    return PulledChunk(version, checkpoint, fields[1], fields[2], fields[3], fields[4], fields[5], payload, fields[7], overflow_steps)

@@ -378,3 +378,100 @@ def test_workers_whose_learning_rates_differ_are_told_so(shards):
     assert worker.step() == 1
     worker.close()
     model.leave("raw-0")
+
+
+class _LossScaler:
+    """GradScaler's public methods, enabled on the CPU (torch 1.13's GradScaler needs CUDA):
+    the scale multiplies the loss, and update(new_scale) sets it."""
+
+    def __init__(self, scale: float, growth_interval: int):
+        self._scale, self._interval = scale, growth_interval
+
+    def scale(self, loss):
+        return loss * self._scale
+
+    def get_scale(self) -> float:
+        return self._scale
+
+    def get_growth_factor(self) -> float:
+        return 2.0
+
+    def get_backoff_factor(self) -> float:
+        return 0.5
+
+    def get_growth_interval(self) -> int:
+        return self._interval
+
+    def update(self, new_scale: float) -> None:
+        self._scale = new_scale
+
+
+def test_a_loss_scale_that_overflows_once_skips_the_step_for_every_worker_as_grad_scaler_with_ddp_does(shards):
+    """Two workers with a loss scaler; at step 2 one worker's scaled gradient overflows.
+    The reference is GradScaler's rule with DDP in one process: unscale every rank's
+    gradient, skip the step everywhere if any holds inf, halve the scale on a skip and
+    double it after 3 clean steps."""
+    torch.manual_seed(5)
+    nets = [digits_torch.DigitsMlp() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    values = ps.arrays_of(nets[0])
+    spec = ps.model_spec("loss-scale", values, [ps.group("all", ["*"], ps.adamw(0.01, weight_decay=0.1))], max_block_elements=512)
+    client = shards.client()
+    models = [client.register(spec, values), client.model("loss-scale")]
+    scalers = [_LossScaler(1024.0, growth_interval=3) for _ in range(2)]
+    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r, scaler=scalers[r]) for r in range(2)]
+    reference = digits_torch.DigitsMlp()
+    reference.load_state_dict(nets[0].state_dict())
+    local = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.1)
+    scale, tracker = 1024.0, 0
+    x, y = digits_torch.digits(0, 1)
+
+    def loss(net, rank: int, step: int):
+        batch = slice(64 * step + 32 * rank, 64 * step + 32 * (rank + 1))
+        value = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+        # Step 2, worker 1: a loss this large overflows f32 once scaled, as an f16 one would.
+        return value * 1e36 if (step, rank) == (2, 1) else value
+
+    for step in range(7):
+        parts = []
+        for rank in range(2):
+            local.zero_grad()
+            (loss(reference, rank, step) * scale).backward()
+            parts.append([p.grad * np.float32(1.0 / scale) for p in reference.parameters()])
+        found_inf = any(not torch.isfinite(g).all() for part in parts for g in part)
+        if not found_inf:
+            for p, a, b in zip(reference.parameters(), *parts):
+                p.grad = (a + b) / 2
+            local.step()
+        if found_inf:
+            scale, tracker = scale * 0.5, 0
+        else:
+            tracker += 1
+            if tracker == 3:
+                scale, tracker = scale * 2.0, 0
+        assert found_inf == (step == 2)
+        _step_together(workers, nets, reference, step, lambda r: scalers[r].scale(loss(nets[r], r, step)))
+        assert [s.get_scale() for s in scalers] == [scale, scale], f"step {step}"
+    assert models[0].overflow_steps == 1
+    for worker in workers:
+        worker.close()
+
+
+def test_bf16_autocast_on_the_cpu_trains_as_torch_does(shards):
+    """torch.autocast in bf16 (no loss scale needed) changes nothing for the worker: the
+    parameters and their gradients stay f32, and the steps equal torch's under the same autocast."""
+    net, worker, reference, local = _adamw_pair("autocast-bf16", shards)
+    x, y = digits_torch.digits(0, 1)
+    for step in range(3):
+        batch = slice(32 * step, 32 * (step + 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+        loss.backward()
+        assert net.fc1.weight.grad.dtype == torch.float32, "autocast keeps the parameters' gradients f32"
+        assert worker.step() == step + 1
+        local.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.cross_entropy(reference(x[batch]), y[batch]).backward()
+        local.step()
+        _assert_same_weights(net, reference)
+    worker.close()

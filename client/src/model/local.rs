@@ -33,8 +33,9 @@ impl ModelHandle {
         for (at, block) in self.blocks_on(shard) {
             let tensor = &self.tensors[at];
             let encoding = push.encoding(tensor);
-            if encoding == pb::Encoding::NoGradient {
-                let header = ps_proto::chunk::no_gradient(&tensor.name, block.block, block.length as usize);
+            if encoding.carries_no_values() {
+                let header =
+                    ps_proto::chunk::without_values(&tensor.name, block.block, block.length as usize, encoding);
                 let empty: &[f32] = &[];
                 planned.push((pb::LocalChunk { chunk: Some(header), segment_offset: bytes, payload_bytes: 0 }, empty));
                 continue;
@@ -143,6 +144,7 @@ impl ModelHandle {
                     for block in &reply.blocks {
                         read.version = read.version.min(block.version);
                         read.newest = read.newest.max(block.version);
+                        read.overflow_steps = read.overflow_steps.max(block.overflow_steps);
                         read.bytes += block.length * 4;
                         let at = self.index[&block.tensor];
                         *read.received.entry((at, block.block)).or_default() += block.length;

@@ -51,12 +51,23 @@ pub struct Weights {
     /// (error-feedback residual, data position) saves it now, before computing
     /// the step at this version, to restore it if the model is rolled back here.
     pub checkpoint: bool,
+    /// Steps skipped because a worker's gradient overflowed
+    /// (`ENCODING_OVERFLOW`), up to the newest block read: grown since the
+    /// previous pull means the steps pushed in between were skipped.
+    pub overflow_steps: u64,
 }
 
 impl Weights {
     /// The tensors a pull filled, with what it read.
     pub(crate) fn read(tensors: Tensors, info: PullInfo) -> Self {
-        Self { version: info.version, newest: info.newest, tensors, bytes: info.bytes, checkpoint: info.checkpoint }
+        Self {
+            version: info.version,
+            newest: info.newest,
+            tensors,
+            bytes: info.bytes,
+            checkpoint: info.checkpoint,
+            overflow_steps: info.overflow_steps,
+        }
     }
 }
 
@@ -111,6 +122,8 @@ pub struct PullInfo {
     pub bytes: u64,
     /// Whether a shard marked the version as checkpointed.
     pub checkpoint: bool,
+    /// The most steps skipped for an overflow that a block read reported.
+    pub overflow_steps: u64,
 }
 
 /// A registered model: its layout and the operations of a worker on it.
@@ -253,6 +266,8 @@ pub(super) struct PushRequest<'a> {
     pub(super) scales: &'a [f32],
     /// Tensors pushed as "no gradient" (`ENCODING_NO_GRADIENT`), absent from `gradients`.
     pub(super) no_gradient: &'a BTreeSet<String>,
+    /// The worker's gradient overflowed: every block goes as `ENCODING_OVERFLOW`.
+    pub(super) overflow: bool,
     /// The step's learning-rate scale (`GradientChunk.lr_scale`), if set.
     pub(super) lr_scale: Option<f64>,
 }
@@ -269,12 +284,22 @@ pub struct PushOptions {
     /// schedule factor), as a torch lr_scheduler sets the lr; `None` is 1.
     /// Every worker of a sync step must push the same scale.
     pub lr_scale: Option<f64>,
+    /// The worker found inf or NaN in its gradient of this step (a loss scale
+    /// that overflowed): every block goes as `ENCODING_OVERFLOW`, the
+    /// gradients are not read, and the shards skip the step for every worker.
+    pub overflow: bool,
 }
 
 impl PushRequest<'_> {
     /// How `tensor` goes on the wire in this push: its group's encoding, or none at all.
     pub(super) fn encoding(&self, tensor: &TensorInfo) -> Encoding {
-        if self.no_gradient.contains(&tensor.name) { Encoding::NoGradient } else { tensor.encoding }
+        if self.overflow {
+            Encoding::Overflow
+        } else if self.no_gradient.contains(&tensor.name) {
+            Encoding::NoGradient
+        } else {
+            tensor.encoding
+        }
     }
 }
 
@@ -316,12 +341,14 @@ pub(super) struct ShardRead {
     pub(super) bytes: u64,
     /// Whether it marked the version as checkpointed.
     pub(super) checkpoint: bool,
+    /// The most steps skipped for an overflow among its blocks.
+    pub(super) overflow_steps: u64,
     /// Elements received per (tensor index, block).
     pub(super) received: HashMap<(usize, u32), u64>,
 }
 
 impl Default for ShardRead {
     fn default() -> Self {
-        Self { version: u64::MAX, newest: 0, bytes: 0, checkpoint: false, received: HashMap::new() }
+        Self { version: u64::MAX, newest: 0, bytes: 0, checkpoint: false, overflow_steps: 0, received: HashMap::new() }
     }
 }

@@ -72,13 +72,14 @@ impl ModelHandle {
             async move { self.pull_shard(shard, request, slices, segments_serve).await }
         }))
         .await?;
-        let mut read = PullInfo { version: u64::MAX, newest: 0, bytes: 0, checkpoint: false };
+        let mut read = PullInfo { version: u64::MAX, newest: 0, bytes: 0, checkpoint: false, overflow_steps: 0 };
         let mut received: HashMap<(usize, u32), u64> = HashMap::new();
         for shard in reads {
             read.version = read.version.min(shard.version);
             read.newest = read.newest.max(shard.newest);
             read.bytes += shard.bytes;
             read.checkpoint |= shard.checkpoint;
+            read.overflow_steps = read.overflow_steps.max(shard.overflow_steps);
             received.extend(shard.received);
         }
         for (at, info) in self.tensors.iter().enumerate() {
@@ -172,6 +173,7 @@ impl ModelHandle {
         read.version = read.version.min(chunk.version);
         read.newest = read.newest.max(chunk.version);
         read.checkpoint |= chunk.checkpoint;
+        read.overflow_steps = read.overflow_steps.max(chunk.overflow_steps);
         let data = chunk.chunk.ok_or(ProtocolError::MissingChunk)?;
         read.bytes += data.payload.len() as u64;
         let at = *self.index.get(&data.tensor).ok_or_else(|| ClientError::UnknownTensor(data.tensor.clone()))?;

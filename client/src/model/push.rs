@@ -88,7 +88,7 @@ impl ModelHandle {
         }
         let mut scales = Vec::with_capacity(self.tensors.len());
         for tensor in self.tensors.iter() {
-            if no_gradient.contains(&tensor.name) {
+            if options.overflow || no_gradient.contains(&tensor.name) {
                 scales.push(0.0);
                 continue;
             }
@@ -96,7 +96,15 @@ impl ModelHandle {
             check_len(&tensor.name, tensor.len as u64, data)?;
             scales.push(if tensor.encoding == Encoding::Sign1 { codec::mean_abs(data) } else { 0.0 });
         }
-        let push = PushRequest { worker, step, gradients, scales: &scales, no_gradient, lr_scale: options.lr_scale };
+        let push = PushRequest {
+            worker,
+            step,
+            gradients,
+            scales: &scales,
+            no_gradient,
+            overflow: options.overflow,
+            lr_scale: options.lr_scale,
+        };
         // Every shard's push runs to its end even when another shard refuses
         // its part: a shard that takes it must get all of it. Cut short, a push
         // that one shard refuses at once (its step went ahead) would never
@@ -210,9 +218,13 @@ impl ModelHandle {
             let range = block.offset as usize..(block.offset + block.length) as usize;
             let encoding = push.encoding(tensor);
             let frames: Box<dyn Iterator<Item = bytes::Bytes> + Send + '_> = match push.gradients {
-                _ if encoding == pb::Encoding::NoGradient => {
-                    Box::new(std::iter::once(frame::no_gradient_frame(header, &tensor.name, block.block, range.len())))
-                }
+                _ if encoding.carries_no_values() => Box::new(std::iter::once(frame::without_values_frame(
+                    header,
+                    &tensor.name,
+                    block.block,
+                    range.len(),
+                    encoding,
+                ))),
                 // f32 on the wire is the memory layout here: the values go out as they lie.
                 Gradients::Owned(grads) if encoding == pb::Encoding::F32 && cfg!(target_endian = "little") => {
                     let values = bytes::Bytes::from_owner(PushedValues {

@@ -108,10 +108,11 @@ impl GroupConfig {
             if !seen.insert(*encoding) {
                 return refuse(format!("lists encoding {} twice", codec::encoding_label(*encoding)));
             }
-            if *encoding == Encoding::NoGradient {
-                return refuse(
-                    "lists ENCODING_NO_GRADIENT, which is not a way to send values: every group accepts it for a block without a gradient",
-                );
+            if encoding.carries_no_values() {
+                return refuse(format!(
+                    "lists {}, which is not a way to send values: every group accepts it for a block without a gradient or a step that overflowed",
+                    codec::encoding_label(*encoding)
+                ));
             }
         }
         if self.aggregation == Aggregation::MajorityVote {

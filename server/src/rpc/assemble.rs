@@ -107,7 +107,7 @@ impl<'a> Assembler<'a> {
         if self.purpose == Purpose::Weights && encoding == Encoding::Sign1 {
             return problem(ChunkProblem::SignsAsValues { at: at() });
         }
-        if encoding == Encoding::NoGradient {
+        if encoding.carries_no_values() {
             let what = match self.purpose {
                 Purpose::Gradients => None,
                 Purpose::RoundUpdates => Some("round updates"),
@@ -162,7 +162,7 @@ impl<'a> Assembler<'a> {
             });
         }
         progress.received += chunk.length;
-        if encoding != Encoding::NoGradient {
+        if !encoding.carries_no_values() {
             let traffic = self.traffic.entry(encoding).or_default();
             traffic.wire_bytes += chunk.payload.len() as u64;
             traffic.f32_bytes += chunk.length * 4;
@@ -213,7 +213,11 @@ impl BlockGradient for StagedBlock {
     }
 
     fn has_gradient(&self) -> bool {
-        self.parts.first().is_none_or(|part| part.encoding != Encoding::NoGradient)
+        self.parts.first().is_none_or(|part| !part.encoding.carries_no_values())
+    }
+
+    fn overflow(&self) -> bool {
+        self.parts.first().is_some_and(|part| part.encoding == Encoding::Overflow)
     }
 
     fn first_non_finite(&self) -> Option<u64> {

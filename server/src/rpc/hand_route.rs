@@ -223,7 +223,12 @@ mod tests {
             payload: Bytes::from((0..payload_len).map(|i| i as u8).collect::<Vec<_>>()),
             ..Default::default()
         };
-        pb::WeightChunk { version, chunk: Some(chunk), checkpoint: version.is_multiple_of(2) }
+        pb::WeightChunk {
+            version,
+            chunk: Some(chunk),
+            checkpoint: version.is_multiple_of(2),
+            overflow_steps: version / 3,
+        }
     }
 
     /// Every frame of a pull response whose stream yields `items`.

@@ -169,13 +169,20 @@ impl ParameterService {
                     filler.lock().sending = Some(share);
                 }
                 let snapshot_of = block.clone();
-                let read = move || if control { snapshot_of.global_snapshot() } else { snapshot_of.snapshot() };
-                let Ok((version, values)) = blocking(read).await else { return };
+                let read = move || {
+                    if control {
+                        let (version, values) = snapshot_of.global_snapshot();
+                        (version, 0, values)
+                    } else {
+                        snapshot_of.pull_view()
+                    }
+                };
+                let Ok((version, overflow_steps, values)) = blocking(read).await else { return };
                 let tensor = &model.spec.tensors[block.tensor].name;
                 let checkpoint = model.checkpoints.marks(version);
                 for chunk in chunk::encode_shared_block(tensor, block.index, values, encoding, 0.0) {
                     sent += chunk.payload.len() as u64;
-                    let message = Ok(pb::WeightChunk { version, chunk: Some(chunk), checkpoint });
+                    let message = Ok(pb::WeightChunk { version, chunk: Some(chunk), checkpoint, overflow_steps });
                     match tokio::time::timeout(idle, tx.send(message)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return, // the client went away

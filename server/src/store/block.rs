@@ -53,6 +53,9 @@ pub(super) struct BlockState {
     /// Sync steps that left the block as it was (no push had a gradient for
     /// it); the optimizer counts `version - skipped_steps` updates.
     pub(super) skipped_steps: u64,
+    /// Of those, the steps skipped because a worker's gradient overflowed
+    /// (`ENCODING_OVERFLOW`); pulls report it so the workers lower their loss scale.
+    pub(super) overflow_steps: u64,
     pub(super) optimizer: Box<dyn Optimizer>,
     /// Steps being collected, by step: only the block's version in sync mode,
     /// up to `staleness` steps beyond it in bounded-staleness mode.
@@ -88,8 +91,10 @@ impl RoundUpdate {
 /// blocks is known (see `model::clip`).
 pub(super) struct AwaitingNorm {
     pub(super) step: u64,
-    /// None when no push of the step had a gradient for the block: the step is skipped.
+    /// None when no push of the step had a gradient for the block, or one
+    /// overflowed (`overflow`): the step is skipped.
     pub(super) gradient: Option<Vec<f32>>,
+    pub(super) overflow: bool,
     pub(super) lr_scale: f64,
     pub(super) contributors: Vec<String>,
 }
@@ -111,6 +116,8 @@ pub(super) struct PendingStep {
     pub(super) started: Instant,
     /// Whether any push had a gradient for the block (not `ENCODING_NO_GRADIENT`).
     pub(super) any_gradient: bool,
+    /// Whether any push said its gradient overflowed: the step is skipped.
+    pub(super) overflow: bool,
     /// The learning-rate scale every push of the step carries (1 when none does).
     pub(super) lr_scale: f64,
 }
@@ -148,6 +155,11 @@ pub trait BlockGradient: Send + Sync {
     fn has_gradient(&self) -> bool {
         true
     }
+    /// True when the worker found inf or NaN in its gradient of this step
+    /// (`ENCODING_OVERFLOW`): the step is skipped everywhere.
+    fn overflow(&self) -> bool {
+        false
+    }
     /// Overwrites `out` (the block's length) with the gradient.
     fn write_into(&self, out: &mut [f32]);
     /// Adds the gradient to `out` (the block's length).
@@ -176,6 +188,7 @@ impl Block {
                 params: Arc::new(params),
                 version: 0,
                 skipped_steps: 0,
+                overflow_steps: 0,
                 optimizer,
                 pending: BTreeMap::new(),
                 last_contributors: Vec::new(),
@@ -261,6 +274,13 @@ impl Block {
         (state.version, state.params.clone())
     }
 
+    /// What a pull sends of the block: its version, the steps skipped for an
+    /// overflow up to it, and its weights, read together.
+    pub fn pull_view(&self) -> (u64, u64, Arc<Vec<f32>>) {
+        let state = self.state.lock();
+        (state.version, state.overflow_steps, state.params.clone())
+    }
+
     /// The block's version and a copy of its federated global state (SCAFFOLD's c).
     pub fn global_snapshot(&self) -> (u64, Arc<Vec<f32>>) {
         let state = self.state.lock();
@@ -297,20 +317,30 @@ impl BlockGradient for DecodedGradient {
     fn add_votes(&self, _: &mut [i16]) {}
 }
 
-/// A push that says it has no gradient for the block (`ENCODING_NO_GRADIENT`), for tests of the store.
+/// A push without values, for tests of the store: it has no gradient for
+/// the block (`ENCODING_NO_GRADIENT`), or its gradient overflowed
+/// (`ENCODING_OVERFLOW`, `overflow` set).
 #[cfg(test)]
-pub struct NoGradient(pub Arc<Block>);
+pub struct NoGradient {
+    /// The block.
+    pub block: Arc<Block>,
+    /// Whether the worker's gradient overflowed.
+    pub overflow: bool,
+}
 
 #[cfg(test)]
 impl BlockGradient for NoGradient {
     fn block(&self) -> &Arc<Block> {
-        &self.0
+        &self.block
     }
     fn first_non_finite(&self) -> Option<u64> {
         None
     }
     fn has_gradient(&self) -> bool {
         false
+    }
+    fn overflow(&self) -> bool {
+        self.overflow
     }
     fn write_into(&self, out: &mut [f32]) {
         out.fill(0.0);
@@ -333,6 +363,9 @@ impl BlockGradient for Box<dyn BlockGradient> {
     }
     fn has_gradient(&self) -> bool {
         (**self).has_gradient()
+    }
+    fn overflow(&self) -> bool {
+        (**self).overflow()
     }
     fn write_into(&self, out: &mut [f32]) {
         (**self).write_into(out)

@@ -22,6 +22,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_F16: _ClassVar[Encoding]
     ENCODING_SIGN1: _ClassVar[Encoding]
     ENCODING_NO_GRADIENT: _ClassVar[Encoding]
+    ENCODING_OVERFLOW: _ClassVar[Encoding]
 
 class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -117,6 +118,7 @@ ENCODING_BF16: Encoding
 ENCODING_F16: Encoding
 ENCODING_SIGN1: Encoding
 ENCODING_NO_GRADIENT: Encoding
+ENCODING_OVERFLOW: Encoding
 AGGREGATION_MEAN: Aggregation
 AGGREGATION_MAJORITY_VOTE: Aggregation
 INIT_KIND_ZEROS: InitKind
@@ -648,14 +650,16 @@ class PullWeightsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., min_version: _Optional[int] = ..., tensors: _Optional[_Iterable[str]] = ..., timeout_ms: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., part: _Optional[_Union[WeightPart, str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
-    __slots__ = ("version", "chunk", "checkpoint")
+    __slots__ = ("version", "chunk", "checkpoint", "overflow_steps")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_STEPS_FIELD_NUMBER: _ClassVar[int]
     version: int
     chunk: TensorChunk
     checkpoint: bool
-    def __init__(self, version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
+    overflow_steps: int
+    def __init__(self, version: _Optional[int] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., checkpoint: _Optional[bool] = ..., overflow_steps: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ("model",)
@@ -980,18 +984,20 @@ class LocalPullResponse(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., sequence: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[LocalBlock, _Mapping]]] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
 
 class LocalBlock(_message.Message):
-    __slots__ = ("tensor", "block", "version", "offset", "length")
+    __slots__ = ("tensor", "block", "version", "offset", "length", "overflow_steps")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_STEPS_FIELD_NUMBER: _ClassVar[int]
     tensor: str
     block: int
     version: int
     offset: int
     length: int
-    def __init__(self, tensor: _Optional[str] = ..., block: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    overflow_steps: int
+    def __init__(self, tensor: _Optional[str] = ..., block: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., overflow_steps: _Optional[int] = ...) -> None: ...
 
 class ShardLimits(_message.Message):
     __slots__ = ("max_models", "max_model_elements", "max_model_blocks", "min_block_elements", "memory_bytes", "max_spec_bytes", "max_stream_bytes", "max_staged_bytes", "max_streams", "max_streams_per_connection", "max_wait_ms", "stream_idle_timeout_ms", "max_stream_duration_ms", "models", "model_bytes", "staged_bytes", "open_streams", "max_sending_bytes", "sending_bytes")

@@ -77,6 +77,9 @@ struct BlockEntry {
     /// Absent in checkpoints written before steps could be skipped: none were.
     #[serde(default)]
     skipped_steps: u64,
+    /// Absent in checkpoints written before overflowed steps were skipped: none were.
+    #[serde(default)]
+    overflow_steps: u64,
     last_contributors: Vec<String>,
     async_steps: Vec<(String, u64)>,
     buffers: Vec<String>,
@@ -265,6 +268,7 @@ impl CheckpointStore {
                 block: block.block,
                 version: block.version,
                 skipped_steps: block.skipped_steps,
+                overflow_steps: block.overflow_steps,
                 last_contributors: block.last_contributors.clone(),
                 async_steps: block.async_steps.clone(),
                 buffers: block.optimizer.buffers.keys().cloned().collect(),
@@ -457,6 +461,7 @@ impl CheckpointStore {
                 block: entry.block,
                 version: entry.version,
                 skipped_steps: entry.skipped_steps,
+                overflow_steps: entry.overflow_steps,
                 params: Arc::default(),
                 optimizer: OptimizerState::default(),
                 global: Vec::new(),

@@ -46,7 +46,7 @@ fn step(model: &Model, t: u64) {
         .enumerate()
         .map(|(i, b)| -> Box<dyn BlockGradient> {
             if t == 1 && i == 0 {
-                Box::new(NoGradient(b.clone()))
+                Box::new(NoGradient { block: b.clone(), overflow: false })
             } else {
                 Box::new(Grad(b.clone(), pseudo_random(t * 16 + i as u64, b.len)))
             }

@@ -260,6 +260,8 @@ pub struct WeightsSegment {
 struct Slot {
     sequence: u64,
     versions: Vec<u64>,
+    /// Per block, the steps skipped for an overflow up to its version.
+    overflows: Vec<u64>,
     published: u64,
 }
 
@@ -277,6 +279,8 @@ pub struct Publication {
     pub sequence: u64,
     /// Version of each local block, in the model's local order.
     pub versions: Vec<u64>,
+    /// Steps of each local block skipped for an overflow, up to its version.
+    pub overflows: Vec<u64>,
     /// Byte offset of each local block in the segment.
     pub offsets: Vec<u64>,
 }
@@ -311,20 +315,23 @@ impl WeightsSegment {
     }
 
     /// Writes every block into slot `slot` under the odd sequence number
-    /// `writing`, then makes it even; returns the versions written.
-    fn write_slot(&self, model: &Model, slot: u32, writing: u64) -> std::io::Result<Vec<u64>> {
+    /// `writing`, then makes it even; returns the versions written and each
+    /// block's count of steps skipped for an overflow.
+    fn write_slot(&self, model: &Model, slot: u32, writing: u64) -> std::io::Result<(Vec<u64>, Vec<u64>)> {
         let base = wire::slot_offset(slot, self.slot_bytes);
         wire::write_sequence(&self.file, slot, writing)?;
         fence(Ordering::SeqCst);
         let mut versions = Vec::with_capacity(self.offsets.len());
+        let mut overflows = Vec::with_capacity(self.offsets.len());
         for (block, offset) in model.local_blocks().iter().zip(&self.offsets) {
-            let (version, values) = block.snapshot();
+            let (version, overflow_steps, values) = block.pull_view();
             wire::write_f32s(&self.file, base + offset, &values)?;
             versions.push(version);
+            overflows.push(overflow_steps);
         }
         fence(Ordering::SeqCst);
         wire::write_sequence(&self.file, slot, writing + 1)?;
-        Ok(versions)
+        Ok((versions, overflows))
     }
 
     /// Publishes the blocks as they are now, unless a slot already holds
@@ -343,9 +350,10 @@ impl WeightsSegment {
                 let writing = slot.sequence + 1 + slot.sequence % 2;
                 slot.sequence = writing;
                 slot.versions.clear();
-                let versions = self.write_slot(model, index as u32, writing)?;
+                let (versions, overflows) = self.write_slot(model, index as u32, writing)?;
                 slot.sequence = writing + 1;
                 slot.versions = versions;
+                slot.overflows = overflows;
                 slot.published = newest + 1;
                 index
             }
@@ -356,6 +364,7 @@ impl WeightsSegment {
             slot: index as u32,
             sequence: slot.sequence,
             versions: slot.versions.clone(),
+            overflows: slot.overflows.clone(),
             offsets: self.offsets.iter().map(|o| base + o).collect(),
         })
     }

@@ -105,13 +105,14 @@ impl ParameterService {
         let blocks = model
             .local_blocks()
             .iter()
-            .zip(publication.versions.iter().zip(&publication.offsets))
-            .map(|(block, (&version, &offset))| pb::LocalBlock {
+            .zip(publication.versions.iter().zip(&publication.offsets).zip(&publication.overflows))
+            .map(|(block, ((&version, &offset), &overflow_steps))| pb::LocalBlock {
                 tensor: model.spec.tensors[block.tensor].name.clone(),
                 block: block.index,
                 version,
                 offset,
                 length: block.len as u64,
+                overflow_steps,
             })
             .collect();
         let bytes = model.local_elements() * 4;

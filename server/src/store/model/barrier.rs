@@ -236,6 +236,7 @@ impl Model {
                         }
                         pending.contributors.push(worker.to_string());
                         pending.any_gradient |= gradient.has_gradient();
+                        pending.overflow |= gradient.overflow();
                     }
                     None => {
                         let accumulated = match self.spec.groups[block.group].aggregation {
@@ -256,6 +257,7 @@ impl Model {
                             contributors: vec![worker.to_string()],
                             started,
                             any_gradient: gradient.has_gradient(),
+                            overflow: gradient.overflow(),
                             lr_scale,
                         };
                         state.pending.insert(step, pending);
@@ -337,13 +339,14 @@ impl Model {
     /// Averages (or votes) the step's pushes and runs the optimizer once;
     /// false if the update failed.
     fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
-        let AwaitingNorm { gradient, lr_scale, contributors, .. } = self.complete_mean(state.version, pending);
+        let AwaitingNorm { gradient, lr_scale, contributors, overflow, .. } =
+            self.complete_mean(state.version, pending);
         // Set before the update, so a checkpoint taken at the new version holds them.
         state.last_contributors = contributors;
         match gradient {
             Some(gradient) => self.update(block, state, gradient, lr_scale),
             None => {
-                self.skip(block, state);
+                self.skip(block, state, overflow);
                 true
             }
         }
@@ -351,11 +354,11 @@ impl Model {
 
     /// The step's mean (or vote), None when no push had a gradient.
     fn complete_mean(&self, step: u64, pending: PendingStep) -> AwaitingNorm {
-        let PendingStep { accumulated, contributors, started, any_gradient, lr_scale } = pending;
+        let PendingStep { accumulated, contributors, started, any_gradient, overflow, lr_scale } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(clock::since(started).as_secs_f64());
-        if !any_gradient {
-            return AwaitingNorm { step, gradient: None, lr_scale, contributors };
+        if !any_gradient || overflow {
+            return AwaitingNorm { step, gradient: None, overflow, lr_scale, contributors };
         }
         let gradient = match accumulated {
             Accumulated::Sum(mut sum) => {
@@ -379,7 +382,7 @@ impl Model {
                 signs
             }
         };
-        AwaitingNorm { step, gradient: Some(gradient), lr_scale, contributors }
+        AwaitingNorm { step, gradient: Some(gradient), overflow: false, lr_scale, contributors }
     }
 
     /// Runs the optimizer once. No input is known to make one panic (every
@@ -431,10 +434,15 @@ impl Model {
         true
     }
 
-    /// A step in which no worker had a gradient for the block: its weights and
-    /// optimizer state stay as they are, and only its version advances.
-    pub(super) fn skip(&self, block: &Block, state: &mut BlockState) {
+    /// A step in which no worker had a gradient for the block, or one's
+    /// overflowed: its weights and optimizer state stay as they are, and only
+    /// its version advances.
+    pub(super) fn skip(&self, block: &Block, state: &mut BlockState, overflow: bool) {
         state.skipped_steps += 1;
+        if overflow {
+            state.overflow_steps += 1;
+            metrics::counter!(m::OVERFLOW_BLOCK_STEPS, "model" => self.spec.name.clone()).increment(1);
+        }
         self.advance(block, state);
         metrics::counter!(m::SKIPPED_BLOCK_STEPS, "model" => self.spec.name.clone()).increment(1);
     }
@@ -509,14 +517,17 @@ mod tests {
                     model.commit_push(worker, step, 1.0, vec![DecodedGradient(block.clone(), values)]).unwrap();
                 }
                 Pushed::Nothing => {
-                    model.commit_push(worker, step, 1.0, vec![NoGradient(block.clone())]).unwrap();
+                    model
+                        .commit_push(worker, step, 1.0, vec![NoGradient { block: block.clone(), overflow: false }])
+                        .unwrap();
                 }
             }
         }
     }
 
-    #[test]
-    fn a_step_without_any_gradient_leaves_the_block_and_adam_counts_only_its_updates() {
+    /// An AdamW model of one 4-element block with members "a" and "b", and
+    /// the same AdamW on its own to compute what the block must hold.
+    fn adamw_pair() -> (Model, Arc<Block>, Box<dyn Optimizer>) {
         let group = GroupConfig::new("all", &["*"], OptimizerConfig::adamw(0.1));
         let tensor = TensorSpec::new("w", &[4], Init::Constant(1.0));
         let spec = ModelSpec::new(api::ModelSpec::new("m", vec![tensor], vec![group]), Vec::new()).unwrap();
@@ -524,17 +535,16 @@ mod tests {
         model.membership.join("a", None).unwrap();
         model.membership.join("b", None).unwrap();
         let block = model.local_blocks()[0].clone();
+        let dims = crate::optim::Dims { rows: 4, cols: 1 };
+        let slice = crate::optim::SliceInfo { name: "w", dims, matrix: false, projectable: None };
+        (model, block, crate::optim::build(&OptimizerConfig::adamw(0.1), &slice))
+    }
+
+    #[test]
+    fn a_step_without_any_gradient_leaves_the_block_and_adam_counts_only_its_updates() {
+        let (model, block, mut adam) = adamw_pair();
         // As torch.optim would: step 1 on (g + 0) / 2, nothing at step 2, step 3 with t = 2.
         let mut expected = vec![1.0f32; 4];
-        let mut adam = crate::optim::build(
-            &OptimizerConfig::adamw(0.1),
-            &crate::optim::SliceInfo {
-                name: "w",
-                dims: crate::optim::Dims { rows: 4, cols: 1 },
-                matrix: false,
-                projectable: None,
-            },
-        );
         let g = vec![0.5, -1.0, 2.0, 0.25];
         push_step(&model, &block, 0, vec![("a", Pushed::Values(g.clone())), ("b", Pushed::Nothing)]);
         let half: Vec<f32> = g.iter().map(|v| v * 0.5).collect();
@@ -628,5 +638,22 @@ mod tests {
         model.commit_push("a", 1, 0.0, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
         model.commit_push("b", 1, 0.0, vec![DecodedGradient(block.clone(), g)]).unwrap();
         assert_eq!(block.snapshot(), (2, Arc::new(expected)));
+    }
+
+    #[test]
+    fn one_workers_overflow_skips_the_step_for_all_and_is_counted() {
+        let (model, block, mut adam) = adamw_pair();
+        let g = vec![0.5f32, -1.0, 2.0, 0.25];
+        let fresh = block.lock().optimizer.export_state();
+        model.commit_push("a", 0, 1.0, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
+        model.commit_push("b", 0, 1.0, vec![NoGradient { block: block.clone(), overflow: true }]).unwrap();
+        assert_eq!(block.pull_view(), (1, 1, Arc::new(vec![1.0; 4])), "skipped and counted");
+        assert_eq!(block.lock().optimizer.export_state(), fresh, "AdamW has not stepped");
+        // The next clean step is AdamW's first: t = 1, as torch's after a skipped scaler.step().
+        model.commit_push("a", 1, 1.0, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
+        model.commit_push("b", 1, 1.0, vec![DecodedGradient(block.clone(), g.clone())]).unwrap();
+        let mut expected = vec![1.0f32; 4];
+        adam.step(&mut expected, &g, &StepContext { t: 1, lr_scale: 1.0 });
+        assert_eq!(block.pull_view(), (2, 1, Arc::new(expected)));
     }
 }

@@ -184,10 +184,10 @@ impl Model {
         awaiting: AwaitingNorm,
         factor: Option<f32>,
     ) -> bool {
-        let AwaitingNorm { gradient, lr_scale, contributors, .. } = awaiting;
+        let AwaitingNorm { gradient, lr_scale, contributors, overflow, .. } = awaiting;
         state.last_contributors = contributors;
         let Some(mut gradient) = gradient else {
-            self.skip(block, state);
+            self.skip(block, state, overflow);
             return true;
         };
         if let Some(factor) = factor {

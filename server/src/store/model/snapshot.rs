@@ -32,6 +32,8 @@ pub struct BlockSnapshot {
     pub version: u64,
     /// Steps of those that no push had a gradient for (they left the block as it was).
     pub skipped_steps: u64,
+    /// Of those, the steps a worker's overflow skipped.
+    pub overflow_steps: u64,
     /// The weights (shared with the block until its next update).
     pub params: Arc<Vec<f32>>,
     /// The optimizer's state.
@@ -287,6 +289,7 @@ impl Model {
             block: block.index,
             version: state.version,
             skipped_steps: state.skipped_steps,
+            overflow_steps: state.overflow_steps,
             params: state.params.clone(),
             optimizer: state.optimizer.export_state(),
             global: state.global.clone(),
@@ -407,6 +410,7 @@ impl Model {
             state.global.copy_from_slice(&saved.global);
             state.version = saved.version;
             state.skipped_steps = saved.skipped_steps;
+            state.overflow_steps = saved.overflow_steps;
             state.last_contributors = saved.last_contributors.clone();
             state.last_async_step = saved.async_steps.iter().cloned().collect();
             block.announce(saved.version);
