@@ -342,8 +342,12 @@ class Client:
         return Model(self, replies[0].layout)
 
     def model(self, name: str) -> "Model":
-        """Opens a registered model by name."""
-        return Model(self, self.call(0, "GetLayout", pb.GetLayoutRequest(model=name)))
+        """Opens a registered model by name: once every shard that holds blocks of it has it
+        (a registration reaches the shards one by one; before that, unknown-model)."""
+        layout = self.call(0, "GetLayout", pb.GetLayoutRequest(model=name))
+        for shard in sorted({block.shard for block in layout.blocks} - {0}):
+            self.call(shard, "GetLayout", pb.GetLayoutRequest(model=name))
+        return Model(self, layout)
 
     def checkpoint(self, model: str, wait: bool = True, timeout_s: float = 60.0) -> pb.CheckpointResponse:
         """Asks for a checkpoint of `model` on every shard at one version (admin token)."""
