@@ -50,8 +50,8 @@ impl ModelHandle {
         grads: &Tensors,
         no_gradient: &BTreeSet<String>,
     ) -> Result<PushSummary, ClientError> {
-        let options = PushOptions { no_gradient: no_gradient.clone(), ..PushOptions::default() };
-        self.push_gradients(worker, step, Gradients::Lent(grads), &options).await
+        self.push_with(worker, step, grads, &PushOptions { no_gradient: no_gradient.clone(), ..Default::default() })
+            .await
     }
 
     /// Pushes as [`ModelHandle::push`] does, taking the gradients: over gRPC,
@@ -277,8 +277,13 @@ impl ModelHandle {
         grads: &Tensors,
         no_gradient: &BTreeSet<String>,
     ) -> Result<StepOutcome, ClientError> {
-        let options = PushOptions { no_gradient: no_gradient.clone(), ..PushOptions::default() };
-        self.push_step_gradients(worker, step, Gradients::Lent(grads), &options).await
+        self.push_step_with(
+            worker,
+            step,
+            grads,
+            &PushOptions { no_gradient: no_gradient.clone(), ..Default::default() },
+        )
+        .await
     }
 
     /// [`ModelHandle::push_step`], taking the gradients as [`ModelHandle::push_owned`] does.
