@@ -173,7 +173,6 @@ class AttachedModule:
         model.start_heartbeat(worker, joined.lease_s)
         self.version = joined.version
         self._pull(self.version)
-        self._overflow_seen = self.model.overflow_steps
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -265,7 +264,6 @@ class AttachedModule:
             joined = self.model.join(self.worker, self.rank)
             self.version = min(rolled.resume_version, joined.version)
             self._pull(self.version)
-            self._overflow_seen = self.model.overflow_steps
             return self.version
         except ServerError as error:
             if error.kind not in ("stale-step", "unknown-worker"):
@@ -275,13 +273,11 @@ class AttachedModule:
             self.model.start_heartbeat(self.worker, joined.lease_s)
             self.version = joined.version
             self._pull(self.version)
-            self._overflow_seen = self.model.overflow_steps
             return self.version
         self.version += 1
-        self._pull(self.version)
+        skipped = self._pull(self.version)
         if self.scaler is not None:
-            self._update_scale(skipped=self.model.overflow_steps > self._overflow_seen)
-        self._overflow_seen = self.model.overflow_steps
+            self._update_scale(skipped)
         return self.version
 
     def _unscale(self) -> bool:
@@ -309,7 +305,9 @@ class AttachedModule:
                 self._growth_tracker = 0
         self.scaler.update(scale)
 
-    def _pull(self, version: int) -> None:
+    def _pull(self, version: int) -> bool:
+        """Pulls `version` into the parameters and clears their gradients; True if the shards
+        skipped a step for an overflow since the previous pull."""
         in_place = {
             name: p.data.numpy()
             for name, p in self.params.items()
@@ -321,6 +319,9 @@ class AttachedModule:
                 if name not in in_place:
                     param.copy_(torch.from_numpy(arrays[name]).to(param.device, param.dtype))
                 param.grad = None
+        skipped = self.model.overflow_steps > self._overflow_seen
+        self._overflow_seen = self.model.overflow_steps
+        return skipped
 
     def close(self) -> None:
         """Removes the hooks and leaves the model."""
