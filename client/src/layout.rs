@@ -29,6 +29,9 @@ pub struct GroupLayout {
     pub push_encodings: Vec<Encoding>,
     /// How a sync step combines pushes.
     pub aggregation: Aggregation,
+    /// The group holds module buffers: values are pushed, not gradients, and
+    /// clipping leaves them out.
+    pub buffers: bool,
 }
 
 /// A registered model's layout.
@@ -84,6 +87,7 @@ impl TryFrom<pb::Layout> for Layout {
                     aggregation: Aggregation::try_from(g.aggregation).map_err(|_| {
                         ProtocolError::Spec(SpecError(format!("unknown aggregation {}", g.aggregation)))
                     })?,
+                    buffers: g.buffers,
                 })
             })
             .collect::<Result<_, ClientError>>()?;

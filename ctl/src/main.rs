@@ -1,11 +1,14 @@
 //! `ctl`: look at a running cluster from the command line — status, layout,
-//! and a health check that exits non-zero when a shard does not answer.
+//! and a health check that exits non-zero when a shard does not answer — and
+//! export a model from its checkpoints with no shard running.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ps_client::PsClient;
 use ps_proto::units::human_bytes;
+use ps_server::durability::checkpoint::export;
 
 #[derive(Parser)]
 #[command(name = "ctl", version, about = "Inspect parameter-server shards")]
@@ -70,11 +73,42 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         metrics: Vec<String>,
     },
+    /// Write a model's weights and buffers, read from every shard's checkpoint
+    /// directory (no shard needs to run), as one safetensors file of the spec's
+    /// tensors in their shapes: the state_dict `torch.nn.Module.load_state_dict` takes.
+    Export {
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// Each shard's --checkpoint-dir, once each, in any order (comma-separated or repeated).
+        #[arg(long = "checkpoint-dir", value_delimiter = ',', required = true)]
+        checkpoint_dirs: Vec<PathBuf>,
+        /// The version to export (default: the newest one every shard holds intact).
+        #[arg(long)]
+        version: Option<u64>,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Export { model, checkpoint_dirs, version, out } = &cli.command {
+        let exported = export::assemble(checkpoint_dirs, model, *version)?;
+        export::write_safetensors(&exported, out)?;
+        let elements: usize = exported.tensors.iter().map(|t| t.values.len()).sum();
+        println!(
+            "wrote {}: model '{model}' at version {} from {} shards, {} tensors, {elements} values ({})",
+            out.display(),
+            exported.version,
+            exported.num_shards,
+            exported.tensors.len(),
+            human_bytes(4 * elements as u64)
+        );
+        return Ok(());
+    }
     let mut config = cli.access.config(cli.shards.clone())?;
     config.attempts = 2;
     let client = PsClient::connect(config)?;
@@ -275,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Export { .. } => unreachable!("exported above, without connecting"),
     }
     Ok(())
 }

@@ -183,6 +183,18 @@ pub enum ServerError {
         /// The scale of the step's first push.
         first: f64,
     },
+    /// Buffer values from a worker other than rank 0 for a group that takes rank 0's (`BUFFER_SYNC_BROADCAST`).
+    #[error(
+        "worker '{worker}' (rank {rank}) pushed values for buffer '{tensor}', whose group takes rank 0's values only (BUFFER_SYNC_BROADCAST); push ENCODING_NO_GRADIENT for it from the other ranks, or use BUFFER_SYNC_MEAN; nothing was applied"
+    )]
+    BufferNotFromRankZero {
+        /// Worker id.
+        worker: String,
+        /// Its rank.
+        rank: u32,
+        /// Tensor name.
+        tensor: String,
+    },
     /// A part of a step's norm from a shard that holds no part of it, or not a sum of squares.
     #[error(
         "shard {shard} sent a part of step {step}'s gradient norm of model '{model}' that does not fit: it holds no blocks of the norm, or the value is not a finite sum of squares"

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import grpc
 import numpy as np
 
-from . import codec, local, wire
+from . import codec, local, safetensors, wire
 from .shards import expand_shards
 from .v1 import paramserver_pb2 as pb
 from .v1 import paramserver_pb2_grpc as pb_grpc
@@ -373,6 +373,10 @@ class _Tensor:
     size: int
     encoding: int
     blocks: List[pb.BlockPlacement] = field(default_factory=list)
+    # A module buffer (its group's optimizer is BufferConfig): values, not gradients, are pushed.
+    buffer: bool = False
+    # How its values are synchronised (pb.BUFFER_SYNC_*), for a buffer.
+    buffer_sync: int = pb.BUFFER_SYNC_BROADCAST
 
 
 class Model:
@@ -383,12 +387,15 @@ class Model:
         self.layout = layout
         self.name = layout.model
         self.epoch = layout.epoch
-        encodings = {g.name: (g.push_encodings[0] if g.push_encodings else codec.F32) for g in layout.groups}
+        groups = {g.name: g for g in layout.groups}
         self.tensors: Dict[str, _Tensor] = {}
         for t in layout.tensors:
             shape = tuple(int(d) for d in t.shape)
             size = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            self.tensors[t.name] = _Tensor(t.name, shape, size, encodings.get(t.group, codec.F32))
+            group = groups.get(t.group)
+            encoding = group.push_encodings[0] if group is not None and group.push_encodings else codec.F32
+            buffer, sync = (group.buffers, group.buffer_sync) if group is not None else (False, pb.BUFFER_SYNC_BROADCAST)
+            self.tensors[t.name] = _Tensor(t.name, shape, size, encoding, buffer=buffer, buffer_sync=sync)
         for block in layout.blocks:
             self.tensors[block.tensor].blocks.append(block)
         self.shards_with_blocks = sorted({b.shard for b in layout.blocks})
@@ -696,6 +703,18 @@ class Model:
                 return min((b.version for b in reply.blocks), default=request.min_version)
         return None
 
+    def state_dict(self, min_version: int = 0, timeout_s: float = 60.0) -> Tuple[int, Dict[str, np.ndarray]]:
+        """Every tensor of the model (weights and buffers) in its own shape, once every block
+        reaches `min_version`: the lowest block version read, and the arrays by name."""
+        return self.pull(min_version, timeout_s=timeout_s)
+
+    def export(self, path: str, min_version: int = 0, timeout_s: float = 60.0) -> int:
+        """Writes `state_dict()` as a safetensors file (f32, the spec's shapes), which
+        `safetensors.torch.load_file` reads and `load_state_dict` takes; returns the version."""
+        version, arrays = self.state_dict(min_version, timeout_s)
+        safetensors.save(arrays, path, {"model": self.name, "version": str(version)})
+        return version
+
     # Federated rounds (README, "Writing a client in another language", step 7).
 
     def round_task(self, client_id: int, after_round: int, timeout_s: float = 60.0) -> pb.RoundTask:
@@ -749,8 +768,8 @@ class Model:
 
     def clip(self, grads: Mapping[str, Optional[np.ndarray]]) -> float:
         """Scales `grads` in place so their global L2 norm is at most max_grad_norm (None: no
-        gradient, left out); returns the norm before."""
-        present = [g for g in grads.values() if g is not None]
+        gradient, and buffers' values, left out); returns the norm before."""
+        present = [g for name, g in grads.items() if g is not None and not self.tensors[name].buffer]
         norm = float(np.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64))) for g in present)))
         limit = self.max_grad_norm
         if limit > 0 and norm > limit:

@@ -34,6 +34,24 @@ def adamw(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
     return pb.OptimizerConfig(adamw=pb.AdamWConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l2_decay=l2_decay))
 
 
+def buffers(names: Iterable[str], sync: str = "broadcast", name: str = "buffers", push_encodings: Sequence[str] = ("f32",)) -> pb.ParamGroup:
+    """A group of module buffers (BatchNorm's running statistics, counters), which the
+    shards hold, checkpoint and serve but do not train: each step keeps rank 0's values
+    (`sync="broadcast"`, DDP's default) or the mean of every worker's (`"mean"`). `names`
+    are the buffers' names (exact, or glob patterns), e.g. `buffer_names(module)`; put the
+    group before any catch-all group, since a tensor belongs to the first group it matches."""
+    if sync not in _BUFFER_SYNCS:
+        raise ValueError(f"unknown buffer sync {sync!r}; use broadcast or mean")
+    patterns = list(names)
+    if not patterns:
+        raise ValueError("a buffer group needs at least one name")
+    config = pb.OptimizerConfig(buffer=pb.BufferConfig(sync=_BUFFER_SYNCS[sync]))
+    return group(name, patterns, config, push_encodings=push_encodings)
+
+
+_BUFFER_SYNCS = {"broadcast": pb.BUFFER_SYNC_BROADCAST, "mean": pb.BUFFER_SYNC_MEAN}
+
+
 def group(
     name: str,
     patterns: Iterable[str],
@@ -111,9 +129,20 @@ def model_spec(
 _GRAD_CLIPS = {"mean": pb.GRAD_CLIP_MEAN, "per-worker": pb.GRAD_CLIP_PER_WORKER}
 
 
-def arrays_of(module) -> Dict[str, np.ndarray]:
-    """A torch module's named parameters as f32 numpy arrays (copies, on the CPU)."""
-    return {name: p.detach().to("cpu", dtype=_torch_float32()).numpy().copy() for name, p in module.named_parameters()}
+def arrays_of(module, buffers: bool = False) -> Dict[str, np.ndarray]:
+    """A torch module's named parameters (and, with `buffers`, the buffers its
+    state_dict holds) as f32 numpy arrays (copies, on the CPU)."""
+    tensors = dict(module.named_parameters())
+    if buffers:
+        tensors.update((name, module.get_buffer(name)) for name in buffer_names(module))
+    return {name: t.detach().to("cpu", dtype=_torch_float32()).numpy().copy() for name, t in tensors.items()}
+
+
+def buffer_names(module) -> list:
+    """The names of a torch module's buffers that its state_dict holds (the persistent
+    ones: running statistics and counters), in state_dict order."""
+    parameters = {name for name, _ in module.named_parameters()}
+    return [name for name in module.state_dict(keep_vars=True) if name not in parameters]
 
 
 def _torch_float32():

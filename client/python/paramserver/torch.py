@@ -27,6 +27,17 @@ way, and the shards leave it (weights and optimizer state) as torch.optim
 would, unless another worker of the step has a gradient for it (then the mean
 counts this worker's part as zeros, as DDP's all-reduce does).
 
+Module buffers (BatchNorm's running mean and variance, its counter) go to
+the shards when the model holds them in a buffers group
+(`paramserver.buffers(paramserver.buffer_names(net))`, registered with
+`arrays_of(net, buffers=True)`): every `step()` pushes their values, rank 0's
+only with the default `sync="broadcast"` (as DDP broadcasts rank 0's before
+each forward pass) or every worker's with `"mean"`, and the pull after it
+loads what the shards kept into every worker's buffers. So each forward pass
+starts from the same buffers, a checkpoint holds them, and `Model.export`
+writes a complete `state_dict`. Buffers the model does not hold stay on each
+worker, as before.
+
 Gradient accumulation works as with DDP: several `backward()` calls before
 `step()` push the sum their gradients leave in `.grad`, once. Run all but the
 last micro-batch inside `worker.no_sync()` (DDP's name for it), or attach with
@@ -93,6 +104,8 @@ import numpy as np
 import torch
 
 from .client import Model, RolledBack, ServerError
+from .spec import buffer_names
+from .v1 import paramserver_pb2 as pb
 
 
 class LearningRate(torch.optim.Optimizer):
@@ -146,13 +159,18 @@ class AttachedModule:
         self.model = model
         self.worker = worker
         self.params: Dict[str, torch.nn.Parameter] = dict(module.named_parameters())
-        missing = set(model.tensors) - set(self.params)
+        # The buffers the shards hold; the module's others stay on this worker.
+        self.buffers: Dict[str, torch.Tensor] = {n: module.get_buffer(n) for n in buffer_names(module) if n in model.tensors}
+        missing = set(model.tensors) - set(self.params) - set(self.buffers)
         extra = set(self.params) - set(model.tensors)
         if missing or extra:
-            raise ValueError(f"the module's parameters differ from model '{model.name}': missing {sorted(missing)}, not in the model {sorted(extra)}")
-        for name, param in self.params.items():
-            if tuple(param.shape) != model.tensors[name].shape:
-                raise ValueError(f"parameter '{name}' has shape {tuple(param.shape)}, the model's tensor {model.tensors[name].shape}")
+            raise ValueError(f"the module's parameters and buffers differ from model '{model.name}': not in the module {sorted(missing)}, not in the model {sorted(extra)}")
+        for name, tensor in {**self.params, **self.buffers}.items():
+            if tuple(tensor.shape) != model.tensors[name].shape:
+                raise ValueError(f"'{name}' has shape {tuple(tensor.shape)}, the model's tensor {model.tensors[name].shape}")
+            if model.tensors[name].buffer != (name in self.buffers):
+                kind = "a buffer of the module, but the model trains it" if name in self.buffers else "a parameter of the module, but the model holds it as a buffer"
+                raise ValueError(f"'{name}' is {kind}: put the module's buffers, and only them, in a group made by paramserver.buffers(...)")
         self.bucket_bytes = bucket_bytes
         # Clipping its own gradient, or looking for an overflow, needs every tensor before any is sent.
         self.overlap = overlap and model.max_grad_norm <= 0 and scaler is None
@@ -233,18 +251,23 @@ class AttachedModule:
         is None), waits for every push of the step, pulls the next version into the
         parameters and clears their gradients. Returns the version now in the parameters."""
         with self._lock:
-            for name, tensor in self.model.tensors.items():
+            for name, param in self.params.items():
                 if name not in self._grads:
-                    grad = self.params[name].grad
+                    grad = param.grad
                     self._grads[name] = None if grad is None else _host(grad)
                     self._bucket.append(name)
+            # Values, not gradients: added after the unscaling and clipping.
+            values = self._buffer_values()
             if self.overlap:
+                self._grads.update(values)
+                self._bucket.extend(values)
                 self._send_bucket()
             elif self.scaler is not None and not self._unscale():
                 self._bucket = []
                 self._pushes.append(self._sender.submit(self.model.push_overflow, self.worker, self.version, self.lr_scale()))
             else:
                 self.model.clip(self._grads)
+                self._grads.update(values)
                 self._bucket = list(self._grads)
                 self._send_bucket()
             pushes, self._pushes = self._pushes, []
@@ -280,6 +303,14 @@ class AttachedModule:
             self._update_scale(skipped)
         return self.version
 
+    def _buffer_values(self) -> Dict[str, Optional[np.ndarray]]:
+        """What this worker pushes for each buffer: its values, or None where the group
+        takes rank 0's and this worker is another rank."""
+        return {
+            name: _host(buffer) if self.rank == 0 or self.model.tensors[name].buffer_sync == pb.BUFFER_SYNC_MEAN else None
+            for name, buffer in self.buffers.items()
+        }
+
     def _unscale(self) -> bool:
         """Divides the gradients by the loss scale in place, as `GradScaler.unscale_` does
         (times the f32 reciprocal); False if any of them holds inf or NaN."""
@@ -308,16 +339,20 @@ class AttachedModule:
     def _pull(self, version: int) -> bool:
         """Pulls `version` into the parameters and clears their gradients; True if the shards
         skipped a step for an overflow since the previous pull."""
+        held = {**self.params, **self.buffers}
         in_place = {
-            name: p.data.numpy()
-            for name, p in self.params.items()
-            if p.device.type == "cpu" and p.dtype == torch.float32 and p.data.is_contiguous()
+            name: t.data.numpy()
+            for name, t in held.items()
+            if t.device.type == "cpu" and t.dtype == torch.float32 and t.data.is_contiguous()
         }
         _, arrays = self.model.pull(version, out=dict(in_place))
         with torch.no_grad():
-            for name, param in self.params.items():
+            for name, tensor in held.items():
                 if name not in in_place:
-                    param.copy_(torch.from_numpy(arrays[name]).to(param.device, param.dtype))
+                    pulled = torch.from_numpy(arrays[name]).to(tensor.device)
+                    # Integer buffers (a counter) travel as f32; they hold whole numbers.
+                    tensor.copy_(pulled if tensor.is_floating_point() else pulled.round())
+            for param in self.params.values():
                 param.grad = None
         skipped = self.model.overflow_steps > self._overflow_seen
         self._overflow_seen = self.model.overflow_steps

@@ -33,16 +33,20 @@ def free_port() -> int:
 class Shards:
     """`count` shard processes on loopback, stopped at the end of the test."""
 
-    def __init__(self, count: int, extra: List[str], local: bool = False):
+    def __init__(self, count: int, extra: List[str], local: bool = False, checkpoints: bool = False):
         self.addrs = [f"127.0.0.1:{free_port()}" for _ in range(count)]
         self.logs = tempfile.mkdtemp(prefix="ps-pytest-")
         self.local = local
+        # Each shard's --checkpoint-dir, when it writes checkpoints.
+        self.checkpoint_dirs = [os.path.join(self.logs, f"checkpoints-{index}") for index in range(count)] if checkpoints else []
         self.processes = []
         for index in range(count):
             log = open(os.path.join(self.logs, f"shard-{index}.log"), "w")
             args = [str(binary("server")), "--shard-index", str(index), "--shards", ",".join(self.addrs), "--metrics-addr", "off", *extra]
             if local:
                 args += ["--local-dir", os.path.join(self.logs, f"shard-{index}")]
+            if checkpoints:
+                args += ["--checkpoint-dir", self.checkpoint_dirs[index]]
             self.processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
         self.client().wait_ready(30)
 
@@ -58,6 +62,14 @@ class Shards:
 @pytest.fixture
 def shards() -> Iterator[Shards]:
     cluster = Shards(2, ["--lease", "5s"])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def checkpointed_shards() -> Iterator[Shards]:
+    """Two shards, each writing checkpoints to a directory of its own (`checkpoint_dirs`)."""
+    cluster = Shards(2, ["--lease", "5s"], checkpoints=True)
     yield cluster
     cluster.stop()
 

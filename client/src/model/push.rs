@@ -341,11 +341,26 @@ impl ModelHandle {
     /// model's `max_grad_norm` (when it is set); returns the norm before.
     /// Call it on the raw gradient, before any compression: the shards never
     /// hold a whole gradient, so this is where the global norm is known.
+    /// Buffers' values (groups with `buffers`) are left out.
     pub fn clip_to_max_norm(&self, grads: &mut Tensors) -> f64 {
-        let norm = grads.values().flatten().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt();
+        let buffers: std::collections::HashSet<&str> = self
+            .layout
+            .tensors
+            .iter()
+            .filter(|t| self.layout.groups.iter().any(|g| g.name == t.group && g.buffers))
+            .map(|t| t.name.as_str())
+            .collect();
+        let gradients = |name: &String| !buffers.contains(name.as_str());
+        let norm = grads
+            .iter()
+            .filter(|(name, _)| gradients(name))
+            .flat_map(|(_, g)| g)
+            .map(|g| f64::from(*g) * f64::from(*g))
+            .sum::<f64>()
+            .sqrt();
         if self.layout.max_grad_norm > 0.0 && norm > self.layout.max_grad_norm {
             let scale = (self.layout.max_grad_norm / (norm + 1e-6)) as f32;
-            grads.values_mut().flatten().for_each(|g| *g *= scale);
+            grads.iter_mut().filter(|(name, _)| gradients(name)).flat_map(|(_, g)| g).for_each(|g| *g *= scale);
         }
         norm
     }
@@ -405,5 +420,27 @@ mod tests {
         let mut unlimited: Tensors = [("w".to_string(), vec![30.0f32, 40.0])].into_iter().collect();
         handle(0.0).clip_to_max_norm(&mut unlimited);
         assert_eq!(unlimited["w"], vec![30.0, 40.0]);
+    }
+
+    #[tokio::test]
+    async fn clipping_leaves_buffers_out() {
+        let shards = Shards::connect(ClientConfig::new(vec!["127.0.0.1:1".into()])).unwrap();
+        let tensor =
+            |name: &str, group: &str| pb::TensorLayout { name: name.into(), shape: vec![2], group: group.into() };
+        let group = |name: &str, buffers| pb::GroupLayout { name: name.into(), buffers, ..Default::default() };
+        let layout = pb::Layout {
+            model: "m".into(),
+            shards: vec!["127.0.0.1:1".into()],
+            tensors: vec![tensor("w", "weights"), tensor("bn.running_var", "buffers")],
+            groups: vec![group("buffers", true), group("weights", false)],
+            max_grad_norm: 1.0,
+            ..Default::default()
+        };
+        let handle = ModelHandle::new(shards, layout.try_into().unwrap()).unwrap();
+        let mut grads: Tensors =
+            [("w".to_string(), vec![3.0f32, 4.0]), ("bn.running_var".to_string(), vec![100.0, 200.0])].into();
+        assert_eq!(handle.clip_to_max_norm(&mut grads), 5.0, "the norm is the gradient's alone");
+        assert_eq!(grads["bn.running_var"], vec![100.0, 200.0], "values are not scaled");
+        assert!((grads["w"][0] - 0.6).abs() < 1e-6);
     }
 }

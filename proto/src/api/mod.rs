@@ -22,8 +22,8 @@ mod spec;
 pub use init::Init;
 pub use mode::{MAX_STALENESS, MIN_STEP_DEADLINE, Mode, StepContract};
 pub use optimizer::{
-    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2, OptimizerConfig,
-    Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    AdamWConfig, BlockOrder, BufferSync, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 pub use rounds::{Algorithm, ClientRule, HPool, MAX_CLIENTS, RoundConfig, RoundTask, Selection};
 pub use schedule::LrSchedule;

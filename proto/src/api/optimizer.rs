@@ -20,6 +20,18 @@ pub enum OptimizerConfig {
     Frugal(FrugalConfig),
     /// signSGD, Signum, Lion.
     Sign(SignConfig),
+    /// Not trained: module buffers, each step set to the mean of the values pushed.
+    Buffer(BufferSync),
+}
+
+/// How the workers' module buffers become the one the shards keep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BufferSync {
+    /// Rank 0's values, as DDP's `broadcast_buffers`; the other ranks push none.
+    #[default]
+    Broadcast,
+    /// The mean of every worker's values.
+    Mean,
 }
 
 /// Hyperparameters of SGD, as torch.optim.SGD.
@@ -360,6 +372,7 @@ impl OptimizerConfig {
             OptimizerConfig::SubspaceMomentum(c) => c.lr,
             OptimizerConfig::Frugal(c) => c.lr,
             OptimizerConfig::Sign(c) => c.lr,
+            OptimizerConfig::Buffer(_) => 0.0,
         }
     }
 
@@ -368,7 +381,10 @@ impl OptimizerConfig {
         match self {
             OptimizerConfig::SubsetNorm(c) => c.subsets != Subsets::Coordinates,
             OptimizerConfig::SubspaceMomentum(_) | OptimizerConfig::Frugal(_) => true,
-            OptimizerConfig::Sgd(_) | OptimizerConfig::AdamW(_) | OptimizerConfig::Sign(_) => false,
+            OptimizerConfig::Sgd(_)
+            | OptimizerConfig::AdamW(_)
+            | OptimizerConfig::Sign(_)
+            | OptimizerConfig::Buffer(_) => false,
         }
     }
 
@@ -436,7 +452,13 @@ impl OptimizerConfig {
                 check_unit("beta2", c.beta2)?;
                 check_non_negative("weight_decay", c.weight_decay)
             }
+            OptimizerConfig::Buffer(_) => Ok(()),
         }
+    }
+
+    /// Whether the group holds module buffers rather than trained tensors.
+    pub fn is_buffer(&self) -> bool {
+        matches!(self, OptimizerConfig::Buffer(_))
     }
 
     /// Short mode name, used as a metric label.
@@ -458,6 +480,8 @@ impl OptimizerConfig {
             OptimizerConfig::Sign(c) if c.lion => "lion",
             OptimizerConfig::Sign(c) if c.beta1 > 0.0 => "signum",
             OptimizerConfig::Sign(_) => "signsgd",
+            OptimizerConfig::Buffer(BufferSync::Broadcast) => "buffer_broadcast",
+            OptimizerConfig::Buffer(BufferSync::Mean) => "buffer_mean",
         }
     }
 

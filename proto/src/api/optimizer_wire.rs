@@ -2,8 +2,8 @@
 //! messages, with the `.proto`'s defaults for the fields left at zero.
 
 use super::optimizer::{
-    AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2, OptimizerConfig,
-    Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    AdamWConfig, BlockOrder, BufferSync, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
 };
 use super::{SpecError, or_default, or_default_count, refuse};
 use crate::pb;
@@ -162,7 +162,22 @@ impl OptimizerConfig {
                 weight_decay: c.weight_decay as f32,
                 lion: c.lion,
             }),
+            Kind::Buffer(c) => OptimizerConfig::Buffer(match pb::BufferSync::try_from(c.sync) {
+                Ok(pb::BufferSync::Broadcast) => BufferSync::Broadcast,
+                Ok(pb::BufferSync::Mean) => BufferSync::Mean,
+                Err(_) => return Err(unknown("buffer sync", c.sync)),
+            }),
         })
+    }
+}
+
+impl BufferSync {
+    /// The wire value.
+    pub fn to_wire(self) -> pb::BufferSync {
+        match self {
+            BufferSync::Broadcast => pb::BufferSync::Broadcast,
+            BufferSync::Mean => pb::BufferSync::Mean,
+        }
     }
 }
 
@@ -266,6 +281,7 @@ impl From<&OptimizerConfig> for pb::OptimizerConfig {
                 weight_decay: wide(c.weight_decay),
                 lion: c.lion,
             }),
+            OptimizerConfig::Buffer(sync) => Kind::Buffer(pb::BufferConfig { sync: sync.to_wire() as i32 }),
         };
         pb::OptimizerConfig { kind: Some(kind) }
     }
@@ -309,6 +325,8 @@ mod tests {
             }),
             OptimizerConfig::Frugal(FrugalConfig { mode: FrugalMode::Svd, ..Default::default() }),
             OptimizerConfig::Sign(SignConfig { lr: 1e-4, beta1: 0.9, beta2: 0.99, lion: true, ..Default::default() }),
+            OptimizerConfig::Buffer(BufferSync::Broadcast),
+            OptimizerConfig::Buffer(BufferSync::Mean),
         ]
     }
 

@@ -64,6 +64,13 @@ impl GroupConfig {
         }
     }
 
+    /// Whether the shards' clipping (`GRAD_CLIP_MEAN`) counts this group in the
+    /// norm and scales its gradients: averaged gradients of trained tensors (a
+    /// vote's signs do not change with a scale, and buffers are values).
+    pub fn clipped(&self) -> bool {
+        self.aggregation == Aggregation::Mean && !self.optimizer.is_buffer()
+    }
+
     /// The encodings this group accepts, as a readable list.
     pub fn allowed_encodings(&self) -> String {
         self.push_encodings.iter().map(|e| codec::encoding_label(*e)).collect::<Vec<_>>().join(", ")
@@ -121,6 +128,21 @@ impl GroupConfig {
             }
             if mode.window().is_none() {
                 return refuse("majority vote needs sync mode");
+            }
+        }
+        if self.optimizer.is_buffer() {
+            if self.aggregation != Aggregation::Mean {
+                return refuse(
+                    "holds buffers (BufferConfig), whose values are averaged or taken from rank 0: use AGGREGATION_MEAN",
+                );
+            }
+            if self.push_encodings.contains(&Encoding::Sign1) {
+                return refuse(
+                    "holds buffers (BufferConfig), whose values do not survive sign1: push them in f32, bf16 or f16",
+                );
+            }
+            if mode == Mode::Federated {
+                return refuse("holds buffers (BufferConfig), which federated rounds do not synchronise");
             }
         }
         if mode == Mode::Federated && self.push_encodings.contains(&Encoding::Sign1) {
@@ -359,7 +381,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::api::{AdamWConfig, Algorithm};
+    use crate::api::{AdamWConfig, Algorithm, BufferSync};
 
     fn spec() -> ModelSpec {
         let mut group =
@@ -428,5 +450,18 @@ mod tests {
         let mut rounds = spec();
         rounds.federated = Some(RoundConfig::new(Algorithm::FedAvg, 4, 0.1));
         assert!(ModelSpec::from_wire(&(&rounds).into()).unwrap_err().0.contains("only accepted with"));
+    }
+
+    #[test]
+    fn buffers_take_values_averaged_or_from_rank_zero_and_nothing_else() {
+        let mut buffers = GroupConfig::new("buffers", &["*.running_*"], OptimizerConfig::Buffer(BufferSync::Mean));
+        assert!(buffers.check(Mode::Sync).is_ok() && buffers.check(Mode::Async).is_ok());
+        assert!(!buffers.clipped(), "values are not clipped");
+        assert!(GroupConfig::new("w", &["*"], OptimizerConfig::sgd(0.1)).clipped());
+        assert!(buffers.check(Mode::Federated).unwrap_err().0.contains("federated rounds do not synchronise"));
+        buffers.push_encodings = vec![Encoding::Sign1];
+        assert!(buffers.check(Mode::Sync).unwrap_err().0.contains("do not survive sign1"));
+        buffers.aggregation = Aggregation::MajorityVote;
+        assert!(buffers.check(Mode::Sync).unwrap_err().0.contains("use AGGREGATION_MEAN"));
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 mod adam;
+mod buffer;
 mod frugal;
 pub mod linalg;
 mod projector;
@@ -16,6 +17,7 @@ mod subset_norm;
 mod subspace;
 
 pub use adam::{AdamW, Moments};
+pub use buffer::Assign;
 pub use frugal::{Frugal, GroupPosition, PROJECTABLE_NAMES, projectable_by_name};
 pub use linalg::Dims;
 pub use projector::Projector;
@@ -237,6 +239,7 @@ pub fn build(config: &OptimizerConfig, slice: &SliceInfo) -> Box<dyn Optimizer> 
             )),
         },
         OptimizerConfig::Sign(c) => Box::new(Sign::new(c.clone(), len)),
+        OptimizerConfig::Buffer(_) => Box::new(Assign),
     }
 }
 

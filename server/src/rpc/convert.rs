@@ -71,6 +71,11 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
                 name: g.name.clone(),
                 push_encodings: g.push_encodings.iter().map(|e| *e as i32).collect(),
                 aggregation: g.aggregation as i32,
+                buffers: g.optimizer.is_buffer(),
+                buffer_sync: match g.optimizer {
+                    api::OptimizerConfig::Buffer(sync) => sync.to_wire() as i32,
+                    _ => 0,
+                },
             })
             .collect(),
     }
@@ -187,6 +192,7 @@ impl From<ServerError> for Status {
             | ServerError::BadNormPart { .. }
             | ServerError::MixedLrScale { .. }
             | ServerError::LrScaleMismatch { .. }
+            | ServerError::BufferNotFromRankZero { .. }
             | ServerError::StepWentBack { .. }
             | ServerError::NonFinite { .. }
             | ServerError::PullEncoding(_)

@@ -114,8 +114,9 @@ pub(super) struct PendingStep {
     pub(super) contributors: Vec<String>,
     /// When its first push arrived, on the shard's running time (`clock`).
     pub(super) started: Instant,
-    /// Whether any push had a gradient for the block (not `ENCODING_NO_GRADIENT`).
-    pub(super) any_gradient: bool,
+    /// How many pushes had a gradient (or a buffer's values) for the block
+    /// (not `ENCODING_NO_GRADIENT`).
+    pub(super) valued: usize,
     /// Whether any push said its gradient overflowed: the step is skipped.
     pub(super) overflow: bool,
     /// The learning-rate scale every push of the step carries (1 when none does).

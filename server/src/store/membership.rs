@@ -174,6 +174,11 @@ impl Membership {
         live
     }
 
+    /// A member's rank.
+    pub fn rank(&self, worker: &str) -> Option<u32> {
+        self.members.lock().ranks.get(worker).copied()
+    }
+
     /// Every member and its rank, by rank.
     pub fn ranks(&self) -> Vec<(String, u32)> {
         self.members.lock().holders.iter().map(|(rank, worker)| (worker.clone(), *rank)).collect()

@@ -70,6 +70,11 @@ class InactiveRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INACTIVE_RULE_SGD: _ClassVar[InactiveRule]
     INACTIVE_RULE_NONE: _ClassVar[InactiveRule]
 
+class BufferSync(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BUFFER_SYNC_BROADCAST: _ClassVar[BufferSync]
+    BUFFER_SYNC_MEAN: _ClassVar[BufferSync]
+
 class ScheduleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCHEDULE_KIND_CONSTANT: _ClassVar[ScheduleKind]
@@ -144,6 +149,8 @@ BLOCK_ORDER_RANDOM: BlockOrder
 INACTIVE_RULE_SIGN_SGD: InactiveRule
 INACTIVE_RULE_SGD: InactiveRule
 INACTIVE_RULE_NONE: InactiveRule
+BUFFER_SYNC_BROADCAST: BufferSync
+BUFFER_SYNC_MEAN: BufferSync
 SCHEDULE_KIND_CONSTANT: ScheduleKind
 SCHEDULE_KIND_WARMUP_COSINE: ScheduleKind
 SCHEDULE_KIND_WARMUP_STABLE_DECAY: ScheduleKind
@@ -324,20 +331,28 @@ class SignConfig(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., weight_decay: _Optional[float] = ..., lion: _Optional[bool] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("sgd", "adamw", "subset_norm", "subspace_momentum", "frugal", "sign")
+    __slots__ = ("sgd", "adamw", "subset_norm", "subspace_momentum", "frugal", "sign", "buffer")
     SGD_FIELD_NUMBER: _ClassVar[int]
     ADAMW_FIELD_NUMBER: _ClassVar[int]
     SUBSET_NORM_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     FRUGAL_FIELD_NUMBER: _ClassVar[int]
     SIGN_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
     sgd: SgdConfig
     adamw: AdamWConfig
     subset_norm: SubsetNormConfig
     subspace_momentum: SubspaceMomentumConfig
     frugal: FrugalConfig
     sign: SignConfig
-    def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., adamw: _Optional[_Union[AdamWConfig, _Mapping]] = ..., subset_norm: _Optional[_Union[SubsetNormConfig, _Mapping]] = ..., subspace_momentum: _Optional[_Union[SubspaceMomentumConfig, _Mapping]] = ..., frugal: _Optional[_Union[FrugalConfig, _Mapping]] = ..., sign: _Optional[_Union[SignConfig, _Mapping]] = ...) -> None: ...
+    buffer: BufferConfig
+    def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., adamw: _Optional[_Union[AdamWConfig, _Mapping]] = ..., subset_norm: _Optional[_Union[SubsetNormConfig, _Mapping]] = ..., subspace_momentum: _Optional[_Union[SubspaceMomentumConfig, _Mapping]] = ..., frugal: _Optional[_Union[FrugalConfig, _Mapping]] = ..., sign: _Optional[_Union[SignConfig, _Mapping]] = ..., buffer: _Optional[_Union[BufferConfig, _Mapping]] = ...) -> None: ...
+
+class BufferConfig(_message.Message):
+    __slots__ = ("sync",)
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    sync: BufferSync
+    def __init__(self, sync: _Optional[_Union[BufferSync, str]] = ...) -> None: ...
 
 class ParamGroup(_message.Message):
     __slots__ = ("name", "patterns", "optimizer", "push_encodings", "aggregation", "schedule")
@@ -502,14 +517,18 @@ class TensorLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class GroupLayout(_message.Message):
-    __slots__ = ("name", "push_encodings", "aggregation")
+    __slots__ = ("name", "push_encodings", "aggregation", "buffers", "buffer_sync")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PUSH_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SYNC_FIELD_NUMBER: _ClassVar[int]
     name: str
     push_encodings: _containers.RepeatedScalarFieldContainer[Encoding]
     aggregation: Aggregation
-    def __init__(self, name: _Optional[str] = ..., push_encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ...) -> None: ...
+    buffers: bool
+    buffer_sync: BufferSync
+    def __init__(self, name: _Optional[str] = ..., push_encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., buffers: _Optional[bool] = ..., buffer_sync: _Optional[_Union[BufferSync, str]] = ...) -> None: ...
 
 class BlockPlacement(_message.Message):
     __slots__ = ("tensor", "block", "shard", "row_start", "rows", "offset", "length")

@@ -125,16 +125,34 @@ pub fn write_tensors<W: Write>(out: &mut W, tensors: &[(String, Slice<'_>)]) -> 
     Ok(())
 }
 
-/// Writes the safetensors header for `tensors`; their bytes must follow in the same order.
+/// Writes the safetensors header for `tensors`, each flat; their bytes must follow in the same order.
 pub fn write_header<W: Write>(out: &mut W, tensors: &[TensorHeader]) -> Result<(), FormatError> {
+    let shaped: Vec<ShapedHeader<'_>> =
+        tensors.iter().map(|(name, dtype, elements)| (name.as_str(), *dtype, vec![*elements as u64])).collect();
+    write_shaped_header(out, &shaped, None)
+}
+
+/// One tensor of a file with its shape: name, dtype (`F32` or `U64`), shape.
+pub type ShapedHeader<'a> = (&'a str, &'static str, Vec<u64>);
+
+/// Writes the safetensors header for `tensors` in their shapes, with string
+/// `metadata` if given; their bytes must follow in the same order.
+pub fn write_shaped_header<W: Write>(
+    out: &mut W,
+    tensors: &[ShapedHeader<'_>],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<(), FormatError> {
     let mut header = serde_json::Map::new();
+    if let Some(metadata) = metadata {
+        let values = serde_json::to_value(metadata).map_err(|e| FormatError::Header(e.to_string()))?;
+        header.insert("__metadata__".to_string(), values);
+    }
     let mut offset = 0u64;
-    for (name, dtype, elements) in tensors {
+    for (name, dtype, shape) in tensors {
         let width = if *dtype == "U64" { 8 } else { 4 };
-        let len = (*elements * width) as u64;
-        let entry =
-            Entry { dtype: dtype.to_string(), shape: vec![*elements as u64], data_offsets: [offset, offset + len] };
-        header.insert(name.clone(), serde_json::to_value(entry).map_err(|e| FormatError::Header(e.to_string()))?);
+        let len = shape.iter().product::<u64>() * width;
+        let entry = Entry { dtype: dtype.to_string(), shape: shape.clone(), data_offsets: [offset, offset + len] };
+        header.insert(name.to_string(), serde_json::to_value(entry).map_err(|e| FormatError::Header(e.to_string()))?);
         offset += len;
     }
     let mut text = serde_json::to_vec(&header).map_err(|e| FormatError::Header(e.to_string()))?;

@@ -8,6 +8,7 @@
 //! the whole checkpoint or none. Reading checks sizes and checksums; a torn or
 //! corrupt checkpoint is skipped for the previous one, with a log line.
 
+pub mod export;
 pub mod format;
 
 use std::collections::{BTreeMap, BTreeSet};

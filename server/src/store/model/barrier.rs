@@ -23,7 +23,7 @@ use crate::metrics as m;
 use crate::optim::StepContext;
 use crate::store::block::{Accumulated, AwaitingNorm, Block, BlockGradient, BlockState, FailedStep, PendingStep};
 use crate::store::clock;
-use ps_proto::api::{Aggregation, Mode};
+use ps_proto::api::{Aggregation, BufferSync, Mode, OptimizerConfig};
 
 enum Disposition {
     Accept,
@@ -65,6 +65,7 @@ impl Model {
         }
         for gradient in &blocks {
             let block = gradient.block();
+            self.check_buffer_source(gradient, worker)?;
             self.classify(block, &block.lock(), worker, step, lr_scale)?;
         }
         // Scanned before anything is added, so one bad value leaves every block as it was.
@@ -106,6 +107,24 @@ impl Model {
             });
         }
         Ok(outcome)
+    }
+
+    /// A buffer group that takes rank 0's values refuses values from any other rank.
+    fn check_buffer_source(&self, gradient: &impl BlockGradient, worker: &str) -> Result<(), ServerError> {
+        let block = gradient.block();
+        let broadcast =
+            matches!(self.spec.groups[block.group].optimizer, OptimizerConfig::Buffer(BufferSync::Broadcast));
+        if !broadcast || !gradient.has_gradient() {
+            return Ok(());
+        }
+        match self.membership.rank(worker) {
+            Some(0) | None => Ok(()),
+            Some(rank) => Err(ServerError::BufferNotFromRankZero {
+                worker: worker.to_string(),
+                rank,
+                tensor: self.spec.tensors[block.tensor].name.clone(),
+            }),
+        }
     }
 
     pub(super) fn live_ids(&self) -> Vec<String> {
@@ -235,7 +254,7 @@ impl Model {
                             Accumulated::Votes(votes) => gradient.add_votes(votes),
                         }
                         pending.contributors.push(worker.to_string());
-                        pending.any_gradient |= gradient.has_gradient();
+                        pending.valued += usize::from(gradient.has_gradient());
                         pending.overflow |= gradient.overflow();
                     }
                     None => {
@@ -256,7 +275,7 @@ impl Model {
                             accumulated,
                             contributors: vec![worker.to_string()],
                             started,
-                            any_gradient: gradient.has_gradient(),
+                            valued: usize::from(gradient.has_gradient()),
                             overflow: gradient.overflow(),
                             lr_scale,
                         };
@@ -308,7 +327,7 @@ impl Model {
             let Some(pending) = state.pending.remove(&state.version) else { break };
             if self.clips_mean(block) {
                 // The update waits for the norm over every shard (`clip`).
-                let awaiting = self.complete_mean(state.version, pending);
+                let awaiting = self.complete_mean(state.version, block, pending);
                 self.await_norm(block, state, awaiting);
                 break;
             }
@@ -340,7 +359,7 @@ impl Model {
     /// false if the update failed.
     fn apply_step(&self, block: &Block, state: &mut BlockState, pending: PendingStep) -> bool {
         let AwaitingNorm { gradient, lr_scale, contributors, overflow, .. } =
-            self.complete_mean(state.version, pending);
+            self.complete_mean(state.version, block, pending);
         // Set before the update, so a checkpoint taken at the new version holds them.
         state.last_contributors = contributors;
         match gradient {
@@ -352,20 +371,23 @@ impl Model {
         }
     }
 
-    /// The step's mean (or vote), None when no push had a gradient.
-    fn complete_mean(&self, step: u64, pending: PendingStep) -> AwaitingNorm {
-        let PendingStep { accumulated, contributors, started, any_gradient, overflow, lr_scale } = pending;
+    /// The step's mean (or vote), None when no push had a gradient. A buffer
+    /// group's mean is over the pushes with values only (a gradient's counts
+    /// the others as zeros, as DDP's all-reduce does).
+    fn complete_mean(&self, step: u64, block: &Block, pending: PendingStep) -> AwaitingNorm {
+        let PendingStep { accumulated, contributors, started, valued, overflow, lr_scale } = pending;
         metrics::histogram!(m::BARRIER_WAIT_SECONDS, "model" => self.spec.name.clone())
             .record(clock::since(started).as_secs_f64());
-        if !any_gradient || overflow {
+        if valued == 0 || overflow {
             return AwaitingNorm { step, gradient: None, overflow, lr_scale, contributors };
         }
+        let count = if self.spec.groups[block.group].optimizer.is_buffer() { valued } else { contributors.len() };
         let gradient = match accumulated {
             Accumulated::Sum(mut sum) => {
                 // One or two values: the mean is exact up to its one rounding, whatever the order.
                 // The mean of one push is that push: no pass over it.
-                if contributors.len() > 1 {
-                    let scale = 1.0 / contributors.len() as f32;
+                if count > 1 {
+                    let scale = 1.0 / count as f32;
                     for g in sum.iter_mut() {
                         *g *= scale;
                     }
@@ -373,7 +395,7 @@ impl Model {
                 sum
             }
             Accumulated::WideSum(sum) => {
-                let count = contributors.len() as f64;
+                let count = count as f64;
                 sum.iter().map(|g| (g / count) as f32).collect()
             }
             Accumulated::Votes(votes) => {

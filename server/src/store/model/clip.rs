@@ -7,8 +7,8 @@
 //! shard's part goes to the peers through the model's outbox (the RPC layer
 //! sends it); once every shard's part is in, the total, summed in shard order
 //! so that every shard gets the same bits, gives the factor, and every waiting
-//! block is scaled and updated. Majority-vote blocks take no part: a scale
-//! does not change a vote.
+//! block is scaled and updated. Majority-vote blocks take no part (a scale
+//! does not change a vote), nor do buffers (values, not gradients).
 
 use std::collections::BTreeMap;
 
@@ -18,7 +18,6 @@ use super::Model;
 use crate::error::ServerError;
 use crate::metrics as m;
 use crate::store::block::{AwaitingNorm, Block, BlockState};
-use ps_proto::api::Aggregation;
 
 /// One shard's part of a step's norm, on its way to the peers.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,7 +84,7 @@ pub(crate) fn clip_factor(sum_of_squares: f64, max_norm: f64) -> Option<f32> {
 impl Model {
     /// Whether `block`'s steps wait for the model's norm before their update.
     pub(super) fn clips_mean(&self, block: &Block) -> bool {
-        self.spec.options.shard_max_grad_norm > 0.0 && self.spec.groups[block.group].aggregation == Aggregation::Mean
+        self.spec.options.shard_max_grad_norm > 0.0 && self.spec.groups[block.group].clipped()
     }
 
     /// Parks a complete step's mean gradient (None: no push had one) until the
@@ -201,11 +200,8 @@ impl Model {
 
 /// The shards whose blocks take part in the norm of `model`'s steps, in index order.
 pub(super) fn norm_shards(spec: &crate::spec::ModelSpec, plan: &[ps_proto::layout::BlockPlan]) -> Vec<u32> {
-    let mut shards: Vec<u32> = plan
-        .iter()
-        .filter(|b| spec.groups[spec.tensors[b.tensor].group].aggregation == Aggregation::Mean)
-        .map(|b| b.shard)
-        .collect();
+    let mut shards: Vec<u32> =
+        plan.iter().filter(|b| spec.groups[spec.tensors[b.tensor].group].clipped()).map(|b| b.shard).collect();
     shards.sort_unstable();
     shards.dedup();
     shards

@@ -6,6 +6,8 @@
 //! at them (`snapshot`).
 
 mod barrier;
+#[cfg(test)]
+mod buffer_tests;
 mod clip;
 mod rounds;
 mod snapshot;
@@ -133,8 +135,7 @@ impl Model {
         let membership = Membership::new(lease, cap);
         let rounds = spec.federated.clone().map(|config| Rounds::new(config, shard));
         let norm_shards = clip::norm_shards(&spec, &plan);
-        let norm_blocks =
-            local_order.iter().filter(|b| spec.groups[b.group].aggregation == ps_proto::api::Aggregation::Mean).count();
+        let norm_blocks = local_order.iter().filter(|b| spec.groups[b.group].clipped()).count();
         let model = Self {
             spec,
             plan,
