@@ -1,0 +1,1 @@
+"""Models for training through the shards (PyTorch): `llama`, a LLaMA-style decoder."""

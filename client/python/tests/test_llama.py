@@ -1,0 +1,106 @@
+"""The LLaMA-style model end to end at `tiny`: 2 PyTorch workers through 2 shards
+end, after 20 steps on real text (clipped at 1.0, as the recipes clip), where one
+process on the whole batch ends: with AdamW against `torch.optim.AdamW`, and with
+AdamSN against a torch version of algorithms.md §2 written here."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (Debian's python3-torch provides it for the tests)")
+
+import paramserver as ps  # noqa: E402
+import paramserver.torch as pst  # noqa: E402
+from paramserver import data  # noqa: E402
+from paramserver.models import llama  # noqa: E402
+
+STEPS, SEQUENCES, SEQ_LEN, SEED = 20, 8, 64, 5
+
+
+class AdamSN(torch.optim.Optimizer):
+    """Adam-SN (algorithms.md §2) with the heuristic subsets: a matrix's squared gradients
+    summed per row when it has at least as many rows as columns, else per column, a 1-D
+    tensor's per coordinate; m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) s;
+    W <- W - lr sqrt(1-b2^t)/(1-b1^t) m / (sqrt(v) + eps); then W <- W (1 - lr wd)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                g = p.grad.reshape(p.shape[0], -1) if p.dim() >= 2 else p.grad
+                state = self.state[p]
+                if not state:
+                    state["t"], state["m"] = 0, torch.zeros_like(g)
+                    state["v"] = torch.zeros(g.shape[0], 1) if p.dim() >= 2 and g.shape[0] >= g.shape[1] else torch.zeros(1, g.shape[1]) if p.dim() >= 2 else torch.zeros_like(g)
+                state["t"] += 1
+                t = state["t"]
+                if p.dim() >= 2:
+                    s = (g * g).sum(1, keepdim=True) if state["v"].shape[1] == 1 else (g * g).sum(0, keepdim=True)
+                else:
+                    s = g * g
+                state["v"].mul_(b2).add_((1 - b2) * s)
+                state["m"].mul_(b1).add_((1 - b1) * g)
+                alpha = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+                update = alpha * state["m"] / (state["v"].sqrt() + group["eps"])
+                p.sub_(update.reshape(p.shape))
+                p.mul_(1 - lr * group["weight_decay"])
+
+
+def _modes():
+    adam_sn = ps.pb.OptimizerConfig(
+        subset_norm=ps.pb.SubsetNormConfig(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, correct_bias=True, weight_decay=0.1, subsets=ps.pb.SUBSET_KIND_HEURISTIC)
+    )
+    return {
+        "adamw": (ps.adamw(2e-3, weight_decay=0.1), lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.1)),
+        "adam-sn": (adam_sn, lambda params: AdamSN(params, lr=0.01, weight_decay=0.1)),
+    }
+
+
+@pytest.mark.parametrize("mode", ["adamw", "adam-sn"])
+def test_two_workers_train_tiny_llama_through_two_shards_as_one_process_does(shards, mode):
+    optimizer, reference_optimizer = _modes()[mode]
+    corpus = data.stdlib_corpus(max_bytes=400_000)
+    nets = [llama.build("tiny", seed=SEED) for _ in range(2)]
+    values = ps.arrays_of(nets[0])
+    spec = ps.model_spec(f"llama-tiny-{mode}", values, [ps.group("all", ["*"], optimizer)], max_grad_norm=1.0, max_block_elements=1 << 15)
+    client = shards.client()
+    models = [client.register(spec, values), client.model(spec.name)]
+    assert len({b.shard for t in models[0].tensors.values() for b in t.blocks}) == 2, "the model spans both shards"
+    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r) for r in range(2)]
+    reference = llama.build("tiny", seed=SEED)
+    local = reference_optimizer(reference.parameters())
+
+    def run(rank: int) -> int:
+        batch = data.rank_batch(corpus.train, step, SEQUENCES, SEQ_LEN, SEED, rank, 2)
+        nets[rank].loss(torch.from_numpy(batch)).backward()
+        return workers[rank].step()
+
+    first_loss = None
+    for step in range(STEPS):
+        local.zero_grad()
+        loss = reference.loss(torch.from_numpy(data.global_batch(corpus.train, step, SEQUENCES, SEQ_LEN, SEED)))
+        loss.backward()
+        first_loss = first_loss if first_loss is not None else float(loss)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        local.step()
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(run, range(2))) == [step + 1] * 2
+    worst = 0.0
+    for net in nets:
+        for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+            difference = float((p.detach() - q.detach()).abs().max())
+            worst = max(worst, difference)
+            assert difference <= 1e-5, f"{name}: {difference}"
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(reference.parameters(), llama.build("tiny", seed=SEED).parameters()))
+    print(f"{mode}: loss {first_loss:.3f} -> {float(loss):.3f}; the weights moved up to {moved:.4f}, the two runs differ by {worst:.2e}")
+    assert float(loss) < first_loss - 0.5, "it learns"
+    for worker in workers:
+        worker.close()
