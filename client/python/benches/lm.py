@@ -57,13 +57,15 @@ MODES = {
     "frugal": 3e-3,
     "adam-sn-sm": 3e-2,
     "adam-sn": 3e-2,
+    # AdamW on the shards, the workers pushing 1-bit scaled signs with error feedback.
+    "adamw-1bit": 3e-3,
 }
 
 
 def optimizer(mode: str, lr: float, seed: int) -> ps.pb.OptimizerConfig:
     """The shards' optimizer of a mode (weight decay 0, as the papers' LLaMA runs)."""
     pb = ps.pb
-    if mode == "adamw":
+    if mode in ("adamw", "adamw-1bit"):
         return ps.adamw(lr)
     if mode == "frugal":
         return pb.OptimizerConfig(frugal=pb.FrugalConfig(lr=lr, density=0.25, update_gap=200, mode=pb.FRUGAL_MODE_BLOCK, seed=seed))
@@ -160,14 +162,14 @@ def ddp_worker(rank: int, port: int, zero: bool, args, out: str) -> None:
     torch.set_num_threads(args.threads)
     corpus = data.stdlib_corpus()
     net = llama.build(args.size, seed=args.seed)
-    ddp = DistributedDataParallel(net, bucket_cap_mb=25)
+    ddp = DistributedDataParallel(net, bucket_cap_mb=args.bucket_mb)
     lr = MODES["adamw"]
     if zero:
         optimizer_ = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=0.0)
     else:
         optimizer_ = torch.optim.AdamW(ddp.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer_, schedule(args.steps, args.warmup))
-    recorder = Recorder(rank, args, "zero-1 adamw" if zero else "ddp adamw")
+    recorder = Recorder(rank, args, "zero-1 adamw" if zero else f"ddp adamw ({args.bucket_mb:g} MB buckets)")
     recorder.evaluate(0, net, corpus)
     for step in range(args.steps):
         batch = torch.from_numpy(data.rank_batch(corpus.train, step, args.sequences, args.seq_len, args.seed, rank, args.workers))
@@ -223,7 +225,9 @@ def run_ps(mode: str, args) -> Dict:
         net = llama.build(args.size, seed=args.seed)
         values = ps.arrays_of(net)
         name = f"lm-{args.size}-{mode}"
-        spec = ps.model_spec(name, values, [ps.group("all", ["*"], optimizer(mode, MODES[mode], args.seed))], max_grad_norm=args.clip, min_workers=args.workers)
+        encodings = ["sign1"] if mode.endswith("-1bit") else ["f32"]
+        group = ps.group("all", ["*"], optimizer(mode, MODES[mode], args.seed), push_encodings=encodings)
+        spec = ps.model_spec(name, values, [group], max_grad_norm=args.clip, min_workers=args.workers)
         client.register(spec, values)
         run_args = argparse.Namespace(**{**vars(args), "mode": mode})
         context = multiprocessing.get_context("spawn")
@@ -245,14 +249,16 @@ def run_ps(mode: str, args) -> Dict:
             s.wait()
 
 
-def run_ddp(zero: bool, args) -> Dict:
+def run_ddp(zero: bool, args, bucket_mb: float = 25.0) -> Dict:
     out = Path(tempfile.mkdtemp(prefix="ddp-lm-"))
+    args = argparse.Namespace(**{**vars(args), "bucket_mb": bucket_mb})
     torch.multiprocessing.spawn(ddp_worker, args=(free_port(), zero, args, str(out)), nprocs=args.workers)
     result = collect(out, args.workers)
     params = sum(p.numel() for p in llama.build(args.size, seed=args.seed).parameters())
     # AdamW's m and v in f32: on every rank under DDP, split over the ranks under ZeRO-1.
     state = 8 * params * (1 if zero else args.workers)
-    result.update(shard_rss=[], state_bytes=state, system="ZeRO-1 (DDP + ZeroRedundancyOptimizer)" if zero else "DDP (gloo)", mode="adamw")
+    system = "ZeRO-1 (DDP + ZeroRedundancyOptimizer)" if zero else "DDP (gloo)" if bucket_mb == 25 else f"DDP (gloo, {bucket_mb:g} MB buckets)"
+    result.update(shard_rss=[], state_bytes=state, system=system, mode="adamw")
     return result
 
 
@@ -262,7 +268,7 @@ def wire_bytes_per_step(result: Dict, params: int, workers: int) -> float:
     gradients (2 (n-1)/n of them each way); ZeRO-1 that, plus the broadcast of each
     rank's updated partition to the others."""
     if result["system"] == "parameter server":
-        return 2 * 4 * params
+        return (params / 8 if result["mode"].endswith("-1bit") else 4 * params) + 4 * params
     ring = 2 * 2 * (workers - 1) / workers * 4 * params
     return ring + (2 * (workers - 1) / workers * 4 * params if result["system"].startswith("ZeRO") else 0)
 
@@ -315,7 +321,7 @@ def write_markdown(results: List[Dict], args, corpus: data.Corpus, path: Path, c
     params = sum(p.numel() for p in llama.build(args.size, seed=args.seed).parameters())
     rows = [summarize(r, args) for r in results]
     adamw_state = next((r["state_mb"] for r in rows if r["run"] == "parameter server, adamw"), None)
-    ddp_rate = next((r["tokens_per_s"] for r in rows if r["run"].startswith("DDP")), None)
+    ddp_rate = next((r["tokens_per_s"] for r in rows if r["run"].startswith("DDP (gloo),")), None)
     zero_rate = next((r["tokens_per_s"] for r in rows if r["run"].startswith("ZeRO")), None)
     lines = [
         f"# LLaMA-style `{args.size}` ({params:,} parameters): the parameter server beside DDP and ZeRO-1",
@@ -370,7 +376,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help="the shards' optimizer modes to run")
-    parser.add_argument("--systems", default="ps,ddp,zero", help="which of ps, ddp, zero to run")
+    parser.add_argument("--systems", default="ps,ddp,zero,ddp-order", help="which of ps, ddp, zero, ddp-order (DDP with 1 MB buckets: the rounding control) to run")
     parser.add_argument("--out", default=str(ROOT / "results" / "lm.md"))
     args = parser.parse_args()
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
@@ -385,6 +391,10 @@ def main() -> None:
         results.append(run_ddp(False, args))
     if "zero" in systems:
         results.append(run_ddp(True, args))
+    if "ddp-order" in systems:
+        # The same DDP run with buckets of 1 MB: another summation order of the same
+        # gradients, which shows how far f32 rounding alone moves a curve.
+        results.append(run_ddp(False, args, bucket_mb=1.0))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_svg(results, out.with_name("lm-loss.svg"))

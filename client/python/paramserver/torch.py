@@ -38,6 +38,13 @@ starts from the same buffers, a checkpoint holds them, and `Model.export`
 writes a complete `state_dict`. Buffers the model does not hold stay on each
 worker, as before.
 
+A group whose first push encoding is `sign1` gets 1-bit pushes with error
+feedback: each tensor goes out as the sign of its gradient plus the residual
+the earlier signs left, scaled by its mean magnitude, and the worker keeps the
+new residual (the "scaled sign" of EF-signSGD, algorithms.md section 6; the
+shards run the group's optimizer on the mean of the decoded signs). The
+residuals are the worker's own state: a rollback does not take them back.
+
 Gradient accumulation works as with DDP: several `backward()` calls before
 `step()` push the sum their gradients leave in `.grad`, once. Run all but the
 last micro-batch inside `worker.no_sync()` (DDP's name for it), or attach with
@@ -103,6 +110,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
+from . import codec
 from .client import Model, RolledBack, ServerError
 from .spec import buffer_names
 from .v1 import paramserver_pb2 as pb
@@ -176,6 +184,8 @@ class AttachedModule:
         self.overlap = overlap and model.max_grad_norm <= 0 and scaler is None
         self.accumulation_steps = accumulation_steps
         self._grads: Dict[str, Optional[np.ndarray]] = {}
+        # Per tensor pushed as sign1, what the signs left out so far (error feedback).
+        self._residuals: Dict[str, np.ndarray] = {}
         # Per tensor, the backward passes of this step that reached it.
         self._backwards: Dict[str, int] = {}
         self._no_sync = False
@@ -234,8 +244,20 @@ class AttachedModule:
     def _send_bucket(self) -> None:
         names, self._bucket, self._bucket_size = self._bucket, [], 0
         if names:
-            part = {n: self._grads[n] for n in names}
+            part = {n: self._compensate(n, self._grads[n]) for n in names}
             self._pushes.append(self._sender.submit(self.model.push_tensors, self.worker, self.version, part, self.lr_scale()))
+
+    def _compensate(self, name: str, grad: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """Error feedback for a tensor pushed as 1-bit signs (its group's first encoding is
+        sign1): the gradient plus the residual of earlier steps, q = g + e, goes out as
+        sign(q) times ||q||_1 / d (what the shards decode), and e = q - that is kept."""
+        if grad is None or self.model.tensors[name].encoding != codec.SIGN1:
+            return grad
+        residual = self._residuals.get(name)
+        compensated = grad if residual is None else grad + residual
+        scale = np.float32(codec.mean_abs(compensated))
+        self._residuals[name] = compensated - np.where(compensated >= 0, scale, -scale)
+        return compensated
 
     def lr_scale(self) -> Optional[float]:
         """The learning-rate scale of the step being pushed (None: the spec's lr as it is)."""
