@@ -175,9 +175,7 @@ def ddp_worker(rank: int, port: int, zero: bool, args, out: str) -> None:
         batch = torch.from_numpy(data.rank_batch(corpus.train, step, args.sequences, args.seq_len, args.seed, rank, args.workers))
         began = time.perf_counter()
         optimizer_.zero_grad(set_to_none=True)
-        net_loss = ddp(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(net_loss.reshape(-1, net_loss.shape[-1]), batch[:, 1:].reshape(-1))
-        loss.backward()
+        llama.next_token_loss(ddp, batch).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip)
         optimizer_.step()
         scheduler.step()
@@ -254,7 +252,7 @@ def run_ddp(zero: bool, args, bucket_mb: float = 25.0) -> Dict:
     args = argparse.Namespace(**{**vars(args), "bucket_mb": bucket_mb})
     torch.multiprocessing.spawn(ddp_worker, args=(free_port(), zero, args, str(out)), nprocs=args.workers)
     result = collect(out, args.workers)
-    params = sum(p.numel() for p in llama.build(args.size, seed=args.seed).parameters())
+    params = llama.parameter_count(args.size)
     # AdamW's m and v in f32: on every rank under DDP, split over the ranks under ZeRO-1.
     state = 8 * params * (1 if zero else args.workers)
     system = "ZeRO-1 (DDP + ZeroRedundancyOptimizer)" if zero else "DDP (gloo)" if bucket_mb == 25 else f"DDP (gloo, {bucket_mb:g} MB buckets)"
@@ -276,7 +274,7 @@ def wire_bytes_per_step(result: Dict, params: int, workers: int) -> float:
 def summarize(result: Dict, args) -> Dict:
     seconds = result["step_seconds"]
     tokens = args.sequences * args.seq_len
-    params = sum(p.numel() for p in llama.build(args.size, seed=args.seed).parameters())
+    params = llama.parameter_count(args.size)
     return {
         "wire_mb": wire_bytes_per_step(result, params, args.workers) / 2**20,
         "run": f"{result['system']}, {result['mode']}",
@@ -318,7 +316,7 @@ def write_svg(results: List[Dict], path: Path) -> None:
 
 def write_markdown(results: List[Dict], args, corpus: data.Corpus, path: Path, command: str) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    params = sum(p.numel() for p in llama.build(args.size, seed=args.seed).parameters())
+    params = llama.parameter_count(args.size)
     rows = [summarize(r, args) for r in results]
     adamw_state = next((r["state_mb"] for r in rows if r["run"] == "parameter server, adamw"), None)
     ddp_rate = next((r["tokens_per_s"] for r in rows if r["run"].startswith("DDP (gloo),")), None)

@@ -405,6 +405,9 @@ class Model:
         self._weights: Dict[int, Tuple[int, str]] = {}
         # Steps of the model skipped because a worker's gradient overflowed, as of the last pull.
         self.overflow_steps = 0
+        # The lowest and highest block version the last pull read (they differ when a step
+        # completed on some blocks while the pull read others).
+        self.pulled_versions = (0, 0)
         self._segment_locks = {shard: threading.Lock() for shard in range(client.num_shards)}
 
     @property
@@ -635,13 +638,14 @@ class Model:
         request = pb.PullWeightsRequest(
             model=self.name, min_version=min_version, timeout_ms=int(timeout_s * 1000), encoding=encoding, epoch=self.epoch, part=part
         )
-        overflows: List[int] = []  # each block's count of overflow skips, from every shard's thread
+        # Each block read: its version and its count of overflow skips, from every shard's thread.
+        read_blocks: List[Tuple[int, int]] = []
 
         def read(shard: int) -> int:
             found = self.client.local_shard(shard) if encoding == codec.F32 and part == pb.WEIGHT_PART_PARAMETERS else None
             if found is not None and found.segments:
                 try:
-                    lowest = self._pull_local(found, shard, request, flat, overflows)
+                    lowest = self._pull_local(found, shard, request, flat, read_blocks)
                     if lowest is not None:
                         return lowest
                 except local.NotLocal as error:
@@ -657,17 +661,19 @@ class Model:
                     start = block.offset + chunk.offset
                     codec.decode_into(chunk.encoding, chunk.payload, chunk.scale, flat[chunk.tensor][start : start + chunk.length])
                     lowest = chunk.version if lowest is None else min(lowest, chunk.version)
-                    overflows.append(chunk.overflow_steps)
+                    read_blocks.append((chunk.version, chunk.overflow_steps))
                 return lowest if lowest is not None else min_version
 
             return self.client._retry(shard, attempt, True)
 
         versions = list(self.client._pool.map(read, self.shards_with_blocks))
-        if part == pb.WEIGHT_PART_PARAMETERS and overflows:
-            self.overflow_steps = max(overflows)
+        if part == pb.WEIGHT_PART_PARAMETERS and read_blocks:
+            self.overflow_steps = max(overflow for _, overflow in read_blocks)
+        if read_blocks:
+            self.pulled_versions = (min(v for v, _ in read_blocks), max(v for v, _ in read_blocks))
         return (min(versions) if versions else min_version), out
 
-    def _pull_local(self, found: local.LocalShard, shard: int, request: pb.PullWeightsRequest, flat, overflows: List[int]) -> Optional[int]:
+    def _pull_local(self, found: local.LocalShard, shard: int, request: pb.PullWeightsRequest, flat, read_blocks: List[Tuple[int, int]]) -> Optional[int]:
         """Reads a shard's published blocks straight into `flat`; None when the shard kept
         rewriting the slot while it was read (then the caller pulls over gRPC)."""
         ask = pb.LocalPullRequest(model=self.name, min_version=request.min_version, timeout_ms=request.timeout_ms, epoch=self.epoch)
@@ -699,14 +705,26 @@ class Model:
                     raise local.NotLocal("the weights segment ended early")
             # The values were read before the sequence number: a rewrite that overlapped them has moved it.
             if local.read_sequence(fd, reply.slot) == reply.sequence:
-                overflows.extend(b.overflow_steps for b in reply.blocks)
+                read_blocks.extend((b.version, b.overflow_steps) for b in reply.blocks)
                 return min((b.version for b in reply.blocks), default=request.min_version)
         return None
 
-    def state_dict(self, min_version: int = 0, timeout_s: float = 60.0) -> Tuple[int, Dict[str, np.ndarray]]:
-        """Every tensor of the model (weights and buffers) in its own shape, once every block
-        reaches `min_version`: the lowest block version read, and the arrays by name."""
-        return self.pull(min_version, timeout_s=timeout_s)
+    def state_dict(self, min_version: int = 0, timeout_s: float = 60.0, attempts: int = 5) -> Tuple[int, Dict[str, np.ndarray]]:
+        """Every tensor of the model (weights and buffers) in its own shape, every block at
+        one version (at least `min_version`): that version, and the arrays by name. While
+        workers train, a step may complete on some blocks during the read; the read is then
+        repeated at the newest version seen, up to `attempts` times, and a model that keeps
+        moving raises (pause the workers, or export a checkpoint with `ctl export`)."""
+        for _ in range(attempts):
+            _, arrays = self.pull(min_version, timeout_s=timeout_s)
+            lowest, highest = self.pulled_versions
+            if lowest == highest:
+                return lowest, arrays
+            min_version = highest
+        raise RuntimeError(
+            f"model '{self.name}' moved on while it was read ({attempts} reads, the last one found blocks at versions "
+            f"{lowest} to {highest}); pause its workers, or export a checkpoint with `ctl export`"
+        )
 
     def export(self, path: str, min_version: int = 0, timeout_s: float = 60.0) -> int:
         """Writes `state_dict()` as a safetensors file (f32, the spec's shapes), which

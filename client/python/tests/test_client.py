@@ -209,3 +209,17 @@ def test_shard_ranges_expand_as_the_servers_expand_them():
     for bad in ["ps-{3..1}:1", "ps-{0..}:1", "p-{0..1}-{0..1}:1", "ps-{0..<0}:1", "ps-{0..<}:1"]:
         with pytest.raises(ValueError):
             expand_shards([bad])
+
+
+def test_a_state_dict_is_read_at_one_version_or_says_the_model_moved(shards):
+    """A step that completed on some blocks only (here: a push of one tensor of two) is
+    not read as one state: the read is repeated, and with no attempts left it raises."""
+    spec = ps.model_spec("torn", {"a": (4,), "b": (4,)}, [ps.group("all", ["*"], ps.sgd(0.5))])
+    model = shards.client().register(spec)
+    model.join("w")
+    model.push_tensors("w", 0, {"a": np.ones(4, np.float32)})
+    with pytest.raises(RuntimeError, match="moved on while it was read"):
+        model.state_dict(attempts=1)
+    model.push_tensors("w", 0, {"b": np.ones(4, np.float32)})
+    version, arrays = model.state_dict()
+    assert version == 1 and arrays["a"].tolist() == arrays["b"].tolist() == [-0.5] * 4

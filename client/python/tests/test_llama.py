@@ -69,6 +69,7 @@ def test_two_workers_train_tiny_llama_through_two_shards_as_one_process_does(sha
     optimizer, reference_optimizer = _modes()[mode]
     corpus = data.stdlib_corpus(max_bytes=400_000)
     nets = [llama.build("tiny", seed=SEED) for _ in range(2)]
+    assert llama.parameter_count("tiny") == sum(p.numel() for p in nets[0].parameters())
     values = ps.arrays_of(nets[0])
     spec = ps.model_spec(f"llama-tiny-{mode}", values, [ps.group("all", ["*"], optimizer)], max_grad_norm=1.0, max_block_elements=1 << 15)
     client = shards.client()

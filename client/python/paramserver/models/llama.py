@@ -167,8 +167,21 @@ class Llama(nn.Module):
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats per token) over (batch, seq + 1) tokens."""
-        logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        return next_token_loss(self, tokens)
+
+
+def next_token_loss(forward, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `forward`'s logits for tokens[:, :-1] against tokens[:, 1:]
+    (`forward` is the model, or a wrapper of it such as DistributedDataParallel)."""
+    logits = forward(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def parameter_count(size: str) -> int:
+    """Parameters of a named size, without building the model."""
+    c = config(size)
+    per_layer = 4 * c.dim * c.dim + 3 * c.dim * c.hidden + 2 * c.dim
+    return c.layers * per_layer + 2 * c.vocab * c.dim + c.dim
 
 
 def build(size: str, seed: int = 0) -> Llama:

@@ -12,7 +12,7 @@ use prost::Message;
 use ps_proto::pb;
 
 use super::format::{self, FormatError, ShapedHeader};
-use super::{CheckpointError, CheckpointStore, MANIFEST, Manifest, escape, io_error};
+use super::{CheckpointError, CheckpointStore, escape, read_manifest, version_dir, versions_in};
 use crate::store::ModelSnapshot;
 
 /// Why the checkpoints do not make one model.
@@ -75,21 +75,11 @@ pub struct ExportedModel {
 /// Which shard of how many wrote the checkpoints of `model` under `root`, read
 /// from the newest manifest there.
 fn shard_of(root: &Path, model: &str) -> Result<(u32, u32), ExportError> {
-    let none = || ExportError::NoCheckpoint { dir: root.to_path_buf(), model: model.to_string() };
-    let dir = root.join(escape(model));
-    let read = fs::read_dir(&dir).map_err(|_| none())?;
-    let newest = read
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix('v')).and_then(|v| v.parse::<u64>().ok()))
-        .filter(|v| dir.join(format!("v{v:012}")).join(MANIFEST).is_file())
-        .max()
-        .ok_or_else(none)?;
-    let path = dir.join(format!("v{newest:012}")).join(MANIFEST);
-    let text = fs::read(&path).map_err(io_error(&path))?;
-    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid {
-        path: path.clone(),
-        reason: format!("manifest.json does not parse: {e}"),
-    })?;
+    let model_dir = root.join(escape(model));
+    let newest = versions_in(&model_dir).pop();
+    let newest =
+        newest.ok_or_else(|| ExportError::NoCheckpoint { dir: root.to_path_buf(), model: model.to_string() })?;
+    let manifest = read_manifest(&version_dir(&model_dir, newest))?;
     Ok((manifest.shard, manifest.num_shards))
 }
 

@@ -120,6 +120,32 @@ fn escape(model: &str) -> String {
     }
 }
 
+fn version_dir(model_dir: &Path, version: u64) -> PathBuf {
+    model_dir.join(format!("v{version:012}"))
+}
+
+/// The versions under a model's directory that have a manifest, ascending.
+fn versions_in(model_dir: &Path) -> Vec<u64> {
+    let Ok(read) = fs::read_dir(model_dir) else { return Vec::new() };
+    let mut versions: Vec<u64> = read
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix('v')).and_then(|v| v.parse().ok()))
+        .filter(|v| version_dir(model_dir, *v).join(MANIFEST).is_file())
+        .collect();
+    versions.sort_unstable();
+    versions
+}
+
+/// A version directory's manifest as written, not yet checked against a shard.
+fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let path = dir.join(MANIFEST);
+    let text = fs::read(&path).map_err(io_error(&path))?;
+    serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid {
+        path: dir.to_path_buf(),
+        reason: format!("manifest.json does not parse: {e}"),
+    })
+}
+
 fn tensor_key(block: &BlockSnapshot, part: &str) -> String {
     format!("{}#{}/{part}", block.tensor, block.block)
 }
@@ -221,7 +247,7 @@ impl CheckpointStore {
     }
 
     fn version_dir(&self, model: &str, version: u64) -> PathBuf {
-        self.model_dir(model).join(format!("v{version:012}"))
+        version_dir(&self.model_dir(model), version)
     }
 
     /// Writes a snapshot atomically and prunes old versions; returns what it
@@ -375,14 +401,7 @@ impl CheckpointStore {
 
     /// Versions with a checkpoint directory that has a manifest, ascending (not yet verified).
     fn listed(&self, model: &str) -> Vec<u64> {
-        let Ok(read) = fs::read_dir(self.model_dir(model)) else { return Vec::new() };
-        let mut versions: Vec<u64> = read
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix('v')).and_then(|v| v.parse().ok()))
-            .filter(|v| self.version_dir(model, *v).join(MANIFEST).is_file())
-            .collect();
-        versions.sort_unstable();
-        versions
+        versions_in(&self.model_dir(model))
     }
 
     /// Versions of a model whose checkpoint looks complete (manifest readable,
@@ -394,10 +413,7 @@ impl CheckpointStore {
     fn manifest(&self, model: &str, version: u64) -> Result<Manifest, CheckpointError> {
         let dir = self.version_dir(model, version);
         let invalid = |reason: String| CheckpointError::Invalid { path: dir.clone(), reason };
-        let path = dir.join(MANIFEST);
-        let text = fs::read(&path).map_err(io_error(&path))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|e| invalid(format!("manifest.json does not parse: {e}")))?;
+        let manifest = read_manifest(&dir)?;
         if manifest.format != FORMAT {
             return Err(invalid(format!("format '{}', expected '{FORMAT}'", manifest.format)));
         }

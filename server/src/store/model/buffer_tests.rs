@@ -97,3 +97,31 @@ fn clipping_leaves_buffers_out_of_the_norm_and_unscaled() {
     assert_eq!(weights(&model, "bn.running_var"), (1, vec![100.0, 200.0]));
     assert_eq!(weights(&model, "bn.running_mean"), (1, vec![50.0, 60.0]));
 }
+
+#[test]
+fn buffers_come_back_from_a_checkpoint_and_go_on_as_before() {
+    let model = model(0.0);
+    let step = |copy: &Model, step: u64, var: [&[f32]; 2]| {
+        for (worker, var) in ["a", "b"].into_iter().zip(var) {
+            values(copy, worker, step, "w", &[0.5, -0.5]).unwrap();
+            values(copy, worker, step, "bn.running_var", var).unwrap();
+            match worker {
+                "a" => values(copy, worker, step, "bn.running_mean", &[0.25, 0.75]).unwrap(),
+                _ => nothing(copy, worker, step, "bn.running_mean"),
+            }
+        }
+    };
+    step(&model, 0, [&[1.0, 2.0], &[3.0, 6.0]]);
+    let snapshot = model.snapshot_now().expect("every block at one version");
+    let restored = Model::new(model.spec.clone(), 0, 1, Duration::from_secs(60));
+    restored.restore(&snapshot).unwrap();
+    assert_eq!(weights(&restored, "bn.running_var"), (1, vec![2.0, 4.0]));
+    assert_eq!(weights(&restored, "bn.running_mean"), (1, vec![0.25, 0.75]));
+    for copy in [&model, &restored] {
+        step(copy, 1, [&[5.0, 5.0], &[7.0, 9.0]]);
+    }
+    for tensor in ["w", "bn.running_mean", "bn.running_var"] {
+        assert_eq!(weights(&restored, tensor), weights(&model, tensor), "{tensor}");
+    }
+    assert_eq!(weights(&restored, "bn.running_var"), (2, vec![6.0, 7.0]));
+}
