@@ -2,8 +2,11 @@
 # End-to-end test of the compose deployment on the local Docker engine:
 # builds the images, starts 2 shards, 3 workers and Prometheus, kills shard 1
 # with SIGKILL in the middle of a sync run and starts it again (it restores its
-# checkpoint and every shard rolls back to it), stops the whole deployment and
-# starts it again (the run resumes), stops one worker, and checks that the run
+# checkpoint and every shard rolls back to it), stops it and rewrites its
+# checkpoints for three shards with `ctl reshard` (docker-compose.three-shards.yml;
+# shard 0 must first refuse the two-shard checkpoints; the run resumes on three),
+# stops the whole deployment and starts it again (the run resumes), stops one
+# worker, and checks that the run
 # completes, the final accuracy, that starting it again on the finished run ends
 # every worker with 0, what Prometheus scraped, and that `down -v`
 # leaves nothing; then runs the same deployment with PS_MODE=federated, over
@@ -25,7 +28,7 @@ say() { printf '[test-compose %3ss] %s\n' "$(( $(date +%s) - started ))" "$*"; }
 fail() { say "FAIL: $*"; exit 1; }
 
 project="pstest$$"
-export WORKERS=3 PS_STEPS=${PS_STEPS:-6000} PS_LEASE=2s
+export WORKERS=3 PS_STEPS=${PS_STEPS:-16000} PS_LEASE=2s
 PROM_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export PROM_PORT
 dc() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml "$@"; }
@@ -80,6 +83,33 @@ shard1_log=$(docker logs "$shard1" 2>&1)
 grep -q "recovered: every shard continues" <<<"$shard1_log" || fail "shard 1 logged no recovery"
 say "shard 1 restarted and recovered: $(grep 'rolling every shard back' <<<"$shard1_log" | tail -n 1 | sed 's/.*model=/model=/')"
 
+# The operator who outgrows two shards: stop, reshard in place (the named
+# volumes stay each shard's), start with the three-shard override. Without the
+# reshard, shards 0 and 1 refuse the two-shard checkpoints.
+say "stopping at version $(status_value 'min(m["min_version"] for x in s for m in x["models"])') to move to three shards"
+dc stop -t 1 worker >/dev/null 2>&1 || fail "compose stop worker"
+dc stop >/dev/null 2>&1 || fail "compose stop"
+dc3() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.three-shards.yml "$@"; }
+refused=$(timeout 60 "${compose[@]}" -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.three-shards.yml run -T --rm --no-deps shard0 2>&1) && fail "shard 0 started as one of three on two-shard checkpoints: $refused"
+grep -q "ctl reshard" <<<"$refused" || fail "shard 0 refused the two-shard checkpoints without saying what to do: $refused"
+say "shard 0 as one of three on the two-shard checkpoints: refused ($(grep -o 'written by shard [0-9]* of [0-9]*' <<<"$refused" | head -n 1))"
+resharded=$(dc3 run -T --rm --no-deps -v "${project}_shard0-checkpoints:/c0" -v "${project}_shard1-checkpoints:/c1" shard2 \
+  ctl reshard --model digits-mlp --from /c0,/c1 --to /c0,/c1,/var/lib/paramserver 2>&1) || fail "ctl reshard: $resharded"
+said=$(grep -m 1 'resharded model' <<<"$resharded") || fail "ctl reshard said: $resharded"
+say "$said"
+before=$(sed -E 's/.* at version ([0-9]+) .*/\1/' <<<"$said")
+dc3 up -d --scale worker=$WORKERS >/dev/null 2>&1 || { dc3 up -d --scale worker=$WORKERS; fail "compose up with three shards"; }
+dc() { dc3 "$@"; }
+shards=shard0:50051,shard1:50051,shard2:50051
+for _ in $(seq 240); do
+  version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])' || true)
+  count=$(status_value 'len(s)' || true)
+  [ "${count:-0}" = 3 ] && [ "${version:-0}" -ge $((before + 100)) ] && break
+  sleep 0.5
+done
+[ "${count:-0}" = 3 ] && [ "${version:-0}" -ge $((before + 100)) ] || fail "the run did not resume on three shards (shards ${count:-none}, version ${version:-none}); worker logs: $(dc logs --tail 5 worker 2>&1 | tail -n 6)"
+say "resumed on three shards from version $before: version $version"
+
 # The whole deployment stopped and started again with the same command, volumes
 # kept: the shards restore their checkpoints with the old workers as members, whose
 # ranks free as their leases lapse; the new worker replicas (no --rank) wait for
@@ -101,8 +131,11 @@ say "resumed after down and up: version $version with $live new workers (epochs 
 
 say "checking what Prometheus scraped"
 for _ in $(seq 60); do
-  shards_up=$(prom 'count(up{job="shard"} == 1)' || true)
-  workers_up=$(prom 'count(up{job="worker"} == 1)' || true)
+  # Targets up in a scrape of the last 10 s: a restarted Prometheus still
+  # holds the last samples of containers that are gone (no staleness marker
+  # was written for them), for its 5-minute lookback.
+  shards_up=$(prom 'count(timestamp(up{job="shard"} == 1) > time() - 10)' || true)
+  workers_up=$(prom 'count(timestamp(up{job="worker"} == 1) > time() - 10)' || true)
   pushes=$(prom 'sum(ps_pushes_total)' || true)
   worker_steps=$(prom 'sum(ps_worker_steps_total)' || true)
   if [ "$shards_up" = 2 ] && [ "$workers_up" = "$WORKERS" ] && [ "${pushes:-none}" != none ] && [ "${worker_steps:-none}" != none ]; then break; fi
@@ -167,6 +200,7 @@ chmod 755 "$certs"  # the containers run as user 10001
 deploy/tls/make-ca.sh "$certs" shard0 shard1 localhost 127.0.0.1 >/dev/null
 export PS_TLS_DIR=$certs PS_AUTH_TOKEN="worker-$$-$RANDOM" PS_ADMIN_TOKEN="admin-$$-$RANDOM"
 dc() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.tls.yml "$@"; }
+shards=shard0:50051,shard1:50051
 say "federated over mutual TLS with worker and admin tokens: 2 shards and $WORKERS worker replicas acting for 20 clients, FedSpeed, 30 rounds"
 export PS_MODE=federated PS_FED_ALGORITHM=fedspeed PS_FED_ROUNDS=30 PS_FED_CLIENTS=20
 dc up -d --scale worker=$WORKERS shard0 shard1 worker >/dev/null 2>&1 || { dc up -d --scale worker=$WORKERS shard0 shard1 worker; fail "compose up (federated)"; }

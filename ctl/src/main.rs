@@ -1,6 +1,7 @@
 //! `ctl`: look at a running cluster from the command line — status, layout,
 //! and a health check that exits non-zero when a shard does not answer — and
-//! export a model from its checkpoints with no shard running.
+//! export a model from its checkpoints, or rewrite them for another shard
+//! count, with no shard running.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ps_client::PsClient;
 use ps_proto::units::human_bytes;
-use ps_server::durability::checkpoint::export;
+use ps_server::durability::checkpoint::{export, reshard};
 
 #[derive(Parser)]
 #[command(name = "ctl", version, about = "Inspect parameter-server shards")]
@@ -90,6 +91,27 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Rewrite a model's checkpoint of N shards for M shards, so the job
+    /// continues on M: read from every old shard's checkpoint directory, write
+    /// one new directory per new shard (no shard needs to run; the old
+    /// directories are left as they are). Then start shard i of the new
+    /// cluster with --checkpoint-dir set to the i-th --to directory.
+    Reshard {
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// Each old shard's --checkpoint-dir, once each, in any order (comma-separated or repeated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        from: Vec<PathBuf>,
+        /// One directory per new shard, in shard order: an old shard's directory (rewritten in
+        /// place, the old checkpoints moved under .before-reshard/), or one without checkpoints of
+        /// the model (created if missing).
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<PathBuf>,
+        /// The version to reshard (default: the newest one every old shard holds intact).
+        #[arg(long)]
+        version: Option<u64>,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -106,6 +128,30 @@ async fn main() -> anyhow::Result<()> {
             exported.num_shards,
             exported.tensors.len(),
             human_bytes(4 * elements as u64)
+        );
+        return Ok(());
+    }
+    if let Command::Reshard { model, from, to, version } = &cli.command {
+        let report = reshard::reshard(from, to, model, *version)?;
+        println!(
+            "resharded model '{model}' at version {} from {} to {} shards: {} blocks, {} of them on another shard \
+             now, {} written",
+            report.version,
+            report.from_shards,
+            report.to_shards,
+            report.blocks,
+            report.moved,
+            human_bytes(report.bytes)
+        );
+        for (shard, path) in report.written.iter().enumerate() {
+            println!("  shard {shard}: {path}");
+        }
+        for path in &report.set_aside {
+            println!("  the old checkpoints, set aside (to go back, move them back): {path}");
+        }
+        println!(
+            "start shard i of {} with --checkpoint-dir set to the i-th --to directory and --shards naming {} addresses",
+            report.to_shards, report.to_shards
         );
         return Ok(());
     }
@@ -309,7 +355,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Export { .. } => unreachable!("exported above, without connecting"),
+        Command::Export { .. } | Command::Reshard { .. } => unreachable!("handled above, without connecting"),
     }
     Ok(())
 }

@@ -9,7 +9,8 @@
 #      stated Kubernetes versions, and agreement with the `server` and
 #      `worker` binaries (flags, variables, values, ports, probes, counts,
 #      volumes; it also starts them with the rendered settings);
-#   5. breaks rendered manifests on purpose and requires the checker to fail.
+#   5. breaks rendered manifests on purpose and requires the checker to fail;
+#   6. renders the reshard Job (reshard-job.sh) both ways and checks it.
 # Needs the binaries of a cargo build (target/release or target/debug, whichever
 # is newer; PS_BIN_DIR chooses), builds nothing. Skips loudly (exit 0) only when
 # the packages are not installed yet and PyPI cannot be reached.
@@ -65,7 +66,8 @@ else
 fi
 [ -n "$bin_dir" ] && [ -x "$bin_dir/server" ] && [ -x "$bin_dir/worker" ] \
   || fail "no server and worker binaries in ${bin_dir:-target/release or target/debug}: run cargo build --bin server --bin worker (the README's test command builds them) or set PS_BIN_DIR"
-say "checking against $bin_dir/server and $bin_dir/worker"
+[ -x "$bin_dir/ctl" ] || fail "no ctl binary in $bin_dir (the reshard Job runs it): run cargo build --bin ctl"
+say "checking against $bin_dir/server, $bin_dir/worker and $bin_dir/ctl"
 
 # 2. Render.
 rm -rf "$out" && mkdir -p "$out/full" "$out/scaled"
@@ -178,6 +180,64 @@ negative "a writable root filesystem" cpu '^(\s+readOnlyRootFilesystem: )true$' 
 negative "a ServiceMonitor port the Services lack" full '^(\s+- interval: 15s\n(?:\s+path: /metrics\n)?\s+port: )metrics$' '\1metric' "endpoint port 'metric'"
 negative "a token file outside the mounted Secret" full '^(\s+value: )/etc/paramserver/tokens/admin-token$' '\1/etc/tokens/admin-token' 'lies in a mounted volume'
 rm -f "$out/broken.yaml"
+
+# 6. The reshard Job (deploy/k8s/reshard-job.sh, docs/resharding.md), 2 -> 3
+# and 3 -> 2: the objects validate, the claims it mounts and makes are the
+# ones the StatefulSet's volumeClaimTemplate names, their storage is the
+# template's, and the binary takes its command line (run on empty directories,
+# it gets past the flags to "holds no checkpoint").
+# The CPU overlay's claim size, as an operator passes it with --storage.
+storage=$("$venv/bin/python" -c '
+import sys, yaml
+sts = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "StatefulSet")
+print(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])' "$out/cpu.yaml") \
+  || fail "no claim size in the CPU render"
+for counts in "2 3" "3 2"; do
+  read -r from to <<<"$counts"
+  job="$out/reshard-$from-$to.yaml"
+  deploy/k8s/reshard-job.sh --model digits-mlp --from "$from" --to "$to" --storage "$storage" > "$job" \
+    || fail "reshard-job.sh --from $from --to $to"
+  empty=$(mktemp -d)
+  result=$("$venv/bin/python" - "$job" "$out/cpu.yaml" "$bin_dir/ctl" "$empty" "${KUBERNETES_VERSIONS[@]}" <<'EOF'
+import subprocess, sys, yaml
+import kubernetes_validate
+job_file, render, ctl, empty, *versions = sys.argv[1:]
+docs = [d for d in yaml.safe_load_all(open(job_file)) if d]
+sts = next(d for d in yaml.safe_load_all(open(render)) if d and d["kind"] == "StatefulSet")
+template = sts["spec"]["volumeClaimTemplates"][0]
+prefix = f'{template["metadata"]["name"]}-{sts["metadata"]["name"]}-'
+problems = []
+for doc in docs:
+    for version in versions:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except Exception as error:
+            problems.append(f'{doc["kind"]} does not validate against {version}: {str(error)[:200]}')
+job = next(d for d in docs if d["kind"] == "Job")
+pod = job["spec"]["template"]["spec"]
+claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]]
+if claims != [f"{prefix}{i}" for i in range(len(claims))]:
+    problems.append(f"the Job mounts {claims}, not the StatefulSet's claims {prefix}0...")
+for pvc in (d for d in docs if d["kind"] == "PersistentVolumeClaim"):
+    if not pvc["metadata"]["name"].startswith(prefix) or pvc["spec"]["resources"] != template["spec"]["resources"]:
+        problems.append(f'PVC {pvc["metadata"]["name"]} is not one the volumeClaimTemplate would make')
+command = [c.replace("/checkpoints", empty) for c in pod["containers"][0]["command"]]
+ran = subprocess.run([ctl] + command[1:], capture_output=True, text=True)
+if ran.returncode == 0 or "holds no checkpoint of model" not in ran.stderr:
+    problems.append(f"ctl did not take the Job's command line: {ran.stderr.strip()[:300]}")
+print("\n".join(problems) if problems else f"ok: {len(docs)} objects, claims {claims}")
+EOF
+  ) || fail "checking $job: $result"
+  rm -rf "$empty"
+  if [[ "$result" == ok:* ]]; then
+    passed=$((passed + 1))
+    say "reshard Job $from -> $to shards: ${result#ok: }"
+  else
+    failed=$((failed + 1))
+    say "FAIL: reshard Job $from -> $to shards:"
+    sed 's/^/    /' <<<"$result"
+  fi
+done
 
 say "k8s: $passed passed, $failed failed ($(( $(date +%s) - started )) s)"
 [ "$failed" -eq 0 ]

@@ -48,5 +48,7 @@ pub const RECOVERING: &str = "recovering";
 /// streams) is reached: retry with backoff. Code RESOURCE_EXHAUSTED.
 pub const BUSY: &str = "busy";
 
-/// The shard restarted without the model its peers train; registering it would fork it. Code FAILED_PRECONDITION.
+/// Registering the model afresh would lose a run: the shard restarted without
+/// the model its peers train (registering it would fork it), or it holds
+/// checkpoints of the model that it could not restore. Code FAILED_PRECONDITION.
 pub const NOT_RESTORED: &str = "not-restored";

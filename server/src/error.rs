@@ -476,6 +476,20 @@ pub enum ServerError {
         /// The peer's version.
         version: u64,
     },
+    /// The shard holds checkpoints of the model that it could not restore.
+    #[error(
+        "shard {shard} holds checkpoints of model '{model}' in {dir} but could not restore them: {reason}. Registering it afresh would train it from step 0 and prune them, so it is refused. Repair or restore those files and restart the shard, or move the model's directory out of {dir} to start it afresh"
+    )]
+    Unrestorable {
+        /// Model name.
+        model: String,
+        /// This shard.
+        shard: u32,
+        /// The checkpoint directory.
+        dir: String,
+        /// What was wrong with each version.
+        reason: String,
+    },
     /// Checkpoints need a directory.
     #[error("this shard runs without --checkpoint-dir, so it cannot write or restore checkpoints")]
     NoCheckpointDir,

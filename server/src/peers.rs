@@ -162,7 +162,16 @@ impl Peers {
                 epoch: part.epoch,
                 step: part.step,
                 shard: part.shard,
-                sum_of_squares: part.sum_of_squares,
+                sum_of_squares: part.sum_of_squares(),
+                blocks: part
+                    .blocks
+                    .iter()
+                    .map(|&((tensor, block), sum_of_squares)| pb::BlockNorm {
+                        tensor: tensor as u32,
+                        block,
+                        sum_of_squares,
+                    })
+                    .collect(),
             };
             tokio::spawn(async move {
                 let mut pause = Duration::from_millis(5);

@@ -3,7 +3,10 @@
 //! mid-run and restarted from its checkpoint directory; the run completes
 //! and its final weights equal, bit for bit, those of the same run without
 //! the fault. Also: a shard restarted without its checkpoints refuses to
-//! register the model afresh, so it cannot fork the run.
+//! register the model afresh, so it cannot fork the run; a cluster started
+//! with another shard count on the old directories refuses to start, and one
+//! resharded with `ctl reshard` (2 → 3 → 2) ends bit-identical to the run
+//! that stayed on 2.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,18 +20,24 @@ const MODEL: &str = "digits-mlp";
 const FEDERATED_MODEL: &str = "digits-mlp-fed";
 const FEDERATED_ROUNDS: u64 = 16;
 
-fn server_binary() -> PathBuf {
+/// A binary of another package of the workspace, built next to the worker.
+fn sibling_binary(name: &str) -> PathBuf {
     let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
-    let server = worker.with_file_name(format!("server{}", std::env::consts::EXE_SUFFIX));
+    let binary = worker.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
-        server.exists(),
-        "the server binary is not built next to {}; run `cargo test --workspace`",
+        binary.exists(),
+        "the {name} binary is not built next to {}; run `cargo test --workspace`",
         worker.display()
     );
-    server
+    binary
 }
 
-/// A cluster of two shard processes with their own checkpoint directories and logs.
+fn server_binary() -> PathBuf {
+    sibling_binary("server")
+}
+
+/// A cluster of shard processes (two unless resharded) with their own
+/// checkpoint directories and logs.
 struct Run {
     dir: PathBuf,
     shards: String,
@@ -48,18 +57,56 @@ impl Run {
         let dir = std::env::temp_dir().join(format!("ps-recovery-{label}-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
         std::fs::create_dir_all(&dir).unwrap();
-        let shards = format!("127.0.0.1:{},127.0.0.1:{}", free_port().unwrap(), free_port().unwrap());
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let mut run = Self { dir, shards, servers: Vec::new(), workers: Vec::new(), runtime, lease };
-        for index in 0..2 {
-            let server = run.spawn_server(index, true);
-            run.servers.push(Some(server));
-        }
+        let mut run = Self { dir, shards: addresses(2), servers: Vec::new(), workers: Vec::new(), runtime, lease };
+        run.start_servers();
         run
     }
 
+    /// One shard per address, each on its checkpoint directory.
+    fn start_servers(&mut self) {
+        self.servers = (0..self.shards.split(',').count()).map(|index| Some(self.spawn_server(index, true))).collect();
+    }
+
+    fn checkpoint_dir(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("checkpoints-{index}"))
+    }
+
+    /// Every worker killed and every shard stopped by `signal`.
+    fn stop_everything(&mut self, signal: &str) {
+        for child in &mut self.workers {
+            child.kill().ok();
+            child.wait().ok();
+        }
+        for server in &mut self.servers {
+            let mut shard = server.take().unwrap();
+            shard.signal(signal).unwrap();
+            shard.wait_exit(Duration::from_secs(30)).unwrap();
+        }
+    }
+
+    /// The stopped cluster's checkpoints rewritten in place by `ctl reshard`
+    /// for `num_shards` shards (shard i's directory stays `checkpoints-i`, as
+    /// a StatefulSet's claims do), and that many shards started on them at new
+    /// addresses.
+    fn reshard(&mut self, num_shards: usize) {
+        let dirs = |count: usize| -> Vec<String> {
+            (0..count).map(|i| self.checkpoint_dir(i).to_string_lossy().to_string()).collect()
+        };
+        let (from, to) = (dirs(self.servers.len()), dirs(num_shards));
+        let output = Command::new(sibling_binary("ctl"))
+            .args(["reshard", "--model", MODEL, "--from", &from.join(","), "--to", &to.join(",")])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "ctl reshard failed: {said}");
+        assert!(said.contains(&format!("to {num_shards} shards")), "{said}");
+        self.shards = addresses(num_shards);
+        self.start_servers();
+    }
+
     fn spawn_server(&self, index: usize, with_checkpoints: bool) -> ServerProcess {
-        let checkpoints = self.dir.join(format!("checkpoints-{index}"));
+        let checkpoints = self.checkpoint_dir(index);
         let index_arg = index.to_string();
         let mut args =
             vec!["--shard-index", &index_arg, "--shards", &self.shards, "--metrics-addr", "off", "--lease", self.lease];
@@ -94,10 +141,16 @@ impl Run {
     /// containers starts them: no rank, ids of their own (`generation` tells
     /// restarts apart).
     fn start_replicas(&mut self, generation: u32) {
+        self.start_replicas_with(generation, &[]);
+    }
+
+    /// Replicas as [`Self::start_replicas`] makes them, with `extra` arguments.
+    fn start_replicas_with(&mut self, generation: u32, extra: &[&str]) {
         self.workers.clear();
         for i in 0..3 {
             let id = format!("replica-{generation}-{i}");
-            let child = self.worker_command(&["--worker-id", &id], &format!("worker-{i}.log"));
+            let args = [&["--worker-id", &id][..], extra].concat();
+            let child = self.worker_command(&args, &format!("worker-{i}.log"));
             self.workers.push(child);
         }
     }
@@ -181,6 +234,18 @@ impl Run {
         bits
     }
 
+    /// Once every shard is ready, a new worker that would register the model:
+    /// whether it succeeded, and what it logged.
+    fn late_registration(&self) -> (bool, String) {
+        self.runtime.block_on(self.client().wait_ready(Duration::from_secs(30))).unwrap();
+        let register = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["train", "--shards", &self.shards, "--world-size", "3", "--worker-id", "late", "--steps", "1"])
+            .args(["--seed", "7", "--start-timeout", "5s"])
+            .output()
+            .unwrap();
+        (register.status.success(), String::from_utf8_lossy(&register.stderr).to_string())
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
@@ -190,6 +255,11 @@ impl Run {
         drop(self);
         std::fs::remove_dir_all(dir).ok();
     }
+}
+
+/// `count` loopback addresses with free ports, comma-separated.
+fn addresses(count: usize) -> String {
+    (0..count).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect::<Vec<_>>().join(",")
 }
 
 /// Sends `name` (STOP, CONT) to process `pid`.
@@ -295,14 +365,8 @@ fn a_shard_restarted_without_its_checkpoints_refuses_to_fork_the_model() {
     // Back without its checkpoint directory: empty.
     run.servers[1] = Some(run.spawn_server(1, false));
     let client = run.client();
-    run.runtime.block_on(client.wait_ready(Duration::from_secs(30))).unwrap();
-    let register = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["train", "--shards", &run.shards, "--world-size", "3", "--worker-id", "late", "--steps", "1"])
-        .args(["--seed", "7", "--start-timeout", "5s"])
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&register.stderr);
-    assert!(!register.status.success(), "a fresh registration on the empty shard was accepted: {log}");
+    let (registered, log) = run.late_registration();
+    assert!(!registered, "a fresh registration on the empty shard was accepted: {log}");
     assert!(log.contains("holds no copy of it"), "{log}");
     // The empty shard holds nothing, and shard 0 kept its version.
     let status = run.runtime.block_on(client.status("")).unwrap();
@@ -416,18 +480,8 @@ fn the_same_commands_after_a_whole_cluster_restart_resume_the_run_and_then_find_
     let mut run = Run::start_with_lease("restart-all", "2s");
     run.start_replicas(0);
     run.wait_for_version(21);
-    for child in &mut run.workers {
-        child.kill().ok();
-        child.wait().ok();
-    }
-    for index in 0..2 {
-        let mut shard = run.servers[index].take().unwrap();
-        shard.signal("KILL").unwrap();
-        shard.wait_exit(Duration::from_secs(30)).unwrap();
-    }
-    for index in 0..2 {
-        run.servers[index] = Some(run.spawn_server(index, true));
-    }
+    run.stop_everything("KILL");
+    run.start_servers();
     run.start_replicas(1);
     run.finish_workers();
     assert_same_bits("restart-all", &run.final_bits(), &reference, &run.dir.display().to_string());
@@ -493,5 +547,100 @@ fn writes_fail_then_the_other_shard_crashes(label: &str, failing: usize, crashin
     let log = run.log(&format!("shard-{crashing}.log"));
     assert!(log.contains("recovered: every shard continues"), "{log}");
     assert_same_bits(label, &run.final_bits(), &reference, &run.dir.display().to_string());
+    run.cleanup();
+}
+
+/// The operator who outgrew two shards: the run stopped, started again as
+/// three shards on the same directories (and an empty one), refuses to start
+/// instead of training the model afresh from step 0 and pruning its
+/// checkpoints. Resharded with `ctl reshard` it continues on three shards,
+/// then (killed this time) on two again, and ends bit-identical to the run that
+/// never changed its shard count. FRUGAL, with each step's mean gradient
+/// clipped by its norm over every shard (summed in block order, so the
+/// placement does not change its bits).
+#[test]
+fn a_run_resharded_2_to_3_to_2_ends_bit_identical_and_the_wrong_count_refuses_to_start() {
+    let training = ["--optimizer", "frugal", "--max-grad-norm", "0.5"];
+    let reference = {
+        let mut run = Run::start_with_lease("reshard-reference", "2s");
+        run.start_replicas_with(0, &training);
+        run.finish_workers();
+        let bits = run.final_bits();
+        run.cleanup();
+        bits
+    };
+    let mut run = Run::start_with_lease("reshard", "2s");
+    run.start_replicas_with(0, &training);
+    run.wait_for_version(21);
+    run.stop_everything("TERM");
+    let model_dir = run.checkpoint_dir(0).join(MODEL);
+    let versions_before: Vec<_> = std::fs::read_dir(&model_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+
+    // The same directories started as three shards: the two old ones stop with what to do.
+    let three = addresses(3);
+    for index in 0..2 {
+        let index_arg = index.to_string();
+        let checkpoint_dir = run.checkpoint_dir(index).to_string_lossy().to_string();
+        let log = run.dir.join(format!("wrong-count-{index}.log"));
+        let args = ["--shard-index", &index_arg, "--shards", &three, "--metrics-addr", "off"];
+        let mut shard = ServerProcess::spawn_logged(
+            &server_binary(),
+            &[&args[..], &["--checkpoint-dir", &checkpoint_dir]].concat(),
+            &log,
+        )
+        .unwrap();
+        let exited = shard.wait_exit(Duration::from_secs(30)).unwrap();
+        assert!(exited.is_some_and(|s| !s.success()), "shard {index} started on another layout's checkpoints");
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(said.contains("written by shard") && said.contains("of 2") && said.contains("ctl reshard"), "{said}");
+    }
+    let versions_after: Vec<_> = std::fs::read_dir(&model_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(versions_before, versions_after, "nothing was pruned or written");
+
+    run.reshard(3);
+    run.start_replicas_with(1, &training);
+    run.wait_for_version(40);
+    let status = run.runtime.block_on(run.client().status(MODEL)).unwrap();
+    assert_eq!(status.len(), 3);
+    assert!(status.iter().all(|s| s.models[0].min_version >= 40), "{status:?}");
+    run.stop_everything("KILL");
+    run.reshard(2);
+    run.start_replicas_with(2, &training);
+    run.finish_workers();
+    assert_same_bits("reshard", &run.final_bits(), &reference, &run.dir.display().to_string());
+    run.cleanup();
+}
+
+/// Every shard losing the model at once: its checkpoints are on disk but none
+/// reads back (here every tensors file is corrupted). A worker's registration
+/// is refused with what was found, instead of the model starting afresh from
+/// step 0 and its checkpoints being pruned.
+#[test]
+fn a_cluster_whose_checkpoints_all_fail_to_read_refuses_to_register_the_model_afresh() {
+    let mut run = Run::start("unrestorable");
+    run.start_workers(&[]);
+    run.wait_for_version(10);
+    run.stop_everything("TERM");
+    let mut listed = Vec::new();
+    for index in 0..2 {
+        let model_dir = run.checkpoint_dir(index).join(MODEL);
+        for version in std::fs::read_dir(&model_dir).unwrap().flatten() {
+            let tensors = version.path().join("tensors.safetensors");
+            let mut bytes = std::fs::read(&tensors).unwrap();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x40;
+            std::fs::write(&tensors, bytes).unwrap();
+            listed.push(version.path());
+        }
+    }
+    assert!(!listed.is_empty());
+    run.start_servers();
+    let client = run.client();
+    let (registered, log) = run.late_registration();
+    assert!(!registered, "the model was registered afresh: {log}");
+    assert!(log.contains("could not restore them") && log.contains("does not match its checksum"), "{log}");
+    let status = run.runtime.block_on(client.status("")).unwrap();
+    assert!(status.iter().all(|s| s.models.is_empty()), "{status:?}");
+    assert!(listed.iter().all(|p| p.join("manifest.json").is_file()), "every checkpoint is still there");
     run.cleanup();
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use prost::Message;
 use ps_proto::pb;
 
-use self::checkpoint::{CheckpointStore, CheckpointWriter};
+use self::checkpoint::{CheckpointError, CheckpointStore, CheckpointWriter};
 use crate::config::CheckpointOptions;
 use crate::error::ServerError;
 use crate::limits::{self, ShardBounds};
@@ -37,6 +37,9 @@ pub struct Durability {
     every: u64,
     interval: Duration,
     allow_fresh_rejoin: bool,
+    /// Models with checkpoints here of which none reads back, and why: they
+    /// are not registered afresh, which would lose the run and prune them.
+    unrestorable: Arc<parking_lot::Mutex<std::collections::BTreeMap<String, String>>>,
     /// One rollback at a time.
     rolling_back: Arc<tokio::sync::Mutex<()>>,
     registry: Arc<Registry>,
@@ -50,19 +53,21 @@ fn checkpoint_error(model: &str, reason: impl ToString) -> ServerError {
 
 impl Durability {
     /// Checkpoints as `options` say, for the models of `registry`, agreeing
-    /// with `peers`; restored models count against `bounds`.
+    /// with `peers`; restored models count against `bounds`. A directory
+    /// holding checkpoints of another shard or cluster size is refused.
     pub fn new(
         options: &CheckpointOptions,
         registry: Arc<Registry>,
         peers: Peers,
         bounds: Arc<ShardBounds>,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, CheckpointError> {
         let (shard, num_shards) = (registry.identity.index, registry.num_shards());
         let (store, writer) = match &options.dir {
             Some(dir) => {
-                let store = CheckpointStore::new(dir.clone(), options.keep, shard, num_shards)
-                    .map_err(std::io::Error::other)?;
-                let writer = CheckpointWriter::start(store.clone())?;
+                let store = CheckpointStore::new(dir.clone(), options.keep, shard, num_shards)?;
+                store.check_layout()?;
+                let writer = CheckpointWriter::start(store.clone())
+                    .map_err(|source| CheckpointError::Io { path: dir.clone(), source })?;
                 (Some(store), Some(writer))
             }
             None => (None, None),
@@ -73,6 +78,7 @@ impl Durability {
             every: options.every,
             interval: options.interval,
             allow_fresh_rejoin: options.allow_fresh_rejoin,
+            unrestorable: Arc::default(),
             rolling_back: Arc::default(),
             registry,
             peers,
@@ -114,9 +120,24 @@ impl Durability {
         let restored = blocking(move || {
             let mut restored = Vec::new();
             for name in store.models() {
-                let Some(snapshot) = store.load_newest(&name) else {
-                    tracing::error!(model = name, "no intact checkpoint of the model; it is not restored");
-                    continue;
+                let snapshot = match store.load_newest(&name) {
+                    Ok(snapshot) => snapshot,
+                    Err(failures) => {
+                        let reason = match failures.first() {
+                            Some((version, error)) => format!(
+                                "versions {:?} are on disk but none reads back intact (version {version}: {error})",
+                                failures.iter().rev().map(|(v, _)| *v).collect::<Vec<_>>()
+                            ),
+                            None => "its directory holds no complete checkpoint".to_string(),
+                        };
+                        tracing::error!(
+                            model = name,
+                            reason,
+                            "no intact checkpoint of the model; it is not restored, and registering it is refused"
+                        );
+                        durability.unrestorable.lock().insert(name, reason);
+                        continue;
+                    }
                 };
                 match durability.rebuild(&snapshot, snapshot.epoch) {
                     Ok(model) => {
@@ -174,9 +195,20 @@ impl Durability {
         }
     }
 
-    /// Refuses to register afresh a model that a peer holds past version 0:
-    /// this shard restarted without its copy, and a fresh one would fork the run.
+    /// Refuses to register afresh a model that a peer holds past version 0
+    /// (this shard restarted without its copy, and a fresh one would fork the
+    /// run), or whose checkpoints here could not be restored (every shard may
+    /// have lost it at once; a fresh one would lose the run and prune them).
     pub async fn refuse_fork(&self, name: &str) -> Result<(), ServerError> {
+        if let Some(reason) = self.unrestorable.lock().get(name) {
+            let dir = self.store.as_ref().map(|s| s.root().display().to_string()).unwrap_or_default();
+            return Err(ServerError::Unrestorable {
+                model: name.to_string(),
+                shard: self.registry.identity.index,
+                dir,
+                reason: reason.clone(),
+            });
+        }
         if self.allow_fresh_rejoin || self.registry.num_shards() == 1 {
             return Ok(());
         }

@@ -169,6 +169,7 @@ impl From<ServerError> for Status {
             | ServerError::RoundCommit(_)
             | ServerError::EpochChanged { .. }
             | ServerError::NotRestored { .. }
+            | ServerError::Unrestorable { .. }
             | ServerError::NoCheckpointDir
             | ServerError::NoLocalChannel
             | ServerError::FutureNormPart { .. } => Code::FailedPrecondition,
@@ -220,7 +221,7 @@ impl From<ServerError> for Status {
             ServerError::UnknownModel(_) => Some(errors::UNKNOWN_MODEL),
             ServerError::EpochChanged { .. } => Some(errors::EPOCH_CHANGED),
             ServerError::Recovering(_) => Some(errors::RECOVERING),
-            ServerError::NotRestored { .. } => Some(errors::NOT_RESTORED),
+            ServerError::NotRestored { .. } | ServerError::Unrestorable { .. } => Some(errors::NOT_RESTORED),
             ServerError::Busy { .. } => Some(errors::BUSY),
             ServerError::Join { reason: JoinError::RankTaken { .. }, .. } => Some(errors::RANK_TAKEN),
             _ => None,

@@ -50,12 +50,19 @@ pub enum ServeError {
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
-    /// The checkpoint directory cannot be used.
+    /// The checkpoint directory cannot be used. (Not a `source`: the message
+    /// already holds the cause's, and a source would print it twice.)
     #[error("checkpoint directory: {0}")]
-    Checkpoints(#[from] std::io::Error),
+    Checkpoints(crate::durability::checkpoint::CheckpointError),
     /// The local channel's directory or sockets cannot be used.
     #[error("--local-dir: {0}")]
     Local(std::io::Error),
+}
+
+impl From<crate::durability::checkpoint::CheckpointError> for ServeError {
+    fn from(error: crate::durability::checkpoint::CheckpointError) -> Self {
+        ServeError::Checkpoints(error)
+    }
 }
 
 /// Serves one shard on `listener` until `shutdown` completes. With a

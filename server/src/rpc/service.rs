@@ -225,7 +225,9 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
             let part = request.into_inner();
             let model = self.registry.get(&part.model)?;
             model.check_epoch(part.epoch)?;
-            let updated = blocking(move || model.receive_norm(part.step, part.shard, part.sum_of_squares)).await??;
+            let blocks: Vec<((usize, u32), f64)> =
+                part.blocks.iter().map(|b| ((b.tensor as usize, b.block), b.sum_of_squares)).collect();
+            let updated = blocking(move || model.receive_norm(part.step, part.shard, &blocks)).await??;
             tracing::trace!(updated, "a peer's part of a step's norm");
             Ok(pb::StepNormResponse {})
         };

@@ -1145,18 +1145,30 @@ class RollbackResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StepNormRequest(_message.Message):
-    __slots__ = ("model", "epoch", "step", "shard", "sum_of_squares")
+    __slots__ = ("model", "epoch", "step", "shard", "sum_of_squares", "blocks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SUM_OF_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     step: int
     shard: int
     sum_of_squares: float
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., sum_of_squares: _Optional[float] = ...) -> None: ...
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockNorm]
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., shard: _Optional[int] = ..., sum_of_squares: _Optional[float] = ..., blocks: _Optional[_Iterable[_Union[BlockNorm, _Mapping]]] = ...) -> None: ...
+
+class BlockNorm(_message.Message):
+    __slots__ = ("tensor", "block", "sum_of_squares")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SUM_OF_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    block: int
+    sum_of_squares: float
+    def __init__(self, tensor: _Optional[int] = ..., block: _Optional[int] = ..., sum_of_squares: _Optional[float] = ...) -> None: ...
 
 class StepNormResponse(_message.Message):
     __slots__ = ()

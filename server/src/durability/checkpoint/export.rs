@@ -83,10 +83,30 @@ fn shard_of(root: &Path, model: &str) -> Result<(u32, u32), ExportError> {
     Ok((manifest.shard, manifest.num_shards))
 }
 
+/// Every shard's checkpoint of a model at one version.
+pub struct ClusterCheckpoint {
+    /// The version every shard's part is at.
+    pub version: u64,
+    /// The shards that wrote it.
+    pub num_shards: u32,
+    /// Each shard's part, in shard order.
+    pub snapshots: Vec<ModelSnapshot>,
+}
+
 /// Reads the checkpoint of `model` at `version` (default: the newest version
 /// every shard holds) from each shard's checkpoint directory, one per shard
 /// in any order, and assembles its tensors.
 pub fn assemble(dirs: &[PathBuf], model: &str, version: Option<u64>) -> Result<ExportedModel, ExportError> {
+    let cluster = load_cluster(dirs, model, version)?;
+    let tensors = join_blocks(&cluster.snapshots)?;
+    Ok(ExportedModel { model: model.to_string(), version: cluster.version, num_shards: cluster.num_shards, tensors })
+}
+
+/// Reads every shard's checkpoint of `model` at `version` (default: the
+/// newest version every shard holds intact) from the shards' checkpoint
+/// directories, one per shard in any order; refuses directories that are not
+/// exactly the shards of one cluster.
+pub fn load_cluster(dirs: &[PathBuf], model: &str, version: Option<u64>) -> Result<ClusterCheckpoint, ExportError> {
     let mut stores = BTreeMap::new();
     let mut counts = BTreeSet::new();
     for dir in dirs {
@@ -133,19 +153,22 @@ pub fn assemble(dirs: &[PathBuf], model: &str, version: Option<u64>) -> Result<E
     };
     let snapshots =
         stores.values().map(|(_, store)| store.load(model, version)).collect::<Result<Vec<_>, CheckpointError>>()?;
-    let tensors = join_blocks(&snapshots)?;
-    Ok(ExportedModel { model: model.to_string(), version, num_shards, tensors })
+    if snapshots.iter().any(|s| s.spec != snapshots[0].spec) {
+        return Err(ExportError::Inconsistent("the shards' checkpoints hold different specs of the model".into()));
+    }
+    Ok(ClusterCheckpoint { version, num_shards, snapshots })
+}
+
+/// The spec a cluster checkpoint was registered with.
+pub(super) fn decode_spec(snapshot: &ModelSnapshot) -> Result<pb::ModelSpec, ExportError> {
+    pb::ModelSpec::decode(snapshot.spec.as_slice())
+        .map_err(|e| ExportError::Inconsistent(format!("the checkpoint's spec.pb does not decode: {e}")))
 }
 
 /// Puts every tensor's blocks, from whichever shard holds them, back in order.
 fn join_blocks(snapshots: &[ModelSnapshot]) -> Result<Vec<ExportedTensor>, ExportError> {
     let inconsistent = |m: String| ExportError::Inconsistent(m);
-    let spec_bytes = &snapshots[0].spec;
-    if snapshots.iter().any(|s| &s.spec != spec_bytes) {
-        return Err(inconsistent("the shards' checkpoints hold different specs of the model".into()));
-    }
-    let spec = pb::ModelSpec::decode(spec_bytes.as_slice())
-        .map_err(|e| inconsistent(format!("the checkpoint's spec.pb does not decode: {e}")))?;
+    let spec = decode_spec(&snapshots[0])?;
     let mut parts: BTreeMap<&str, BTreeMap<u32, &[f32]>> = BTreeMap::new();
     for block in snapshots.iter().flat_map(|s| &s.blocks) {
         parts.entry(block.tensor.as_str()).or_default().insert(block.block, block.params.as_slice());

@@ -10,6 +10,12 @@
 
 pub mod export;
 pub mod format;
+mod layout;
+pub mod reshard;
+mod writer;
+
+pub use self::layout::ForeignCheckpoints;
+pub use self::writer::CheckpointWriter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -22,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use self::format::{Checksummed, ChecksummedReader, Slice, TensorHeader, Values};
 use crate::optim::OptimizerState;
-use crate::store::{BlockSnapshot, CheckpointPlan, CheckpointSink, ModelSnapshot, WriteReport};
+use crate::store::{BlockSnapshot, ModelSnapshot, WriteReport};
 
 const FORMAT: &str = "ps-checkpoint/1";
 const TENSORS: &str = "tensors.safetensors";
@@ -47,6 +53,18 @@ pub enum CheckpointError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The directory holds checkpoints written by another shard or cluster size.
+    #[error("{}", layout::describe_foreign(root, *shard, *num_shards, found))]
+    OtherLayout {
+        /// The checkpoint directory.
+        root: PathBuf,
+        /// This shard's index.
+        shard: u32,
+        /// This cluster's shard count.
+        num_shards: u32,
+        /// What was found, per model and layout.
+        found: Vec<ForeignCheckpoints>,
     },
     /// No checkpoint of the model at that version.
     #[error("no checkpoint of model '{model}' at version {version} in {dir}")]
@@ -522,20 +540,25 @@ impl CheckpointStore {
     }
 
     /// The newest checkpoint of `model` that reads back intact; a torn or
-    /// corrupt one is logged and the one before it tried.
-    pub fn load_newest(&self, model: &str) -> Option<ModelSnapshot> {
+    /// corrupt one is logged and the one before it tried. Err: no version
+    /// reads back, with what was wrong with each, newest first.
+    pub fn load_newest(&self, model: &str) -> Result<ModelSnapshot, Vec<(u64, CheckpointError)>> {
+        let mut failures = Vec::new();
         for version in self.listed(model).into_iter().rev() {
             match self.load(model, version) {
-                Ok(snapshot) => return Some(snapshot),
-                Err(error) => tracing::error!(
-                    model,
-                    version,
-                    %error,
-                    "checkpoint is torn or corrupt; falling back to the one before it"
-                ),
+                Ok(snapshot) => return Ok(snapshot),
+                Err(error) => {
+                    tracing::error!(
+                        model,
+                        version,
+                        %error,
+                        "checkpoint is torn or corrupt; falling back to the one before it"
+                    );
+                    failures.push((version, error));
+                }
             }
         }
-        None
+        Err(failures)
     }
 
     /// Names of the models with a checkpoint directory.
@@ -586,67 +609,6 @@ fn write_small(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut file = File::create(path).map_err(io_error(path))?;
     file.write_all(bytes).map_err(io_error(path))?;
     file.sync_all().map_err(io_error(path))
-}
-
-/// Writes snapshots on a thread of its own, one at a time, in the order they come.
-pub struct CheckpointWriter {
-    queue: std::sync::mpsc::Sender<(ModelSnapshot, Arc<CheckpointPlan>)>,
-}
-
-impl CheckpointWriter {
-    /// Starts the writer thread for `store`.
-    pub fn start(store: CheckpointStore) -> std::io::Result<Arc<Self>> {
-        let (tx, rx) = std::sync::mpsc::channel::<(ModelSnapshot, Arc<CheckpointPlan>)>();
-        std::thread::Builder::new().name("checkpoint-writer".into()).spawn(move || {
-            for (snapshot, plan) in rx {
-                let (model, version, epoch) = (snapshot.model.clone(), snapshot.version, snapshot.epoch);
-                let mut result = store.write(snapshot);
-                if result.is_ok() && plan.is_retired() {
-                    // Written for a copy of the model that a rollback replaced meanwhile.
-                    store.discard(&model, version);
-                    result = Err(CheckpointError::Invalid {
-                        path: store.root().to_path_buf(),
-                        reason: "discarded: the model was rolled back while it was written".into(),
-                    });
-                }
-                match &result {
-                    Ok(report) => {
-                        tracing::info!(
-                            model,
-                            version,
-                            epoch,
-                            path = report.path,
-                            mb = report.bytes as f64 / 1e6,
-                            seconds = report.seconds,
-                            copy_seconds = report.copy_seconds,
-                            "checkpoint written"
-                        );
-                        metrics::counter!(crate::metrics::CHECKPOINTS, "model" => model.clone(), "result" => "written")
-                            .increment(1);
-                        metrics::histogram!(crate::metrics::CHECKPOINT_SECONDS, "model" => model.clone())
-                            .record(report.seconds);
-                        metrics::gauge!(crate::metrics::CHECKPOINT_VERSION, "model" => model.clone())
-                            .set(version as f64);
-                    }
-                    Err(error) => {
-                        tracing::error!(model, version, %error, "checkpoint failed");
-                        metrics::counter!(crate::metrics::CHECKPOINTS, "model" => model.clone(), "result" => "failed")
-                            .increment(1);
-                    }
-                }
-                plan.finished(version, result.map_err(|e| e.to_string()));
-            }
-        })?;
-        Ok(Arc::new(Self { queue: tx }))
-    }
-}
-
-impl CheckpointSink for CheckpointWriter {
-    fn submit(&self, snapshot: ModelSnapshot, plan: Arc<CheckpointPlan>) {
-        if self.queue.send((snapshot, plan)).is_err() {
-            tracing::error!("the checkpoint writer has stopped; checkpoint not written");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
 
 use crate::optim::{OptimizerConfig, SgdConfig};
 use crate::spec::ModelSpec;
-use crate::store::{BlockGradient, DecodedGradient as Grad, Model, NoGradient};
+use crate::store::{BlockGradient, CheckpointPlan, CheckpointSink, DecodedGradient as Grad, Model, NoGradient};
 
 fn temp_dir(label: &str) -> PathBuf {
     let dir =

@@ -4,13 +4,14 @@
 //! A block whose step is complete computes its mean, adds the sum of its
 //! squares to this shard's part of the step, and waits
 //! ([`AwaitingNorm`]). Once every local block of the step has reported, this
-//! shard's part goes to the peers through the model's outbox (the RPC layer
-//! sends it); once every shard's part is in, the total, summed in shard order
-//! so that every shard gets the same bits, gives the factor, and every waiting
-//! block is scaled and updated. Majority-vote blocks take no part (a scale
+//! shard's part (each block's sum) goes to the peers through the model's
+//! outbox (the RPC layer sends it); once every shard's part is in, the total,
+//! the blocks' sums added in (tensor, block) order so that every shard gets
+//! the same bits whatever the placement (a resharded run clips as the run it
+//! continues), gives the factor, and every waiting block is scaled and updated. Majority-vote blocks take no part (a scale
 //! does not change a vote), nor do buffers (values, not gradients).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rayon::prelude::*;
 
@@ -30,8 +31,16 @@ pub struct NormPart {
     pub step: u64,
     /// The sending shard.
     pub shard: u32,
-    /// The sum over its blocks, in block order, of the squares of the step's mean gradient.
-    pub sum_of_squares: f64,
+    /// Each of its blocks of the norm, by (tensor index, block), with the sum
+    /// of the squares of its part of the step's mean gradient; in that order.
+    pub blocks: Vec<((usize, u32), f64)>,
+}
+
+impl NormPart {
+    /// The sum of the part's blocks, in block order (what the shard contributes; for logs).
+    pub fn sum_of_squares(&self) -> f64 {
+        self.blocks.iter().map(|(_, sum)| sum).sum()
+    }
 }
 
 /// The parts of the steps' norms that have arrived.
@@ -42,34 +51,48 @@ pub(crate) struct NormExchange {
 
 #[derive(Debug, Default)]
 struct StepParts {
-    /// This shard's blocks, by (tensor, block): block order.
+    /// This shard's blocks heard so far, by (tensor, block).
+    local: BTreeMap<(usize, u32), f64>,
+    /// Every block of the shards whose whole part is in, this one's included
+    /// once its blocks are all in, by (tensor, block).
     blocks: BTreeMap<(usize, u32), f64>,
-    /// Each shard's whole part, this one's included once its blocks are all in.
-    shards: BTreeMap<u32, f64>,
+    /// The shards whose whole part is in.
+    shards: BTreeSet<u32>,
 }
 
 impl NormExchange {
-    /// Records one local block's part of `step`; returns this shard's sum when
-    /// that completes it (`blocks` local blocks take part).
-    fn add_block(&mut self, step: u64, key: (usize, u32), sum_of_squares: f64, blocks: usize) -> Option<f64> {
+    /// Records one local block's part of `step`; returns this shard's blocks
+    /// when that completes its part (`blocks` local blocks take part).
+    fn add_block(
+        &mut self,
+        step: u64,
+        key: (usize, u32),
+        sum_of_squares: f64,
+        blocks: usize,
+    ) -> Option<Vec<((usize, u32), f64)>> {
         let parts = self.steps.entry(step).or_default();
-        parts.blocks.insert(key, sum_of_squares);
-        (parts.blocks.len() == blocks).then(|| parts.blocks.values().sum())
+        parts.local.insert(key, sum_of_squares);
+        (parts.local.len() == blocks).then(|| parts.local.iter().map(|(k, v)| (*k, *v)).collect())
     }
 
     /// Records a shard's part of `step`; a part heard again is kept as first heard.
-    fn add_shard(&mut self, step: u64, shard: u32, sum_of_squares: f64) {
-        self.steps.entry(step).or_default().shards.entry(shard).or_insert(sum_of_squares);
+    fn add_shard(&mut self, step: u64, shard: u32, blocks: &[((usize, u32), f64)]) {
+        let parts = self.steps.entry(step).or_default();
+        if parts.shards.insert(shard) {
+            for (key, sum) in blocks {
+                parts.blocks.entry(*key).or_insert(*sum);
+            }
+        }
     }
 
     /// Removes the lowest step whose every shard's part is in; returns it with
-    /// the total sum of squares, added in shard order.
+    /// the total sum of squares, its blocks added in (tensor, block) order.
     fn take_complete(&mut self, shards: &[u32]) -> Option<(u64, f64)> {
         let (&step, parts) = self.steps.iter().next()?;
-        if !shards.iter().all(|s| parts.shards.contains_key(s)) {
+        if !shards.iter().all(|s| parts.shards.contains(s)) {
             return None;
         }
-        let total = shards.iter().map(|s| parts.shards[s]).sum();
+        let total = parts.blocks.values().sum();
         self.steps.remove(&step);
         Some((step, total))
     }
@@ -95,14 +118,14 @@ impl Model {
         let step = awaiting.step;
         state.awaiting = Some(awaiting);
         let mut exchange = self.norms.lock();
-        if let Some(part) = exchange.add_block(step, (block.tensor, block.index), sum_of_squares, self.norm_blocks) {
-            exchange.add_shard(step, self.shard, part);
+        if let Some(blocks) = exchange.add_block(step, (block.tensor, block.index), sum_of_squares, self.norm_blocks) {
+            exchange.add_shard(step, self.shard, &blocks);
             self.send_part(NormPart {
                 model: self.spec.name.clone(),
                 epoch: self.epoch(),
                 step,
                 shard: self.shard,
-                sum_of_squares: part,
+                blocks,
             });
         }
     }
@@ -119,11 +142,23 @@ impl Model {
         }
     }
 
-    /// A peer's part of a step's norm; updates the blocks if it was the last
-    /// part missing. Locks blocks: call it off the reactor.
-    pub fn receive_norm(&self, step: u64, shard: u32, sum_of_squares: f64) -> Result<u32, ServerError> {
+    /// The blocks of the norm that `shard` holds, by (tensor, block), in that order.
+    fn norm_blocks_of(&self, shard: u32) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.plan
+            .iter()
+            .filter(move |b| b.shard == shard && self.spec.groups[self.spec.tensors[b.tensor].group].clipped())
+            .map(|b| (b.tensor, b.block))
+    }
+
+    /// A peer's part of a step's norm: each of its blocks of the norm, once, with
+    /// a finite sum of squares. Updates the blocks if it was the last part
+    /// missing. Locks blocks: call it off the reactor.
+    pub fn receive_norm(&self, step: u64, shard: u32, blocks: &[((usize, u32), f64)]) -> Result<u32, ServerError> {
         self.check_serving()?;
-        if !self.norm_shards.contains(&shard) || !sum_of_squares.is_finite() || sum_of_squares < 0.0 {
+        let fits = self.norm_shards.contains(&shard)
+            && blocks.iter().all(|(_, sum)| sum.is_finite() && *sum >= 0.0)
+            && blocks.iter().map(|(key, _)| *key).eq(self.norm_blocks_of(shard));
+        if !fits {
             return Err(ServerError::BadNormPart { model: self.spec.name.clone(), shard, step });
         }
         let (low, high) = self.version_range();
@@ -133,7 +168,7 @@ impl Model {
         }
         // A part of a step every block is past: heard before; nothing to do.
         if step >= low {
-            self.norms.lock().add_shard(step, shard, sum_of_squares);
+            self.norms.lock().add_shard(step, shard, blocks);
         }
         Ok(self.apply_ready_norms())
     }
@@ -213,16 +248,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_step_is_complete_once_every_shard_is_in_and_the_total_is_summed_in_shard_order() {
+    fn a_step_is_complete_once_every_shard_is_in_and_the_total_is_summed_in_block_order() {
+        // Half an ulp of 1.0: lost when added to 1.0 alone, kept when two are added first.
+        let tiny = f64::EPSILON / 2.0;
         let mut exchange = NormExchange::default();
-        assert_eq!(exchange.add_block(4, (0, 1), 2.0, 2), None, "one of two local blocks");
-        assert_eq!(exchange.add_block(4, (0, 0), 1.0, 2), Some(3.0));
-        exchange.add_shard(4, 0, 3.0);
+        assert_eq!(exchange.add_block(4, (0, 2), tiny, 2), None, "one of two local blocks");
+        let local = exchange.add_block(4, (0, 0), tiny, 2).unwrap();
+        assert_eq!(local, [((0, 0), tiny), ((0, 2), tiny)], "this shard's blocks, in block order");
+        exchange.add_shard(4, 0, &local);
         assert_eq!(exchange.take_complete(&[0, 1]), None, "shard 1 is missing");
-        exchange.add_shard(4, 1, 1e-17);
-        exchange.add_shard(4, 1, 5.0);
-        assert_eq!(exchange.take_complete(&[0, 1]), Some((4, 3.0 + 1e-17)), "the first part heard is kept");
+        exchange.add_shard(4, 1, &[((0, 1), 1.0)]);
+        exchange.add_shard(4, 1, &[((0, 1), 5.0)]);
+        let (block_order, shard_order) = ((tiny + 1.0) + tiny, (tiny + tiny) + 1.0);
+        assert_ne!(block_order, shard_order, "the order shows in the bits");
+        assert_eq!(exchange.take_complete(&[0, 1]), Some((4, block_order)), "first heard kept, block order");
         assert_eq!(exchange.take_complete(&[0, 1]), None, "taken once");
+    }
+
+    #[test]
+    fn a_peers_part_must_name_exactly_its_blocks_of_the_norm_with_finite_sums() {
+        use std::time::Duration;
+
+        use ps_proto::api::{self, GroupConfig, Init, OptimizerConfig, TensorSpec};
+
+        let tensors = vec![TensorSpec::new("w", &[8], Init::Constant(1.0))];
+        let groups = vec![GroupConfig::new("all", &["*"], OptimizerConfig::sgd(0.1))];
+        let mut spec = api::ModelSpec::new("m", tensors, groups);
+        spec.max_grad_norm = 1.0;
+        spec.max_block_elements = 2;
+        let spec = crate::spec::ModelSpec::new(spec, Vec::new()).unwrap();
+        let model = Model::new(spec, 0, 2, Duration::from_secs(60));
+        let (ours, theirs): (Vec<_>, Vec<_>) = (model.norm_blocks_of(0).collect(), model.norm_blocks_of(1).collect());
+        assert_eq!((ours.len(), theirs.len()), (2, 2), "4 blocks of 2 over 2 shards");
+        let part = |keys: &[(usize, u32)], sum: f64| keys.iter().map(|k| (*k, sum)).collect::<Vec<_>>();
+        let reversed: Vec<_> = theirs.iter().rev().copied().collect();
+        for bad in [part(&theirs[..1], 1.0), part(&ours, 1.0), part(&reversed, 1.0), part(&theirs, f64::NAN)] {
+            let refused = model.receive_norm(0, 1, &bad);
+            assert!(matches!(refused, Err(ServerError::BadNormPart { shard: 1, .. })), "{bad:?}: {refused:?}");
+        }
+        assert!(matches!(model.receive_norm(0, 1, &part(&theirs, -1.0)), Err(ServerError::BadNormPart { .. })));
+        assert!(matches!(model.receive_norm(0, 5, &part(&theirs, 1.0)), Err(ServerError::BadNormPart { .. })));
+        assert_eq!(model.receive_norm(0, 1, &part(&theirs, 1.0)).unwrap(), 0, "taken; this shard's part is missing");
     }
 
     #[test]
