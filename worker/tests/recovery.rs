@@ -20,7 +20,8 @@ const MODEL: &str = "digits-mlp";
 const FEDERATED_MODEL: &str = "digits-mlp-fed";
 const FEDERATED_ROUNDS: u64 = 16;
 
-/// A binary of another package of the workspace, built next to the worker.
+/// A binary of another package of the workspace, built next to the worker
+/// (`cargo test --workspace` builds it: its package has integration tests).
 fn sibling_binary(name: &str) -> PathBuf {
     let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
     let binary = worker.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));

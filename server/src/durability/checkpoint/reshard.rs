@@ -15,9 +15,10 @@
 //! file's named volumes): the new checkpoints are first written beside the
 //! old ones, then, directory by directory, the model's old checkpoints are
 //! moved under `.before-reshard/` and the new ones put in their place. An
-//! interruption leaves each directory wholly old or wholly new, and a shard
-//! started on a mix refuses to start or to register the model (the layout
-//! check and `not-restored`), so it is never silently trained afresh.
+//! interruption leaves each directory old, new, or (between its two renames)
+//! empty of the model, and a shard started on such a mix refuses to start or
+//! to register the model (the layout check and `not-restored`), so it is
+//! never silently trained afresh.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -471,6 +472,22 @@ mod tests {
         aside.sort();
         assert_eq!(aside, ["2-shards-v1", "2-shards-v1.1", "3-shards-v1"], "every old set is kept");
         assert_eq!(bits(&restored(&spec, &three)), bits(&run));
+        std::fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
+    fn members_are_the_union_over_the_shards_and_a_rank_held_twice_is_refused() {
+        let (root, _, run, _) = one_adamw_step_on_two_shards("members", "two");
+        let mut parts: Vec<ModelSnapshot> = run.iter().map(|m| m.snapshot_now().unwrap()).collect();
+        parts[0].members.push(("late".into(), 1));
+        parts[1].last_included = vec![(3, 7)];
+        parts[0].last_included = vec![(3, 5), (4, 2)];
+        let facts = SharedFacts::of(&parts).unwrap();
+        assert_eq!(facts.members, [("w0".to_string(), 0), ("late".to_string(), 1)]);
+        assert_eq!(facts.last_included, [(3, 7), (4, 2)], "each client's latest round");
+        parts[1].members.push(("late".into(), 2));
+        let error = SharedFacts::of(&parts).err().unwrap().to_string();
+        assert!(error.contains("worker 'late' holds rank 1 on one shard and 2 on another"), "{error}");
         std::fs::remove_dir_all(&root).ok();
     }
 
