@@ -195,9 +195,9 @@ pub enum ServerError {
         /// Tensor name.
         tensor: String,
     },
-    /// A part of a step's norm from a shard that holds no part of it, or not a sum of squares.
+    /// A part of a step's norm from a shard that holds no part of it, naming other blocks, or not sums of squares.
     #[error(
-        "shard {shard} sent a part of step {step}'s gradient norm of model '{model}' that does not fit: it holds no blocks of the norm, or the value is not a finite sum of squares"
+        "shard {shard} sent a part of step {step}'s gradient norm of model '{model}' that does not fit: it holds no blocks of the norm, it names other blocks than the ones it holds (each once, in tensor then block order), or a value is not a finite sum of squares"
     )]
     BadNormPart {
         /// The model.

@@ -293,8 +293,10 @@ class ParameterServerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ShareStepNorm(self, request, context):
-        """Between shards (clients never call it): this shard's sum of squares of
-        its blocks' mean gradients of a step (GRAD_CLIP_MEAN). Idempotent.
+        """Between shards (clients never call it): the sum of squares of each of
+        this shard's blocks' mean gradient of a step (GRAD_CLIP_MEAN), every one
+        of its blocks of the norm exactly once, in (tensor, block) order; any
+        other set is INVALID_ARGUMENT. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
