@@ -1,18 +1,28 @@
 //! Update throughput of every optimizer mode on one 4096×4096 tensor, next to
 //! a memory-bandwidth triad measured in the same run, on one and two threads
-//! (two threads update two row blocks, as the server updates blocks in parallel).
+//! (two threads update two row blocks for the modes the server splits into
+//! blocks, and split the one tensor by row ranges for the modes that need it
+//! whole). Then a shard's whole update at the shapes of the LLaMA-style models
+//! (`paramserver.models.llama`, sizes small and base): the blocks one of two
+//! shards holds, built as the server builds them and updated in parallel as
+//! its barrier does, beside the triad floor for the same bytes.
 //!
-//! Run: `cargo bench -p ps-server --bench optimizers` (PS_BENCH_DIM sets the side).
+//! Run: `cargo bench -p ps-server --bench optimizers` (PS_BENCH_DIM sets the
+//! side; PS_BENCH_MODELS=small,base picks the model shapes, "none" skips them).
 //! Modes that choose a subspace from an SVD of the gradient do it at their
 //! first step; that step is timed separately (and on a 1024×1024 tensor, as an
-//! SVD of 4096² is minutes), and the table shows the steady-state steps.
+//! SVD of 4096² is minutes), and the tables show the steady-state steps.
 
 use std::time::{Duration, Instant};
 
+use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
+use ps_proto::layout;
 use ps_server::optim::{
-    AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, OptimizerConfig, Projection,
-    SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig, build,
+    AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, Optimizer, OptimizerConfig,
+    Projection, SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    build,
 };
+use ps_server::spec::ModelSpec;
 use rayon::prelude::*;
 
 #[global_allocator]
@@ -106,6 +116,11 @@ fn modes() -> Vec<(&'static str, OptimizerConfig, bool)> {
         ("sgd-sm (index)", OptimizerConfig::SubspaceMomentum(sm(Projection::Index(IndexRule::TopK), false)), false),
         ("adam-sn-sm (svd)", OptimizerConfig::SubspaceMomentum(sm(Projection::Svd, true)), false),
         ("frugal block", OptimizerConfig::Frugal(frugal(FrugalMode::Block { order: BlockOrder::Descending })), false),
+        (
+            "frugal block (off)",
+            OptimizerConfig::Frugal(frugal(FrugalMode::Block { order: BlockOrder::Ascending })),
+            false,
+        ),
         ("frugal columns", OptimizerConfig::Frugal(frugal(FrugalMode::Columns)), false),
         ("frugal svd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd)), false),
     ]
@@ -138,11 +153,14 @@ fn main() {
         for (threads, pool) in [1usize, 2].iter().zip(&pools) {
             let blocks = if splits { *threads } else { 1 };
             let rows = side / blocks;
+            // One tensor of four projectable ones: at ρ = 0.25 FRUGAL's block mode
+            // makes one active per period, index 3 descending (benchmarked as
+            // "frugal block"), index 0 ascending ("frugal block (off)" is then index 3).
             let slice = SliceInfo {
                 name: "w",
                 dims: Dims { rows, cols: side },
                 matrix: true,
-                projectable: Some(GroupPosition { index: 0, count: 1 }),
+                projectable: Some(GroupPosition { index: 3, count: 4 }),
             };
             let mut optimizers: Vec<_> = (0..blocks).map(|_| build(&config, &slice)).collect();
             let mut params: Vec<Vec<f32>> = (0..blocks).map(|_| vec![0.1f32; rows * side]).collect();
@@ -193,6 +211,142 @@ fn main() {
     println!("GB/s counts weight read+write, gradient read and state read+write per parameter;");
     println!("modes marked * run on a 1024x1024 tensor (their first step is an SVD of the gradient).");
     println!(
-        "Subset-Norm, Subspace-Momentum and FRUGAL need whole tensors, so the server runs each tensor on one thread."
+        "Subset-Norm, Subspace-Momentum and FRUGAL need whole tensors: on two threads they split the tensor by row ranges."
     );
+    let models = std::env::var("PS_BENCH_MODELS").unwrap_or_else(|_| "small,base".into());
+    for size in models.split(',').filter(|s| !s.is_empty() && *s != "none") {
+        model_table(size, triads[1]);
+    }
+}
+
+/// One block of a shard: its optimizer, weights and a gradient.
+type ShardBlock = (Box<dyn Optimizer>, Vec<f32>, Vec<f32>);
+
+/// The tensors of `paramserver.models.llama` at `size` (byte vocabulary).
+fn llama_tensors(size: &str) -> Vec<TensorSpec> {
+    let (dim, layers, hidden, vocab) = match size {
+        "small" => (256u64, 6, 704u64, 256u64),
+        "base" => (768, 12, 2048, 256),
+        other => panic!("unknown model size {other:?}; use small or base"),
+    };
+    let tensor = |name: String, shape: &[u64]| TensorSpec::new(name, shape, Init::Zeros);
+    let mut tensors = vec![tensor("embed_tokens.weight".into(), &[vocab, dim])];
+    for i in 0..layers {
+        let layer = |part: &str| format!("layers.{i}.{part}.weight");
+        for part in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] {
+            tensors.push(tensor(layer(part), &[dim, dim]));
+        }
+        tensors.push(tensor(layer("mlp.gate_proj"), &[hidden, dim]));
+        tensors.push(tensor(layer("mlp.up_proj"), &[hidden, dim]));
+        tensors.push(tensor(layer("mlp.down_proj"), &[dim, hidden]));
+        tensors.push(tensor(layer("input_layernorm"), &[dim]));
+        tensors.push(tensor(layer("post_attention_layernorm"), &[dim]));
+    }
+    tensors.push(tensor("norm.weight".into(), &[dim]));
+    tensors.push(tensor("lm_head.weight".into(), &[vocab, dim]));
+    tensors
+}
+
+/// One shard's update of a whole model at `size`, for the modes a user of the
+/// memory-saving optimizers picks, next to the triad floor for its bytes.
+fn model_table(size: &str, triad_gbs: f64) {
+    let adam = AdamWConfig { lr: 1e-3, weight_decay: 0.01, ..Default::default() };
+    let sn = SubsetNormConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        correct_bias: true,
+        weight_decay: 0.0,
+        subsets: Subsets::Heuristic,
+        initial_accumulator: 0.0,
+    };
+    let snsm = |projection| SubspaceMomentumConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        rank: 64,
+        update_gap: 200,
+        projection,
+        adaptive: true,
+        subsets: Subsets::Heuristic,
+        correct_bias: true,
+        weight_decay: 0.0,
+        seed: 1,
+    };
+    let frugal = |mode| FrugalConfig { lr: 1e-3, mode, seed: 1, ..Default::default() };
+    let modes = [
+        ("adamw", OptimizerConfig::AdamW(adam)),
+        ("adam-sn", OptimizerConfig::SubsetNorm(sn)),
+        ("adam-sn-sm (top-k rows)", OptimizerConfig::SubspaceMomentum(snsm(Projection::Index(IndexRule::TopK)))),
+        ("adam-sn-sm (svd)", OptimizerConfig::SubspaceMomentum(snsm(Projection::Svd))),
+        ("frugal block", OptimizerConfig::Frugal(frugal(FrugalMode::Block { order: BlockOrder::Descending }))),
+        ("frugal columns", OptimizerConfig::Frugal(frugal(FrugalMode::Columns))),
+        ("frugal svd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd))),
+    ];
+    let mut header = false;
+    for (label, optimizer) in modes {
+        let wire = api::ModelSpec::new(size, llama_tensors(size), vec![GroupConfig::new("all", &["*"], optimizer)]);
+        let spec = ModelSpec::new(wire, Vec::new()).expect("a valid spec");
+        // Shard 0 of 2, its blocks built as `Model::new` builds them.
+        let mut blocks: Vec<ShardBlock> = spec
+            .plan(2)
+            .iter()
+            .filter(|b| b.shard == 0)
+            .map(|b| {
+                let tensor = &spec.tensors[b.tensor];
+                let slice = SliceInfo {
+                    name: &tensor.name,
+                    dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
+                    matrix: tensor.shape.len() >= 2,
+                    projectable: tensor.projectable,
+                };
+                let len = b.length as usize;
+                let grad = (0..len).map(|i| ((i * 7919 + b.offset as usize) % 1000) as f32 / 1000.0 - 0.5).collect();
+                (build(&spec.groups[tensor.group].optimizer, &slice), vec![0.01f32; len], grad)
+            })
+            .collect();
+        let params: usize = blocks.iter().map(|(_, w, _)| w.len()).sum();
+        if !header {
+            header = true;
+            println!();
+            println!(
+                "model {size}: one of two shards, {} blocks, {:.1}M parameters, updated as the shard does (2 threads)",
+                blocks.len(),
+                params as f64 / 1e6
+            );
+            println!(
+                "{:<24} {:>9} {:>12} {:>10} {:>12} {:>14}",
+                "mode", "state MB", "update ms", "floor ms", "vs floor", "selection ms"
+            );
+        }
+        let mut step = |t: u64| {
+            let start = Instant::now();
+            blocks.par_iter_mut().for_each(|(optimizer, w, g)| optimizer.step(w, g, &StepContext { t, lr_scale: 1.0 }));
+            start.elapsed()
+        };
+        let selection = step(1);
+        let mut t = 1;
+        let time = best_of(3, || {
+            t += 1;
+            step(t)
+        });
+        let state: usize = blocks.iter().map(|(o, _, _)| o.state_bytes()).sum();
+        // Weight read + write, gradient read, state read + write.
+        let floor = (12 * params + 2 * state) as f64 / (triad_gbs * 1e9);
+        println!(
+            "{:<24} {:>9.1} {:>12.1} {:>10.1} {:>12.2} {:>14.1}",
+            label,
+            state as f64 / 1e6,
+            time.as_secs_f64() * 1e3,
+            floor * 1e3,
+            floor / time.as_secs_f64(),
+            selection.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "floor = the bytes the update must move at the two-thread triad rate; vs floor = floor / update (1 = at bandwidth)."
+    );
+    println!("selection = the first step, which chooses every subspace (an SVD of each matrix in the svd modes).");
 }

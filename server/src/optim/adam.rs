@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::parallel::{self, Shares};
 use super::{AdamWConfig, Optimizer, OptimizerState, StateError, StateReader, StepContext};
 
 /// Adam's moments and its own step counter, shared with FRUGAL's state-full part.
@@ -25,21 +26,54 @@ impl Moments {
         Self { m: Arc::new(vec![0.0; len]), v: Arc::new(vec![0.0; len]), t: 0 }
     }
 
+    /// Counts one more update and returns its bias corrections
+    /// `(1/(1-β1^t), 1/sqrt(1-β2^t))`, computed in f64 as PyTorch computes
+    /// them in Python floats.
+    pub(super) fn next_corrections(&mut self, beta1: f32, beta2: f32) -> (f32, f32) {
+        self.t += 1;
+        let t = self.t.min(i32::MAX as u64) as i32;
+        let inv_bias1 = (1.0 / (1.0 - f64::from(beta1).powi(t))) as f32;
+        let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(beta2).powi(t)).sqrt()) as f32;
+        (inv_bias1, inv_bias2_sqrt)
+    }
+
+    /// Both moments, writable (copied first if a checkpoint still shares them).
+    pub(super) fn buffers_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (Arc::make_mut(&mut self.m).as_mut_slice(), Arc::make_mut(&mut self.v).as_mut_slice())
+    }
+
     /// Folds `g` into the moments and writes Adam's direction
     /// `m̂ / (sqrt(v̂) + ε)` (PyTorch form, without η) into `out`.
     pub fn direction(&mut self, g: &[f32], beta1: f32, beta2: f32, eps: f32, out: &mut [f32]) {
-        self.t += 1;
-        let t = self.t.min(i32::MAX as u64) as i32;
-        // Scalars in f64, as PyTorch computes them in Python floats.
-        let inv_bias1 = (1.0 / (1.0 - f64::from(beta1).powi(t))) as f32;
-        let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(beta2).powi(t)).sqrt()) as f32;
+        let (inv_bias1, inv_bias2_sqrt) = self.next_corrections(beta1, beta2);
         let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
         let (m, v) = (Arc::make_mut(&mut self.m), Arc::make_mut(&mut self.v));
-        for (((o, &g), m), v) in out.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *m = beta1 * *m + keep1 * g;
-            *v = beta2 * *v + keep2 * g * g;
-            *o = *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps);
-        }
+        parallel::zip_tasks(out, g, m, v, Shares::even(parallel::GRAIN), |_, (((out, g), m), v)| {
+            let m = m.unwrap_or_default();
+            for (((o, &g), m), v) in out.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = beta1 * *m + keep1 * g;
+                *v = beta2 * *v + keep2 * g * g;
+                *o = *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps);
+            }
+        });
+    }
+
+    /// Folds `g` into the moments and moves `w` along Adam's direction in the
+    /// same pass: `w ← w · decay - lr · m̂ / (sqrt(v̂) + ε)`, the same bits as
+    /// [`Moments::direction`] followed by that update, without the temporary.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_weights(&mut self, w: &mut [f32], g: &[f32], beta1: f32, beta2: f32, eps: f32, decay: f32, lr: f32) {
+        let (inv_bias1, inv_bias2_sqrt) = self.next_corrections(beta1, beta2);
+        let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
+        let (m, v) = (Arc::make_mut(&mut self.m), Arc::make_mut(&mut self.v));
+        parallel::zip_tasks(w, g, m, v, Shares::even(parallel::GRAIN), |_, (((w, g), m), v)| {
+            let m = m.unwrap_or_default();
+            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *m = beta1 * *m + keep1 * g;
+                *v = beta2 * *v + keep2 * g * g;
+                *w = *w * decay - lr * (*m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps));
+            }
+        });
     }
 
     /// Takes the moments back from a checkpoint still writing them (copying

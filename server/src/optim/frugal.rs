@@ -6,6 +6,7 @@
 
 use super::adam::Moments;
 use super::linalg::{self, Dims, Side, round_half_even, sign0};
+use super::parallel::{self, Shares};
 use super::projector::{IndexChoice, Projector, ProjectorShape};
 use super::{
     BlockOrder, FrugalConfig, FrugalMode, InactiveRule, Optimizer, OptimizerState, StateError, StateReader,
@@ -163,6 +164,108 @@ impl Frugal {
     }
 }
 
+/// The state-free rule alone on a whole tensor, `w ← w · decay - lr · free(g)`, in one pass.
+fn state_free(param: &mut [f32], grad: &[f32], decay: f32, lr: f32, free: impl Fn(f32) -> f32 + Sync) {
+    let mut none: [f32; 0] = [];
+    parallel::zip_tasks(param, grad, &mut [], &mut none, Shares::weights(parallel::GRAIN), |_, (((w, g), _), _)| {
+        for (w, &g) in w.iter_mut().zip(g) {
+            *w = *w * decay - lr * free(g);
+        }
+    });
+}
+
+/// One step of FRUGAL's columns mode over the whole matrix: Adam on the
+/// chosen columns, the state-free rule on the rest, decay on all.
+struct SplitStep<'a> {
+    dims: Dims,
+    /// The chosen columns, in the order of the moments' columns.
+    indices: &'a [usize],
+    /// β1, β2, ε and this update's bias corrections `1/(1-β1^t)`, `1/sqrt(1-β2^t)`.
+    adam: (f32, f32, f32, f32, f32),
+    decay: f32,
+    lr_active: f32,
+    lr_free: f32,
+}
+
+impl SplitStep<'_> {
+    /// Updates `param` and the m × r moments row by row, in parallel over row
+    /// ranges, gathering each row's chosen columns on the way: no temporary
+    /// of the tensor's (or the subspace's) size. Each coordinate gets the
+    /// same operations, in the same order, as the projected path's
+    /// `w · decay - (lr_active · up(direction(down(g))) + lr_free · free(g - up(down(g))))`,
+    /// where a chosen column has `g - g = 0` and any other `u = s = 0`: the same bits.
+    fn columns(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], free: impl Fn(f32) -> f32 + Sync) {
+        let Self { dims, indices, adam: (beta1, beta2, eps, inv_bias1, inv_bias2_sqrt), decay, lr_active, lr_free } =
+            *self;
+        let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
+        let (n, r) = (dims.cols.max(1), indices.len());
+        let (active_zero, free_zero) = (lr_active * 0.0, lr_free * free(0.0));
+        let per_task = parallel::runs_per_task(n);
+        let shares = Shares { w: per_task * n, m: per_task * r, v: per_task * r };
+        parallel::zip_tasks(param, grad, m, v, shares, |_, (((w, g), m), v)| {
+            let m = m.unwrap_or_default();
+            // The row's chosen columns, gathered so that Adam's loop runs over
+            // contiguous values the compiler can vectorize.
+            let (mut chosen, mut chosen_g) = (vec![0.0f32; r], vec![0.0f32; r]);
+            for (i, (w, g)) in w.chunks_mut(n).zip(g.chunks(n)).enumerate() {
+                let (m, v) = (&mut m[i * r..(i + 1) * r], &mut v[i * r..(i + 1) * r]);
+                for ((old, gj), &j) in chosen.iter_mut().zip(chosen_g.iter_mut()).zip(indices) {
+                    (*old, *gj) = (w[j], g[j]);
+                }
+                for (((new, &g), m), v) in chosen.iter_mut().zip(&chosen_g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = beta1 * *m + keep1 * g;
+                    *v = beta2 * *v + keep2 * g * g;
+                    let u = *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps);
+                    *new = *new * decay - (lr_active * u + free_zero);
+                }
+                for (w, &g) in w.iter_mut().zip(g) {
+                    *w = *w * decay - (active_zero + lr_free * free(g));
+                }
+                for (new, &j) in chosen.iter().zip(indices) {
+                    w[j] = *new;
+                }
+            }
+        });
+    }
+}
+
+/// The per-step factors of the two rules.
+struct Rates {
+    decay: f32,
+    lr_active: f32,
+    lr_free: f32,
+    rule: InactiveRule,
+}
+
+/// Any projected step, through the subspace's own shape:
+/// `w · decay - (lr_active · up(direction(down(g))) + lr_free · free(g - up(down(g))))`.
+/// The SVD mode's path; columns mode has a fused one with the same bits.
+fn projected_step(
+    moments: &mut Moments,
+    projector: &Projector,
+    dims: Dims,
+    c: &FrugalConfig,
+    rates: &Rates,
+    param: &mut [f32],
+    grad: &[f32],
+) {
+    let &Rates { decay, lr_active, lr_free, rule } = rates;
+    let free = |x: f32| match rule {
+        InactiveRule::SignSgd => sign0(x),
+        InactiveRule::Sgd => x,
+        InactiveRule::Frozen => 0.0,
+    };
+    param.iter_mut().for_each(|w| *w *= decay);
+    let low = projector.down(grad, dims);
+    let mut direction = vec![0.0; low.len()];
+    moments.direction(&low, c.beta1, c.beta2, c.eps, &mut direction);
+    let update = projector.up(&direction, dims);
+    let in_subspace = projector.up(&low, dims);
+    for (((w, &g), u), s) in param.iter_mut().zip(grad).zip(&update).zip(&in_subspace) {
+        *w -= lr_active * u + lr_free * free(g - s);
+    }
+}
+
 impl Optimizer for Frugal {
     fn step(&mut self, param: &mut [f32], grad: &[f32], ctx: &StepContext) {
         let c = self.config.clone();
@@ -185,34 +288,38 @@ impl Optimizer for Frugal {
         let decay = (1.0 - lr * f64::from(c.weight_decay)) as f32;
         let lr_active = (lr * f64::from(c.proj_lr_scale)) as f32;
         let lr_free = (lr * f64::from(c.proj_lr_scale) * f64::from(c.inactive_lr_scale)) as f32;
-        let free = |x: f32| match c.inactive_rule {
-            InactiveRule::SignSgd => sign0(x),
-            InactiveRule::Sgd => x,
-            InactiveRule::Frozen => 0.0,
-        };
-        param.iter_mut().for_each(|w| *w *= decay);
-        match &self.subspace {
-            Subspace::Unselected | Subspace::Inactive => {
-                for (w, &g) in param.iter_mut().zip(grad) {
-                    *w -= lr_free * free(g);
+        let dims = self.dims;
+        match (&self.subspace, c.inactive_rule) {
+            (Subspace::Unselected | Subspace::Inactive, InactiveRule::SignSgd) => {
+                state_free(param, grad, decay, lr_free, sign0)
+            }
+            (Subspace::Unselected | Subspace::Inactive, InactiveRule::Sgd) => {
+                state_free(param, grad, decay, lr_free, |g| g)
+            }
+            (Subspace::Unselected | Subspace::Inactive, InactiveRule::Frozen) => {
+                state_free(param, grad, decay, lr_free, |_| 0.0)
+            }
+            (Subspace::Whole, _) => self.moments.step_weights(param, grad, c.beta1, c.beta2, c.eps, decay, lr_active),
+            (Subspace::Projected(Projector::Index { rows: false, indices }), rule) => {
+                let (inv_bias1, inv_bias2_sqrt) = self.moments.next_corrections(c.beta1, c.beta2);
+                let split = SplitStep {
+                    dims,
+                    indices,
+                    adam: (c.beta1, c.beta2, c.eps, inv_bias1, inv_bias2_sqrt),
+                    decay,
+                    lr_active,
+                    lr_free,
+                };
+                let (m, v) = self.moments.buffers_mut();
+                match rule {
+                    InactiveRule::SignSgd => split.columns(param, grad, m, v, sign0),
+                    InactiveRule::Sgd => split.columns(param, grad, m, v, |g| g),
+                    InactiveRule::Frozen => split.columns(param, grad, m, v, |_| 0.0),
                 }
             }
-            Subspace::Whole => {
-                let mut direction = vec![0.0; grad.len()];
-                self.moments.direction(grad, c.beta1, c.beta2, c.eps, &mut direction);
-                for (w, d) in param.iter_mut().zip(&direction) {
-                    *w -= lr_active * d;
-                }
-            }
-            Subspace::Projected(projector) => {
-                let low = projector.down(grad, self.dims);
-                let mut direction = vec![0.0; low.len()];
-                self.moments.direction(&low, c.beta1, c.beta2, c.eps, &mut direction);
-                let update = projector.up(&direction, self.dims);
-                let in_subspace = projector.up(&low, self.dims);
-                for (((w, &g), u), s) in param.iter_mut().zip(grad).zip(&update).zip(&in_subspace) {
-                    *w -= lr_active * u + lr_free * free(g - s);
-                }
+            (Subspace::Projected(projector), rule) => {
+                let rates = Rates { decay, lr_active, lr_free, rule };
+                projected_step(&mut self.moments, projector, dims, &c, &rates, param, grad)
             }
         }
     }
@@ -292,3 +399,66 @@ const UNSELECTED: u64 = 0;
 const INACTIVE: u64 = 1;
 const WHOLE: u64 = 2;
 const PROJECTED: u64 = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(xs: &[f32]) -> Vec<u32> {
+        xs.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_paths_match_the_separate_passes_in_every_bit() {
+        // Larger than one task, so the fused paths split rows across threads.
+        let dims = Dims { rows: 96, cols: 1500 };
+        let len = dims.rows * dims.cols;
+        let indices: Vec<usize> = (0..dims.cols).filter(|j| (j * 7) % 5 == 1).rev().collect();
+        let projector = Projector::Index { rows: false, indices: indices.clone() };
+        let c = FrugalConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+        for rule in [InactiveRule::SignSgd, InactiveRule::Sgd, InactiveRule::Frozen] {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let w0: Vec<f32> = (0..len).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+                let (mut w_ref, mut w_fused, mut w_whole, mut w_whole_ref) = (w0.clone(), w0.clone(), w0.clone(), w0);
+                let low_len = projector.low_len(dims);
+                let (mut m_ref, mut m_fused) = (Moments::new(low_len), Moments::new(low_len));
+                let (mut whole_ref, mut whole) = (Moments::new(len), Moments::new(len));
+                let rates = Rates { decay: 0.999, lr_active: 0.01, lr_free: 0.003, rule };
+                for step in 0..3 {
+                    let g: Vec<f32> = (0..len).map(|i| ((i * 13 + step * 7) % 101) as f32 / 40.0 - 1.2).collect();
+                    projected_step(&mut m_ref, &projector, dims, &c, &rates, &mut w_ref, &g);
+                    pool.install(|| {
+                        let (b1, b2) = (c.beta1, c.beta2);
+                        let corrections = m_fused.next_corrections(b1, b2);
+                        let split = SplitStep {
+                            dims,
+                            indices: &indices,
+                            adam: (b1, b2, c.eps, corrections.0, corrections.1),
+                            decay: rates.decay,
+                            lr_active: rates.lr_active,
+                            lr_free: rates.lr_free,
+                        };
+                        let (m, v) = m_fused.buffers_mut();
+                        match rule {
+                            InactiveRule::SignSgd => split.columns(&mut w_fused, &g, m, v, sign0),
+                            InactiveRule::Sgd => split.columns(&mut w_fused, &g, m, v, |g| g),
+                            InactiveRule::Frozen => split.columns(&mut w_fused, &g, m, v, |_| 0.0),
+                        }
+                        whole.step_weights(&mut w_whole, &g, b1, b2, c.eps, rates.decay, rates.lr_active);
+                    });
+                    let mut direction = vec![0.0; len];
+                    whole_ref.direction(&g, c.beta1, c.beta2, c.eps, &mut direction);
+                    for (w, d) in w_whole_ref.iter_mut().zip(&direction) {
+                        *w *= rates.decay;
+                        *w -= rates.lr_active * d;
+                    }
+                }
+                assert_eq!(bits(&w_fused), bits(&w_ref), "{rule:?} on {threads} threads");
+                assert_eq!(bits(&m_fused.m), bits(&m_ref.m));
+                assert_eq!(bits(&m_fused.v), bits(&m_ref.v));
+                assert_eq!(bits(&w_whole), bits(&w_whole_ref), "whole tensor on {threads} threads");
+            }
+        }
+    }
+}

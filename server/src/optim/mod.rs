@@ -10,6 +10,7 @@ mod adam;
 mod buffer;
 mod frugal;
 pub mod linalg;
+mod parallel;
 mod projector;
 mod sgd;
 mod sign;

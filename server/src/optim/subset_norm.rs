@@ -4,6 +4,7 @@
 //! AdaGradSN / AdamSN (state `max(m, n)` floats for an m×n matrix).
 
 use super::linalg::Dims;
+use super::parallel::{self, Shares};
 use super::{Optimizer, OptimizerState, StateError, StateReader, StepContext, SubsetNormConfig, Subsets};
 
 /// Maps each coordinate to its subset.
@@ -50,21 +51,12 @@ impl SubsetMap {
     /// Sums of squares of `g` per subset, in f64 (per-subset partial sums in f32
     /// runs of a row, which keeps the inner loops vectorizable).
     pub(crate) fn sums_of_squares(self, g: &[f32]) -> Vec<f64> {
-        let square_sum = |xs: &[f32]| xs.iter().map(|x| f64::from(x * x)).sum::<f64>();
         match self {
             SubsetMap::Rows { cols } => g.chunks(cols.max(1)).map(square_sum).collect(),
             SubsetMap::Chunks { size } => g.chunks(size.max(1)).map(square_sum).collect(),
-            SubsetMap::Whole => vec![square_sum(g)],
+            SubsetMap::Whole => vec![tensor_square_sum(g)],
             SubsetMap::Coordinates => g.iter().map(|x| f64::from(*x) * f64::from(*x)).collect(),
-            SubsetMap::Columns { cols } => {
-                let mut sums = vec![0.0f64; cols];
-                for row in g.chunks(cols.max(1)) {
-                    for (s, x) in sums.iter_mut().zip(row) {
-                        *s += f64::from(*x) * f64::from(*x);
-                    }
-                }
-                sums
-            }
+            SubsetMap::Columns { cols } => parallel::column_sums_of_squares(g, cols),
         }
     }
 
@@ -108,6 +100,80 @@ pub(crate) struct SubsetAccumulator {
     pub(crate) v: Vec<f32>,
 }
 
+/// The per-step scalars of a fused Subset-Norm update.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SubsetStep {
+    /// Momentum factor (used only when a momentum buffer is given).
+    pub(crate) beta1: f32,
+    /// Accumulator decay; 1 sums (AdaGrad).
+    pub(crate) beta2: f32,
+    pub(crate) eps: f32,
+    /// The step size α_t.
+    pub(crate) alpha: f32,
+    /// Weight kept after decoupled decay (1 without decay).
+    pub(crate) keep: f32,
+}
+
+/// `v ← β2 v + (1-β2) s` (β2 < 1) or `v ← v + s` (β2 = 1), in f64.
+#[inline(always)]
+pub(crate) fn fold(v: f32, sum: f64, beta2: f32) -> f32 {
+    if beta2 >= 1.0 {
+        (f64::from(v) + sum) as f32
+    } else {
+        (f64::from(beta2) * f64::from(v) + (1.0 - f64::from(beta2)) * sum) as f32
+    }
+}
+
+/// Sum of squares of a run of coordinates, each square in f32, summed in f64
+/// over eight interleaved partial sums combined in a fixed order. One running
+/// sum would wait on each addition's latency (half the speed of memory); the
+/// fixed order keeps the result the same on every run and thread count. It
+/// differs from a running sum only in the f64 rounding, far below the f32
+/// the accumulator keeps.
+#[inline(always)]
+pub(crate) fn square_sum(xs: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut lanes = [0.0f64; LANES];
+    let mut runs = xs.chunks_exact(LANES);
+    for run in &mut runs {
+        for (lane, x) in lanes.iter_mut().zip(run) {
+            *lane += f64::from(x * x);
+        }
+    }
+    let tail = runs.remainder().iter().map(|x| f64::from(x * x)).sum::<f64>();
+    let [a, b, c, d, e, f, g, h] = lanes;
+    (((a + e) + (c + g)) + ((b + f) + (d + h))) + tail
+}
+
+/// [`square_sum`] of a whole tensor: fixed pieces of [`parallel::GRAIN`]
+/// summed in parallel, their sums added in order.
+fn tensor_square_sum(xs: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    if xs.len() <= parallel::GRAIN {
+        return square_sum(xs);
+    }
+    let pieces: Vec<f64> = xs.par_chunks(parallel::GRAIN).map(square_sum).collect();
+    pieces.into_iter().sum()
+}
+
+/// Updates one run of coordinates that share the factor `α / d`: momentum
+/// (when given) then `w ← (w - factor · numerator) · keep`, in one pass.
+#[inline(always)]
+fn update_run(w: &mut [f32], g: &[f32], m: &mut [f32], factor: f32, step: &SubsetStep) {
+    let keep = step.keep;
+    if m.is_empty() {
+        for (w, &g) in w.iter_mut().zip(g) {
+            *w = (*w - factor * g) * keep;
+        }
+    } else {
+        let (b1, keep1) = (step.beta1, 1.0 - step.beta1);
+        for ((w, &g), m) in w.iter_mut().zip(g).zip(m.iter_mut()) {
+            *m = b1 * *m + keep1 * g;
+            *w = (*w - factor * *m) * keep;
+        }
+    }
+}
+
 impl SubsetAccumulator {
     pub(crate) fn new(map: SubsetMap, numel: usize, initial: f32) -> Self {
         Self { map, v: vec![initial; map.count(numel)] }
@@ -117,17 +183,126 @@ impl SubsetAccumulator {
     pub(crate) fn accumulate(&mut self, g: &[f32], beta2: f32) {
         let sums = self.map.sums_of_squares(g);
         for (v, s) in self.v.iter_mut().zip(sums) {
-            *v = if beta2 >= 1.0 {
-                (f64::from(*v) + s) as f32
-            } else {
-                (f64::from(beta2) * f64::from(*v) + (1.0 - f64::from(beta2)) * s) as f32
-            };
+            *v = fold(*v, s, beta2);
         }
+    }
+
+    /// Folds per-subset sums of squares into `v` and returns each subset's
+    /// factor `α / (sqrt(v) + ε)`.
+    pub(crate) fn fold_into_factors(&mut self, sums: &[f64], beta2: f32, eps: f32, alpha: f32) -> Vec<f32> {
+        self.v
+            .iter_mut()
+            .zip(sums)
+            .map(|(v, &s)| {
+                *v = fold(*v, s, beta2);
+                alpha / (v.sqrt() + eps)
+            })
+            .collect()
     }
 
     /// `sqrt(v) + ε` per subset.
     pub(crate) fn denominators(&self, eps: f32) -> Vec<f32> {
         self.v.iter().map(|v| v.sqrt() + eps).collect()
+    }
+
+    /// One whole Subset-Norm step, fused: folds g² into `v`, updates the
+    /// momentum `m` (empty: the numerator is `g` itself) and applies
+    /// `w ← (w - α · numerator / (sqrt(v) + ε)) · keep`. Each array is
+    /// streamed once (g twice by column subsets, whose sums need every row
+    /// first), and row ranges run in parallel. Every coordinate sees the same
+    /// operations in the same order as [`Self::accumulate`], [`Self::denominators`]
+    /// and [`SubsetMap::apply`] followed by the decay, so the result is
+    /// bit-identical to them on any number of threads.
+    pub(crate) fn step(&mut self, param: &mut [f32], grad: &[f32], momentum: &mut [f32], step: &SubsetStep) {
+        let (beta2, eps, alpha) = (step.beta2, step.eps, step.alpha);
+        match self.map {
+            SubsetMap::Rows { cols: run } | SubsetMap::Chunks { size: run } => {
+                let run = run.max(1);
+                let per_task = parallel::runs_per_task(run);
+                let task = |_, (((w, g), m), v): parallel::Task<'_>| {
+                    let mut m_runs = m.map(|m| m.chunks_mut(run));
+                    for ((w, g), v) in w.chunks_mut(run).zip(g.chunks(run)).zip(v.iter_mut()) {
+                        *v = fold(*v, square_sum(g), beta2);
+                        let factor = alpha / (v.sqrt() + eps);
+                        let m = m_runs.as_mut().and_then(Iterator::next).unwrap_or_default();
+                        update_run(w, g, m, factor, step);
+                    }
+                };
+                let len = per_task * run;
+                parallel::zip_tasks(param, grad, momentum, &mut self.v, Shares::weights(len).with_v(per_task), task);
+            }
+            SubsetMap::Whole => {
+                let v = &mut self.v[0];
+                *v = fold(*v, tensor_square_sum(grad), beta2);
+                let factor = alpha / (v.sqrt() + eps);
+                let len = parallel::runs_per_task(1);
+                let mut no_v: [f32; 0] = [];
+                parallel::zip_tasks(param, grad, momentum, &mut no_v, Shares::weights(len), |_, (((w, g), m), _)| {
+                    update_run(w, g, m.unwrap_or_default(), factor, step)
+                });
+            }
+            SubsetMap::Coordinates => {
+                let len = parallel::runs_per_task(1);
+                let keep = step.keep;
+                let (b1, keep1) = (step.beta1, 1.0 - step.beta1);
+                parallel::zip_tasks(
+                    param,
+                    grad,
+                    momentum,
+                    &mut self.v,
+                    Shares::even(len),
+                    |_, (((w, g), m), v)| match m {
+                        None => {
+                            for ((w, &g), v) in w.iter_mut().zip(g).zip(v.iter_mut()) {
+                                *v = fold(*v, f64::from(g) * f64::from(g), beta2);
+                                *w = (*w - alpha * g / (v.sqrt() + eps)) * keep;
+                            }
+                        }
+                        Some(m) => {
+                            for (((w, &g), v), m) in w.iter_mut().zip(g).zip(v.iter_mut()).zip(m.iter_mut()) {
+                                *v = fold(*v, f64::from(g) * f64::from(g), beta2);
+                                *m = b1 * *m + keep1 * g;
+                                *w = (*w - alpha * *m / (v.sqrt() + eps)) * keep;
+                            }
+                        }
+                    },
+                );
+            }
+            SubsetMap::Columns { cols } => {
+                let cols = cols.max(1);
+                // Column ranges keep each column's sum in row order, as one thread would.
+                let sums = parallel::column_sums_of_squares(grad, cols);
+                let factors = self.fold_into_factors(&sums, beta2, eps, alpha);
+                let per_task = parallel::runs_per_task(cols);
+                let keep = step.keep;
+                let (b1, keep1) = (step.beta1, 1.0 - step.beta1);
+                let mut no_v: [f32; 0] = [];
+                parallel::zip_tasks(
+                    param,
+                    grad,
+                    momentum,
+                    &mut no_v,
+                    Shares::weights(per_task * cols),
+                    |_, (((w, g), m), _)| match m {
+                        None => {
+                            for (w, g) in w.chunks_mut(cols).zip(g.chunks(cols)) {
+                                for ((w, &g), f) in w.iter_mut().zip(g).zip(&factors) {
+                                    *w = (*w - f * g) * keep;
+                                }
+                            }
+                        }
+                        Some(m) => {
+                            for ((w, g), m) in w.chunks_mut(cols).zip(g.chunks(cols)).zip(m.chunks_mut(cols)) {
+                                for (((w, &g), m), f) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(&factors) {
+                                    *m = b1 * *m + keep1 * g;
+                                    *w = (*w - f * *m) * keep;
+                                }
+                            }
+                        }
+                    },
+                );
+            }
+        }
     }
 }
 
@@ -166,21 +341,10 @@ impl Optimizer for SubsetNorm {
         let c = &self.config;
         self.step_t = ctx.t;
         let lr = f64::from(c.lr) * f64::from(ctx.lr_scale);
-        self.accumulator.accumulate(grad, c.beta2);
-        if !self.momentum.is_empty() {
-            let (b1, keep) = (c.beta1, 1.0 - c.beta1);
-            for (m, &g) in self.momentum.iter_mut().zip(grad) {
-                *m = b1 * *m + keep * g;
-            }
-        }
-        let numerator: &[f32] = if self.momentum.is_empty() { grad } else { &self.momentum };
         let alpha = subset_norm_alpha(lr, c.beta1, c.beta2, c.correct_bias, ctx.t) as f32;
-        let denominators = self.accumulator.denominators(c.eps);
-        self.accumulator.map.apply(param, numerator, &denominators, alpha);
-        if c.weight_decay != 0.0 {
-            let keep = 1.0 - (lr * f64::from(c.weight_decay)) as f32;
-            param.iter_mut().for_each(|w| *w *= keep);
-        }
+        let keep = if c.weight_decay != 0.0 { 1.0 - (lr * f64::from(c.weight_decay)) as f32 } else { 1.0 };
+        let step = SubsetStep { beta1: c.beta1, beta2: c.beta2, eps: c.eps, alpha, keep };
+        self.accumulator.step(param, grad, &mut self.momentum, &step);
     }
 
     fn state_bytes(&self) -> usize {
@@ -220,5 +384,79 @@ impl Optimizer for SubsetNorm {
         self.momentum = momentum;
         self.step_t = step_t;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(xs: &[f32]) -> Vec<u32> {
+        xs.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The separate passes the fused step replaces: accumulate, momentum,
+    /// denominators, apply, decay.
+    fn separate_passes(acc: &mut SubsetAccumulator, w: &mut [f32], g: &[f32], m: &mut [f32], step: &SubsetStep) {
+        acc.accumulate(g, step.beta2);
+        for (m, &g) in m.iter_mut().zip(g) {
+            *m = step.beta1 * *m + (1.0 - step.beta1) * g;
+        }
+        let numerator: &[f32] = if m.is_empty() { g } else { m };
+        acc.map.apply(w, numerator, &acc.denominators(step.eps), step.alpha);
+        if step.keep != 1.0 {
+            w.iter_mut().for_each(|w| *w *= step.keep);
+        }
+    }
+
+    #[test]
+    fn fused_step_matches_the_separate_passes_in_every_bit() {
+        // Larger than one task, so rows (and columns) are split across threads.
+        let dims = Dims { rows: 120, cols: 1300 };
+        let len = dims.rows * dims.cols;
+        let maps = [
+            SubsetMap::Rows { cols: dims.cols },
+            SubsetMap::Columns { cols: dims.cols },
+            SubsetMap::Chunks { size: 520 },
+            SubsetMap::Coordinates,
+            SubsetMap::Whole,
+        ];
+        for map in maps {
+            for (beta1, beta2, keep) in [(0.0, 1.0, 1.0), (0.9, 0.999, 0.9995)] {
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let w0: Vec<f32> = (0..len).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+                    let (mut w_ref, mut w_fused) = (w0.clone(), w0);
+                    let momentum = if beta1 > 0.0 { vec![0.0; len] } else { Vec::new() };
+                    let (mut m_ref, mut m_fused) = (momentum.clone(), momentum);
+                    let mut acc_ref = SubsetAccumulator::new(map, len, 0.01);
+                    let mut acc_fused = acc_ref.clone();
+                    for t in 0..3 {
+                        let g: Vec<f32> = (0..len).map(|i| ((i * 13 + t * 7) % 101) as f32 / 40.0 - 1.2).collect();
+                        let step = SubsetStep { beta1, beta2, eps: 1e-6, alpha: 0.01 + t as f32 * 1e-3, keep };
+                        separate_passes(&mut acc_ref, &mut w_ref, &g, &mut m_ref, &step);
+                        pool.install(|| acc_fused.step(&mut w_fused, &g, &mut m_fused, &step));
+                    }
+                    let case = format!("{map:?}, β1 {beta1}, {threads} threads");
+                    assert_eq!(bits(&w_fused), bits(&w_ref), "{case}");
+                    assert_eq!(bits(&m_fused), bits(&m_ref), "{case}");
+                    assert_eq!(bits(&acc_fused.v), bits(&acc_ref.v), "{case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn square_sums_do_not_depend_on_the_pieces_and_agree_with_a_running_sum() {
+        let xs: Vec<f32> = (0..3 * parallel::GRAIN + 5).map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0).collect();
+        let running: f64 = xs.iter().map(|x| f64::from(x * x)).sum();
+        let pieces = [1, 2, 3].map(|threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| tensor_square_sum(&xs))
+        });
+        assert!(pieces.iter().all(|s| s.to_bits() == pieces[0].to_bits()), "{pieces:?}");
+        // Far below the f32 the accumulator keeps (ε ≈ 6e-8); the running sum is the less exact one.
+        assert!((pieces[0] - running).abs() <= running * 1e-12, "{} vs {running}", pieces[0]);
+        assert_eq!(square_sum(&xs[..5]), xs[..5].iter().map(|x| f64::from(x * x)).sum::<f64>());
     }
 }

@@ -5,8 +5,9 @@
 //! t ≡ 0 (mod T); only the momentum is reset then (zero first, then update).
 
 use super::linalg::{self, Dims, Side};
+use super::parallel::{self, Shares};
 use super::projector::{IndexChoice, Projector, ProjectorShape};
-use super::subset_norm::{SubsetAccumulator, SubsetMap, subset_norm_alpha};
+use super::subset_norm::{SubsetAccumulator, SubsetMap, fold, square_sum, subset_norm_alpha};
 use super::{
     IndexRule, Optimizer, OptimizerState, Projection, StateError, StateReader, StepContext, SubspaceMomentumConfig,
     invalid,
@@ -91,15 +92,20 @@ impl SubspaceMomentum {
                         SplitMix::new(self.config.seed ^ self.salt, self.selections as u64).choose(count, rank)
                     }
                     IndexRule::TopK => {
-                        let norm = |k: usize| -> f32 {
-                            if by_rows {
-                                g[k * n..(k + 1) * n].iter().map(|x| x * x).sum()
-                            } else {
-                                (0..m).map(|i| g[i * n + k] * g[i * n + k]).sum()
+                        // Each norm once (not once per comparison), each summed in f32 in index order.
+                        let norms: Vec<f32> = if by_rows {
+                            g.chunks(n.max(1)).map(|row| row.iter().map(|x| x * x).sum()).collect()
+                        } else {
+                            let mut norms = vec![0.0f32; n];
+                            for row in g.chunks(n.max(1)) {
+                                for (s, x) in norms.iter_mut().zip(row) {
+                                    *s += x * x;
+                                }
                             }
+                            norms
                         };
                         let mut order: Vec<usize> = (0..count).collect();
-                        order.sort_by(|&a, &b| norm(b).total_cmp(&norm(a)));
+                        order.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]));
                         let mut kept = order[..rank].to_vec();
                         kept.sort_unstable();
                         kept
@@ -111,21 +117,26 @@ impl SubspaceMomentum {
         self.selections += 1;
         projector
     }
-}
 
-impl Optimizer for SubspaceMomentum {
-    fn step(&mut self, param: &mut [f32], grad: &[f32], ctx: &StepContext) {
-        let c = self.config.clone();
+    /// Counts the step, chooses the subspace when it is due and returns the learning rate.
+    fn prepare(&mut self, grad: &[f32], ctx: &StepContext) -> f64 {
         let t = ctx.t;
         self.step_t = t;
-        let lr = f64::from(c.lr) * f64::from(ctx.lr_scale);
-        if self.projector.is_none() || t == 1 || t.is_multiple_of(c.update_gap.max(1)) {
+        if self.projector.is_none() || t == 1 || t.is_multiple_of(self.config.update_gap.max(1)) {
             let projector = self.select(grad);
             // The clean rule of algorithms.md §10.9: zero the momentum, then update it.
             self.momentum_low = vec![0.0; projector.low_len(self.dims)];
             self.projector = Some(projector);
         }
-        let projector = self.projector.as_ref().expect("selected above");
+        f64::from(self.config.lr) * f64::from(ctx.lr_scale)
+    }
+
+    /// Any projector and subset map, through the projector's own shape: the
+    /// SVD path (and index projectors with chunk, coordinate or whole subsets).
+    fn projected_step(&mut self, param: &mut [f32], grad: &[f32], lr: f64) {
+        let c = &self.config;
+        let t = self.step_t;
+        let projector = self.projector.as_ref().expect("selected before the step");
         let low = projector.down(grad, self.dims);
         for (m, g) in self.momentum_low.iter_mut().zip(&low) {
             *m = c.beta1 * *m + (1.0 - c.beta1) * g;
@@ -151,6 +162,113 @@ impl Optimizer for SubspaceMomentum {
         if c.weight_decay != 0.0 {
             let keep = 1.0 - (lr * f64::from(c.weight_decay)) as f32;
             param.iter_mut().for_each(|w| *w *= keep);
+        }
+    }
+
+    /// An index projector with row or column subsets (or none), fused: the
+    /// momentum of the chosen rows or columns, the Subset-Norm statistics and
+    /// the update in one pass over the tensor by row ranges in parallel, with
+    /// no temporary of its size. Each coordinate gets the operations of
+    /// [`Self::projected_step`] in the same order (`(m + g) - s` with `s = g`
+    /// on a chosen coordinate, `(0 + g) - 0` elsewhere): the same bits.
+    /// False (nothing done) for any other projector or subset map.
+    fn index_step(&mut self, param: &mut [f32], grad: &[f32], lr: f64) -> bool {
+        let Some(Projector::Index { rows: by_rows, indices }) = &self.projector else { return false };
+        let map = self.accumulator.as_ref().map(|a| a.map);
+        if !matches!(map, None | Some(SubsetMap::Rows { .. } | SubsetMap::Columns { .. })) {
+            return false;
+        }
+        let c = &self.config;
+        let (by_rows, r) = (*by_rows, indices.len());
+        let (rows, n) = (self.dims.rows, self.dims.cols.max(1));
+        let (beta1, keep1, beta2, eps) = (c.beta1, 1.0 - c.beta1, c.beta2, c.eps);
+        let keep = if c.weight_decay != 0.0 { 1.0 - (lr * f64::from(c.weight_decay)) as f32 } else { 1.0 };
+        let alpha = match map {
+            None => lr as f32,
+            Some(_) => subset_norm_alpha(lr, c.beta1, c.beta2, c.correct_bias, self.step_t) as f32,
+        };
+        // Column subsets need every row's square before any factor is known.
+        let column_factors: Option<Vec<f32>> = match &mut self.accumulator {
+            Some(accumulator @ SubsetAccumulator { map: SubsetMap::Columns { .. }, .. }) => {
+                let sums = parallel::column_sums_of_squares(grad, n);
+                Some(accumulator.fold_into_factors(&sums, beta2, eps, alpha))
+            }
+            _ => None,
+        };
+        // The chosen rows' momentum first (a few rows); the pass below only reads it.
+        let mut chosen_row = vec![usize::MAX; if by_rows { rows } else { 0 }];
+        if by_rows {
+            for (c, &i) in indices.iter().enumerate() {
+                chosen_row[i] = c;
+                let g = &grad[i * n..(i + 1) * n];
+                for (m, &g) in self.momentum_low[c * n..(c + 1) * n].iter_mut().zip(g) {
+                    *m = beta1 * *m + keep1 * g;
+                }
+            }
+        }
+        let (momentum_rows, momentum_columns): (&[f32], &mut [f32]) =
+            if by_rows { (&self.momentum_low, &mut []) } else { (&[], &mut self.momentum_low) };
+        let row_v: &mut [f32] = match &mut self.accumulator {
+            Some(SubsetAccumulator { map: SubsetMap::Rows { .. }, v }) => v,
+            _ => &mut [],
+        };
+        let per_task = parallel::runs_per_task(n);
+        let shares = Shares { w: per_task * n, m: per_task * r, v: per_task };
+        parallel::zip_tasks(param, grad, momentum_columns, row_v, shares, |task, (((w, g), m_columns), v)| {
+            let mut numerator = vec![0.0f32; n];
+            let mut m_columns = m_columns.map(|m| m.chunks_mut(r.max(1)));
+            let mut v = v.iter_mut();
+            for (k, (w, g)) in w.chunks_mut(n).zip(g.chunks(n)).enumerate() {
+                let i = task * per_task + k;
+                match chosen_row.get(i) {
+                    Some(&c) if c != usize::MAX => {
+                        let m = &momentum_rows[c * n..(c + 1) * n];
+                        for ((out, &g), m) in numerator.iter_mut().zip(g).zip(m) {
+                            *out = (m + g) - g;
+                        }
+                    }
+                    _ => {
+                        for (out, &g) in numerator.iter_mut().zip(g) {
+                            *out = (0.0 + g) - 0.0;
+                        }
+                    }
+                }
+                if let Some(m) = m_columns.as_mut().and_then(Iterator::next) {
+                    for (m, &j) in m.iter_mut().zip(indices) {
+                        *m = beta1 * *m + keep1 * g[j];
+                        numerator[j] = (*m + g[j]) - g[j];
+                    }
+                }
+                match (&column_factors, v.next()) {
+                    (Some(factors), _) => {
+                        for ((w, n), f) in w.iter_mut().zip(&numerator).zip(factors) {
+                            *w = (*w - f * n) * keep;
+                        }
+                    }
+                    (None, row_v) => {
+                        let factor = match row_v {
+                            Some(v) => {
+                                *v = fold(*v, square_sum(g), beta2);
+                                alpha / (v.sqrt() + eps)
+                            }
+                            None => alpha,
+                        };
+                        for (w, n) in w.iter_mut().zip(&numerator) {
+                            *w = (*w - factor * n) * keep;
+                        }
+                    }
+                }
+            }
+        });
+        true
+    }
+}
+
+impl Optimizer for SubspaceMomentum {
+    fn step(&mut self, param: &mut [f32], grad: &[f32], ctx: &StepContext) {
+        let lr = self.prepare(grad, ctx);
+        if !self.index_step(param, grad, lr) {
+            self.projected_step(param, grad, lr);
         }
     }
 
@@ -226,5 +344,64 @@ impl Optimizer for SubspaceMomentum {
         self.selections = selections;
         self.step_t = step_t;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(xs: &[f32]) -> Vec<u32> {
+        xs.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn fused_index_steps_match_the_projected_path_in_every_bit() {
+        // Tall (rows chosen, row subsets) and wide (columns chosen, column
+        // subsets), larger than one task so rows are split across threads.
+        for dims in [Dims { rows: 1500, cols: 96 }, Dims { rows: 96, cols: 1500 }] {
+            for adaptive in [false, true] {
+                for rule in [IndexRule::TopK, IndexRule::Uniform] {
+                    for threads in [1, 2, 3] {
+                        let config = SubspaceMomentumConfig {
+                            lr: 1e-2,
+                            beta1: 0.9,
+                            beta2: 0.999,
+                            eps: 1e-6,
+                            rank: 24,
+                            update_gap: 2,
+                            projection: Projection::Index(rule.clone()),
+                            adaptive,
+                            subsets: super::super::Subsets::Heuristic,
+                            correct_bias: adaptive,
+                            weight_decay: 0.05,
+                            seed: 3,
+                        };
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let len = dims.rows * dims.cols;
+                        let (mut reference, mut fused) = (
+                            SubspaceMomentum::new(config.clone(), dims, "w"),
+                            SubspaceMomentum::new(config, dims, "w"),
+                        );
+                        let w0: Vec<f32> = (0..len).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+                        let (mut w_ref, mut w_fused) = (w0.clone(), w0);
+                        for t in 1..=5u64 {
+                            let g: Vec<f32> =
+                                (0..len).map(|i| ((i * 13 + t as usize * 7) % 101) as f32 / 40.0 - 1.2).collect();
+                            let ctx = StepContext { t, lr_scale: 0.5 };
+                            let lr = reference.prepare(&g, &ctx);
+                            reference.projected_step(&mut w_ref, &g, lr);
+                            let lr = fused.prepare(&g, &ctx);
+                            assert!(pool.install(|| fused.index_step(&mut w_fused, &g, lr)), "the fused path ran");
+                        }
+                        let case = format!("{dims:?}, adaptive {adaptive}, {rule:?}, {threads} threads");
+                        assert_eq!(bits(&w_fused), bits(&w_ref), "{case}");
+                        assert_eq!(bits(&fused.momentum_low), bits(&reference.momentum_low), "{case}");
+                        let v = |s: &SubspaceMomentum| s.accumulator.as_ref().map(|a| bits(&a.v));
+                        assert_eq!(v(&fused), v(&reference), "{case}");
+                    }
+                }
+            }
+        }
     }
 }
