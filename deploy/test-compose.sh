@@ -25,7 +25,8 @@ fi
 if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
 started=$(date +%s)
 say() { printf '[test-compose %3ss] %s\n' "$(( $(date +%s) - started ))" "$*"; }
-fail() { say "FAIL: $*"; exit 1; }
+failure=""
+fail() { failure="$*"; say "FAIL: $*"; exit 1; }
 
 project="pstest$$"
 export WORKERS=3 PS_STEPS=${PS_STEPS:-16000} PS_LEASE=2s
@@ -37,6 +38,8 @@ cleanup() {
   if [ $status -ne 0 ]; then
     say "logs of the failed run:"
     dc logs --tail 30 2>&1 | sed 's/^/    /' || true
+    # Again after the logs, so that a tail of this output still says what failed.
+    say "FAIL: ${failure:-exit status $status}"
   fi
   dc down -v --remove-orphans >/dev/null 2>&1 || true
   exit $status
@@ -65,6 +68,24 @@ for _ in $(seq 120); do
 done
 [ "${live:-0}" = "$WORKERS" ] || fail "only ${live:-0} of $WORKERS workers joined"
 say "version $version with $live live workers"
+
+# Checked while the run has most of its steps ahead: a worker that has finished
+# is no longer a target.
+say "checking what Prometheus scraped"
+for _ in $(seq 60); do
+  # Targets up in a scrape of the last 10 s, not any sample in the 5-minute
+  # lookback (a Prometheus restarted on its volume would count gone containers).
+  shards_up=$(prom 'count(timestamp(up{job="shard"} == 1) > time() - 10)' || true)
+  workers_up=$(prom 'count(timestamp(up{job="worker"} == 1) > time() - 10)' || true)
+  pushes=$(prom 'sum(ps_pushes_total)' || true)
+  worker_steps=$(prom 'sum(ps_worker_steps_total)' || true)
+  if [ "$shards_up" = 2 ] && [ "$workers_up" = "$WORKERS" ] && [ "${pushes:-none}" != none ] && [ "${worker_steps:-none}" != none ]; then break; fi
+  sleep 1
+done
+[ "$shards_up" = 2 ] || fail "Prometheus sees $shards_up of 2 shards up"
+[ "$workers_up" = "$WORKERS" ] || fail "Prometheus sees $workers_up of $WORKERS workers up"
+python3 -c "import sys; sys.exit(0 if float('$pushes') > 0 and float('$worker_steps') > 0 else 1)" || fail "no pushes scraped ($pushes, $worker_steps)"
+say "Prometheus: up{job=shard}=$shards_up, up{job=worker}=$workers_up, sum(ps_pushes_total)=$pushes, sum(ps_worker_steps_total)=$worker_steps"
 
 shard1=$(dc ps -q shard1)
 say "killing shard 1 (SIGKILL) at version $(status_value 'min(m["min_version"] for x in s for m in x["models"])'), then starting it again on its checkpoint volume"
@@ -129,25 +150,11 @@ done
 [ "${live:-0}" = "$WORKERS" ] || fail "only ${live:-0} of $WORKERS new workers train after down and up"
 say "resumed after down and up: version $version with $live new workers (epochs $epochs)"
 
-say "checking what Prometheus scraped"
-for _ in $(seq 60); do
-  # Targets up in a scrape of the last 10 s: a restarted Prometheus still
-  # holds the last samples of containers that are gone (no staleness marker
-  # was written for them), for its 5-minute lookback.
-  shards_up=$(prom 'count(timestamp(up{job="shard"} == 1) > time() - 10)' || true)
-  workers_up=$(prom 'count(timestamp(up{job="worker"} == 1) > time() - 10)' || true)
-  pushes=$(prom 'sum(ps_pushes_total)' || true)
-  worker_steps=$(prom 'sum(ps_worker_steps_total)' || true)
-  if [ "$shards_up" = 2 ] && [ "$workers_up" = "$WORKERS" ] && [ "${pushes:-none}" != none ] && [ "${worker_steps:-none}" != none ]; then break; fi
-  sleep 1
-done
-[ "$shards_up" = 2 ] || fail "Prometheus sees $shards_up of 2 shards up"
-[ "$workers_up" = "$WORKERS" ] || fail "Prometheus sees $workers_up of $WORKERS workers up"
-python3 -c "import sys; sys.exit(0 if float('$pushes') > 0 and float('$worker_steps') > 0 else 1)" || fail "no pushes scraped ($pushes, $worker_steps)"
-say "Prometheus: up{job=shard}=$shards_up, up{job=worker}=$workers_up, sum(ps_pushes_total)=$pushes, sum(ps_worker_steps_total)=$worker_steps"
-
+# At once: a fast machine finishes the remaining steps in well under a minute.
 victim=$(dc ps -q worker | tail -n 1)
-say "stopping worker container ${victim:0:12} in the middle of the run (version $(status_value 'min(m["min_version"] for x in s for m in x["models"])'))"
+version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])')
+[ "${version:-$PS_STEPS}" -lt $((PS_STEPS - 200)) ] || fail "the run is at version ${version:-none} of $PS_STEPS, too near its end to stop a worker in its middle (raise PS_STEPS)"
+say "stopping worker container ${victim:0:12} in the middle of the run (version $version)"
 docker stop -t 1 "$victim" >/dev/null
 survivors=$(dc ps -q worker | grep -v "$victim" || true)
 
