@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::future::try_join_all;
+use futures::future::join_all;
 use ps_proto::{errors, pb};
 use tonic::Code;
 
@@ -30,8 +30,14 @@ impl ModelHandle {
         let first = self.join_shard(0, worker, asked).await?;
         self.ranks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(worker.to_string(), first.rank);
         let rest = (1..self.shards.num_shards()).map(|shard| self.join_shard(shard, worker, Some(first.rank)));
+        // Every join runs to its answer before an error returns: dropping the
+        // others at the first refusal could leave a join in flight that lands
+        // after the caller's leave, making the worker a member there with a
+        // rank the other shards gave someone else.
         let mut replies = vec![first];
-        replies.extend(try_join_all(rest).await?);
+        for reply in join_all(rest).await {
+            replies.push(reply?);
+        }
         // A shard that holds no block of the model has no version to report (it says 0).
         let holds_blocks = |shard: usize| self.layout.blocks.iter().any(|b| b.shard as usize == shard);
         let version =
@@ -121,7 +127,9 @@ impl ModelHandle {
                                 // Not a whole period later: a beat lost to a short cut and the next
                                 // one lost to another would cost the lease (the chaos soak found it).
                                 let pause = retry.min(period / 4);
-                                retry *= 2;
+                                // Bounded: doubling without end overflowed (a panic) after some
+                                // sixty failed beats, when the shards were gone for minutes.
+                                retry = retry.saturating_mul(2).min(period);
                                 pause
                             }
                         };

@@ -94,16 +94,35 @@ impl Durability {
         let store = self.store()?.clone();
         let durability = self.clone();
         let (name, version, epoch) = (request.model.clone(), request.version, request.epoch.max(current.epoch()));
-        let live = (!current.is_recovering()).then(|| current.membership.ranks());
-        let model = blocking(move || {
+        // A shard that kept running keeps its members; a restarted one takes the
+        // checkpoint's. The running copy refuses requests while the checkpoint
+        // loads (clients retry), and its members are read once it is loaded: read
+        // before, a worker that joined or left meanwhile was lost or came back
+        // (found by the 2 -> 3 -> 2 reshard test: a worker that had left came
+        // back holding a rank another shard had given away).
+        let keeps_members = !current.is_recovering();
+        if keeps_members {
+            current.set_recovering(true);
+        }
+        let running = current.clone();
+        let rebuilt = blocking(move || {
             let mut snapshot = store.load(&name, version).map_err(|e| checkpoint_error(&name, e))?;
-            // A shard that kept running keeps its members; a restarted one takes the checkpoint's.
-            if let Some(members) = live {
-                snapshot.members = members;
+            if keeps_members {
+                snapshot.members = running.membership.ranks();
             }
             durability.rebuild(&snapshot, epoch)
         })
-        .await??;
+        .await
+        .and_then(|rebuilt| rebuilt);
+        let model = match rebuilt {
+            Ok(model) => model,
+            Err(error) => {
+                if keeps_members {
+                    current.set_recovering(false);
+                }
+                return Err(error);
+            }
+        };
         let model = self.registry.replace(model);
         current.retire();
         // Every shard holds the version it rolled back to: until they all hold
