@@ -104,6 +104,8 @@ pub struct GroupStatus {
     pub parameters: u64,
     /// Optimizer state bytes of the group on this shard.
     pub state_bytes: u64,
+    /// Bytes of gradients of steps not yet applied held by the group on this shard.
+    pub pending_bytes: u64,
 }
 
 impl From<pb::GetStatusResponse> for ShardStatus {
@@ -139,6 +141,7 @@ impl From<pb::GetStatusResponse> for ShardStatus {
                             tensors: g.tensors,
                             parameters: g.parameters,
                             state_bytes: g.state_bytes,
+                            pending_bytes: g.pending_bytes,
                         })
                         .collect(),
                     pushes: m.pushes,

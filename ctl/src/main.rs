@@ -242,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
                                 })),
                                 "groups": m.groups.iter().map(|g| serde_json::json!({
                                     "name": g.name, "optimizer": g.optimizer, "parameters": g.parameters, "state_bytes": g.state_bytes,
+                                    "pending_bytes": g.pending_bytes,
                                 })).collect::<Vec<_>>(),
                             })).collect::<Vec<_>>(),
                         })
@@ -308,8 +309,8 @@ async fn main() -> anyhow::Result<()> {
                         }
                         for g in &m.groups {
                             println!(
-                                "    group {}: {} ({} parameters, {} state bytes)",
-                                g.name, g.optimizer, g.parameters, g.state_bytes
+                                "    group {}: {} ({} parameters, {} state bytes, {} bytes of gradients pending)",
+                                g.name, g.optimizer, g.parameters, g.state_bytes, g.pending_bytes
                             );
                         }
                     }

@@ -32,6 +32,8 @@ pub const LOCAL_SEGMENTS: &str = "ps_local_segments";
 pub const LOCAL_WEIGHTS_BYTES: &str = "ps_local_weights_segment_bytes";
 /// Seconds one block's optimizer step took (histogram; labels: model, group).
 pub const UPDATE_SECONDS: &str = "ps_update_seconds";
+/// Seconds a step spent choosing a block's subspace, at the steps that choose one (histogram; labels: model, group).
+pub const SELECTION_SECONDS: &str = "ps_subspace_selection_seconds";
 /// Block steps that no push had a gradient for, which left the block as it was (counter; labels: model).
 pub const SKIPPED_BLOCK_STEPS: &str = "ps_skipped_block_steps_total";
 /// The L2 norm of the last step's mean gradient over the whole model, `GRAD_CLIP_MEAN` only (gauge; labels: model).
@@ -54,6 +56,8 @@ pub const WORKERS_DROPPED_LATE: &str = "ps_workers_dropped_late_total";
 pub const MODEL_VERSION: &str = "ps_model_version";
 /// Optimizer state bytes on this shard (gauge; labels: model, group, optimizer).
 pub const OPTIMIZER_STATE_BYTES: &str = "optimizer_state_bytes";
+/// Bytes of gradients of steps not yet applied, sums being collected (gauge; labels: model, group).
+pub const PENDING_GRADIENT_BYTES: &str = "ps_pending_gradient_bytes";
 /// Parameters stored on this shard (gauge; labels: model).
 pub const PARAMETERS: &str = "ps_parameters";
 /// Pushes and registrations refused for a NaN or infinite value (counter; labels: model).
@@ -198,6 +202,11 @@ fn describe() {
     describe_gauge!(COMPRESSION_RATIO, "f32 bytes over wire bytes of the last push, per encoding");
     describe_counter!(BYTES_SENT, Unit::Bytes, "Payload bytes sent in pulls");
     describe_histogram!(UPDATE_SECONDS, Unit::Seconds, "Time of one block's optimizer step");
+    describe_histogram!(
+        SELECTION_SECONDS,
+        Unit::Seconds,
+        "Time a step spent choosing a block's subspace (FRUGAL, Subspace-Momentum), part of the update time"
+    );
     describe_histogram!(BARRIER_WAIT_SECONDS, Unit::Seconds, "Time from a block's first push of a step to its update");
     describe_counter!(
         SKIPPED_BLOCK_STEPS,
@@ -218,6 +227,11 @@ fn describe() {
     describe_counter!(WORKERS_DROPPED_LATE, "Members dropped because they had not pushed a step by its deadline");
     describe_gauge!(MODEL_VERSION, "Lowest block version on this shard");
     describe_gauge!(OPTIMIZER_STATE_BYTES, Unit::Bytes, "Optimizer state bytes on this shard");
+    describe_gauge!(
+        PENDING_GRADIENT_BYTES,
+        Unit::Bytes,
+        "Bytes of gradients of steps not yet applied on this shard (sums being collected)"
+    );
     describe_gauge!(PARAMETERS, "Parameters stored on this shard");
     describe_counter!(NON_FINITE, "Pushes and registrations refused for a NaN or infinite value");
     describe_counter!(OPTIMIZER_FAILURES, "Optimizer updates that panicked; the block stops taking pushes");

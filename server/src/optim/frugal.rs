@@ -52,6 +52,8 @@ pub struct Frugal {
     salt: u64,
     subspace: Subspace,
     moments: Moments,
+    /// How long the last subspace selection took, until reported.
+    selection_time: Option<std::time::Duration>,
 }
 
 /// The state-full part of a tensor in the current period.
@@ -76,6 +78,7 @@ impl Frugal {
             salt: name_hash(name),
             subspace: Subspace::Unselected,
             moments: Moments::default(),
+            selection_time: None,
         }
     }
 
@@ -273,7 +276,9 @@ impl Optimizer for Frugal {
         let gap = c.update_gap.max(1);
         if matches!(self.subspace, Subspace::Unselected) || (t - 1).is_multiple_of(gap) {
             let period = ((t - 1) / gap) as usize;
+            let started = std::time::Instant::now();
             let selection = self.select(grad, period);
+            self.selection_time = Some(started.elapsed());
             let low_len = match &selection {
                 Subspace::Unselected | Subspace::Inactive => 0,
                 Subspace::Whole => grad.len(),
@@ -326,6 +331,10 @@ impl Optimizer for Frugal {
 
     fn unshare(&mut self) -> bool {
         self.moments.unshare()
+    }
+
+    fn take_selection_time(&mut self) -> Option<std::time::Duration> {
+        self.selection_time.take()
     }
 
     fn state_bytes(&self) -> usize {

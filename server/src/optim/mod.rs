@@ -60,6 +60,12 @@ pub trait Optimizer: Send {
     fn unshare(&mut self) -> bool {
         false
     }
+    /// How long the last step spent choosing a subspace (an SVD, a top-k or a
+    /// random draw), if it chose one; cleared by the call. The caller reports
+    /// it apart from the update time.
+    fn take_selection_time(&mut self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Everything needed to rebuild an optimizer instance exactly: float buffers and integer fields by name.

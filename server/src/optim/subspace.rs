@@ -24,6 +24,8 @@ pub struct SubspaceMomentum {
     accumulator: Option<SubsetAccumulator>,
     selections: usize,
     step_t: u64,
+    /// How long the last subspace selection took, until reported.
+    selection_time: Option<std::time::Duration>,
 }
 
 impl SubspaceMomentum {
@@ -41,6 +43,7 @@ impl SubspaceMomentum {
             accumulator,
             selections: 0,
             step_t: 0,
+            selection_time: None,
         }
     }
 
@@ -123,7 +126,9 @@ impl SubspaceMomentum {
         let t = ctx.t;
         self.step_t = t;
         if self.projector.is_none() || t == 1 || t.is_multiple_of(self.config.update_gap.max(1)) {
+            let started = std::time::Instant::now();
             let projector = self.select(grad);
+            self.selection_time = Some(started.elapsed());
             // The clean rule of algorithms.md §10.9: zero the momentum, then update it.
             self.momentum_low = vec![0.0; projector.low_len(self.dims)];
             self.projector = Some(projector);
@@ -272,6 +277,10 @@ impl Optimizer for SubspaceMomentum {
         }
     }
 
+    fn take_selection_time(&mut self) -> Option<std::time::Duration> {
+        self.selection_time.take()
+    }
+
     fn state_bytes(&self) -> usize {
         let Dims { rows: m, cols: n } = self.dims;
         let r = self.config.rank.min(m.max(n));
@@ -353,6 +362,22 @@ mod tests {
 
     fn bits(xs: &[f32]) -> Vec<u32> {
         xs.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn each_selection_is_timed_and_reported_once() {
+        let config = SubspaceMomentumConfig { rank: 2, update_gap: 2, ..Default::default() };
+        let dims = Dims { rows: 6, cols: 4 };
+        let mut sm = SubspaceMomentum::new(config, dims, "w");
+        let (mut w, g) = (vec![0.5f32; 24], vec![0.1f32; 24]);
+        let mut chose = Vec::new();
+        for t in 1..=4 {
+            sm.step(&mut w, &g, &StepContext { t, lr_scale: 1.0 });
+            chose.push(sm.take_selection_time().is_some());
+            assert!(sm.take_selection_time().is_none(), "reported once");
+        }
+        // Chosen at t = 1 and at every multiple of the gap.
+        assert_eq!(chose, [true, true, false, true]);
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub fn model_status(model: &Model) -> pb::ModelStatus {
                 tensors: stats.tensors,
                 parameters: stats.parameters,
                 state_bytes: stats.state_bytes,
+                pending_bytes: stats.pending_bytes,
             })
             .collect(),
         pushes,

@@ -136,6 +136,15 @@ pub(super) enum Accumulated {
 }
 
 impl Accumulated {
+    /// Bytes the sum holds: 4 per element in f32, 8 in f64, 2 per sign vote.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            Accumulated::Sum(sum) => 4 * sum.len(),
+            Accumulated::WideSum(sum) => 8 * sum.len(),
+            Accumulated::Votes(votes) => 2 * votes.len(),
+        }
+    }
+
     /// Moves an f32 sum of one push into f64 (exactly), before more are added.
     pub(super) fn widen(&mut self) {
         if let Accumulated::Sum(sum) = self {
@@ -291,6 +300,17 @@ impl Block {
     /// Optimizer state bytes this block holds.
     pub fn state_bytes(&self) -> usize {
         self.state.lock().optimizer.state_bytes()
+    }
+
+    /// Optimizer state bytes and the bytes of gradients of steps not yet
+    /// applied (sums being collected, a step waiting for the model's norm, a
+    /// failed step's kept gradient), under one lock.
+    pub fn held_bytes(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        let pending: usize = state.pending.values().map(|p| p.accumulated.bytes()).sum();
+        let awaiting = state.awaiting.as_ref().and_then(|a| a.gradient.as_ref()).map_or(0, |g| 4 * g.len());
+        let failed = state.failed.as_ref().map_or(0, |f| 4 * f.gradient.len());
+        (state.optimizer.state_bytes(), pending + awaiting + failed)
     }
 }
 

@@ -132,6 +132,24 @@ pub async fn check_sync_equivalence(client: &ps_client::PsClient) {
     let state: u64 = status.iter().flat_map(|s| &s.models).flat_map(|m| &m.groups).map(|g| g.state_bytes).sum();
     // AdamW keeps 8 bytes per weight, Nesterov SGD 4 bytes per bias.
     assert_eq!(state, 8 * (37 * 19 + 5 * 37) + 4 * 19);
+
+    // What a step in flight holds: the first push's sum in f32, from the
+    // second of three members in f64, nothing once the step is applied.
+    let held = |status: Vec<ps_client::ShardStatus>| -> (u64, u64) {
+        let groups = || status.iter().flat_map(|s| &s.models).flat_map(|m| &m.groups);
+        (groups().map(|g| g.parameters).sum(), groups().map(|g| g.pending_bytes).sum())
+    };
+    let (parameters, pending) = held(client.status("equivalence").await.unwrap());
+    assert_eq!(pending, 0, "nothing pending between steps");
+    let grads: Vec<Tensors> = (0..3).map(|k| grads_like(&init, 40 + k + 1)).collect();
+    let mut expected = [4 * parameters, 8 * parameters].into_iter();
+    for (worker, grad) in workers.iter().zip(&grads).take(2) {
+        model.push(worker, 4, grad).await.unwrap();
+        assert_eq!(held(client.status("equivalence").await.unwrap()).1, expected.next().unwrap());
+    }
+    model.push(workers[2], 4, &grads[2]).await.unwrap();
+    model.pull(5).await.unwrap();
+    assert_eq!(held(client.status("equivalence").await.unwrap()).1, 0, "the applied step holds nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

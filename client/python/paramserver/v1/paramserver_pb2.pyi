@@ -695,18 +695,20 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., last_heartbeat_ms_ago: _Optional[int] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("name", "optimizer", "tensors", "parameters", "state_bytes")
+    __slots__ = ("name", "optimizer", "tensors", "parameters", "state_bytes", "pending_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     optimizer: str
     tensors: int
     parameters: int
     state_bytes: int
-    def __init__(self, name: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[int] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+    pending_bytes: int
+    def __init__(self, name: _Optional[str] = ..., optimizer: _Optional[str] = ..., tensors: _Optional[int] = ..., parameters: _Optional[int] = ..., state_bytes: _Optional[int] = ..., pending_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "mode", "min_version", "max_version", "blocks", "parameters", "live_workers", "groups", "pushes", "workers_expired", "workers_dropped_late", "staleness", "federated", "epoch", "checkpoint_version", "recovering", "common_checkpoint_version", "checkpoint_error")

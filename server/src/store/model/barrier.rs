@@ -450,6 +450,10 @@ impl Model {
             block.mark_failed();
             return false;
         }
+        if let Some(selection) = state.optimizer.take_selection_time() {
+            metrics::histogram!(m::SELECTION_SECONDS, "model" => self.spec.name.clone(), "group" => group.name.clone())
+                .record(selection.as_secs_f64());
+        }
         self.advance(block, state);
         metrics::histogram!(m::UPDATE_SECONDS, "model" => self.spec.name.clone(), "group" => group.name.clone())
             .record(started.elapsed().as_secs_f64());

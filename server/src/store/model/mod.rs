@@ -52,6 +52,8 @@ pub struct GroupStats {
     pub parameters: u64,
     /// Optimizer state bytes of the group on this shard.
     pub state_bytes: u64,
+    /// Bytes of gradients of steps not yet applied, held by the group's blocks on this shard.
+    pub pending_bytes: u64,
 }
 
 /// A registered model: the validated spec, the layout, this shard's blocks and the membership.
@@ -338,7 +340,7 @@ impl Model {
         if self.local_order.is_empty() { (0, 0) } else { (min, max) }
     }
 
-    /// Per-group tensor counts, parameters and optimizer state bytes on this shard.
+    /// Per-group tensor counts, parameters, optimizer state bytes and pending gradient bytes on this shard.
     pub fn group_stats(&self) -> Vec<GroupStats> {
         let mut stats = vec![GroupStats::default(); self.spec.groups.len()];
         for tensor in &self.spec.tensors {
@@ -347,7 +349,9 @@ impl Model {
         for block in &self.local_order {
             let entry = &mut stats[block.group];
             entry.parameters += block.len as u64;
-            entry.state_bytes += block.state_bytes() as u64;
+            let (state, pending) = block.held_bytes();
+            entry.state_bytes += state as u64;
+            entry.pending_bytes += pending as u64;
         }
         stats
     }
@@ -379,6 +383,8 @@ impl Model {
         for (group, stats) in self.spec.groups.iter().zip(self.group_stats()) {
             metrics::gauge!(m::OPTIMIZER_STATE_BYTES, "model" => model.clone(), "group" => group.name.clone(), "optimizer" => group.optimizer.mode())
                 .set(stats.state_bytes as f64);
+            metrics::gauge!(m::PENDING_GRADIENT_BYTES, "model" => model.clone(), "group" => group.name.clone())
+                .set(stats.pending_bytes as f64);
         }
         if let Some(rounds) = &self.rounds {
             let global: usize = self.local_order.iter().map(|b| 4 * b.lock().global.len()).sum();
