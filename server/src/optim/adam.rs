@@ -45,17 +45,7 @@ impl Moments {
     /// Folds `g` into the moments and writes Adam's direction
     /// `m̂ / (sqrt(v̂) + ε)` (PyTorch form, without η) into `out`.
     pub fn direction(&mut self, g: &[f32], beta1: f32, beta2: f32, eps: f32, out: &mut [f32]) {
-        let (inv_bias1, inv_bias2_sqrt) = self.next_corrections(beta1, beta2);
-        let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
-        let (m, v) = (Arc::make_mut(&mut self.m), Arc::make_mut(&mut self.v));
-        parallel::zip_tasks(out, g, m, v, Shares::even(parallel::GRAIN), |_, (((out, g), m), v)| {
-            let m = m.unwrap_or_default();
-            for (((o, &g), m), v) in out.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                *m = beta1 * *m + keep1 * g;
-                *v = beta2 * *v + keep2 * g * g;
-                *o = *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps);
-            }
-        });
+        self.stream(out, g, (beta1, beta2, eps), |o, direction| *o = direction);
     }
 
     /// Folds `g` into the moments and moves `w` along Adam's direction in the
@@ -63,15 +53,29 @@ impl Moments {
     /// [`Moments::direction`] followed by that update, without the temporary.
     #[allow(clippy::too_many_arguments)]
     pub fn step_weights(&mut self, w: &mut [f32], g: &[f32], beta1: f32, beta2: f32, eps: f32, decay: f32, lr: f32) {
+        self.stream(w, g, (beta1, beta2, eps), |w, direction| *w = *w * decay - lr * direction);
+    }
+
+    /// One pass over `target`, `g` and both moments, in tasks on the rayon
+    /// pool: folds each gradient value in and hands `apply` its target value
+    /// and Adam's direction there.
+    #[inline(always)]
+    fn stream(
+        &mut self,
+        target: &mut [f32],
+        g: &[f32],
+        (beta1, beta2, eps): (f32, f32, f32),
+        apply: impl Fn(&mut f32, f32) + Sync,
+    ) {
         let (inv_bias1, inv_bias2_sqrt) = self.next_corrections(beta1, beta2);
         let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
-        let (m, v) = (Arc::make_mut(&mut self.m), Arc::make_mut(&mut self.v));
-        parallel::zip_tasks(w, g, m, v, Shares::even(parallel::GRAIN), |_, (((w, g), m), v)| {
+        let (m, v) = self.buffers_mut();
+        parallel::zip_tasks(target, g, m, v, Shares::even(parallel::GRAIN), |_, (((target, g), m), v)| {
             let m = m.unwrap_or_default();
-            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            for (((x, &g), m), v) in target.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 *m = beta1 * *m + keep1 * g;
                 *v = beta2 * *v + keep2 * g * g;
-                *w = *w * decay - lr * (*m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps));
+                apply(x, *m * inv_bias1 / (v.sqrt() * inv_bias2_sqrt + eps));
             }
         });
     }

@@ -412,10 +412,7 @@ const PROJECTED: u64 = 3;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bits(xs: &[f32]) -> Vec<u32> {
-        xs.iter().map(|x| x.to_bits()).collect()
-    }
+    use crate::optim::tests::bits;
 
     #[test]
     fn fused_paths_match_the_separate_passes_in_every_bit() {

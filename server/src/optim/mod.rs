@@ -379,7 +379,8 @@ pub(crate) mod tests {
         (optimizer, param)
     }
 
-    fn bits(values: &[f32]) -> Vec<u32> {
+    /// Each value's bits, so that assertions compare floats exactly (NaN included).
+    pub(super) fn bits(values: &[f32]) -> Vec<u32> {
         values.iter().map(|x| x.to_bits()).collect()
     }
 

@@ -390,10 +390,7 @@ impl Optimizer for SubsetNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bits(xs: &[f32]) -> Vec<u32> {
-        xs.iter().map(|x| x.to_bits()).collect()
-    }
+    use crate::optim::tests::bits;
 
     /// The separate passes the fused step replaces: accumulate, momentum,
     /// denominators, apply, decay.

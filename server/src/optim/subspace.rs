@@ -359,10 +359,7 @@ impl Optimizer for SubspaceMomentum {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bits(xs: &[f32]) -> Vec<u32> {
-        xs.iter().map(|x| x.to_bits()).collect()
-    }
+    use crate::optim::tests::bits;
 
     #[test]
     fn each_selection_is_timed_and_reported_once() {
