@@ -15,13 +15,16 @@
 
 use std::time::{Duration, Instant};
 
+use nalgebra::DMatrix;
 use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
 use ps_proto::layout;
+use ps_server::optim::linalg::{self, Side};
 use ps_server::optim::{
     AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, Optimizer, OptimizerConfig,
     Projection, SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
-    build,
+    SvdSolver, build,
 };
+use ps_server::random::SplitMix;
 use ps_server::spec::ModelSpec;
 use rayon::prelude::*;
 
@@ -114,7 +117,12 @@ fn modes() -> Vec<(&'static str, OptimizerConfig, bool)> {
         ("adagrad-sn", OptimizerConfig::SubsetNorm(sn(0.0, 1.0)), false),
         ("adam-sn", OptimizerConfig::SubsetNorm(sn(0.9, 0.999)), false),
         ("sgd-sm (index)", OptimizerConfig::SubspaceMomentum(sm(Projection::Index(IndexRule::TopK), false)), false),
-        ("adam-sn-sm (svd)", OptimizerConfig::SubspaceMomentum(sm(Projection::Svd, true)), false),
+        ("adam-sn-sm (svd)", OptimizerConfig::SubspaceMomentum(sm(Projection::Svd(SvdSolver::Exact), true)), false),
+        (
+            "adam-sn-sm (rsvd)",
+            OptimizerConfig::SubspaceMomentum(sm(Projection::Svd(SvdSolver::Randomized), true)),
+            false,
+        ),
         ("frugal block", OptimizerConfig::Frugal(frugal(FrugalMode::Block { order: BlockOrder::Descending })), false),
         (
             "frugal block (off)",
@@ -122,7 +130,8 @@ fn modes() -> Vec<(&'static str, OptimizerConfig, bool)> {
             false,
         ),
         ("frugal columns", OptimizerConfig::Frugal(frugal(FrugalMode::Columns)), false),
-        ("frugal svd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd)), false),
+        ("frugal svd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd(SvdSolver::Exact))), false),
+        ("frugal rsvd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd(SvdSolver::Randomized))), false),
     ]
 }
 
@@ -142,8 +151,8 @@ fn main() {
     for (label, config, splits) in modes() {
         let whole_svd = matches!(
             &config,
-            OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig { projection: Projection::Svd, .. })
-                | OptimizerConfig::Frugal(FrugalConfig { mode: FrugalMode::Svd, .. })
+            OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig { projection: Projection::Svd(_), .. })
+                | OptimizerConfig::Frugal(FrugalConfig { mode: FrugalMode::Svd(_), .. })
         );
         let side = if whole_svd { dim.min(1024) } else { dim };
         let n = side * side;
@@ -209,13 +218,18 @@ fn main() {
         );
     }
     println!("GB/s counts weight read+write, gradient read and state read+write per parameter;");
-    println!("modes marked * run on a 1024x1024 tensor (their first step is an SVD of the gradient).");
+    println!(
+        "modes marked * run on a 1024x1024 tensor (their first step is an SVD of the gradient; rsvd: randomized)."
+    );
     println!(
         "Subset-Norm, Subspace-Momentum and FRUGAL need whole tensors: on two threads they split the tensor by row ranges."
     );
     let models = std::env::var("PS_BENCH_MODELS").unwrap_or_else(|_| "small,base".into());
     for size in models.split(',').filter(|s| !s.is_empty() && *s != "none") {
         model_table(size, triads[1]);
+    }
+    if std::env::var("PS_BENCH_SVD").map_or(true, |v| v != "none") {
+        svd_table();
     }
 }
 
@@ -280,10 +294,12 @@ fn model_table(size: &str, triad_gbs: f64) {
         ("adamw", OptimizerConfig::AdamW(adam)),
         ("adam-sn", OptimizerConfig::SubsetNorm(sn)),
         ("adam-sn-sm (top-k rows)", OptimizerConfig::SubspaceMomentum(snsm(Projection::Index(IndexRule::TopK)))),
-        ("adam-sn-sm (svd)", OptimizerConfig::SubspaceMomentum(snsm(Projection::Svd))),
+        ("adam-sn-sm (svd)", OptimizerConfig::SubspaceMomentum(snsm(Projection::Svd(SvdSolver::Exact)))),
+        ("adam-sn-sm (randomized)", OptimizerConfig::SubspaceMomentum(snsm(Projection::Svd(SvdSolver::Randomized)))),
         ("frugal block", OptimizerConfig::Frugal(frugal(FrugalMode::Block { order: BlockOrder::Descending }))),
         ("frugal columns", OptimizerConfig::Frugal(frugal(FrugalMode::Columns))),
-        ("frugal svd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd))),
+        ("frugal svd", OptimizerConfig::Frugal(frugal(FrugalMode::Svd(SvdSolver::Exact)))),
+        ("frugal svd (randomized)", OptimizerConfig::Frugal(frugal(FrugalMode::Svd(SvdSolver::Randomized)))),
     ];
     let mut header = false;
     for (label, optimizer) in modes {
@@ -317,8 +333,8 @@ fn model_table(size: &str, triad_gbs: f64) {
                 params as f64 / 1e6
             );
             println!(
-                "{:<24} {:>9} {:>12} {:>10} {:>12} {:>14}",
-                "mode", "state MB", "update ms", "floor ms", "vs floor", "selection ms"
+                "{:<24} {:>9} {:>12} {:>10} {:>12} {:>14} {:>13}",
+                "mode", "state MB", "update ms", "floor ms", "vs floor", "selection ms", "at T = 200"
             );
         }
         let mut step = |t: u64| {
@@ -335,18 +351,83 @@ fn model_table(size: &str, triad_gbs: f64) {
         let state: usize = blocks.iter().map(|(o, _, _)| o.state_bytes()).sum();
         // Weight read + write, gradient read, state read + write.
         let floor = (12 * params + 2 * state) as f64 / (triad_gbs * 1e9);
+        // The selection's extra time over a steady step, spread over the T steps it serves.
+        let amortized = selection.saturating_sub(time).as_secs_f64() / (200.0 * time.as_secs_f64());
         println!(
-            "{:<24} {:>9.1} {:>12.1} {:>10.1} {:>12.2} {:>14.1}",
+            "{:<24} {:>9.1} {:>12.1} {:>10.1} {:>12.2} {:>14.1} {:>12.1}%",
             label,
             state as f64 / 1e6,
             time.as_secs_f64() * 1e3,
             floor * 1e3,
             floor / time.as_secs_f64(),
-            selection.as_secs_f64() * 1e3
+            selection.as_secs_f64() * 1e3,
+            amortized * 100.0
         );
     }
     println!(
         "floor = the bytes the update must move at the two-thread triad rate; vs floor = floor / update (1 = at bandwidth)."
     );
-    println!("selection = the first step, which chooses every subspace (an SVD of each matrix in the svd modes).");
+    println!("selection = the first step, which chooses every subspace (an SVD of each matrix in the svd modes);");
+    println!("at T = 200 = (selection - update) / (200 x update), the selection's share of the steps it serves.");
+}
+
+/// `rows × cols` standard normal numbers (Box–Muller over a seeded SplitMix).
+fn gaussian(rows: usize, cols: usize, rng: &mut SplitMix) -> DMatrix<f32> {
+    let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    DMatrix::from_fn(rows, cols, |_, _| {
+        let (a, b) = (uniform(), uniform());
+        ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()) as f32
+    })
+}
+
+/// An m×n gradient stand-in `U diag(σ) Vᵀ` with random orthonormal U, V and
+/// σ_k = (k + 1)^-decay: decay 0 is a flat spectrum (the hardest case for a
+/// randomized finder), 1 a fast fall-off like a trained layer's gradient.
+fn spectrum_matrix(dims: Dims, decay: f64, rng: &mut SplitMix) -> Vec<f32> {
+    let k = dims.rows.min(dims.cols);
+    let u = gaussian(dims.rows, k, rng).qr().q();
+    let v = gaussian(dims.cols, k, rng).qr().q();
+    let scaled = DMatrix::from_fn(dims.rows, k, |i, c| u[(i, c)] * ((c + 1) as f64).powf(-decay) as f32);
+    let g = scaled * v.transpose(); // column-major m×n
+    g.transpose().as_slice().to_vec() // row-major
+}
+
+/// The randomized range finder against the exact SVD at the base model's
+/// shapes and ranks: time of one selection, and the share of the gradient's
+/// energy its subspace keeps relative to the exact top-r subspace.
+fn svd_table() {
+    println!();
+    println!("svd selection, exact against randomized (one thread; captured = |P g|^2 / |g|^2):");
+    println!(
+        "{:<11} {:>5} {:>8} {:>10} {:>14} {:>9} {:>16} {:>14} {:>9}",
+        "shape", "rank", "spectrum", "exact ms", "randomized ms", "speedup", "captured exact", "randomized", "ratio"
+    );
+    let mut rng = SplitMix::new(7, 11);
+    for (rows, cols, rank) in [(768, 768, 64), (2048, 768, 64), (768, 2048, 64), (768, 768, 192), (2048, 768, 192)] {
+        let dims = Dims { rows, cols };
+        let side = if rows >= cols { Side::Right } else { Side::Left };
+        for decay in [0.0, 0.5, 1.0] {
+            let g = spectrum_matrix(dims, decay, &mut rng);
+            let mut probes = SplitMix::new(1, 2);
+            let timed = |solver, probes: &mut SplitMix| {
+                let start = Instant::now();
+                let basis = linalg::top_singular_basis(&g, dims, rank, side, solver, probes);
+                (start.elapsed(), linalg::captured_energy(&g, dims, &basis, side))
+            };
+            let (exact_time, exact) = timed(SvdSolver::Exact, &mut probes);
+            let (fast_time, fast) = timed(SvdSolver::Randomized, &mut probes);
+            println!(
+                "{:<11} {:>5} {:>8} {:>10.0} {:>14.1} {:>8.1}x {:>16.4} {:>14.4} {:>9.4}",
+                format!("{rows}x{cols}"),
+                rank,
+                format!("k^-{decay}"),
+                exact_time.as_secs_f64() * 1e3,
+                fast_time.as_secs_f64() * 1e3,
+                exact_time.as_secs_f64() / fast_time.as_secs_f64(),
+                exact,
+                fast,
+                fast / exact
+            );
+        }
+    }
 }

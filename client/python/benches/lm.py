@@ -60,6 +60,14 @@ MODES = {
     # AdamW on the shards, the workers pushing 1-bit scaled signs with error feedback.
     "adamw-1bit": 3e-3,
 }
+# Modes outside the default comparison, named with --modes: the svd projections,
+# with the exact SVD and with the randomized range finder (docs/optimizers.md).
+MORE_MODES = {
+    "adam-sn-sm-randomized": 3e-2,
+    "frugal-svd": 3e-3,
+    "frugal-svd-randomized": 3e-3,
+}
+LEARNING_RATES = {**MODES, **MORE_MODES}
 
 
 def optimizer(mode: str, lr: float, seed: int) -> ps.pb.OptimizerConfig:
@@ -67,15 +75,20 @@ def optimizer(mode: str, lr: float, seed: int) -> ps.pb.OptimizerConfig:
     pb = ps.pb
     if mode in ("adamw", "adamw-1bit"):
         return ps.adamw(lr)
+    solver = pb.SVD_SOLVER_RANDOMIZED if mode.endswith("-randomized") else pb.SVD_SOLVER_EXACT
     if mode == "frugal":
         return pb.OptimizerConfig(frugal=pb.FrugalConfig(lr=lr, density=0.25, update_gap=200, mode=pb.FRUGAL_MODE_BLOCK, seed=seed))
-    if mode == "adam-sn-sm":
+    if mode in ("frugal-svd", "frugal-svd-randomized"):
+        return pb.OptimizerConfig(frugal=pb.FrugalConfig(lr=lr, density=0.25, update_gap=200, mode=pb.FRUGAL_MODE_SVD, seed=seed, svd_solver=solver))
+    if mode in ("adam-sn-sm", "adam-sn-sm-randomized"):
         return pb.OptimizerConfig(
-            subspace_momentum=pb.SubspaceMomentumConfig(lr=lr, rank=16, update_gap=200, projection=pb.PROJECTION_KIND_SVD, adaptive=True, correct_bias=True, seed=seed)
+            subspace_momentum=pb.SubspaceMomentumConfig(
+                lr=lr, rank=16, update_gap=200, projection=pb.PROJECTION_KIND_SVD, adaptive=True, correct_bias=True, seed=seed, svd_solver=solver
+            )
         )
     if mode == "adam-sn":
         return pb.OptimizerConfig(subset_norm=pb.SubsetNormConfig(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, correct_bias=True, subsets=pb.SUBSET_KIND_HEURISTIC))
-    raise ValueError(f"unknown mode {mode!r}; use {', '.join(MODES)}")
+    raise ValueError(f"unknown mode {mode!r}; use {', '.join(LEARNING_RATES)}")
 
 
 def schedule(steps: int, warmup: int, min_factor: float = 0.1):
@@ -224,7 +237,7 @@ def run_ps(mode: str, args) -> Dict:
         values = ps.arrays_of(net)
         name = f"lm-{args.size}-{mode}"
         encodings = ["sign1"] if mode.endswith("-1bit") else ["f32"]
-        group = ps.group("all", ["*"], optimizer(mode, MODES[mode], args.seed), push_encodings=encodings)
+        group = ps.group("all", ["*"], optimizer(mode, LEARNING_RATES[mode], args.seed), push_encodings=encodings)
         spec = ps.model_spec(name, values, [group], max_grad_norm=args.clip, min_workers=args.workers)
         client.register(spec, values)
         run_args = argparse.Namespace(**{**vars(args), "mode": mode})
@@ -322,7 +335,7 @@ def write_markdown(results: List[Dict], args, corpus: data.Corpus, path: Path, c
     ddp_rate = next((r["tokens_per_s"] for r in rows if r["run"].startswith("DDP (gloo),")), None)
     zero_rate = next((r["tokens_per_s"] for r in rows if r["run"].startswith("ZeRO")), None)
     lines = [
-        f"# LLaMA-style `{args.size}` ({params:,} parameters): the parameter server beside DDP and ZeRO-1",
+        f"# LLaMA-style `{args.size}` ({params:,} parameters): " + ("the parameter server beside DDP and ZeRO-1" if ddp_rate or zero_rate else "the parameter server's optimizer modes"),
         "",
         f"{datetime.date.today()}, commit {commit}, {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}.",
         f"Command: `{command}`.",
@@ -347,7 +360,7 @@ def write_markdown(results: List[Dict], args, corpus: data.Corpus, path: Path, c
         "Timings leave rank 0's evaluations out. The validation loss is the mean over "
         f"{args.eval_batches} fixed windows of {EVAL_SEQUENCES} x {args.seq_len} validation bytes, in nats per byte.",
         "",
-        "![validation loss against step and wall time](lm-loss.svg)",
+        f"![validation loss against step and wall time]({path.stem}-loss.svg)",
         "",
         "Validation loss by step:",
         "",
@@ -395,10 +408,11 @@ def main() -> None:
         results.append(run_ddp(False, args, bucket_mb=1.0))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_svg(results, out.with_name("lm-loss.svg"))
+    plot = out.with_name(f"{out.stem}-loss.svg")
+    write_svg(results, plot)
     command = "client/python/benches/lm.sh " + " ".join(sys.argv[1:])
     write_markdown(results, args, corpus, out, command.strip())
-    print(f"\n{len(results)} runs in {time.perf_counter() - began:.0f} s; wrote {out} and {out.with_name('lm-loss.svg')}")
+    print(f"\n{len(results)} runs in {time.perf_counter() - began:.0f} s; wrote {out} and {plot}")
     for row in (summarize(r, args) for r in results):
         print(f"  {row['run']:<48} val {row['final_val_loss']:.4f}  {row['tokens_per_s']:>8,.0f} tokens/s  state {row['state_mb']:.1f} MB  worker RSS {row['worker_peak_rss_mb']:.0f} MB")
 

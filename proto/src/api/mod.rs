@@ -23,7 +23,7 @@ pub use init::Init;
 pub use mode::{MAX_STALENESS, MIN_STEP_DEADLINE, Mode, StepContract};
 pub use optimizer::{
     AdamWConfig, BlockOrder, BufferSync, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2,
-    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig, SvdSolver,
 };
 pub use rounds::{Algorithm, ClientRule, HPool, MAX_CLIENTS, RoundConfig, RoundTask, Selection};
 pub use schedule::LrSchedule;

@@ -154,7 +154,20 @@ pub enum Projection {
     /// Whole rows (m ≥ n) or columns (m < n).
     Index(IndexRule),
     /// Top singular vectors of the gradient: right factor if m ≥ n, else left.
-    Svd,
+    Svd(SvdSolver),
+}
+
+/// How the svd projections (Subspace-Momentum's and FRUGAL's) find the top
+/// singular subspace of a gradient.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SvdSolver {
+    /// A full SVD, as the reference code's `torch.linalg.svd`.
+    #[default]
+    Exact,
+    /// A seeded randomized range finder (rank + 10 probes, two power
+    /// iterations): a few products with the gradient instead of a full SVD,
+    /// an approximation of the same subspace.
+    Randomized,
 }
 
 /// Hyperparameters of SGD-SM and AdamSNSM.
@@ -219,7 +232,7 @@ pub enum FrugalMode {
     /// k = floor(ρ·n) random columns of each tensor.
     Columns,
     /// Top singular subspace of the gradient, rank round(ρ·n) (m ≥ n, right) or round(ρ·m) (left).
-    Svd,
+    Svd(SvdSolver),
 }
 
 /// Which tensors are active in each period of FRUGAL's block mode.
@@ -439,7 +452,9 @@ impl OptimizerConfig {
                 check_non_negative("inactive_lr_scale", c.inactive_lr_scale)?;
                 // A full-rank SVD leaves only rounding noise, which sign() would blow up to ±η.
                 check(
-                    !(c.mode == FrugalMode::Svd && c.density >= 1.0 && c.inactive_rule == InactiveRule::SignSgd),
+                    !(matches!(c.mode, FrugalMode::Svd(_))
+                        && c.density >= 1.0
+                        && c.inactive_rule == InactiveRule::SignSgd),
                     || {
                         "FRUGAL svd with density 1 and the sign rule steps on rounding noise; lower density or use sgd"
                             .into()
@@ -475,7 +490,7 @@ impl OptimizerConfig {
             OptimizerConfig::Frugal(c) => match c.mode {
                 FrugalMode::Block { .. } => "frugal_block",
                 FrugalMode::Columns => "frugal_columns",
-                FrugalMode::Svd => "frugal_svd",
+                FrugalMode::Svd(_) => "frugal_svd",
             },
             OptimizerConfig::Sign(c) if c.lion => "lion",
             OptimizerConfig::Sign(c) if c.beta1 > 0.0 => "signum",

@@ -3,7 +3,7 @@
 
 use super::optimizer::{
     AdamWConfig, BlockOrder, BufferSync, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2,
-    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig, SvdSolver,
 };
 use super::{SpecError, or_default, or_default_count, refuse};
 use crate::pb;
@@ -24,6 +24,29 @@ fn index_lists_to_wire(lists: &[Vec<usize>]) -> Vec<pb::IndexList> {
 
 fn unknown(what: &str, value: i32) -> SpecError {
     SpecError(format!("unknown {what} {value}"))
+}
+
+/// The solver of an svd projection; a non-default solver on any other
+/// projection is refused rather than silently ignored.
+fn svd_solver_from_wire(solver: i32, is_svd: bool) -> Result<SvdSolver, SpecError> {
+    let solver = match pb::SvdSolver::try_from(solver) {
+        Ok(pb::SvdSolver::Exact) => SvdSolver::Exact,
+        Ok(pb::SvdSolver::Randomized) => SvdSolver::Randomized,
+        Err(_) => return Err(unknown("svd_solver", solver)),
+    };
+    if !is_svd && solver != SvdSolver::Exact {
+        return Err(SpecError(
+            "svd_solver applies only to the svd projection (FRUGAL mode svd); leave it unset".into(),
+        ));
+    }
+    Ok(solver)
+}
+
+fn svd_solver_to_wire(solver: SvdSolver) -> i32 {
+    match solver {
+        SvdSolver::Exact => pb::SvdSolver::Exact as i32,
+        SvdSolver::Randomized => pb::SvdSolver::Randomized as i32,
+    }
 }
 
 impl Subsets {
@@ -91,11 +114,13 @@ impl OptimizerConfig {
             }),
             Kind::SubspaceMomentum(c) => {
                 let d = SubspaceMomentumConfig::default();
+                let is_svd = c.indices_schedule.is_empty() && c.projection == pb::ProjectionKind::Svd as i32;
+                let solver = svd_solver_from_wire(c.svd_solver, is_svd)?;
                 let projection = match pb::ProjectionKind::try_from(c.projection) {
                     _ if !c.indices_schedule.is_empty() => {
                         Projection::Index(IndexRule::Schedule(index_lists_from_wire(&c.indices_schedule)))
                     }
-                    Ok(pb::ProjectionKind::Svd) => Projection::Svd,
+                    Ok(pb::ProjectionKind::Svd) => Projection::Svd(solver),
                     Ok(pb::ProjectionKind::Uniform) => Projection::Index(IndexRule::Uniform),
                     Ok(pb::ProjectionKind::Topk) => Projection::Index(IndexRule::TopK),
                     Err(_) => return Err(unknown("projection", c.projection)),
@@ -118,6 +143,7 @@ impl OptimizerConfig {
             }
             Kind::Frugal(c) => {
                 let d = FrugalConfig::default();
+                let solver = svd_solver_from_wire(c.svd_solver, c.mode == pb::FrugalMode::Svd as i32)?;
                 let mode = match pb::FrugalMode::try_from(c.mode) {
                     Ok(pb::FrugalMode::Block) => FrugalMode::Block {
                         order: match pb::BlockOrder::try_from(c.block_order) {
@@ -128,7 +154,7 @@ impl OptimizerConfig {
                         },
                     },
                     Ok(pb::FrugalMode::Columns) => FrugalMode::Columns,
-                    Ok(pb::FrugalMode::Svd) => FrugalMode::Svd,
+                    Ok(pb::FrugalMode::Svd) => FrugalMode::Svd(solver),
                     Err(_) => return Err(unknown("FRUGAL mode", c.mode)),
                 };
                 let [beta1, beta2, eps] = betas_and_eps([c.beta1, c.beta2, c.eps], [d.beta1, d.beta2, d.eps]);
@@ -216,8 +242,12 @@ impl From<&OptimizerConfig> for pb::OptimizerConfig {
                 })
             }
             OptimizerConfig::SubspaceMomentum(c) => {
+                let svd_solver = match &c.projection {
+                    Projection::Svd(solver) => svd_solver_to_wire(*solver),
+                    Projection::Index(_) => pb::SvdSolver::Exact as i32,
+                };
                 let (projection, indices_schedule) = match &c.projection {
-                    Projection::Svd => (pb::ProjectionKind::Svd, Vec::new()),
+                    Projection::Svd(_) => (pb::ProjectionKind::Svd, Vec::new()),
                     Projection::Index(IndexRule::Uniform) => (pb::ProjectionKind::Uniform, Vec::new()),
                     Projection::Index(IndexRule::TopK) => (pb::ProjectionKind::Topk, Vec::new()),
                     Projection::Index(IndexRule::Schedule(s)) => (pb::ProjectionKind::Topk, index_lists_to_wire(s)),
@@ -236,6 +266,7 @@ impl From<&OptimizerConfig> for pb::OptimizerConfig {
                     weight_decay: wide(c.weight_decay),
                     seed: c.seed,
                     indices_schedule,
+                    svd_solver,
                 })
             }
             OptimizerConfig::Frugal(c) => {
@@ -249,7 +280,11 @@ impl From<&OptimizerConfig> for pb::OptimizerConfig {
                         },
                     ),
                     FrugalMode::Columns => (pb::FrugalMode::Columns, pb::BlockOrder::Descending),
-                    FrugalMode::Svd => (pb::FrugalMode::Svd, pb::BlockOrder::Descending),
+                    FrugalMode::Svd(_) => (pb::FrugalMode::Svd, pb::BlockOrder::Descending),
+                };
+                let svd_solver = match &c.mode {
+                    FrugalMode::Svd(solver) => svd_solver_to_wire(*solver),
+                    FrugalMode::Block { .. } | FrugalMode::Columns => pb::SvdSolver::Exact as i32,
                 };
                 Kind::Frugal(pb::FrugalConfig {
                     lr: wide(c.lr),
@@ -272,6 +307,7 @@ impl From<&OptimizerConfig> for pb::OptimizerConfig {
                     seed: c.seed,
                     projectable_patterns: c.projectable_patterns.clone(),
                     schedule: c.schedule.as_deref().map(index_lists_to_wire).unwrap_or_default(),
+                    svd_solver,
                 })
             }
             OptimizerConfig::Sign(c) => Kind::Sign(pb::SignConfig {
@@ -311,7 +347,11 @@ mod tests {
                 ..Default::default()
             }),
             OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig {
-                projection: Projection::Svd,
+                projection: Projection::Svd(SvdSolver::Exact),
+                ..Default::default()
+            }),
+            OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig {
+                projection: Projection::Svd(SvdSolver::Randomized),
                 ..Default::default()
             }),
             OptimizerConfig::Frugal(FrugalConfig {
@@ -323,7 +363,11 @@ mod tests {
                 inactive_rule: InactiveRule::Frozen,
                 ..Default::default()
             }),
-            OptimizerConfig::Frugal(FrugalConfig { mode: FrugalMode::Svd, ..Default::default() }),
+            OptimizerConfig::Frugal(FrugalConfig { mode: FrugalMode::Svd(SvdSolver::Exact), ..Default::default() }),
+            OptimizerConfig::Frugal(FrugalConfig {
+                mode: FrugalMode::Svd(SvdSolver::Randomized),
+                ..Default::default()
+            }),
             OptimizerConfig::Sign(SignConfig { lr: 1e-4, beta1: 0.9, beta2: 0.99, lion: true, ..Default::default() }),
             OptimizerConfig::Buffer(BufferSync::Broadcast),
             OptimizerConfig::Buffer(BufferSync::Mean),
@@ -367,5 +411,25 @@ mod tests {
         assert!(OptimizerConfig::from_wire(Some(&chunks)).unwrap_err().0.contains("chunk_size != 0"));
         let mode = pb::OptimizerConfig { kind: Some(Kind::Frugal(pb::FrugalConfig { mode: 7, ..Default::default() })) };
         assert_eq!(OptimizerConfig::from_wire(Some(&mode)).unwrap_err().0, "unknown FRUGAL mode 7");
+        // A solver for a projection that has no SVD would be silently ignored: refused instead.
+        let randomized = pb::SvdSolver::Randomized as i32;
+        let topk = pb::OptimizerConfig {
+            kind: Some(Kind::SubspaceMomentum(pb::SubspaceMomentumConfig {
+                lr: 0.1,
+                rank: 2,
+                projection: pb::ProjectionKind::Topk as i32,
+                svd_solver: randomized,
+                ..Default::default()
+            })),
+        };
+        assert!(OptimizerConfig::from_wire(Some(&topk)).unwrap_err().0.starts_with("svd_solver applies only"));
+        let block = pb::OptimizerConfig {
+            kind: Some(Kind::Frugal(pb::FrugalConfig { lr: 0.1, svd_solver: randomized, ..Default::default() })),
+        };
+        assert!(OptimizerConfig::from_wire(Some(&block)).unwrap_err().0.starts_with("svd_solver applies only"));
+        let unknown = pb::OptimizerConfig {
+            kind: Some(Kind::Frugal(pb::FrugalConfig { lr: 0.1, mode: 2, svd_solver: 9, ..Default::default() })),
+        };
+        assert_eq!(OptimizerConfig::from_wire(Some(&unknown)).unwrap_err().0, "unknown svd_solver 9");
     }
 }

@@ -118,7 +118,7 @@ impl Frugal {
                 };
                 Some(ProjectorShape::Index { rows: false, bound: n, choice })
             }
-            FrugalMode::Svd => {
+            FrugalMode::Svd(_) => {
                 let (side, rank) = if m >= n {
                     (Side::Right, round_half_even(f64::from(c.density) * n as f64))
                 } else {
@@ -154,13 +154,14 @@ impl Frugal {
                 };
                 Subspace::Projected(Projector::Index { rows: false, indices })
             }
-            FrugalMode::Svd => {
+            FrugalMode::Svd(solver) => {
                 let (side, rank) = if m >= n {
                     (Side::Right, round_half_even(f64::from(c.density) * n as f64))
                 } else {
                     (Side::Left, round_half_even(f64::from(c.density) * m as f64))
                 };
-                let basis = linalg::top_singular_basis(g, self.dims, rank, side);
+                let mut probes = SplitMix::new(c.seed ^ self.salt, period as u64);
+                let basis = linalg::top_singular_basis(g, self.dims, rank, side, *solver, &mut probes);
                 Subspace::Projected(Projector::Svd { side, basis, rank })
             }
         }

@@ -1,8 +1,12 @@
 //! Small dense helpers over row-major slices for the projected optimizers:
 //! gathering and scattering rows or columns, products with a basis, and the
-//! top singular vectors (nalgebra's SVD, in f32 as the reference code does).
+//! top singular vectors (nalgebra's SVD, in f32 as the reference code does, or
+//! a seeded randomized range finder).
 
-use nalgebra::DMatrix;
+use nalgebra::{DMatrix, DMatrixView};
+use ps_proto::api::SvdSolver;
+
+use crate::random::SplitMix;
 
 /// A row-major `rows × cols` view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +48,23 @@ pub enum Side {
 }
 
 /// The basis of the top-`rank` singular subspace of `g` on `side`, row-major:
-/// `A` as m×r for Left, `B` as r×n for Right.
-pub fn top_singular_basis(g: &[f32], dims: Dims, rank: usize, side: Side) -> Vec<f32> {
+/// `A` as m×r for Left, `B` as r×n for Right. `Randomized` draws its probes
+/// from `rng`, so a seeded caller gets the same basis on every shard and run.
+pub fn top_singular_basis(
+    g: &[f32],
+    dims: Dims,
+    rank: usize,
+    side: Side,
+    solver: SvdSolver,
+    rng: &mut SplitMix,
+) -> Vec<f32> {
+    match solver {
+        SvdSolver::Exact => exact_basis(g, dims, rank, side),
+        SvdSolver::Randomized => randomized_basis(g, dims, rank, side, rng),
+    }
+}
+
+fn exact_basis(g: &[f32], dims: Dims, rank: usize, side: Side) -> Vec<f32> {
     let matrix = DMatrix::from_row_slice(dims.rows, dims.cols, g);
     let svd = matrix.svd(side == Side::Left, side == Side::Right);
     let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
@@ -73,6 +92,73 @@ pub fn top_singular_basis(g: &[f32], dims: Dims, rank: usize, side: Side) -> Vec
             b
         }
     }
+}
+
+/// Probes beyond the rank (Halko, Martinsson & Tropp 2011, §4.2: 5–10 suffice).
+pub const RANDOMIZED_OVERSAMPLING: usize = 10;
+/// Power iterations, each re-orthonormalized (their Algorithm 4.4): they
+/// sharpen a slowly decaying spectrum, as `torch.svd_lowrank`'s default 2 does.
+pub const RANDOMIZED_POWER_ITERATIONS: usize = 2;
+
+/// The randomized range finder: `Q` spans `X Ω` for `rank + p` seeded ±1
+/// probes `Ω`, refined by power iterations `Q ← orth(X orth(Xᵀ Q))`; then an
+/// exact SVD of the small `Qᵀ X` gives the top vectors as `Q Ũ`. `X` is the
+/// operator whose left singular vectors are wanted: `Gᵀ` for the right side of
+/// `G`, `G` itself for the left. Costs `2(2q + 2)` products of `G` with a
+/// thin `(·)×(rank + p)` matrix, against a full SVD's `O(m n min(m, n))`.
+fn randomized_basis(g: &[f32], dims: Dims, rank: usize, side: Side, rng: &mut SplitMix) -> Vec<f32> {
+    let Dims { rows: m, cols: n } = dims;
+    let rank = rank.min(m.min(n));
+    let probes = (rank + RANDOMIZED_OVERSAMPLING).min(m.min(n));
+    // The row-major m×n slice is the column-major n×m matrix Gᵀ.
+    let g_t = DMatrixView::from_slice(g, n, m);
+    // X·v and Xᵀ·v without copying G: X = Gᵀ on the right side, G on the left.
+    let (rows_of_x, cols_of_x) = if side == Side::Right { (n, m) } else { (m, n) };
+    let apply = |v: &DMatrix<f32>| if side == Side::Right { g_t * v } else { g_t.tr_mul(v) };
+    let apply_t = |v: &DMatrix<f32>| if side == Side::Right { g_t.tr_mul(v) } else { g_t * v };
+    let omega = DMatrix::from_fn(cols_of_x, probes, |_, _| if rng.next_u64() >> 63 == 0 { 1.0f32 } else { -1.0f32 });
+    let mut q = apply(&omega).qr().q();
+    for _ in 0..RANDOMIZED_POWER_ITERATIONS {
+        let z = apply_t(&q).qr().q();
+        q = apply(&z).qr().q();
+    }
+    // Qᵀ X is probes × cols_of_x; its left vectors Ũ rotate Q onto X's top ones.
+    let small = apply_t(&q).transpose();
+    let svd = small.svd(true, false);
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&a, &b| svd.singular_values[b].total_cmp(&svd.singular_values[a]));
+    let u_small = svd.u.expect("left vectors were requested");
+    let rotation = DMatrix::from_fn(u_small.nrows(), rank, |i, c| u_small[(i, order[c])]);
+    let top = q * rotation; // rows_of_x × rank, column-major
+    debug_assert_eq!(top.nrows(), rows_of_x);
+    match side {
+        // Column c of `top` is basis row c of B (r×n, row-major).
+        Side::Right => top.as_slice().to_vec(),
+        // A is m×r row-major: the transpose of the column-major m×r `top`.
+        Side::Left => top.transpose().as_slice().to_vec(),
+    }
+}
+
+/// The share of `g`'s squared Frobenius norm that its projection onto the
+/// orthonormal `basis` keeps, `‖P(g)‖² / ‖g‖²` in f64: how much of the
+/// gradient a subspace captures (the exact top-r subspace captures the most).
+pub fn captured_energy(g: &[f32], dims: Dims, basis: &[f32], side: Side) -> f64 {
+    let Dims { rows: m, cols: n } = dims;
+    let total: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    if total == 0.0 {
+        return 1.0;
+    }
+    let kept: f64 = match side {
+        Side::Right => {
+            let rank = basis.len() / n.max(1);
+            matmul(g, &transpose(basis, rank, n), m, n, rank).iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+        }
+        Side::Left => {
+            let rank = basis.len() / m.max(1);
+            matmul(&transpose(basis, m, rank), g, rank, m, n).iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+        }
+    };
+    kept / total
 }
 
 /// Python's `round` (half to even) of a non-negative value.
@@ -109,11 +195,61 @@ mod tests {
         let (u, v) = ([1.0f32, 2.0, 2.0], [3.0f32, 4.0]);
         let g: Vec<f32> = u.iter().flat_map(|a| v.iter().map(move |b| a * b)).collect();
         let dims = Dims { rows: 3, cols: 2 };
-        let a = top_singular_basis(&g, dims, 1, Side::Left);
-        assert!((a[0].abs() - 1.0 / 3.0).abs() < 1e-5 && (a[1].abs() - 2.0 / 3.0).abs() < 1e-5);
-        let b = top_singular_basis(&g, dims, 1, Side::Right);
-        assert!((b[0].abs() - 0.6).abs() < 1e-5 && (b[1].abs() - 0.8).abs() < 1e-5);
+        let mut rng = SplitMix::new(0, 0);
+        for solver in [SvdSolver::Exact, SvdSolver::Randomized] {
+            let a = top_singular_basis(&g, dims, 1, Side::Left, solver, &mut rng);
+            assert!((a[0].abs() - 1.0 / 3.0).abs() < 1e-5 && (a[1].abs() - 2.0 / 3.0).abs() < 1e-5, "{solver:?}");
+            let b = top_singular_basis(&g, dims, 1, Side::Right, solver, &mut rng);
+            assert!((b[0].abs() - 0.6).abs() < 1e-5 && (b[1].abs() - 0.8).abs() < 1e-5, "{solver:?}");
+        }
         assert_eq!(matmul(&[1.0, 2.0], &[3.0, 4.0], 1, 2, 1), vec![11.0]);
         assert_eq!(transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    }
+
+    /// `rank` exact singular directions with values `decay^k`, plus uniform noise
+    /// of scale `noise`: the shape of a gradient whose spectrum falls off.
+    fn spectrum_matrix(dims: Dims, rank: usize, decay: f32, noise: f32, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix::new(seed, 1);
+        let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let u: Vec<f32> = (0..dims.rows * rank).map(|_| uniform()).collect();
+        let v: Vec<f32> = (0..rank * dims.cols).map(|_| uniform()).collect();
+        let mut g = vec![0.0f32; dims.rows * dims.cols];
+        for k in 0..rank {
+            let scale = decay.powi(k as i32);
+            for i in 0..dims.rows {
+                for j in 0..dims.cols {
+                    g[i * dims.cols + j] += scale * u[i * rank + k] * v[k * dims.cols + j];
+                }
+            }
+        }
+        g.iter_mut().for_each(|x| *x += noise * uniform());
+        g
+    }
+
+    #[test]
+    fn randomized_basis_is_orthonormal_seeded_and_near_the_exact_subspace() {
+        for dims in [Dims { rows: 96, cols: 40 }, Dims { rows: 40, cols: 96 }] {
+            let side = if dims.rows >= dims.cols { Side::Right } else { Side::Left };
+            let g = spectrum_matrix(dims, 30, 0.85, 0.01, 7);
+            let rank = 8;
+            let exact = top_singular_basis(&g, dims, rank, side, SvdSolver::Exact, &mut SplitMix::new(1, 2));
+            let randomized = top_singular_basis(&g, dims, rank, side, SvdSolver::Randomized, &mut SplitMix::new(1, 2));
+            let again = top_singular_basis(&g, dims, rank, side, SvdSolver::Randomized, &mut SplitMix::new(1, 2));
+            assert_eq!(randomized, again, "the same probes give the same basis, bit for bit");
+            assert_eq!(randomized.len(), exact.len());
+            // Basis vectors are the rows of B (Right) or the columns of A (Left).
+            let (vectors, len) = match side {
+                Side::Right => (randomized.clone(), dims.cols),
+                Side::Left => (transpose(&randomized, dims.rows, rank), dims.rows),
+            };
+            let gram = matmul(&vectors, &transpose(&vectors, rank, len), rank, len, rank);
+            for (k, x) in gram.iter().enumerate() {
+                let want = if k / rank == k % rank { 1.0 } else { 0.0 };
+                assert!((x - want).abs() < 1e-4, "{dims:?}: gram[{k}] = {x}");
+            }
+            let best = captured_energy(&g, dims, &exact, side);
+            let got = captured_energy(&g, dims, &randomized, side);
+            assert!(got <= best * (1.0 + 1e-5) && got >= 0.99 * best, "{dims:?}: captured {got} against {best}");
+        }
     }
 }

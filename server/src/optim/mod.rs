@@ -25,7 +25,7 @@ pub use projector::Projector;
 /// The configurations these update rules run with are the API's own values.
 pub use ps_proto::api::{
     AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, InactiveRule, IndexRule, LION_DEFAULT_BETA2, LrSchedule,
-    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    OptimizerConfig, Projection, SgdConfig, SignConfig, SubsetNormConfig, Subsets, SubspaceMomentumConfig, SvdSolver,
 };
 pub use sgd::Sgd;
 pub use sign::Sign;
@@ -333,8 +333,18 @@ pub(crate) mod tests {
             ("sgd-sm topk", C::SubspaceMomentum(sm(Projection::Index(IndexRule::TopK), false)), slice(MATRIX)),
             ("sgd-sm topk columns", C::SubspaceMomentum(sm(Projection::Index(IndexRule::TopK), false)), slice(WIDE)),
             ("sgd-sm schedule", C::SubspaceMomentum(sm(Projection::Index(schedule), false)), slice(MATRIX)),
-            ("adam-sn-sm svd", C::SubspaceMomentum(sm(Projection::Svd, true)), slice(MATRIX)),
-            ("adam-sn-sm svd left", C::SubspaceMomentum(sm(Projection::Svd, true)), slice(WIDE)),
+            ("adam-sn-sm svd", C::SubspaceMomentum(sm(Projection::Svd(SvdSolver::Exact), true)), slice(MATRIX)),
+            ("adam-sn-sm svd left", C::SubspaceMomentum(sm(Projection::Svd(SvdSolver::Exact), true)), slice(WIDE)),
+            (
+                "adam-sn-sm randomized svd",
+                C::SubspaceMomentum(sm(Projection::Svd(SvdSolver::Randomized), true)),
+                slice(MATRIX),
+            ),
+            (
+                "adam-sn-sm randomized svd left",
+                C::SubspaceMomentum(sm(Projection::Svd(SvdSolver::Randomized), true)),
+                slice(WIDE),
+            ),
             ("frugal block ascending", C::Frugal(block(BlockOrder::Ascending)), frugal_slice(MATRIX)),
             ("frugal block descending", C::Frugal(block(BlockOrder::Descending)), frugal_slice(MATRIX)),
             ("frugal block inactive at export", C::Frugal(block(BlockOrder::Ascending)), frugal_slice_at(MATRIX, 1)),
@@ -350,9 +360,15 @@ pub(crate) mod tests {
                 C::Frugal(FrugalConfig { schedule: Some(vec![vec![0, 3], vec![1, 2]]), ..frugal(FrugalMode::Columns) }),
                 frugal_slice(MATRIX),
             ),
-            ("frugal svd", C::Frugal(frugal(FrugalMode::Svd)), frugal_slice(MATRIX)),
-            ("frugal svd left", C::Frugal(frugal(FrugalMode::Svd)), frugal_slice(WIDE)),
-            ("frugal regular tensor", C::Frugal(frugal(FrugalMode::Svd)), slice(MATRIX)),
+            ("frugal svd", C::Frugal(frugal(FrugalMode::Svd(SvdSolver::Exact))), frugal_slice(MATRIX)),
+            ("frugal svd left", C::Frugal(frugal(FrugalMode::Svd(SvdSolver::Exact))), frugal_slice(WIDE)),
+            ("frugal randomized svd", C::Frugal(frugal(FrugalMode::Svd(SvdSolver::Randomized))), frugal_slice(MATRIX)),
+            (
+                "frugal randomized svd left",
+                C::Frugal(frugal(FrugalMode::Svd(SvdSolver::Randomized))),
+                frugal_slice(WIDE),
+            ),
+            ("frugal regular tensor", C::Frugal(frugal(FrugalMode::Svd(SvdSolver::Exact))), slice(MATRIX)),
             ("signsgd", C::Sign(sign(0.0, false)), slice(MATRIX)),
             ("signum", C::Sign(sign(0.9, false)), slice(MATRIX)),
             ("lion", C::Sign(sign(0.9, true)), slice(MATRIX)),
@@ -496,7 +512,12 @@ pub(crate) mod tests {
         let mut signsgd = build(&OptimizerConfig::Sign(SignConfig::default()), &slice(MATRIX));
         assert_eq!(invalid_field(signsgd.import_state(&lion.export_state())), "momentum");
 
-        let svd = SubspaceMomentumConfig { rank: 2, update_gap: 3, projection: Projection::Svd, ..Default::default() };
+        let svd = SubspaceMomentumConfig {
+            rank: 2,
+            update_gap: 3,
+            projection: Projection::Svd(SvdSolver::Exact),
+            ..Default::default()
+        };
         let (svd, _) = stepped(&OptimizerConfig::SubspaceMomentum(svd), &slice(MATRIX), 2);
         let topk = SubspaceMomentumConfig { rank: 2, update_gap: 3, ..Default::default() };
         let mut topk = build(&OptimizerConfig::SubspaceMomentum(topk), &slice(MATRIX));

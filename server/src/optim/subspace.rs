@@ -54,7 +54,7 @@ impl SubspaceMomentum {
         let count = if by_rows { m } else { n };
         let rank = self.config.rank.min(count);
         Ok(match &self.config.projection {
-            Projection::Svd => {
+            Projection::Svd(_) => {
                 let side = if by_rows { Side::Right } else { Side::Left };
                 // The SVD has only min(m, n) vectors to give.
                 let kept = rank.min(m.min(n));
@@ -82,9 +82,11 @@ impl SubspaceMomentum {
         let count = if by_rows { m } else { n };
         let rank = self.config.rank.min(count);
         let projector = match &self.config.projection {
-            Projection::Svd => {
+            Projection::Svd(solver) => {
                 let side = if by_rows { Side::Right } else { Side::Left };
-                Projector::Svd { side, basis: linalg::top_singular_basis(g, self.dims, rank, side), rank }
+                let mut probes = SplitMix::new(self.config.seed ^ self.salt, self.selections as u64);
+                let basis = linalg::top_singular_basis(g, self.dims, rank, side, *solver, &mut probes);
+                Projector::Svd { side, basis, rank }
             }
             Projection::Index(rule) => {
                 let indices = match rule {
@@ -288,8 +290,8 @@ impl Optimizer for SubspaceMomentum {
         let (low, projector) = match (&self.config.projection, m >= n) {
             (Projection::Index(_), true) => (r * n, r),
             (Projection::Index(_), false) => (m * r, r),
-            (Projection::Svd, true) => (m * r, r * n),
-            (Projection::Svd, false) => (r * n, m * r),
+            (Projection::Svd(_), true) => (m * r, r * n),
+            (Projection::Svd(_), false) => (r * n, m * r),
         };
         let v = self.accumulator.as_ref().map_or(0, |a| a.v.len());
         (low + projector + v) * std::mem::size_of::<f32>()

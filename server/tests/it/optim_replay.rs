@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use ps_server::optim::{
     self, AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, InactiveRule, IndexRule, Optimizer,
     OptimizerConfig, Projection, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
+    SvdSolver,
 };
 use serde_json::Value;
 
@@ -97,7 +98,9 @@ fn configs(algorithm: &str, hp: &Value, names: &[String]) -> Option<Vec<Optimize
             Projection::Index(IndexRule::Schedule(index_lists(&hp["indices_schedule"]))),
             false,
         ))),
-        "adam_subset_norm_subspace_momentum" => all(OptimizerConfig::SubspaceMomentum(subspace(Projection::Svd, true))),
+        "adam_subset_norm_subspace_momentum" => {
+            all(OptimizerConfig::SubspaceMomentum(subspace(Projection::Svd(SvdSolver::Exact), true)))
+        }
         "frugal_adam_signsgd_block" | "frugal_adam_signsgd_columns" | "frugal_adam_signsgd_svd" => {
             let rule = match hp["inactive_update_rule"].as_str().unwrap() {
                 "sign_sgd" => InactiveRule::SignSgd,
@@ -113,7 +116,7 @@ fn configs(algorithm: &str, hp: &Value, names: &[String]) -> Option<Vec<Optimize
                     },
                 },
                 "columns" => FrugalMode::Columns,
-                _ => FrugalMode::Svd,
+                _ => FrugalMode::Svd(SvdSolver::Exact),
             };
             let base = FrugalConfig {
                 lr: f(hp, "lr"),

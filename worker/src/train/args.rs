@@ -31,6 +31,15 @@ pub enum GradClipArg {
     PerWorker,
 }
 
+/// How the svd projections find the top singular subspace, as a command-line value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SvdSolverArg {
+    /// A full SVD, as the reference code.
+    Exact,
+    /// A seeded randomized range finder: far less work at a low rank, an approximation.
+    Randomized,
+}
+
 /// Optimizer, as a command-line value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OptimizerArg {
@@ -177,6 +186,9 @@ pub struct TrainArgs {
     /// Re-selection period T of FRUGAL and Subspace-Momentum.
     #[arg(long, env = "PS_UPDATE_GAP", default_value_t = 200)]
     pub update_gap: u64,
+    /// How adam-sn-sm and frugal-svd compute their top singular subspace.
+    #[arg(long, env = "PS_SVD_SOLVER", value_enum, default_value = "exact")]
+    pub svd_solver: SvdSolverArg,
     /// FRUGAL projectable tensors (globs); empty: FRUGAL's name rule (attention and MLP weights).
     #[arg(long, env = "PS_PROJECTABLE", value_delimiter = ',')]
     pub projectable: Vec<String>,

@@ -7,10 +7,12 @@ use ps_client::compress::Compression;
 use ps_client::spec::{
     AdamWConfig, BlockOrder, FrugalConfig, FrugalMode, GradClip, GroupConfig, IndexRule, LrSchedule, Mode, ModelSpec,
     OptimizerConfig, Projection, SgdConfig, SignConfig, StepContract, SubsetNormConfig, Subsets,
-    SubspaceMomentumConfig,
+    SubspaceMomentumConfig, SvdSolver,
 };
 
-use super::args::{CompressionArg, GradClipArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, TrainArgs};
+use super::args::{
+    CompressionArg, GradClipArg, ModeArg, OptimizerArg, PullEncoding, ScheduleArg, SvdSolverArg, TrainArgs,
+};
 
 /// The compression preset `--compression` names, with the run's rates.
 pub fn compression(args: &TrainArgs) -> Compression {
@@ -76,6 +78,10 @@ fn optimizer(args: &TrainArgs) -> OptimizerConfig {
     };
     let sign = |beta1, lion| OptimizerConfig::Sign(SignConfig { lr, beta1, weight_decay, lion, ..Default::default() });
     let momentum = args.momentum as f32;
+    let solver = match args.svd_solver {
+        SvdSolverArg::Exact => SvdSolver::Exact,
+        SvdSolverArg::Randomized => SvdSolver::Randomized,
+    };
     match args.optimizer {
         OptimizerArg::Adamw => OptimizerConfig::AdamW(AdamWConfig { lr, weight_decay, ..Default::default() }),
         OptimizerArg::Adam => {
@@ -86,10 +92,10 @@ fn optimizer(args: &TrainArgs) -> OptimizerConfig {
         OptimizerArg::AdagradSn => subset_norm(0.0, 1.0, Subsets::Heuristic),
         OptimizerArg::AdamSn => subset_norm(0.9, 0.999, Subsets::Heuristic),
         OptimizerArg::SgdSm => subspace(false, Projection::Index(IndexRule::TopK)),
-        OptimizerArg::AdamSnSm => subspace(true, Projection::Svd),
+        OptimizerArg::AdamSnSm => subspace(true, Projection::Svd(solver)),
         OptimizerArg::Frugal => frugal(FrugalMode::Block { order: BlockOrder::Descending }),
         OptimizerArg::FrugalColumns => frugal(FrugalMode::Columns),
-        OptimizerArg::FrugalSvd => frugal(FrugalMode::Svd),
+        OptimizerArg::FrugalSvd => frugal(FrugalMode::Svd(solver)),
         OptimizerArg::Signsgd => sign(0.0, false),
         OptimizerArg::Signum => sign(momentum, false),
         OptimizerArg::Lion => sign(0.9, true),

@@ -52,6 +52,11 @@ class ProjectionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROJECTION_KIND_UNIFORM: _ClassVar[ProjectionKind]
     PROJECTION_KIND_TOPK: _ClassVar[ProjectionKind]
 
+class SvdSolver(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SVD_SOLVER_EXACT: _ClassVar[SvdSolver]
+    SVD_SOLVER_RANDOMIZED: _ClassVar[SvdSolver]
+
 class FrugalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FRUGAL_MODE_BLOCK: _ClassVar[FrugalMode]
@@ -140,6 +145,8 @@ SUBSET_KIND_CHUNKS: SubsetKind
 PROJECTION_KIND_SVD: ProjectionKind
 PROJECTION_KIND_UNIFORM: ProjectionKind
 PROJECTION_KIND_TOPK: ProjectionKind
+SVD_SOLVER_EXACT: SvdSolver
+SVD_SOLVER_RANDOMIZED: SvdSolver
 FRUGAL_MODE_BLOCK: FrugalMode
 FRUGAL_MODE_COLUMNS: FrugalMode
 FRUGAL_MODE_SVD: FrugalMode
@@ -251,7 +258,7 @@ class IndexList(_message.Message):
     def __init__(self, indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubspaceMomentumConfig(_message.Message):
-    __slots__ = ("lr", "beta1", "beta2", "eps", "rank", "update_gap", "projection", "adaptive", "subsets", "correct_bias", "weight_decay", "seed", "indices_schedule")
+    __slots__ = ("lr", "beta1", "beta2", "eps", "rank", "update_gap", "projection", "adaptive", "subsets", "correct_bias", "weight_decay", "seed", "indices_schedule", "svd_solver")
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +272,7 @@ class SubspaceMomentumConfig(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INDICES_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SVD_SOLVER_FIELD_NUMBER: _ClassVar[int]
     lr: float
     beta1: float
     beta2: float
@@ -278,10 +286,11 @@ class SubspaceMomentumConfig(_message.Message):
     weight_decay: float
     seed: int
     indices_schedule: _containers.RepeatedCompositeFieldContainer[IndexList]
-    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., rank: _Optional[int] = ..., update_gap: _Optional[int] = ..., projection: _Optional[_Union[ProjectionKind, str]] = ..., adaptive: _Optional[bool] = ..., subsets: _Optional[_Union[SubsetKind, str]] = ..., correct_bias: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., indices_schedule: _Optional[_Iterable[_Union[IndexList, _Mapping]]] = ...) -> None: ...
+    svd_solver: SvdSolver
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., rank: _Optional[int] = ..., update_gap: _Optional[int] = ..., projection: _Optional[_Union[ProjectionKind, str]] = ..., adaptive: _Optional[bool] = ..., subsets: _Optional[_Union[SubsetKind, str]] = ..., correct_bias: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., indices_schedule: _Optional[_Iterable[_Union[IndexList, _Mapping]]] = ..., svd_solver: _Optional[_Union[SvdSolver, str]] = ...) -> None: ...
 
 class FrugalConfig(_message.Message):
-    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "density", "update_gap", "proj_lr_scale", "inactive_lr_scale", "inactive_rule", "keep_statistics", "mode", "block_order", "seed", "projectable_patterns", "schedule")
+    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "density", "update_gap", "proj_lr_scale", "inactive_lr_scale", "inactive_rule", "keep_statistics", "mode", "block_order", "seed", "projectable_patterns", "schedule", "svd_solver")
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +307,7 @@ class FrugalConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     PROJECTABLE_PATTERNS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SVD_SOLVER_FIELD_NUMBER: _ClassVar[int]
     lr: float
     beta1: float
     beta2: float
@@ -314,7 +324,8 @@ class FrugalConfig(_message.Message):
     seed: int
     projectable_patterns: _containers.RepeatedScalarFieldContainer[str]
     schedule: _containers.RepeatedCompositeFieldContainer[IndexList]
-    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., density: _Optional[float] = ..., update_gap: _Optional[int] = ..., proj_lr_scale: _Optional[float] = ..., inactive_lr_scale: _Optional[float] = ..., inactive_rule: _Optional[_Union[InactiveRule, str]] = ..., keep_statistics: _Optional[bool] = ..., mode: _Optional[_Union[FrugalMode, str]] = ..., block_order: _Optional[_Union[BlockOrder, str]] = ..., seed: _Optional[int] = ..., projectable_patterns: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Iterable[_Union[IndexList, _Mapping]]] = ...) -> None: ...
+    svd_solver: SvdSolver
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., density: _Optional[float] = ..., update_gap: _Optional[int] = ..., proj_lr_scale: _Optional[float] = ..., inactive_lr_scale: _Optional[float] = ..., inactive_rule: _Optional[_Union[InactiveRule, str]] = ..., keep_statistics: _Optional[bool] = ..., mode: _Optional[_Union[FrugalMode, str]] = ..., block_order: _Optional[_Union[BlockOrder, str]] = ..., seed: _Optional[int] = ..., projectable_patterns: _Optional[_Iterable[str]] = ..., schedule: _Optional[_Iterable[_Union[IndexList, _Mapping]]] = ..., svd_solver: _Optional[_Union[SvdSolver, str]] = ...) -> None: ...
 
 class SignConfig(_message.Message):
     __slots__ = ("lr", "beta1", "beta2", "weight_decay", "lion")

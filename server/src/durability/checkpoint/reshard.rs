@@ -447,7 +447,7 @@ mod tests {
             lr: 0.01,
             rank: 2,
             update_gap: 3,
-            projection: api::Projection::Svd,
+            projection: api::Projection::Svd(api::SvdSolver::Exact),
             adaptive: true,
             ..Default::default()
         };
