@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use nalgebra::DMatrix;
 use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
 use ps_proto::layout;
+use ps_server::optim::Staggered;
 use ps_server::optim::linalg::{self, Side};
 use ps_server::optim::{
     AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, Optimizer, OptimizerConfig,
@@ -231,6 +232,72 @@ fn main() {
     if std::env::var("PS_BENCH_SVD").map_or(true, |v| v != "none") {
         svd_table();
     }
+    placement_table(&pools, &triads);
+}
+
+/// One Adam pass's bytes per element: weight, m and v read and written, gradient read.
+const ADAM_BYTES: f64 = 28.0;
+
+/// Why the moments start at their own page offsets (`optim/placement.rs`): an
+/// Adam pass over 8M-element arrays per thread (as two blocks are updated on
+/// two threads), every array where the allocator puts it (one offset within a
+/// page for all four) against `m` and `v` placed 1,088 and 2,176 bytes in;
+/// the zeroed moments first written by the updating thread (as a fresh
+/// allocation is) or at construction (as `Staggered` does).
+fn placement_table(pools: &[rayon::ThreadPool], triads: &[f64]) {
+    const LEN: usize = 8 << 20;
+    struct Arrays {
+        w: Vec<f32>,
+        g: Vec<f32>,
+        m: Staggered,
+        v: Staggered,
+    }
+    #[derive(Clone, Copy)]
+    enum Layout {
+        Untouched,
+        Touched,
+        Staggered,
+    }
+    let arrays = |layout: Layout| {
+        let zeros = |lane| match layout {
+            Layout::Untouched => Staggered::from(vec![0.0; LEN]),
+            Layout::Touched => Staggered::zeros(LEN, 0),
+            Layout::Staggered => Staggered::zeros(LEN, lane),
+        };
+        Arrays { w: vec![0.1; LEN], g: vec![0.01; LEN], m: zeros(1), v: zeros(2) }
+    };
+    let pass = |a: &mut Arrays| {
+        for (((w, &g), m), v) in a.w.iter_mut().zip(&a.g).zip(a.m.iter_mut()).zip(a.v.iter_mut()) {
+            *m = 0.9 * *m + 0.1 * g;
+            *v = 0.999 * *v + 0.001 * g * g;
+            *w -= 1e-3 * *m / (v.sqrt() + 1e-8);
+        }
+    };
+    println!();
+    println!(
+        "where Adam's moments start: one pass over {LEN} elements per thread, GB/s (vs that thread count's triad)"
+    );
+    println!("{:<52} {:>14} {:>14}", "layout", "1 thread", "2 threads");
+    let layouts = [
+        ("one page offset, moments first written by the update", Layout::Untouched),
+        ("one page offset, moments written at construction", Layout::Touched),
+        ("m, v at +1088 B, +2176 B (what the server does)", Layout::Staggered),
+    ];
+    for (label, layout) in layouts {
+        let mut cells = Vec::new();
+        for (threads, pool) in [1usize, 2].iter().zip(pools) {
+            let mut sets: Vec<Arrays> = (0..*threads).map(|_| arrays(layout)).collect();
+            let time = best_of(3, || {
+                let start = Instant::now();
+                pool.install(|| sets.par_iter_mut().for_each(pass));
+                start.elapsed()
+            });
+            let gbs = ADAM_BYTES * (LEN * threads) as f64 / time.as_secs_f64() / 1e9;
+            cells.push(format!("{gbs:.1} ({:.2})", gbs / triads[threads - 1]));
+        }
+        println!("{:<52} {:>14} {:>14}", label, cells[0], cells[1]);
+    }
+    println!("best of 3 passes (the first is where a fresh allocation's pages are first written).");
 }
 
 /// One block of a shard: its optimizer, weights and a gradient.

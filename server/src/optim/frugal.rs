@@ -198,7 +198,14 @@ impl SplitStep<'_> {
     /// same operations, in the same order, as the projected path's
     /// `w · decay - (lr_active · up(direction(down(g))) + lr_free · free(g - up(down(g))))`,
     /// where a chosen column has `g - g = 0` and any other `u = s = 0`: the same bits.
-    fn columns(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], free: impl Fn(f32) -> f32 + Sync) {
+    fn columns(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        free: impl Fn(f32) -> f32 + Sync + Send,
+    ) {
         let Self { dims, indices, adam: (beta1, beta2, eps, inv_bias1, inv_bias2_sqrt), decay, lr_active, lr_free } =
             *self;
         let (keep1, keep2) = (1.0 - beta1, 1.0 - beta2);
@@ -206,7 +213,7 @@ impl SplitStep<'_> {
         let (active_zero, free_zero) = (lr_active * 0.0, lr_free * free(0.0));
         let per_task = parallel::runs_per_task(n);
         let shares = Shares { w: per_task * n, m: per_task * r, v: per_task * r };
-        parallel::zip_tasks(param, grad, m, v, shares, |_, (((w, g), m), v)| {
+        parallel::zip_tasks(param, grad, m, v, shares, move |_, (((w, g), m), v)| {
             let m = m.unwrap_or_default();
             // The row's chosen columns, gathered so that Adam's loop runs over
             // contiguous values the compiler can vectorize.

@@ -11,6 +11,7 @@ mod buffer;
 mod frugal;
 pub mod linalg;
 mod parallel;
+mod placement;
 mod projector;
 mod sgd;
 mod sign;
@@ -21,6 +22,7 @@ pub use adam::{AdamW, Moments};
 pub use buffer::Assign;
 pub use frugal::{Frugal, GroupPosition, PROJECTABLE_NAMES, projectable_by_name};
 pub use linalg::Dims;
+pub use placement::Staggered;
 pub use projector::Projector;
 /// The configurations these update rules run with are the API's own values.
 pub use ps_proto::api::{
@@ -73,17 +75,17 @@ pub trait Optimizer: Send {
 pub struct OptimizerState {
     /// Float buffers (moments, momenta, accumulators, bases) by field name;
     /// large ones are shared with the optimizer until its next update.
-    pub buffers: BTreeMap<String, Arc<Vec<f32>>>,
+    pub buffers: BTreeMap<String, Arc<Staggered>>,
     /// Integer fields (step counters, flags, enum tags, indices) by field name.
     pub integers: BTreeMap<String, Vec<u64>>,
 }
 
 impl OptimizerState {
     fn put_buffer(&mut self, field: &str, values: &[f32]) {
-        self.buffers.insert(field.to_string(), Arc::new(values.to_vec()));
+        self.buffers.insert(field.to_string(), Arc::new(Staggered::from(values.to_vec())));
     }
 
-    fn put_shared(&mut self, field: &str, values: &Arc<Vec<f32>>) {
+    fn put_shared(&mut self, field: &str, values: &Arc<Staggered>) {
         self.buffers.insert(field.to_string(), values.clone());
     }
 
@@ -466,7 +468,7 @@ pub(crate) mod tests {
             };
             for (field, values) in &saved.buffers {
                 let mut bad = saved.clone();
-                bad.buffers.insert(field.clone(), Arc::new(vec![0.5; values.len() + 1]));
+                bad.buffers.insert(field.clone(), Arc::new(vec![0.5; values.len() + 1].into()));
                 let expected = values.len();
                 reject(bad, StateError::WrongLength { field: field.clone(), expected, actual: expected + 1 });
             }
@@ -481,7 +483,7 @@ pub(crate) mod tests {
                 reject(bad, StateError::Missing { field: field.clone() });
             }
             let mut bad = saved.clone();
-            bad.buffers.insert("momentum_of_another_optimizer".into(), Arc::new(vec![0.0]));
+            bad.buffers.insert("momentum_of_another_optimizer".into(), Arc::new(vec![0.0].into()));
             let reason = "not a field of this optimizer and configuration".to_string();
             reject(bad, StateError::Invalid { field: "momentum_of_another_optimizer".into(), reason });
         }

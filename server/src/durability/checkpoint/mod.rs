@@ -506,7 +506,7 @@ impl CheckpointStore {
             block.params = Arc::new(take_f32(tensor_key(&block, "params"))?);
             for field in &entry.buffers {
                 let values = take_f32(tensor_key(&block, &format!("buffer/{field}")))?;
-                block.optimizer.buffers.insert(field.clone(), Arc::new(values));
+                block.optimizer.buffers.insert(field.clone(), Arc::new(values.into()));
             }
             if entry.global {
                 block.global = take_f32(tensor_key(&block, "global"))?;
