@@ -261,7 +261,11 @@ fn placement_table(pools: &[rayon::ThreadPool], triads: &[f64]) {
     let arrays = |layout: Layout| {
         let zeros = |lane| match layout {
             Layout::Untouched => Staggered::from(vec![0.0; LEN]),
-            Layout::Touched => Staggered::zeros(LEN, 0),
+            Layout::Touched => {
+                let mut zeros = Staggered::zeros(LEN, 0);
+                zeros.fill(0.0);
+                zeros
+            }
             Layout::Staggered => Staggered::zeros(LEN, lane),
         };
         Arrays { w: vec![0.1; LEN], g: vec![0.01; LEN], m: zeros(1), v: zeros(2) }
