@@ -144,25 +144,34 @@ impl SubspaceMomentum {
         let c = &self.config;
         let t = self.step_t;
         let projector = self.projector.as_ref().expect("selected before the step");
-        let low = projector.down(grad, self.dims);
+        let mut low = projector.down(grad, self.dims);
         for (m, g) in self.momentum_low.iter_mut().zip(&low) {
             *m = c.beta1 * *m + (1.0 - c.beta1) * g;
         }
-        let momentum = projector.up(&self.momentum_low, self.dims);
-        let in_subspace = projector.up(&low, self.dims);
+        // u = Pᵀ(m_low) + g − Pᵀ(gl), as (Pᵀ(m_low) + g) − Pᵀ(gl) for index
+        // projectors (the fused index path has these bits), and as g + Pᵀ(m_low − gl)
+        // for the svd basis: two dense m·n·r products a step instead of three,
+        // equal up to f32 rounding.
+        let update: Vec<f32> = if matches!(projector, Projector::Svd { .. }) {
+            low.iter_mut().zip(&self.momentum_low).for_each(|(g, m)| *g = m - *g);
+            let correction = projector.up(&low, self.dims);
+            grad.iter().zip(&correction).map(|(g, d)| g + d).collect()
+        } else {
+            let momentum = projector.up(&self.momentum_low, self.dims);
+            let in_subspace = projector.up(&low, self.dims);
+            grad.iter().zip(&momentum).zip(&in_subspace).map(|((g, m), s)| m + g - s).collect()
+        };
         match &mut self.accumulator {
             None => {
                 let lr = lr as f32;
-                for (((w, g), m), s) in param.iter_mut().zip(grad).zip(&momentum).zip(&in_subspace) {
-                    *w -= lr * (m + g - s);
+                for (w, u) in param.iter_mut().zip(&update) {
+                    *w -= lr * u;
                 }
             }
             Some(accumulator) => {
                 accumulator.accumulate(grad, c.beta2);
                 let alpha = subset_norm_alpha(lr, c.beta1, c.beta2, c.correct_bias, t) as f32;
                 let denominators = accumulator.denominators(c.eps);
-                let update: Vec<f32> =
-                    grad.iter().zip(&momentum).zip(&in_subspace).map(|((g, m), s)| m + g - s).collect();
                 accumulator.map.apply(param, &update, &denominators, alpha);
             }
         }
