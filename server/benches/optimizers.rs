@@ -18,12 +18,11 @@ use std::time::{Duration, Instant};
 use nalgebra::DMatrix;
 use ps_proto::api::{self, GroupConfig, Init, TensorSpec};
 use ps_proto::layout;
-use ps_server::optim::Staggered;
 use ps_server::optim::linalg::{self, Side};
 use ps_server::optim::{
     AdamWConfig, BlockOrder, Dims, FrugalConfig, FrugalMode, GroupPosition, IndexRule, Optimizer, OptimizerConfig,
-    Projection, SgdConfig, SignConfig, SliceInfo, StepContext, SubsetNormConfig, Subsets, SubspaceMomentumConfig,
-    SvdSolver, build,
+    Projection, Projector, SgdConfig, SignConfig, SliceInfo, Staggered, StepContext, SubsetNormConfig, Subsets,
+    SubspaceMomentumConfig, SvdSolver, build,
 };
 use ps_server::random::SplitMix;
 use ps_server::spec::ModelSpec;
@@ -483,7 +482,7 @@ fn svd_table() {
             let timed = |solver, probes: &mut SplitMix| {
                 let start = Instant::now();
                 let basis = linalg::top_singular_basis(&g, dims, rank, side, solver, probes);
-                (start.elapsed(), linalg::captured_energy(&g, dims, &basis, side))
+                (start.elapsed(), Projector::Svd { side, basis, rank }.captured_energy(&g, dims))
             };
             let (exact_time, exact) = timed(SvdSolver::Exact, &mut probes);
             let (fast_time, fast) = timed(SvdSolver::Randomized, &mut probes);

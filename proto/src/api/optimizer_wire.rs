@@ -26,20 +26,23 @@ fn unknown(what: &str, value: i32) -> SpecError {
     SpecError(format!("unknown {what} {value}"))
 }
 
-/// The solver of an svd projection; a non-default solver on any other
-/// projection is refused rather than silently ignored.
-fn svd_solver_from_wire(solver: i32, is_svd: bool) -> Result<SvdSolver, SpecError> {
-    let solver = match pb::SvdSolver::try_from(solver) {
-        Ok(pb::SvdSolver::Exact) => SvdSolver::Exact,
-        Ok(pb::SvdSolver::Randomized) => SvdSolver::Randomized,
-        Err(_) => return Err(unknown("svd_solver", solver)),
-    };
-    if !is_svd && solver != SvdSolver::Exact {
+fn svd_solver_from_wire(solver: i32) -> Result<SvdSolver, SpecError> {
+    match pb::SvdSolver::try_from(solver) {
+        Ok(pb::SvdSolver::Exact) => Ok(SvdSolver::Exact),
+        Ok(pb::SvdSolver::Randomized) => Ok(SvdSolver::Randomized),
+        Err(_) => Err(unknown("svd_solver", solver)),
+    }
+}
+
+/// A non-default solver where the parsed config has no SVD to use it on is
+/// refused rather than silently ignored.
+fn refuse_unused_solver(solver: SvdSolver, used: bool) -> Result<(), SpecError> {
+    if solver != SvdSolver::Exact && !used {
         return Err(SpecError(
             "svd_solver applies only to the svd projection (FRUGAL mode svd); leave it unset".into(),
         ));
     }
-    Ok(solver)
+    Ok(())
 }
 
 fn svd_solver_to_wire(solver: SvdSolver) -> i32 {
@@ -114,8 +117,7 @@ impl OptimizerConfig {
             }),
             Kind::SubspaceMomentum(c) => {
                 let d = SubspaceMomentumConfig::default();
-                let is_svd = c.indices_schedule.is_empty() && c.projection == pb::ProjectionKind::Svd as i32;
-                let solver = svd_solver_from_wire(c.svd_solver, is_svd)?;
+                let solver = svd_solver_from_wire(c.svd_solver)?;
                 let projection = match pb::ProjectionKind::try_from(c.projection) {
                     _ if !c.indices_schedule.is_empty() => {
                         Projection::Index(IndexRule::Schedule(index_lists_from_wire(&c.indices_schedule)))
@@ -125,6 +127,7 @@ impl OptimizerConfig {
                     Ok(pb::ProjectionKind::Topk) => Projection::Index(IndexRule::TopK),
                     Err(_) => return Err(unknown("projection", c.projection)),
                 };
+                refuse_unused_solver(solver, matches!(projection, Projection::Svd(_)))?;
                 let [beta1, beta2, eps] = betas_and_eps([c.beta1, c.beta2, c.eps], [d.beta1, d.beta2, d.eps]);
                 OptimizerConfig::SubspaceMomentum(SubspaceMomentumConfig {
                     lr: c.lr as f32,
@@ -143,7 +146,7 @@ impl OptimizerConfig {
             }
             Kind::Frugal(c) => {
                 let d = FrugalConfig::default();
-                let solver = svd_solver_from_wire(c.svd_solver, c.mode == pb::FrugalMode::Svd as i32)?;
+                let solver = svd_solver_from_wire(c.svd_solver)?;
                 let mode = match pb::FrugalMode::try_from(c.mode) {
                     Ok(pb::FrugalMode::Block) => FrugalMode::Block {
                         order: match pb::BlockOrder::try_from(c.block_order) {
@@ -157,6 +160,7 @@ impl OptimizerConfig {
                     Ok(pb::FrugalMode::Svd) => FrugalMode::Svd(solver),
                     Err(_) => return Err(unknown("FRUGAL mode", c.mode)),
                 };
+                refuse_unused_solver(solver, matches!(mode, FrugalMode::Svd(_)))?;
                 let [beta1, beta2, eps] = betas_and_eps([c.beta1, c.beta2, c.eps], [d.beta1, d.beta2, d.eps]);
                 OptimizerConfig::Frugal(FrugalConfig {
                     lr: c.lr as f32,

@@ -139,28 +139,6 @@ fn randomized_basis(g: &[f32], dims: Dims, rank: usize, side: Side, rng: &mut Sp
     }
 }
 
-/// The share of `g`'s squared Frobenius norm that its projection onto the
-/// orthonormal `basis` keeps, `‖P(g)‖² / ‖g‖²` in f64: how much of the
-/// gradient a subspace captures (the exact top-r subspace captures the most).
-pub fn captured_energy(g: &[f32], dims: Dims, basis: &[f32], side: Side) -> f64 {
-    let Dims { rows: m, cols: n } = dims;
-    let total: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
-    if total == 0.0 {
-        return 1.0;
-    }
-    let kept: f64 = match side {
-        Side::Right => {
-            let rank = basis.len() / n.max(1);
-            matmul(g, &transpose(basis, rank, n), m, n, rank).iter().map(|&x| f64::from(x) * f64::from(x)).sum()
-        }
-        Side::Left => {
-            let rank = basis.len() / m.max(1);
-            matmul(&transpose(basis, m, rank), g, rank, m, n).iter().map(|&x| f64::from(x) * f64::from(x)).sum()
-        }
-    };
-    kept / total
-}
-
 /// Python's `round` (half to even) of a non-negative value.
 pub fn round_half_even(x: f64) -> usize {
     let floor = x.floor();
@@ -204,52 +182,5 @@ mod tests {
         }
         assert_eq!(matmul(&[1.0, 2.0], &[3.0, 4.0], 1, 2, 1), vec![11.0]);
         assert_eq!(transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
-    }
-
-    /// `rank` exact singular directions with values `decay^k`, plus uniform noise
-    /// of scale `noise`: the shape of a gradient whose spectrum falls off.
-    fn spectrum_matrix(dims: Dims, rank: usize, decay: f32, noise: f32, seed: u64) -> Vec<f32> {
-        let mut rng = SplitMix::new(seed, 1);
-        let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        let u: Vec<f32> = (0..dims.rows * rank).map(|_| uniform()).collect();
-        let v: Vec<f32> = (0..rank * dims.cols).map(|_| uniform()).collect();
-        let mut g = vec![0.0f32; dims.rows * dims.cols];
-        for k in 0..rank {
-            let scale = decay.powi(k as i32);
-            for i in 0..dims.rows {
-                for j in 0..dims.cols {
-                    g[i * dims.cols + j] += scale * u[i * rank + k] * v[k * dims.cols + j];
-                }
-            }
-        }
-        g.iter_mut().for_each(|x| *x += noise * uniform());
-        g
-    }
-
-    #[test]
-    fn randomized_basis_is_orthonormal_seeded_and_near_the_exact_subspace() {
-        for dims in [Dims { rows: 96, cols: 40 }, Dims { rows: 40, cols: 96 }] {
-            let side = if dims.rows >= dims.cols { Side::Right } else { Side::Left };
-            let g = spectrum_matrix(dims, 30, 0.85, 0.01, 7);
-            let rank = 8;
-            let exact = top_singular_basis(&g, dims, rank, side, SvdSolver::Exact, &mut SplitMix::new(1, 2));
-            let randomized = top_singular_basis(&g, dims, rank, side, SvdSolver::Randomized, &mut SplitMix::new(1, 2));
-            let again = top_singular_basis(&g, dims, rank, side, SvdSolver::Randomized, &mut SplitMix::new(1, 2));
-            assert_eq!(randomized, again, "the same probes give the same basis, bit for bit");
-            assert_eq!(randomized.len(), exact.len());
-            // Basis vectors are the rows of B (Right) or the columns of A (Left).
-            let (vectors, len) = match side {
-                Side::Right => (randomized.clone(), dims.cols),
-                Side::Left => (transpose(&randomized, dims.rows, rank), dims.rows),
-            };
-            let gram = matmul(&vectors, &transpose(&vectors, rank, len), rank, len, rank);
-            for (k, x) in gram.iter().enumerate() {
-                let want = if k / rank == k % rank { 1.0 } else { 0.0 };
-                assert!((x - want).abs() < 1e-4, "{dims:?}: gram[{k}] = {x}");
-            }
-            let best = captured_energy(&g, dims, &exact, side);
-            let got = captured_energy(&g, dims, &randomized, side);
-            assert!(got <= best * (1.0 + 1e-5) && got >= 0.99 * best, "{dims:?}: captured {got} against {best}");
-        }
     }
 }

@@ -46,6 +46,15 @@ impl Projector {
         }
     }
 
+    /// The share of `g`'s squared norm that `P(g)` keeps, `‖P(g)‖² / ‖g‖²` in f64:
+    /// how much of a gradient the subspace captures (for an orthonormal svd
+    /// basis, the exact top-r subspace captures the most).
+    pub fn captured_energy(&self, g: &[f32], dims: Dims) -> f64 {
+        let square_sum = |values: &[f32]| values.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        let total = square_sum(g);
+        if total == 0.0 { 1.0 } else { square_sum(&self.down(g, dims)) / total }
+    }
+
     /// Back to full shape, `Pᵀ(low)` (zeros outside the subspace for index projectors).
     pub fn up(&self, low: &[f32], dims: Dims) -> Vec<f32> {
         let Dims { rows: m, cols: n } = dims;
@@ -237,6 +246,61 @@ impl Projector {
                 let basis = reader.buffer("projector_basis", *basis_len)?.to_vec();
                 Ok(Projector::Svd { side: *side, basis, rank: *rank })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::SvdSolver;
+    use crate::random::SplitMix;
+    use linalg::{matmul, top_singular_basis, transpose};
+
+    /// `rank` exact singular directions with values `decay^k`, plus uniform noise
+    /// of scale `noise`: the shape of a gradient whose spectrum falls off.
+    fn spectrum_matrix(dims: Dims, rank: usize, decay: f32, noise: f32, seed: u64) -> Vec<f32> {
+        let mut rng = SplitMix::new(seed, 1);
+        let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let u: Vec<f32> = (0..dims.rows * rank).map(|_| uniform()).collect();
+        let v: Vec<f32> = (0..rank * dims.cols).map(|_| uniform()).collect();
+        let mut g = vec![0.0f32; dims.rows * dims.cols];
+        for k in 0..rank {
+            let scale = decay.powi(k as i32);
+            for i in 0..dims.rows {
+                for j in 0..dims.cols {
+                    g[i * dims.cols + j] += scale * u[i * rank + k] * v[k * dims.cols + j];
+                }
+            }
+        }
+        g.iter_mut().for_each(|x| *x += noise * uniform());
+        g
+    }
+
+    #[test]
+    fn randomized_basis_is_orthonormal_seeded_and_near_the_exact_subspace() {
+        for dims in [Dims { rows: 96, cols: 40 }, Dims { rows: 40, cols: 96 }] {
+            let side = if dims.rows >= dims.cols { Side::Right } else { Side::Left };
+            let g = spectrum_matrix(dims, 30, 0.85, 0.01, 7);
+            let rank = 8;
+            let exact = top_singular_basis(&g, dims, rank, side, SvdSolver::Exact, &mut SplitMix::new(1, 2));
+            let randomized = top_singular_basis(&g, dims, rank, side, SvdSolver::Randomized, &mut SplitMix::new(1, 2));
+            let again = top_singular_basis(&g, dims, rank, side, SvdSolver::Randomized, &mut SplitMix::new(1, 2));
+            assert_eq!(randomized, again, "the same probes give the same basis, bit for bit");
+            assert_eq!(randomized.len(), exact.len());
+            // Basis vectors are the rows of B (Right) or the columns of A (Left).
+            let (vectors, len) = match side {
+                Side::Right => (randomized.clone(), dims.cols),
+                Side::Left => (transpose(&randomized, dims.rows, rank), dims.rows),
+            };
+            let gram = matmul(&vectors, &transpose(&vectors, rank, len), rank, len, rank);
+            for (k, x) in gram.iter().enumerate() {
+                let want = if k / rank == k % rank { 1.0 } else { 0.0 };
+                assert!((x - want).abs() < 1e-4, "{dims:?}: gram[{k}] = {x}");
+            }
+            let best = Projector::Svd { side, basis: exact, rank }.captured_energy(&g, dims);
+            let got = Projector::Svd { side, basis: randomized, rank }.captured_energy(&g, dims);
+            assert!(got <= best * (1.0 + 1e-5) && got >= 0.99 * best, "{dims:?}: captured {got} against {best}");
         }
     }
 }

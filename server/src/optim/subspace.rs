@@ -152,14 +152,17 @@ impl SubspaceMomentum {
         // projectors (the fused index path has these bits), and as g + Pᵀ(m_low − gl)
         // for the svd basis: two dense m·n·r products a step instead of three,
         // equal up to f32 rounding.
-        let update: Vec<f32> = if matches!(projector, Projector::Svd { .. }) {
+        // The update is written over a projection's own buffer: no other temporary.
+        let update = if matches!(projector, Projector::Svd { .. }) {
             low.iter_mut().zip(&self.momentum_low).for_each(|(g, m)| *g = m - *g);
-            let correction = projector.up(&low, self.dims);
-            grad.iter().zip(&correction).map(|(g, d)| g + d).collect()
+            let mut update = projector.up(&low, self.dims);
+            update.iter_mut().zip(grad).for_each(|(d, g)| *d += g);
+            update
         } else {
-            let momentum = projector.up(&self.momentum_low, self.dims);
+            let mut update = projector.up(&self.momentum_low, self.dims);
             let in_subspace = projector.up(&low, self.dims);
-            grad.iter().zip(&momentum).zip(&in_subspace).map(|((g, m), s)| m + g - s).collect()
+            update.iter_mut().zip(grad).zip(&in_subspace).for_each(|((m, g), s)| *m = *m + g - s);
+            update
         };
         match &mut self.accumulator {
             None => {
