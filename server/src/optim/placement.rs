@@ -3,12 +3,12 @@
 //! The allocator hands out large buffers at the same offset within a 4 KiB
 //! page, so element `i` of the weights, the gradient and Adam's two moments
 //! share their low address bits. An update that streams all four at once
-//! then competes for the same cache sets: measured on the 2-core AMD EPYC VM
-//! (docs/notes/performance.md, "AdamW on two threads ..."), an Adam pass over
-//! 8M-element arrays ran at 31 GB/s on one thread and *24* on two, against 41
-//! and 57 once the moments started 1,088 and 2,176 bytes into a page, and the
-//! optimizer benchmark's AdamW on two threads went from 15–16 GB/s to 24–46.
-//! So the moments are placed there.
+//! then competes for the same cache sets. On the 2-core AMD EPYC VM
+//! (`cargo bench -p ps-server --bench adam_layout`; docs/notes/performance.md,
+//! "AdamW on two threads ...") an Adam pass over 8M-element arrays ran at
+//! 29.9 GB/s on one thread and *15.1* on two, while with the moments at other
+//! page offsets two threads always beat one; the optimizer benchmark's AdamW on
+//! two threads went from 15–16 GB/s to 24–46. So the moments are placed there.
 
 use std::ops::{Deref, DerefMut};
 
