@@ -5,8 +5,8 @@
 # checkpoint and every shard rolls back to it), stops it and rewrites its
 # checkpoints for three shards with `ctl reshard` (docker-compose.three-shards.yml;
 # shard 0 must first refuse the two-shard checkpoints; the run resumes on three),
-# stops the whole deployment and starts it again (the run resumes), stops one
-# worker, and checks that the run
+# stops the whole deployment and starts it again (the run resumes), moves it back
+# to two shards while it trains (`ctl resize`), stops one worker, and checks that the run
 # completes, the final accuracy, that starting it again on the finished run ends
 # every worker with 0, what Prometheus scraped, and that `down -v`
 # leaves nothing; then runs the same deployment with PS_MODE=federated, over
@@ -149,6 +149,29 @@ done
 [ "${version:-0}" -ge $((before + 100)) ] || fail "the run did not resume after down and up (version ${version:-none}, live ${live:-0}, epochs ${epochs:-none}); worker logs: $(dc logs --tail 5 worker 2>&1 | tail -n 6)"
 [ "${live:-0}" = "$WORKERS" ] || fail "only ${live:-0} of $WORKERS new workers train after down and up"
 say "resumed after down and up: version $version with $live new workers (epochs $epochs)"
+
+# Back to two shards while the workers train: `ctl resize` (in a one-off container on
+# the compose network) holds the run at a step boundary, moves shard 2's blocks with
+# their optimizer state to shards 0 and 1, and the workers follow to the two-shard list.
+# Shard 2, dropped, is stopped; nothing restarts. The operator's compose files are the
+# two-shard ones again: the next `up` (on the finished run, below) recreates shards 0
+# and 1 with the two-shard list, and they restore the layout they switched to.
+before=$(status_value 'min(m["min_version"] for x in s for m in x["models"])')
+resized=$(dc run -T --rm --no-deps shard2 ctl --shards shard0:50051,shard1:50051,shard2:50051 \
+  resize --to shard0:50051,shard1:50051 2>&1) || fail "ctl resize: $resized"
+said=$(grep -m 1 'resized from 3 to 2 shards' <<<"$resized") || fail "ctl resize said: $resized"
+say "$said"
+shards=shard0:50051,shard1:50051
+dc stop -t 5 shard2 >/dev/null 2>&1 || fail "compose stop shard2"
+dc() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml "$@"; }
+for _ in $(seq 240); do
+  version=$(status_value 'min(m["min_version"] for x in s for m in x["models"])' || true)
+  count=$(status_value 'len(s)' || true)
+  [ "${count:-0}" = 2 ] && [ "${version:-0}" -ge $((before + 100)) ] && break
+  sleep 0.5
+done
+[ "${count:-0}" = 2 ] && [ "${version:-0}" -ge $((before + 100)) ] || fail "the run did not go on on two shards after ctl resize (shards ${count:-none}, version ${version:-none}); worker logs: $(dc logs --tail 5 worker 2>&1 | tail -n 6)"
+say "training went on on two shards without a restart: version $version"
 
 # At once: a fast machine finishes the remaining steps in well under a minute.
 victim=$(dc ps -q worker | tail -n 1)

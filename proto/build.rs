@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Payload fields as `bytes::Bytes`: zero-copy slices of the HTTP/2 frames.
         .bytes(".paramserver.v1.TensorChunk.payload")
+        .bytes(".paramserver.v1.BlockBytes.data")
         // Decoding that keeps small or padded messages from pinning receive buffers.
         .codec_path("crate::wire_codec::HeldCodec")
         .compile_with_config(config, &[PROTO], &["proto"])?;

@@ -102,12 +102,7 @@ impl PsClient {
 
     /// Opens a registered model by name.
     pub async fn model(&self, name: &str) -> Result<ModelHandle, ClientError> {
-        let request = pb::GetLayoutRequest { model: name.to_string() };
-        let layout = self.retry(0, |mut stub| {
-            let request = request.clone();
-            async move { stub.get_layout(request).await.map(|r| r.into_inner()) }
-        });
-        ModelHandle::new(self.shards.clone(), layout.await?.try_into()?)
+        ModelHandle::open(self.shards.clone(), name).await
     }
 
     /// Asks shard 0 for a checkpoint of `model` on every shard at one version;

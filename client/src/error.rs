@@ -43,6 +43,16 @@ pub enum ClientError {
         /// The gRPC status.
         status: Status,
     },
+    /// An online reshard (`resize`) failed in one of its phases.
+    #[error("{}", resize_failure(phase, *aborted, source))]
+    Resize {
+        /// The phase: PREPARE, HOLD, ADOPT or SWITCH.
+        phase: &'static str,
+        /// Whether the shards were told to abort (they serve the old list again).
+        aborted: bool,
+        /// What failed.
+        source: Box<ClientError>,
+    },
     /// A tensor the model has is missing from the argument.
     #[error(
         "tensor '{0}' is missing: pass every tensor of the model (one without a gradient this step goes in push_partial's no_gradient)"
@@ -75,11 +85,22 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
 }
 
+fn resize_failure(phase: &str, aborted: bool, source: &ClientError) -> String {
+    let outcome = if aborted {
+        "the change was aborted: every shard serves the old shard list and takes pushes again"
+    } else {
+        "the switch did not reach every shard, so some serve the new list and others the old one and training \
+         cannot go on: stop the job and restart it from its checkpoints (docs/resharding.md, \"When a resize fails\")"
+    };
+    format!("online reshard failed in {phase} ({outcome}): {source}")
+}
+
 impl ClientError {
     /// The gRPC status, if a shard returned one.
     pub fn status(&self) -> Option<&Status> {
         match self {
             ClientError::Rpc { status, .. } => Some(status),
+            ClientError::Resize { source, .. } => source.status(),
             _ => None,
         }
     }
@@ -87,6 +108,15 @@ impl ClientError {
     /// The machine-readable kind a shard attached (`ps_proto::errors`), if any.
     pub fn kind(&self) -> Option<&str> {
         self.status()?.metadata().get(ps_proto::errors::ERROR_KIND_HEADER)?.to_str().ok()
+    }
+
+    /// For a layout-changed error: the shard list the cluster serves now.
+    pub fn new_shard_list(&self) -> Option<Vec<String>> {
+        if self.kind() != Some(ps_proto::errors::LAYOUT_CHANGED) {
+            return None;
+        }
+        let list = self.status()?.metadata().get(ps_proto::errors::SHARDS_HEADER)?.to_str().ok()?;
+        Some(list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
     }
 
     /// For an epoch-changed error: the model's new epoch and the version it continues from.

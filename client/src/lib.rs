@@ -42,6 +42,7 @@ pub mod federated;
 pub mod layout;
 mod local;
 mod model;
+pub mod resize;
 pub mod resume;
 mod shards;
 pub mod state_file;

@@ -48,6 +48,15 @@ fn transient(status: &Status) -> bool {
         || (status.code() == Code::Internal && status.message().starts_with("h2 protocol error"))
 }
 
+/// How often a request held by an online reshard is tried again.
+const RESHARDING_POLL: Duration = Duration::from_millis(50);
+
+/// An online reshard holds the request: the step waits at the boundary until the blocks moved.
+fn resharding(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        && status.metadata().get(ps_proto::errors::ERROR_KIND_HEADER).is_some_and(|k| k == ps_proto::errors::RESHARDING)
+}
+
 impl Shards {
     /// Sets up (lazy) connections to every shard; nothing is sent yet.
     pub fn connect(mut config: ClientConfig) -> Result<Self, ClientError> {
@@ -81,6 +90,11 @@ impl Shards {
             discovering: Arc::new((0..count).map(|_| tokio::sync::Mutex::default()).collect()),
             config: Arc::new(config),
         })
+    }
+
+    /// How these connections were configured.
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.config
     }
 
     /// Number of shards.
@@ -208,6 +222,13 @@ impl Shards {
             };
             match call(stub).await {
                 Ok(value) => return Ok(value),
+                // Held at a step boundary while blocks move: as long as the move takes (the
+                // shards end the hold themselves if it is abandoned), asked often so the step
+                // goes on soon after it.
+                Err(status) if resharding(&status) => {
+                    tracing::debug!(shard, "the shards are moving blocks; retrying: {}", status.message());
+                    tokio::time::sleep(RESHARDING_POLL).await;
+                }
                 Err(status) if transient(&status) && attempt < self.config.attempts => {
                     tracing::debug!(shard, attempt, code = ?status.code(), "retrying: {}", status.message());
                     tokio::time::sleep(delay).await;

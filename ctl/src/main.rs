@@ -112,6 +112,20 @@ enum Command {
         #[arg(long)]
         version: Option<u64>,
     },
+    /// Change the shard list of a running cluster while workers train (online
+    /// resharding): add shards at the end of --shards or drop the last ones.
+    /// Shards that the change adds must run already, started with --shards set
+    /// to the new list. The run pauses at one step boundary while blocks move,
+    /// then workers continue on the new list. Models in sync mode only; needs
+    /// the admin token.
+    Resize {
+        /// The new shard list, comma-separated, in index order.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+        /// How long the shards wait for the run to reach the step boundary.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        hold_timeout: Duration,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -152,6 +166,30 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "start shard i of {} with --checkpoint-dir set to the i-th --to directory and --shards naming {} addresses",
             report.to_shards, report.to_shards
+        );
+        return Ok(());
+    }
+    if let Command::Resize { to, hold_timeout } = &cli.command {
+        let config = cli.access.config(cli.shards.clone())?;
+        let report = ps_client::resize::resize(config, to.clone(), *hold_timeout).await?;
+        println!(
+            "resized from {} to {} shards in {:.2} s: the run reached the step boundary in {:.2} s, then paused \
+             {:.2} s (the switch {:.2} s of it) while {} blocks ({}) moved",
+            report.from,
+            report.to,
+            report.total.as_secs_f64(),
+            report.to_boundary.as_secs_f64(),
+            report.paused.as_secs_f64(),
+            report.switching.as_secs_f64(),
+            report.blocks_moved,
+            human_bytes(report.bytes_moved)
+        );
+        for (model, version) in &report.models {
+            println!("  model '{model}': on the new shard list from version {version}");
+        }
+        println!(
+            "start every shard and client from now on with --shards {} (a restarted shard reads it)",
+            to.join(",")
         );
         return Ok(());
     }
@@ -356,7 +394,9 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Export { .. } | Command::Reshard { .. } => unreachable!("handled above, without connecting"),
+        Command::Export { .. } | Command::Reshard { .. } | Command::Resize { .. } => {
+            unreachable!("handled above, without connecting")
+        }
     }
     Ok(())
 }

@@ -44,6 +44,22 @@ pub const RESUME_VERSION_HEADER: &str = "ps-resume-version";
 /// The shard is restoring a checkpoint after a restart: retry. Code UNAVAILABLE.
 pub const RECOVERING: &str = "recovering";
 
+/// The shard is changing the shard list (online resharding) and holds the
+/// model at a step boundary: retry. Code UNAVAILABLE.
+pub const RESHARDING: &str = "resharding";
+
+/// Reshard HOLD: the run is past the step boundary asked for (or counts
+/// pushes of a later step) on this shard; choose a later one. Code FAILED_PRECONDITION.
+pub const BOUNDARY_PASSED: &str = "boundary-passed";
+
+/// The request was made for a shard list the cluster has left: read the new
+/// list from the `ps-shards` metadata (or `GetLayout` of any shard), connect
+/// to it and retry. Code FAILED_PRECONDITION.
+pub const LAYOUT_CHANGED: &str = "layout-changed";
+
+/// Trailing metadata key of a layout-changed error: the shard list now, comma-separated.
+pub const SHARDS_HEADER: &str = "ps-shards";
+
 /// A limit on what the shard holds at once (bytes staged by pushes, open
 /// streams) is reached: retry with backoff. Code RESOURCE_EXHAUSTED.
 pub const BUSY: &str = "busy";

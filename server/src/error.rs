@@ -459,6 +459,29 @@ pub enum ServerError {
         /// The version the model continues from.
         version: u64,
     },
+    /// An online reshard holds the model at a step boundary, or cannot hold it there.
+    #[error("model '{model}': {reason}")]
+    Resharding {
+        /// Model name.
+        model: String,
+        /// The version of the step boundary.
+        version: u64,
+        /// What happened.
+        reason: String,
+    },
+    /// An online reshard cannot hold the model at a version the run has passed.
+    #[error("model '{model}': online reshard at version {version}: {reason}")]
+    BoundaryPassed {
+        /// Model name.
+        model: String,
+        /// The version asked for.
+        version: u64,
+        /// Where the run is.
+        reason: String,
+    },
+    /// A phase of an online reshard cannot run on this shard.
+    #[error("online reshard: {0}")]
+    Reshard(String),
     /// The shard is restoring the model from a checkpoint.
     #[error(
         "shard is recovering model '{0}' from its checkpoint and agreeing with its peers on the version to continue from; retry shortly"

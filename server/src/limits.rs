@@ -277,6 +277,25 @@ impl ModelBudget {
         *held = (held.0 + 1, held.1 + footprint.bytes);
     }
 
+    /// Whether this shard has room for a model's share growing from `before`
+    /// to `after` bytes (an online reshard giving it more blocks).
+    pub fn check_growth(&self, limits: &Limits, name: &str, before: u64, after: u64) -> Result<(), ServerError> {
+        let held = self.held.lock().1;
+        check_memory(limits, &format!("model '{name}' under the new shard list"), after.saturating_sub(before), held)
+    }
+
+    /// Records a model's share changing in an online reshard: `before` bytes
+    /// (None: the model was not here) become `after` (None: it left).
+    pub fn record_relaid(&self, before: Option<u64>, after: Option<u64>) {
+        let mut held = self.held.lock();
+        if let Some(bytes) = before {
+            *held = (held.0.saturating_sub(1), held.1.saturating_sub(bytes));
+        }
+        if let Some(bytes) = after {
+            *held = (held.0 + 1, held.1 + bytes);
+        }
+    }
+
     /// Models held or being registered, and their estimated bytes.
     pub fn held(&self) -> (usize, u64) {
         *self.held.lock()

@@ -94,6 +94,16 @@ pub const CHECKPOINT_FAILING: &str = "ps_checkpoint_failing";
 pub const EPOCH: &str = "ps_model_epoch";
 /// Rollbacks to a checkpoint (counter; labels: model).
 pub const ROLLBACKS: &str = "ps_rollbacks_total";
+/// Blocks this shard is fetching from their old owners in an online reshard (gauge; labels: model).
+pub const BLOCKS_MOVING: &str = "ps_blocks_moving";
+/// Blocks this shard took over from another shard in online reshards (counter; labels: model).
+pub const BLOCKS_MOVED: &str = "ps_blocks_moved_total";
+/// Bytes of blocks this shard received from other shards in online reshards (counter; labels: model).
+pub const BYTES_MOVED: &str = "ps_reshard_bytes_moved_total";
+/// Online reshards this shard switched to a new shard list in (counter).
+pub const RESHARDS: &str = "ps_reshards_total";
+/// The shards in the shard list this shard serves (gauge).
+pub const SHARDS: &str = "ps_shards";
 
 const SECONDS_BUCKETS: &[f64] = &[1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
 const STALENESS_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
@@ -256,6 +266,11 @@ fn describe() {
     );
     describe_gauge!(EPOCH, "The model's epoch (one more after each rollback to a checkpoint)");
     describe_counter!(ROLLBACKS, "Rollbacks of the model to a checkpoint");
+    describe_gauge!(BLOCKS_MOVING, "Blocks being fetched from their old owners in an online reshard");
+    describe_counter!(BLOCKS_MOVED, "Blocks taken over from another shard in online reshards");
+    describe_counter!(BYTES_MOVED, Unit::Bytes, "Bytes of blocks received from other shards in online reshards");
+    describe_counter!(RESHARDS, "Online reshards this shard switched to a new shard list in");
+    describe_gauge!(SHARDS, "Shards in the shard list this shard serves");
 }
 
 #[cfg(test)]

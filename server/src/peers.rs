@@ -10,6 +10,7 @@
 //! (CompleteRound); when it closes a round, it sends the included set to every
 //! peer (CommitRound), retrying until each one has applied it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ps_proto::cluster::ShardHeaders;
@@ -33,37 +34,69 @@ const MAX_COMMIT_BACKOFF: Duration = Duration::from_secs(2);
 
 type PeerStub = ParameterServerClient<InterceptedService<Channel, ShardHeaders>>;
 
-/// Lazily connected stubs of every other shard.
+/// Every other shard's stub, by index.
+type PeerStubs = Vec<(u32, PeerStub)>;
+
+/// Lazily connected stubs of every other shard of the current shard list
+/// (replaced when an online reshard changes the list).
 #[derive(Clone)]
 pub struct Peers {
-    stubs: Vec<(u32, PeerStub)>,
+    stubs: Arc<parking_lot::RwLock<Arc<PeerStubs>>>,
+    token: Option<String>,
+    tls: Option<ClientTls>,
+}
+
+/// A lazily connected stub of the shard at `address`, addressed as shard `index` of `count`.
+fn stub(address: &str, index: usize, count: usize, token: Option<&str>, tls: Option<&ClientTls>) -> Option<PeerStub> {
+    let endpoint = match ps_proto::tls::endpoint(address, tls) {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            tracing::warn!(peer = index, address, %error, "peer address does not parse; drops will not be shared with it");
+            return None;
+        }
+    };
+    // The shard's own token was accepted at startup, so it is printable.
+    let headers = ShardHeaders::new(token, index, count).ok()?;
+    let channel = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy();
+    Some(ParameterServerClient::with_interceptor(channel, headers))
+}
+
+fn stubs_of(identity: &ShardIdentity, token: Option<&str>, tls: Option<&ClientTls>) -> Vec<(u32, PeerStub)> {
+    let count = identity.addresses.len();
+    identity
+        .addresses
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index as u32 != identity.index)
+        .filter_map(|(index, address)| Some((index as u32, stub(address, index, count, token, tls)?)))
+        .collect()
 }
 
 impl Peers {
     /// Stubs for every shard of `identity` but this one; addresses that do not
     /// parse are skipped with a warning (the shard still serves its clients).
     pub fn new(identity: &ShardIdentity, token: Option<&str>, tls: Option<&ClientTls>) -> Self {
-        let count = identity.addresses.len();
-        let stubs = identity
-            .addresses
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| *index as u32 != identity.index)
-            .filter_map(|(index, address)| {
-                let endpoint = match ps_proto::tls::endpoint(address, tls) {
-                    Ok(endpoint) => endpoint,
-                    Err(error) => {
-                        tracing::warn!(peer = index, address, %error, "peer address does not parse; drops will not be shared with it");
-                        return None;
-                    }
-                };
-                // The shard's own token was accepted at startup, so it is printable.
-                let headers = ShardHeaders::new(token, index, count).ok()?;
-                let channel = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy();
-                Some((index as u32, ParameterServerClient::with_interceptor(channel, headers)))
-            })
-            .collect();
-        Self { stubs }
+        let stubs = stubs_of(identity, token, tls);
+        Self {
+            stubs: Arc::new(parking_lot::RwLock::new(Arc::new(stubs))),
+            token: token.map(str::to_string),
+            tls: tls.cloned(),
+        }
+    }
+
+    /// Points every stub at the shards of `identity` (after an online reshard).
+    pub fn follow(&self, identity: &ShardIdentity) {
+        *self.stubs.write() = Arc::new(stubs_of(identity, self.token.as_deref(), self.tls.as_ref()));
+    }
+
+    fn current(&self) -> Arc<PeerStubs> {
+        self.stubs.read().clone()
+    }
+
+    /// A stub of shard `index` of the list `addresses`, whichever list is current.
+    pub fn of_list(&self, addresses: &[String], index: u32) -> Option<PeerStub> {
+        let address = addresses.get(index as usize)?;
+        stub(address, index as usize, addresses.len(), self.token.as_deref(), self.tls.as_ref())
     }
 
     /// Tells every peer that `workers` were dropped from `model` and why, without waiting for the answers.
@@ -72,7 +105,7 @@ impl Peers {
             DropReason::LeaseExpired => pb::LeaveReason::LeaseExpired,
             DropReason::MissedDeadline => pb::LeaveReason::MissedDeadline,
         } as i32;
-        for (peer, stub) in &self.stubs {
+        for (peer, stub) in self.current().iter() {
             for worker in workers {
                 let (mut stub, peer) = (stub.clone(), *peer);
                 let request = pb::LeaveWorkerRequest { model: model.to_string(), worker_id: worker.clone(), reason };
@@ -92,7 +125,8 @@ impl Peers {
 
     /// Asks every peer whether it holds `client`'s whole update for `round`.
     pub async fn check_round_update(&self, model: &str, client: u32, round: u64) -> Result<(), ServerError> {
-        let checks = self.stubs.iter().map(|(peer, stub)| {
+        let stubs = self.current();
+        let checks = stubs.iter().map(|(peer, stub)| {
             let mut stub = stub.clone();
             let request = pb::CompleteRoundRequest { model: model.to_string(), client, round, epoch: 0 };
             async move {
@@ -126,7 +160,7 @@ impl Peers {
     /// Sends a closed round to every peer, retrying each until it has applied
     /// it (a repeated commit is harmless there), without waiting.
     pub fn share_commit(&self, model: &str, closing: &Closing) {
-        for (peer, stub) in &self.stubs {
+        for (peer, stub) in self.current().iter() {
             let (mut stub, peer) = (stub.clone(), *peer);
             let request = pb::CommitRoundRequest {
                 model: model.to_string(),
@@ -155,7 +189,7 @@ impl Peers {
     /// does `current` turning false (this shard's copy of the model was rolled
     /// back or removed).
     pub fn share_norm(&self, part: &NormPart, to: &[u32], current: impl Fn() -> bool + Clone + Send + 'static) {
-        for (peer, stub) in self.stubs.iter().filter(|(peer, _)| to.contains(peer)) {
+        for (peer, stub) in self.current().iter().filter(|(peer, _)| to.contains(peer)) {
             let (mut stub, peer, current) = (stub.clone(), *peer, current.clone());
             let request = pb::StepNormRequest {
                 model: part.model.clone(),
@@ -207,7 +241,8 @@ impl Peers {
         F: Fn(PeerStub) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let calls = self.stubs.iter().map(|(peer, stub)| {
+        let stubs = self.current();
+        let calls = stubs.iter().map(|(peer, stub)| {
             let answer = call(stub.clone());
             async move { (*peer, answer.await.map(tonic::Response::into_inner)) }
         });

@@ -13,10 +13,21 @@ parameters under AdamW (weights and two moments: 1.2 GB of state):
    are checked against the ones it pulled before the move.
 
 Prints a table (seconds, GB/s, the ratio to the copy) and the downtime: stop
-+ reshard + restore. Run from the repository root after
-`cargo build --release --bin server --bin ctl`:
++ reshard + restore.
 
-    target/python-venv/bin/python client/python/benches/reshard.py [--params 100000000]
+With --online, the move is made while the worker trains (`ctl resize`): 2
+shards and a third started with the three-shard list; the worker trains sync
+steps and follows the new list when a request is refused with
+layout-changed; `ctl resize` 2 -> 3 runs after a few steps. Prints the
+resize's own report (how long training was held at the step boundary, blocks
+and bytes moved), the worker's step times before, across and after the move
+(the baseline: its median step on 2 shards in the same run), and checks that
+the weights it pulls right after the move equal those it would have pulled
+without it (the same run on 2 shards, replayed with the same gradients).
+
+Run from the repository root after `cargo build --release --bin server --bin ctl`:
+
+    target/python-venv/bin/python client/python/benches/reshard.py [--params 100000000] [--online]
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import List
@@ -52,21 +64,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_shard(index: int, addrs: List[str], root: Path) -> subprocess.Popen:
+    log = open(root / f"shard-{index}-of-{len(addrs)}.log", "w")
+    return subprocess.Popen(
+        [str(RELEASE / "server"), "--shard-index", str(index), "--shards", ",".join(addrs)]
+        + ["--metrics-addr", "off", "--lease", "600s", "--checkpoint-dir", str(root / f"checkpoints-{index}")]
+        + ["--checkpoint-every", "0", "--shutdown-grace", "600s"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def start_shards(count: int, root: Path) -> tuple[List[str], List[subprocess.Popen]]:
     addrs = [f"127.0.0.1:{free_port()}" for _ in range(count)]
-    procs = []
-    for i in range(count):
-        log = open(root / f"shard-{i}-of-{count}.log", "w")
-        procs.append(
-            subprocess.Popen(
-                [str(RELEASE / "server"), "--shard-index", str(i), "--shards", ",".join(addrs)]
-                + ["--metrics-addr", "off", "--lease", "600s", "--checkpoint-dir", str(root / f"checkpoints-{i}")]
-                + ["--checkpoint-every", "0", "--shutdown-grace", "600s"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    return addrs, procs
+    return addrs, [start_shard(i, addrs, root) for i in range(count)]
 
 
 def restored(addrs: List[str]) -> bool:
@@ -126,6 +137,95 @@ def train(addrs: List[str], start: int, steps: int, rng) -> tuple[float, dict, d
     return statistics.median(times[1:] if len(times) > 1 else times), first, out
 
 
+def online(shapes: dict, params: int, steps: int, root: Path) -> None:
+    """The move made while one worker trains: see the module docs."""
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    procs = [start_shard(i, addrs[:2], root) for i in range(2)] + [start_shard(2, addrs, root)]
+    try:
+        ps.Client(addrs[:2]).wait_ready(60)
+        spec = ps.model_spec(MODEL, shapes, [ps.group("all", ["*"], ps.adamw(1e-4))], min_workers=1)
+        model = ps.Client(addrs[:2]).register(spec)
+        model.join("bench-0", 0)
+        rng = np.random.default_rng(0)
+        grads = [{n: (rng.random(t.shape, dtype=np.float32) - 0.5) * 1e-2 for n, t in model.tensors.items()} for _ in range(2)]
+        out = {n: np.empty(t.shape, dtype=np.float32) for n, t in model.tensors.items()}
+        said: List[str] = []
+
+        def resize() -> None:
+            done = subprocess.run(
+                [str(RELEASE / "ctl"), "--shards", ",".join(addrs[:2]), "resize", "--to", ",".join(addrs), "--hold-timeout", "600s"],
+                capture_output=True, text=True,
+            )
+            said.append(f"exit {done.returncode}: {done.stdout}{done.stderr}")
+
+        mover = threading.Thread(target=resize)
+        times, followed, step, at_move, began = [], 0, 0, steps, None
+        while step < 2 * steps:
+            if step == at_move and not mover.is_alive() and not said:
+                mover.start()
+            # A step redone on the new list counts from its first try.
+            began = began or time.perf_counter()
+            try:
+                model.pull(step, out=out)
+                model.push("bench-0", step, grads[step % 2])
+            except ps.LayoutChanged as moved:
+                model = model.follow_new_layout(moved)
+                followed += 1
+                continue  # the same step on the new list, its time counted from the first try
+            times.append((step, time.perf_counter() - began, model.client.num_shards))
+            step, began = step + 1, None
+        mover.join()
+        model.pull(2 * steps, out=out)
+        after = {n: v.copy() for n, v in out.items()}
+        model.leave("bench-0")
+        if not said or not said[0].startswith("exit 0"):
+            raise SystemExit(f"ctl resize failed: {said}")
+        report = said[0].split(": ", 1)[1].splitlines()[0]
+        adopted = [line.split("moves: ")[-1].strip() for log in sorted(root.glob("shard-*.log"))
+                   for line in log.read_text().splitlines() if "adopted:" in line or "blocks received" in line or "blocks sent" in line]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # The same steps on 2 shards that never moved: the weights must be the same bits.
+    (root / "reference").mkdir()
+    addrs, procs = start_shards(2, root / "reference")
+    try:
+        ps.Client(addrs).wait_ready(60)
+        model = ps.Client(addrs).register(spec)
+        model.join("bench-0", 0)
+        for step in range(2 * steps):
+            model.pull(step, out=out)
+            model.push("bench-0", step, grads[step % 2])
+        model.pull(2 * steps, out=out)
+        differing = [n for n in after if not np.array_equal(after[n].view(np.uint32), out[n].view(np.uint32))]
+        if differing:
+            raise SystemExit(f"{len(differing)} tensors differ from the run that never moved")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    before = statistics.median(t for s, t, n in times if n == 2 and s < at_move)
+    held_step, across = max(((s, t) for s, t, n in times if at_move <= s <= at_move + 3), key=lambda st: st[1])
+    settled = statistics.median(t for s, t, n in times if n == 3 and s > held_step)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    print()
+    print(f"{params / 1e6:.1f}M parameters, AdamW; commit {commit}; {platform.node()}, {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d')}; command: target/python-venv/bin/python client/python/benches/reshard.py "
+          f"--params {params} --online")
+    print(f"ctl resize: {report}")
+    print(f"the worker followed the new list {followed} time(s); its weights after the move equal the unmoved run's, bit for bit")
+    for line in adopted:
+        print(f"  shard log: {line}")
+    print("step seconds (shards): " + ", ".join(f"{t:.2f} ({n})" for _, t, n in times))
+    print()
+    print("| sync step of the worker (pull + push) | seconds | × the median step on 2 shards |")
+    print("|---|---:|---:|")
+    print(f"| median on 2 shards, before the move (baseline) | {before:.2f} | 1.00 |")
+    print(f"| the step held at the boundary (step {held_step}) | {across:.2f} | {across / before:.2f} |")
+    print(f"| median on 3 shards, after it | {settled:.2f} | {settled / before:.2f} |")
+
+
 def stop(procs: List[subprocess.Popen]) -> None:
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -142,6 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=100_000_000, help="parameters (rounded to whole 2048-wide rows)")
     parser.add_argument("--steps", type=int, default=4, help="sync steps on each side of the move")
+    parser.add_argument("--online", action="store_true", help="move while the worker trains (`ctl resize`)")
     args = parser.parse_args()
     for binary in ("server", "ctl"):
         if not (RELEASE / binary).exists():
@@ -151,6 +252,12 @@ def main() -> None:
     shapes = {f"layers.{i}.weight": (rows_per_tensor, COLUMNS) for i in range(tensors)}
     params = tensors * rows_per_tensor * COLUMNS
     root = Path(tempfile.mkdtemp(prefix="ps-reshard-bench-"))
+    if args.online:
+        try:
+            print(f"[reshard-bench] {params / 1e6:.1f}M parameters in {tensors} tensors, AdamW, moved online", flush=True)
+            return online(shapes, params, max(args.steps, 8), root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(0)
     rows = []
     try:

@@ -15,13 +15,13 @@ writes the files `Model.export` and `ctl export` produce; `paramserver.pb` holds
 the generated protobuf messages.
 """
 
-from .client import Client, Joined, Model, PushSummary, RolledBack, ServerError, Tls
+from .client import Client, Joined, LayoutChanged, Model, PushSummary, RolledBack, ServerError, Tls
 from .codec import BF16, F16, F32, SIGN1
 from .spec import adamw, arrays_of, buffer_names, buffers, group, model_spec, sgd, tensor
 from .v1 import paramserver_pb2 as pb
 
 __all__ = [
-    "Client", "Joined", "Model", "PushSummary", "RolledBack", "ServerError", "Tls",
+    "Client", "Joined", "LayoutChanged", "Model", "PushSummary", "RolledBack", "ServerError", "Tls",
     "F32", "BF16", "F16", "SIGN1",
     "adamw", "arrays_of", "buffer_names", "buffers", "group", "model_spec", "sgd", "tensor", "pb",
 ]

@@ -62,11 +62,30 @@ class RolledBack(ServerError):
         self.resume_version = int(self.trailers.get("ps-resume-version", 0))
 
 
+class LayoutChanged(ServerError):
+    """An online reshard changed the cluster's shard list: `shards` is the new one.
+    `Model.follow_new_layout` opens the model there; the step that failed is redone on it."""
+
+    def __init__(self, shard, code, message, kind, trailers):
+        super().__init__(shard, code, message, kind, trailers)
+        self.shards = [s for s in str(self.trailers.get("ps-shards", "")).split(",") if s]
+
+
 def _error(shard: int, error: grpc.RpcError) -> ServerError:
     trailers = {k: v for k, v in (error.trailing_metadata() or ())}
     kind = trailers.get("ps-error")
-    cls = RolledBack if kind == "epoch-changed" else ServerError
+    cls = {"epoch-changed": RolledBack, "layout-changed": LayoutChanged}.get(kind, ServerError)
     return cls(shard, error.code(), error.details() or "", kind, trailers)
+
+
+#: How often a request held by an online reshard is tried again.
+_RESHARDING_POLL_S = 0.05
+
+
+def _resharding(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.UNAVAILABLE and any(
+        k == "ps-error" and v == "resharding" for k, v in (error.trailing_metadata() or ())
+    )
 
 
 def _transient(error: grpc.RpcError) -> bool:
@@ -146,6 +165,10 @@ class Client:
         if self.local_mode not in local.MODES:
             raise ValueError(f"local_mode must be one of {local.MODES}, not {self.local_mode!r}")
         self.shards = expand_shards(shards)
+        # What another Client of this one's settings needs (`on_shards`).
+        self._settings = dict(
+            token=token, admin_token=admin_token, tls=tls, attempts=attempts, backoff_s=backoff_s, local_mode=self.local_mode
+        )
         self.attempts = attempts
         self.backoff_s = backoff_s
         options = [
@@ -241,6 +264,11 @@ class Client:
             headers.append(("authorization", f"Bearer {token}"))
         return headers
 
+    def on_shards(self, shards: Sequence[str]) -> "Client":
+        """A client with this one's tokens, TLS and retries for another shard list
+        (the one an online reshard moved the cluster to)."""
+        return Client(shards, **self._settings)
+
     def close(self) -> None:
         """Closes every connection."""
         self._pool.shutdown(wait=False)
@@ -274,16 +302,21 @@ class Client:
         return self._retry(shard, lambda: stub(messages(), metadata=metadata), retry)
 
     def _retry(self, shard: int, attempt: Callable[[], T], retry: bool) -> T:
-        delay = self.backoff_s
-        for n in range(1, self.attempts + 1):
+        delay, n = self.backoff_s, 1
+        while True:
             try:
                 return attempt()
             except grpc.RpcError as error:
+                if retry and _resharding(error):
+                    # Held at a step boundary while an online reshard moves blocks: for as long
+                    # as the move takes (the shards end the hold themselves if it is abandoned).
+                    time.sleep(_RESHARDING_POLL_S)
+                    continue
                 if not (retry and _transient(error) and n < self.attempts):
                     raise _error(shard, error) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
+                n += 1
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Waits until every shard answers GetStatus."""
@@ -399,7 +432,8 @@ class Model:
         for block in layout.blocks:
             self.tensors[block.tensor].blocks.append(block)
         self.shards_with_blocks = sorted({b.shard for b in layout.blocks})
-        self._heartbeats: Dict[str, threading.Event] = {}
+        # Per worker heart-beating through this handle: what stops it, and its lease.
+        self._heartbeats: Dict[str, Tuple[threading.Event, float]] = {}
         # Local channel, per shard: the push segment (fd, id, size) and the weights segment (fd, id).
         self._push_segments: Dict[int, Tuple[int, str, int]] = {}
         self._weights: Dict[int, Tuple[int, str]] = {}
@@ -437,7 +471,7 @@ class Model:
         """Heartbeats every shard every third of the lease, each shard in a daemon thread of its own
         (a shard that is down does not hold up the others' beats), until `leave`."""
         stop = threading.Event()
-        self._heartbeats[worker] = stop
+        self._heartbeats[worker] = (stop, lease_s)
         period = lease_s / 3
         request = pb.HeartbeatRequest(model=self.name, worker_id=worker)
 
@@ -455,11 +489,26 @@ class Model:
         for shard in range(self.client.num_shards):
             threading.Thread(target=beat, args=(shard,), name=f"heartbeat-{worker}-{shard}", daemon=True).start()
 
+    def follow_new_layout(self, moved: LayoutChanged) -> "Model":
+        """After `LayoutChanged`: this model on the cluster's new shard list, through a
+        new Client with this one's settings. The workers that joined through this handle
+        are members there already (the shards carry them over, with their ranks); their
+        heartbeats move to the new handle. Redo the call that failed on it."""
+        model = self.client.on_shards(moved.shards).model(self.name)
+        model.epoch = max(model.epoch, self.epoch)
+        for worker, (stop, lease_s) in list(self._heartbeats.items()):
+            stop.set()
+            model.start_heartbeat(worker, lease_s)
+        self._heartbeats.clear()
+        _log.info("model %s: the shard list changed (online reshard) from %d to %d shards; continuing on the new one",
+                  self.name, self.client.num_shards, model.client.num_shards)
+        return model
+
     def leave(self, worker: str) -> None:
         """Stops the heartbeats and leaves every shard, so no step waits for the lease to run out."""
-        stop = self._heartbeats.pop(worker, None)
-        if stop:
-            stop.set()
+        beating = self._heartbeats.pop(worker, None)
+        if beating:
+            beating[0].set()
         first_error = None
         for shard in range(self.client.num_shards):
             try:

@@ -98,6 +98,11 @@ whose scale differs from the step's first), so each worker runs the same
 schedule. A function of the step follows a rollback or a resync by itself; a
 scheduler does not go back with the model, so after one the scales of the
 steps redone may differ from the first time (the run goes on, not bit-identically).
+
+An online reshard (`ctl resize`) holds the step at its boundary while the shards
+move blocks; `step()` then finds the shard list changed, opens the model on the
+new one and pushes the step's gradients again there (no shard counted any of
+them), so the run goes on bit-identically, with no rollback and no restart.
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ import numpy as np
 import torch
 
 from . import codec
-from .client import Model, RolledBack, ServerError
+from .client import LayoutChanged, Model, RolledBack, ServerError
 from .spec import buffer_names
 from .v1 import paramserver_pb2 as pb
 
@@ -192,6 +197,8 @@ class AttachedModule:
         self._bucket: List[str] = []
         self._bucket_size = 0
         self._pushes: List[Future] = []
+        # The step's pushes as calls on a model, so an online reshard can send them again.
+        self._sent: List[Callable[[Model], object]] = []
         self._lock = threading.Lock()
         self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"push-{worker}")
         # A frozen parameter has no gradient to hook; it is pulled, and pushed as "no gradient".
@@ -245,7 +252,12 @@ class AttachedModule:
         names, self._bucket, self._bucket_size = self._bucket, [], 0
         if names:
             part = {n: self._compensate(n, self._grads[n]) for n in names}
-            self._pushes.append(self._sender.submit(self.model.push_tensors, self.worker, self.version, part, self.lr_scale()))
+            self._submit(lambda model, v=self.version, s=self.lr_scale(): model.push_tensors(self.worker, v, part, s))
+
+    def _submit(self, push: Callable[[Model], object]) -> None:
+        """Sends a push of this step on the sender thread, and keeps it to send again."""
+        self._sent.append(push)
+        self._pushes.append(self._sender.submit(lambda: push(self.model)))
 
     def _compensate(self, name: str, grad: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """Error feedback for a tensor pushed as 1-bit signs (its group's first encoding is
@@ -286,21 +298,28 @@ class AttachedModule:
                 self._send_bucket()
             elif self.scaler is not None and not self._unscale():
                 self._bucket = []
-                self._pushes.append(self._sender.submit(self.model.push_overflow, self.worker, self.version, self.lr_scale()))
+                self._submit(lambda model, v=self.version, s=self.lr_scale(): model.push_overflow(self.worker, v, s))
             else:
                 self.model.clip(self._grads)
                 self._grads.update(values)
                 self._bucket = list(self._grads)
                 self._send_bucket()
             pushes, self._pushes = self._pushes, []
+            sent, self._sent = self._sent, []
             self._grads = {}
             self._backwards = {}
         if self.optimizer is not None:
             # A scheduler counts the optimizer's steps (and warns when it is stepped before one).
             self.optimizer.step()
         try:
-            for push in pushes:
-                push.result()
+            try:
+                _wait_all(pushes)
+            except LayoutChanged as moved:
+                # An online reshard held the step at its boundary and moved the blocks: no shard
+                # counted any of it, so all of it goes again, to the new shard list.
+                self._follow(moved)
+                for push in sent:
+                    push(self.model)
         except RolledBack as rolled:
             # A shard restarted and the model went back to a checkpoint: continue from there,
             # or from the lowest version over the shards if the run went on while this
@@ -358,9 +377,22 @@ class AttachedModule:
                 self._growth_tracker = 0
         self.scaler.update(scale)
 
+    def _follow(self, moved: LayoutChanged) -> None:
+        """Continues on the shard list an online reshard moved the cluster to."""
+        previous = self.model
+        self.model = previous.follow_new_layout(moved)
+        previous.client.close()
+
     def _pull(self, version: int) -> bool:
         """Pulls `version` into the parameters and clears their gradients; True if the shards
         skipped a step for an overflow since the previous pull."""
+        try:
+            return self._pull_once(version)
+        except LayoutChanged as moved:
+            self._follow(moved)
+            return self._pull_once(version)
+
+    def _pull_once(self, version: int) -> bool:
         held = {**self.params, **self.buffers}
         in_place = {
             name: t.data.numpy()
@@ -386,6 +418,14 @@ class AttachedModule:
             hook.remove()
         self._sender.shutdown(wait=True)
         self.model.leave(self.worker)
+
+
+def _wait_all(pushes: List[Future]) -> None:
+    """Waits for every push, then raises the first one's error, if any (none is left in flight)."""
+    errors = [push.exception() for push in pushes]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def _host(gradient: torch.Tensor) -> np.ndarray:

@@ -16,9 +16,11 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::join_all;
 use ps_proto::layout::BlockPlan;
+use ps_proto::pb;
 use tonic::Status;
 
 use crate::Tensors;
+use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::layout::{Layout, TensorInfo};
 use crate::local::{PushSegment, WeightsFile};
@@ -169,6 +171,36 @@ impl ModelHandle {
             weights_files: Arc::new((0..count).map(|_| Default::default()).collect()),
             layout: Arc::new(layout),
         })
+    }
+
+    /// Opens the registered model `name` on `shards` (its layout from shard 0).
+    pub(crate) async fn open(shards: Shards, name: &str) -> Result<Self, ClientError> {
+        let request = pb::GetLayoutRequest { model: name.to_string() };
+        let layout = shards.retry(0, |mut stub| {
+            let request = request.clone();
+            async move { stub.get_layout(request).await.map(|r| r.into_inner()) }
+        });
+        Self::new(shards.clone(), layout.await?.try_into()?)
+    }
+
+    /// After a layout-changed error (an online reshard changed the shard
+    /// list): the same model on the new list, with this handle's settings and
+    /// the ranks it knows; None for any other error. The workers this handle
+    /// joined are members there already (the shards carry them over), so the
+    /// caller retries what failed with the new handle and heart-beats through it.
+    pub async fn follow_new_layout(&self, error: &ClientError) -> Result<Option<Self>, ClientError> {
+        let Some(list) = error.new_shard_list() else { return Ok(None) };
+        let shards = Shards::connect(ClientConfig { shards: list, ..self.shards.config().clone() })?;
+        let mut next = Self::open(shards, self.name()).await?.with_pull_encoding(self.pull_encoding);
+        next.ranks = Arc::new(Mutex::new(self.ranks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()));
+        next.epoch.fetch_max(self.epoch(), Ordering::AcqRel);
+        tracing::info!(
+            model = self.name(),
+            from = self.shards.num_shards(),
+            to = next.shards.num_shards(),
+            "the shard list changed (online reshard); continuing on the new one"
+        );
+        Ok(Some(next))
     }
 
     /// The same model, pulling weights in `encoding` (f32, bf16 or f16): half

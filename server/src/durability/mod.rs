@@ -10,6 +10,7 @@
 //! [`Peers`].
 
 pub mod checkpoint;
+mod moves;
 mod recovery;
 mod schedule;
 
@@ -40,8 +41,12 @@ pub struct Durability {
     /// Models with checkpoints here of which none reads back, and why: they
     /// are not registered afresh, which would lose the run and prune them.
     unrestorable: Arc<parking_lot::Mutex<std::collections::BTreeMap<String, String>>>,
-    /// One rollback at a time.
+    /// One rollback or reshard phase at a time.
     rolling_back: Arc<tokio::sync::Mutex<()>>,
+    /// Online reshard: this shard's copies of models under the new shard list, until SWITCH.
+    adopted: Arc<parking_lot::Mutex<std::collections::HashMap<String, Model>>>,
+    /// Online reshard: when a prepared change not switched by then is aborted.
+    reshard_deadline: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
     registry: Arc<Registry>,
     peers: Peers,
     bounds: Arc<ShardBounds>,
@@ -61,7 +66,7 @@ impl Durability {
         peers: Peers,
         bounds: Arc<ShardBounds>,
     ) -> Result<Self, CheckpointError> {
-        let (shard, num_shards) = (registry.identity.index, registry.num_shards());
+        let (shard, num_shards) = (registry.identity().index, registry.num_shards());
         let (store, writer) = match &options.dir {
             Some(dir) => {
                 let store = CheckpointStore::new(dir.clone(), options.keep, shard, num_shards)?;
@@ -80,6 +85,8 @@ impl Durability {
             allow_fresh_rejoin: options.allow_fresh_rejoin,
             unrestorable: Arc::default(),
             rolling_back: Arc::default(),
+            adopted: Arc::default(),
+            reshard_deadline: Arc::default(),
             registry,
             peers,
             bounds,
@@ -101,7 +108,7 @@ impl Durability {
         let wire = pb::ModelSpec::decode(snapshot.spec.as_slice())
             .map_err(|e| checkpoint_error(&snapshot.model, format!("spec.pb does not decode: {e}")))?;
         let spec = ModelSpec::try_from(wire)?;
-        let identity = &self.registry.identity;
+        let identity = self.registry.identity();
         let model = Model::new(spec, identity.index, self.registry.num_shards(), self.registry.lease)
             .with_checkpoints(epoch, self.plan());
         model.restore(snapshot)?;
@@ -204,7 +211,7 @@ impl Durability {
             let dir = self.store.as_ref().map(|s| s.root().display().to_string()).unwrap_or_default();
             return Err(ServerError::Unrestorable {
                 model: name.to_string(),
-                shard: self.registry.identity.index,
+                shard: self.registry.identity().index,
                 dir,
                 reason: reason.clone(),
             });

@@ -138,7 +138,7 @@ impl Durability {
     /// Shard 0: every `--checkpoint-interval`, checkpoints every model that advanced since the last one.
     pub async fn checkpoint_periodically(&self) {
         let interval = self.interval;
-        if interval.is_zero() || self.store.is_none() || self.registry.identity.index != 0 {
+        if interval.is_zero() || self.store.is_none() || self.registry.identity().index != 0 {
             return;
         }
         loop {
@@ -271,7 +271,7 @@ impl Durability {
                 *seen = failing.as_ref().map(|(version, _)| *version);
                 metrics::gauge!(m::CHECKPOINT_FAILING, "model" => name.clone())
                     .set(f64::from(u8::from(failing.is_some())));
-                if model.is_recovering() || self.registry.identity.index != 0 {
+                if model.is_recovering() || self.registry.identity().index != 0 {
                     continue;
                 }
                 self.commit_newest_common(&store, &model).await;

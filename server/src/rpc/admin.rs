@@ -15,7 +15,7 @@ impl ParameterService {
             if request.model.is_empty() { self.registry.models() } else { vec![self.registry.get(&request.model)?] };
         let models = models.iter().map(|model| convert::model_status(model)).collect();
         Ok(pb::GetStatusResponse {
-            shard_index: self.registry.identity.index,
+            shard_index: self.registry.identity().index,
             num_shards: self.registry.num_shards(),
             models,
             limits: Some(convert::shard_limits(&self.bounds)),

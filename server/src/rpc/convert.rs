@@ -174,7 +174,8 @@ impl From<ServerError> for Status {
             | ServerError::NoCheckpointDir
             | ServerError::NoLocalChannel
             | ServerError::FutureNormPart { .. } => Code::FailedPrecondition,
-            ServerError::Recovering(_) => Code::Unavailable,
+            ServerError::Recovering(_) | ServerError::Resharding { .. } => Code::Unavailable,
+            ServerError::Reshard(_) | ServerError::BoundaryPassed { .. } => Code::FailedPrecondition,
             ServerError::CheckpointPending { .. } => Code::DeadlineExceeded,
             ServerError::Checkpoint { .. } => Code::Internal,
             ServerError::UnknownClient { .. } | ServerError::RoundParts { .. } => Code::InvalidArgument,
@@ -222,6 +223,8 @@ impl From<ServerError> for Status {
             ServerError::UnknownModel(_) => Some(errors::UNKNOWN_MODEL),
             ServerError::EpochChanged { .. } => Some(errors::EPOCH_CHANGED),
             ServerError::Recovering(_) => Some(errors::RECOVERING),
+            ServerError::Resharding { .. } => Some(errors::RESHARDING),
+            ServerError::BoundaryPassed { .. } => Some(errors::BOUNDARY_PASSED),
             ServerError::NotRestored { .. } | ServerError::Unrestorable { .. } => Some(errors::NOT_RESTORED),
             ServerError::Busy { .. } => Some(errors::BUSY),
             ServerError::Join { reason: JoinError::RankTaken { .. }, .. } => Some(errors::RANK_TAKEN),

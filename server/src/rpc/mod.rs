@@ -74,9 +74,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let identity = ShardIdentity { index: options.shard_index, addresses: options.shards.clone() };
-    let gate = Gate { auth: BearerAuth::new(&options.tokens), shard: ShardCheck::new(&identity) };
     let peers = Peers::new(&identity, options.tokens.for_peers(), options.tls.as_ref().map(|tls| &tls.peers));
     let registry = Arc::new(Registry::new(identity, options.lease));
+    let gate = Gate { auth: BearerAuth::new(&options.tokens), shard: ShardCheck::new(registry.cluster.clone()) };
     let limits = options.limits.clone();
     let bounds = Arc::new(ShardBounds::new(options.limits));
     let durability = Durability::new(&options.checkpoints, registry.clone(), peers.clone(), bounds.clone())?;

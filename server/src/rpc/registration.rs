@@ -44,16 +44,21 @@ impl ParameterService {
             tracing::info!(model = model.name(), "model already registered with the same spec");
             return Ok(pb::RegisterModelResponse {
                 created: false,
-                layout: Some(convert::model_layout(&self.registry.identity, &model)),
+                layout: Some(convert::model_layout(&self.registry.identity(), &model)),
             });
+        }
+        if self.registry.cluster.pending().is_some() {
+            let reason =
+                "the shards are changing their shard list (online reshard); register once they are done".into();
+            return Err(ServerError::Resharding { model: spec.name.clone(), version: 0, reason }.into());
         }
         // Everything the model will take is checked before any of it is allocated.
         let footprint = limits.check_model(&spec, self.registry.num_shards())?;
         self.durability.refuse_fork(&spec.name).await?;
         let reservation = self.bounds.models.reserve(limits, &spec.name, footprint)?;
-        let (shard, shards, lease) = (self.registry.identity.index, self.registry.num_shards(), self.registry.lease);
+        let (shard, shards, lease) = (self.registry.identity().index, self.registry.num_shards(), self.registry.lease);
         let plan = self.durability.plan();
-        let identity = self.registry.identity.clone();
+        let identity = (*self.registry.identity()).clone();
         let model = blocking(move || {
             check_layout_fits(&identity, &spec)?;
             Ok::<_, ServerError>(Model::new(spec, shard, shards, lease).with_checkpoints(1, plan))
@@ -95,14 +100,14 @@ impl ParameterService {
             blocks = model.local_blocks().len(),
             "model registered"
         );
-        let layout = convert::model_layout(&self.registry.identity, &model);
+        let layout = convert::model_layout(&self.registry.identity(), &model);
         Ok(pb::RegisterModelResponse { created, layout: Some(layout) })
     }
 
     /// The layout of a registered model.
     pub(super) fn layout_of(&self, request: &pb::GetLayoutRequest) -> Result<pb::Layout, ServerError> {
         let model = self.registry.get(&request.model)?;
-        Ok(convert::model_layout(&self.registry.identity, &model))
+        Ok(convert::model_layout(&self.registry.identity(), &model))
     }
 
     /// The layout a spec would get, without registering it.
@@ -112,7 +117,7 @@ impl ParameterService {
             let wire = request.spec.ok_or(ServerError::InvalidSpec("PlanLayout needs a spec".into()))?;
             let spec = ModelSpec::try_from(wire)?;
             service.bounds.limits.check_model(&spec, service.registry.num_shards())?;
-            let identity = &service.registry.identity;
+            let identity = &*service.registry.identity();
             Ok::<_, ServerError>(convert::layout(identity, &spec, &spec.plan(service.registry.num_shards())))
         };
         // Validation and placement are linear in the tensors and blocks: not on the reactor.

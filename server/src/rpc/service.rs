@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use ps_proto::pb;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -239,4 +240,31 @@ impl pb::parameter_server_server::ParameterServer for ParameterService {
         self.stop();
         Ok(Response::new(pb::ShutdownResponse {}))
     }
+
+    async fn reshard(&self, request: Request<pb::ReshardRequest>) -> Result<Response<pb::ReshardResponse>, Status> {
+        let call = async move {
+            require_admin(&request, "Reshard")?;
+            self.durability.reshard(request.into_inner()).await.map_err(Status::from)
+        };
+        observe("Reshard", call.await).map(Response::new)
+    }
+
+    type FetchBlocksStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::BlockBytes, Status>> + Send>>;
+
+    async fn fetch_blocks(
+        &self,
+        request: Request<pb::FetchBlocksRequest>,
+    ) -> Result<Response<Self::FetchBlocksStream>, Status> {
+        let call = async move {
+            require_admin(&request, "FetchBlocks")?;
+            self.durability.blocks_for_peer(request.into_inner(), BLOCK_BYTES_PIECE).await.map_err(Status::from)
+        };
+        let pieces = observe("FetchBlocks", call.await)?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(pieces)
+            .map(|piece| piece.map(|data| pb::BlockBytes { data: data.into() }).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
+
+/// Bytes per FetchBlocks message, well under a message's limit; the receiver joins them.
+const BLOCK_BYTES_PIECE: usize = 1 << 20;

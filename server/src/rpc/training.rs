@@ -37,7 +37,7 @@ impl ParameterService {
         let (model_name, worker, step) = (first.model.clone(), first.worker_id.clone(), first.step);
         let first_lr_scale = first.lr_scale;
         let scale = lr_scale(first_lr_scale)?;
-        let model = self.push_target(&model_name, &worker, first.epoch)?;
+        let model = self.push_target(&model_name, &worker, first.epoch, step)?;
         let mut assembler = Assembler::new(&model, Purpose::Gradients);
         let mut staging = self.bounds.stream_staging();
         let mut next = Some(first);
@@ -205,8 +205,16 @@ impl ParameterService {
         })))
     }
 
-    /// The model a push names, once the worker may push to it.
-    pub(super) fn push_target(&self, model_name: &str, worker: &str, epoch: u64) -> Result<Arc<Model>, ServerError> {
+    /// The model a push of `step` names, once the worker may push to it: refused
+    /// before its payload is read where a member could not push it (a held step
+    /// refused late would have its whole payload sent again at every retry).
+    pub(super) fn push_target(
+        &self,
+        model_name: &str,
+        worker: &str,
+        epoch: u64,
+        step: u64,
+    ) -> Result<Arc<Model>, ServerError> {
         check_worker_name(worker)?;
         let model = self.registry.get(model_name)?;
         if model.spec.options.mode == Mode::Federated {
@@ -216,6 +224,7 @@ impl ParameterService {
         if !model.membership.is_live(worker) {
             return Err(model.not_a_member(worker));
         }
+        model.refuse_if_held(step)?;
         Ok(model)
     }
 }

@@ -6,6 +6,7 @@
 
 mod block;
 pub mod clock;
+mod cluster;
 mod membership;
 mod model;
 mod registry;
@@ -13,13 +14,14 @@ mod registry;
 pub use block::{Block, BlockGradient, WaitFailure};
 #[cfg(test)]
 pub use block::{DecodedGradient, NoGradient};
+pub use cluster::{Addressed, Cluster, ListChange, ShardIdentity};
 pub use membership::{JoinError, MAX_RANK, Membership};
 pub use model::PushOutcome;
 pub use model::{
     BlockSnapshot, BlockUpdate, CheckpointPlan, CheckpointSink, Closing, DropReason, GroupStats, Model, ModelSnapshot,
     NormPart, RoundStats, Rounds, WriteReport,
 };
-pub use registry::{Registry, ShardIdentity};
+pub use registry::Registry;
 
 /// Runs `work` on the blocking pool, off the reactor: how the async layers
 /// call into the store (and anything else heavy).

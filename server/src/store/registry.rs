@@ -6,23 +6,15 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
+use super::cluster::{Cluster, ShardIdentity};
 use super::model::{Model, NormPart};
 use crate::error::ServerError;
 use crate::spec::ModelSpec;
 
-/// Where this shard sits in the cluster.
-#[derive(Clone, Debug)]
-pub struct ShardIdentity {
-    /// This shard's index.
-    pub index: u32,
-    /// Every shard's address, by index.
-    pub addresses: Vec<String>,
-}
-
 /// All models of this shard.
 pub struct Registry {
-    /// Where this shard sits in the cluster.
-    pub identity: ShardIdentity,
+    /// Where this shard sits in the cluster, now and after a reshard under way.
+    pub cluster: Arc<Cluster>,
     /// Lease given to joining workers.
     pub lease: Duration,
     models: RwLock<HashMap<String, Arc<Model>>>,
@@ -40,7 +32,7 @@ impl Registry {
     pub fn new(identity: ShardIdentity, lease: Duration) -> Self {
         let (norm_outbox, norm_parts) = tokio::sync::mpsc::unbounded_channel();
         Self {
-            identity,
+            cluster: Arc::new(Cluster::new(identity)),
             lease,
             models: RwLock::new(HashMap::new()),
             added: tokio::sync::Notify::new(),
@@ -55,9 +47,14 @@ impl Registry {
         self.norm_parts.lock().take()
     }
 
+    /// The current shard list and this shard's place in it.
+    pub fn identity(&self) -> Arc<ShardIdentity> {
+        self.cluster.identity()
+    }
+
     /// Number of shards in the cluster.
     pub fn num_shards(&self) -> u32 {
-        self.identity.addresses.len() as u32
+        self.cluster.identity().count()
     }
 
     /// A registered model.
@@ -98,6 +95,11 @@ impl Registry {
         self.models.write().insert(model.name().to_string(), model.clone());
         self.added.notify_waiters();
         model
+    }
+
+    /// Takes a model out of this shard (one dropped from the shard list by a reshard).
+    pub fn remove(&self, name: &str) -> Option<Arc<Model>> {
+        self.models.write().remove(name)
     }
 
     /// Notified whenever a model is added.

@@ -7,6 +7,7 @@ pub mod args;
 pub mod spec;
 pub mod telemetry;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -71,15 +72,24 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
     if let Some(addr) = args.metrics_addr {
         telemetry::install_exporter(addr).with_context(|| format!("serving worker metrics on {addr}"))?;
     }
-    let config = args.access.config(args.shards.clone())?;
-    let client = PsClient::connect(config)?;
-    client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
+    let mut config = args.access.config(args.shards.clone())?;
     let compression = spec::compression(&args);
-    let model = client
-        .register(&spec::model_spec(&args, compression), &Tensors::new())
-        .await
-        .context("registering the model")?;
-    let model = model.with_pull_encoding(spec::pull_encoding(args.pull_encoding));
+    // A worker started with a shard list the cluster has left (an online reshard) is told the new one.
+    let (client, model) = loop {
+        let client = PsClient::connect(config.clone())?;
+        client.wait_ready(args.start_timeout).await.context("waiting for the server shards")?;
+        match client.register(&spec::model_spec(&args, compression), &Tensors::new()).await {
+            Ok(model) => break (client, model),
+            Err(error) => match error.new_shard_list() {
+                Some(list) if list != config.shards => {
+                    tracing::warn!(from = ?config.shards, to = ?list, "the cluster's shard list changed; using the new one");
+                    config.shards = list;
+                }
+                _ => return Err(anyhow::Error::new(error).context("registering the model")),
+            },
+        }
+    };
+    let mut model = model.with_pull_encoding(spec::pull_encoding(args.pull_encoding));
     let mut compressor = compression.compressor();
     if let Some(dir) = &args.state_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -88,7 +98,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         }
     }
     let joined = join_within_world(&model, &worker, &args).await?;
-    let heartbeat = model.spawn_heartbeat(&worker);
+    let mut heartbeat = model.spawn_heartbeat(&worker);
     let rank = joined.rank as usize;
     let start = joined.version;
     let finished = args.mode != ModeArg::Async && start >= args.steps;
@@ -136,6 +146,12 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             let weights = match model.pull(mode.pull_version(step)).await {
                 Ok(weights) => weights,
                 Err(error) => {
+                    if let Some(next) = model.follow_new_layout(&error).await? {
+                        // An online reshard: the same step on the new shard list.
+                        heartbeat.abort();
+                        (model, heartbeat) = (next.clone(), next.spawn_heartbeat(&worker));
+                        continue;
+                    }
                     let Some(version) = model.resume_after_rollback(&worker, &error).await? else {
                         return Err(error.into());
                     };
@@ -199,10 +215,26 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
             // A plain compressor pushes the gradients themselves: handed over, so over
             // gRPC their f32 values go out from where they lie, uncopied. The others
             // push buffers they keep for the next step, which can only be lent.
-            let pushed_step = if matches!(compressor, Compressor::Plain) {
-                model.push_step_owned(&worker, base, grads).await?
-            } else {
-                model.push_step(&worker, base, compressor.prepare(&grads)).await?
+            let plain = matches!(compressor, Compressor::Plain);
+            let grads = Arc::new(grads);
+            let lent = (!plain).then(|| compressor.prepare(&grads));
+            let pushed_step = loop {
+                let attempt = match lent {
+                    Some(prepared) => model.push_step(&worker, base, prepared).await,
+                    None => model.push_step_owned(&worker, base, grads.clone()).await,
+                };
+                match attempt {
+                    Ok(outcome) => break outcome,
+                    // An online reshard: the same payload to the new shard list (the
+                    // compressor's state moved on once, for this step, whatever the list).
+                    Err(error) => match model.follow_new_layout(&error).await? {
+                        Some(next) => {
+                            heartbeat.abort();
+                            (model, heartbeat) = (next.clone(), next.spawn_heartbeat(&worker));
+                        }
+                        None => return Err(error.into()),
+                    },
+                }
             };
             let summary = match pushed_step {
                 StepOutcome::Pushed(summary) => summary,
@@ -241,6 +273,11 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<WorkerSummary> {
         match model.pull(if sync { args.steps } else { 0 }).await {
             Ok(weights) => break weights,
             Err(error) => {
+                if let Some(next) = model.follow_new_layout(&error).await? {
+                    heartbeat.abort();
+                    (model, heartbeat) = (next.clone(), next.spawn_heartbeat(&worker));
+                    continue;
+                }
                 let Some(version) = model.resume_after_rollback(&worker, &error).await? else {
                     return Err(error.into());
                 };

@@ -118,6 +118,15 @@ class RoundPart(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROUND_PART_DELTA: _ClassVar[RoundPart]
     ROUND_PART_CONTROL: _ClassVar[RoundPart]
+
+class ReshardPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESHARD_PHASE_UNSPECIFIED: _ClassVar[ReshardPhase]
+    RESHARD_PHASE_PREPARE: _ClassVar[ReshardPhase]
+    RESHARD_PHASE_HOLD: _ClassVar[ReshardPhase]
+    RESHARD_PHASE_ADOPT: _ClassVar[ReshardPhase]
+    RESHARD_PHASE_SWITCH: _ClassVar[ReshardPhase]
+    RESHARD_PHASE_ABORT: _ClassVar[ReshardPhase]
 CONSISTENCY_MODE_UNSPECIFIED: ConsistencyMode
 CONSISTENCY_MODE_SYNC: ConsistencyMode
 CONSISTENCY_MODE_ASYNC: ConsistencyMode
@@ -176,6 +185,12 @@ WEIGHT_PART_PARAMETERS: WeightPart
 WEIGHT_PART_CONTROL_VARIATE: WeightPart
 ROUND_PART_DELTA: RoundPart
 ROUND_PART_CONTROL: RoundPart
+RESHARD_PHASE_UNSPECIFIED: ReshardPhase
+RESHARD_PHASE_PREPARE: ReshardPhase
+RESHARD_PHASE_HOLD: ReshardPhase
+RESHARD_PHASE_ADOPT: ReshardPhase
+RESHARD_PHASE_SWITCH: ReshardPhase
+RESHARD_PHASE_ABORT: ReshardPhase
 
 class InitRule(_message.Message):
     __slots__ = ("kind", "value", "scale", "seed")
@@ -1186,3 +1201,79 @@ class BlockNorm(_message.Message):
 class StepNormResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ReshardRequest(_message.Message):
+    __slots__ = ("phase", "from_shards", "to_shards", "models", "timeout_ms")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    FROM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TO_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    phase: ReshardPhase
+    from_shards: _containers.RepeatedScalarFieldContainer[str]
+    to_shards: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedCompositeFieldContainer[ReshardModel]
+    timeout_ms: int
+    def __init__(self, phase: _Optional[_Union[ReshardPhase, str]] = ..., from_shards: _Optional[_Iterable[str]] = ..., to_shards: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ReshardModel, _Mapping]]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ReshardModel(_message.Message):
+    __slots__ = ("model", "version", "epoch")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    epoch: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReshardResponse(_message.Message):
+    __slots__ = ("models", "blocks_fetched", "bytes_fetched", "blocks_held")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_HELD_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ReshardModelState]
+    blocks_fetched: int
+    bytes_fetched: int
+    blocks_held: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ReshardModelState, _Mapping]]] = ..., blocks_fetched: _Optional[int] = ..., bytes_fetched: _Optional[int] = ..., blocks_held: _Optional[int] = ...) -> None: ...
+
+class ReshardModelState(_message.Message):
+    __slots__ = ("model", "min_version", "max_version", "epoch", "live_workers", "holds_blocks")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    min_version: int
+    max_version: int
+    epoch: int
+    live_workers: int
+    holds_blocks: bool
+    def __init__(self, model: _Optional[str] = ..., min_version: _Optional[int] = ..., max_version: _Optional[int] = ..., epoch: _Optional[int] = ..., live_workers: _Optional[int] = ..., holds_blocks: _Optional[bool] = ...) -> None: ...
+
+class FetchBlocksRequest(_message.Message):
+    __slots__ = ("model", "version", "blocks")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockRef]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[BlockRef, _Mapping]]] = ...) -> None: ...
+
+class BlockRef(_message.Message):
+    __slots__ = ("tensor", "block")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    block: int
+    def __init__(self, tensor: _Optional[str] = ..., block: _Optional[int] = ...) -> None: ...
+
+class BlockBytes(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

@@ -134,6 +134,16 @@ class ParameterServerStub:
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullResponse.FromString,
                 _registered_method=True)
+        self.Reshard = channel.unary_unary(
+                '/paramserver.v1.ParameterServer/Reshard',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.ReshardRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.ReshardResponse.FromString,
+                _registered_method=True)
+        self.FetchBlocks = channel.unary_stream(
+                '/paramserver.v1.ParameterServer/FetchBlocks',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.FetchBlocksRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.BlockBytes.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -333,6 +343,36 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reshard(self, request, context):
+        """Admin only (`ctl resize`): one phase of changing the shard list while
+        workers train (online resharding; docs/resharding.md). The new list keeps
+        every shard that stays at its index: it appends shards or drops the last
+        ones. PREPARE (every shard of both lists, old ones first): the shard
+        records the new list and reports each model's versions; FAILED_PRECONDITION
+        if a model is not in sync mode or the list breaks the rule above. HOLD
+        (old shards): the shard takes no push for a step past `version` and
+        answers when every block of the model is there (DEADLINE_EXCEEDED after
+        timeout_ms; FAILED_PRECONDITION if a block is past it already). ADOPT
+        (every shard of the new list): the shard builds its part of the model
+        under the new layout at `version`, fetching the blocks it takes over from
+        their old owners. SWITCH (every shard of both lists): the new list and
+        layout take over under `epoch`; requests made for the old list are
+        refused with layout-changed. ABORT: forget the new list, take pushes again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchBlocks(self, request, context):
+        """Between shards (clients never call it): blocks of a model as they are at
+        `version`, with their optimizer state and retry facts, the spec and the
+        members, for a shard that takes them over in an online reshard. Only
+        while the model is held at that version (FAILED_PRECONDITION otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -435,6 +475,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.PullLocal,
                     request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_paramserver__pb2.LocalPullResponse.SerializeToString,
+            ),
+            'Reshard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reshard,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.ReshardRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.ReshardResponse.SerializeToString,
+            ),
+            'FetchBlocks': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBlocks,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.FetchBlocksRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.BlockBytes.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -977,6 +1027,60 @@ class ParameterServer:
             '/paramserver.v1.ParameterServer/PullLocal',
             paramserver_dot_v1_dot_paramserver__pb2.LocalPullRequest.SerializeToString,
             paramserver_dot_v1_dot_paramserver__pb2.LocalPullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reshard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/Reshard',
+            paramserver_dot_v1_dot_paramserver__pb2.ReshardRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.ReshardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/paramserver.v1.ParameterServer/FetchBlocks',
+            paramserver_dot_v1_dot_paramserver__pb2.FetchBlocksRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.BlockBytes.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,7 +66,7 @@ impl CheckpointStore {
         for model_dir in read.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
             for version in versions_in(&model_dir) {
                 let Ok(manifest) = read_manifest(&version_dir(&model_dir, version)) else { continue };
-                if (manifest.shard, manifest.num_shards) != (self.shard, self.num_shards) {
+                if (manifest.shard, manifest.num_shards) != (self.shard, self.count()) {
                     found.entry((manifest.model, manifest.shard, manifest.num_shards)).or_default().push(version);
                 }
             }
@@ -86,7 +86,7 @@ impl CheckpointStore {
         Err(CheckpointError::OtherLayout {
             root: self.root.clone(),
             shard: self.shard,
-            num_shards: self.num_shards,
+            num_shards: self.count(),
             found,
         })
     }

@@ -11,7 +11,9 @@
 pub mod export;
 pub mod format;
 mod layout;
+mod online;
 pub mod reshard;
+pub mod wire;
 mod writer;
 
 pub use self::layout::ForeignCheckpoints;
@@ -34,6 +36,9 @@ const FORMAT: &str = "ps-checkpoint/1";
 const TENSORS: &str = "tensors.safetensors";
 const SPEC: &str = "spec.pb";
 const MANIFEST: &str = "manifest.json";
+
+/// Under a checkpoint directory, where a reshard in place keeps what it replaced.
+pub const BEFORE_RESHARD: &str = ".before-reshard";
 
 /// Why a checkpoint could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -155,12 +160,133 @@ fn versions_in(model_dir: &Path) -> Vec<u64> {
 }
 
 /// A version directory's manifest as written, not yet checked against a shard.
+/// Moves the checkpoints of `model` under `dir` to
+/// `.before-reshard/<aside_name>/` (numbered when that is taken: a second
+/// reshard at the same version, there and back, keeps both sets); returns
+/// where they went, or None when there were none.
+fn set_aside(dir: &Path, model: &str, aside_name: &str) -> Result<Option<PathBuf>, CheckpointError> {
+    let current = dir.join(escape(model));
+    if !current.exists() {
+        return Ok(None);
+    }
+    let aside = (0..)
+        .map(|n| match n {
+            0 => dir.join(BEFORE_RESHARD).join(aside_name),
+            n => dir.join(BEFORE_RESHARD).join(format!("{aside_name}.{n}")),
+        })
+        .find(|candidate| !candidate.join(escape(model)).exists())
+        .expect("some numbered name is free");
+    fs::create_dir_all(&aside).map_err(io_error(&aside))?;
+    let moved_to = aside.join(escape(model));
+    fs::rename(&current, &moved_to).map_err(io_error(&moved_to))?;
+    Ok(Some(moved_to))
+}
+
+impl Manifest {
+    /// The manifest of `snapshot`, whose blocks `entries` describe, written now.
+    fn of(snapshot: &ModelSnapshot, entries: Vec<BlockEntry>, files: BTreeMap<String, FileSum>) -> Self {
+        Self {
+            format: FORMAT.into(),
+            model: snapshot.model.clone(),
+            shard: snapshot.shard,
+            num_shards: snapshot.num_shards,
+            version: snapshot.version,
+            epoch: snapshot.epoch,
+            written_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            members: snapshot.members.clone(),
+            last_included: snapshot.last_included.clone(),
+            blocks: entries,
+            files,
+        }
+    }
+}
+
+impl BlockEntry {
+    fn of(block: &BlockSnapshot) -> Self {
+        Self {
+            tensor: block.tensor.clone(),
+            block: block.block,
+            version: block.version,
+            skipped_steps: block.skipped_steps,
+            overflow_steps: block.overflow_steps,
+            last_contributors: block.last_contributors.clone(),
+            async_steps: block.async_steps.clone(),
+            buffers: block.optimizer.buffers.keys().cloned().collect(),
+            integers: block.optimizer.integers.keys().cloned().collect(),
+            global: !block.global.is_empty(),
+        }
+    }
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
     let path = dir.join(MANIFEST);
     let text = fs::read(&path).map_err(io_error(&path))?;
     serde_json::from_slice(&text).map_err(|e| CheckpointError::Invalid {
         path: dir.to_path_buf(),
         reason: format!("manifest.json does not parse: {e}"),
+    })
+}
+
+/// A snapshot from a checkpoint's manifest, spec and tensors (read from files
+/// or received from a peer), checking that every tensor the manifest names is there.
+fn snapshot_of(
+    manifest: Manifest,
+    spec: Vec<u8>,
+    mut tensors: BTreeMap<String, Values>,
+    invalid: impl Fn(String) -> CheckpointError,
+) -> Result<ModelSnapshot, CheckpointError> {
+    let mut take_f32 = |key: String| match tensors.remove(&key) {
+        Some(Values::F32(v)) => Ok(v),
+        _ => Err(invalid(format!("{TENSORS} lacks f32 tensor '{key}'"))),
+    };
+    let mut blocks = Vec::with_capacity(manifest.blocks.len());
+    let mut integer_keys = Vec::new();
+    for entry in &manifest.blocks {
+        let mut block = BlockSnapshot {
+            tensor: entry.tensor.clone(),
+            block: entry.block,
+            version: entry.version,
+            skipped_steps: entry.skipped_steps,
+            overflow_steps: entry.overflow_steps,
+            params: Arc::default(),
+            optimizer: OptimizerState::default(),
+            global: Vec::new(),
+            last_contributors: entry.last_contributors.clone(),
+            async_steps: entry.async_steps.clone(),
+        };
+        block.params = Arc::new(take_f32(tensor_key(&block, "params"))?);
+        for field in &entry.buffers {
+            let values = take_f32(tensor_key(&block, &format!("buffer/{field}")))?;
+            block.optimizer.buffers.insert(field.clone(), Arc::new(values.into()));
+        }
+        if entry.global {
+            block.global = take_f32(tensor_key(&block, "global"))?;
+        }
+        integer_keys.push(entry.integers.clone());
+        blocks.push(block);
+    }
+    for (block, fields) in blocks.iter_mut().zip(integer_keys) {
+        for field in fields {
+            let key = tensor_key(block, &format!("integer/{field}"));
+            match tensors.remove(&key) {
+                Some(Values::U64(v)) => {
+                    block.optimizer.integers.insert(field, v);
+                }
+                _ => return Err(invalid(format!("{TENSORS} lacks u64 tensor '{key}'"))),
+            }
+        }
+    }
+    Ok(ModelSnapshot {
+        model: manifest.model,
+        spec,
+        shard: manifest.shard,
+        num_shards: manifest.num_shards,
+        version: manifest.version,
+        epoch: manifest.epoch,
+        members: manifest.members,
+        last_included: manifest.last_included,
+        blocks,
+        copy_seconds: 0.0,
     })
 }
 
@@ -193,7 +319,8 @@ pub struct CheckpointStore {
     root: PathBuf,
     keep: usize,
     shard: u32,
-    num_shards: u32,
+    /// The cluster's size, which an online reshard changes.
+    num_shards: Arc<std::sync::atomic::AtomicU32>,
     /// Per model, the versions kept for the cluster whatever `keep` says.
     pins: Arc<parking_lot::Mutex<std::collections::HashMap<String, Pins>>>,
 }
@@ -220,7 +347,12 @@ impl CheckpointStore {
     /// Checkpoints of shard `shard` of `num_shards` under `root`, keeping the newest `keep` per model.
     pub fn new(root: PathBuf, keep: usize, shard: u32, num_shards: u32) -> Result<Self, CheckpointError> {
         fs::create_dir_all(&root).map_err(io_error(&root))?;
+        let num_shards = Arc::new(std::sync::atomic::AtomicU32::new(num_shards));
         Ok(Self { root, keep: keep.max(1), shard, num_shards, pins: Arc::default() })
+    }
+
+    pub(super) fn count(&self) -> u32 {
+        self.num_shards.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Keeps `version` of `model` from pruning if it is on disk and not being
@@ -308,18 +440,7 @@ impl CheckpointStore {
             for (name, values) in block_tensors(block) {
                 headers.push((name, values.dtype(), values.len()));
             }
-            entries.push(BlockEntry {
-                tensor: block.tensor.clone(),
-                block: block.block,
-                version: block.version,
-                skipped_steps: block.skipped_steps,
-                overflow_steps: block.overflow_steps,
-                last_contributors: block.last_contributors.clone(),
-                async_steps: block.async_steps.clone(),
-                buffers: block.optimizer.buffers.keys().cloned().collect(),
-                integers: block.optimizer.integers.keys().cloned().collect(),
-                global: !block.global.is_empty(),
-            });
+            entries.push(BlockEntry::of(block));
         }
         let path = dir.join(TENSORS);
         let file = File::create(&path).map_err(io_error(&path))?;
@@ -343,19 +464,7 @@ impl CheckpointStore {
             FileSum { bytes: snapshot.spec.len() as u64, crc32: crc32fast::hash(&snapshot.spec) },
         );
 
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            model: snapshot.model.clone(),
-            shard: snapshot.shard,
-            num_shards: snapshot.num_shards,
-            version: snapshot.version,
-            epoch: snapshot.epoch,
-            written_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            members: snapshot.members.clone(),
-            last_included: snapshot.last_included.clone(),
-            blocks: entries,
-            files,
-        };
+        let manifest = Manifest::of(&snapshot, entries, files);
         let text = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| CheckpointError::Invalid { path: dir.to_path_buf(), reason: format!("manifest: {e}") })?;
         write_small(&dir.join(MANIFEST), &text)?;
@@ -438,10 +547,13 @@ impl CheckpointStore {
         if manifest.model != model || manifest.version != version {
             return Err(invalid(format!("holds model '{}' version {}", manifest.model, manifest.version)));
         }
-        if (manifest.shard, manifest.num_shards) != (self.shard, self.num_shards) {
+        if (manifest.shard, manifest.num_shards) != (self.shard, self.count()) {
             return Err(invalid(format!(
                 "written by shard {} of {}, this is shard {} of {}",
-                manifest.shard, manifest.num_shards, self.shard, self.num_shards
+                manifest.shard,
+                manifest.num_shards,
+                self.shard,
+                self.count()
             )));
         }
         for (name, sum) in &manifest.files {
@@ -475,7 +587,7 @@ impl CheckpointStore {
         let expected = &manifest.files[TENSORS];
         let file = File::open(&path).map_err(io_error(&path))?;
         let mut reader = ChecksummedReader::new(BufReader::with_capacity(4 << 20, file));
-        let mut tensors =
+        let tensors =
             format::read_tensors(&mut reader, expected.bytes).map_err(|e| invalid(format!("{TENSORS}: {e}")))?;
         let crc = reader.finish().map_err(io_error(&path))?;
         if crc != expected.crc32 {
@@ -484,59 +596,7 @@ impl CheckpointStore {
                 expected.crc32
             )));
         }
-        let mut take_f32 = |key: String| match tensors.remove(&key) {
-            Some(Values::F32(v)) => Ok(v),
-            _ => Err(invalid(format!("{TENSORS} lacks f32 tensor '{key}'"))),
-        };
-        let mut blocks = Vec::with_capacity(manifest.blocks.len());
-        let mut integer_keys = Vec::new();
-        for entry in &manifest.blocks {
-            let mut block = BlockSnapshot {
-                tensor: entry.tensor.clone(),
-                block: entry.block,
-                version: entry.version,
-                skipped_steps: entry.skipped_steps,
-                overflow_steps: entry.overflow_steps,
-                params: Arc::default(),
-                optimizer: OptimizerState::default(),
-                global: Vec::new(),
-                last_contributors: entry.last_contributors.clone(),
-                async_steps: entry.async_steps.clone(),
-            };
-            block.params = Arc::new(take_f32(tensor_key(&block, "params"))?);
-            for field in &entry.buffers {
-                let values = take_f32(tensor_key(&block, &format!("buffer/{field}")))?;
-                block.optimizer.buffers.insert(field.clone(), Arc::new(values.into()));
-            }
-            if entry.global {
-                block.global = take_f32(tensor_key(&block, "global"))?;
-            }
-            integer_keys.push(entry.integers.clone());
-            blocks.push(block);
-        }
-        for (block, fields) in blocks.iter_mut().zip(integer_keys) {
-            for field in fields {
-                let key = tensor_key(block, &format!("integer/{field}"));
-                match tensors.remove(&key) {
-                    Some(Values::U64(v)) => {
-                        block.optimizer.integers.insert(field, v);
-                    }
-                    _ => return Err(invalid(format!("{TENSORS} lacks u64 tensor '{key}'"))),
-                }
-            }
-        }
-        Ok(ModelSnapshot {
-            model: manifest.model,
-            spec,
-            shard: manifest.shard,
-            num_shards: manifest.num_shards,
-            version: manifest.version,
-            epoch: manifest.epoch,
-            members: manifest.members,
-            last_included: manifest.last_included,
-            blocks,
-            copy_seconds: 0.0,
-        })
+        snapshot_of(manifest, spec, tensors, invalid)
     }
 
     /// The newest checkpoint of `model` that reads back intact; a torn or

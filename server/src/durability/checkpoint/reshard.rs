@@ -25,7 +25,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::export::{ExportError, decode_spec, load_cluster};
-use super::{CheckpointError, CheckpointStore, escape, io_error, sync_dir, versions_in};
+use super::{CheckpointError, CheckpointStore, escape, io_error, set_aside, sync_dir, versions_in};
 use crate::error::ServerError;
 use crate::spec::ModelSpec;
 use crate::store::{BlockSnapshot, ModelSnapshot};
@@ -71,8 +71,7 @@ pub struct ReshardReport {
     pub set_aside: Vec<String>,
 }
 
-/// Under a checkpoint directory, where a reshard in place keeps what it replaced.
-pub const BEFORE_RESHARD: &str = ".before-reshard";
+pub use super::BEFORE_RESHARD;
 
 /// Reads the checkpoint of `model` at `version` (default: the newest every
 /// old shard holds intact) from `from` (each old shard's directory, once, in
@@ -171,18 +170,7 @@ pub fn reshard(
     let aside_name = format!("{}-shards-v{}", cluster.num_shards, cluster.version);
     for (dir, stage) in to.iter().zip(&staged) {
         let current = dir.join(escape(model));
-        if current.exists() {
-            // A second reshard at the same version (there and back) keeps both sets aside.
-            let aside = (0..)
-                .map(|n| match n {
-                    0 => dir.join(BEFORE_RESHARD).join(&aside_name),
-                    n => dir.join(BEFORE_RESHARD).join(format!("{aside_name}.{n}")),
-                })
-                .find(|candidate| !candidate.join(escape(model)).exists())
-                .expect("some numbered name is free");
-            fs::create_dir_all(&aside).map_err(io_error(&aside))?;
-            let moved_to = aside.join(escape(model));
-            fs::rename(&current, &moved_to).map_err(io_error(&moved_to))?;
+        if let Some(moved_to) = set_aside(dir, model, &aside_name)? {
             report.set_aside.push(moved_to.display().to_string());
         }
         fs::rename(stage.join(escape(model)), &current).map_err(io_error(&current))?;

@@ -27,7 +27,7 @@ impl ParameterService {
     ) -> Result<pb::PushGradientsResponse, Status> {
         let local = self.local()?;
         let _slot = self.bounds.streams.open("PushLocal")?;
-        let model = self.push_target(&request.model, &request.worker_id, request.epoch)?;
+        let model = self.push_target(&request.model, &request.worker_id, request.epoch, request.step)?;
         let segment = local.attached(&request.segment)?;
         if request.chunks.is_empty() {
             return Err(ServerError::EmptyPush.into());

@@ -60,6 +60,9 @@ impl Model {
         }
         // A copy retired by a rollback takes nothing; the retry reaches the restored copy.
         self.check_serving()?;
+        // Held for the whole commit, so a hold is placed between pushes, never inside one.
+        let hold = self.hold.read();
+        self.check_hold(*hold, step)?;
         if !self.membership.is_live(worker) {
             return Err(self.not_a_member(worker));
         }

@@ -9,6 +9,7 @@ mod barrier;
 #[cfg(test)]
 mod buffer_tests;
 mod clip;
+mod moving;
 mod rounds;
 mod snapshot;
 
@@ -56,6 +57,32 @@ pub struct GroupStats {
     pub pending_bytes: u64,
 }
 
+/// A new block of `b` with its optimizer, its weights initialized by the
+/// tensor's rule (or left at zero, untouched, for one whose values will be
+/// installed), and its federated state.
+fn fresh_block(spec: &ModelSpec, b: &BlockPlan, initialize: bool) -> Block {
+    let tensor = &spec.tensors[b.tensor];
+    let group = &spec.groups[tensor.group];
+    let mut params = vec![0.0; b.length as usize];
+    if initialize {
+        fill_initial(&tensor.init, &tensor.name, b.offset, &mut params);
+    }
+    let optimizer = optim::build(
+        &group.optimizer,
+        &SliceInfo {
+            name: &tensor.name,
+            dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
+            matrix: tensor.shape.len() >= 2,
+            projectable: tensor.projectable,
+        },
+    );
+    let block = Block::new(b.tensor, b.block, tensor.group, params, optimizer);
+    if let Some(rounds) = &spec.federated {
+        block.lock().global = vec![0.0; rounds.global_state_len(b.length as usize)];
+    }
+    block
+}
+
 /// A registered model: the validated spec, the layout, this shard's blocks and the membership.
 pub struct Model {
     /// The validated spec.
@@ -93,11 +120,29 @@ pub struct Model {
     norm_shards: Vec<u32>,
     /// The local blocks that take part in the norm.
     norm_blocks: usize,
+    /// Online reshard: the version the model is held at (no push of a later
+    /// step is taken). Pushes hold it shared for their whole commit.
+    hold: parking_lot::RwLock<Option<u64>>,
 }
 
 impl Model {
     /// Lays out the model and allocates and initializes this shard's blocks.
     pub fn new(spec: ModelSpec, shard: u32, num_shards: u32, lease: Duration) -> Self {
+        let fresh = |spec: &ModelSpec, b: &BlockPlan| Ok(Arc::new(fresh_block(spec, b, true)));
+        match Self::with_blocks(spec, shard, num_shards, lease, fresh) {
+            Ok(model) => model,
+            Err(never) => unreachable!("a fresh block cannot fail: {never}"),
+        }
+    }
+
+    /// Lays out the model and takes each of this shard's blocks from `source`.
+    pub(super) fn with_blocks(
+        spec: ModelSpec,
+        shard: u32,
+        num_shards: u32,
+        lease: Duration,
+        source: impl Fn(&ModelSpec, &BlockPlan) -> Result<Arc<Block>, ServerError> + Sync,
+    ) -> Result<Self, ServerError> {
         let plan = spec.plan(num_shards);
         let mut tensor_blocks = vec![0..0; spec.tensors.len()];
         for (i, block) in plan.iter().enumerate() {
@@ -108,29 +153,8 @@ impl Model {
             range.end = i + 1;
         }
         let local_plans: Vec<&BlockPlan> = plan.iter().filter(|b| b.shard == shard).collect();
-        let local_order: Vec<Arc<Block>> = local_plans
-            .par_iter()
-            .map(|b| {
-                let tensor = &spec.tensors[b.tensor];
-                let group = &spec.groups[tensor.group];
-                let mut params = vec![0.0; b.length as usize];
-                fill_initial(&tensor.init, &tensor.name, b.offset, &mut params);
-                let optimizer = optim::build(
-                    &group.optimizer,
-                    &SliceInfo {
-                        name: &tensor.name,
-                        dims: Dims { rows: b.rows as usize, cols: layout::row_length(&tensor.shape) as usize },
-                        matrix: tensor.shape.len() >= 2,
-                        projectable: tensor.projectable,
-                    },
-                );
-                let block = Block::new(b.tensor, b.block, tensor.group, params, optimizer);
-                if let Some(rounds) = &spec.federated {
-                    block.lock().global = vec![0.0; rounds.global_state_len(b.length as usize)];
-                }
-                Arc::new(block)
-            })
-            .collect();
+        let local_order: Vec<Arc<Block>> =
+            local_plans.par_iter().map(|b| source(&spec, b)).collect::<Result<_, ServerError>>()?;
         let local = local_order.iter().map(|b| ((b.tensor, b.index), b.clone())).collect();
         let tensor_index = spec.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let cap = (spec.options.contract.max_workers > 0).then_some(spec.options.contract.max_workers as usize);
@@ -161,9 +185,10 @@ impl Model {
             outbox: OnceLock::new(),
             norm_shards,
             norm_blocks,
+            hold: parking_lot::RwLock::new(None),
         };
         model.publish_gauges();
-        model
+        Ok(model)
     }
 
     /// Sets the epoch and the checkpoint plan (before the model is shared).
@@ -239,6 +264,11 @@ impl Model {
     /// Whether a rollback replaced this copy of the model.
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// The number of shards this copy of the model is laid out for.
+    pub fn num_shards(&self) -> u32 {
+        self.num_shards
     }
 
     /// The model's name.

@@ -106,6 +106,8 @@ struct PlanState {
     captures: BTreeMap<u64, Capture>,
     /// Versions written (or found on disk), newest last.
     written: BTreeMap<u64, Result<WriteReport, String>>,
+    /// Versions handed to the writer and not written yet.
+    submitted: BTreeSet<u64>,
 }
 
 /// Which versions of a model are checkpointed, and the snapshots under way.
@@ -247,6 +249,7 @@ impl CheckpointPlan {
         let result = result.map(|report| WriteReport { copy_seconds: report.copy_seconds + copies, ..report });
         let mut state = self.state.lock();
         state.targets.remove(&version);
+        state.submitted.remove(&version);
         state.written.insert(version, result);
         // Marks for old versions are kept only as long as a rollback could go there.
         while state.written.len() > 64 {
@@ -254,6 +257,21 @@ impl CheckpointPlan {
         }
         drop(state);
         self.writes.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until every snapshot handed to the writer is written (or failed),
+    /// or `timeout` passes; returns whether none is left.
+    pub async fn settle(&self, timeout: Duration) -> bool {
+        let mut rx = self.writes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.state.lock().submitted.is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Waits until `version` is written or `timeout` passes.
@@ -282,8 +300,43 @@ impl CheckpointPlan {
     }
 }
 
+/// Puts a saved block's weights (shared, not copied), optimizer state, federated
+/// state and retry facts into `block`, which must be of its length.
+pub(super) fn install_block(block: &Block, saved: &BlockSnapshot) -> Result<(), String> {
+    let mut state = block.lock();
+    if saved.params.len() != block.len || saved.global.len() != state.global.len() {
+        return Err("the saved block has the wrong length".into());
+    }
+    state.optimizer.import_state(&saved.optimizer).map_err(|e| e.to_string())?;
+    state.params = saved.params.clone();
+    state.global.copy_from_slice(&saved.global);
+    state.version = saved.version;
+    state.skipped_steps = saved.skipped_steps;
+    state.overflow_steps = saved.overflow_steps;
+    state.last_contributors = saved.last_contributors.clone();
+    state.last_async_step = saved.async_steps.iter().cloned().collect();
+    block.announce(saved.version);
+    Ok(())
+}
+
 impl Model {
-    fn block_snapshot(&self, block: &Block, state: &BlockState) -> BlockSnapshot {
+    /// This copy's part of the model at `version`, made of `blocks`.
+    pub(super) fn snapshot_of(&self, version: u64, blocks: Vec<BlockSnapshot>, copy_seconds: f64) -> ModelSnapshot {
+        ModelSnapshot {
+            model: self.spec.name.clone(),
+            spec: self.spec.fingerprint.clone(),
+            shard: self.shard,
+            num_shards: self.num_shards,
+            version,
+            epoch: self.epoch(),
+            members: self.membership.ranks(),
+            last_included: self.rounds.as_ref().map(|r| r.last_included()).unwrap_or_default(),
+            blocks,
+            copy_seconds,
+        }
+    }
+
+    pub(super) fn block_snapshot(&self, block: &Block, state: &BlockState) -> BlockSnapshot {
         BlockSnapshot {
             tensor: self.spec.tensors[block.tensor].name.clone(),
             block: block.index,
@@ -323,19 +376,12 @@ impl Model {
                 .collect();
             ready.into_iter().filter_map(|v| state.captures.remove(&v).map(|c| (v, c))).collect()
         };
+        if !complete.is_empty() {
+            self.checkpoints.state.lock().submitted.extend(complete.iter().map(|(v, _)| *v));
+        }
         for (version, capture) in complete {
-            let snapshot = ModelSnapshot {
-                model: self.spec.name.clone(),
-                spec: self.spec.fingerprint.clone(),
-                shard: self.shard,
-                num_shards: self.num_shards,
-                version,
-                epoch: self.epoch(),
-                members: self.membership.ranks(),
-                last_included: self.rounds.as_ref().map(|r| r.last_included()).unwrap_or_default(),
-                blocks: capture.blocks.into_values().collect(),
-                copy_seconds: capture.copy.as_secs_f64(),
-            };
+            let blocks = capture.blocks.into_values().collect();
+            let snapshot = self.snapshot_of(version, blocks, capture.copy.as_secs_f64());
             sink.submit(snapshot, self.checkpoints.clone());
         }
     }
@@ -398,22 +444,7 @@ impl Model {
             let saved = by_key
                 .get(&(name.as_str(), block.index))
                 .ok_or_else(|| fail(format!("block {} of tensor '{name}' is missing", block.index)))?;
-            let mut state = block.lock();
-            if saved.params.len() != block.len || saved.global.len() != state.global.len() {
-                return Err(fail(format!("block {} of tensor '{name}' has the wrong length", block.index)));
-            }
-            state
-                .optimizer
-                .import_state(&saved.optimizer)
-                .map_err(|e| fail(format!("block {} of tensor '{name}': {e}", block.index)))?;
-            Arc::make_mut(&mut state.params).copy_from_slice(&saved.params);
-            state.global.copy_from_slice(&saved.global);
-            state.version = saved.version;
-            state.skipped_steps = saved.skipped_steps;
-            state.overflow_steps = saved.overflow_steps;
-            state.last_contributors = saved.last_contributors.clone();
-            state.last_async_step = saved.async_steps.iter().cloned().collect();
-            block.announce(saved.version);
+            install_block(block, saved).map_err(|e| fail(format!("block {} of tensor '{name}': {e}", block.index)))?;
         }
         for (worker, rank) in &snapshot.members {
             // Restored members get a fresh lease; one that is gone expires as usual.
@@ -427,8 +458,8 @@ impl Model {
     }
 
     /// A snapshot of every block as it is now, for a model whose blocks are all
-    /// at one version with nothing pending.
-    #[cfg(test)]
+    /// at one version with nothing pending (one held for an online reshard, or
+    /// not yet shared); None when the versions differ.
     pub fn snapshot_now(&self) -> Option<ModelSnapshot> {
         let (lowest, highest) = self.version_range();
         if lowest != highest {
@@ -436,17 +467,6 @@ impl Model {
         }
         let started = Instant::now();
         let blocks = self.local_order.iter().map(|block| self.block_snapshot(block, &block.lock())).collect();
-        Some(ModelSnapshot {
-            model: self.spec.name.clone(),
-            spec: self.spec.fingerprint.clone(),
-            shard: self.shard,
-            num_shards: self.num_shards,
-            version: lowest,
-            epoch: self.epoch(),
-            members: self.membership.ranks(),
-            last_included: self.rounds.as_ref().map(|r| r.last_included()).unwrap_or_default(),
-            blocks,
-            copy_seconds: started.elapsed().as_secs_f64(),
-        })
+        Some(self.snapshot_of(lowest, blocks, started.elapsed().as_secs_f64()))
     }
 }
