@@ -60,9 +60,14 @@ impl Cluster {
 
     /// Shard `index` started with `list` as its shard list, on its own checkpoint directory.
     fn spawn_shard(&self, index: usize, list: &str) -> ServerProcess {
+        self.spawn_shard_with_metrics(index, list, "off")
+    }
+
+    /// As [`Self::spawn_shard`], serving its metrics on `metrics`.
+    fn spawn_shard_with_metrics(&self, index: usize, list: &str, metrics: &str) -> ServerProcess {
         let (index_arg, dir) = (index.to_string(), self.dir.join(format!("checkpoints-{index}")));
         let dir = dir.to_string_lossy().to_string();
-        let args = ["--shard-index", &index_arg, "--shards", list, "--metrics-addr", "off", "--lease", "5s"];
+        let args = ["--shard-index", &index_arg, "--shards", list, "--metrics-addr", metrics, "--lease", "5s"];
         let args = [&args[..], &["--checkpoint-dir", &dir, "--checkpoint-every", "25"]].concat();
         let log = self.dir.join(format!("shard-{index}.log"));
         ServerProcess::spawn_logged(&sibling_binary("server"), &args, &log).expect("starting a shard")
@@ -198,11 +203,21 @@ fn resized_there_and_back(label: &str, optimizer: &str) {
     let reference = reference(label, optimizer);
     let mut cluster = Cluster::start(label);
     let three = cluster.list(3);
-    cluster.shards.push(Some(cluster.spawn_shard(2, &three)));
+    let metrics = format!("127.0.0.1:{}", free_port().unwrap());
+    cluster.shards.push(Some(cluster.spawn_shard_with_metrics(2, &three, &metrics)));
     cluster.start_workers(optimizer);
     cluster.wait_for_version(2, 60);
     let (moved, said) = cluster.resize(2, 3, "60s");
     assert!(moved && said.contains("resized from 2 to 3 shards"), "{said}");
+    // What the added shard took over, as an operator's Prometheus sees it.
+    let scraped = scrape(&metrics);
+    let value = |name: &str| {
+        scraped.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert!(value("ps_blocks_moved_total").is_some_and(|v| v > 0.0), "{scraped}");
+    assert!(value("ps_reshard_bytes_moved_total").is_some_and(|v| v > 0.0), "{scraped}");
+    assert_eq!(value("ps_blocks_moving"), Some(0.0), "{scraped}");
+    assert_eq!(value("ps_shards"), Some(3.0), "{scraped}");
     cluster.wait_for_version(3, 160);
     let status = cluster.runtime.block_on(cluster.client(3).status(MODEL)).unwrap();
     assert_eq!(status.len(), 3);
@@ -274,6 +289,14 @@ fn a_move_whose_new_shard_dies_is_aborted_and_the_run_goes_on() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    // A checkpoint asked for while the run is held waits for the hold to end, then is written.
+    let checkpoint = Command::new(sibling_binary("ctl"))
+        .args(["--shards", &cluster.list(2), "checkpoint", "--model", MODEL])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let mut new_shard = cluster.shards[2].take().unwrap();
     new_shard.signal("KILL").unwrap();
     new_shard.wait_exit(Duration::from_secs(10)).unwrap();
@@ -283,12 +306,25 @@ fn a_move_whose_new_shard_dies_is_aborted_and_the_run_goes_on() {
     let output = ctl.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the resize succeeded without its new shard: {said}");
-    eprintln!("ctl said: {said}");
+    assert!(said.contains("failed in ADOPT") && said.contains("aborted"), "{said}");
+    let written = checkpoint.wait_with_output().unwrap();
+    let answer = String::from_utf8_lossy(&written.stdout).to_string() + &String::from_utf8_lossy(&written.stderr);
+    assert!(written.status.success(), "the checkpoint asked for during the hold: {answer}");
     cluster.finish_workers();
     assert_same_bits("dies", &cluster.final_bits(2), &reference, &cluster.dir);
     let status = cluster.runtime.block_on(cluster.client(2).status(MODEL)).unwrap();
     assert!(status.iter().all(|s| s.num_shards == 2), "{status:?}");
     cluster.cleanup();
+}
+
+/// The Prometheus text a shard serves on `address`.
+fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("the metrics endpoint");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
 }
 
 /// Sends `name` (STOP, CONT) to process `pid`.

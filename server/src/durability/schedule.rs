@@ -113,6 +113,10 @@ impl Durability {
             let version = if live { highest + 2 } else { highest };
             let scheduled = model.clone();
             let mut result = blocking(move || scheduled.schedule_checkpoint(version, live)).await?;
+            if let Err(held @ ServerError::Resharding { .. }) = result {
+                // An online reshard holds the model: the caller retries once it is over.
+                return Err(held);
+            }
             let request = pb::CheckpointRequest {
                 model: name.clone(),
                 version: Some(version),
@@ -121,6 +125,11 @@ impl Durability {
             };
             for (peer, answer) in self.peers.checkpoint(request).await {
                 if let Err(status) = answer {
+                    let kind = status.metadata().get(ps_proto::errors::ERROR_KIND_HEADER);
+                    if kind.is_some_and(|k| k == ps_proto::errors::RESHARDING) {
+                        let reason = format!("shard {peer}: {}", status.message());
+                        return Err(ServerError::Resharding { model: name, version, reason });
+                    }
                     result = Err(checkpoint_error(&name, format!("shard {peer}: {}", status.message())));
                 }
             }

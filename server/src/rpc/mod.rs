@@ -77,6 +77,7 @@ pub async fn serve(
     let peers = Peers::new(&identity, options.tokens.for_peers(), options.tls.as_ref().map(|tls| &tls.peers));
     let registry = Arc::new(Registry::new(identity, options.lease));
     let gate = Gate { auth: BearerAuth::new(&options.tokens), shard: ShardCheck::new(registry.cluster.clone()) };
+    metrics::gauge!(crate::metrics::SHARDS).set(f64::from(registry.num_shards()));
     let limits = options.limits.clone();
     let bounds = Arc::new(ShardBounds::new(options.limits));
     let durability = Durability::new(&options.checkpoints, registry.clone(), peers.clone(), bounds.clone())?;

@@ -395,6 +395,15 @@ impl Model {
         if !self.checkpoints.enabled() {
             return Err(ServerError::NoCheckpointDir);
         }
+        // This copy is about to be replaced by an online reshard and would never write a
+        // version past the hold; the request is retried and reaches the new copy.
+        if let Some(held) = self.held_at() {
+            let reason = format!(
+                "held at version {held} while blocks move between shards (online reshard); the checkpoint is \
+                 scheduled once the move ends: retry"
+            );
+            return Err(ServerError::Resharding { model: self.spec.name.clone(), version: held, reason });
+        }
         if self.checkpoints.written(version).is_some_and(|r| r.is_ok()) {
             return Ok(());
         }
