@@ -52,6 +52,13 @@ pub struct Durability {
     bounds: Arc<ShardBounds>,
 }
 
+/// The validated spec a snapshot (from disk or from a peer) carries in its wire form.
+fn spec_of(snapshot: &ModelSnapshot) -> Result<ModelSpec, ServerError> {
+    let wire = pb::ModelSpec::decode(snapshot.spec.as_slice())
+        .map_err(|e| checkpoint_error(&snapshot.model, format!("spec.pb does not decode: {e}")))?;
+    ModelSpec::try_from(wire)
+}
+
 fn checkpoint_error(model: &str, reason: impl ToString) -> ServerError {
     ServerError::Checkpoint { model: model.to_string(), reason: reason.to_string() }
 }
@@ -105,9 +112,7 @@ impl Durability {
 
     /// A model rebuilt from a snapshot under `epoch` (not yet shared).
     fn rebuild(&self, snapshot: &ModelSnapshot, epoch: u64) -> Result<Model, ServerError> {
-        let wire = pb::ModelSpec::decode(snapshot.spec.as_slice())
-            .map_err(|e| checkpoint_error(&snapshot.model, format!("spec.pb does not decode: {e}")))?;
-        let spec = ModelSpec::try_from(wire)?;
+        let spec = spec_of(snapshot)?;
         let identity = self.registry.identity();
         let model = Model::new(spec, identity.index, self.registry.num_shards(), self.registry.lease)
             .with_checkpoints(epoch, self.plan());

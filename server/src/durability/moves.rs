@@ -12,15 +12,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use ps_proto::pb;
 
-use super::Durability;
 use super::checkpoint::wire;
+use super::{Durability, spec_of};
 use crate::error::ServerError;
 use crate::limits;
 use crate::metrics as m;
-use crate::spec::ModelSpec;
 use crate::store::{BlockSnapshot, Model, ModelSnapshot, blocking};
 use ps_proto::api::Mode;
 
@@ -221,10 +219,7 @@ impl Durability {
                     self.fetch(from, 0, request).await?.snapshot
                 }
             };
-            let spec = ModelSpec::try_from(
-                pb::ModelSpec::decode(head.spec.as_slice())
-                    .map_err(|e| refuse(format!("the spec of '{name}': {e}")))?,
-            )?;
+            let spec = spec_of(&head)?;
             let (old_plan, new_plan) = (spec.plan(old_count), spec.plan(new_count));
             let mut wanted: BTreeMap<u32, Vec<pb::BlockRef>> = BTreeMap::new();
             for (old, new) in old_plan.iter().zip(&new_plan).filter(|(_, new)| new.shard == index) {
