@@ -15,23 +15,13 @@ use std::time::{Duration, Instant};
 use ps_client::{ClientConfig, PsClient};
 use ps_testkit::{ServerProcess, free_port};
 
+mod common;
+use common::{sibling_binary, signal};
+
 const STEPS: u64 = 60;
 const MODEL: &str = "digits-mlp";
 const FEDERATED_MODEL: &str = "digits-mlp-fed";
 const FEDERATED_ROUNDS: u64 = 16;
-
-/// A binary of another package of the workspace, built next to the worker
-/// (`cargo test --workspace` builds it: its package has integration tests).
-fn sibling_binary(name: &str) -> PathBuf {
-    let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
-    let binary = worker.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.exists(),
-        "the {name} binary is not built next to {}; run `cargo test --workspace`",
-        worker.display()
-    );
-    binary
-}
 
 fn server_binary() -> PathBuf {
     sibling_binary("server")
@@ -261,12 +251,6 @@ impl Run {
 /// `count` loopback addresses with free ports, comma-separated.
 fn addresses(count: usize) -> String {
     (0..count).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect::<Vec<_>>().join(",")
-}
-
-/// Sends `name` (STOP, CONT) to process `pid`.
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().expect("kill");
-    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// The uninterrupted run's final weights.

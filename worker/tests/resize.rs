@@ -12,22 +12,13 @@ use std::time::{Duration, Instant};
 use ps_client::{ClientConfig, PsClient};
 use ps_testkit::{ServerProcess, free_port};
 
+mod common;
+use common::{sibling_binary, signal};
+
 const STEPS: u64 = 300;
 const MODEL: &str = "digits-mlp";
 
 type Bits = Vec<(String, Vec<u32>)>;
-
-/// A binary of another package of the workspace, built next to the worker.
-fn sibling_binary(name: &str) -> PathBuf {
-    let worker = PathBuf::from(env!("CARGO_BIN_EXE_worker"));
-    let binary = worker.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.exists(),
-        "the {name} binary is not built next to {}; run `cargo test --workspace`",
-        worker.display()
-    );
-    binary
-}
 
 /// Three loopback addresses with free ports: the third is the one a resize adds.
 fn addresses() -> Vec<String> {
@@ -325,10 +316,4 @@ fn scrape(address: &str) -> String {
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
     reply
-}
-
-/// Sends `name` (STOP, CONT) to process `pid`.
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().expect("kill");
-    assert!(status.success(), "kill -{name} {pid}");
 }
