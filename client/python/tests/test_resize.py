@@ -66,17 +66,22 @@ class Cluster:
             process.wait()
 
 
-def train(client: ps.Client, name: str, on_step=None) -> dict:
-    """STEPS steps of the digits MLP under AdamW through one attached worker; the final weights."""
+def train(client: ps.Client, name: str, on_step=None, micro_batches: int = 1, max_grad_norm: float = 0.0) -> dict:
+    """STEPS steps of the digits MLP under AdamW through one attached worker, each step
+    `micro_batches` backward passes accumulated, the mean gradient clipped by the shards
+    to `max_grad_norm` (0: not); the final weights."""
     torch.manual_seed(0)
     net = digits_torch.DigitsMlp()
     values = ps.arrays_of(net)
-    spec = ps.model_spec(name, values, [ps.group("all", ["*"], ps.adamw(0.01))], max_block_elements=512)
-    worker = pst.attach(net, client.register(spec, values), "torch-0")
+    groups = [ps.group("all", ["*"], ps.adamw(0.01))]
+    spec = ps.model_spec(name, values, groups, max_block_elements=512, max_grad_norm=max_grad_norm)
+    worker = pst.attach(net, client.register(spec, values), "torch-0", accumulation_steps=micro_batches)
     x, y = digits_torch.digits(0, 1)
     for step in range(STEPS):
-        batch = slice(32 * (step % 10), 32 * (step % 10 + 1))
-        torch.nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
+        for micro in range(micro_batches):
+            start = 32 * (step % 10) + 16 * micro * (micro_batches > 1)
+            batch = slice(start, start + 32 // micro_batches)
+            torch.nn.functional.cross_entropy(net(x[batch]), y[batch]).backward()
         assert worker.step() == step + 1
         if on_step is not None:
             on_step(step, worker)
@@ -85,11 +90,16 @@ def train(client: ps.Client, name: str, on_step=None) -> dict:
     return weights
 
 
-@pytest.mark.parametrize("transport", ["tcp", "local"])
-def test_a_torch_worker_follows_a_resize_2_3_2_and_ends_bit_identical(transport):
+@pytest.mark.parametrize(
+    "transport,micro_batches,max_grad_norm",
+    [("tcp", 1, 0.0), ("local", 1, 0.0), ("tcp", 2, 0.5)],
+    ids=["tcp", "local", "clipped-and-accumulated"],
+)
+def test_a_torch_worker_follows_a_resize_2_3_2_and_ends_bit_identical(transport, micro_batches, max_grad_norm):
+    options = dict(micro_batches=micro_batches, max_grad_norm=max_grad_norm)
     reference_cluster = Cluster()
     try:
-        reference = train(ps.Client(reference_cluster.addrs[:2]), "resize-reference")
+        reference = train(ps.Client(reference_cluster.addrs[:2]), "resize-reference", **options)
     finally:
         reference_cluster.stop()
     cluster = Cluster(local=transport == "local")
@@ -110,7 +120,7 @@ def test_a_torch_worker_follows_a_resize_2_3_2_and_ends_bit_identical(transport)
             resizes.append(cluster.resize(3, 2, said))
 
     try:
-        weights = train(ps.Client(cluster.addrs[:2]), "resize-reference", on_step)
+        weights = train(ps.Client(cluster.addrs[:2]), "resize-reference", on_step, **options)
         for thread in resizes:
             thread.join(60)
         assert len(said) == 2 and all(s.startswith("exit 0") for s in said), said
