@@ -9,6 +9,7 @@ transient failures, and the error kinds turned into typed exceptions.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -404,7 +405,10 @@ class _Tensor:
     name: str
     shape: Tuple[int, ...]
     size: int
+    # The encoding pushes use: its group's first push encoding.
     encoding: int
+    # Every push encoding its group accepts (a push may name another than the first).
+    encodings: Tuple[int, ...] = ()
     blocks: List[pb.BlockPlacement] = field(default_factory=list)
     # A module buffer (its group's optimizer is BufferConfig): values, not gradients, are pushed.
     buffer: bool = False
@@ -426,9 +430,9 @@ class Model:
             shape = tuple(int(d) for d in t.shape)
             size = int(np.prod(shape, dtype=np.int64)) if shape else 1
             group = groups.get(t.group)
-            encoding = group.push_encodings[0] if group is not None and group.push_encodings else codec.F32
+            encodings = tuple(group.push_encodings) if group is not None and group.push_encodings else (codec.F32,)
             buffer, sync = (group.buffers, group.buffer_sync) if group is not None else (False, pb.BUFFER_SYNC_BROADCAST)
-            self.tensors[t.name] = _Tensor(t.name, shape, size, encoding, buffer=buffer, buffer_sync=sync)
+            self.tensors[t.name] = _Tensor(t.name, shape, size, encodings[0], encodings, buffer=buffer, buffer_sync=sync)
         for block in layout.blocks:
             self.tensors[block.tensor].blocks.append(block)
         self.shards_with_blocks = sorted({b.shard for b in layout.blocks})
@@ -546,18 +550,27 @@ class Model:
         return self.push_tensors(worker, step, {name: None for name in self.tensors}, lr_scale, overflow=True)
 
     def push_tensors(
-        self, worker: str, step: int, flat: Mapping[str, Optional[np.ndarray]], lr_scale: Optional[float] = None, overflow: bool = False
+        self,
+        worker: str,
+        step: int,
+        flat: Mapping[str, Optional[np.ndarray]],
+        lr_scale: Optional[float] = None,
+        overflow: bool = False,
+        encodings: Optional[Mapping[str, int]] = None,
     ) -> PushSummary:
         """Pushes some tensors (flat f32, whole) of one step: their blocks are a valid part of the step.
         The PyTorch integration pushes buckets of tensors this way as backward produces them.
         A tensor given as None has no gradient in this step (frozen, or unused by the step's
         forward pass): its blocks are pushed as ENCODING_NO_GRADIENT, which leaves them as they
-        are when no worker of the step has a gradient for them, as torch.optim does."""
+        are when no worker of the step has a gradient for them, as torch.optim does.
+        `encodings` names, per tensor, another of its group's push encodings than the first
+        (e.g. f32 during the full-precision warm-up of a 1-bit group)."""
+        chosen = {name: self._pushed_as(name, (encodings or {}).get(name)) for name in flat}
         streams: Dict[int, List[List[Tuple[_Tensor, pb.BlockPlacement]]]] = {}
         sizes: Dict[int, int] = {}
         total = 0
         for name, values in flat.items():
-            tensor = self.tensors[name]
+            tensor = chosen[name]
             encoding = (codec.OVERFLOW if overflow else codec.NO_GRADIENT) if values is None else tensor.encoding
             for block in tensor.blocks:
                 nbytes = codec.payload_len(encoding, block.length)
@@ -569,7 +582,7 @@ class Model:
                 sizes[block.shard] += nbytes
                 total += nbytes
         scales = {
-            name: (codec.mean_abs(values) if values is not None and self.tensors[name].encoding == codec.SIGN1 else 0.0)
+            name: (codec.mean_abs(values) if values is not None and chosen[name].encoding == codec.SIGN1 else 0.0)
             for name, values in flat.items()
         }
 
@@ -611,6 +624,16 @@ class Model:
                 summary.duplicate += reply.blocks_duplicate
                 summary.updated += reply.blocks_updated
         return summary
+
+    def _pushed_as(self, name: str, encoding: Optional[int]) -> _Tensor:
+        """The tensor as this push sends it: in `encoding` if given (one its group accepts)."""
+        tensor = self.tensors[name]
+        if encoding is None or encoding == tensor.encoding:
+            return tensor
+        if encoding not in tensor.encodings:
+            accepted = ", ".join(pb.Encoding.Name(e) for e in tensor.encodings)
+            raise ValueError(f"'{name}' cannot be pushed as {pb.Encoding.Name(encoding)}: its group accepts {accepted}")
+        return dataclasses.replace(tensor, encoding=encoding)
 
     def _push_local(
         self, found: local.LocalShard, shard: int, blocks, flat, scales, worker: str, step: int, lr_scale: Optional[float], empty: int

@@ -29,9 +29,20 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: 
     return pb.OptimizerConfig(sgd=pb.SgdConfig(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, dampening=dampening))
 
 
-def adamw(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, l2_decay: bool = False) -> pb.OptimizerConfig:
-    """AdamW on the servers (decoupled decay; `l2_decay` for Adam with L2)."""
-    return pb.OptimizerConfig(adamw=pb.AdamWConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l2_decay=l2_decay))
+def adamw(
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    l2_decay: bool = False,
+    freeze_variance_after: int = 0,
+) -> pb.OptimizerConfig:
+    """AdamW on the servers (decoupled decay; `l2_decay` for Adam with L2). With
+    `freeze_variance_after=K`, the second moment stops changing after step K (1-bit Adam:
+    pushes of 1-bit signs with error feedback after a full-precision warm-up of K steps)."""
+    config = pb.AdamWConfig(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l2_decay=l2_decay, freeze_variance_after=freeze_variance_after)
+    return pb.OptimizerConfig(adamw=config)
 
 
 def buffers(names: Iterable[str], sync: str = "broadcast", name: str = "buffers", push_encodings: Sequence[str] = ("f32",)) -> pb.ParamGroup:

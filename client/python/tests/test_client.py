@@ -115,6 +115,20 @@ def test_bf16_and_sign_pushes_are_applied_as_the_servers_decode_them(shards):
     np.testing.assert_array_equal(pulled["h"], np.zeros(10, dtype=np.float32))
 
 
+def test_a_push_may_name_another_encoding_its_group_accepts_and_no_other(shards):
+    values = {"w": np.linspace(-1, 1, 96, dtype=np.float32)}
+    client = shards.client()
+    groups = [ps.group("signs", ["*"], ps.sgd(0.1), push_encodings=["sign1", "f32"])]
+    model = client.register(ps.model_spec("warm-signs", values, groups), values)
+    model.join("py-0")
+    grad = np.linspace(-3, 2, 96, dtype=np.float32)
+    with pytest.raises(ValueError, match="cannot be pushed as ENCODING_BF16: its group accepts ENCODING_SIGN1, ENCODING_F32"):
+        model.push_tensors("py-0", 0, {"w": grad}, encodings={"w": ps.BF16})
+    model.push_tensors("py-0", 0, {"w": grad}, encodings={"w": ps.F32})
+    _, pulled = model.pull(1)
+    np.testing.assert_allclose(pulled["w"], values["w"] - 0.1 * grad, rtol=1e-6)
+
+
 def test_mistakes_raise_clear_exceptions_and_change_nothing(any_shards):
     shards = any_shards
     values = {"w": np.ones((4, 3), dtype=np.float32)}

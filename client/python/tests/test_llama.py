@@ -107,21 +107,48 @@ def test_two_workers_train_tiny_llama_through_two_shards_as_one_process_does(sha
         worker.close()
 
 
-def test_one_bit_pushes_with_error_feedback_train_as_ef_signsgd_into_adamw_does(shards):
+def _frozen_adamw_step(optimizer: torch.optim.AdamW, frozen_at: int) -> None:
+    """torch.optim.AdamW's step (weight decay 0) with exp_avg_sq and its bias correction
+    kept as they were after step `frozen_at`: 1-bit Adam's compression stage."""
+    for group in optimizer.param_groups:
+        (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            state["step"] += 1
+            t = int(state["step"])
+            state["exp_avg"].mul_(b1).add_(p.grad, alpha=1 - b1)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**frozen_at)).add_(eps)
+            p.data.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+
+
+@pytest.mark.parametrize("warm", [0, 4])
+def test_one_bit_pushes_with_error_feedback_train_as_ef_signsgd_into_adamw_does(shards, warm):
     """A group pushed as sign1: each worker sends sign(g + e) times ||g + e||_1 / d per tensor
     and keeps e (algorithms.md section 6); the shards run AdamW on the clipped mean. The
-    reference does each rank's part in one process."""
+    reference does each rank's part in one process. With `warm` steps of 1-bit Adam's
+    recipe: the first `warm` steps push f32 (no residual yet), and from then on the shards'
+    AdamW keeps v and its correction as they were after step `warm`; the token embedding
+    is then pushed in f32 by a group of its own (the rows of bytes no batch held have
+    v = 0, which a sign would move by lr * scale / eps: docs/optimizers.md)."""
     corpus = data.stdlib_corpus(max_bytes=400_000)
     nets = [llama.build("tiny", seed=SEED) for _ in range(2)]
     values = ps.arrays_of(nets[0])
-    group = ps.group("all", ["*"], ps.adamw(2e-3), push_encodings=["sign1"])
-    spec = ps.model_spec("llama-tiny-ef", values, [group], max_grad_norm=1.0, max_block_elements=1 << 15)
+    full = ["embed_tokens.weight"] if warm else []
+    groups = [ps.group("embeddings", full, ps.adamw(2e-3), push_encodings=["f32"])] if warm else []
+    encodings = ["sign1", "f32"] if warm else ["sign1"]
+    groups.append(ps.group("all", ["*"], ps.adamw(2e-3, freeze_variance_after=warm), push_encodings=encodings))
+    spec = ps.model_spec(f"llama-tiny-ef-{warm}", values, groups, max_grad_norm=1.0, max_block_elements=1 << 15)
     client = shards.client()
     models = [client.register(spec, values), client.model(spec.name)]
-    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r) for r in range(2)]
+    if not warm:
+        with pytest.raises(ValueError, match="full_precision_steps needs ENCODING_F32 among the push encodings"):
+            pst.attach(llama.build("tiny", seed=SEED), models[0], "torch-warm", full_precision_steps=3)
+    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r, full_precision_steps=warm) for r in range(2)]
     reference = llama.build("tiny", seed=SEED)
-    local = torch.optim.AdamW(reference.parameters(), lr=2e-3, weight_decay=0.0)
-    residuals = [[torch.zeros_like(p) for p in reference.parameters()] for _ in range(2)]
+    compressed = [p for name, p in reference.named_parameters() if name not in full]
+    local = torch.optim.AdamW(compressed, lr=2e-3, weight_decay=0.0)
+    embeddings = torch.optim.AdamW([p for name, p in reference.named_parameters() if name in full] or [torch.zeros(1)], lr=2e-3, weight_decay=0.0)
+    residuals = [[torch.zeros_like(p) for p in compressed] for _ in range(2)]
 
     def run(rank: int) -> int:
         batch = data.rank_batch(corpus.train, step, SEQUENCES, SEQ_LEN, SEED, rank, 2)
@@ -131,19 +158,28 @@ def test_one_bit_pushes_with_error_feedback_train_as_ef_signsgd_into_adamw_does(
     for step in range(10):
         sent = []
         for rank in range(2):
-            local.zero_grad()
+            reference.zero_grad()
             reference.loss(torch.from_numpy(data.rank_batch(corpus.train, step, SEQUENCES, SEQ_LEN, SEED, rank, 2))).backward()
-            signs = []
-            for p, e in zip(reference.parameters(), residuals[rank]):
+            signs = {}
+            for name, p in reference.named_parameters():
+                signs[name] = p.grad.clone()
+            for (name, p), e in zip([(n, p) for n, p in reference.named_parameters() if n not in full], residuals[rank]):
+                if step < warm:
+                    continue
                 q = p.grad + e
                 scale = torch.tensor(float(q.double().abs().mean()), dtype=torch.float32)
-                signs.append(torch.where(q >= 0, scale, -scale))
-                e.copy_(q - signs[-1])
+                signs[name] = torch.where(q >= 0, scale, -scale)
+                e.copy_(q - signs[name])
             sent.append(signs)
-        for p, a, b in zip(reference.parameters(), *sent):
-            p.grad = (a + b) * 0.5
+        for name, p in reference.named_parameters():
+            p.grad = (sent[0][name] + sent[1][name]) * 0.5
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-        local.step()
+        if warm and step >= warm:
+            _frozen_adamw_step(local, warm)
+        else:
+            local.step()
+        if full:
+            embeddings.step()
         with ThreadPoolExecutor(2) as pool:
             assert list(pool.map(run, range(2))) == [step + 1] * 2
     # Signs are not continuous: an element whose g + e sits at zero can take the other sign

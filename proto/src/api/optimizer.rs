@@ -71,11 +71,22 @@ pub struct AdamWConfig {
     pub weight_decay: f32,
     /// Decoupled decay (AdamW) if true, L2 decay added to the gradient (Adam) if false.
     pub decoupled: bool,
+    /// Steps after which `v` and its bias correction stop changing (1-bit Adam's
+    /// freeze, for 1-bit pushes with error feedback); 0 never freezes.
+    pub freeze_variance_after: u64,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: true }
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            decoupled: true,
+            freeze_variance_after: 0,
+        }
     }
 }
 

@@ -100,6 +100,7 @@ impl OptimizerConfig {
                     lr: c.lr as f32,
                     weight_decay: c.weight_decay as f32,
                     decoupled: !c.l2_decay,
+                    freeze_variance_after: c.freeze_variance_after,
                     beta1,
                     beta2,
                     eps,
@@ -230,6 +231,7 @@ impl From<&OptimizerConfig> for pb::OptimizerConfig {
                 eps: wide(c.eps),
                 weight_decay: wide(c.weight_decay),
                 l2_decay: !c.decoupled,
+                freeze_variance_after: c.freeze_variance_after,
             }),
             OptimizerConfig::SubsetNorm(c) => {
                 let (subsets, chunk_size) = c.subsets.to_wire();

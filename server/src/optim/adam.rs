@@ -140,15 +140,29 @@ impl Optimizer for AdamW {
         let lr = f64::from(c.lr) * f64::from(ctx.lr_scale);
         let t = ctx.t.min(i32::MAX as u64) as i32;
         self.step_t = ctx.t;
+        // After the freeze, v and its correction stay at step K's (1-bit Adam).
+        let frozen = c.freeze_variance_after > 0 && ctx.t > c.freeze_variance_after;
+        let t2 = if frozen { c.freeze_variance_after.min(i32::MAX as u64) as i32 } else { t };
         let step_size = (lr / (1.0 - f64::from(c.beta1).powi(t))) as f32;
-        let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(c.beta2).powi(t)).sqrt()) as f32;
+        let inv_bias2_sqrt = (1.0 / (1.0 - f64::from(c.beta2).powi(t2)).sqrt()) as f32;
         let (b1, b2, eps) = (c.beta1, c.beta2, c.eps);
         let (keep1, keep2) = (1.0 - b1, 1.0 - b2);
         let (decay, l2) =
             if c.decoupled { ((1.0 - lr * f64::from(c.weight_decay)) as f32, 0.0) } else { (1.0, c.weight_decay) };
         let Moments { m, v, .. } = &mut self.moments;
         let (m, v) = (Arc::make_mut(m), Arc::make_mut(v));
-        for (((w, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let lanes = param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut());
+        if frozen {
+            // A loop of its own rather than β2 = 1: `0 · g²` is NaN for an infinite g.
+            for (((w, &g), m), v) in lanes {
+                let g = g + l2 * *w;
+                *m = b1 * *m + keep1 * g;
+                let denom = v.sqrt() * inv_bias2_sqrt + eps;
+                *w = *w * decay - step_size * *m / denom;
+            }
+            return;
+        }
+        for (((w, &g), m), v) in lanes {
             let g = g + l2 * *w;
             *m = b1 * *m + keep1 * g;
             *v = b2 * *v + keep2 * g * g;
@@ -210,5 +224,39 @@ mod tests {
         opt.step(&mut w, &[1.0], &StepContext { t: 1, lr_scale: 1.0 });
         // 2 * (1 - 0.05) - 0.1 * 1 / (1 + 1e-8)
         assert!((w[0] - 1.8).abs() < 1e-6, "{w:?}");
+    }
+
+    #[test]
+    fn a_frozen_variance_keeps_v_and_its_correction_from_step_k() {
+        let config = AdamWConfig { lr: 0.1, freeze_variance_after: 2, ..Default::default() };
+        let (mut frozen, mut plain) =
+            (AdamW::new(config.clone(), 1), AdamW::new(AdamWConfig { freeze_variance_after: 0, ..config }, 1));
+        let (mut w_frozen, mut w_plain) = ([0.0f32], [0.0f32]);
+        let grads = [1.0f32, -0.5, 2.0, 4.0];
+        for (t, g) in grads.iter().enumerate().take(2) {
+            let ctx = StepContext { t: t as u64 + 1, lr_scale: 1.0 };
+            frozen.step(&mut w_frozen, &[*g], &ctx);
+            plain.step(&mut w_plain, &[*g], &ctx);
+        }
+        assert_eq!(w_frozen, w_plain, "identical up to the freeze");
+        let v_at_k = frozen.moments.v[0];
+        // The same rule in f64: m keeps moving with its own correction, v and 1-β2^K do not.
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let (mut m, mut w) = (f64::from(frozen.moments.m[0]), f64::from(w_frozen[0]));
+        for (t, g) in grads.iter().enumerate().skip(2) {
+            let t = t as i32 + 1;
+            frozen.step(&mut w_frozen, &[*g], &StepContext { t: t as u64, lr_scale: 1.0 });
+            m = b1 * m + (1.0 - b1) * f64::from(*g);
+            let denom = f64::from(v_at_k).sqrt() / (1.0 - b2.powi(2)).sqrt() + eps;
+            w -= 0.1 / (1.0 - b1.powi(t)) * m / denom;
+            assert_eq!(frozen.moments.v[0], v_at_k, "v frozen at step {t}");
+            // f32 against f64 over four steps; a v that kept moving would miss by 1e-2.
+            assert!((f64::from(w_frozen[0]) - w).abs() < 1e-5, "step {t}: {} vs {w}", w_frozen[0]);
+            plain.step(&mut w_plain, &[*g], &StepContext { t: t as u64, lr_scale: 1.0 });
+        }
+        assert!((w_plain[0] - w_frozen[0]).abs() > 1e-2, "{w_plain:?} {w_frozen:?}");
+        // An infinite gradient after the freeze leaves v as it was (no 0·∞).
+        frozen.step(&mut w_frozen, &[f32::INFINITY], &StepContext { t: 5, lr_scale: 1.0 });
+        assert_eq!(frozen.moments.v[0], v_at_k);
     }
 }

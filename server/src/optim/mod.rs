@@ -243,6 +243,7 @@ pub fn build(config: &OptimizerConfig, slice: &SliceInfo) -> Box<dyn Optimizer> 
                     eps: c.eps,
                     weight_decay: c.weight_decay,
                     decoupled: true,
+                    freeze_variance_after: 0,
                 },
                 len,
             )),

@@ -46,6 +46,7 @@ fn configs(algorithm: &str, hp: &Value, names: &[String]) -> Option<Vec<Optimize
         eps: f(hp, "eps"),
         weight_decay: f(hp, "weight_decay"),
         decoupled,
+        freeze_variance_after: 0,
     };
     let subset_norm = |subsets| SubsetNormConfig {
         lr: f(hp, "lr"),

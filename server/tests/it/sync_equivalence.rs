@@ -73,7 +73,15 @@ async fn owned_and_borrowed_pushes_train_alike_bit_for_bit() {
 /// Three workers push four sync steps through `client` (two shards); every
 /// pulled version must equal the local AdamW / Nesterov step on the mean gradient.
 pub async fn check_sync_equivalence(client: &ps_client::PsClient) {
-    let adamw = AdamWConfig { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, decoupled: true };
+    let adamw = AdamWConfig {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        decoupled: true,
+        freeze_variance_after: 0,
+    };
     let nesterov = SgdConfig { lr: 0.05, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.01 };
     let spec = ModelSpec {
         max_block_elements: 100,

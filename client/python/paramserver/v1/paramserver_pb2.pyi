@@ -229,20 +229,22 @@ class SgdConfig(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., dampening: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ...) -> None: ...
 
 class AdamWConfig(_message.Message):
-    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "l2_decay")
+    __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay", "l2_decay", "freeze_variance_after")
     LR_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     L2_DECAY_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_VARIANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
     lr: float
     beta1: float
     beta2: float
     eps: float
     weight_decay: float
     l2_decay: bool
-    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., l2_decay: _Optional[bool] = ...) -> None: ...
+    freeze_variance_after: int
+    def __init__(self, lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., weight_decay: _Optional[float] = ..., l2_decay: _Optional[bool] = ..., freeze_variance_after: _Optional[int] = ...) -> None: ...
 
 class SubsetNormConfig(_message.Message):
     __slots__ = ("lr", "beta1", "beta2", "eps", "correct_bias", "weight_decay", "subsets", "chunk_size", "initial_accumulator")
