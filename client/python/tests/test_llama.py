@@ -1,11 +1,15 @@
 """The LLaMA-style model end to end at `tiny`: 2 PyTorch workers through 2 shards
 end, after 20 steps on real text (clipped at 1.0, as the recipes clip), where one
 process on the whole batch ends: with AdamW against `torch.optim.AdamW`, and with
-AdamSN against a torch version of algorithms.md §2 written here."""
+AdamSN against a torch version of algorithms.md §2 written here; 1-bit pushes
+against EF-signSGD into AdamW (and 1-bit Adam's frozen variance); and the Rust
+worker's candle decoder training one model with a PyTorch worker."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +21,7 @@ import paramserver as ps  # noqa: E402
 import paramserver.torch as pst  # noqa: E402
 from paramserver import data  # noqa: E402
 from paramserver.models import llama  # noqa: E402
+from conftest import binary  # noqa: E402
 
 STEPS, SEQUENCES, SEQ_LEN, SEED = 20, 8, 64, 5
 
@@ -194,3 +199,49 @@ def test_one_bit_pushes_with_error_feedback_train_as_ef_signsgd_into_adamw_does(
     assert workers[0]._residuals and all(float(np.abs(e).max()) > 0 for e in workers[0]._residuals.values()), "residuals are kept"
     for worker in workers:
         worker.close()
+
+
+def test_a_candle_worker_and_a_torch_worker_train_one_llama(shards):
+    """The Rust worker's `llama-tiny` task (worker/src/task/llama.rs) is this decoder in
+    candle, with the same tensor names and shapes: it registers the model and trains rank 1
+    on its shipped text while a PyTorch worker opens the same model and trains rank 0 on
+    the standard library's source; the validation loss falls for both."""
+    steps = 8
+    rust = subprocess.Popen(
+        [
+            str(binary("worker")), "train", "--task", "llama-tiny", "--shards", ",".join(shards.addrs), "--world-size", "2",
+            "--rank", "1", "--steps", str(steps), "--batch-size", "2", "--lr", "0.003", "--worker-id", "candle-1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = shards.client()
+        for _ in range(600):
+            try:
+                model = client.model("llama-tiny")
+                break
+            except ps.ServerError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the Rust worker did not register llama-tiny")
+        net = llama.build("tiny", seed=SEED)
+        worker = pst.attach(net, model, "torch-0", rank=0)
+        corpus = data.stdlib_corpus(max_bytes=400_000)
+        windows = torch.from_numpy(data.global_batch(corpus.validation, 0, 4, SEQ_LEN, SEED))
+        with torch.no_grad():
+            before = float(net.loss(windows))
+        for step in range(steps):
+            batch = data.rank_batch(corpus.train, step, 4, SEQ_LEN, SEED, 0, 2)
+            net.loss(torch.from_numpy(batch)).backward()
+            assert worker.step() == step + 1
+        with torch.no_grad():
+            after = float(net.loss(windows))
+        worker.close()
+        _, err = rust.communicate(timeout=300)
+        assert rust.returncode == 0, err[-3000:]
+    finally:
+        rust.kill()
+    print(f"validation loss {before:.3f} -> {after:.3f} in {steps} steps of a candle and a PyTorch worker")
+    assert after < before - 1.0

@@ -57,7 +57,11 @@ impl ClientData {
                 let parts = data::partition(&all.train.y, clients as usize, alpha, seed)?;
                 Some((all, parts))
             }
-            TaskKind::CharLm | TaskKind::Synthetic => {
+            TaskKind::CharLm
+            | TaskKind::Synthetic
+            | TaskKind::LlamaTiny
+            | TaskKind::LlamaSmall
+            | TaskKind::LlamaBase => {
                 if partition != Partition::Iid {
                     bail!("a label partition needs a classification task (digits); use --dirichlet iid");
                 }

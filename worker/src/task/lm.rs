@@ -9,10 +9,11 @@
 use std::io::Read;
 
 use anyhow::Context;
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, Device, Tensor, Var};
 use ps_client::Tensors;
 use ps_client::spec::{Init, TensorSpec};
 
+use super::text::{self, TextSplit};
 use super::trainable::{Evaluation, Trainable};
 
 const TEXT_GZ: &[u8] = include_bytes!("../../data/pystdlib.txt.gz");
@@ -79,9 +80,7 @@ pub struct CharLm {
     shape: LmShape,
     names: Vec<(String, Vec<usize>)>,
     text: Vec<u8>,
-    /// This worker's share of the training text.
-    train: std::ops::Range<usize>,
-    validation: std::ops::Range<usize>,
+    split: TextSplit,
     mask: Tensor,
     device: Device,
 }
@@ -97,35 +96,12 @@ impl CharLm {
     /// Loads the text and keeps worker `rank`'s share of the training part.
     pub fn new(shape: LmShape, rank: usize, world: usize, device: Device) -> anyhow::Result<Self> {
         let text = text()?;
-        let split = text.len() * 9 / 10;
-        let share = split / world.max(1);
-        let train = rank * share..((rank + 1) * share).min(split);
-        anyhow::ensure!(train.len() > shape.context + 1, "rank {rank} of {world} has too little text");
-        let t = shape.context;
-        let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let split = TextSplit::new(text.len(), shape.context, rank, world)?;
         let names = tensor_specs(shape, 0)
             .into_iter()
             .map(|s| (s.name, s.shape.iter().map(|&d| d as usize).collect()))
             .collect();
-        Ok(Self {
-            shape,
-            names,
-            validation: split..text.len(),
-            text,
-            train,
-            mask: Tensor::from_vec(mask, (t, t), &device)?,
-            device,
-        })
-    }
-
-    fn vars(&self, weights: &Tensors) -> anyhow::Result<Vec<Var>> {
-        self.names
-            .iter()
-            .map(|(name, shape)| {
-                let values = weights.get(name).with_context(|| format!("missing tensor {name}"))?;
-                Ok(Var::from_slice(values, shape.as_slice(), &self.device)?)
-            })
-            .collect()
+        Ok(Self { shape, names, text, split, mask: text::causal_mask(shape.context, &device)?, device })
     }
 
     fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
@@ -133,12 +109,6 @@ impl CharLm {
         let centered = x.broadcast_sub(&mean)?;
         let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
         centered.broadcast_div(&(variance + 1e-5)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
-    }
-
-    fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-        let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
-        let exp = shifted.exp()?;
-        exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
     }
 
     /// Mean cross-entropy of predicting each next byte of the sequences starting at `starts`.
@@ -171,7 +141,7 @@ impl CharLm {
             let (q, k, v) = (split("q_proj")?, split("k_proj")?, split("v_proj")?);
             let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&self.mask)?;
             let attended =
-                Self::softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?;
+                text::softmax_last(&scores)?.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, t, c))?;
             x = (x + linear(&attended, &format!("{p}.attn.o_proj.weight"))?)?;
             let h = Self::layer_norm(&x, get(&format!("{p}.ln2.weight")), get(&format!("{p}.ln2.bias")))?;
             let up = linear(&h, &format!("{p}.mlp.up_proj.weight"))?.relu()?;
@@ -179,15 +149,13 @@ impl CharLm {
         }
         let x = Self::layer_norm(&x, get("ln_f.weight"), get("ln_f.bias"))?;
         let logits = linear(&x, "lm_head.weight")?.reshape((b * t, VOCAB))?;
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?.detach())?;
-        let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
-        log_probs.gather(&targets, 1)?.mean_all()?.neg()
+        text::cross_entropy(&logits, &targets)
     }
 }
 
 impl Trainable for CharLm {
     fn train_len(&self) -> usize {
-        self.train.len() - self.shape.context - 1
+        self.split.train_len(self.shape.context)
     }
 
     fn test_len(&self) -> usize {
@@ -195,23 +163,16 @@ impl Trainable for CharLm {
     }
 
     fn loss_and_grads(&self, weights: &Tensors, batch: &[usize]) -> anyhow::Result<(f32, Tensors)> {
-        let vars = self.vars(weights)?;
-        let starts: Vec<usize> = batch.iter().map(|i| self.train.start + i).collect();
+        let vars = text::vars(&self.names, weights, &self.device)?;
+        let starts: Vec<usize> = batch.iter().map(|i| self.split.train.start + i).collect();
         let loss = self.loss(&vars, &starts)?;
-        let grads = loss.backward()?;
-        let mut out = Tensors::new();
-        for ((name, _), var) in self.names.iter().zip(&vars) {
-            let grad = grads.get(var.as_tensor()).with_context(|| format!("{name} received no gradient"))?;
-            out.insert(name.clone(), grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
-        }
-        Ok((loss.to_scalar::<f32>()?, out))
+        let grads = text::gradients(&self.names, &vars, &loss)?;
+        Ok((loss.to_scalar::<f32>()?, grads))
     }
 
     fn evaluate(&self, weights: &Tensors) -> anyhow::Result<Evaluation> {
-        let vars = self.vars(weights)?;
-        let room = self.validation.len() - self.shape.context - 1;
-        let starts: Vec<usize> =
-            (0..VALIDATION_SEQUENCES).map(|i| self.validation.start + i * room / VALIDATION_SEQUENCES).collect();
+        let vars = text::vars(&self.names, weights, &self.device)?;
+        let starts = self.split.validation_starts(self.shape.context, VALIDATION_SEQUENCES);
         let loss = self.loss(&vars, &starts)?.to_scalar::<f32>()?;
         Ok(Evaluation { loss, accuracy: None })
     }
