@@ -85,8 +85,8 @@ LEARNING_RATES = {**MODES, **MORE_MODES}
 
 
 def full_precision_steps(mode: str, steps: int) -> int:
-    """Steps a 1-bit mode pushes in f32 before its signs: a fifth of the run (1-bit Adam
-    warms up on 15-25% of its steps); without them AdamW's v, fed scaled signs, loses
+    """Steps a 1-bit mode pushes in f32 before its signs: a fifth of the run (`-wNN`: NN%;
+    see docs/notes/lm.md); without them AdamW's v, fed scaled signs, loses
     its per-coordinate scale and the run diverged (3.24 nats at 300 steps, against 1.83)."""
     if "-1bit" not in mode:
         return 0
@@ -181,7 +181,7 @@ def ps_worker(rank: int, addrs: List[str], name: str, args, out: str) -> None:
     net = llama.build(args.size, seed=args.seed)
     model = ps.Client(addrs).model(name)
     worker = pst.attach(
-        net, model, f"lm-{rank}", rank=rank, lr_lambda=schedule(args.steps, args.warmup), full_precision_steps=full_precision_steps(args.mode, args.steps)
+        net, model, f"lm-{rank}", rank=rank, lr_lambda=schedule(args.steps, args.warmup)
     )
     recorder = Recorder(rank, args, f"ps {args.mode}")
     recorder.evaluate(0, net, corpus)

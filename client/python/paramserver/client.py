@@ -409,6 +409,8 @@ class _Tensor:
     encoding: int
     # Every push encoding its group accepts (a push may name another than the first).
     encodings: Tuple[int, ...] = ()
+    # Steps before this one go as f32 (a 1-bit group's warm-up, from its layout).
+    full_precision_steps: int = 0
     blocks: List[pb.BlockPlacement] = field(default_factory=list)
     # A module buffer (its group's optimizer is BufferConfig): values, not gradients, are pushed.
     buffer: bool = False
@@ -432,7 +434,8 @@ class Model:
             group = groups.get(t.group)
             encodings = tuple(group.push_encodings) if group is not None and group.push_encodings else (codec.F32,)
             buffer, sync = (group.buffers, group.buffer_sync) if group is not None else (False, pb.BUFFER_SYNC_BROADCAST)
-            self.tensors[t.name] = _Tensor(t.name, shape, size, encodings[0], encodings, buffer=buffer, buffer_sync=sync)
+            warm = group.full_precision_steps if group is not None else 0
+            self.tensors[t.name] = _Tensor(t.name, shape, size, encodings[0], encodings, warm, buffer=buffer, buffer_sync=sync)
         for block in layout.blocks:
             self.tensors[block.tensor].blocks.append(block)
         self.shards_with_blocks = sorted({b.shard for b in layout.blocks})

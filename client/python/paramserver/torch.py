@@ -45,9 +45,9 @@ new residual (the "scaled sign" of EF-signSGD, algorithms.md section 6; the
 shards run the group's optimizer on the mean of the decoded signs). The
 residuals are the worker's own state: a rollback does not take them back.
 Under AdamW, push the first steps in full precision and freeze the second
-moment there (1-bit Adam's recipe): list f32 after sign1 in the group's push
-encodings, register `adamw(lr, freeze_variance_after=K)` and attach with
-`full_precision_steps=K`; steps 0..K-1 go as f32, later ones as 1-bit signs.
+moment there (1-bit Adam's recipe): register `adamw(lr, freeze_variance_after=K)`
+with push encodings `["sign1", "f32"]`; the layout then says K
+(`full_precision_steps`), and steps 0..K-1 go as f32, later ones as 1-bit signs.
 
 Gradient accumulation works as with DDP: several `backward()` calls before
 `step()` push the sum their gradients leave in `.grad`, once. Run all but the
@@ -161,7 +161,6 @@ class AttachedModule:
         lr: Optional[float] = None,
         lr_lambda: Optional[Callable[[int], float]] = None,
         scaler=None,
-        full_precision_steps: int = 0,
     ):
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
@@ -189,14 +188,8 @@ class AttachedModule:
             if model.tensors[name].buffer != (name in self.buffers):
                 kind = "a buffer of the module, but the model trains it" if name in self.buffers else "a parameter of the module, but the model holds it as a buffer"
                 raise ValueError(f"'{name}' is {kind}: put the module's buffers, and only them, in a group made by paramserver.buffers(...)")
-        one_bit = [name for name, tensor in model.tensors.items() if tensor.encoding == codec.SIGN1]
-        if full_precision_steps > 0:
-            refused = [name for name in one_bit if codec.F32 not in model.tensors[name].encodings]
-            if refused:
-                raise ValueError(f"full_precision_steps needs ENCODING_F32 among the push encodings of the 1-bit groups; {refused} cannot be pushed as f32")
-        # Steps before this one push the 1-bit tensors as f32 (no error feedback yet).
-        self.full_precision_steps = full_precision_steps
-        self._one_bit = set(one_bit)
+        # The tensors pushed as 1-bit signs with error feedback (after their warm-up, if any).
+        self._one_bit = {name for name, tensor in model.tensors.items() if tensor.encoding == codec.SIGN1}
         self.bucket_bytes = bucket_bytes
         # Clipping its own gradient, or looking for an overflow, needs every tensor before any is sent.
         self.overlap = overlap and model.max_grad_norm <= 0 and scaler is None
@@ -265,7 +258,7 @@ class AttachedModule:
         names, self._bucket, self._bucket_size = self._bucket, [], 0
         if names:
             part = {n: self._compensate(n, self._grads[n]) for n in names}
-            warm = {n: codec.F32 for n in names if n in self._one_bit} if self._full_precision() else None
+            warm = {n: codec.F32 for n in names if n in self._one_bit and self._warming(n)}
             self._submit(lambda model, v=self.version, s=self.lr_scale(): model.push_tensors(self.worker, v, part, s, encodings=warm))
 
     def _submit(self, push: Callable[[Model], object]) -> None:
@@ -277,7 +270,7 @@ class AttachedModule:
         """Error feedback for a tensor pushed as 1-bit signs (its group's first encoding is
         sign1): the gradient plus the residual of earlier steps, q = g + e, goes out as
         sign(q) times ||q||_1 / d (what the shards decode), and e = q - that is kept."""
-        if grad is None or name not in self._one_bit or self._full_precision():
+        if grad is None or name not in self._one_bit or self._warming(name):
             return grad
         residual = self._residuals.get(name)
         compensated = grad if residual is None else grad + residual
@@ -285,9 +278,9 @@ class AttachedModule:
         self._residuals[name] = compensated - np.where(compensated >= 0, scale, -scale)
         return compensated
 
-    def _full_precision(self) -> bool:
-        """Whether this step is in the full-precision warm-up of the 1-bit tensors."""
-        return self.version < self.full_precision_steps
+    def _warming(self, name: str) -> bool:
+        """Whether this step of a 1-bit tensor is in its group's full-precision warm-up."""
+        return self.version < self.model.tensors[name].full_precision_steps
 
     def lr_scale(self) -> Optional[float]:
         """The learning-rate scale of the step being pushed (None: the spec's lr as it is)."""
@@ -456,5 +449,5 @@ def attach(module: torch.nn.Module, model: Model, worker: str, **options) -> Att
     streams the module's gradients on every backward, or on every
     `accumulation_steps`-th. Options as `AttachedModule` takes them: `rank`,
     `bucket_bytes`, `overlap`, `accumulation_steps`, `lr` or `lr_lambda`,
-    `scaler`, `full_precision_steps` (see the module docs)."""
+    `scaler` (see the module docs)."""
     return AttachedModule(module, model, worker, **options)

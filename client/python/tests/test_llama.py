@@ -144,11 +144,14 @@ def test_one_bit_pushes_with_error_feedback_train_as_ef_signsgd_into_adamw_does(
     groups.append(ps.group("all", ["*"], ps.adamw(2e-3, freeze_variance_after=warm), push_encodings=encodings))
     spec = ps.model_spec(f"llama-tiny-ef-{warm}", values, groups, max_grad_norm=1.0, max_block_elements=1 << 15)
     client = shards.client()
-    models = [client.register(spec, values), client.model(spec.name)]
     if not warm:
-        with pytest.raises(ValueError, match="full_precision_steps needs ENCODING_F32 among the push encodings"):
-            pst.attach(llama.build("tiny", seed=SEED), models[0], "torch-warm", full_precision_steps=3)
-    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r, full_precision_steps=warm) for r in range(2)]
+        # A frozen v with 1-bit pushes needs f32 for its warm-up: refused at registration.
+        frozen = ps.group("all", ["*"], ps.adamw(2e-3, freeze_variance_after=3), push_encodings=["sign1"])
+        with pytest.raises(ps.ServerError, match="must list ENCODING_F32 after ENCODING_SIGN1"):
+            client.register(ps.model_spec("llama-tiny-ef-refused", values, [frozen]), values)
+    models = [client.register(spec, values), client.model(spec.name)]
+    assert {t.full_precision_steps for n, t in models[1].tensors.items() if n not in full} == {warm}, "the layout says the warm-up"
+    workers = [pst.attach(nets[r], models[r], f"torch-{r}", rank=r) for r in range(2)]
     reference = llama.build("tiny", seed=SEED)
     compressed = [p for name, p in reference.named_parameters() if name not in full]
     local = torch.optim.AdamW(compressed, lr=2e-3, weight_decay=0.0)

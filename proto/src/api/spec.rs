@@ -64,6 +64,17 @@ impl GroupConfig {
         }
     }
 
+    /// Steps a 1-bit group pushes as f32 first: its AdamW's `freeze_variance_after`
+    /// when its first push encoding is sign1 (1-bit Adam's warm-up), else 0.
+    pub fn full_precision_steps(&self) -> u64 {
+        match &self.optimizer {
+            OptimizerConfig::AdamW(adamw) if self.push_encodings.first() == Some(&Encoding::Sign1) => {
+                adamw.freeze_variance_after
+            }
+            _ => 0,
+        }
+    }
+
     /// Whether the shards' clipping (`GRAD_CLIP_MEAN`) counts this group in the
     /// norm and scales its gradients: averaged gradients of trained tensors (a
     /// vote's signs do not change with a scale, and buffers are values).
@@ -121,6 +132,11 @@ impl GroupConfig {
                     codec::encoding_label(*encoding)
                 ));
             }
+        }
+        if self.full_precision_steps() > 0 && !self.push_encodings.contains(&Encoding::F32) {
+            return refuse(
+                "pushes 1-bit signs into an AdamW that freezes v (freeze_variance_after): its first steps go as f32, so push_encodings must list ENCODING_F32 after ENCODING_SIGN1",
+            );
         }
         if self.aggregation == Aggregation::MajorityVote {
             if self.push_encodings != [Encoding::Sign1] {
@@ -425,6 +441,19 @@ mod tests {
         };
         (adamw.beta1, adamw.beta2, adamw.eps) = (0.0, 0.0, 0.0);
         assert_eq!(ModelSpec::from_wire(&wire), Ok(spec()));
+    }
+
+    #[test]
+    fn a_one_bit_group_whose_adamw_freezes_v_must_accept_f32_for_its_warm_up() {
+        let adamw =
+            OptimizerConfig::AdamW(super::super::AdamWConfig { freeze_variance_after: 5, ..Default::default() });
+        let mut group = GroupConfig::new("signs", &["*"], adamw);
+        assert_eq!(group.full_precision_steps(), 0, "f32 pushes need no warm-up");
+        group.push_encodings = vec![Encoding::Sign1];
+        assert!(group.check(Mode::Sync).unwrap_err().0.contains("must list ENCODING_F32 after ENCODING_SIGN1"));
+        group.push_encodings = vec![Encoding::Sign1, Encoding::F32];
+        assert!(group.check(Mode::Sync).is_ok());
+        assert_eq!(group.full_precision_steps(), 5);
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub fn layout(shard: &ShardIdentity, spec: &ModelSpec, plan: &[BlockPlan]) -> pb
                     api::OptimizerConfig::Buffer(sync) => sync.to_wire() as i32,
                     _ => 0,
                 },
+                full_precision_steps: g.full_precision_steps(),
             })
             .collect(),
     }

@@ -545,18 +545,20 @@ class TensorLayout(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class GroupLayout(_message.Message):
-    __slots__ = ("name", "push_encodings", "aggregation", "buffers", "buffer_sync")
+    __slots__ = ("name", "push_encodings", "aggregation", "buffers", "buffer_sync", "full_precision_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PUSH_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_SYNC_FIELD_NUMBER: _ClassVar[int]
+    FULL_PRECISION_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     push_encodings: _containers.RepeatedScalarFieldContainer[Encoding]
     aggregation: Aggregation
     buffers: bool
     buffer_sync: BufferSync
-    def __init__(self, name: _Optional[str] = ..., push_encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., buffers: _Optional[bool] = ..., buffer_sync: _Optional[_Union[BufferSync, str]] = ...) -> None: ...
+    full_precision_steps: int
+    def __init__(self, name: _Optional[str] = ..., push_encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., buffers: _Optional[bool] = ..., buffer_sync: _Optional[_Union[BufferSync, str]] = ..., full_precision_steps: _Optional[int] = ...) -> None: ...
 
 class BlockPlacement(_message.Message):
     __slots__ = ("tensor", "block", "shard", "row_start", "rows", "offset", "length")
